@@ -1,0 +1,81 @@
+"""Saving converted params with orbax and restoring them, optionally in another dtype.
+
+Orbax writes into a temporary folder and renames it when complete, so an interrupted save never
+leaves a checkpoint under the final name. A model's config travels beside the arrays as
+``config.json`` so that a saved folder is self-describing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import jax
+
+from helios_jax.convert.strict import DtypeFor, Params, cast_shapes
+
+_PARAMS = "params"
+_CONFIG = "config.json"
+
+
+def _checkpointer():
+    import orbax.checkpoint as ocp
+
+    return ocp.StandardCheckpointer()
+
+
+def save_params(directory: str | os.PathLike, params: Params, config: Mapping[str, Any] | None = None) -> None:
+    """Write ``params`` (and ``config``, if given) to a new folder ``directory``."""
+    directory = os.path.abspath(os.fspath(directory))
+    if os.path.exists(directory):
+        raise FileExistsError(f"{directory} already exists; choose a new folder or remove it first")
+    parent = os.path.dirname(directory)
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"cannot write into {parent}")
+    staging = directory + ".partial"
+    os.makedirs(staging)
+    try:
+        checkpointer = _checkpointer()
+        checkpointer.save(os.path.join(staging, _PARAMS), params)
+        checkpointer.wait_until_finished()
+        if config is not None:
+            with open(os.path.join(staging, _CONFIG), "w", encoding="utf-8") as f:
+                json.dump(dict(config), f, indent=2, sort_keys=True)
+        os.rename(staging, directory)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def saved_shapes(directory: str | os.PathLike) -> Params:
+    """The shape tree (``jax.ShapeDtypeStruct`` leaves) of saved params, read from metadata only."""
+    path = os.path.join(os.path.abspath(os.fspath(directory)), _PARAMS)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no saved params in {directory}: expected a folder written by save_params")
+    tree = _checkpointer().metadata(path).item_metadata.tree
+    return jax.tree.map(lambda meta: jax.ShapeDtypeStruct(tuple(meta.shape), meta.dtype), tree)
+
+
+def restore_params(directory: str | os.PathLike, dtype_for: DtypeFor | None = None) -> Params:
+    """Read params saved by :func:`save_params`; ``dtype_for`` (see ``dtype_policy``) casts on the way in."""
+    shapes = saved_shapes(directory)
+    target = shapes if dtype_for is None else cast_shapes(shapes, dtype_for)
+    path = os.path.join(os.path.abspath(os.fspath(directory)), _PARAMS)
+    return _checkpointer().restore(path, target)
+
+
+def is_saved_params(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` was written by :func:`save_params` (rather than being a diffusers folder)."""
+    return os.path.isdir(os.path.join(os.fspath(directory), _PARAMS))
+
+
+def saved_config(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """The config saved beside the params, if any."""
+    path = os.path.join(os.fspath(directory), _CONFIG)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)

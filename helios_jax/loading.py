@@ -1,0 +1,53 @@
+"""Loading model components from diffusers folders (or from folders written by ``save_params``).
+
+Every component goes through the same strict converter (``helios_jax.convert``): a component
+supplies its config class, its param shapes, its key map and which params it keeps in float32.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, TypeVar
+
+from helios_jax.config import TransformerConfig, read_config
+from helios_jax.convert import KeyMap, dtype_policy, is_saved_params, load_params, restore_params, saved_config
+from helios_jax.models import transformer
+
+C = TypeVar("C")
+Params = dict[str, Any]
+
+
+def load_component(
+    path: str | os.PathLike,
+    config_cls: type[C],
+    shapes_fn: Callable[[C], Params],
+    keymap_fn: Callable[[C], KeyMap],
+    keeps_fp32: Callable[[tuple[str, ...]], bool],
+    dtype: Any | None,
+    desc: str,
+) -> tuple[C, Params]:
+    """Config and params of one component folder.
+
+    A diffusers folder (``config.json`` and safetensors) is converted; a folder written by
+    ``helios_jax.convert.save_params`` is restored. ``dtype`` None keeps the stored dtype; either
+    way the params the reference keeps in float32 are float32.
+    """
+    folder = os.fspath(path)
+    policy = dtype_policy(dtype, keeps_fp32)
+    if is_saved_params(folder):
+        return read_config(config_cls, saved_config(folder) or {}), restore_params(folder, policy)
+    config = read_config(config_cls, folder)
+    return config, load_params(folder, shapes_fn(config), keymap_fn(config), policy, desc=desc)
+
+
+def load_transformer(path: str | os.PathLike, dtype: Any | None = None) -> tuple[TransformerConfig, Params]:
+    """The Helios DiT from a diffusers ``transformer/`` folder: ``cfg, params = load_transformer(dir)``."""
+    return load_component(
+        path,
+        TransformerConfig,
+        transformer.param_shapes,
+        transformer.keymap,
+        transformer.keeps_fp32,
+        dtype,
+        desc="transformer",
+    )

@@ -1,0 +1,29 @@
+"""The one attention entry point of the package; every model calls this and no kernel directly.
+
+``impl`` picks the backend: ``"xla"`` (runs everywhere), ``"cudnn"`` (cuDNN flash attention through
+``jax.nn.dot_product_attention``, GPU only, bf16/fp16). Switching backends is a change of one string,
+so a model can be compared across backends without touching its code.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+
+Impl = Literal["xla", "cudnn"]
+IMPLS: tuple[str, ...] = ("xla", "cudnn")
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: Impl = "xla", scale: float | None = None) -> jax.Array:
+    """Non-causal softmax attention, layout (batch, tokens, heads, head_dim), scale 1/sqrt(head_dim).
+
+    q may have a different token count from k and v (cross-attention); the output has q's shape.
+    """
+    if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(
+            f"attention wants q (B, Tq, N, H) and k, v (B, Tk, N, H); got q {q.shape}, k {k.shape}, v {v.shape}"
+        )
+    if impl not in IMPLS:
+        raise ValueError(f"attention impl {impl!r} is not one of {IMPLS}")
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=impl)

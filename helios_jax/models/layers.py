@@ -1,0 +1,64 @@
+"""Small layers shared by the models: norms computed in float32, and float32 activations.
+
+The reference computes its norms and activations in float32 even for bf16 tensors (``FP32LayerNorm``,
+``torch.nn.RMSNorm``'s upcast, bf16 GELU/SiLU kernels that work in float32); these helpers do the same.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+_F32 = jnp.float32
+
+
+def in_fp32(fn: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
+    """``fn`` evaluated in float32 and cast back to x's dtype (one rounding, as torch's kernels do)."""
+    return fn(x.astype(_F32)).astype(x.dtype)
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    return in_fp32(lambda v: jax.nn.gelu(v, approximate=True), x)
+
+
+def silu(x: jax.Array) -> jax.Array:
+    return in_fp32(jax.nn.silu, x)
+
+
+def layer_norm(x: jax.Array, eps: float) -> jax.Array:
+    """Layer norm over the last axis without affine terms, in float32 (two-pass variance)."""
+    x = x.astype(_F32)
+    centred = x - jnp.mean(x, axis=-1, keepdims=True)
+    return centred * jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True) + eps)
+
+
+class LayerNorm(nn.Module):
+    """``FP32LayerNorm``: float32 statistics and affine terms; returns float32."""
+
+    eps: float
+    affine: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = layer_norm(x, self.eps)
+        if self.affine:
+            dim = x.shape[-1]
+            y = y * self.param("scale", nn.initializers.ones, (dim,), _F32).astype(_F32)
+            y = y + self.param("bias", nn.initializers.zeros, (dim,), _F32).astype(_F32)
+        return y
+
+
+class RMSNorm(nn.Module):
+    """``torch.nn.RMSNorm`` with a weight: float32 math, weight applied in float32, cast back once."""
+
+    eps: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), _F32)
+        xf = x.astype(_F32)
+        y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
+        return (y * scale.astype(_F32)).astype(x.dtype)

@@ -1,0 +1,394 @@
+"""The Helios DiT as a flax.linen module, equal to diffusers' ``HeliosTransformer3DModel``.
+
+``HeliosTransformer(cfg).apply({"params": params}, hidden_states, timestep, encoder_hidden_states,
+...)`` takes the reference's argument names, shapes and (B, C, T, H, W) layouts. The token sequence
+is ``[long, mid, short history, noisy]``; history tokens get the timestep-0 modulation when
+``zero_history_timestep`` is set and are left out of the text cross-attention when
+``guidance_cross_attn`` is set. The 40 identical blocks run under ``nn.scan`` (params stacked on a
+leading layer axis) so the model compiles once per shape.
+
+Rather than materialising a per-token (B, L, 6, dim) modulation tensor as the reference does, the
+blocks get the two distinct modulations (history and noisy) and the static history length; the
+per-token broadcast fuses into the elementwise work.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from helios_jax.config import TransformerConfig
+from helios_jax.convert.keymap import KeyMap
+from helios_jax.models.attention import attention
+from helios_jax.models.layers import LayerNorm, RMSNorm, gelu_tanh, layer_norm, silu
+from helios_jax.models.memory import HISTORY_TERMS, PatchEmbed, embed_history_term
+from helios_jax.models.rope import apply_rope, rope_grid
+
+_F32 = jnp.float32
+
+# Modules the reference keeps in float32 whatever the checkpoint dtype (``_keep_in_fp32_modules``).
+KEEP_IN_FP32 = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3", "history_key_scale")
+# The reference's own ignore list on load (``_keys_to_ignore_on_load_unexpected``).
+IGNORED_KEYS = ("norm_added_q",)
+# Upper bound of the learned history-key amplification, ``HeliosAttention.max_scale``.
+MAX_HISTORY_KEY_SCALE = 10.0
+
+
+def _table_init(dim: int) -> nn.initializers.Initializer:
+    """``torch.randn(...) / dim**0.5``, the reference's init of the scale-shift tables."""
+    return nn.initializers.normal(stddev=dim**-0.5)
+
+
+def timestep_embedding(timestep: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal embedding, cos first (diffusers ``Timesteps(flip_sin_to_cos=True, shift=0)``)."""
+    half = dim // 2
+    exponent = (-math.log(max_period) * jnp.arange(half, dtype=_F32)) / half
+    angle = timestep.astype(_F32)[:, None] * jnp.exp(exponent)[None, :]
+    return jnp.concatenate([jnp.cos(angle), jnp.sin(angle)], axis=-1)
+
+
+class ConditionEmbedder(nn.Module):
+    """Timestep and text conditioning (``HeliosTimeTextEmbedding``)."""
+
+    config: TransformerConfig
+
+    def setup(self) -> None:
+        dim = self.config.inner_dim
+        self.time_embedder = _MLP(dim, act=silu)
+        self.time_proj = nn.Dense(6 * dim)
+        self.text_embedder = _MLP(dim, act=gelu_tanh)
+
+    def time(self, timestep: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
+        """temb (B, dim) and the six modulation vectors (B, 6, dim), both in ``dtype``."""
+        sinusoid = timestep_embedding(timestep, self.config.freq_dim)
+        temb = self.time_embedder(sinusoid).astype(dtype)
+        proj = self.time_proj(silu(temb))
+        return temb, proj.reshape(proj.shape[0], 6, -1)
+
+    def text(self, context: jax.Array) -> jax.Array:
+        return self.text_embedder(context)
+
+
+class _MLP(nn.Module):
+    """Linear, activation, linear (``TimestepEmbedding`` / ``PixArtAlphaTextProjection``)."""
+
+    features: int
+    act: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = self.act(nn.Dense(self.features, name="linear_1")(x))
+        return nn.Dense(self.features, name="linear_2")(h)
+
+
+class Attention(nn.Module):
+    """``HeliosAttention``: q/k RMS norms across heads, RoPE, history-key amplification, SDPA."""
+
+    config: TransformerConfig
+    cross: bool
+    impl: str
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        context: jax.Array | None = None,
+        rope: tuple[jax.Array, jax.Array] | None = None,
+        history_len: int = 0,
+    ) -> jax.Array:
+        cfg = self.config
+        dim, heads = cfg.inner_dim, cfg.num_attention_heads
+        source = x if context is None else context
+        q = RMSNorm(cfg.eps, name="norm_q")(nn.Dense(dim, name="to_q")(x))
+        k = RMSNorm(cfg.eps, name="norm_k")(nn.Dense(dim, name="to_k")(source))
+        v = nn.Dense(dim, name="to_v")(source)
+        q, k, v = (t.reshape(*t.shape[:2], heads, -1) for t in (q, k, v))
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if not self.cross and cfg.is_amplify_history:
+            k = self._amplify_history_keys(k, history_len)
+        out = attention(q, k, v, impl=self.impl)
+        return nn.Dense(dim, name="to_out_0")(out.reshape(*out.shape[:2], dim))
+
+    def _amplify_history_keys(self, k: jax.Array, history_len: int) -> jax.Array:
+        """Scale the history keys by ``1 + sigmoid(s) * (max - 1)``, per head or one scalar.
+
+        Computed in float32 and cast back: in bf16 the reference's concatenation promotes the keys to
+        float32 and its attention call then fails on mixed dtypes, so there is no bf16 behaviour to copy.
+        """
+        count = self.config.num_attention_heads if self.config.history_scale_mode == "per_head" else 1
+        raw = self.param("history_key_scale", nn.initializers.ones, (count,), _F32)
+        if history_len == 0:
+            return k
+        scale = 1.0 + jax.nn.sigmoid(raw.astype(_F32)) * (MAX_HISTORY_KEY_SCALE - 1.0)
+        is_history = (jnp.arange(k.shape[1]) < history_len)[:, None]
+        per_token = jnp.where(is_history, scale[None, :], 1.0)  # (L, heads or 1)
+        return (k.astype(_F32) * per_token[None, :, :, None]).astype(k.dtype)
+
+
+class FeedForward(nn.Module):
+    """diffusers ``FeedForward(activation_fn="gelu-approximate")``: ``net.0.proj``, GELU, ``net.2``."""
+
+    dim: int
+    hidden: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = gelu_tanh(_Proj(self.hidden, name="net_0")(x))
+        return nn.Dense(self.dim, name="net_2")(h)
+
+
+class _Proj(nn.Module):
+    features: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return nn.Dense(self.features, name="proj")(x)
+
+
+def _per_token(history: jax.Array, noisy: jax.Array, history_len: int, length: int) -> jax.Array:
+    """(B, L, dim) from one (B', dim) vector for the history tokens and one (B, dim) for the rest."""
+    if history_len == 0:
+        return noisy[:, None, :]
+    batch, dim = noisy.shape
+    return jnp.concatenate(
+        [
+            jnp.broadcast_to(history[:, None, :], (batch, history_len, dim)),
+            jnp.broadcast_to(noisy[:, None, :], (batch, length - history_len, dim)),
+        ],
+        axis=1,
+    )
+
+
+class HeliosBlock(nn.Module):
+    """``HeliosTransformerBlock``: modulated self-attention, text cross-attention, modulated FFN."""
+
+    config: TransformerConfig
+    history_len: int
+    impl: str
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        context: jax.Array,
+        modulation_history: jax.Array,
+        modulation_noisy: jax.Array,
+        rope: tuple[jax.Array, jax.Array],
+    ) -> tuple[jax.Array, None]:
+        cfg, hist, length = self.config, self.history_len, x.shape[1]
+        table = self.param("scale_shift_table", _table_init(cfg.inner_dim), (1, 6, cfg.inner_dim), _F32)
+        table = table.astype(_F32)
+        mod_h = table + modulation_history.astype(_F32)
+        mod_n = table + modulation_noisy.astype(_F32)
+        shift, scale, gate, c_shift, c_scale, c_gate = (
+            _per_token(mod_h[:, i], mod_n[:, i], hist, length) for i in range(6)
+        )
+
+        # 1. Self-attention over history and noisy tokens.
+        h = (layer_norm(x, cfg.eps) * (1 + scale) + shift).astype(x.dtype)
+        attn = Attention(cfg, cross=False, impl=self.impl, name="attn1")(h, rope=rope, history_len=hist)
+        x = (x.astype(_F32) + attn * gate).astype(x.dtype)
+
+        # 2. Cross-attention to the text; with guidance_cross_attn only the noisy tokens take part.
+        start = hist if cfg.guidance_cross_attn else 0
+        queries = x[:, start:]
+        normed = LayerNorm(cfg.eps, name="norm2")(queries) if cfg.cross_attn_norm else queries
+        attn = Attention(cfg, cross=True, impl=self.impl, name="attn2")(normed.astype(x.dtype), context)
+        x = x.at[:, start:].set(queries + attn)
+
+        # 3. Feed-forward.
+        h = (layer_norm(x, cfg.eps) * (1 + c_scale) + c_shift).astype(x.dtype)
+        ff = FeedForward(cfg.inner_dim, cfg.ffn_dim, name="ffn")(h)
+        return (x.astype(_F32) + ff.astype(_F32) * c_gate).astype(x.dtype), None
+
+
+class HeliosTransformer(nn.Module):
+    """The Helios DiT. ``attention_impl`` picks the attention backend; ``remat`` recomputes each
+    block's activations in the backward pass (for training)."""
+
+    config: TransformerConfig
+    attention_impl: str = "xla"
+    remat: bool = False
+
+    @nn.compact
+    def __call__(
+        self,
+        hidden_states: jax.Array,
+        timestep: jax.Array,
+        encoder_hidden_states: jax.Array,
+        indices_hidden_states: jax.Array | None = None,
+        indices_latents_history_short: jax.Array | None = None,
+        indices_latents_history_mid: jax.Array | None = None,
+        indices_latents_history_long: jax.Array | None = None,
+        latents_history_short: jax.Array | None = None,
+        latents_history_mid: jax.Array | None = None,
+        latents_history_long: jax.Array | None = None,
+    ) -> jax.Array:
+        cfg = self.config
+        history = {
+            "short": (latents_history_short, indices_latents_history_short),
+            "mid": (latents_history_mid, indices_latents_history_mid),
+            "long": (latents_history_long, indices_latents_history_long),
+        }
+        check_inputs(cfg, hidden_states, timestep, encoder_hidden_states, indices_hidden_states, history)
+        batch = hidden_states.shape[0]
+        pt, ph, pw = cfg.patch_size
+
+        # Noisy tokens and their rotary tables.
+        x, (t, h, w) = PatchEmbed(cfg.inner_dim, cfg.patch_size, name="patch_embedding")(hidden_states)
+        if indices_hidden_states is None:
+            indices_hidden_states = jnp.arange(t)[None, :]
+        cos, sin = rope_grid(indices_hidden_states, h, w, cfg.rope_dim, cfg.rope_theta)
+        tokens, cos_parts, sin_parts = [x], [_flat(cos)], [_flat(sin)]
+        noisy_len = x.shape[1]
+
+        # History terms, each prepended: the sequence ends up [long, mid, short, noisy].
+        for name, factor in HISTORY_TERMS:
+            latents, indices = history[name]
+            if latents is None:
+                continue
+            kernel = (pt * factor, ph * factor, pw * factor)
+            patch = PatchEmbed(cfg.inner_dim, kernel, name=f"patch_{name}")
+            grid = rope_grid(indices, latents.shape[3] // ph, latents.shape[4] // pw, cfg.rope_dim, cfg.rope_theta)
+            term, (term_cos, term_sin) = embed_history_term(patch, latents.astype(hidden_states.dtype), factor, grid)
+            tokens.insert(0, term)
+            cos_parts.insert(0, term_cos)
+            sin_parts.insert(0, term_sin)
+        x = jnp.concatenate(tokens, axis=1)
+        rope = (jnp.concatenate(cos_parts, axis=1), jnp.concatenate(sin_parts, axis=1))
+        history_len = x.shape[1] - noisy_len
+
+        # Conditioning: the noisy tokens' timestep, and timestep 0 for history tokens if configured.
+        embedder = ConditionEmbedder(cfg, name="condition_embedder")
+        dtype = encoder_hidden_states.dtype
+        temb, modulation = embedder.time(timestep, dtype)
+        modulation_history = modulation
+        if cfg.zero_history_timestep:
+            _, modulation_history = embedder.time(jnp.zeros((1,), timestep.dtype), dtype)
+        context = embedder.text(encoder_hidden_states)
+
+        block = nn.remat(HeliosBlock) if self.remat else HeliosBlock
+        blocks = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast,) * 4,
+            length=cfg.num_layers,
+        )(cfg, history_len, self.attention_impl, name="blocks")
+        x, _ = blocks(x, context, modulation_history, modulation, rope)
+
+        # Output norm on the noisy tokens, projection, unpatchify to (B, C, T, H, W).
+        x = OutputNorm(cfg.eps, name="norm_out")(x[:, history_len:], temb)
+        x = nn.Dense(cfg.output_channels * pt * ph * pw, name="proj_out")(x)
+        x = x.reshape(batch, t, h, w, pt, ph, pw, cfg.output_channels)
+        x = x.transpose(0, 7, 1, 4, 2, 5, 3, 6)
+        return x.reshape(batch, cfg.output_channels, t * pt, h * ph, w * pw)
+
+
+class OutputNorm(nn.Module):
+    """``HeliosOutputNorm``: float32 layer norm modulated by the noisy tokens' temb."""
+
+    eps: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
+        dim = x.shape[-1]
+        table = self.param("scale_shift_table", _table_init(dim), (1, 2, dim), _F32).astype(_F32)
+        shift_scale = table + temb.astype(_F32)[:, None, :]  # (B, 2, dim)
+        shift, scale = shift_scale[:, 0:1], shift_scale[:, 1:2]
+        return (layer_norm(x, self.eps) * (1 + scale) + shift).astype(x.dtype)
+
+
+def _flat(table: jax.Array) -> jax.Array:
+    """(B', T, H, W, D/2) -> (B', T*H*W, D/2)."""
+    return table.reshape(table.shape[0], -1, table.shape[-1])
+
+
+def check_inputs(
+    cfg: TransformerConfig,
+    hidden_states: jax.Array,
+    timestep: jax.Array,
+    context: jax.Array,
+    indices_hidden_states: jax.Array | None,
+    history: dict[str, tuple[jax.Array | None, jax.Array | None]],
+) -> None:
+    """One clear error for inputs the model cannot take, raised while tracing, before any compute."""
+
+    def fail(message: str) -> None:
+        raise ValueError(f"HeliosTransformer: {message}")
+
+    if hidden_states.ndim != 5:
+        fail(f"hidden_states must be (B, C, T, H, W); got shape {hidden_states.shape}")
+    batch, channels, frames, height, width = hidden_states.shape
+    if channels != cfg.in_channels:
+        fail(f"hidden_states has {channels} channels but the config says in_channels={cfg.in_channels}")
+    for axis, size, p in zip(("T", "H", "W"), (frames, height, width), cfg.patch_size):
+        if size % p:
+            fail(f"hidden_states {axis}={size} is not a multiple of patch size {p} (patch_size={cfg.patch_size})")
+    if timestep.shape != (batch,):
+        fail(f"timestep must have shape (B,) = ({batch},); got {timestep.shape}")
+    if context.ndim != 3 or context.shape[0] != batch or context.shape[2] != cfg.text_dim:
+        fail(f"encoder_hidden_states must be (B={batch}, S, text_dim={cfg.text_dim}); got {context.shape}")
+    t = frames // cfg.patch_size[0]
+    _check_indices("indices_hidden_states", indices_hidden_states, batch, t, fail)
+    for name, (latents, indices) in history.items():
+        if (latents is None) != (indices is None):
+            fail(f"latents_history_{name} and indices_latents_history_{name} must be given together")
+        if latents is None:
+            continue
+        if not cfg.has_multi_term_memory_patch:
+            fail(f"latents_history_{name} given, but this model has no memory patch (has_multi_term_memory_patch=False)")
+        if latents.ndim != 5 or latents.shape[:2] != (batch, cfg.in_channels):
+            fail(f"latents_history_{name} must be (B={batch}, C={cfg.in_channels}, T, H, W); got {latents.shape}")
+        _, ph, pw = cfg.patch_size
+        if latents.shape[3] % ph or latents.shape[4] % pw:
+            fail(f"latents_history_{name} H, W = {latents.shape[3:]} must be multiples of the patch ({ph}, {pw})")
+        _check_indices(f"indices_latents_history_{name}", indices, batch, latents.shape[2], fail)
+
+
+def _check_indices(name: str, indices: jax.Array | None, batch: int, frames: int, fail) -> None:
+    if indices is None:
+        return
+    if indices.ndim != 2 or indices.shape[1] != frames or indices.shape[0] not in (1, batch):
+        fail(f"{name} must be (1 or B={batch}, {frames}) frame indices; got shape {indices.shape}")
+
+
+def keymap(cfg: TransformerConfig) -> KeyMap:
+    """How diffusers' state-dict keys land in this module's params (see ``helios_jax.convert.keymap``)."""
+    return KeyMap(stacked=(("blocks", cfg.num_layers),), ignore=IGNORED_KEYS, literal=("linear_1", "linear_2"))
+
+
+def keeps_fp32(path: tuple[str, ...]) -> bool:
+    """Whether a param belongs to a module the reference keeps in float32."""
+    return any(part in KEEP_IN_FP32 for part in path)
+
+
+def _init_inputs(cfg: TransformerConfig) -> dict[str, jax.Array]:
+    """The smallest inputs that reach every parameter (all history terms when the model has them)."""
+    pt, ph, pw = cfg.patch_size
+    latents = jnp.zeros((1, cfg.in_channels, pt, ph, pw))
+    inputs = {
+        "hidden_states": latents,
+        "timestep": jnp.zeros((1,)),
+        "encoder_hidden_states": jnp.zeros((1, 1, cfg.text_dim)),
+    }
+    if cfg.has_multi_term_memory_patch:
+        for name, _ in HISTORY_TERMS:
+            inputs[f"latents_history_{name}"] = latents
+            inputs[f"indices_latents_history_{name}"] = jnp.zeros((1, pt), jnp.int32)
+    return inputs
+
+
+def init_params(cfg: TransformerConfig, key: jax.Array) -> dict[str, Any]:
+    """Random float32 params (flax initialisers; the scale-shift tables as the reference draws them)."""
+    return HeliosTransformer(cfg).init(key, **_init_inputs(cfg))["params"]
+
+
+def param_shapes(cfg: TransformerConfig) -> dict[str, Any]:
+    """The params tree as ``jax.ShapeDtypeStruct`` leaves, without allocating anything."""
+    return jax.eval_shape(lambda key: init_params(cfg, key), jax.random.key(0))

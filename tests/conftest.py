@@ -1,0 +1,20 @@
+"""Test-wide settings: the CPU backend, float32 matmuls at full precision, quiet reference libraries."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests run only where a GPU is present; elsewhere they are reported as skipped."""
+    has_gpu = any(d.platform == "gpu" for d in jax.devices()) if os.environ.get("JAX_PLATFORMS") != "cpu" else False
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run with JAX_PLATFORMS unset on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(skip)
