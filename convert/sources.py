@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 from typing import Iterable, Mapping, Protocol
 
@@ -66,26 +67,23 @@ class DictSource:
 
 
 class SafetensorsSource:
-    """One or more ``.safetensors`` files, memory-mapped; headers are read up front."""
+    """One or more ``.safetensors`` files; headers are read up front, tensors with plain file reads.
+
+    The format is an 8-byte little-endian header length, a JSON header giving each tensor's dtype,
+    shape and byte range, then the data. Reading a tensor with ``readinto`` (rather than through a
+    memory map) keeps the file's pages out of this process's resident memory, so converting a
+    checkpoint holds one tensor of it at a time, not every page it has touched.
+    """
 
     def __init__(self, files: Iterable[str], weight_map: Mapping[str, str] | None = None):
-        from safetensors import safe_open
-
-        self._handles = {}
         self._where: dict[str, str] = {}
-        self._meta: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+        self._meta: dict[str, tuple[tuple[int, ...], np.dtype, int, int]] = {}
         for path in files:
-            handle = safe_open(path, framework="numpy")
-            self._handles[path] = handle
-            for key in handle.keys():
-                piece = handle.get_slice(key)
-                dtype = piece.get_dtype()
-                if dtype not in _SAFETENSORS_DTYPES:
-                    raise CheckpointError(f"{path}: tensor {key!r} has dtype {dtype}, which this reader does not handle")
+            for key, meta in _read_header(path).items():
                 if key in self._where:
                     raise CheckpointError(f"tensor {key!r} is stored twice: in {self._where[key]} and {path}")
                 self._where[key] = path
-                self._meta[key] = (tuple(piece.get_shape()), _SAFETENSORS_DTYPES[dtype])
+                self._meta[key] = meta
         if weight_map is not None:
             _check_weight_map(weight_map, self._where)
 
@@ -99,7 +97,38 @@ class SafetensorsSource:
         return self._meta[key][1]
 
     def read(self, key: str) -> np.ndarray:
-        return self._handles[self._where[key]].get_tensor(key)
+        shape, dtype, start, end = self._meta[key]
+        out = np.empty(shape, dtype)
+        with open(self._where[key], "rb") as f:
+            f.seek(start)
+            if f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != end - start:
+                raise CheckpointError(f"{self._where[key]}: tensor {key!r} is truncated; the file is incomplete")
+        return out
+
+
+def _read_header(path: str) -> dict[str, tuple[tuple[int, ...], np.dtype, int, int]]:
+    """``{key: (shape, dtype, start byte, end byte)}`` of one safetensors file, validated."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if length <= 0 or 8 + length > size:
+            raise CheckpointError(f"{path} is not a safetensors file (bad header length)")
+        try:
+            header = json.loads(f.read(length))
+        except ValueError as err:
+            raise CheckpointError(f"{path} is not a safetensors file (unreadable header)") from err
+    base, out = 8 + length, {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        if info["dtype"] not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path}: tensor {key!r} has dtype {info['dtype']}, which this reader does not handle")
+        dtype, shape = _SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"])
+        begin, end = info["data_offsets"]
+        if end - begin != dtype.itemsize * math.prod(shape) or base + end > size:
+            raise CheckpointError(f"{path}: tensor {key!r} does not fit the file; the file is incomplete or corrupt")
+        out[key] = (shape, dtype, base + begin, base + end)
+    return out
 
 
 class PickleSource:

@@ -83,6 +83,7 @@ def plan_conversion(source: TensorSource, target: Params, keymap: KeyMap) -> Pla
     slots: dict[Path, list[tuple[int | None, str]]] = collections.defaultdict(list)
     taken: dict[tuple[Path, int | None], str] = {}
     unexpected, misshaped = [], []
+    reported: set[tuple[Path, int | None]] = set()  # mis-shaped slots: reported once, not also as missing
     for key in source.keys():
         if keymap.ignored(key):
             continue
@@ -102,6 +103,7 @@ def plan_conversion(source: TensorSource, target: Params, keymap: KeyMap) -> Pla
         want = flat[path].shape[1:] if layer is not None else flat[path].shape
         if flax_shape(leaf, shape) != tuple(want):
             misshaped.append((key, shape, _torch_shape(leaf, tuple(want))))
+            reported.add((path, layer))
             continue
         taken[(path, layer)] = key
         slots[path].append((layer, key))
@@ -112,7 +114,7 @@ def plan_conversion(source: TensorSource, target: Params, keymap: KeyMap) -> Pla
         if count is not None and spec.shape[:1] != (count,):
             raise ValueError(f"model leaf {'/'.join(path)} {spec.shape} should have {count} stacked layers")
         layers = [None] if count is None else list(range(count))
-        missing += [keymap.to_torch(path, layer) for layer in layers if (path, layer) not in taken]
+        missing += [keymap.to_torch(path, layer) for layer in layers if (path, layer) not in taken and (path, layer) not in reported]
     if missing or unexpected or misshaped:
         raise CheckpointMismatchError(sorted(missing), sorted(unexpected), sorted(misshaped))
     return Plan(dict(slots))
@@ -166,12 +168,13 @@ def load_params(
             leaf, entries = path[-1], plan.slots[path]
             dtype = dtype_for(path, source.dtype(entries[0][1]))
             if entries[0][0] is None:
-                out[path] = jax.device_put(_host_array(source, entries[0][1], leaf, dtype))
+                out[path] = jax.device_put(_host_array(source, entries[0][1], leaf, dtype)).block_until_ready()
                 bar.advance()
                 continue
             stack = jnp.zeros(spec.shape, dtype)
             for layer, key in entries:
                 stack = _write_layer(stack, _host_array(source, key, leaf, dtype), np.int32(layer))
+                stack.block_until_ready()  # one host tensor in flight, not a queue of them
                 bar.advance()
             out[path] = stack
     return traverse_util.unflatten_dict(out)
