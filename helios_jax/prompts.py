@@ -77,8 +77,9 @@ class PromptEncoder:
         (len(prompts) * num_videos_per_prompt, max_sequence_length, d_model), in ``dtype`` (default: the
         encoder's). The reference's ``_get_t5_prompt_embeds``."""
         prompts = _prompt_list(prompt, "prompt")
-        if isinstance(num_videos_per_prompt, bool) or not isinstance(num_videos_per_prompt, int) or num_videos_per_prompt < 1:
-            raise ValueError(f"num_videos_per_prompt = {num_videos_per_prompt!r} must be a positive integer")
+        for name, value in (("num_videos_per_prompt", num_videos_per_prompt), ("max_sequence_length", max_sequence_length)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} = {value!r} must be a positive integer")
         ids, mask = self.tokenizer([clean_prompt(p) for p in prompts], max_sequence_length)
         embeds = self._encode(self.params, ids, mask)
         if dtype is not None:

@@ -15,7 +15,7 @@ The token embedding is ``encoder/embed_tokens``: the table the reference encoder
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -207,7 +207,7 @@ def keymap(cfg: UMT5Config) -> KeyMap:
     )
 
 
-def keeps_fp32(dtype: Any | None):
+def keeps_fp32(dtype: Any | None) -> Callable[[tuple[str, ...]], bool]:
     """Which params stay float32 when loading in ``dtype``: ``wo`` for float16, as the reference does."""
     fp16 = dtype is not None and jnp.dtype(dtype) == jnp.float16
     return lambda path: fp16 and any(part in KEEP_IN_FP32_FOR_FP16 for part in path)
