@@ -155,8 +155,8 @@ class UMT5Config:
 
     # Keys of the reference config that the encoder never reads: the decoder, dropout, init and
     # generation settings; ``dense_act_fn``/``is_gated_act``, which transformers re-derives from
-    # ``feed_forward_proj``; ``tie_word_embeddings``, which it forces on (the encoder always embeds with
-    # the shared table); ``scalable_attention``, a T5X leftover that no transformers code reads.
+    # ``feed_forward_proj``; ``tie_word_embeddings``, which it forces on (the loader takes the tied table
+    # from either of its two names); ``scalable_attention``, a T5X leftover that no transformers code reads.
     IGNORED_KEYS: ClassVar[tuple[str, ...]] = (
         "architectures", "classifier_dropout", "decoder_start_token_id", "dense_act_fn", "dropout_rate",
         "dtype", "eos_token_id", "initializer_factor", "is_encoder_decoder", "is_gated_act", "model_type",
