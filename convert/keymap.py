@@ -34,11 +34,15 @@ class KeyMap:
     stacked: ``(torch prefix, layer count)`` pairs of repeated layers that live on a leading axis.
     ignore: key components the reference itself skips on load (``norm_added_q``).
     literal: flax components whose ``_<digits>`` is part of the reference's name, not a list index.
+    tied: ``(key, alias)`` pairs naming one tied tensor that a checkpoint may store under either name or
+        both (``save_pretrained`` writes tied weights once). ``key`` names the param and fills it when
+        stored; otherwise ``alias`` fills it. A stored alias beside its key is only checked for its shape.
     """
 
     stacked: tuple[tuple[str, int], ...] = ()
     ignore: tuple[str, ...] = ()
     literal: tuple[str, ...] = ()
+    tied: tuple[tuple[str, str], ...] = ()
 
     def ignored(self, key: str) -> bool:
         return any(part in self.ignore for part in key.split("."))

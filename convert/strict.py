@@ -84,11 +84,19 @@ def plan_conversion(source: TensorSource, target: Params, keymap: KeyMap) -> Pla
     taken: dict[tuple[Path, int | None], str] = {}
     unexpected, misshaped = [], []
     reported: set[tuple[Path, int | None]] = set()  # mis-shaped slots: reported once, not also as missing
+    stored = set(source.keys())
+    tied_to = {alias: key for key, alias in keymap.tied}
     for key in source.keys():
         if keymap.ignored(key):
             continue
         shape = tuple(source.shape(key))
-        raw_path, layer = keymap.to_flax(key)
+        name = tied_to.get(key, key)  # the key whose param this tensor fills
+        if name != key and name in stored:
+            # The tied partner is stored too and fills the param; this copy must at least agree in shape.
+            if shape != tuple(source.shape(name)):
+                misshaped.append((key, shape, tuple(source.shape(name))))
+            continue
+        raw_path, layer = keymap.to_flax(name)
         leaf = resolve_leaf(leaves_of.get(raw_path[:-1], set()), raw_path[-1])
         path = raw_path[:-1] + (leaf,) if leaf else None
         count = keymap.layer_count(path) if path else None

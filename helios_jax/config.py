@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Mapping, TypeVar
+from typing import Any, ClassVar, Mapping, TypeVar
 
 C = TypeVar("C")
 
@@ -31,10 +31,12 @@ def read_config(cls: type[C], source: str | os.PathLike | Mapping[str, Any], *, 
     """Build the frozen dataclass ``cls`` from a config.json path, a folder holding one, or a dict.
 
     Keys starting with ``_`` (``_class_name``, ``_diffusers_version``, ...) are bookkeeping and are
-    skipped, as are the keys named in ``ignore`` (fields the reference class accepts but never
-    reads). Any other key that is not a field is an error, so a typo or a newer reference version is
-    noticed instead of silently changing the model.
+    skipped, as are the keys named in ``ignore`` or in the class's own ``IGNORED_KEYS`` (keys the
+    reference class accepts but that never change what this port computes). Any other key that is not
+    a field is an error, so a typo or a newer reference version is noticed instead of silently
+    changing the model.
     """
+    ignore = (*ignore, *getattr(cls, "IGNORED_KEYS", ()))
     if isinstance(source, Mapping):
         raw, origin = dict(source), "the given dict"
     else:
@@ -127,4 +129,68 @@ class TransformerConfig:
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike | Mapping[str, Any]) -> "TransformerConfig":
         """Read a transformer ``config.json`` (or its folder, or a dict)."""
+        return read_config(cls, source)
+
+
+@dataclasses.dataclass(frozen=True)
+class UMT5Config:
+    """The fields of transformers' ``UMT5Config`` that change what ``UMT5EncoderModel`` computes.
+
+    Defaults are transformers' (umt5-small); the real text encoder, umt5-xxl, comes from its config.json
+    (d_model 4096, d_kv 64, d_ff 10240, 24 layers, 64 heads, vocab 256384).
+    """
+
+    vocab_size: int = 250112
+    d_model: int = 512
+    d_kv: int = 64
+    d_ff: int = 1024
+    num_layers: int = 8
+    num_heads: int = 6
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+    feed_forward_proj: str = "gated-gelu"
+    # A decoder stack would be causal; UMT5EncoderModel builds its stack from this flag as written.
+    is_decoder: bool = False
+
+    # Keys of the reference config that the encoder never reads: the decoder, dropout, init and
+    # generation settings; ``dense_act_fn``/``is_gated_act``, which transformers re-derives from
+    # ``feed_forward_proj``; ``tie_word_embeddings``, which it forces on (the loader takes the tied table
+    # from either of its two names); ``scalable_attention``, a T5X leftover that no transformers code reads.
+    IGNORED_KEYS: ClassVar[tuple[str, ...]] = (
+        "architectures", "classifier_dropout", "decoder_start_token_id", "dense_act_fn", "dropout_rate",
+        "dtype", "eos_token_id", "initializer_factor", "is_encoder_decoder", "is_gated_act", "model_type",
+        "num_decoder_layers", "output_past", "pad_token_id", "scalable_attention", "tie_word_embeddings",
+        "tokenizer_class", "torch_dtype", "transformers_version", "use_cache",
+    )
+    # ``feed_forward_proj`` values this port runs; transformers reads "gated-gelu" as the tanh GELU.
+    FEED_FORWARDS: ClassVar[tuple[str, ...]] = ("gated-gelu", "gated-gelu_new")
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        _require(self.feed_forward_proj in self.FEED_FORWARDS, name, "feed_forward_proj", self.feed_forward_proj,
+                 f"the port has the gated tanh-GELU feed-forward of UMT5 only: one of {self.FEED_FORWARDS}")
+        _require(not self.is_decoder, name, "is_decoder", self.is_decoder,
+                 "this is the text encoder; a decoder config (causal attention) is not an encoder")
+        for key in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads"):
+            value = getattr(self, key)
+            _require(isinstance(value, int) and value >= 1, name, key, value, "a positive integer")
+        _require(
+            isinstance(self.relative_attention_num_buckets, int) and self.relative_attention_num_buckets >= 4,
+            name, "relative_attention_num_buckets", self.relative_attention_num_buckets,
+            "an integer >= 4 (half per direction, half of those exact)",
+        )
+        _require(
+            self.relative_attention_max_distance > self.relative_attention_num_buckets // 4,
+            name, "relative_attention_max_distance", self.relative_attention_max_distance,
+            f"more than num_buckets // 4 = {self.relative_attention_num_buckets // 4}, where the log-spaced buckets start",
+        )
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_heads * self.d_kv
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike | Mapping[str, Any]) -> "UMT5Config":
+        """Read a text encoder ``config.json`` (or its folder, or a dict)."""
         return read_config(cls, source)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, TypeVar
 
-from helios_jax.config import TransformerConfig, read_config
+from helios_jax.config import TransformerConfig, UMT5Config, read_config
 from helios_jax.convert import KeyMap, dtype_policy, is_saved_params, load_params, restore_params, saved_config
-from helios_jax.models import transformer
+from helios_jax.models import transformer, umt5
 
 C = TypeVar("C")
 Params = dict[str, Any]
@@ -50,4 +50,14 @@ def load_transformer(path: str | os.PathLike, dtype: Any | None = None) -> tuple
         transformer.keeps_fp32,
         dtype,
         desc="transformer",
+    )
+
+
+def load_text_encoder(path: str | os.PathLike, dtype: Any | None = None) -> tuple[UMT5Config, Params]:
+    """The UMT5 encoder from a diffusers ``text_encoder/`` folder: ``cfg, params = load_text_encoder(dir)``.
+
+    Run it with ``hj.UMT5Encoder(cfg)``. Loaded in float16, ``wo`` stays float32 as in the reference.
+    """
+    return load_component(
+        path, UMT5Config, umt5.param_shapes, umt5.keymap, umt5.keeps_fp32(dtype), dtype, desc="text encoder"
     )

@@ -1,5 +1,6 @@
 """Flax modules: the Helios DiT (and, as they land, the Wan VAE and the UMT5 text encoder)."""
 
 from helios_jax.models.transformer import HeliosTransformer
+from helios_jax.models.umt5 import UMT5Encoder
 
-__all__ = ["HeliosTransformer"]
+__all__ = ["HeliosTransformer", "UMT5Encoder"]

@@ -15,10 +15,21 @@ Impl = Literal["xla", "cudnn"]
 IMPLS: tuple[str, ...] = ("xla", "cudnn")
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: Impl = "xla", scale: float | None = None) -> jax.Array:
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    impl: Impl = "xla",
+    scale: float | None = None,
+    bias: jax.Array | None = None,
+    mask: jax.Array | None = None,
+) -> jax.Array:
     """Non-causal softmax attention, layout (batch, tokens, heads, head_dim), scale 1/sqrt(head_dim).
 
     q may have a different token count from k and v (cross-attention); the output has q's shape.
+    ``bias`` is added to the logits and ``mask`` (True = attend) removes keys; both broadcast to
+    (batch, heads, q tokens, k tokens). Logits and softmax are float32 whatever the input dtype.
     """
     if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(
@@ -26,4 +37,4 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: Impl = "xla", s
         )
     if impl not in IMPLS:
         raise ValueError(f"attention impl {impl!r} is not one of {IMPLS}")
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=impl)
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation=impl)

@@ -1,0 +1,236 @@
+"""Prompts to the text embeddings the Helios DiT is conditioned on, as the reference pipelines make them.
+
+``PromptEncoder.encode_prompt`` is diffusers' ``HeliosPipeline.encode_prompt``: prompts are cleaned,
+tokenized to ``max_sequence_length`` tokens, encoded by UMT5, and each prompt's embeddings past its
+own length are zeroed; with classifier-free guidance the negative prompts (empty by default) are
+encoded the same way. ``encode_interactive`` gives the per-chunk embeddings of an interactive prompt
+list (each prompt from a chunk on, optionally blended over a few chunks at every switch), the
+feature of the official Helios inference script.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from helios_jax.config import UMT5Config
+from helios_jax.loading import load_text_encoder
+from helios_jax.models.umt5 import UMT5Encoder
+from helios_jax.tokenizer import PromptTokenizer, clean_prompt
+
+DEFAULT_MAX_SEQUENCE_LENGTH = 512  # the reference pipelines' ``__call__`` default
+Prompts = str | Sequence[str]
+
+
+def _prompt_list(prompts: Prompts, name: str) -> list[str]:
+    """A str becomes a one-prompt list; anything else must be a non-empty sequence of str."""
+    items = [prompts] if isinstance(prompts, str) else prompts
+    if not isinstance(items, Sequence) or not items or not all(isinstance(p, str) for p in items):
+        raise TypeError(f"{name} must be a str or a non-empty list of str; got {prompts!r}")
+    return list(items)
+
+
+def _encode(model: UMT5Encoder, params: Any, ids: jax.Array, mask: jax.Array) -> jax.Array:
+    """Last hidden states with every position past a prompt's length set to zero."""
+    hidden = model.apply({"params": params}, ids, mask)
+    return jnp.where(mask[..., None] > 0, hidden, jnp.zeros((), hidden.dtype))
+
+
+class PromptEncoder:
+    """The UMT5 encoder and its tokenizer: prompts in, (batch, max_sequence_length, d_model) embeddings out.
+
+    ``PromptEncoder.from_pretrained(ckpt)`` reads ``ckpt/text_encoder`` and ``ckpt/tokenizer``. The
+    encoder runs jit-compiled, once per (batch, length) shape.
+    """
+
+    def __init__(self, config: UMT5Config, params: Any, tokenizer: PromptTokenizer, *, attention_impl: str = "xla"):
+        self.config = config
+        self.params = params
+        self.tokenizer = tokenizer
+        self._encode = jax.jit(functools.partial(_encode, UMT5Encoder(config, attention_impl)))
+
+    @classmethod
+    def from_pretrained(
+        cls, checkpoint: str | os.PathLike, dtype: Any | None = None, *, attention_impl: str = "xla"
+    ) -> "PromptEncoder":
+        """From a diffusers checkpoint folder holding ``text_encoder/`` and ``tokenizer/``."""
+        folder = os.fspath(checkpoint)
+        tokenizer = PromptTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
+        config, params = load_text_encoder(os.path.join(folder, "text_encoder"), dtype)
+        return cls(config, params, tokenizer, attention_impl=attention_impl)
+
+    def encode(
+        self,
+        prompt: Prompts,
+        *,
+        num_videos_per_prompt: int = 1,
+        max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
+        dtype: Any | None = None,
+    ) -> jax.Array:
+        """Embeddings of the prompts, each repeated ``num_videos_per_prompt`` times in a row:
+        (len(prompts) * num_videos_per_prompt, max_sequence_length, d_model), in ``dtype`` (default: the
+        encoder's). The reference's ``_get_t5_prompt_embeds``."""
+        prompts = _prompt_list(prompt, "prompt")
+        for name, value in (("num_videos_per_prompt", num_videos_per_prompt), ("max_sequence_length", max_sequence_length)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} = {value!r} must be a positive integer")
+        ids, mask = self.tokenizer([clean_prompt(p) for p in prompts], max_sequence_length)
+        embeds = self._encode(self.params, ids, mask)
+        if dtype is not None:
+            embeds = embeds.astype(dtype)
+        return jnp.repeat(embeds, num_videos_per_prompt, axis=0) if num_videos_per_prompt > 1 else embeds
+
+    def encode_prompt(
+        self,
+        prompt: Prompts,
+        negative_prompt: Prompts | None = None,
+        *,
+        do_classifier_free_guidance: bool = True,
+        num_videos_per_prompt: int = 1,
+        max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
+        dtype: Any | None = None,
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """``(prompt_embeds, negative_prompt_embeds)`` as ``HeliosPipeline.encode_prompt`` returns them.
+
+        Without guidance the negative embeddings are None. A missing or empty negative prompt is "",
+        and one str serves every prompt; a list must have one negative per prompt. Both batches go
+        through the encoder in one call.
+        """
+        prompts = _prompt_list(prompt, "prompt")
+        kwargs = dict(num_videos_per_prompt=num_videos_per_prompt, max_sequence_length=max_sequence_length, dtype=dtype)
+        if not do_classifier_free_guidance:
+            return self.encode(prompts, **kwargs), None
+        negatives = _prompt_list(negative_prompt or "", "negative_prompt")
+        if isinstance(negative_prompt or "", str):
+            negatives = negatives * len(prompts)
+        if len(negatives) != len(prompts):
+            raise ValueError(
+                f"negative_prompt has {len(negatives)} prompts but prompt has {len(prompts)}; "
+                "give one negative prompt per prompt, or one str for all"
+            )
+        embeds = self.encode(prompts + negatives, **kwargs)
+        split = len(prompts) * num_videos_per_prompt
+        return embeds[:split], embeds[split:]
+
+    def encode_interactive(
+        self,
+        prompts: Sequence[str],
+        starts: Sequence[int],
+        num_chunks: int,
+        *,
+        interpolation_chunks: int = 0,
+        max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
+        dtype: Any | None = None,
+    ) -> "PromptSchedule":
+        """The per-chunk embeddings of an interactive prompt list (see :func:`plan_prompt_chunks`).
+
+        Each distinct prompt is encoded once; ``schedule[k]`` blends them for chunk k. The negative
+        prompt stays one for the whole video: encode it with :meth:`encode`.
+        """
+        plan = plan_prompt_chunks(starts, num_chunks, interpolation_chunks)
+        prompts = _prompt_list(prompts, "prompts")
+        if len(prompts) != len(starts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(starts)} start chunks; give one start per prompt")
+        embeds = self.encode(prompts, max_sequence_length=max_sequence_length, dtype=dtype)
+        return PromptSchedule(embeds, plan)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkPrompt:
+    """The text conditioning of one chunk: prompt ``source`` blended toward prompt ``target`` by
+    ``weight`` (0: all source, 1: all target)."""
+
+    source: int
+    target: int
+    weight: float
+
+
+def plan_prompt_chunks(starts: Sequence[int], num_chunks: int, interpolation_chunks: int = 0) -> tuple[ChunkPrompt, ...]:
+    """Which prompt each of ``num_chunks`` chunks uses, prompt i running from chunk ``starts[i]`` to the
+    next start (the last one to the end).
+
+    With ``interpolation_chunks`` = n >= 2, the first n chunks of every later prompt blend from the
+    previous prompt to it with weights 0, 1/(n-1), ..., 1, as the official inference does (its
+    ``interpolation_steps``), so a switch shows n - 2 mixed chunks; 0 switches at once. Each such prompt
+    must run at least n chunks.
+    """
+    count = len(starts)
+    if count == 0:
+        raise ValueError("no prompts: give at least one prompt starting at chunk 0")
+    if any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) for s in starts):
+        raise TypeError(f"starts must be chunk indices (int); got {list(starts)!r}")
+    if isinstance(num_chunks, bool) or not isinstance(num_chunks, (int, np.integer)) or num_chunks < 1:
+        raise ValueError(f"num_chunks = {num_chunks!r} must be a positive integer")
+    if isinstance(interpolation_chunks, bool) or not isinstance(interpolation_chunks, (int, np.integer)):
+        raise TypeError(f"interpolation_chunks must be an int; got {interpolation_chunks!r}")
+    if interpolation_chunks < 0 or interpolation_chunks == 1:
+        raise ValueError(
+            f"interpolation_chunks = {interpolation_chunks} is not supported: use 0 to switch prompts at once, or "
+            "n >= 2 to blend over n chunks (1 would only hold the previous prompt for one more chunk)"
+        )
+    if starts[0] != 0:
+        raise ValueError(f"the first prompt starts at chunk {starts[0]}, leaving chunks before it without a prompt; start it at 0")
+    for i in range(1, count):
+        if starts[i] == starts[i - 1]:
+            raise ValueError(f"prompts {i - 1} and {i} both start at chunk {starts[i]}; each chunk takes one prompt")
+        if starts[i] < starts[i - 1]:
+            raise ValueError(f"starts must increase: prompt {i} starts at chunk {starts[i]}, before prompt {i - 1} at {starts[i - 1]}")
+    if starts[-1] >= num_chunks:
+        raise ValueError(f"prompt {count - 1} starts at chunk {starts[-1]} but the video has only {num_chunks} chunks (0..{num_chunks - 1})")
+    ends = [*starts[1:], num_chunks]
+    for i in range(1, count):
+        span = ends[i] - starts[i]
+        if interpolation_chunks > span:
+            raise ValueError(
+                f"interpolation over {interpolation_chunks} chunks is longer than prompt {i}'s span of {span} chunk(s) "
+                f"({starts[i]}..{ends[i] - 1}); shorten the interpolation or let the prompt run longer"
+            )
+
+    plan = []
+    for i in range(count):
+        for chunk in range(starts[i], ends[i]):
+            position = chunk - starts[i]
+            if i > 0 and position < interpolation_chunks:
+                plan.append(ChunkPrompt(i - 1, i, position / (interpolation_chunks - 1)))
+            else:
+                plan.append(ChunkPrompt(i, i, 0.0))
+    return tuple(plan)
+
+
+def lerp(start: jax.Array, end: jax.Array, weight: float) -> jax.Array:
+    """``torch.lerp`` with the weight rounded to the inputs' dtype (the official inference blends
+    tensors that way): float32 math, its two formulas for weights below and from 0.5, one rounding."""
+    w = jnp.asarray(weight, start.dtype).astype(jnp.float32)
+    a, b = start.astype(jnp.float32), end.astype(jnp.float32)
+    out = jnp.where(w < 0.5, a + w * (b - a), b - (b - a) * (1 - w))
+    return out.astype(start.dtype)
+
+
+class PromptSchedule(Sequence[jax.Array]):
+    """Per-chunk prompt embeddings: ``schedule[k]`` is chunk k's (1, max_sequence_length, d_model).
+
+    Holds one row per distinct prompt and blends on access, so a long video costs no more memory
+    than its prompts.
+    """
+
+    def __init__(self, embeds: jax.Array, plan: Sequence[ChunkPrompt]):
+        self.embeds = embeds
+        self.plan = tuple(plan)
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, chunk):  # Sequence protocol: an int gives one chunk's embeddings
+        if isinstance(chunk, slice):
+            return [self[k] for k in range(*chunk.indices(len(self)))]
+        step = self.plan[chunk]
+        source = self.embeds[step.source][None]
+        if step.source == step.target:
+            return source
+        return lerp(source, self.embeds[step.target][None], step.weight)
