@@ -3,6 +3,7 @@
 See :mod:`helios_jax.convert.keymap` for the naming rule shared by all models.
 """
 
+from helios_jax.convert.export import export_safetensors
 from helios_jax.convert.keymap import KeyMap
 from helios_jax.convert.orbax_io import is_saved_params, restore_params, save_params, saved_config, saved_shapes
 from helios_jax.convert.sources import CheckpointError, TensorSource, open_source
@@ -14,6 +15,7 @@ __all__ = [
     "KeyMap",
     "TensorSource",
     "dtype_policy",
+    "export_safetensors",
     "is_saved_params",
     "load_params",
     "open_source",

@@ -199,3 +199,20 @@ def test_orbax_round_trip_gives_the_same_model(tmp_path):
     _, direct = hj.load_transformer(folder, dtype=jnp.bfloat16)
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(direct)):
         assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("shard_bytes", [20_000, 10**9])
+def test_export_back_to_safetensors_loads_in_diffusers(tmp_path, shard_bytes):
+    """Our params written back as a diffusers folder give diffusers the original state dict."""
+    from helios_jax.config import to_dict
+    from helios_jax.convert import export_safetensors
+
+    model = reference_model(seed=12, is_amplify_history=True)
+    cfg, params = hj.load_transformer(save(model, tmp_path / "in"))
+    out = export_safetensors(tmp_path / "out", params, hj.models.transformer.keymap(cfg),
+                             {"_class_name": "HeliosTransformer3DModel", **to_dict(cfg)}, max_shard_bytes=shard_bytes)
+    reloaded = HeliosTransformer3DModel.from_pretrained(out)
+    expected, got = model.state_dict(), reloaded.state_dict()
+    assert set(got) == set(expected)
+    for key, tensor in expected.items():
+        assert torch.equal(got[key], tensor), key
