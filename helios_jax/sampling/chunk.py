@@ -248,12 +248,17 @@ def noise_shapes(plan: ChunkPlan) -> ChunkNoise:
 
 def draw_chunk_noise(key: jax.Array, plan: ChunkPlan) -> ChunkNoise:
     """Standard normal :class:`ChunkNoise` for ``plan`` from one ``jax.random`` key."""
-    shapes = noise_shapes(plan)
+    return _draw_noise(key, noise_shapes(plan))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _draw_noise(key: jax.Array, shapes: ChunkNoise) -> ChunkNoise:
+    def normal(k: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+        # Drawn flat: XLA compiles the partitionable threefry of a 5-D+ shape very slowly on the CPU.
+        return jax.random.normal(k, (math.prod(shape),), jnp.float32).reshape(shape)
+
     keys = jax.random.split(key, 1 + len(shapes.block))
-    return ChunkNoise(
-        jax.random.normal(keys[0], shapes.initial, jnp.float32),
-        tuple(jax.random.normal(k, s, jnp.float32) for k, s in zip(keys[1:], shapes.block)),
-    )
+    return ChunkNoise(normal(keys[0], shapes.initial), tuple(normal(k, s) for k, s in zip(keys[1:], shapes.block)))
 
 
 # ----------------------------------------------------------------------------- device: the loop

@@ -263,10 +263,13 @@ def make_schedule(
                 f"stage_index = {stage_index!r}: this scheduler has {config.stages} stages, so pass an index "
                 f"0 <= stage_index < {config.stages}"
             )
-        if sigmas is not None:
-            raise ValueError("custom sigmas are only used by single-stage schedulers (stages = 1); drop them")
     elif stage_index not in (None, 0):
         raise ValueError(f"stage_index = {stage_index!r}: a single-stage scheduler takes None or 0")
+    if sigmas is not None and (config.stages > 1 or config.scheduler_type == "dmd"):
+        raise ValueError(
+            "custom sigmas are HeliosPipeline's, for single-stage UniPC or Euler schedulers; this one has "
+            f"stages = {config.stages}, scheduler_type = {config.scheduler_type!r}: drop the sigmas"
+        )
     if config.use_dynamic_shifting and mu is None:
         raise ValueError("use_dynamic_shifting is set, so pass mu (see shift_for / calculate_shift)")
 
