@@ -81,7 +81,7 @@ class ChunkPlan:
 
     layout: ChunkLayout
     stages: tuple[StageArrays, ...]
-    block_factor: np.ndarray  # Cholesky factor of the block covariance, float32
+    block_factor: np.ndarray | None  # Cholesky factor of the block covariance (float32); None for one stage
 
 
 class ChunkNoise(NamedTuple):
@@ -158,12 +158,14 @@ def _plan(config: SchedulerConfig, schedules: Sequence[Schedule], latent_shape: 
         patch=patch,
         guidance=guidance,
         solver_order=config.solver_order if unipc else 1,
-        prediction_type=config.prediction_type,
+        prediction_type=config.prediction_type if unipc else "flow_prediction",
         predict_x0=config.predict_x0 if unipc else True,
         model_dtype=jnp.dtype(model_dtype).name,
         batch_cfg=bool(batch_cfg) and guidance != "none",
     )
-    return ChunkPlan(layout, tuple(stages), block_noise_factor(config.gamma, patch).astype(np.float32))
+    # A single stage never renoises, so its gamma need not give a valid block covariance.
+    factor = block_noise_factor(config.gamma, patch).astype(np.float32) if len(stages) > 1 else None
+    return ChunkPlan(layout, tuple(stages), factor)
 
 
 def plan_pyramid_chunk(
@@ -339,6 +341,8 @@ def denoise_chunk(
     step, twice with CFG (or once on a doubled batch with ``batch_cfg``: then its batch is 2B and
     per-sample entries of ``model_args`` must be tiled by ``model_fn``). ``negative_context`` is
     needed with guidance; ``guidance_scale`` is traced, so changing it does not recompile.
+    ``model_fn`` is a static argument compared by identity: build it once and reuse it for every
+    chunk (a fresh ``functools.partial`` per call would compile the chunk again).
     """
     if not isinstance(plan, ChunkPlan):
         raise TypeError(f"plan must be a ChunkPlan (plan_pyramid_chunk / plan_single_stage_chunk); got {type(plan)}")

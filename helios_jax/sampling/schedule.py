@@ -135,7 +135,7 @@ def read_scheduler_config(source: SchedulerConfig | str | os.PathLike | Mapping[
     return read_config(_CONFIG_CLASSES[class_name], source)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Schedule:
     """What ``set_timesteps`` leaves in a reference scheduler, plus the pyramid's per-stage constants.
 

@@ -65,8 +65,27 @@ def _lambda(config: HeliosSchedulerConfig, sigma: np.floating) -> np.floating:
         return np.log(alpha) - np.log(sigma_t)
 
 
+class _Update(NamedTuple):
+    """One update: ``ratio * x - m0 * m_0 - res * sum_k rhos[k] * (m_k - m_0) / rks[k]``."""
+
+    ratio: float
+    m0: float
+    res: float
+    rks: np.ndarray
+    rhos: np.ndarray  # the corrector's has one more entry, the weight of the new model output
+
+    def padded(self, width: int) -> tuple:
+        """The history columns padded to ``width`` (rk 1, rho 0: no contribution)."""
+        rhos = self.rhos[: len(self.rks)]
+        return (self.ratio, self.m0, self.res, np.concatenate([self.rks, np.ones(width - len(self.rks))]),
+                np.concatenate([rhos, np.zeros(width - len(rhos))]))
+
+
+_NO_CORRECTOR = _Update(1.0, 0.0, 0.0, np.zeros(0), np.zeros(1))
+
+
 def _update_coefficients(config: HeliosSchedulerConfig, sigmas: np.ndarray, target: int, source: int,
-                         history: list[int], corrector: bool) -> tuple:
+                         history: list[int], corrector: bool) -> _Update:
     """Coefficients of one UniP (``corrector=False``) or UniC update from ``sigmas[source]`` to
     ``sigmas[target]`` with earlier points ``sigmas[history]``; the reference's
     ``multistep_uni_{p,c}_bh_update`` scalar work, in the same dtype."""
@@ -100,11 +119,7 @@ def _update_coefficients(config: HeliosSchedulerConfig, sigmas: np.ndarray, targ
             ratio, m0, res = sigma_t / sigma_s0, alpha_t * h_phi_1, alpha_t * b_h
         else:
             ratio, m0, res = alpha_t / alpha_s0, sigma_t * h_phi_1, sigma_t * b_h
-    return ratio, m0, res, np.array(rks, dtype), rhos.astype(np.float32)
-
-
-def _pad(values: np.ndarray, width: int, fill: float) -> np.ndarray:
-    return np.concatenate([values, np.full(width - len(values), fill)])
+    return _Update(ratio, m0, res, np.array(rks, dtype), rhos.astype(np.float32))
 
 
 def unipc_table(schedule: Schedule) -> UniPCTable:
@@ -119,19 +134,12 @@ def unipc_table(schedule: Schedule) -> UniPCTable:
         # The reference's effective order: warm up from 1, and lower it at the end if asked to.
         order = min(k, n - i) if config.lower_order_final else k
         order = min(order, min(i, k) + 1)
-        p = _update_coefficients(config, sigmas, i + 1, i, [i - j for j in range(1, order)], corrector=False)
+        predictor = _update_coefficients(config, sigmas, i + 1, i, [i - j for j in range(1, order)], corrector=False)
         use_corrector = i > 0 and (i - 1) not in config.disable_corrector
-        if i > 0:
-            c = _update_coefficients(config, sigmas, i, i - 1, [i - 1 - j for j in range(1, previous_order)],
-                                     corrector=True)
-            c_rhos, c_rho_t = c[4][:-1], c[4][-1]
-        else:
-            c, c_rhos, c_rho_t = (1.0, 0.0, 0.0, np.zeros(0)), np.zeros(0), 0.0
-        rows.append((
-            sigmas[i], alpha, sigma,
-            *p[:3], _pad(p[3], k - 1, 1.0), _pad(p[4], k - 1, 0.0),
-            use_corrector, *c[:3], _pad(c[3], k - 1, 1.0), _pad(c_rhos, k - 1, 0.0), c_rho_t,
-        ))
+        corrector = _NO_CORRECTOR if i == 0 else _update_coefficients(
+            config, sigmas, i, i - 1, [i - 1 - j for j in range(1, previous_order)], corrector=True)
+        rows.append((sigmas[i], alpha, sigma, *predictor.padded(k - 1), use_corrector, *corrector.padded(k - 1),
+                     corrector.rhos[-1]))
         previous_order = order
     columns = [np.array(column) for column in zip(*rows)]
     return UniPCTable(*(c if c.dtype == bool else c.astype(np.float32) for c in columns))
