@@ -1,25 +1,25 @@
 """helios-jax: a JAX/Flax port of Helios, the autoregressive video diffusion transformer."""
 
-from helios_jax.config import ConfigError, TransformerConfig
-from helios_jax.loading import load_transformer
-from helios_jax.models import HeliosTransformer
-
-# The UMT5 text encoder and the prompt path.
-from helios_jax.config import UMT5Config
-from helios_jax.loading import load_text_encoder
-from helios_jax.models import UMT5Encoder
+from helios_jax import sampling  # hj.sampling: schedules, steps, denoise_chunk
+from helios_jax.config import ConfigError, TransformerConfig, UMT5Config
+from helios_jax.loading import load_text_encoder, load_transformer
+from helios_jax.models import HeliosTransformer, UMT5Encoder
 from helios_jax.prompts import PromptEncoder, PromptSchedule, plan_prompt_chunks
 from helios_jax.tokenizer import PromptTokenizer, clean_prompt
 
-__all__ = ["ConfigError", "HeliosTransformer", "TransformerConfig", "load_transformer"]
-__all__ += [
+__all__ = [
+    "ConfigError",
+    "HeliosTransformer",
     "PromptEncoder",
     "PromptSchedule",
     "PromptTokenizer",
+    "TransformerConfig",
     "UMT5Config",
     "UMT5Encoder",
     "clean_prompt",
     "load_text_encoder",
+    "load_transformer",
     "plan_prompt_chunks",
+    "sampling",
 ]
 __version__ = "0.1.0"

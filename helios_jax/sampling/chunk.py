@@ -1,0 +1,386 @@
+"""One chunk's whole pyramid sampling as a single jit-compiled function.
+
+The host builds a :class:`ChunkPlan` once (``plan_pyramid_chunk`` mirrors ``HeliosPyramidPipeline``,
+``plan_single_stage_chunk`` mirrors ``HeliosPipeline``). A plan is a pytree: its *layout* (solver,
+shapes, step counts, guidance mode) is static and keys the compiled program; its per-stage arrays
+(model timesteps, solver coefficients, zero-init flags, renoise weights, block-noise factor) are
+traced, so the next chunk with the same step counts reuses the compiled program whatever its
+schedule values. The distilled model's amplified first chunk has twice the steps: a different
+layout, hence its own program, with no branch inside the loop.
+
+The model is a static callable ``model_fn(model_args, latents, timestep, context) -> flow`` with
+``model_args`` a traced pytree (weights, history latents and indices), so weights are never baked
+into the program. All randomness is the explicit :class:`ChunkNoise`; ``noise_shapes`` tells a
+caller exactly what to draw and ``draw_chunk_noise`` draws it from a ``jax.random`` key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from helios_jax.sampling.dmd import DMDTable, dmd_step, dmd_table
+from helios_jax.sampling.euler import EulerTable, euler_step, euler_table
+from helios_jax.sampling.guidance import GUIDANCE_MODES, cfg, cfg_zero_star
+from helios_jax.sampling.pyramid import (
+    block_noise,
+    block_noise_factor,
+    block_noise_shape,
+    downsample_to_first_stage,
+    renoise,
+    renoise_coefficients,
+    stage_sizes,
+    upsample_nearest,
+)
+from helios_jax.sampling.schedule import Schedule, SchedulerConfig, make_schedule, read_scheduler_config, shift_for
+from helios_jax.sampling.unipc import UniPCTable, unipc_init, unipc_step, unipc_table
+
+ModelFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkLayout:
+    """The static part of a plan: everything that fixes the compiled program."""
+
+    solver: str  # "unipc", "euler" or "dmd"
+    latent_shape: tuple[int, int, int, int, int]  # (B, C, T, H, W) at full resolution
+    stage_steps: tuple[int, ...]  # model calls per stage (DMD's amplified first chunk doubles them)
+    patch: tuple[int, int]  # spatial patch of the block noise
+    guidance: str  # "none", "cfg" or "cfg_zero_star"
+    solver_order: int = 1
+    prediction_type: str = "flow_prediction"
+    predict_x0: bool = True
+    model_dtype: str = "float32"  # the latents are cast to it for the model, the block noise rounded to it
+    batch_cfg: bool = False  # run the conditional and unconditional predictions as one doubled batch
+
+    @property
+    def stage_sizes(self) -> tuple[tuple[int, int], ...]:
+        return stage_sizes(self.latent_shape[-2], self.latent_shape[-1], len(self.stage_steps))
+
+
+class StageArrays(NamedTuple):
+    """The traced per-stage inputs; the first three have a leading step axis."""
+
+    model_timesteps: np.ndarray  # what the model is called with, float32
+    zero_init: np.ndarray  # CFG-Zero*'s zero-init flag, bool
+    steps: UniPCTable | EulerTable | DMDTable
+    renoise: np.ndarray  # (alpha, beta) of the renoise entering this stage; unused for stage 0
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["stages", "block_factor"],
+                   meta_fields=["layout"])
+@dataclasses.dataclass(frozen=True)
+class ChunkPlan:
+    """Everything about sampling one chunk that is fixed on the host."""
+
+    layout: ChunkLayout
+    stages: tuple[StageArrays, ...]
+    block_factor: np.ndarray | None  # Cholesky factor of the block covariance (float32); None for one stage
+
+
+class ChunkNoise(NamedTuple):
+    """The standard normal draws of one chunk.
+
+    ``initial``: (B, C, T, H, W) at full resolution, the pipelines' ``prepare_latents`` draw.
+    ``block``: one array per stage after the first, (B, C, T, h/ph, w/pw, ph*pw), the
+    ``(block_number, block_size)`` draw of ``sample_block_noise`` in the same memory order.
+    """
+
+    initial: Any
+    block: tuple[Any, ...]
+
+
+# ----------------------------------------------------------------------------- host: plans
+
+
+def _solver_table(schedule: Schedule) -> UniPCTable | EulerTable | DMDTable:
+    kind = schedule.config.scheduler_type
+    if kind == "unipc":
+        return unipc_table(schedule)
+    if kind == "euler":
+        return euler_table(schedule)
+    return dmd_table(schedule)
+
+
+def _spatial_patch(patch_size: Sequence[int]) -> tuple[int, int]:
+    if len(patch_size) != 3 or min(patch_size) < 1:
+        raise ValueError(f"patch_size = {tuple(patch_size)}: expected the transformer's (t, h, w) patch")
+    return int(patch_size[1]), int(patch_size[2])
+
+
+def _check_latent_shape(latent_shape: Sequence[int], num_stages: int, patch: tuple[int, int]) -> tuple[int, ...]:
+    shape = tuple(int(d) for d in latent_shape)
+    if len(shape) != 5 or min(shape) < 1:
+        raise ValueError(f"latent_shape = {tuple(latent_shape)}: expected five positive sizes (B, C, T, H, W)")
+    height, width = shape[-2:]
+    factor = 2 ** (num_stages - 1)
+    if height % factor or width % factor:
+        raise ValueError(
+            f"latent size {height}x{width} must be divisible by 2^(stages - 1) = {factor} so that the "
+            f"{num_stages}-stage pyramid returns to full size; choose a height and width divisible by {8 * factor}"
+        )
+    for h, w in stage_sizes(height, width, num_stages)[1:]:
+        block_noise_shape((h, w), patch)
+    return shape
+
+
+def _check_guidance(guidance: str) -> None:
+    if guidance not in GUIDANCE_MODES:
+        raise ValueError(f"guidance = {guidance!r}: expected one of {GUIDANCE_MODES} (see guidance_mode)")
+
+
+def _plan(config: SchedulerConfig, schedules: Sequence[Schedule], latent_shape: Sequence[int],
+          patch_size: Sequence[int], guidance: str, truncate_timesteps: bool, zero_init_steps: int,
+          model_dtype: Any, batch_cfg: bool) -> ChunkPlan:
+    patch = _spatial_patch(patch_size)
+    shape = _check_latent_shape(latent_shape, len(schedules), patch)
+    if guidance != "cfg_zero_star":
+        zero_init_steps = -1
+    stages = []
+    for s, schedule in enumerate(schedules):
+        n = schedule.num_steps
+        timesteps = np.trunc(schedule.timesteps) if truncate_timesteps else schedule.timesteps
+        zero_init = np.arange(n) <= zero_init_steps if s == 0 else np.zeros(n, bool)
+        alpha_beta = renoise_coefficients(config, s) if s > 0 else (0.0, 0.0)
+        stages.append(StageArrays(timesteps.astype(np.float32), zero_init, _solver_table(schedule),
+                                  np.array(alpha_beta, np.float32)))
+    unipc = config.scheduler_type == "unipc"
+    layout = ChunkLayout(
+        solver=config.scheduler_type,
+        latent_shape=shape,
+        stage_steps=tuple(schedule.num_steps for schedule in schedules),
+        patch=patch,
+        guidance=guidance,
+        solver_order=config.solver_order if unipc else 1,
+        prediction_type=config.prediction_type if unipc else "flow_prediction",
+        predict_x0=config.predict_x0 if unipc else True,
+        model_dtype=jnp.dtype(model_dtype).name,
+        batch_cfg=bool(batch_cfg) and guidance != "none",
+    )
+    # A single stage never renoises, so its gamma need not give a valid block covariance.
+    factor = block_noise_factor(config.gamma, patch).astype(np.float32) if len(stages) > 1 else None
+    return ChunkPlan(layout, tuple(stages), factor)
+
+
+def plan_pyramid_chunk(
+    scheduler_config: SchedulerConfig | Mapping[str, Any],
+    stage_steps: Sequence[int],
+    latent_shape: Sequence[int],
+    *,
+    patch_size: Sequence[int] = (1, 2, 2),
+    guidance: str = "none",
+    amplify_first_chunk: bool = False,
+    zero_steps: int = 1,
+    use_zero_init: bool = True,
+    model_dtype: Any = jnp.float32,
+    batch_cfg: bool = False,
+) -> ChunkPlan:
+    """The plan of one ``HeliosPyramidPipeline`` chunk.
+
+    ``stage_steps`` is ``pyramid_num_inference_steps_list``; ``latent_shape`` the chunk's full
+    latents (B, C, T, H, W); ``patch_size`` the transformer's. ``amplify_first_chunk`` is the
+    pipeline's ``is_amplify_first_chunk and is_first_chunk`` (it only changes DMD schedules).
+    ``zero_steps``/``use_zero_init`` are CFG-Zero*'s; the model is called with integer timesteps.
+    """
+    config = read_scheduler_config(scheduler_config)
+    _check_guidance(guidance)
+    if len(stage_steps) != config.stages:
+        raise ValueError(
+            f"stage_steps = {tuple(stage_steps)}: the scheduler has {config.stages} stages, so give one step "
+            f"count per stage"
+        )
+    shape = _check_latent_shape(latent_shape, config.stages, _spatial_patch(patch_size))
+    sizes = stage_sizes(shape[-2], shape[-1], config.stages)
+    schedules = []
+    for s, steps in enumerate(stage_steps):
+        # The pipeline computes mu from the latents it holds when the stage begins, i.e. before
+        # upsampling: stage s > 0 uses the size of stage s - 1.
+        h, w = sizes[max(s - 1, 0)]
+        mu = shift_for(config, shape[2] * h * w // math.prod(patch_size))
+        stage_index = s if config.stages > 1 else None
+        schedules.append(make_schedule(config, steps, stage_index, mu=mu, amplify_first_chunk=amplify_first_chunk))
+    return _plan(config, schedules, shape, patch_size, guidance, True, zero_steps if use_zero_init else -1,
+                 model_dtype, batch_cfg)
+
+
+def plan_single_stage_chunk(
+    scheduler_config: SchedulerConfig | Mapping[str, Any],
+    num_inference_steps: int,
+    latent_shape: Sequence[int],
+    *,
+    patch_size: Sequence[int] = (1, 2, 2),
+    sigmas: np.ndarray | None = None,
+    guidance: str = "none",
+    model_dtype: Any = jnp.float32,
+    batch_cfg: bool = False,
+) -> ChunkPlan:
+    """The plan of one ``HeliosPipeline`` chunk: one full-resolution stage, float timesteps.
+
+    ``sigmas`` default to the pipeline's ``linspace(0.999, 0, steps + 1)[:-1]``.
+    """
+    config = read_scheduler_config(scheduler_config)
+    if config.stages != 1 or config.scheduler_type == "dmd":
+        raise ValueError(
+            f"HeliosPipeline samples with a single-stage UniPC or Euler scheduler; this config has "
+            f"stages = {config.stages}, scheduler_type = {config.scheduler_type!r} (use plan_pyramid_chunk)"
+        )
+    _check_guidance(guidance)
+    if guidance == "cfg_zero_star":
+        raise ValueError("HeliosPipeline has no CFG-Zero*; use guidance='cfg' (or the pyramid pipeline)")
+    shape = _check_latent_shape(latent_shape, 1, _spatial_patch(patch_size))
+    if sigmas is None and isinstance(num_inference_steps, int) and num_inference_steps >= 1:
+        sigmas = np.linspace(0.999, 0.0, num_inference_steps + 1)[:-1]
+    mu = shift_for(config, math.prod(shape[2:]) // math.prod(patch_size))
+    schedule = make_schedule(config, num_inference_steps, mu=mu, sigmas=sigmas)
+    return _plan(config, [schedule], shape, patch_size, guidance, False, -1, model_dtype, batch_cfg)
+
+
+def noise_shapes(plan: ChunkPlan) -> ChunkNoise:
+    """The shapes of the noise a chunk needs, in a :class:`ChunkNoise` (all float32 standard normal)."""
+    b, c, t, _, _ = plan.layout.latent_shape
+    blocks = tuple(block_noise_shape((b, c, t, h, w), plan.layout.patch) for h, w in plan.layout.stage_sizes[1:])
+    return ChunkNoise(plan.layout.latent_shape, blocks)
+
+
+def draw_chunk_noise(key: jax.Array, plan: ChunkPlan) -> ChunkNoise:
+    """Standard normal :class:`ChunkNoise` for ``plan`` from one ``jax.random`` key."""
+    return _draw_noise(key, noise_shapes(plan))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _draw_noise(key: jax.Array, shapes: ChunkNoise) -> ChunkNoise:
+    def normal(k: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+        # Drawn flat: XLA compiles the partitionable threefry of a 5-D+ shape very slowly on the CPU.
+        return jax.random.normal(k, (math.prod(shape),), jnp.float32).reshape(shape)
+
+    keys = jax.random.split(key, 1 + len(shapes.block))
+    return ChunkNoise(normal(keys[0], shapes.initial), tuple(normal(k, s) for k, s in zip(keys[1:], shapes.block)))
+
+
+# ----------------------------------------------------------------------------- device: the loop
+
+
+def _predict(model_fn: ModelFn, model_args: Any, layout: ChunkLayout, latents: jax.Array, timestep: jax.Array,
+             context: jax.Array, negative_context: jax.Array | None, guidance_scale: jax.Array,
+             zero_init: jax.Array) -> jax.Array:
+    """The (guided) flow prediction at one step."""
+    x = latents.astype(layout.model_dtype)
+    if layout.guidance == "none":
+        return model_fn(model_args, x, timestep, context)
+    if layout.batch_cfg:
+        both = model_fn(model_args, jnp.concatenate([x, x]), jnp.concatenate([timestep, timestep]),
+                        jnp.concatenate([context, negative_context]))
+        cond, uncond = jnp.split(both, 2)
+    else:
+        cond = model_fn(model_args, x, timestep, context)
+        uncond = model_fn(model_args, x, timestep, negative_context)
+    if layout.guidance == "cfg":
+        return cfg(cond, uncond, guidance_scale)
+    return cfg_zero_star(cond, uncond, guidance_scale, zero_init)
+
+
+def _run_stage(model_fn: ModelFn, model_args: Any, layout: ChunkLayout, stage: StageArrays, latents: jax.Array,
+               context: jax.Array, negative_context: jax.Array | None, guidance_scale: jax.Array) -> jax.Array:
+    """All steps of one stage under ``lax.scan``; the solver history is reset per stage."""
+    start = latents  # DMD renoises towards the stage's start latents
+    batch = latents.shape[0]
+
+    def step(carry, row):
+        x, state = carry
+        timestep, zero_init, coefficients = row
+        flow = _predict(model_fn, model_args, layout, x, jnp.full((batch,), timestep, jnp.float32), context,
+                        negative_context, guidance_scale, zero_init)
+        if layout.solver == "unipc":
+            x, state = unipc_step(coefficients, state, flow, x, prediction_type=layout.prediction_type,
+                                  predict_x0=layout.predict_x0)
+        elif layout.solver == "euler":
+            x = euler_step(coefficients, flow, x)
+        else:
+            x = dmd_step(coefficients, flow, x, start)
+        return (x.astype(jnp.float32), state), None
+
+    state = unipc_init(latents, layout.solver_order) if layout.solver == "unipc" else ()
+    (latents, _), _ = jax.lax.scan(step, (latents, state), (stage.model_timesteps, stage.zero_init, stage.steps))
+    return latents
+
+
+@functools.partial(jax.jit, static_argnames=("model_fn",))
+def _denoise_chunk(model_fn: ModelFn, model_args: Any, plan: ChunkPlan, noise: ChunkNoise, context: jax.Array,
+                   negative_context: jax.Array | None, guidance_scale: jax.Array) -> jax.Array:
+    layout = plan.layout
+    latents = downsample_to_first_stage(noise.initial.astype(jnp.float32), len(plan.stages))
+    for s, stage in enumerate(plan.stages):
+        if s > 0:
+            block = block_noise(noise.block[s - 1].astype(jnp.float32), plan.block_factor, layout.patch)
+            latents = renoise(upsample_nearest(latents), block.astype(layout.model_dtype),
+                              stage.renoise[0], stage.renoise[1]).astype(jnp.float32)
+        latents = _run_stage(model_fn, model_args, layout, stage, latents, context, negative_context, guidance_scale)
+    return latents
+
+
+def denoise_chunk(
+    model_fn: ModelFn,
+    model_args: Any,
+    plan: ChunkPlan,
+    noise: ChunkNoise,
+    context: jax.Array,
+    negative_context: jax.Array | None = None,
+    guidance_scale: float | jax.Array = 1.0,
+) -> jax.Array:
+    """Sample one chunk: every step of every stage, from noise to the chunk's (B, C, T, H, W) latents.
+
+    ``model_fn(model_args, latents, timestep, context)`` returns the flow prediction for latents
+    (B, C, T, h, w) at the stage's size, timesteps (B,) and text embeddings (B, S, D); it must be
+    hashable (a module-level function or a ``functools.partial`` of one) and is called once per
+    step, twice with CFG (or once on a doubled batch with ``batch_cfg``: then its batch is 2B and
+    per-sample entries of ``model_args`` must be tiled by ``model_fn``). ``negative_context`` is
+    needed with guidance; ``guidance_scale`` is traced, so changing it does not recompile.
+    ``model_fn`` is a static argument compared by identity: build it once and reuse it for every
+    chunk (a fresh ``functools.partial`` per call would compile the chunk again).
+    """
+    if not isinstance(plan, ChunkPlan):
+        raise TypeError(f"plan must be a ChunkPlan (plan_pyramid_chunk / plan_single_stage_chunk); got {type(plan)}")
+    layout = plan.layout
+    expected = noise_shapes(plan)
+    if not isinstance(noise, ChunkNoise) or len(noise.block) != len(expected.block):
+        raise ValueError(f"noise must be a ChunkNoise with {len(expected.block)} block-noise arrays (see noise_shapes)")
+    got = ChunkNoise(tuple(noise.initial.shape), tuple(tuple(z.shape) for z in noise.block))
+    if got != expected:
+        raise ValueError(f"noise shapes {got} do not match this plan's {expected}; draw them with noise_shapes(plan)")
+    batch = layout.latent_shape[0]
+    if context.ndim != 3 or context.shape[0] != batch:
+        raise ValueError(f"context must be (B, S, D) text embeddings with B = {batch}; got shape {context.shape}")
+    if layout.guidance == "none":
+        negative_context = None
+    elif negative_context is None or negative_context.shape[0] != batch or negative_context.ndim != 3:
+        raise ValueError(
+            f"guidance {layout.guidance!r} needs negative_context of shape (B={batch}, S, D); got "
+            f"{None if negative_context is None else negative_context.shape}"
+        )
+    elif layout.batch_cfg and negative_context.shape != context.shape:
+        raise ValueError(
+            f"batch_cfg runs both contexts as one batch, so they need one shape; got {context.shape} and "
+            f"{negative_context.shape} (pad them to one length, or plan with batch_cfg=False)"
+        )
+    scale = jnp.asarray(guidance_scale, jnp.float32)
+    return _denoise_chunk(model_fn, model_args, plan, noise, context, negative_context, scale)
+
+
+def sample_chunk(
+    model_fn: ModelFn,
+    model_args: Any,
+    plan: ChunkPlan,
+    key: jax.Array,
+    context: jax.Array,
+    negative_context: jax.Array | None = None,
+    guidance_scale: float | jax.Array = 1.0,
+) -> jax.Array:
+    """``denoise_chunk`` with the noise drawn from ``key`` (``draw_chunk_noise``)."""
+    return denoise_chunk(model_fn, model_args, plan, draw_chunk_noise(key, plan), context, negative_context,
+                         guidance_scale)
