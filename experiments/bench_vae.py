@@ -6,17 +6,14 @@
 
 What is timed is ``helios_jax.models.vae.chunk_decoder``, the step Helios runs after every chunk:
 denormalise the latents, decode, convert to uint8 on the device. The table (device, versions and date
-included) is printed and appended to experiments/RESULTS.md, which is created if absent. Weights are
+included) is printed and appended to experiments/RESULTS.md (``results.append_result``). Weights are
 random (fan-in scaled, so activations stay finite); the timing does not depend on their values.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import datetime
 import os
-import platform
 import statistics
 import sys
 import time
@@ -26,10 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 
 import helios_jax as hj
+from helios_jax.config import to_dict
 from helios_jax.models import vae as vae_lib
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
-HEADER = "# Benchmark results\n\nTables appended by the scripts in `experiments/`; each states its device and versions.\n"
+sys.path.insert(0, os.path.dirname(__file__))
+from results import append_result, environment  # noqa: E402
+
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 # A tiny configuration with the real block structure, for a CPU smoke run.
 SMALL = dict(base_dim=4, z_dim=16)
@@ -87,7 +86,7 @@ def bench_reference(cfg: hj.VAEConfig, name: str, latents: np.ndarray, iters: in
         return None
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
-    vae = AutoencoderKLWan(**hj.config.to_dict(cfg)).to(device, dtype).eval()
+    vae = AutoencoderKLWan(**to_dict(cfg)).to(device, dtype).eval()
     mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(device, dtype)
     inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(device, dtype)
     z = torch.from_numpy(latents).to(device, dtype)
@@ -116,25 +115,9 @@ def table(rows: list[dict], video_frames: int) -> str:
         median, best = statistics.median(r["times"]), min(r["times"])
         lines.append(
             f"| {r['impl']} | {r['compile_s']:.1f} | {1e3 * median:.1f} | {1e3 * best:.1f} | "
-            f"{video_frames / median:.1f} | {r['temp_gib']:.2f} |"
+            f"{video_frames / median:.1f} | {r['temp_gib']:.3g} |"
         )
     return "\n".join(lines)
-
-
-def versions() -> str:
-    import flax
-
-    names = [f"python {platform.python_version()}", f"jax {jax.__version__}", f"flax {flax.__version__}"]
-    try:
-        import torch
-
-        names.append(f"torch {torch.__version__}")
-        import diffusers
-
-        names.append(f"diffusers {diffusers.__version__}")
-    except ImportError:
-        pass
-    return ", ".join(names)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -147,8 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtypes", default="fp32,bf16")
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--reference", action="store_true", help="also time diffusers' AutoencoderKLWan")
-    parser.add_argument("--results", default=RESULTS, help="the markdown file the table is appended to")
-    parser.add_argument("--no-append", action="store_true")
+    parser.add_argument("--no-append", action="store_true", help="print only; --small never appends")
     args = parser.parse_args(argv)
 
     cfg = hj.VAEConfig(**SMALL) if args.small else hj.VAEConfig()
@@ -158,36 +140,28 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--height and --width must be multiples of {ratio}")
     latents = np.random.default_rng(1).standard_normal(
         (args.batch, cfg.z_dim, args.latent_frames, height // ratio, width // ratio), np.float32)
-    video_frames = args.batch * cfg.video_frames(args.latent_frames)
-
-    device = jax.devices()[0]
-    date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    title = (f"## Wan VAE chunk decode{' (--small smoke run)' if args.small else ''}: {date}\n\n"
-             f"device: {device.platform} {device.device_kind}; {versions()}\n"
-             f"config: {'tiny (base_dim 4)' if args.small else 'Wan2.1'} {dataclasses.asdict(cfg) | {'latents_mean': '...', 'latents_std': '...'}}\n"
-             f"work: latents {tuple(latents.shape)} -> uint8 {args.batch} x {cfg.video_frames(args.latent_frames)} x "
-             f"{height} x {width} x 3 (denormalise, decode, convert); {args.iters} timed calls after the first\n")
-    print(title, flush=True)
+    out_frames = cfg.video_frames(args.latent_frames)
+    title = f"Wan VAE chunk decode (experiments/bench_vae.py){' --small smoke run' if args.small else ''}"
+    what = (f"{'A tiny config (base_dim 4) with' if args.small else 'The Wan2.1 VAE (base_dim 96), random weights,'} "
+            f"the real block structure: latents {tuple(latents.shape)} -> uint8 {args.batch} x {out_frames} x "
+            f"{height} x {width} x 3 (denormalise, decode, convert on the device); median and min of "
+            f"{args.iters} calls after the first. XLA temp: the compiled program's scratch memory.")
+    print(f"{title}\n{environment()}\n{what}\n", flush=True)
 
     rows = []
     for name in args.dtypes.split(","):
         rows.append(bench_jax(cfg, name, latents, args.iters))
-        print(table(rows[-1:], video_frames), flush=True)
+        print(table(rows[-1:], args.batch * out_frames), flush=True)
         if args.reference:
             ref = bench_reference(cfg, name, latents, args.iters)
             if ref is not None:
                 rows.append(ref)
-                print(table(rows[-1:], video_frames), flush=True)
-    result = f"{title}\n{table(rows, video_frames)}\n"
+                print(table(rows[-1:], args.batch * out_frames), flush=True)
+    result = f"{what}\n\n{table(rows, args.batch * out_frames)}"
     print("\n" + result)
-    if args.no_append or (args.small and args.results == RESULTS):
-        return
-    tmp = f"{args.results}.tmp"
-    previous = open(args.results, encoding="utf-8").read() if os.path.exists(args.results) else HEADER
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(f"{previous.rstrip()}\n\n{result}")
-    os.replace(tmp, args.results)
-    print(f"appended to {args.results}", file=sys.stderr)
+    if not (args.no_append or args.small):
+        append_result(title, result)
+        print("appended to experiments/RESULTS.md", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import functools
 import inspect
 import json
 import os
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -59,8 +60,8 @@ class Pair:
     ref: AutoencoderKLWan
     cfg: hj.VAEConfig
     params: dict
-    decode: callable
-    encode: callable
+    decode: Callable
+    encode: Callable
 
 
 def make_pair(kwargs: dict, seed: int = 0, scale: float = 0.3) -> Pair:
