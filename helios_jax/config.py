@@ -244,13 +244,16 @@ class VAEConfig:
         for key in ("base_dim", "z_dim", "num_res_blocks", "in_channels", "out_channels"):
             value = getattr(self, key)
             _require(isinstance(value, int) and value >= 1, name, key, value, "a positive integer")
-        _require(self.decoder_base_dim is None or (isinstance(self.decoder_base_dim, int) and self.decoder_base_dim >= 1),
-                 name, "decoder_base_dim", self.decoder_base_dim, "None or a positive integer")
+        decoder_dim = self.decoder_base_dim
+        _require(decoder_dim is None or (isinstance(decoder_dim, int) and decoder_dim >= 1),
+                 name, "decoder_base_dim", decoder_dim, "None or a positive integer")
         _require(len(self.dim_mult) >= 1 and all(isinstance(m, int) and m >= 1 for m in self.dim_mult),
                  name, "dim_mult", self.dim_mult, "one or more positive integers")
-        _require(len(self.temperal_downsample) == len(self.dim_mult) - 1, name, "temperal_downsample",
-                 self.temperal_downsample, f"one flag per downsampling level, len(dim_mult) - 1 = {len(self.dim_mult) - 1}")
-        _require(WAN_ENCODE_CHUNK % self.temporal_compression == 0, name, "temperal_downsample", self.temperal_downsample,
+        levels = len(self.dim_mult) - 1
+        _require(len(self.temperal_downsample) == levels, name, "temperal_downsample", self.temperal_downsample,
+                 f"one flag per downsampling level, len(dim_mult) - 1 = {levels}")
+        _require(WAN_ENCODE_CHUNK % self.temporal_compression == 0, name, "temperal_downsample",
+                 self.temperal_downsample,
                  f"at most two temporal halvings: the reference encodes {WAN_ENCODE_CHUNK}-frame chunks")
         _require(0.0 <= self.dropout < 1.0, name, "dropout", self.dropout, "a probability in [0, 1)")
         _require(self.is_residual or not self.attn_scales, name, "attn_scales", self.attn_scales,
@@ -323,9 +326,10 @@ class VAEConfig:
     def latent_frames(self, video_frames: int) -> int:
         """Latent frames of an encoded video of 1 + 4k frames: 1 + 4k / temporal_compression."""
         if video_frames < 1 or (video_frames - 1) % WAN_ENCODE_CHUNK:
+            trimmed = max(1, (video_frames - 1) // WAN_ENCODE_CHUNK * WAN_ENCODE_CHUNK + 1)
             raise ValueError(
                 f"a video of {video_frames} frames cannot be encoded: the Wan VAE encodes 1 + {WAN_ENCODE_CHUNK}k "
-                f"frames (1, 5, 9, ..., 33, ...); trim it to {max(1, (video_frames - 1) // WAN_ENCODE_CHUNK * WAN_ENCODE_CHUNK + 1)}"
+                f"frames (1, 5, 9, ..., 33, ...); trim it to {trimmed}"
             )
         return 1 + (video_frames - 1) // self.temporal_compression
 

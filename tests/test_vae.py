@@ -13,7 +13,7 @@ import functools
 import inspect
 import json
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +25,8 @@ from diffusers.video_processor import VideoProcessor
 from reference import max_abs, randomize, rel_err, to_numpy
 
 import helios_jax as hj
-from helios_jax.config import ConfigError, read_config
-from helios_jax.convert import CheckpointMismatchError, load_params
+from helios_jax.config import ConfigError, read_config, to_dict
+from helios_jax.convert import CheckpointMismatchError, load_params, save_params
 from helios_jax.models import vae as vae_lib
 
 # fp32 tolerances: relative L2 as the issue asks; max-abs on outputs of order 1.
@@ -247,11 +247,16 @@ def test_load_vae_from_save_pretrained(wan21, tmp_path, shard):
     check_close(np.asarray(wan21.decode({"params": params}, jnp.asarray(z.numpy()))), reference_decode(wan21.ref, z))
 
 
-def test_load_vae_casts_and_rejects_foreign_weights(wan21, tmp_path):
+def test_load_vae_casts_restores_and_rejects_foreign_weights(wan21, tmp_path):
     folder = tmp_path / "vae"
     wan21.ref.save_pretrained(folder)
     _, params = hj.load_vae(folder, dtype=jnp.bfloat16)
     assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+
+    save_params(tmp_path / "orbax", params, config=to_dict(wan21.cfg))
+    cfg, restored = hj.load_vae(tmp_path / "orbax", dtype=jnp.float32)
+    assert cfg == wan21.cfg
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b.astype(jnp.float32)), restored, params)
 
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "base_dim": 8}))
@@ -293,11 +298,16 @@ def test_latent_normalisation_matches_pipeline(wan21, dtype):
                                rtol=eps, atol=eps)
 
 
+def postprocessed(frames: torch.Tensor) -> np.ndarray:
+    """diffusers' conversion of decoded frames to 8-bit images, as (B, T, H, W, C)."""
+    clips = VideoProcessor(vae_scale_factor=8).postprocess_video(frames, output_type="pil")
+    return np.stack([np.stack([np.asarray(image) for image in clip]) for clip in clips])
+
+
 def test_frames_to_uint8_matches_video_processor():
     frames = torch.rand(2, 3, 4, 6, 10, generator=torch.Generator().manual_seed(0)) * 2.4 - 1.2
     frames[0, :, 0, 0, :3] = torch.tensor([-1.0, 0.0, 1.0])
-    want = np.stack([np.stack([np.asarray(f) for f in clip])
-                     for clip in VideoProcessor(vae_scale_factor=8).postprocess_video(frames, output_type="pil")])
+    want = postprocessed(frames)
     got = vae_lib.frames_to_uint8(jnp.asarray(frames.numpy()))
     assert got.dtype == jnp.uint8 and got.shape == (2, 4, 6, 10, 3)
     np.testing.assert_array_equal(np.asarray(got), want)
@@ -310,8 +320,7 @@ def test_chunk_decoder_is_the_pipelines_decode_step(wan21):
     inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, Z, 1, 1, 1)
     normalised = latents(2, seed=12)
     want_float = reference_decode(wan21.ref, normalised / inv_std + mean)
-    want = np.stack([np.stack([np.asarray(f) for f in clip]) for clip in
-                     VideoProcessor(vae_scale_factor=8).postprocess_video(torch.from_numpy(want_float), output_type="pil")])
+    want = postprocessed(torch.from_numpy(want_float))
     got = np.asarray(vae_lib.chunk_decoder(cfg)(wan21.params, jnp.asarray(normalised.numpy())))
     assert got.dtype == np.uint8 and got.shape == want.shape == (2, 5, 24, 40, 3)
     diff = np.abs(got.astype(int) - want.astype(int))
