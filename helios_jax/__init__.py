@@ -1,9 +1,9 @@
 """helios-jax: a JAX/Flax port of Helios, the autoregressive video diffusion transformer."""
 
 from helios_jax import sampling  # hj.sampling: schedules, steps, denoise_chunk
-from helios_jax.config import ConfigError, TransformerConfig, UMT5Config
-from helios_jax.loading import load_text_encoder, load_transformer
-from helios_jax.models import HeliosTransformer, UMT5Encoder
+from helios_jax.config import ConfigError, TransformerConfig, UMT5Config, VAEConfig
+from helios_jax.loading import load_text_encoder, load_transformer, load_vae
+from helios_jax.models import HeliosTransformer, UMT5Encoder, WanVAE
 from helios_jax.prompts import PromptEncoder, PromptSchedule, plan_prompt_chunks
 from helios_jax.tokenizer import PromptTokenizer, clean_prompt
 
@@ -16,9 +16,12 @@ __all__ = [
     "TransformerConfig",
     "UMT5Config",
     "UMT5Encoder",
+    "VAEConfig",
+    "WanVAE",
     "clean_prompt",
     "load_text_encoder",
     "load_transformer",
+    "load_vae",
     "plan_prompt_chunks",
     "sampling",
 ]

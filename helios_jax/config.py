@@ -194,3 +194,152 @@ class UMT5Config:
     def from_pretrained(cls, source: str | os.PathLike | Mapping[str, Any]) -> "UMT5Config":
         """Read a text encoder ``config.json`` (or its folder, or a dict)."""
         return read_config(cls, source)
+
+
+# --- Wan VAE -------------------------------------------------------------------------------------
+
+# The reference's encoder walks the video in chunks of this many frames after the first, whatever
+# the configuration (``AutoencoderKLWan._encode``), so a video it encodes fully has 1 + 4k frames.
+WAN_ENCODE_CHUNK = 4
+
+_WAN21_LATENTS_MEAN = (
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+)
+_WAN21_LATENTS_STD = (
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+    """The constructor arguments of diffusers' ``AutoencoderKLWan`` (defaults: the Wan2.1 VAE Helios uses).
+
+    ``temperal_downsample`` keeps the reference's spelling so config.json maps one to one.
+    ``dropout`` is accepted and ignored: this port runs inference only, where dropout is the identity.
+    ``attn_scales`` is read by the reference's Wan2.1 encoder only, and only () runs there; the decoder
+    and the Wan2.2 (``is_residual``) encoder ignore it.
+    """
+
+    base_dim: int = 96
+    decoder_base_dim: int | None = None
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attn_scales: tuple[float, ...] = ()
+    temperal_downsample: tuple[bool, ...] = (False, True, True)
+    dropout: float = 0.0
+    latents_mean: tuple[float, ...] = _WAN21_LATENTS_MEAN
+    latents_std: tuple[float, ...] = _WAN21_LATENTS_STD
+    is_residual: bool = False
+    in_channels: int = 3
+    out_channels: int = 3
+    patch_size: int | None = None
+    scale_factor_temporal: int | None = 4
+    scale_factor_spatial: int | None = 8
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        for key in ("base_dim", "z_dim", "num_res_blocks", "in_channels", "out_channels"):
+            value = getattr(self, key)
+            _require(isinstance(value, int) and value >= 1, name, key, value, "a positive integer")
+        decoder_dim = self.decoder_base_dim
+        _require(decoder_dim is None or (isinstance(decoder_dim, int) and decoder_dim >= 1),
+                 name, "decoder_base_dim", decoder_dim, "None or a positive integer")
+        _require(len(self.dim_mult) >= 1 and all(isinstance(m, int) and m >= 1 for m in self.dim_mult),
+                 name, "dim_mult", self.dim_mult, "one or more positive integers")
+        levels = len(self.dim_mult) - 1
+        _require(len(self.temperal_downsample) == levels, name, "temperal_downsample", self.temperal_downsample,
+                 f"one flag per downsampling level, len(dim_mult) - 1 = {levels}")
+        _require(WAN_ENCODE_CHUNK % self.temporal_compression == 0, name, "temperal_downsample",
+                 self.temperal_downsample,
+                 f"at most two temporal halvings: the reference encodes {WAN_ENCODE_CHUNK}-frame chunks")
+        _require(0.0 <= self.dropout < 1.0, name, "dropout", self.dropout, "a probability in [0, 1)")
+        _require(self.is_residual or not self.attn_scales, name, "attn_scales", self.attn_scales,
+                 "only () without is_residual: the reference's encoder then adds WanAttentionBlocks that its own "
+                 "forward pass cannot call (they take no feat_cache), so there is no behaviour to port")
+        for key in ("latents_mean", "latents_std"):
+            _require(len(getattr(self, key)) == self.z_dim, name, key, getattr(self, key),
+                     f"one value per latent channel, z_dim = {self.z_dim}")
+        _require(all(s != 0 for s in self.latents_std), name, "latents_std", self.latents_std, "non-zero values")
+        if self.patch_size is not None:
+            _require(isinstance(self.patch_size, int) and self.patch_size >= 1, name, "patch_size", self.patch_size,
+                     "None or a positive integer")
+            p2 = self.patch_size**2
+            for key in ("in_channels", "out_channels"):
+                _require(getattr(self, key) % p2 == 0, name, key, getattr(self, key),
+                         f"a multiple of patch_size**2 = {p2}: the channels of a patchified video")
+        for key, derived in (("scale_factor_temporal", self.temporal_compression),
+                             ("scale_factor_spatial", self.spatial_compression)):
+            value = getattr(self, key)
+            _require(value is None or value == derived, name, key, value,
+                     f"the blocks compress by {derived}; the pipelines size videos with this value, so it must agree")
+        if self.is_residual:
+            self._check_residual_shortcuts()
+
+    def _check_residual_shortcuts(self) -> None:
+        """The residual blocks' parameter-free shortcuts regroup channels; the reference asserts they divide."""
+        name = type(self).__name__
+        dims = [self.base_dim * m for m in (1, *self.dim_mult)]
+        for i, (c_in, c_out) in enumerate(zip(dims[:-1], dims[1:])):
+            factor = (2 if self.temporal_level(i) else 1) * (4 if i < len(self.dim_mult) - 1 else 1)
+            _require(c_in * factor % c_out == 0, name, "base_dim", self.base_dim,
+                     f"encoder level {i}: {c_in} channels x {factor} must be divisible by {c_out}")
+        up_dims = [self.decoder_dim * m for m in (self.dim_mult[-1], *self.dim_mult[::-1])]
+        for i, (c_in, c_out) in enumerate(zip(up_dims[:-1], up_dims[1:])):
+            if i < len(self.dim_mult) - 1:
+                factor = (2 if self.temporal_level(len(self.dim_mult) - 2 - i) else 1) * 4
+                _require(c_out * factor % c_in == 0, name, "decoder_base_dim", self.decoder_base_dim,
+                         f"decoder level {i}: {c_out} channels x {factor} must be divisible by {c_in}")
+
+    def temporal_level(self, i: int) -> bool:
+        """Whether encoder level ``i`` halves time (the last level never downsamples)."""
+        return i < len(self.temperal_downsample) and bool(self.temperal_downsample[i])
+
+    @property
+    def decoder_dim(self) -> int:
+        """The reference's ``decoder_base_dim or base_dim``."""
+        return self.decoder_base_dim or self.base_dim
+
+    @property
+    def patch(self) -> int:
+        return self.patch_size or 1
+
+    @property
+    def temporal_compression(self) -> int:
+        return 2 ** sum(bool(t) for t in self.temperal_downsample)
+
+    @property
+    def spatial_compression(self) -> int:
+        return 2 ** (len(self.dim_mult) - 1) * self.patch
+
+    @property
+    def video_channels(self) -> int:
+        """Channels of the videos the VAE encodes (``in_channels`` counts them after patchifying)."""
+        return self.in_channels // self.patch**2
+
+    @property
+    def output_video_channels(self) -> int:
+        return self.out_channels // self.patch**2
+
+    def latent_frames(self, video_frames: int) -> int:
+        """Latent frames of an encoded video of 1 + 4k frames: 1 + 4k / temporal_compression."""
+        if video_frames < 1 or (video_frames - 1) % WAN_ENCODE_CHUNK:
+            trimmed = max(1, (video_frames - 1) // WAN_ENCODE_CHUNK * WAN_ENCODE_CHUNK + 1)
+            raise ValueError(
+                f"a video of {video_frames} frames cannot be encoded: the Wan VAE encodes 1 + {WAN_ENCODE_CHUNK}k "
+                f"frames (1, 5, 9, ..., 33, ...); trim it to {trimmed}"
+            )
+        return 1 + (video_frames - 1) // self.temporal_compression
+
+    def video_frames(self, latent_frames: int) -> int:
+        """Frames decoded from ``latent_frames`` latents: 1 + temporal_compression * (T - 1) (9 -> 33)."""
+        if latent_frames < 1:
+            raise ValueError(f"cannot decode {latent_frames} latent frames: at least one is needed")
+        return 1 + self.temporal_compression * (latent_frames - 1)
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike | Mapping[str, Any]) -> "VAEConfig":
+        """Read a VAE ``config.json`` (or its folder, or a dict)."""
+        return read_config(cls, source)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, TypeVar
 
-from helios_jax.config import TransformerConfig, UMT5Config, read_config
+from helios_jax.config import TransformerConfig, UMT5Config, VAEConfig, read_config
 from helios_jax.convert import KeyMap, dtype_policy, is_saved_params, load_params, restore_params, saved_config
-from helios_jax.models import transformer, umt5
+from helios_jax.models import transformer, umt5, vae
 
 C = TypeVar("C")
 Params = dict[str, Any]
@@ -61,3 +61,8 @@ def load_text_encoder(path: str | os.PathLike, dtype: Any | None = None) -> tupl
     return load_component(
         path, UMT5Config, umt5.param_shapes, umt5.keymap, umt5.keeps_fp32(dtype), dtype, desc="text encoder"
     )
+
+
+def load_vae(path: str | os.PathLike, dtype: Any | None = None) -> tuple[VAEConfig, Params]:
+    """The Wan VAE from a diffusers ``vae/`` folder: ``cfg, params = load_vae(dir)``; use ``hj.WanVAE(cfg)``."""
+    return load_component(path, VAEConfig, vae.param_shapes, vae.keymap, vae.keeps_fp32, dtype, desc="vae")

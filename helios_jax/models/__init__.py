@@ -2,5 +2,6 @@
 
 from helios_jax.models.transformer import HeliosTransformer
 from helios_jax.models.umt5 import UMT5Encoder
+from helios_jax.models.vae import WanVAE
 
-__all__ = ["HeliosTransformer", "UMT5Encoder"]
+__all__ = ["HeliosTransformer", "UMT5Encoder", "WanVAE"]
