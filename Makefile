@@ -23,7 +23,8 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 demo: install
-	$(BIN)/python -m helios_jax.demo
+	mkdir -p out
+	$(BIN)/helios-jax generate --output out/demo.mp4
 
 test: install-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

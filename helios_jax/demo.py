@@ -1,62 +1,121 @@
-"""``make demo``: one jit-compiled forward of a small random-weight Helios DiT over a chunk with full memory.
+"""The embedded default: a tiny random-weight Helios checkpoint, built deterministically without torch.
 
-No torch and no download: the weights are random, so the output means nothing; the run shows that the
-model builds, compiles and runs on this machine, and how long each takes.
+``helios-jax generate`` with no ``--checkpoint`` writes this folder once into the user cache (in the
+diffusers layout, with a distilled pyramid pipeline's ``model_index.json``) and generates from it, so
+``make demo`` produces a real mp4 on a fresh CPU machine with no download. The weights are random
+numbers: the video is structured noise and says nothing about Helios' quality; it shows the whole
+system running (text encoder, chunked pyramid sampling with memory, VAE decode, mp4 writing).
 """
 
 from __future__ import annotations
 
-import time
+import json
+import math
+import os
+import shutil
+from typing import Any
 
-import jax
-import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
 
-import helios_jax as hj
-from helios_jax.models.transformer import init_params
+from helios_jax.compilation import default_cache_dir
+from helios_jax.config import TransformerConfig, UMT5Config, VAEConfig
+from helios_jax.convert import KeyMap, export_safetensors
+from helios_jax.loading import COMPONENTS
 
-CONFIG = hj.TransformerConfig(
-    num_attention_heads=4, attention_head_dim=32, in_channels=16, out_channels=16, text_dim=64,
-    freq_dim=64, ffn_dim=256, num_layers=4, rope_dim=(12, 10, 10),
+VERSION = 1  # bump when the recipe changes, so a stale cached checkpoint is rebuilt
+SEED = 0
+HEIGHT, WIDTH = 128, 192  # the embedded model's default size (a multiple of 64 for the 3-stage pyramid)
+
+TRANSFORMER = TransformerConfig(
+    num_attention_heads=4, attention_head_dim=32, in_channels=16, out_channels=16, text_dim=64, freq_dim=64,
+    ffn_dim=256, num_layers=4, rope_dim=(12, 10, 10), is_amplify_history=True,
 )
+VAE = VAEConfig(base_dim=8, z_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1)
+WORDS = ("the", "a", "of", "and", "in", "on", "with", "train", "window", "fields", "trees", "mountains", "sky",
+         "city", "river", "light", "moving", "camera", "scenery", "speeding", "green", "distant", "fast", "view")
+PIECES = ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+          + [(c, -4.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"]
+          + [(f"▁{w}", -1.0) for w in WORDS])
+TEXT_ENCODER = UMT5Config(vocab_size=len(PIECES), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
+SCHEDULER = {
+    "_class_name": "HeliosDMDScheduler", "num_train_timesteps": 1000, "shift": 1.0, "stages": 3,
+    "stage_range": [0, 1 / 3, 2 / 3, 1], "gamma": 1 / 3, "prediction_type": "flow_prediction",
+    "use_flow_sigmas": True, "use_dynamic_shifting": False, "time_shift_type": "linear",
+}
+MODEL_INDEX = {
+    "_class_name": "HeliosPyramidPipeline", "_diffusers_version": "0.42.1", "is_cfg_zero_star": False,
+    "is_distilled": True, "scheduler": ["diffusers", "HeliosDMDScheduler"],
+    "text_encoder": ["transformers", "UMT5EncoderModel"], "tokenizer": ["transformers", "T5Tokenizer"],
+    "transformer": ["diffusers", "HeliosTransformer3DModel"], "vae": ["diffusers", "AutoencoderKLWan"],
+}
 
 
-def chunk_inputs(key: jax.Array, height: int = 24, width: int = 40, frames: int = 9) -> dict[str, jax.Array]:
-    """A chunk as the pipeline feeds it: 9 noisy latent frames, the first-frame prefix plus short (1),
-    mid (2) and long (16) history at full latent resolution, and 512 text tokens."""
-    keys = jax.random.split(key, 6)
-    c = CONFIG.in_channels
-    indices = jnp.arange(1 + 16 + 2 + 1 + frames)
-    return dict(
-        hidden_states=jax.random.normal(keys[0], (1, c, frames, height, width)),
-        timestep=jnp.array([999.0]),
-        encoder_hidden_states=jax.random.normal(keys[1], (1, 512, CONFIG.text_dim)),
-        indices_hidden_states=indices[None, 20:],
-        indices_latents_history_short=jnp.stack([indices[0], indices[19]])[None],
-        indices_latents_history_mid=indices[None, 17:19],
-        indices_latents_history_long=indices[None, 1:17],
-        latents_history_short=jax.random.normal(keys[2], (1, c, 2, height, width)),
-        latents_history_mid=jax.random.normal(keys[3], (1, c, 2, height, width)),
-        latents_history_long=jax.random.normal(keys[4], (1, c, 16, height, width)),
-    )
+def random_params(shapes: Any, keymap: KeyMap, rng: np.random.Generator) -> dict:
+    """Random float32 params for a shape tree: kernels scaled by 1/sqrt(fan-in), norm scales at one,
+    biases at zero, everything else unit normal scaled by its last axis. Fast and deterministic."""
+    out = {}
+    for path, spec in traverse_util.flatten_dict(shapes).items():
+        shape, leaf = tuple(spec.shape), path[-1]
+        per_layer = shape[1:] if keymap.layer_count(path) is not None else shape
+        if leaf == "bias":
+            value = np.zeros(shape, np.float32)
+        elif leaf in ("scale", "gamma", "history_key_scale"):
+            value = np.ones(shape, np.float32)
+        else:
+            fan_in = math.prod(per_layer[:-1]) if leaf == "kernel" else (1 if leaf == "embedding" else per_layer[-1])
+            value = (rng.standard_normal(shape) / math.sqrt(max(fan_in, 1))).astype(np.float32)
+        out[path] = value
+    return traverse_util.unflatten_dict(out)
 
 
-def main() -> None:
-    params = init_params(CONFIG, jax.random.key(0))
-    inputs = chunk_inputs(jax.random.key(1))
-    forward = jax.jit(hj.HeliosTransformer(CONFIG).apply)
-    start = time.perf_counter()
-    compiled = forward.lower({"params": params}, **inputs).compile()
-    compile_s = time.perf_counter() - start
-    start = time.perf_counter()
-    out = compiled({"params": params}, **inputs).block_until_ready()
-    run_s = time.perf_counter() - start
-    count = sum(leaf.size for leaf in jax.tree.leaves(params))
-    print(f"Helios DiT (random weights): {CONFIG.num_layers} layers, {count / 1e6:.2f}M params, device {jax.devices()[0]}")
-    for name, value in inputs.items():
-        print(f"  {name:32s} {tuple(value.shape)}")
-    print(f"  {'output':32s} {tuple(out.shape)}")
-    print(f"compile {compile_s:.2f} s, run {run_s * 1e3:.1f} ms, output finite: {bool(jnp.isfinite(out).all())}")
+def _write_tokenizer(folder: str) -> None:
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.Unigram(PIECES, unk_id=2, byte_fallback=False))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<pad>", "</s>", "<unk>")])
+    os.makedirs(folder)
+    tokenizer.save(os.path.join(folder, "tokenizer.json"))
+    _write_json(os.path.join(folder, "tokenizer_config.json"), {
+        "tokenizer_class": "T5Tokenizer", "extra_ids": 0, "eos_token": "</s>", "pad_token": "<pad>",
+        "unk_token": "<unk>", "model_max_length": 512,
+    })
 
 
-if __name__ == "__main__":
-    main()
+def _write_json(path: str, value: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+
+
+def build_demo_checkpoint(folder: str | os.PathLike) -> str:
+    """Write the embedded checkpoint to a new ``folder`` (staged, then renamed); returns its path."""
+    folder = os.path.abspath(os.fspath(folder))
+    staging = folder + ".partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    try:
+        rng = np.random.default_rng(SEED)
+        for name, config in (("transformer", TRANSFORMER), ("vae", VAE), ("text_encoder", TEXT_ENCODER)):
+            component = COMPONENTS[name]
+            keymap = component.module.keymap(config)
+            params = random_params(component.module.param_shapes(config), keymap, rng)
+            export_safetensors(os.path.join(staging, name), params, keymap, component.config_json(config),
+                               weights_name=component.weights_name)
+        _write_tokenizer(os.path.join(staging, "tokenizer"))
+        os.makedirs(os.path.join(staging, "scheduler"))
+        _write_json(os.path.join(staging, "scheduler", "scheduler_config.json"), SCHEDULER)
+        _write_json(os.path.join(staging, "model_index.json"), MODEL_INDEX)
+        os.rename(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
+
+
+def demo_checkpoint(cache_dir: str | None = None) -> str:
+    """The embedded checkpoint's folder in the user cache, built on first use."""
+    folder = os.path.join(cache_dir or os.path.dirname(default_cache_dir()), f"demo-checkpoint-v{VERSION}")
+    if not os.path.isdir(folder):
+        build_demo_checkpoint(folder)
+    return folder

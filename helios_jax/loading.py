@@ -1,56 +1,70 @@
 """Loading model components from diffusers folders (or from folders written by ``save_params``).
 
-Every component goes through the same strict converter (``helios_jax.convert``): a component
-supplies its config class, its param shapes, its key map and which params it keeps in float32.
+Every component goes through the same strict converter (``helios_jax.convert``); a
+:class:`Component` names what differs: its config class, its model module (``param_shapes``,
+``keymap``) and which params it keeps in float32. The same records drive converting and exporting.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
-from typing import Any, Callable, TypeVar
+from types import ModuleType
+from typing import Any, Callable
 
-from helios_jax.config import TransformerConfig, UMT5Config, VAEConfig, read_config
-from helios_jax.convert import KeyMap, dtype_policy, is_saved_params, load_params, restore_params, saved_config
+from helios_jax.config import TransformerConfig, UMT5Config, VAEConfig, read_config, to_dict
+from helios_jax.convert import dtype_policy, is_saved_params, load_params, restore_params, saved_config
 from helios_jax.models import transformer, umt5, vae
 
-C = TypeVar("C")
 Params = dict[str, Any]
+KeepFp32 = Callable[[tuple[str, ...]], bool]
 
 
-def load_component(
-    path: str | os.PathLike,
-    config_cls: type[C],
-    shapes_fn: Callable[[C], Params],
-    keymap_fn: Callable[[C], KeyMap],
-    keeps_fp32: Callable[[tuple[str, ...]], bool],
-    dtype: Any | None,
-    desc: str,
-) -> tuple[C, Params]:
-    """Config and params of one component folder.
+@dataclasses.dataclass(frozen=True)
+class Component:
+    """One model of a Helios checkpoint, as its folder, its reference class and its port."""
 
-    A diffusers folder (``config.json`` and safetensors) is converted; a folder written by
-    ``helios_jax.convert.save_params`` is restored. ``dtype`` None keeps the stored dtype; either
-    way the params the reference keeps in float32 are float32.
-    """
-    folder = os.fspath(path)
-    policy = dtype_policy(dtype, keeps_fp32)
-    if is_saved_params(folder):
-        return read_config(config_cls, saved_config(folder) or {}), restore_params(folder, policy)
-    config = read_config(config_cls, folder)
-    return config, load_params(folder, shapes_fn(config), keymap_fn(config), policy, desc=desc)
+    folder: str  # the subfolder of a pipeline checkpoint
+    class_name: str  # the reference class, as config.json names it
+    config_cls: type
+    module: ModuleType  # provides param_shapes(cfg) and keymap(cfg)
+    keeps_fp32: Callable[[Any], KeepFp32]  # dtype -> which params stay float32
+    weights_name: str  # the safetensors file stem save_pretrained uses
+
+    def load(self, path: str | os.PathLike, dtype: Any | None = None) -> tuple[Any, Params]:
+        """Config and params of a component folder: converted from diffusers safetensors, or restored
+        from ``save_params``. ``dtype`` None keeps the stored dtype; either way the params the
+        reference keeps in float32 are float32."""
+        folder = os.fspath(path)
+        policy = dtype_policy(dtype, self.keeps_fp32(dtype))
+        if is_saved_params(folder):
+            return read_config(self.config_cls, saved_config(folder) or {}), restore_params(folder, policy)
+        config = read_config(self.config_cls, folder)
+        shapes, keymap = self.module.param_shapes(config), self.module.keymap(config)
+        return config, load_params(folder, shapes, keymap, policy, desc=self.folder)
+
+    def config_json(self, config: Any) -> dict[str, Any]:
+        """The config.json the reference library writes for ``config`` (with its class marker)."""
+        marker = ({"architectures": [self.class_name], "model_type": "umt5"} if self.config_cls is UMT5Config
+                  else {"_class_name": self.class_name})
+        return {**marker, **to_dict(config)}
+
+
+COMPONENTS: dict[str, Component] = {
+    c.folder: c
+    for c in (
+        Component("transformer", "HeliosTransformer3DModel", TransformerConfig, transformer,
+                  lambda dtype: transformer.keeps_fp32, "diffusion_pytorch_model"),
+        Component("vae", "AutoencoderKLWan", VAEConfig, vae, lambda dtype: vae.keeps_fp32, "diffusion_pytorch_model"),
+        Component("text_encoder", "UMT5EncoderModel", UMT5Config, umt5, umt5.keeps_fp32, "model"),
+    )
+}
 
 
 def load_transformer(path: str | os.PathLike, dtype: Any | None = None) -> tuple[TransformerConfig, Params]:
     """The Helios DiT from a diffusers ``transformer/`` folder: ``cfg, params = load_transformer(dir)``."""
-    return load_component(
-        path,
-        TransformerConfig,
-        transformer.param_shapes,
-        transformer.keymap,
-        transformer.keeps_fp32,
-        dtype,
-        desc="transformer",
-    )
+    return COMPONENTS["transformer"].load(path, dtype)
 
 
 def load_text_encoder(path: str | os.PathLike, dtype: Any | None = None) -> tuple[UMT5Config, Params]:
@@ -58,11 +72,26 @@ def load_text_encoder(path: str | os.PathLike, dtype: Any | None = None) -> tupl
 
     Run it with ``hj.UMT5Encoder(cfg)``. Loaded in float16, ``wo`` stays float32 as in the reference.
     """
-    return load_component(
-        path, UMT5Config, umt5.param_shapes, umt5.keymap, umt5.keeps_fp32(dtype), dtype, desc="text encoder"
-    )
+    return COMPONENTS["text_encoder"].load(path, dtype)
 
 
 def load_vae(path: str | os.PathLike, dtype: Any | None = None) -> tuple[VAEConfig, Params]:
     """The Wan VAE from a diffusers ``vae/`` folder: ``cfg, params = load_vae(dir)``; use ``hj.WanVAE(cfg)``."""
-    return load_component(path, VAEConfig, vae.param_shapes, vae.keymap, vae.keeps_fp32, dtype, desc="vae")
+    return COMPONENTS["vae"].load(path, dtype)
+
+
+def component_of(folder: str | os.PathLike) -> Component:
+    """Which component a folder holds, from its config's class marker (diffusers or saved params)."""
+    folder = os.fspath(folder)
+    config = saved_config(folder) if is_saved_params(folder) else None
+    if config is None:
+        path = os.path.join(folder, "config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{folder} has no config.json: it is not a model component folder")
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    names = [config.get("_class_name"), *config.get("architectures", [])]
+    for component in COMPONENTS.values():
+        if component.class_name in names:
+            return component
+    raise ValueError(f"{folder}: class {names} is not a Helios component ({[c.class_name for c in COMPONENTS.values()]})")

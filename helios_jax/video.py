@@ -84,6 +84,14 @@ def _decode_frames(path: str) -> Iterable:
         raise MediaError(f"cannot read the video {path!r}: {err}") from err
 
 
+def _publish(partial: str, path: str) -> None:
+    """Move a finished temporary file into place with ordinary permissions (mkstemp makes it private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(partial, 0o666 & ~umask)
+    os.replace(partial, path)
+
+
 def check_writable(path: str | os.PathLike) -> str:
     """The absolute output path, after checking that its folder exists and is writable (before any work)."""
     path = os.path.abspath(os.fspath(path))
@@ -141,7 +149,7 @@ class Mp4Writer:
             if exc_type is None:
                 if self.frames_written == 0:
                     raise MediaError(f"no frames were written to {self.path}")
-                os.replace(self._partial, self.path)
+                _publish(self._partial, self.path)
         finally:
             if os.path.exists(self._partial):
                 os.remove(self._partial)
@@ -180,7 +188,7 @@ def write_png(path: str | os.PathLike, image: np.ndarray) -> str:
     os.close(fd)
     try:
         _pil().fromarray(image).save(partial, format="PNG")
-        os.replace(partial, path)
+        _publish(partial, path)
     finally:
         if os.path.exists(partial):
             os.remove(partial)

@@ -256,31 +256,44 @@ def denormalize_latents(cfg: VAEConfig, latents: jax.Array) -> jax.Array:
     return latents / inv_std + mean
 
 
+def frames_to_unit(frames: jax.Array) -> jax.Array:
+    """Decoded (B, C, T, H, W) frames in [-1, 1] -> (B, T, H, W, C) float32 in [0, 1].
+
+    As diffusers' ``VideoProcessor.postprocess_video(output_type="np")``: ``x * 0.5 + 0.5`` clamped to
+    [0, 1] in the frames' dtype.
+    """
+    return jnp.moveaxis(jnp.clip(frames * 0.5 + 0.5, 0.0, 1.0).astype(jnp.float32), 1, -1)
+
+
 def frames_to_uint8(frames: jax.Array) -> jax.Array:
     """Decoded (B, C, T, H, W) frames in [-1, 1] -> (B, T, H, W, C) uint8, on the device.
 
-    As diffusers' ``VideoProcessor.postprocess_video`` with ``output_type="pil"``: ``(x * 0.5 + 0.5)``
-    clamped to [0, 1] in the frames' dtype, then ``round(x * 255)`` in float32 (half to even). Note that
-    ``diffusers.utils.export_to_video`` given float frames truncates instead of rounding.
+    As diffusers' ``VideoProcessor.postprocess_video`` with ``output_type="pil"``: :func:`frames_to_unit`,
+    then ``round(x * 255)`` in float32 (half to even). Note that ``diffusers.utils.export_to_video``
+    given float frames truncates instead of rounding.
     """
-    x = jnp.clip(frames * 0.5 + 0.5, 0.0, 1.0).astype(jnp.float32)
-    return jnp.round(jnp.moveaxis(x, 1, -1) * 255.0).astype(jnp.uint8)
+    return jnp.round(frames_to_unit(frames) * 255.0).astype(jnp.uint8)
 
 
-def chunk_decoder(cfg: VAEConfig, dtype: Any = jnp.float32) -> Callable[[Params, jax.Array], jax.Array]:
-    """The jit-compiled ``(params, normalized latents) -> uint8 frames`` Helios runs after each chunk.
+FRAME_OUTPUTS = {"uint8": frames_to_uint8, "float": frames_to_unit}
 
-    Undoes the latent normalisation, decodes and converts to (B, 1 + 4(T - 1), H, W, C) uint8 in one
-    compiled program, so only the uint8 frames leave the device. It compiles once per latent shape
-    (9 frames for every Helios chunk); converting chunk by chunk equals the reference's conversion of
-    the concatenated video, as the conversion is elementwise.
+
+def chunk_decoder(cfg: VAEConfig, dtype: Any = jnp.float32, output: str = "uint8") -> Callable[[Params, jax.Array], jax.Array]:
+    """The jit-compiled ``(params, normalized latents) -> frames`` Helios runs after each chunk.
+
+    Undoes the latent normalisation, decodes and converts to (B, 1 + 4(T - 1), H, W, C) frames in one
+    compiled program, so only the finished frames leave the device: ``output`` "uint8", or "float" for
+    float32 in [0, 1]. It compiles once per latent shape (9 frames for every Helios chunk); converting
+    chunk by chunk equals the reference's conversion of the concatenated video, as it is elementwise.
     """
-    model = WanVAE(cfg, dtype)
+    if output not in FRAME_OUTPUTS:
+        raise ValueError(f"output = {output!r}: expected one of {tuple(FRAME_OUTPUTS)}")
+    model, convert = WanVAE(cfg, dtype), FRAME_OUTPUTS[output]
 
     @jax.jit
     def decode_chunk(params: Params, latents: jax.Array) -> jax.Array:
         latents = denormalize_latents(cfg, latents.astype(dtype))
-        return frames_to_uint8(model.apply({"params": params}, latents, method=WanVAE.decode))
+        return convert(model.apply({"params": params}, latents, method=WanVAE.decode))
 
     return decode_chunk
 

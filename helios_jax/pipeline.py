@@ -1,0 +1,466 @@
+"""Chunked autoregressive generation: text, image or video in, frames out, chunk by chunk.
+
+``HeliosPipeline.from_pretrained(folder)`` reads a diffusers Helios checkpoint and behaves as
+diffusers' ``HeliosPipeline`` or ``HeliosPyramidPipeline`` according to its ``model_index.json``
+(scheduler, ``is_distilled``, ``is_cfg_zero_star``). ``pipe(...)`` returns the whole video;
+``pipe.stream(...)`` yields each chunk's frames as soon as they are decoded, holding only the
+fixed-size history window between chunks, so memory stays flat however long the video.
+
+Every random draw goes through one :class:`~helios_jax.noise.NoiseSource`, asked in the reference's
+order, and each chunk is one jit-compiled sampling program (``helios_jax.sampling.denoise_chunk``)
+followed by one jit-compiled decode: after the first chunk (and, for the distilled model's amplified
+first chunk, the second) nothing compiles again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from helios_jax.compilation import enable_compilation_cache
+from helios_jax.config import TransformerConfig, VAEConfig
+from helios_jax.history import VAE_SPATIAL_FACTOR, HistoryLayout, num_chunks, output_frames, push, video_frames_per_chunk
+from helios_jax.loading import load_transformer, load_vae
+from helios_jax.models import vae as vae_lib
+from helios_jax.models.transformer import HeliosTransformer
+from helios_jax.noise import KeyNoise, NoiseSource
+from helios_jax.progress import Progress
+from helios_jax.prompts import PromptEncoder
+from helios_jax.sampling import (
+    ChunkNoise,
+    ChunkPlan,
+    SchedulerConfig,
+    denoise_chunk,
+    guidance_mode,
+    noise_shapes,
+    plan_pyramid_chunk,
+    plan_single_stage_chunk,
+    read_scheduler_config,
+)
+from helios_jax.video import load_image, load_video
+
+Params = dict[str, Any]
+PIPELINE_CLASSES = ("HeliosPipeline", "HeliosPyramidPipeline")
+COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+class PipelineError(ValueError):
+    """Arguments or a checkpoint folder the pipeline cannot run with; raised before any compute."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineSpec:
+    """What ``model_index.json`` says: which reference pipeline this checkpoint is run by."""
+
+    pyramid: bool
+    is_distilled: bool = False
+    is_cfg_zero_star: bool = False
+
+    @classmethod
+    def read(cls, folder: str) -> "PipelineSpec":
+        path = os.path.join(folder, "model_index.json")
+        if not os.path.isfile(path):
+            raise PipelineError(f"{folder} is not a Helios checkpoint folder: it has no model_index.json")
+        with open(path, encoding="utf-8") as f:
+            index = json.load(f)
+        name = index.get("_class_name")
+        if name not in PIPELINE_CLASSES:
+            raise PipelineError(f"{path}: _class_name {name!r} is not one of {PIPELINE_CLASSES}")
+        missing = [c for c in COMPONENTS if not os.path.isdir(os.path.join(folder, c))]
+        if missing:
+            raise PipelineError(f"{folder} lacks the component folder(s) {missing}; download the complete checkpoint")
+        return cls(
+            pyramid=name == "HeliosPyramidPipeline",
+            is_distilled=bool(index.get("is_distilled", False)),
+            is_cfg_zero_star=bool(index.get("is_cfg_zero_star", False)),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One generation's settings, validated before any compute (the reference's argument names)."""
+
+    height: int = 384
+    width: int = 640
+    num_frames: int = 132
+    num_inference_steps: int = 50
+    guidance_scale: float = 5.0
+    history_sizes: tuple[int, ...] = (16, 2, 1)
+    num_latent_frames_per_chunk: int = 9
+    keep_first_frame: bool = True
+    is_skip_first_chunk: bool = False
+    is_amplify_first_chunk: bool = False
+    pyramid_num_inference_steps_list: tuple[int, ...] = (10, 10, 10)
+    use_zero_init: bool = True
+    zero_steps: int = 1
+    sigmas: tuple[float, ...] | None = None
+    add_noise_to_image_latents: bool = True
+    image_noise_sigma_min: float = 0.111
+    image_noise_sigma_max: float = 0.135
+    add_noise_to_video_latents: bool = True
+    video_noise_sigma_min: float = 0.111
+    video_noise_sigma_max: float = 0.135
+    max_sequence_length: int = 512
+
+
+class _StepTicker:
+    """Advances the active progress bar from inside the compiled chunk (one tick per model call)."""
+
+    def __init__(self) -> None:
+        self.bar: Progress | None = None
+
+    def tick(self) -> None:
+        if self.bar is not None:
+            self.bar.advance()
+
+
+def _denoiser(model: HeliosTransformer, ticker: _StepTicker, args: tuple[Params, dict[str, jax.Array]],
+              latents: jax.Array, timestep: jax.Array, context: jax.Array) -> jax.Array:
+    """The ``model_fn`` of ``denoise_chunk``: the DiT with the chunk's history (tiled for a doubled batch)."""
+    params, history = args
+    inputs = {}
+    for name, value in history.items():
+        reps = latents.shape[0] // value.shape[0] if name.startswith("latents_") else 1
+        inputs[name] = jnp.tile(value, (reps,) + (1,) * (value.ndim - 1)) if reps > 1 else value
+    jax.debug.callback(ticker.tick)
+    return model.apply({"params": params}, latents, timestep, context, **inputs)
+
+
+class HeliosPipeline:
+    """Helios text/image/video-to-video generation in JAX (see the module docstring)."""
+
+    def __init__(
+        self,
+        transformer: tuple[TransformerConfig, Params],
+        vae: tuple[VAEConfig, Params],
+        prompt_encoder: PromptEncoder | None,
+        scheduler_config: SchedulerConfig | dict,
+        spec: PipelineSpec,
+        *,
+        attention_impl: str = "xla",
+    ):
+        self.transformer_config, self.transformer_params = transformer
+        self.vae_config, self.vae_params = vae
+        self.prompt_encoder = prompt_encoder
+        self.scheduler_config = read_scheduler_config(scheduler_config)
+        self.spec = spec
+        if self.transformer_config.in_channels != self.vae_config.z_dim:
+            raise PipelineError(
+                f"the transformer takes {self.transformer_config.in_channels} latent channels but the VAE makes "
+                f"{self.vae_config.z_dim} (z_dim): these components come from different models"
+            )
+        if spec.pyramid == (self.scheduler_config.stages == 1 and self.scheduler_config.scheduler_type != "dmd"):
+            kind = "HeliosPyramidPipeline" if spec.pyramid else "HeliosPipeline"
+            raise PipelineError(
+                f"{kind} with a scheduler of {self.scheduler_config.stages} stage(s) of type "
+                f"{self.scheduler_config.scheduler_type!r}: the pyramid pipeline needs the multi-stage scheduler"
+            )
+        self.model_dtype = jax.tree.leaves(self.transformer_params["blocks"])[0].dtype
+        self.vae_dtype = jax.tree.leaves(self.vae_params)[0].dtype
+        self._ticker = _StepTicker()
+        self._model_fn = functools.partial(_denoiser, HeliosTransformer(self.transformer_config, attention_impl),
+                                           self._ticker)
+        self._decoders = {out: vae_lib.chunk_decoder(self.vae_config, self.vae_dtype, out) for out in ("uint8", "float")}
+        self._encode = jax.jit(lambda p, v: vae_lib.WanVAE(self.vae_config).apply({"params": p}, v, method="encode"))
+        self._plans: dict[tuple, ChunkPlan] = {}
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        folder: str | os.PathLike,
+        *,
+        dtype: Any = jnp.bfloat16,
+        vae_dtype: Any = jnp.float32,
+        attention_impl: str = "xla",
+        compilation_cache: bool | str = True,
+    ) -> "HeliosPipeline":
+        """Load every component of a diffusers Helios folder. ``dtype`` is the transformer's and the text
+        encoder's (the reference's ``torch_dtype``); the VAE runs in ``vae_dtype`` as the official inference
+        does. ``compilation_cache`` is a folder, True for the default user cache folder, or False."""
+        folder = os.fspath(folder)
+        spec = PipelineSpec.read(folder)
+        if compilation_cache:
+            enable_compilation_cache(None if compilation_cache is True else compilation_cache)
+        return cls(
+            load_transformer(os.path.join(folder, "transformer"), dtype),
+            load_vae(os.path.join(folder, "vae"), vae_dtype),
+            PromptEncoder.from_pretrained(folder, dtype),
+            os.path.join(folder, "scheduler"),
+            spec,
+            attention_impl=attention_impl,
+        )
+
+    # ------------------------------------------------------------------------------------ public API
+
+    def __call__(self, prompt: str | Sequence[str] | None = None, *, output_type: str = "uint8", **kwargs) -> np.ndarray:
+        """The whole video: uint8 (T, H, W, 3) for one prompt, (B, T, H, W, 3) for a list; ``output_type``
+        "float" gives [0, 1] float32 as the reference's "np", "latent" the latents (B, C, T, h, w)."""
+        if output_type not in ("uint8", "float", "latent"):
+            raise PipelineError(f"output_type = {output_type!r}: expected 'uint8', 'float' or 'latent'")
+        chunks = list(self._generate(prompt, output_type=output_type, **kwargs))
+        if output_type == "latent":
+            return np.concatenate(chunks, axis=2)
+        video = np.concatenate(chunks, axis=1)
+        return video[0] if isinstance(prompt, str) or (prompt is None and len(video) == 1) else video
+
+    def stream(self, prompt: str | Sequence[str] | None = None, *, output_type: str = "uint8",
+               **kwargs) -> Iterator[np.ndarray]:
+        """Each chunk's frames, (B, t, H, W, 3), as soon as they are decoded (the last chunk trimmed to the
+        reference's frame count)."""
+        if output_type not in ("uint8", "float"):
+            raise PipelineError(f"stream yields frames: output_type 'uint8' or 'float', not {output_type!r}")
+        return self._generate(prompt, output_type=output_type, **kwargs)
+
+    def num_output_frames(self, num_frames: int, num_latent_frames_per_chunk: int = 9) -> int:
+        """How many frames a request for ``num_frames`` returns (whole chunks, trimmed to 4k + 1)."""
+        return output_frames(num_chunks(num_frames, num_latent_frames_per_chunk), num_latent_frames_per_chunk)
+
+    # ------------------------------------------------------------------------------------ generation
+
+    def _generate(
+        self,
+        prompt: str | Sequence[str] | None,
+        *,
+        negative_prompt: str | Sequence[str] | None = None,
+        prompt_embeds: jax.Array | None = None,
+        negative_prompt_embeds: jax.Array | None = None,
+        interactive_prompts: Sequence[tuple[int, str]] | None = None,
+        interpolation_chunks: int = 0,
+        image: Any = None,
+        video: Any = None,
+        seed: int | None = None,
+        key: jax.Array | None = None,
+        noise: NoiseSource | None = None,
+        output_type: str = "uint8",
+        progress: bool | None = None,
+        **settings: Any,
+    ) -> Iterator[np.ndarray]:
+        """Validate and prepare everything (errors are raised here, before any compute), then return
+        the iterator over chunks."""
+        request = self._check(settings, prompt, prompt_embeds, negative_prompt, negative_prompt_embeds,
+                              interactive_prompts, image, video)
+        layout = HistoryLayout.create(request.history_sizes, request.num_latent_frames_per_chunk,
+                                      request.keep_first_frame)
+        chunks = num_chunks(request.num_frames, request.num_latent_frames_per_chunk)
+        guidance = guidance_mode(request.guidance_scale, self.spec.pyramid and self.spec.is_cfg_zero_star)
+        pixels = (request.height, request.width)
+        image = None if image is None else load_image(image, *pixels)
+        video = None if video is None else load_video(video, *pixels)
+        if video is not None and len(video) < video_frames_per_chunk(request.num_latent_frames_per_chunk):
+            raise PipelineError(
+                f"the video has {len(video)} frames; video-to-video needs at least one chunk of "
+                f"{video_frames_per_chunk(request.num_latent_frames_per_chunk)} frames"
+            )
+        contexts, negative = self._embeddings(request, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                                              interactive_prompts, interpolation_chunks, chunks, guidance != "none")
+        source = noise or KeyNoise(key if key is not None else (0 if seed is None else seed))
+        return self._chunks(request, layout, chunks, guidance, contexts, negative, image, video, source, output_type,
+                            progress)
+
+    def _chunks(self, request: Request, layout: HistoryLayout, chunks: int, guidance: str, contexts: list[jax.Array],
+                negative: jax.Array | None, image: np.ndarray | None, video: np.ndarray | None,
+                source: NoiseSource, output_type: str, progress: bool | None) -> Iterator[np.ndarray]:
+        """The generation itself, one chunk per iteration (the arguments are validated already)."""
+        frames_left = output_frames(chunks, request.num_latent_frames_per_chunk)
+        batch = contexts[0].shape[0]
+        latent_hw = (request.height // VAE_SPATIAL_FACTOR, request.width // VAE_SPATIAL_FACTOR)
+        channels = self.transformer_config.in_channels
+
+        # Conditioning latents, drawn in the reference's order (encodes first, then noise levels).
+        window = jnp.zeros((batch, channels, layout.window, *latent_hw), jnp.float32)
+        prefix, kept = None, []
+        if image is not None:
+            prefix, fake = self._image_latents(image, request, source)
+            window = jnp.concatenate([window[:, :, :-1], fake], axis=2)
+            kept.append(fake)
+        if video is not None:
+            prefix, encoded = self._video_latents(video, request, source)
+            window = push(window, encoded)
+            kept.append(encoded)
+
+        indices = {k: jnp.asarray(v) for k, v in layout.indices().items()}
+        latent_shape = (batch, channels, request.num_latent_frames_per_chunk, *latent_hw)
+        with Progress(chunks, "chunks", enabled=progress) as chunk_bar:
+            for k in range(chunks):
+                plan = self._plan(request, latent_shape, guidance, amplify=request.is_amplify_first_chunk and k == 0)
+                if layout.keep_first_frame and prefix is None:
+                    prefix = jnp.zeros((batch, channels, 1, *latent_hw), jnp.float32)
+                history = {**indices, **layout.terms(window, prefix)}
+                history = {n: v.astype(self.model_dtype) if n.startswith("latents_") else v for n, v in history.items()}
+                shapes = noise_shapes(plan)
+                chunk_noise = ChunkNoise(source.normal(shapes.initial), tuple(source.normal(s) for s in shapes.block))
+                steps = sum(len(stage.model_timesteps) for stage in plan.stages) * (1 if guidance == "none" else 2)
+                with Progress(steps, f"chunk {k + 1}/{chunks} steps", enabled=progress) as self._ticker.bar:
+                    latents = denoise_chunk(self._model_fn, (self.transformer_params, history), plan, chunk_noise,
+                                            contexts[k], negative, request.guidance_scale)
+                    latents.block_until_ready()
+                self._ticker.bar = None
+                if layout.keep_first_frame and (
+                    (k == 0 and image is None and video is None) or (request.is_skip_first_chunk and k == 1)
+                ):
+                    prefix = latents[:, :, :1]
+                window = push(window, latents)
+                if output_type == "latent":
+                    yield np.asarray(jnp.concatenate([*kept, latents], axis=2) if k == 0 else latents)
+                else:
+                    frames = np.asarray(self._decoders[output_type](self.vae_params, latents))
+                    take = min(frames.shape[1], frames_left)
+                    frames_left -= take
+                    yield frames[:, :take]
+                chunk_bar.advance()
+
+    def _plan(self, request: Request, latent_shape: tuple[int, ...], guidance: str, amplify: bool) -> ChunkPlan:
+        """The chunk plan (cached: one per distinct layout, so programs are reused across chunks)."""
+        key = (latent_shape, guidance, amplify, request)
+        if key not in self._plans:
+            patch = self.transformer_config.patch_size
+            if self.spec.pyramid:
+                plan = plan_pyramid_chunk(
+                    self.scheduler_config, request.pyramid_num_inference_steps_list, latent_shape, patch_size=patch,
+                    guidance=guidance, amplify_first_chunk=amplify, zero_steps=request.zero_steps,
+                    use_zero_init=request.use_zero_init, model_dtype=self.model_dtype,
+                )
+            else:
+                sigmas = None if request.sigmas is None else np.asarray(request.sigmas)
+                plan = plan_single_stage_chunk(self.scheduler_config, request.num_inference_steps, latent_shape,
+                                               patch_size=patch, sigmas=sigmas, guidance=guidance,
+                                               model_dtype=self.model_dtype)
+            self._plans[key] = plan
+        return self._plans[key]
+
+    # ------------------------------------------------------------------------------------ conditioning
+
+    def _encode_sample(self, frames: np.ndarray, source: NoiseSource) -> jax.Array:
+        """Normalised posterior sample of (T, H, W, 3) frames in [-1, 1]: (1, C, t, h, w) float32."""
+        video = jnp.asarray(np.moveaxis(frames, -1, 0)[None], self.vae_dtype)
+        posterior = self._encode(self.vae_params, video)
+        sample = posterior.sample(noise=source.normal(posterior.mean.shape).astype(posterior.mean.dtype))
+        return vae_lib.normalize_latents(self.vae_config, sample).astype(jnp.float32)
+
+    @staticmethod
+    def _noised(latents: jax.Array, sigma: jax.Array, source: NoiseSource) -> jax.Array:
+        return sigma * source.normal(latents.shape) + (1 - sigma) * latents
+
+    @staticmethod
+    def _sigma(source: NoiseSource, shape: tuple[int, ...], low: float, high: float) -> jax.Array:
+        return source.uniform(shape) * (high - low) + low
+
+    def _image_latents(self, image: np.ndarray, request: Request, source: NoiseSource) -> tuple[jax.Array, jax.Array]:
+        """I2V: the image's latent (the first-frame prefix) and the fake history latent, as the reference
+        makes them: the image encoded alone, and the last latent of the image repeated over a chunk."""
+        image_latents = self._encode_sample(image[None], source)
+        repeated = np.repeat(image[None], video_frames_per_chunk(request.num_latent_frames_per_chunk), axis=0)
+        fake = self._encode_sample(repeated, source)[:, :, -1:]
+        if request.add_noise_to_image_latents:
+            sigma = self._sigma(source, (1,), request.image_noise_sigma_min, request.image_noise_sigma_max)
+            image_latents = self._noised(image_latents, sigma, source)
+            sigma = self._sigma(source, (1,), request.video_noise_sigma_min, request.video_noise_sigma_max)
+            fake = self._noised(fake, sigma, source)
+        return image_latents, fake
+
+    def _video_latents(self, video: np.ndarray, request: Request, source: NoiseSource) -> tuple[jax.Array, jax.Array]:
+        """V2V: the first frame's latent and the latents of the video's last whole chunks, each chunk
+        encoded on its own and noised per latent frame."""
+        window = video_frames_per_chunk(request.num_latent_frames_per_chunk)
+        count = len(video) // window
+        start = len(video) - count * window
+        first = self._encode_sample(video[:1], source)
+        encoded = [self._encode_sample(video[start + i * window: start + (i + 1) * window], source) for i in range(count)]
+        latents = jnp.concatenate(encoded, axis=2)
+        if request.add_noise_to_video_latents:
+            sigma = self._sigma(source, (1,), request.image_noise_sigma_min, request.image_noise_sigma_max)
+            first = self._noised(first, sigma, source)
+            noisy = []
+            for chunk in encoded:
+                frames = chunk.shape[2]
+                sigmas = self._sigma(source, (frames,), request.video_noise_sigma_min, request.video_noise_sigma_max)
+                noisy.append(self._noised(chunk, sigmas.reshape(1, 1, frames, 1, 1), source))
+            latents = jnp.concatenate(noisy, axis=2)
+        return first, latents
+
+    def _embeddings(self, request: Request, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                    interactive_prompts, interpolation_chunks: int, chunks: int,
+                    guided: bool) -> tuple[list[jax.Array], jax.Array | None]:
+        """Per-chunk text embeddings and the negative ones, in the transformer's dtype."""
+        dtype, length = self.model_dtype, request.max_sequence_length
+        if interactive_prompts is not None:
+            starts, texts = zip(*interactive_prompts)
+            schedule = self._prompts().encode_interactive(list(texts), list(starts), chunks,
+                                                          interpolation_chunks=interpolation_chunks,
+                                                          max_sequence_length=length, dtype=dtype)
+            contexts = [schedule[k] for k in range(chunks)]
+        elif prompt_embeds is not None:
+            contexts = [jnp.asarray(prompt_embeds, dtype)] * chunks
+        else:
+            contexts = [self._prompts().encode(prompt, max_sequence_length=length, dtype=dtype)] * chunks
+        if not guided:
+            return contexts, None
+        if negative_prompt_embeds is not None:
+            return contexts, jnp.asarray(negative_prompt_embeds, dtype)
+        batch = contexts[0].shape[0]
+        negative = negative_prompt if negative_prompt is not None else ""
+        negative = [negative] * batch if isinstance(negative, str) else list(negative)
+        return contexts, self._prompts().encode(negative, max_sequence_length=length, dtype=dtype)
+
+    def _prompts(self) -> PromptEncoder:
+        if self.prompt_encoder is None:
+            raise PipelineError("this pipeline has no text encoder: pass prompt_embeds (and negative_prompt_embeds)")
+        return self.prompt_encoder
+
+    # ------------------------------------------------------------------------------------ validation
+
+    def _check(self, settings: dict[str, Any], prompt, prompt_embeds, negative_prompt, negative_prompt_embeds,
+               interactive_prompts, image, video) -> Request:
+        """Every user error, before any compute: one clear message naming the value and the rule."""
+        known = {f.name for f in dataclasses.fields(Request)}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise PipelineError(f"unknown argument(s) {unknown}; the pipeline takes {sorted(known)}")
+        for name in ("history_sizes", "pyramid_num_inference_steps_list", "sigmas"):
+            if settings.get(name) is not None:
+                settings[name] = tuple(settings[name])
+        request = Request(**settings)
+        h, w = request.height, request.width
+        stages = self.scheduler_config.stages if self.spec.pyramid else 1
+        multiple = 16 * 2 ** (stages - 1)
+        if h % multiple or w % multiple or h <= 0 or w <= 0:
+            raise PipelineError(
+                f"height and width must be positive multiples of {multiple} (16 for the VAE and the patch, doubled "
+                f"for each of the {stages - 1} pyramid downsamplings); got {h}x{w}"
+            )
+        if request.num_frames < 1:
+            raise PipelineError(f"num_frames = {request.num_frames}: ask for at least one frame")
+        if request.num_inference_steps < 1:
+            raise PipelineError(f"num_inference_steps = {request.num_inference_steps} must be at least 1")
+        if self.spec.pyramid and (len(request.pyramid_num_inference_steps_list) != stages
+                                  or min(request.pyramid_num_inference_steps_list) < 1):
+            raise PipelineError(
+                f"pyramid_num_inference_steps_list = {list(request.pyramid_num_inference_steps_list)}: give "
+                f"{stages} positive step counts, one per pyramid stage"
+            )
+        if image is not None and video is not None:
+            raise PipelineError("image and video cannot both be given: image-to-video or video-to-video, not both")
+        sources = sum(x is not None for x in (prompt, prompt_embeds, interactive_prompts))
+        if sources != 1:
+            raise PipelineError("give exactly one of prompt, prompt_embeds and interactive_prompts")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise PipelineError("give negative_prompt or negative_prompt_embeds, not both")
+        if prompt is not None and not (isinstance(prompt, str) or (
+                isinstance(prompt, Sequence) and prompt and all(isinstance(p, str) for p in prompt))):
+            raise PipelineError(f"prompt must be a str or a non-empty list of str; got {prompt!r}")
+        batch = 1 if isinstance(prompt, str) or interactive_prompts is not None else (
+            len(prompt) if prompt is not None else np.shape(prompt_embeds)[0])
+        if (image is not None or video is not None) and batch != 1:
+            raise PipelineError(f"image- and video-to-video take one prompt; got a batch of {batch}")
+        for low, high in (("image_noise_sigma_min", "image_noise_sigma_max"),
+                          ("video_noise_sigma_min", "video_noise_sigma_max")):
+            if not 0 <= getattr(request, low) <= getattr(request, high) <= 1:
+                raise PipelineError(f"{low} <= {high} must lie in [0, 1]; got {getattr(request, low)}, {getattr(request, high)}")
+        return request
