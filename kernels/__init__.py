@@ -1,0 +1,8 @@
+"""Pallas kernels for Helios on NVIDIA GPUs (installed as ``helios_jax.kernels``).
+
+Models reach them only through ``helios_jax.models.attention.attention(..., impl="pallas")``.
+"""
+
+from helios_jax.kernels.flash_attention import FlashConfig, H100_CONFIGS, default_config, flash_attention
+
+__all__ = ["FlashConfig", "H100_CONFIGS", "default_config", "flash_attention"]
