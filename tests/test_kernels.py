@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax import export
 
 from helios_jax.config import TransformerConfig
-from helios_jax.kernels import FlashConfig, H100_CONFIGS, flash_attention
+from helios_jax.kernels import FlashConfig, H100_CONFIGS, attention_reference, flash_attention
 from helios_jax.models import attention as attention_mod
 from helios_jax.models.transformer import HeliosTransformer, param_shapes
 from reference import max_abs, rel_err
@@ -87,6 +87,12 @@ def test_default_tiles_on_a_longer_sequence():
     """The H100 tiles themselves (128-row q tiles, 64-row K/V tiles) with a ragged tail on both."""
     q, k, v = random_qkv(7, 1, 150, 200, 1, 128, jnp.bfloat16)
     check(flash_attention(q, k, v), reference(q, k, v), jnp.bfloat16)
+
+
+def test_float32_reference_helper():
+    """The helper the GPU tests and bench_attention check against (here against float64, batch 2)."""
+    q, k, v = random_qkv(11, 2, 9, 13, 3, 64, jnp.bfloat16)
+    assert rel_err(attention_reference(q, k, v), reference(q, k, v)) < 1e-6
 
 
 def test_attention_dispatch_pallas_matches_xla():
@@ -160,17 +166,6 @@ def test_lowers_for_cuda_at_helios_shapes(q_len, kv_len):
     assert f"num_stages = {cfg.num_stages} : i32, num_warps = {cfg.num_warps} : i32" in text
 
 
-def _gpu_reference(q, k, v):
-    """float32 attention on the GPU at full precision, one head at a time (11,040^2 logits per head)."""
-    def one_head(qkv):
-        q, k, v = (x.astype(jnp.float32) for x in qkv)
-        logits = jnp.einsum("qh,kh->qk", q, k, precision="highest") * q.shape[-1] ** -0.5
-        return jnp.einsum("qk,kh->qh", jax.nn.softmax(logits, axis=-1), v, precision="highest")
-
-    per_head = jax.lax.map(one_head, tuple(x[0].transpose(1, 0, 2) for x in (q, k, v)))
-    return per_head.transpose(1, 0, 2)[None]
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("q_len, kv_len", HELIOS_SHAPES)
 def test_compiled_kernel_at_helios_shapes(q_len, kv_len):
@@ -178,5 +173,5 @@ def test_compiled_kernel_at_helios_shapes(q_len, kv_len):
     lowered = jax.jit(lambda q, k, v: attention_mod.attention(q, k, v, impl="pallas")).lower(q, k, v)
     assert "__gpu$xla.gpu.triton" in lowered.as_text(), "impl='pallas' did not reach the compiled Triton kernel"
     out = lowered.compile()(q, k, v)
-    ref = np.asarray(jax.jit(_gpu_reference)(q, k, v), np.float64)  # float32 rounding ~1e-6: far below bf16's
+    ref = np.asarray(attention_reference(q, k, v), np.float64)  # float32 rounding ~1e-6: far below bf16's
     check(out, ref, jnp.bfloat16)
