@@ -33,7 +33,8 @@ PARTS = {
     "dit": ["experiments/bench_dit.py"],
     "reference": ["experiments/bench_reference.py"],
     "attention": ["experiments/bench_attention.py", "--tune", "--mosaic"],
-    "tests": ["-m", "pytest", "tests/test_kernels.py", "-q", "-rs", "--durations=10"],
+    # -P: the checkout's root stays off sys.path, so tests import the installed package (kernels/ maps into it).
+    "tests": ["-P", "-m", "pytest", "tests/test_kernels.py", "-q", "-rs", "--durations=10"],
     "compile": ["experiments/compile_study.py", "--run"],
 }
 SITE = "/tmp/site"

@@ -9,8 +9,9 @@ Design, one program per (q block, head, batch):
   one, so the programs running together share one head's K and V and read them from L2.
 - Each program keeps its q tile, the float32 accumulator and the running row max and row sum in
   registers, and streams K and V in ``block_k`` rows (online softmax, FlashAttention-2). Logits are
-  taken in base 2 (``exp2``, with ``scale * log2(e)`` folded into one multiply); the dots accumulate
-  in float32 and ``p`` is rounded to the input dtype for the second dot, as every flash kernel does.
+  taken in base 2 (``exp2``; ``scale * log2(e)`` and the max subtraction are one FMA per score); the
+  dots accumulate in float32 and ``p`` is rounded to the input dtype for the second dot, as every
+  flash kernel does. kernels/README.md has the numbers behind the tile sizes and the expectations.
 - Ragged tails are masked inside the kernel; nothing is padded in HBM. The ``Tk // block_k`` full K/V
   blocks run unmasked in the loop; the last partial block, if any, runs once after it with masked
   loads (rows past the end read as 0) and its columns past the end set to -inf before the softmax.
@@ -192,12 +193,14 @@ def _flash_kernel(q_ref, k_ref, v_ref, o_ref, *, scale_log2: float, q_len: int, 
         else:
             k = plgpu.load(k_ref.at[rows, :], mask=valid[:, None], other=0.0)
             v = plgpu.load(v_ref.at[rows, :], mask=valid[:, None], other=0.0)
-        logits = pl.dot(q, k, trans_b=True, precision=precision) * scale_log2  # (block_q, block_k) f32
+        scores = pl.dot(q, k, trans_b=True, precision=precision)  # (block_q, block_k) float32, unscaled
         if valid is not None:
-            logits = jnp.where(valid[None, :], logits, -jnp.inf)
-        new_max = jnp.maximum(row_max, logits.max(axis=1))
+            scores = jnp.where(valid[None, :], scores, -jnp.inf)
+        # Running max in scaled base-2 units; scaling the row max instead of every score lets the
+        # scale and the max subtraction fuse into one FMA per score.
+        new_max = jnp.maximum(row_max, scores.max(axis=1) * scale_log2)
         correction = jnp.exp2(row_max - new_max)
-        p = jnp.exp2(logits - new_max[:, None])
+        p = jnp.exp2(scores * scale_log2 - new_max[:, None])
         row_sum = row_sum * correction + p.sum(axis=1)
         acc = acc * correction[:, None] + pl.dot(p.astype(v.dtype), v, precision=precision)
         return acc, new_max, row_sum
