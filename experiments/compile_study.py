@@ -26,12 +26,15 @@ import sys
 import tempfile
 import time
 
-import jax
-import jax.numpy as jnp
+# The cache part compiles in child processes on the same GPU: this process must not hold its memory.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-import common
-from helios_jax.config import TransformerConfig
-from helios_jax.models.transformer import HeliosTransformer, keeps_fp32, param_shapes
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import common  # noqa: E402
+from helios_jax.config import TransformerConfig  # noqa: E402
+from helios_jax.models.transformer import HeliosTransformer, keeps_fp32, param_shapes  # noqa: E402
 
 VARIANTS = {"scanned": 1, "unrolled": True}
 

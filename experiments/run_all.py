@@ -13,8 +13,8 @@ in ``--out`` (from this run or carried in from an earlier one on the same kind o
 torch table is printed and appended. All markdown sections go to ``<out>/results.md``, which
 ``--merge`` appends to experiments/RESULTS.md (the GPU machine's copy of the repository is not kept).
 
-``--setup`` first installs this package (no dependencies: the GPU image has jax, flax, torch) and
-any wheels in ``.whl/`` (diffusers and what it needs beyond the image) into ``/tmp/site``.
+``--setup`` first puts this package (its dependencies are in the GPU image: jax, flax, torch) and
+the wheels carried in ``.whl/`` (diffusers) into ``/tmp/site``, offline.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import time
+import tomllib
 
 import common
 
@@ -41,16 +42,24 @@ SITE = "/tmp/site"
 
 
 def setup(env: dict[str, str]) -> None:
-    """Install helios-jax and the carried wheels into SITE, offline, and put SITE on the children's path."""
-    wheels = sorted(os.path.join(common.ROOT, ".whl", f) for f in os.listdir(os.path.join(common.ROOT, ".whl"))
-                    if f.endswith(".whl")) if os.path.isdir(os.path.join(common.ROOT, ".whl")) else []
-    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-           "--no-cache-dir", "--upgrade", "--target", SITE]
-    subprocess.run([*pip, "--no-build-isolation", common.ROOT], check=True)
+    """Put helios-jax and the carried wheels into SITE, offline, and SITE on the children's path.
+
+    The package is copied as pyproject's ``package-dir`` maps it (kernels/ and convert/ inside
+    helios_jax), which needs no build backend; wheels (pure Python: diffusers) are unpacked by pip.
+    """
+    with open(os.path.join(common.ROOT, "pyproject.toml"), "rb") as f:
+        package_dirs = tomllib.load(f)["tool"]["setuptools"]["package-dir"]
+    for package, folder in sorted(package_dirs.items()):  # parents before their subpackages
+        shutil.copytree(os.path.join(common.ROOT, folder), os.path.join(SITE, *package.split(".")),
+                        dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+    wheel_dir = os.path.join(common.ROOT, ".whl")
+    wheels = sorted(os.path.join(wheel_dir, f) for f in os.listdir(wheel_dir) if f.endswith(".whl")) \
+        if os.path.isdir(wheel_dir) else []
     if wheels:
-        subprocess.run([*pip, *wheels], check=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                        "--no-cache-dir", "--upgrade", "--target", SITE, *wheels], check=True)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [SITE, env.get("PYTHONPATH")]))
-    print(f"installed helios-jax and {len(wheels)} wheel(s) into {SITE}", flush=True)
+    print(f"helios-jax ({', '.join(sorted(package_dirs))}) and {len(wheels)} wheel(s) in {SITE}", flush=True)
 
 
 def run_part(name: str, out: str, env: dict[str, str], extra: list[str], log) -> bool:
@@ -130,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="where JSON, logs and results.md go (default: $OUT if set, else out/bench)")
     parser.add_argument("--carried", default=os.path.join(common.ROOT, "out", "bench"),
                         help="earlier runs' JSON files to combine with (copied into --out if missing there)")
-    parser.add_argument("--setup", action="store_true", help="install helios-jax and .whl/*.whl into /tmp/site first")
+    parser.add_argument("--setup", action="store_true", help="put helios-jax and .whl/*.whl into /tmp/site first")
     parser.add_argument("--extra", action="append", default=[], metavar="PART:ARGS",
                         help="extra arguments for one part, e.g. --extra 'reference:--modes eager'")
     parser.add_argument("--merge", metavar="RESULTS_MD", help="only append that file's sections to RESULTS.md")
