@@ -126,13 +126,15 @@ def measure_forward(bench: Bench) -> Table:
                 rows.append([stage, f"{noisy}+{history}", impl, f"failed: {type(e).__name__}: {str(e)[:80]}"]
                             + [""] * 6)
                 continue
-            mem = compiled.memory_analysis()
-            planned = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
+            mem = compiled.memory_analysis()  # XLA's buffer plan; None where a backend gives none
+            planned = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+                       - mem.alias_size_in_bytes) if mem else float("nan")
+            temp = mem.temp_size_in_bytes if mem else float("nan")
             tflops = flops["total"] / ms / 1e9
             diff = "" if first is None else rel_diff(out, first[1])
             first = first or (impl, out)
             rows.append([stage, f"{noisy}+{history}", impl, compile_s, ms, tflops,
-                         100 * tflops / bench.matmul_tflops, common.gib(planned), common.gib(mem.temp_size_in_bytes), diff])
+                         100 * tflops / bench.matmul_tflops, common.gib(planned), common.gib(temp), diff])
     headers = ["stage", "tokens (noisy+history)", "impl", "compile s", "ms/forward", "TFLOP/s", "MFU %",
                "planned GiB", "temp GiB", f"rel diff vs {bench.impls[0]}"]
     notes = "".join(

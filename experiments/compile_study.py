@@ -83,7 +83,7 @@ def compile_forward(cfg: TransformerConfig, work: common.Workload, stage: int, i
         "hlo_kchars": len(hlo) / 1e3,
         "hlo_instructions": sum(1 for line in hlo.splitlines() if " = " in line),
         "code_mib": getattr(mem, "generated_code_size_in_bytes", 0) / 2**20,
-        "temp_gib": common.gib(mem.temp_size_in_bytes),
+        "temp_gib": common.gib(mem.temp_size_in_bytes) if mem else float("nan"),
     }
 
 
