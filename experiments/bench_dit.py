@@ -57,18 +57,21 @@ class Bench:
     matmul_tflops: float
 
 
+def leaf_dtype(path: tuple, dtype: Any) -> Any:
+    """A param's dtype after loading in ``dtype``: float32 for the modules the reference keeps so."""
+    return jnp.float32 if keeps_fp32(tuple(getattr(k, "key", str(k)) for k in path)) else dtype
+
+
 def random_params(cfg: TransformerConfig, key: jax.Array, dtype: Any = jnp.bfloat16, std: float = 0.02) -> Any:
-    """Random normal weights made on the device by one jitted function (no host copies): ``dtype``,
-    except the modules the reference keeps in float32, which are float32 as after loading."""
-    shapes = param_shapes(cfg)
-    paths = [tuple(getattr(k, "key", str(k)) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(shapes)[0]]
-    leaves, tree = jax.tree_util.tree_flatten(shapes)
+    """Random normal weights made on the device by one jitted function (no host copies), in the dtypes
+    ``leaf_dtype`` gives."""
+    flat, tree = jax.tree_util.tree_flatten_with_path(param_shapes(cfg))
 
     @jax.jit
     def make(key):
         return tree.unflatten([
-            std * jax.random.normal(jax.random.fold_in(key, i), leaf.shape, jnp.float32 if keeps_fp32(path) else dtype)
-            for i, (path, leaf) in enumerate(zip(paths, leaves))
+            std * jax.random.normal(jax.random.fold_in(key, i), leaf.shape, leaf_dtype(path, dtype))
+            for i, (path, leaf) in enumerate(flat)
         ])
 
     return make(key)
@@ -137,11 +140,12 @@ def measure_forward(bench: Bench) -> Table:
                          100 * tflops / bench.matmul_tflops, common.gib(planned), common.gib(temp), diff])
     headers = ["stage", "tokens (noisy+history)", "impl", "compile s", "ms/forward", "TFLOP/s", "MFU %",
                "planned GiB", "temp GiB", f"rel diff vs {bench.impls[0]}"]
-    notes = "".join(
-        f"\nstage {s}: {common.dit_flops(cfg, work, s)['total'] / 1e12:.1f} TFLOP per forward, "
-        f"{100 * common.dit_flops(cfg, work, s)['attention'] / common.dit_flops(cfg, work, s)['total']:.0f}% in attention."
-        for s in bench.stages
-    ) + "\n"
+    notes = ""
+    for stage in bench.stages:
+        flops = common.dit_flops(cfg, work, stage)
+        notes += (f"\nstage {stage}: {flops['total'] / 1e12:.1f} TFLOP per forward, "
+                  f"{100 * flops['attention'] / flops['total']:.0f}% of it in attention.")
+    notes += "\n"
     title = (f"DiT forward, {cfg.num_layers} layers x {cfg.inner_dim} ({common.workload_label(work)}), bf16 weights, "
              f"median of {bench.reps} after {bench.warmup} warm-ups; MFU against {bench.matmul_tflops:.4g} TFLOP/s "
              "(bf16 matmul measured in this run).")
@@ -154,7 +158,8 @@ MEASUREMENTS: dict[str, Callable[[Bench], Table]] = {"forward": measure_forward}
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--measure", default=",".join(MEASUREMENTS), help=f"any of {list(MEASUREMENTS)}")
-    parser.add_argument("--impls", default=None, help="attention impls (default: cudnn,pallas,xla on a GPU; xla,pallas on a CPU)")
+    parser.add_argument("--impls", default=None,
+                        help="attention impls (default: cudnn,pallas,xla on a GPU; xla,pallas on a CPU)")
     parser.add_argument("--stages", default=None, help="pyramid stages, e.g. 0,1,2 (default: all)")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
@@ -176,13 +181,15 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     params = jax.block_until_ready(random_params(cfg, jax.random.key(0)))
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    print(f"{n_params / 1e9:.2f}B random parameters made on {device} in {time.perf_counter() - start:.1f} s", flush=True)
+    made_s = time.perf_counter() - start
+    print(f"{n_params / 1e9:.2f}B random parameters made on {device} in {made_s:.1f} s", flush=True)
     rate = matmul_tflops(512 if args.tiny else 8192, args.reps)
     bench = Bench(cfg, work, params, impls, stages, args.reps, args.warmup, rate)
 
     tables = [MEASUREMENTS[name](bench) for name in args.measure.split(",")]
     stats = device.memory_stats() or {}
-    peak = f"\nProcess peak device memory: {common.gib(stats['peak_bytes_in_use']):.1f} GiB.\n" if "peak_bytes_in_use" in stats else ""
+    peak = stats.get("peak_bytes_in_use")
+    peak = f"\nProcess peak device memory: {common.gib(peak):.1f} GiB.\n" if peak else ""
     body = "\n\n".join(t.markdown() for t in tables) + peak
     print(body, flush=True)
     if args.results:

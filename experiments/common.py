@@ -182,7 +182,7 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: str, text: str) -> None:
+def write_atomic(path: str, text: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
@@ -194,11 +194,11 @@ def _write_atomic(path: str, text: str) -> None:
 def append_results(title: str, env: dict[str, Any], body: str, path: str = RESULTS) -> None:
     """Append one section (title, environment, tables and notes) to RESULTS.md, atomically."""
     old = open(path, encoding="utf-8").read() if os.path.exists(path) else RESULTS_HEADER
-    _write_atomic(path, old.rstrip("\n") + f"\n\n## {title}\n\n{describe(env)}\n{body.rstrip()}\n")
+    write_atomic(path, old.rstrip("\n") + f"\n\n## {title}\n\n{describe(env)}\n{body.rstrip()}\n")
 
 
 def write_json(path: str, payload: dict[str, Any]) -> None:
-    _write_atomic(path, json.dumps(payload, indent=1, default=str) + "\n")
+    write_atomic(path, json.dumps(payload, indent=1, default=str) + "\n")
 
 
 def median_ms(run: Callable[[], Any], sync: Callable[[Any], Any], *, warmup: int, reps: int,

@@ -34,15 +34,16 @@ import jax.numpy as jnp  # noqa: E402
 
 import common  # noqa: E402
 from helios_jax.config import TransformerConfig  # noqa: E402
-from helios_jax.models.transformer import HeliosTransformer, keeps_fp32, param_shapes  # noqa: E402
+from bench_dit import leaf_dtype, random_params, stage_inputs  # noqa: E402
+from helios_jax.models.transformer import HeliosTransformer, param_shapes  # noqa: E402
 
 VARIANTS = {"scanned": 1, "unrolled": True}
 
 
 def abstract_params(cfg: TransformerConfig) -> dict:
+    """The params as bf16 shapes (float32 where the reference keeps float32), no memory."""
     def leaf(path, x):
-        names = tuple(getattr(k, "key", str(k)) for k in path)
-        return jax.ShapeDtypeStruct(x.shape, jnp.float32 if keeps_fp32(names) else jnp.bfloat16)
+        return jax.ShapeDtypeStruct(x.shape, leaf_dtype(path, jnp.bfloat16))
 
     return jax.tree_util.tree_map_with_path(leaf, param_shapes(cfg))
 
@@ -88,8 +89,6 @@ def compile_forward(cfg: TransformerConfig, work: common.Workload, stage: int, i
 
 
 def run_forward_ms(compiled, cfg: TransformerConfig, work: common.Workload, stage: int, params, reps: int) -> float:
-    from bench_dit import stage_inputs
-
     inputs = stage_inputs(cfg, work, stage, jax.random.key(100 + stage))
     return common.median_ms(lambda: compiled({"params": params}, **inputs), jax.block_until_ready, warmup=1, reps=reps)
 
@@ -162,8 +161,6 @@ def main(argv: list[str] | None = None) -> dict:
         cfg, work = config_for(args, layers)
         params = None
         if args.run:
-            from bench_dit import random_params
-
             params = random_params(cfg, jax.random.key(0))
         for variant in args.variants.split(","):
             compiled, stats = compile_forward(cfg, work, args.stage, impl, VARIANTS[variant])

@@ -35,7 +35,8 @@ SM90 = dict(shared_kib=227, registers=65536, threads=2048)  # per SM on H100/H20
 TRITON_CALL = "__gpu$xla.gpu.triton"
 
 
-def triton_ir(q_len: int, kv_len: int, config: FlashConfig, heads: int = 40, head_dim: int = 128) -> tuple[str, int, int]:
+def triton_ir(q_len: int, kv_len: int, config: FlashConfig, heads: int = 40,
+              head_dim: int = 128) -> tuple[str, int, int]:
     """(Triton IR as text, num_warps, num_stages) of the kernel lowered for CUDA at one shape."""
     from jax._src.lib import triton as jaxlib_triton  # jaxlib's MLIR with the Triton dialect
     from jax._src.lib.mlir import ir
@@ -70,8 +71,8 @@ def compile_sm90(ttir: str, warps: int, stages: int, folder: str) -> dict:
         f.write(kernel.asm["cubin"])
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     cuobjdump = shutil.which("cuobjdump", path=tools) or shutil.which("cuobjdump")
-    usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin], capture_output=True, text=True, check=True).stdout
-    sass = subprocess.run([cuobjdump, "--dump-sass", cubin], capture_output=True, text=True, check=True).stdout
+    usage, sass = (subprocess.run([cuobjdump, what, cubin], capture_output=True, text=True, check=True).stdout
+                   for what in ("--dump-resource-usage", "--dump-sass"))
     regs = int(re.search(r"REG:(\d+)", usage).group(1))
     local = int(re.search(r"LOCAL:(\d+)", usage).group(1))
     shared = kernel.metadata.shared + int(re.search(r"SHARED:(\d+)", usage).group(1))

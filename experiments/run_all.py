@@ -128,7 +128,7 @@ def merge(path: str, results: str = common.RESULTS) -> None:
     if not sections:
         raise SystemExit(f"{path}: no '## ' sections to merge")
     old = open(results, encoding="utf-8").read() if os.path.exists(results) else common.RESULTS_HEADER
-    common._write_atomic(results, old.rstrip("\n") + "\n" + sections.rstrip("\n") + "\n")
+    common.write_atomic(results, old.rstrip("\n") + "\n" + sections.rstrip("\n") + "\n")
     print(f"appended {sections.count(chr(10) + '## ')} section(s) of {path} to {results}")
 
 

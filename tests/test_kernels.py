@@ -121,8 +121,8 @@ def test_dit_with_pallas_attention_matches_xla():
         latents_history_long=noise((1, 4, 1, 6, 6)),
         indices_latents_history_long=jnp.array([[0]]),
     )
-    run = lambda impl: jax.jit(HeliosTransformer(cfg, attention_impl=impl).apply)({"params": params}, **inputs)  # noqa: E731
-    ours, xla = run("pallas"), run("xla")
+    ours, xla = (jax.jit(HeliosTransformer(cfg, attention_impl=impl).apply)({"params": params}, **inputs)
+                 for impl in ("pallas", "xla"))
     assert rel_err(ours, xla) < 1e-5, rel_err(ours, xla)
 
 
