@@ -1,0 +1,9 @@
+"""Pallas kernels for Helios on NVIDIA GPUs (installed as ``helios_jax.kernels``).
+
+Models reach them only through ``helios_jax.models.attention.attention(..., impl="pallas")``.
+"""
+
+from helios_jax.kernels.flash import FlashConfig, H100_CONFIGS, default_config, flash_attention
+from helios_jax.kernels.reference import attention_reference
+
+__all__ = ["FlashConfig", "H100_CONFIGS", "attention_reference", "default_config", "flash_attention"]

@@ -14,7 +14,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 def pytest_collection_modifyitems(config, items):
     """GPU tests run only where a GPU is present; elsewhere they are reported as skipped."""
     has_gpu = any(d.platform == "gpu" for d in jax.devices()) if os.environ.get("JAX_PLATFORMS") != "cpu" else False
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (run with JAX_PLATFORMS unset on a GPU machine)")
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run with JAX_PLATFORMS=cuda on a GPU machine; unset means cpu here)")
     for item in items:
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(skip)

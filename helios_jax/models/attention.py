@@ -1,8 +1,10 @@
 """The one attention entry point of the package; every model calls this and no kernel directly.
 
 ``impl`` picks the backend: ``"xla"`` (runs everywhere), ``"cudnn"`` (cuDNN flash attention through
-``jax.nn.dot_product_attention``, GPU only, bf16/fp16). Switching backends is a change of one string,
-so a model can be compared across backends without touching its code.
+``jax.nn.dot_product_attention``, GPU only, bf16/fp16), ``"pallas"`` (our flash-attention kernel,
+``helios_jax.kernels.flash_attention``: compiled through Triton on a GPU; on a CPU it runs in Pallas
+interpret mode, correct but slow, so that tests and tiny models can use it anywhere). Switching
+backends is a change of one string, so a model can be compared across backends without touching its code.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from typing import Literal
 
 import jax
 
-Impl = Literal["xla", "cudnn"]
-IMPLS: tuple[str, ...] = ("xla", "cudnn")
+from helios_jax.kernels import flash_attention
+
+Impl = Literal["xla", "cudnn", "pallas"]
+IMPLS: tuple[str, ...] = ("xla", "cudnn", "pallas")
 
 
 def attention(
@@ -37,4 +41,8 @@ def attention(
         )
     if impl not in IMPLS:
         raise ValueError(f"attention impl {impl!r} is not one of {IMPLS}")
+    if impl == "pallas":
+        if bias is not None or mask is not None:
+            raise ValueError("the pallas attention kernel takes no bias or mask; use impl='xla' or 'cudnn' for them")
+        return flash_attention(q, k, v, scale=scale)
     return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation=impl)

@@ -209,11 +209,14 @@ class HeliosBlock(nn.Module):
 
 class HeliosTransformer(nn.Module):
     """The Helios DiT. ``attention_impl`` picks the attention backend; ``remat`` recomputes each
-    block's activations in the backward pass (for training)."""
+    block's activations in the backward pass (for training); ``scan_unroll`` is how many blocks one
+    scan step runs (``True``: all of them, straight-line code as a Python loop would give; same
+    params and numerics, for compile-time studies)."""
 
     config: TransformerConfig
     attention_impl: str = "xla"
     remat: bool = False
+    scan_unroll: int | bool = 1
 
     @nn.compact
     def __call__(
@@ -279,6 +282,7 @@ class HeliosTransformer(nn.Module):
             split_rngs={"params": True},
             in_axes=(nn.broadcast,) * 4,
             length=cfg.num_layers,
+            unroll=self.scan_unroll,
         )(cfg, history_len, self.attention_impl, name="blocks")
         x, _ = blocks(x, context, modulation_history, modulation, rope)
 
