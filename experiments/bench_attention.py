@@ -157,9 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     setup = dataclasses.replace(TINY if args.tiny else Setup(), reps=args.reps if not args.tiny else TINY.reps)
     impls = [i for i in args.impls.split(",") if i]
-    device = jax.devices()[0]
-    env = common.environment(f"{device.device_kind} ({device.platform})",
-                             common.versions("jax", "jaxlib", "jax-cuda13-plugin", "numpy"))
+    env = common.jax_environment("numpy")
     size, nbytes = (512, 2**22) if args.tiny else (8192, 2**31)
     ceilings = (matmul_tflops(setup, size), copy_gbs(setup, nbytes))
     print(common.describe(env), flush=True)

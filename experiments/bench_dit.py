@@ -174,8 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
     work = common.TINY if args.tiny else common.HELIOS
     impls = (args.impls or ("cudnn,pallas,xla" if on_gpu else "xla,pallas")).split(",")
     stages = [int(s) for s in args.stages.split(",")] if args.stages else list(range(len(work.stages)))
-    env = common.environment(f"{device.device_kind} ({device.platform})",
-                             common.versions("jax", "jaxlib", "jax-cuda13-plugin", "flax", "numpy"))
+    env = common.jax_environment("flax", "numpy")
     print(common.describe(env), flush=True)
 
     start = time.perf_counter()

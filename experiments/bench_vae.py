@@ -6,7 +6,7 @@
 
 What is timed is ``helios_jax.models.vae.chunk_decoder``, the step Helios runs after every chunk:
 denormalise the latents, decode, convert to uint8 on the device. The table (device, versions and date
-included) is printed and appended to experiments/RESULTS.md (``results.append_result``). Weights are
+included) is printed and appended to experiments/RESULTS.md (``common.append_results``). Weights are
 random (fan-in scaled, so activations stay finite); the timing does not depend on their values.
 """
 
@@ -27,7 +27,7 @@ from helios_jax.config import to_dict
 from helios_jax.models import vae as vae_lib
 
 sys.path.insert(0, os.path.dirname(__file__))
-from results import append_result, environment  # noqa: E402
+import common  # noqa: E402
 
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 # A tiny configuration with the real block structure, for a CPU smoke run.
@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> None:
             f"the real block structure: latents {tuple(latents.shape)} -> uint8 {args.batch} x {out_frames} x "
             f"{height} x {width} x 3 (denormalise, decode, convert on the device); median and min of "
             f"{args.iters} calls after the first. XLA temp: the compiled program's scratch memory.")
-    print(f"{title}\n{environment()}\n{what}\n", flush=True)
+    env = common.jax_environment("flax", "diffusers", "torch")
+    print(f"{title}\n{common.describe(env)}\n{what}\n", flush=True)
 
     rows = []
     for name in args.dtypes.split(","):
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     result = f"{what}\n\n{table(rows, args.batch * out_frames)}"
     print("\n" + result)
     if not (args.no_append or args.small):
-        append_result(title, result)
+        common.append_results(title, env, result)
         print("appended to experiments/RESULTS.md", file=sys.stderr)
 
 

@@ -165,6 +165,15 @@ def environment(device: str, versions: dict[str, str]) -> dict[str, Any]:
     }
 
 
+def jax_environment(*packages: str) -> dict[str, Any]:
+    """:func:`environment` of JAX's first device, with the versions of jax, jaxlib, its CUDA plugin and ``packages``."""
+    import jax
+
+    device = jax.devices()[0]
+    return environment(f"{device.device_kind} ({device.platform})",
+                       versions("jax", "jaxlib", "jax-cuda13-plugin", *packages))
+
+
 def describe(env: dict[str, Any]) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
     return (f"- date: {env['date']}\n- commit: {env['commit']}\n- device: {env['device']}\n"

@@ -152,8 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
 
     device = jax.devices()[0]
-    env = common.environment(f"{device.device_kind} ({device.platform})",
-                             common.versions("jax", "jaxlib", "jax-cuda13-plugin", "flax"))
+    env = common.jax_environment("flax")
     print(common.describe(env), flush=True)
     impl = impl_for(args)
     rows = []

@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from results import append_result, environment  # noqa: E402
+import common  # noqa: E402
 
 WIDTH = dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, text_dim=4096, freq_dim=256)
 SHARD_BYTES = 512 * 2**20
@@ -122,11 +122,11 @@ def main() -> None:
         ("bound: weights + largest tensor", gib(total + largest)),
         ("conversion time", f"{m['seconds']:.1f} s"),
     ]
-    table = "| quantity | value |\n| --- | --- |\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
-    print(environment())
-    print(table)
+    table = common.markdown_table(("quantity", "value"), rows)
+    env = common.jax_environment("flax")
+    print(common.describe(env) + "\n" + table)
     if not args.no_append:
-        append_result("Checkpoint conversion: peak host memory (experiments/convert_memory.py)", table)
+        common.append_results("convert_memory: peak host memory while converting", env, table)
     if not args.keep:
         import shutil
 
