@@ -244,10 +244,8 @@ class HeliosPipeline:
     ) -> Iterator[np.ndarray]:
         """Validate and prepare everything (errors are raised here, before any compute), then return
         the iterator over chunks."""
-        request = self._check(settings, prompt, prompt_embeds, negative_prompt, negative_prompt_embeds,
-                              interactive_prompts, image, video)
-        layout = HistoryLayout.create(request.history_sizes, request.num_latent_frames_per_chunk,
-                                      request.keep_first_frame)
+        request, layout = self._check(settings, prompt, prompt_embeds, negative_prompt, negative_prompt_embeds,
+                                      interactive_prompts, image, video)
         chunks = num_chunks(request.num_frames, request.num_latent_frames_per_chunk)
         guidance = guidance_mode(request.guidance_scale, self.spec.pyramid and self.spec.is_cfg_zero_star)
         pixels = (request.height, request.width)
@@ -417,7 +415,7 @@ class HeliosPipeline:
     # ------------------------------------------------------------------------------------ validation
 
     def _check(self, settings: dict[str, Any], prompt, prompt_embeds, negative_prompt, negative_prompt_embeds,
-               interactive_prompts, image, video) -> Request:
+               interactive_prompts, image, video) -> tuple[Request, HistoryLayout]:
         """Every user error, before any compute: one clear message naming the value and the rule."""
         known = {f.name for f in dataclasses.fields(Request)}
         unknown = sorted(set(settings) - known)
@@ -463,4 +461,9 @@ class HeliosPipeline:
                           ("video_noise_sigma_min", "video_noise_sigma_max")):
             if not 0 <= getattr(request, low) <= getattr(request, high) <= 1:
                 raise PipelineError(f"{low} <= {high} must lie in [0, 1]; got {getattr(request, low)}, {getattr(request, high)}")
-        return request
+        try:
+            layout = HistoryLayout.create(request.history_sizes, request.num_latent_frames_per_chunk,
+                                          request.keep_first_frame)
+        except ValueError as err:
+            raise PipelineError(str(err)) from None
+        return request, layout

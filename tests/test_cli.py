@@ -1,0 +1,129 @@
+"""The ``helios-jax`` command: each subcommand, its errors, and what it leaves on disk."""
+
+from __future__ import annotations
+
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helios_jax import cli, demo
+from helios_jax.convert import open_source
+from helios_jax.pipeline import HeliosPipeline
+from helios_jax.video import read_mp4
+
+SMALL = ["--height", "64", "--width", "64", "--num_frames", "40", "--pyramid_num_inference_steps_list", "1", "1", "1"]
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path_factory, monkeypatch):
+    """The embedded checkpoint and the compilation cache go to a per-session folder, not ~/.cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def test_generate_with_the_embedded_model_writes_a_playable_mp4_and_a_contact_sheet(tmp_path, capsys):
+    out = tmp_path / "video.mp4"
+    assert cli.main(["generate", "--output", str(out), *SMALL]) == 0
+    assert "embedded random-weight Helios" in capsys.readouterr().out
+    frames = read_mp4(out)
+    assert frames.shape == (65, 64, 64, 3)  # 2 chunks of 33 frames, trimmed to 4k + 1, as the reference does
+    assert (tmp_path / "video.png").is_file()
+    assert sorted(os.listdir(tmp_path)) == ["video.mp4", "video.png"]
+
+
+def _csv(path, rows: str) -> str:
+    path.write_text("id,prompt_index,prompt\n" + rows)
+    return str(path)
+
+
+def test_interactive_prompt_csv(tmp_path):
+    csv = _csv(tmp_path / "prompts.csv", '0,0,"a speeding train"\n0,1,"green fields"\n')
+    out = tmp_path / "video.mp4"
+    args = ["generate", "--output", str(out), *SMALL, "--interactive_prompt_csv_path", csv, "--interpolate_time", "1"]
+    assert cli.main(args) == 0
+    assert read_mp4(out).shape[0] == 65
+
+
+@pytest.mark.parametrize("rows,message", [
+    ('0,0,"a"\n0,2,"b"\n', "without gaps"),
+    ('0,0,"a"\n1,1,"b"\n', "for 2 videos"),
+    ('0,0,""\n', "is empty"),
+])
+def test_bad_interactive_csv_is_an_error_and_writes_nothing(tmp_path, capsys, rows, message):
+    csv = _csv(tmp_path / "prompts.csv", rows)
+    out = tmp_path / "video.mp4"
+    assert cli.main(["generate", "--output", str(out), *SMALL, "--interactive_prompt_csv_path", csv]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--sample_type", "i2v", "--image_path", "{tmp}/missing.png"], "cannot read the image"),
+    (["--sample_type", "i2v"], "needs --image_path"),
+    (["--sample_type", "v2v", "--video_path", "{tmp}/broken.mp4"], "cannot read the video"),
+    (["--height", "100"], "multiples of 64"),
+    (["--num_frames", "0"], "at least one frame"),
+    (["--output", "{tmp}/no/such/folder/video.mp4"], "does not exist"),
+])
+def test_bad_input_is_one_line_and_no_file(tmp_path, capsys, extra, message):
+    (tmp_path / "broken.mp4").write_bytes(b"not a video")
+    args = ["generate", "--output", str(tmp_path / "video.mp4"), *SMALL, *[a.format(tmp=tmp_path) for a in extra]]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert sorted(os.listdir(tmp_path)) == ["broken.mp4"]
+
+
+def test_ctrl_c_during_generation_leaves_no_half_mp4(tmp_path, monkeypatch):
+    stream = HeliosPipeline.stream
+
+    def interrupted(self, *args, **kwargs):
+        chunks = stream(self, *args, **kwargs)
+        yield next(chunks)  # one chunk is written to the partial file, then the user presses Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(HeliosPipeline, "stream", interrupted)
+    assert cli.main(["generate", "--output", str(tmp_path / "video.mp4"), *SMALL]) == 130
+    assert os.listdir(tmp_path) == []
+
+
+def test_convert_to_orbax_and_back_to_safetensors(tmp_path):
+    original = demo.demo_checkpoint()
+    orbax, back = tmp_path / "orbax", tmp_path / "back"
+    assert cli.main(["convert", original, str(orbax)]) == 0
+    assert cli.main(["convert", str(orbax), str(back), "--to", "safetensors"]) == 0
+    for component in ("transformer", "vae", "text_encoder"):
+        before, after = open_source(os.path.join(original, component)), open_source(back / component)
+        assert sorted(before.keys()) == sorted(after.keys())
+        for key in before.keys():
+            np.testing.assert_array_equal(after.read(key), before.read(key))
+    # The orbax folder is a checkpoint the pipeline loads as it is.
+    args = dict(prompt="a train", height=64, width=64, num_frames=33, guidance_scale=1.0,
+                pyramid_num_inference_steps_list=[1, 1, 1], seed=0, progress=False)
+    from_orbax = HeliosPipeline.from_pretrained(orbax, dtype=jnp.float32, compilation_cache=False)(**args)
+    from_diffusers = HeliosPipeline.from_pretrained(original, dtype=jnp.float32, compilation_cache=False)(**args)
+    np.testing.assert_array_equal(from_orbax, from_diffusers)
+
+
+def test_convert_refuses_to_overwrite(tmp_path, capsys):
+    (tmp_path / "exists").mkdir()
+    assert cli.main(["convert", os.path.join(demo.demo_checkpoint(), "vae"), str(tmp_path / "exists")]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_verify_passes_and_fails_when_a_component_is_broken(monkeypatch, capsys):
+    assert cli.main(["verify", "--only", "transformer"]) == 0
+    assert "all checks passed" in capsys.readouterr().out
+
+    from helios_jax.models import transformer
+
+    real = transformer.apply_rope
+    monkeypatch.setattr(transformer, "apply_rope", lambda x, cos, sin: real(x, sin, cos))  # swapped tables
+    assert cli.main(["verify", "--only", "transformer"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "FAILED: transformer fp32" in out
+
+
+def test_bench_runs_a_benchmark_script(tmp_path):
+    assert cli.main(["bench", "convert", "--args", "--gigabytes", "0.01", "--no-append"]) == 0
