@@ -27,7 +27,22 @@ def _freeze(value: Any) -> Any:
     return value
 
 
-def read_config(cls: type[C], source: str | os.PathLike | Mapping[str, Any], *, ignore: tuple[str, ...] = ()) -> C:
+def config_dict(source: str | os.PathLike | Mapping[str, Any], filename: str = "config.json") -> tuple[dict, str]:
+    """The raw config and where it came from: a dict as given, or the JSON file ``source`` (a folder
+    means its ``filename``)."""
+    if isinstance(source, Mapping):
+        return dict(source), "the given dict"
+    path = os.fspath(source)
+    if os.path.isdir(path):
+        path = os.path.join(path, filename)
+    if not os.path.isfile(path):
+        raise ConfigError(f"no config file at {path!r}: expected a diffusers {filename}")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f), path
+
+
+def read_config(cls: type[C], source: str | os.PathLike | Mapping[str, Any], *, ignore: tuple[str, ...] = (),
+                filename: str = "config.json") -> C:
     """Build the frozen dataclass ``cls`` from a config.json path, a folder holding one, or a dict.
 
     Keys starting with ``_`` (``_class_name``, ``_diffusers_version``, ...) are bookkeeping and are
@@ -37,16 +52,7 @@ def read_config(cls: type[C], source: str | os.PathLike | Mapping[str, Any], *, 
     changing the model.
     """
     ignore = (*ignore, *getattr(cls, "IGNORED_KEYS", ()))
-    if isinstance(source, Mapping):
-        raw, origin = dict(source), "the given dict"
-    else:
-        path = os.fspath(source)
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        if not os.path.isfile(path):
-            raise ConfigError(f"no config file at {path!r}: expected a diffusers config.json")
-        with open(path, encoding="utf-8") as f:
-            raw, origin = json.load(f), path
+    raw, origin = config_dict(source, filename)
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(k for k in raw if not k.startswith("_") and k not in fields and k not in ignore)
     if unknown:

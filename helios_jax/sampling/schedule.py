@@ -8,14 +8,13 @@ ever sees the finished arrays.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from typing import Any, Mapping
 
 import numpy as np
 
-from helios_jax.config import ConfigError, _require, read_config
+from helios_jax.config import ConfigError, _require, config_dict, read_config
 
 SCHEDULER_TYPES = ("unipc", "euler", "dmd")
 PREDICTION_TYPES = ("flow_prediction", "epsilon", "sample", "v_prediction")
@@ -116,23 +115,14 @@ def read_scheduler_config(source: SchedulerConfig | str | os.PathLike | Mapping[
     """
     if isinstance(source, (HeliosSchedulerConfig, HeliosDMDSchedulerConfig)):
         return source
-    if isinstance(source, Mapping):
-        raw = source
-    else:
-        source = os.fspath(source)
-        if os.path.isdir(source):
-            source = os.path.join(source, "scheduler_config.json")
-        if not os.path.isfile(source):
-            raise ConfigError(f"no scheduler config at {source!r}: expected a diffusers scheduler_config.json")
-        with open(source, encoding="utf-8") as f:
-            raw = json.load(f)
+    raw, _ = config_dict(source, "scheduler_config.json")
     class_name = raw.get("_class_name", "HeliosScheduler")
     if class_name not in _CONFIG_CLASSES:
         raise ConfigError(
             f"scheduler _class_name = {class_name!r} is not supported: Helios samples with one of "
             f"{sorted(_CONFIG_CLASSES)}"
         )
-    return read_config(_CONFIG_CLASSES[class_name], source)
+    return read_config(_CONFIG_CLASSES[class_name], source, filename="scheduler_config.json")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
