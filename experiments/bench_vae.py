@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import helios_jax as hj
+from helios_jax import demo
 from helios_jax.config import to_dict
 from helios_jax.models import vae as vae_lib
 
@@ -35,20 +36,9 @@ SMALL = dict(base_dim=4, z_dim=16)
 
 
 def random_params(cfg: hj.VAEConfig, dtype, seed: int = 0) -> dict:
-    """Random params on the device: kernels ~ N(0, 1/fan_in), biases ~ N(0, 0.01^2), gammas ~ 1 + N(0, 0.1^2)."""
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, spec):
-        name = path[-1].key
-        if name == "kernel":
-            value = rng.standard_normal(spec.shape, np.float32) / np.sqrt(np.prod(spec.shape[:-1]))
-        elif name == "gamma":
-            value = 1.0 + 0.1 * rng.standard_normal(spec.shape, np.float32)
-        else:
-            value = 0.01 * rng.standard_normal(spec.shape, np.float32)
-        return jnp.asarray(value, dtype)
-
-    return jax.tree_util.tree_map_with_path(leaf, vae_lib.param_shapes(cfg))
+    """Random params (``helios_jax.demo.random_params``: kernels ~ N(0, 1/fan_in)) on the device in ``dtype``."""
+    params = demo.random_params(vae_lib.param_shapes(cfg), vae_lib.keymap(cfg), np.random.default_rng(seed))
+    return jax.tree.map(lambda value: jnp.asarray(value, dtype), params)
 
 
 def time_calls(fn, iters: int) -> list[float]:
