@@ -76,7 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--fps", type=int, default=24)
     parser.add_argument("--weight_dtype", choices=tuple(DTYPES))
-    parser.add_argument("--attention", choices=IMPLS, default="xla", help="the attention backend of the DiT")
+    parser.add_argument("--attention", choices=("auto", *IMPLS), default="auto",
+                        help="the DiT's attention backend; auto: cudnn on a GPU in bf16/fp16, else xla")
     parser.add_argument("--no_compilation_cache", action="store_true", help="do not use the persistent XLA cache")
 
 
@@ -150,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     if args.checkpoint is None:
         print(f"No --checkpoint: using the embedded random-weight Helios at {checkpoint} (its video is noise).")
     pipe = HeliosPipeline.from_pretrained(checkpoint, dtype=DTYPES[settings["weight_dtype"]],
-                                          attention_impl=args.attention,
+                                          attention_impl=None if args.attention == "auto" else args.attention,
                                           compilation_cache=not args.no_compilation_cache)
     total = pipe.num_output_frames(args.num_frames, args.num_latent_frames_per_chunk)
     picks = set(np.linspace(0, total - 1, min(SHEET_FRAMES, total)).round().astype(int).tolist())

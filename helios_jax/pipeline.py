@@ -29,6 +29,7 @@ from helios_jax.config import TransformerConfig, VAEConfig
 from helios_jax.history import VAE_SPATIAL_FACTOR, HistoryLayout, num_chunks, output_frames, push, video_frames_per_chunk
 from helios_jax.loading import load_transformer, load_vae
 from helios_jax.models import vae as vae_lib
+from helios_jax.models.attention import default_impl
 from helios_jax.models.transformer import HeliosTransformer
 from helios_jax.noise import KeyNoise, NoiseSource
 from helios_jax.progress import Progress
@@ -144,7 +145,7 @@ class HeliosPipeline:
         scheduler_config: SchedulerConfig | dict,
         spec: PipelineSpec,
         *,
-        attention_impl: str = "xla",
+        attention_impl: str | None = None,
     ):
         self.transformer_config, self.transformer_params = transformer
         self.vae_config, self.vae_params = vae
@@ -165,7 +166,8 @@ class HeliosPipeline:
         self.model_dtype = jax.tree.leaves(self.transformer_params["blocks"])[0].dtype
         self.vae_dtype = jax.tree.leaves(self.vae_params)[0].dtype
         self._ticker = _StepTicker()
-        self._model_fn = functools.partial(_denoiser, HeliosTransformer(self.transformer_config, attention_impl),
+        self.attention_impl = attention_impl or default_impl(self.model_dtype)
+        self._model_fn = functools.partial(_denoiser, HeliosTransformer(self.transformer_config, self.attention_impl),
                                            self._ticker)
         self._decoders = {out: vae_lib.chunk_decoder(self.vae_config, self.vae_dtype, out) for out in ("uint8", "float")}
         self._encode = jax.jit(lambda p, v: vae_lib.WanVAE(self.vae_config).apply({"params": p}, v, method="encode"))
@@ -178,12 +180,13 @@ class HeliosPipeline:
         *,
         dtype: Any = jnp.bfloat16,
         vae_dtype: Any = jnp.float32,
-        attention_impl: str = "xla",
+        attention_impl: str | None = None,
         compilation_cache: bool | str = True,
     ) -> "HeliosPipeline":
         """Load every component of a diffusers Helios folder. ``dtype`` is the transformer's and the text
         encoder's (the reference's ``torch_dtype``); the VAE runs in ``vae_dtype`` as the official inference
-        does. ``compilation_cache`` is a folder, True for the default user cache folder, or False."""
+        does. ``attention_impl`` None picks cuDNN on a GPU in 16-bit, else XLA (``default_impl``).
+        ``compilation_cache`` is a folder, True for the default user cache folder, or False."""
         folder = os.fspath(folder)
         spec = PipelineSpec.read(folder)
         if compilation_cache:

@@ -175,3 +175,12 @@ def test_compiled_kernel_at_helios_shapes(q_len, kv_len):
     out = lowered.compile()(q, k, v)
     ref = np.asarray(attention_reference(q, k, v), np.float64)  # float32 rounding ~1e-6: far below bf16's
     check(out, ref, jnp.bfloat16)
+
+
+def test_default_attention_is_cudnn_only_on_a_gpu_in_16_bit(monkeypatch):
+    from helios_jax.models import attention as dispatch
+
+    assert dispatch.default_impl(jnp.bfloat16) == "xla"  # this CPU
+    monkeypatch.setattr(dispatch.jax, "default_backend", lambda: "gpu")
+    assert dispatch.default_impl(jnp.bfloat16) == dispatch.default_impl(jnp.float16) == "cudnn"
+    assert dispatch.default_impl(jnp.float32) == "xla"  # cuDNN's fused attention takes 16-bit inputs only
