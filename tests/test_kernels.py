@@ -178,8 +178,7 @@ def test_compiled_kernel_at_helios_shapes(q_len, kv_len):
 
 
 def test_default_attention_is_cudnn_only_on_a_gpu_in_16_bit(monkeypatch):
-    from helios_jax.models import attention as dispatch
-
+    dispatch = attention_mod
     assert dispatch.default_impl(jnp.bfloat16) == "xla"  # this CPU
     monkeypatch.setattr(dispatch.jax, "default_backend", lambda: "gpu")
     assert dispatch.default_impl(jnp.bfloat16) == dispatch.default_impl(jnp.float16) == "cudnn"
