@@ -4,11 +4,13 @@ from helios_jax import sampling  # hj.sampling: schedules, steps, denoise_chunk
 from helios_jax.config import ConfigError, TransformerConfig, UMT5Config, VAEConfig
 from helios_jax.loading import load_text_encoder, load_transformer, load_vae
 from helios_jax.models import HeliosTransformer, UMT5Encoder, WanVAE
+from helios_jax.pipeline import HeliosPipeline
 from helios_jax.prompts import PromptEncoder, PromptSchedule, plan_prompt_chunks
 from helios_jax.tokenizer import PromptTokenizer, clean_prompt
 
 __all__ = [
     "ConfigError",
+    "HeliosPipeline",
     "HeliosTransformer",
     "PromptEncoder",
     "PromptSchedule",
