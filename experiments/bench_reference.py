@@ -1,7 +1,8 @@
-"""The PyTorch reference (diffusers' HeliosTransformer3DModel) on the same GPU and shapes as bench_dit.
+"""The PyTorch reference (diffusers' Helios) on the same GPU, shapes and chunks as bench_dit.
 
     python experiments/bench_reference.py                      # eager (SDPA flash, SDPA cuDNN) and compiled
     python experiments/bench_reference.py --modes eager --attention flash
+    python experiments/bench_reference.py --measure distilled --modes compiled
 
 Random bf16 weights made on the GPU (the modules diffusers keeps in float32 in float32, as after
 ``from_pretrained(torch_dtype=bfloat16)``), the config of ``helios_jax.config.TransformerConfig()``
@@ -13,11 +14,27 @@ does. Attention: torch's SDPA restricted to one backend, ``flash`` (FlashAttenti
 ``cudnn`` (cuDNN's fused attention). The official inference uses FlashAttention-3 from the
 ``kernels`` hub, which needs a network this machine does not have; cuDNN's Hopper kernel is the
 nearest stand-in. Timing with CUDA events, median; memory is the peak allocated in each forward.
+
+``distilled`` and ``base`` time whole chunks with diffusers' ``HeliosPyramidPipeline`` (distilled,
+HeliosDMDScheduler) and ``HeliosPipeline`` (single-stage UniPC, 50 steps, CFG) built from the same
+random-weight transformer, the Wan2.1 ``AutoencoderKLWan`` (fp32, as the official inference) and the
+scheduler configs bench_dit uses, with random bf16 ``prompt_embeds`` instead of a text encoder.
+``compiled`` compiles the pipeline's transformer in place (``transformer.compile(mode=..., dynamic=False)``,
+as ``infer_helios.py --enable_compile``). That script also calls ``vae.compile(...)``, but ``Module.compile``
+wraps only ``__call__`` and the pipelines call ``vae.decode``, so it changes nothing there; not repeated here.
+The reference decodes each chunk as soon as it is sampled; a wrapper around its ``vae.decode``
+synchronises the device around the decode and reads the host clock, which gives each chunk's wall
+time (the first counted from the call) and its decode time, in the same run. A two-chunk call warms
+up, then a call of ``--chunks`` chunks is timed: its first chunk, and the median of the rest (steady
+state, FPS = 33 / steady s). ``output_type="latent"`` leaves out the reference's final whole-video
+conversion to numpy (once per video, after the last chunk). The distilled scheduler's gamma is 1/3
+on a GPU; on a CPU torch's float32 Cholesky of that covariance fails (NOTES.md), so 0.25 is used there.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import statistics
 import time
@@ -27,11 +44,13 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import common
-from helios_jax.config import TransformerConfig, to_dict
+from helios_jax.config import TransformerConfig, VAEConfig, to_dict
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 COMPILE_MODE = "max-autotune-no-cudagraphs"  # PKU-YuanGroup/Helios infer_helios.py, --enable_compile
+VAE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CPU_GAMMA = 0.25  # torch's float32 Cholesky of the gamma = 1/3 block covariance fails on a CPU
 
 
 @dataclasses.dataclass
@@ -47,6 +66,8 @@ class Bench:
     warmup: int
     compile_mode: str
     matmul_tflops: float
+    chunk: common.ChunkSettings | None = None  # what the chunk measurements generate
+    gamma: float = 1 / 3  # the distilled scheduler's block-noise correlation
 
 
 def build_model(cfg: TransformerConfig, device: torch.device, std: float = 0.02) -> torch.nn.Module:
@@ -150,8 +171,7 @@ def measure_forward(bench: Bench) -> dict[str, Any]:
                             torch.cuda.reset_peak_memory_stats(device)
                         ms = median_ms(run, device, bench.warmup, bench.reps)
                 except Exception as e:  # one backend unavailable must not hide the others
-                    rows.append([stage, f"{noisy}+{history}", mode, backend,
-                                 f"failed: {type(e).__name__}: {str(e)[:80]}", "", "", "", ""])
+                    rows.append(common.failed_row([stage, f"{noisy}+{history}", mode, backend], e, 9))
                     continue
                 peak = common.gib(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else ""
                 tflops = flops / ms / 1e9
@@ -166,7 +186,197 @@ def measure_forward(bench: Bench) -> dict[str, Any]:
     return {"title": title, "headers": headers, "rows": rows, "notes": ""}
 
 
-MEASUREMENTS: dict[str, Callable[[Bench], dict[str, Any]]] = {"forward": measure_forward}
+def build_vae(settings: common.ChunkSettings, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """diffusers' AutoencoderKLWan of ``settings.vae_kwargs`` (the Wan2.1 VAE by default), made on
+    ``device`` with its own random initialisation."""
+    from diffusers import AutoencoderKLWan
+
+    with device:
+        vae = AutoencoderKLWan(**to_dict(VAEConfig(**settings.vae_kwargs)))
+    if dtype != torch.float32:  # made in float32; diffusers warns on any .to(dtype), even a no-op
+        vae = vae.to(dtype)
+    return vae.eval().requires_grad_(False)
+
+
+def build_pipeline(bench: Bench, vae: torch.nn.Module, scheduler_config: dict[str, Any], distilled: bool) -> Any:
+    """HeliosPyramidPipeline (distilled) or HeliosPipeline from the bench's transformer and ``vae``, no text encoder."""
+    from diffusers import HeliosDMDScheduler, HeliosPipeline, HeliosPyramidPipeline, HeliosScheduler
+
+    schedulers = {"HeliosDMDScheduler": HeliosDMDScheduler, "HeliosScheduler": HeliosScheduler}
+    scheduler = schedulers[scheduler_config["_class_name"]].from_config(scheduler_config)
+    parts = dict(tokenizer=None, text_encoder=None, vae=vae, scheduler=scheduler, transformer=bench.model)
+    pipe = HeliosPyramidPipeline(**parts, is_distilled=True) if distilled else HeliosPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@contextlib.contextmanager
+def compiled(model: torch.nn.Module, mode: str):
+    """``model.compile`` in place for the block (as infer_helios.py compiles the pipeline's transformer),
+    eager again after, so that later measurements of the same model start eager."""
+    torch.backends.cudnn.benchmark = True
+    model.compile(mode=mode, dynamic=False)
+    try:
+        yield
+    finally:
+        model._compiled_call_impl = None  # what Module.compile set; None restores the eager call
+
+
+class ChunkClock:
+    """Wraps the pipeline's ``vae.decode``, which the reference calls once at the end of every chunk: the
+    host time each chunk is done and each decode's duration, the device synchronised around the decode."""
+
+    def __init__(self, pipe: Any, device: torch.device):
+        self.vae, self.device, self.decode = pipe.vae, device, pipe.vae.decode
+        self.ends: list[float] = []
+        self.decodes: list[float] = []
+
+    def __enter__(self) -> "ChunkClock":
+        self.vae.decode = self._timed
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        del self.vae.decode  # the instance attribute: the class's method is back
+
+    def _timed(self, *args: Any, **kwargs: Any) -> Any:
+        synchronize(self.device)
+        start = time.perf_counter()
+        out = self.decode(*args, **kwargs)
+        synchronize(self.device)
+        end = time.perf_counter()
+        self.decodes.append(end - start)
+        self.ends.append(end)
+        return out
+
+
+def chunk_seconds(pipe: Any, bench: Bench, chunks: int, backend: str,
+                  **settings: Any) -> tuple[list[float], list[float]]:
+    """Wall seconds of each chunk of one pipeline call (the first counted from the call) and of each decode."""
+    frames = common.video_frames(settings["num_latent_frames_per_chunk"])
+    generator = torch.Generator(bench.device).manual_seed(0)
+    with ChunkClock(pipe, bench.device) as clock, sdpa_kernel([BACKENDS[backend]]):
+        start = time.perf_counter()
+        pipe(num_frames=chunks * frames, generator=generator, output_type="latent", **settings)
+    ends = [start, *clock.ends]
+    if len(clock.ends) != chunks:
+        raise RuntimeError(f"the pipeline decoded {len(clock.ends)} chunks, not {chunks}")
+    return [b - a for a, b in zip(ends, ends[1:])], clock.decodes
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> Any:
+    return common.gib(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else ""
+
+
+def text_embeddings(bench: Bench, seed: int) -> torch.Tensor:
+    generator = torch.Generator(bench.device).manual_seed(seed)
+    return torch.randn(1, bench.chunk.text_tokens, bench.cfg.text_dim, generator=generator, device=bench.device,
+                       dtype=torch.bfloat16)
+
+
+def mode_settings(bench: Bench):
+    """(mode, attention backends, context) for each mode: eager with every backend, compiled with the first
+    (compiled graphs are specialised to the backend they were traced with)."""
+    for mode in bench.modes:
+        if mode == "compiled":
+            yield mode, bench.attention[:1], compiled(bench.model, bench.compile_mode)
+        else:
+            yield mode, bench.attention, contextlib.nullcontext()
+
+
+def chunk_title(what: str, bench: Bench, work: common.Workload) -> str:
+    s = bench.chunk
+    return (f"{what}, diffusers + torch, {bench.cfg.num_layers} layers x {bench.cfg.inner_dim} bf16 transformer + "
+            f"AutoencoderKLWan (base_dim {VAEConfig(**s.vae_kwargs).base_dim}), {s.height}x{s.width}, "
+            f"{common.video_frames(s.latent_frames)} frames per chunk ({common.workload_label(work)}); compiled = "
+            f"transformer.compile(mode={bench.compile_mode!r}, "
+            f"dynamic=False); MFU of the sampling against {bench.matmul_tflops:.4g} TFLOP/s (bf16 matmul measured "
+            "in this run).")
+
+
+def measure_distilled(bench: Bench) -> dict[str, Any]:
+    s = bench.chunk
+    work = common.chunk_workload(s.height, s.width, 3, s.text_tokens, s.latent_frames)
+    frames = common.video_frames(s.latent_frames)
+    scheduler = {**common.distilled_scheduler(), "gamma": bench.gamma}
+    context = text_embeddings(bench, 1)
+    headers = ["mode", "attention", "VAE", "steps", "amplify 1st", *common.CHUNK_HEADERS]
+    rows = []
+    for vae_name in s.vae_dtypes:
+        vae = build_vae(s, bench.device, VAE_DTYPES[vae_name])
+        pipe = build_pipeline(bench, vae, scheduler, distilled=True)
+        for mode, backends, context_manager in mode_settings(bench):
+            with context_manager:
+                for backend in backends:
+                    for steps in s.pyramid_steps:
+                        flops = common.chunk_flops(bench.cfg, work, steps, guided=False)
+                        for amplify in s.amplify:
+                            label = [mode, backend, vae_name, "+".join(map(str, steps)), "yes" if amplify else "no"]
+                            settings = dict(prompt_embeds=context, height=s.height, width=s.width, guidance_scale=1.0,
+                                            num_latent_frames_per_chunk=s.latent_frames,
+                                            pyramid_num_inference_steps_list=list(steps),
+                                            is_amplify_first_chunk=amplify)
+                            try:
+                                cold, _ = chunk_seconds(pipe, bench, 2, backend, **settings)
+                                reset_peak(bench.device)
+                                timed, decodes = chunk_seconds(pipe, bench, s.chunks, backend, **settings)
+                            except Exception as e:  # one backend unavailable must not hide the others
+                                rows.append(common.failed_row(label, e, len(headers)))
+                                continue
+                            rows.append(common.chunk_row(label, cold[0], timed[0], timed[1:],
+                                                         statistics.median(decodes[1:]), frames, flops,
+                                                         bench.matmul_tflops, peak_gib(bench.device)))
+                            print(common.markdown_table(headers, rows[-1:]).splitlines()[-1], flush=True)
+        del pipe, vae
+    notes = (f"\nGamma {bench.gamma:.4g}. A call of {s.chunks} chunks per row after a 2-chunk warm-up call; steady = "
+             f"median of its chunks 2..{s.chunks}, decode = median of their decodes; FPS = {frames} / steady chunk "
+             "s; peak GiB: torch's peak allocated in the timed call.\n")
+    return {"title": chunk_title("Distilled chunk (HeliosPyramidPipeline, DMD, guidance 1.0)", bench, work),
+            "headers": headers, "rows": rows, "notes": notes}
+
+
+def measure_base(bench: Bench) -> dict[str, Any]:
+    s = bench.chunk
+    work = common.chunk_workload(s.height, s.width, 1, s.text_tokens, s.latent_frames)
+    frames = common.video_frames(s.latent_frames)
+    flops = common.chunk_flops(bench.cfg, work, (s.base_steps,), guided=True)
+    context, negative = text_embeddings(bench, 1), text_embeddings(bench, 4)
+    vae_name = s.vae_dtypes[0]
+    vae = build_vae(s, bench.device, VAE_DTYPES[vae_name])
+    pipe = build_pipeline(bench, vae, common.base_scheduler(s.base_shift), distilled=False)
+    headers = ["mode", "attention", "VAE", "steps", "guidance", *common.CHUNK_HEADERS]
+    rows = []
+    for mode, backends, context_manager in mode_settings(bench):
+        with context_manager:
+            for backend in backends:
+                label = [mode, backend, vae_name, s.base_steps, f"CFG {s.guidance_scale:g}"]
+                try:
+                    reset_peak(bench.device)
+                    timed, decodes = chunk_seconds(
+                        pipe, bench, s.base_chunks, backend, prompt_embeds=context, negative_prompt_embeds=negative,
+                        height=s.height, width=s.width, num_inference_steps=s.base_steps,
+                        guidance_scale=s.guidance_scale, num_latent_frames_per_chunk=s.latent_frames)
+                except Exception as e:
+                    rows.append(common.failed_row(label, e, len(headers)))
+                    continue
+                rows.append(common.chunk_row(label, timed[0], "", timed[1:], statistics.median(decodes[1:]), frames,
+                                             flops, bench.matmul_tflops, peak_gib(bench.device)))
+                print(common.markdown_table(headers, rows[-1:]).splitlines()[-1], flush=True)
+    notes = (f"\nOne call of {s.base_chunks} chunks per row: the first (cold) warms up and compiles, steady = "
+             f"median of the rest. Scheduler: single-stage UniPC, shift {s.base_shift:g}.\n")
+    return {"title": chunk_title(f"Base chunk (HeliosPipeline, {s.base_steps} UniPC steps, CFG)", bench, work),
+            "headers": headers, "rows": rows, "notes": notes}
+
+
+MEASUREMENTS: dict[str, Callable[[Bench], dict[str, Any]]] = {
+    "forward": measure_forward,
+    "distilled": measure_distilled,
+    "base": measure_base,
+}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -179,9 +389,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model on tiny latents (CPU smoke run)")
+    common.add_chunk_arguments(parser)
+    parser.add_argument("--gamma", type=float, default=None,
+                        help=f"the distilled scheduler's gamma (default 1/3; {CPU_GAMMA} on a CPU)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--results", default=common.RESULTS, help="markdown file to append to ('' = none)")
     args = parser.parse_args(argv)
+    measures = args.measure.split(",")
+    unknown = sorted(set(measures) - set(MEASUREMENTS))
+    if unknown:
+        parser.error(f"unknown measurement(s) {unknown}; choose among {list(MEASUREMENTS)}")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = TransformerConfig(**common.tiny_config_kwargs()) if args.tiny else TransformerConfig()
@@ -193,9 +410,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     model = build_model(cfg, device)
     rate = matmul_tflops(device, 512 if args.tiny else 8192, args.reps)
+    gamma = args.gamma if args.gamma is not None else (1 / 3 if device.type == "cuda" else CPU_GAMMA)
+    chunk = common.chunk_settings(args, work.text_tokens)
     bench = Bench(model, cfg, work, device, args.modes.split(","), (args.attention or "flash,cudnn").split(","),
-                  stages, args.reps, args.warmup, args.compile_mode, rate)
-    tables = {name: MEASUREMENTS[name](bench) for name in args.measure.split(",")}
+                  stages, args.reps, args.warmup, args.compile_mode, rate, chunk, gamma)
+    tables = {name: MEASUREMENTS[name](bench) for name in measures}
     body = "\n\n".join(f"{t['title']}\n\n{common.markdown_table(t['headers'], t['rows'])}{t['notes']}"
                        for t in tables.values())
     print(body, flush=True)

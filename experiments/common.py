@@ -71,6 +71,128 @@ def tiny_config_kwargs() -> dict[str, Any]:
                 out_channels=16, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2)
 
 
+def tiny_vae_kwargs() -> dict[str, Any]:
+    """A VAEConfig with the Wan2.1 block structure at a width the CPU decodes in a blink."""
+    return dict(base_dim=4, z_dim=16)
+
+
+# --- Whole chunks (the chunk measurements of bench_dit.py and bench_reference.py) -------------------
+
+LATENT_FRAMES = 9  # latent frames per chunk (Helios'): 33 video frames
+VAE_FACTOR = 8  # pixels per latent, each side
+
+
+def video_frames(latent_frames: int) -> int:
+    """Video frames the causal VAE decodes from one chunk's latent frames: 1 + 4(T - 1)."""
+    return 1 + 4 * (latent_frames - 1)
+
+
+def chunk_workload(height: int, width: int, num_stages: int, text_tokens: int = 512,
+                   latent_frames: int = LATENT_FRAMES) -> Workload:
+    """The DiT's workload in one chunk of generation at height x width: each pyramid stage's latents
+    (halved per stage below full size), the history at full size (16/2/1 frames plus the prefix)."""
+    h, w = height // VAE_FACTOR, width // VAE_FACTOR
+    stages = tuple((h >> (num_stages - 1 - s), w >> (num_stages - 1 - s)) for s in range(num_stages))
+    return Workload(f"chunk-{height}x{width}", stages=stages, frames=latent_frames, history_hw=(h, w),
+                    text_tokens=text_tokens)
+
+
+def chunk_flops(cfg: Any, work: Workload, stage_steps: Sequence[int], guided: bool) -> float:
+    """Model FLOPs of the DiT in one chunk: forwards per stage x FLOPs per forward, twice with CFG."""
+    return (2 if guided else 1) * sum(n * dit_flops(cfg, work, s)["total"] for s, n in enumerate(stage_steps))
+
+
+def distilled_scheduler() -> dict[str, Any]:
+    """HeliosDMDScheduler's config for the distilled model (the embedded demo checkpoint's, gamma 1/3)."""
+    from helios_jax.demo import SCHEDULER
+
+    return dict(SCHEDULER)
+
+
+def base_scheduler(shift: float) -> dict[str, Any]:
+    """A single-stage UniPC HeliosScheduler, as HeliosPipeline (Helios-Base) samples with.
+
+    Helios-Base's own scheduler_config.json was not available here; ``shift`` (1.0 by default, as in
+    diffusers' tiny Helios test pipeline) changes the timestep values, not the work per step.
+    """
+    return {"_class_name": "HeliosScheduler", "num_train_timesteps": 1000, "shift": shift, "stages": 1,
+            "stage_range": [0, 1], "gamma": 1 / 3, "prediction_type": "flow_prediction", "use_flow_sigmas": True,
+            "use_dynamic_shifting": False, "time_shift_type": "exponential", "scheduler_type": "unipc",
+            "solver_order": 2, "solver_type": "bh2", "predict_x0": True, "lower_order_final": True}
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkSettings:
+    """What the chunk measurements generate, the same on the JAX and the torch side."""
+
+    height: int
+    width: int
+    vae_kwargs: dict[str, Any]  # VAEConfig / AutoencoderKLWan arguments
+    vae_dtypes: tuple[str, ...]  # "fp32" (as the official inference), "bf16"
+    latent_frames: int  # per chunk (num_latent_frames_per_chunk)
+    pyramid_steps: tuple[tuple[int, ...], ...]  # the distilled model's pyramid_num_inference_steps_list
+    amplify: tuple[bool, ...]  # is_amplify_first_chunk
+    chunks: int  # chunks of each timed stream: the first one, then the steady ones
+    text_tokens: int
+    base_steps: int
+    base_chunks: int
+    base_shift: float
+    guidance_scale: float
+
+
+def add_chunk_arguments(parser: Any) -> None:
+    parser.add_argument("--size", default="384x640", help="height x width of the video chunks")
+    parser.add_argument("--vae-dtypes", default="fp32", help="fp32 (the official inference's) and/or bf16")
+    parser.add_argument("--latent-frames", type=int, default=None,
+                        help=f"latent frames per chunk (default {LATENT_FRAMES}; 2 with --tiny)")
+    parser.add_argument("--pyramid-steps", default="2,2,2/1,1,1", help="distilled step lists, '/' between them")
+    parser.add_argument("--amplify", default="0,1", help="is_amplify_first_chunk values: 0 and/or 1")
+    parser.add_argument("--chunks", type=int, default=6, help="chunks per timed stream (first + steady ones), >= 2")
+    parser.add_argument("--base-steps", type=int, default=50)
+    parser.add_argument("--base-chunks", type=int, default=2, help="chunks of the base stream (the first compiles)")
+    parser.add_argument("--base-shift", type=float, default=1.0, help="the base scheduler's shift (unverified)")
+    parser.add_argument("--guidance-scale", type=float, default=5.0, help="the base setting's CFG scale")
+
+
+def chunk_settings(args: Any, text_tokens: int) -> ChunkSettings:
+    """ChunkSettings from ``add_chunk_arguments``' flags; ``--tiny`` makes 64x64 chunks of 2 latent frames
+    with a tiny VAE."""
+    height, width = (64, 64) if args.tiny else (int(v) for v in args.size.lower().split("x"))
+    if height % 64 or width % 64:
+        raise SystemExit(f"--size {height}x{width}: the 3-stage pyramid needs multiples of 64")
+    if args.chunks < 2 or args.base_chunks < 2:
+        raise SystemExit("--chunks and --base-chunks must be >= 2: the first chunk, then at least one steady one")
+    return ChunkSettings(
+        height=height, width=width, vae_kwargs=tiny_vae_kwargs() if args.tiny else {},
+        vae_dtypes=tuple(args.vae_dtypes.split(",")),
+        latent_frames=args.latent_frames or (2 if args.tiny else LATENT_FRAMES),
+        pyramid_steps=tuple(tuple(int(n) for n in steps.split(",")) for steps in args.pyramid_steps.split("/")),
+        amplify=tuple(bool(int(a)) for a in args.amplify.split(",")), chunks=args.chunks, text_tokens=text_tokens,
+        base_steps=args.base_steps, base_chunks=args.base_chunks, base_shift=args.base_shift,
+        guidance_scale=args.guidance_scale)
+
+
+def chunk_row(label: list[Any], cold_s: float, first_s: Any, steady_s: Sequence[float], decode_s: float,
+              frames: int, flops: float, matmul_tflops: float, peak_gib: Any) -> list[Any]:
+    """One row of a chunk table: first-chunk times, the median steady chunk, FPS, the split into DiT
+    sampling (steady chunk minus decode) and VAE decode, the DiT's TFLOP/s and MFU over the sampling
+    (left blank where the sampling is lost in the noise of the two timings, as on a CPU at toy size)."""
+    chunk_s = statistics.median(steady_s)
+    sampling_s = chunk_s - decode_s
+    tflops = flops / sampling_s / 1e12 if sampling_s > 0 else ""
+    mfu = 100 * tflops / matmul_tflops if tflops else ""
+    return [*label, cold_s, first_s, chunk_s, frames / chunk_s, decode_s, sampling_s, tflops, mfu, peak_gib]
+
+
+def failed_row(label: list[Any], error: Exception, width: int) -> list[Any]:
+    """A table row for a setting that failed (no cuDNN, out of memory): the rest of the table still runs."""
+    return [*label, f"failed: {type(error).__name__}: {str(error)[:80]}"] + [""] * (width - len(label) - 1)
+
+
+CHUNK_HEADERS = ["first chunk s (cold)", "first chunk s (warm)", "steady chunk s", "FPS", "decode s", "sampling s",
+                 "DiT TFLOP/s", "MFU %", "peak GiB"]
+
+
 def workload_label(work: Workload) -> str:
     stages = "/".join(f"{h}x{w}" for h, w in work.stages)
     history = "/".join(str(f) for _, f in work.history_frames)

@@ -221,6 +221,13 @@ class HeliosPipeline:
             raise PipelineError(f"stream yields frames: output_type 'uint8' or 'float', not {output_type!r}")
         return self._generate(prompt, output_type=output_type, **kwargs)
 
+    def decode(self, latents: jax.Array, output_type: str = "uint8") -> jax.Array:
+        """One chunk's latents (B, C, T, h, w), as ``output_type="latent"`` returns them, to frames on the
+        device, (B, 1 + 4(T - 1), H, W, 3): the compiled decode ``stream`` runs after every chunk."""
+        if output_type not in self._decoders:
+            raise PipelineError(f"decode makes frames: output_type 'uint8' or 'float', not {output_type!r}")
+        return self._decoders[output_type](self.vae_params, latents)
+
     def num_output_frames(self, num_frames: int, num_latent_frames_per_chunk: int = 9) -> int:
         """How many frames a request for ``num_frames`` returns (whole chunks, trimmed to 4k + 1)."""
         return output_frames(num_chunks(num_frames, num_latent_frames_per_chunk), num_latent_frames_per_chunk)
@@ -311,7 +318,7 @@ class HeliosPipeline:
                 if output_type == "latent":
                     yield np.asarray(jnp.concatenate([*kept, latents], axis=2) if k == 0 else latents)
                 else:
-                    frames = np.asarray(self._decoders[output_type](self.vae_params, latents))
+                    frames = np.asarray(self.decode(latents, output_type))
                     take = min(frames.shape[1], frames_left)
                     frames_left -= take
                     yield frames[:, :take]

@@ -38,6 +38,20 @@ def test_flop_count_matches_the_documented_workload():
     assert 0.28 < flops[2]["attention"] / flops[2]["total"] < 0.30
 
 
+def test_chunk_workload_is_the_documented_one():
+    """At 384x640 the chunk's DiT sees the forward benchmark's shapes; a distilled 2+2+2 chunk is ~1.10 PFLOP
+    (NOTES.md), a base chunk 50 steps x 2 forwards at the full-size stage."""
+    cfg = TransformerConfig()
+    work = common.chunk_workload(384, 640, 3)
+    assert (work.stages, work.frames, work.history_hw, work.history_frames, work.text_tokens) == (
+        common.HELIOS.stages, common.HELIOS.frames, common.HELIOS.history_hw, common.HELIOS.history_frames, 512)
+    assert round(common.chunk_flops(cfg, work, (2, 2, 2), guided=False) / 1e13) == 110
+    base = common.chunk_workload(384, 640, 1)
+    assert base.stages == ((48, 80),)
+    assert common.chunk_flops(cfg, base, (50,), guided=True) == 100 * common.dit_flops(cfg, common.HELIOS, 2)["total"]
+    assert common.video_frames(common.LATENT_FRAMES) == 33
+
+
 def test_bench_attention_tiny(tmp_path):
     result = bench_attention.main(["--tiny", "--impls", "xla,pallas", "--json", str(tmp_path / "a.json"),
                                    "--results", str(tmp_path / "r.md")])
@@ -49,21 +63,56 @@ def test_bench_attention_tiny(tmp_path):
 
 def test_bench_dit_and_reference_tiny_then_combined(tmp_path):
     out = str(tmp_path)
-    dit = bench_dit.main(["--tiny", "--stages", "1", "--reps", "1", "--warmup", "1", "--json", f"{out}/dit.json",
-                          "--results", f"{out}/results.md"])
+    dit = bench_dit.main(["--tiny", "--measure", "forward", "--stages", "1", "--reps", "1", "--warmup", "1",
+                          "--json", f"{out}/dit.json", "--results", f"{out}/results.md"])
     rows = dit["tables"]["forward"]["rows"]
     assert [r[2] for r in rows] == ["xla", "pallas"] and all(isinstance(r[4], float) for r in rows)
     assert rows[1][-1] < 1e-2  # the pallas model's output against the xla model's, bf16
-    ref = bench_reference.main(["--tiny", "--stages", "1", "--modes", "eager", "--attention", "math", "--reps", "1",
-                                "--warmup", "0", "--json", f"{out}/reference.json", "--results", f"{out}/results.md"])
+    ref = bench_reference.main(["--tiny", "--measure", "forward", "--stages", "1", "--modes", "eager", "--attention",
+                                "math", "--reps", "1", "--warmup", "0", "--json", f"{out}/reference.json",
+                                "--results", f"{out}/results.md"])
     assert isinstance(ref["tables"]["forward"]["rows"][0][5], float)
+
+    # The chunk measurements: the tiny DiT in the pipelines with a tiny VAE, 1+1+1 distilled steps with and
+    # without the amplified first chunk, 2 base steps with CFG; 2 chunks per stream (the first, one steady).
+    chunk_args = ["--tiny", "--measure", "distilled,base", "--pyramid-steps", "1,1,1", "--amplify", "0,1", "--chunks",
+                  "2", "--base-steps", "2", "--reps", "1", "--warmup", "0", "--results", f"{out}/results.md"]
+    jax_chunks = bench_dit.main([*chunk_args, "--impls", "xla", "--json", f"{out}/distilled.json"])["tables"]
+    torch_chunks = bench_reference.main([*chunk_args, "--modes", "eager", "--attention", "math",
+                                         "--json", f"{out}/reference-distilled.json"])["tables"]
+    for tables, setting in ((jax_chunks, ["xla", "fp32"]), (torch_chunks, ["eager", "math", "fp32"])):
+        distilled, base = tables["distilled"], tables["base"]
+        assert [r[:len(setting) + 2] for r in distilled["rows"]] == [[*setting, "1+1+1", amplify]
+                                                                      for amplify in ("no", "yes")]
+        assert [r[:len(setting) + 2] for r in base["rows"]] == [[*setting, 2, "CFG 5"]]
+        for table in (distilled, base):
+            for row in table["rows"]:
+                values = dict(zip(table["headers"], row))
+                assert all(values[h] > 0 for h in ("first chunk s (cold)", "steady chunk s", "decode s")), row
+                assert values["FPS"] == pytest.approx(5 / values["steady chunk s"])  # 2 latent frames: 5 frames
+                assert values["sampling s"] == pytest.approx(values["steady chunk s"] - values["decode s"])
+
     with open(f"{out}/run_all.log", "w") as log:
         run_all.combine(out, log)
     results = (tmp_path / "results.md").read_text()
     assert "## bench_dit" in results and "## bench_reference" in results and "## run_all: JAX vs PyTorch" in results
+    ratios = results[results.index("## run_all"):]
+    assert "Distilled chunk (pyramid, DMD), JAX" in ratios and "Base chunk (single-stage UniPC, CFG), JAX" in ratios
+    table = run_all.chunk_ratio(jax_chunks["distilled"], torch_chunks["distilled"], "distilled")
+    lines = [line for line in table.splitlines() if line.startswith("| fp32 |")]
+    assert len(lines) == 2  # one row per (VAE, steps, amplify) measured on both sides
+    for line in lines:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        jax_fps, torch_fps = (_fps(side["distilled"], cells[2]) for side in (jax_chunks, torch_chunks))
+        assert float(cells[-1]) == pytest.approx(jax_fps / torch_fps, rel=5e-3)  # printed to 3 digits
     target = tmp_path / "RESULTS.md"
     run_all.merge(f"{out}/results.md", str(target))
-    assert target.read_text().count("\n## ") == 3
+    assert target.read_text().count("\n## ") == 5  # bench_dit, bench_reference (forward, chunks) and run_all
+
+
+def _fps(table: dict, amplify: str) -> float:
+    rows = [dict(zip(table["headers"], row)) for row in table["rows"]]
+    return next(row["FPS"] for row in rows if row["amplify 1st"] == amplify)
 
 
 def test_compile_study_tiny(tmp_path):
@@ -85,6 +134,31 @@ def test_unrolled_model_is_the_same_function():
     scanned, unrolled = (jax.jit(HeliosTransformer(cfg, scan_unroll=u).apply)({"params": params}, **inputs)
                          for u in (1, True))
     np.testing.assert_allclose(np.asarray(unrolled), np.asarray(scanned), rtol=1e-5, atol=1e-5)
+
+
+def test_run_all_joins_parts_split_by_impl_and_mode(tmp_path):
+    """The chunk parts split to fit the per-command limit (one impl or torch mode per part) are joined
+    into one JAX / torch table: the best of each side, wherever it was measured."""
+    def part(name: str, measure: str, label_headers: list[str], rows: list[tuple[list, float]]) -> None:
+        headers = [*label_headers, "VAE", "steps", "amplify 1st", *common.CHUNK_HEADERS]
+        table_rows = [common.chunk_row([*label, "fp32", "2+2+2", "no"], 9.0, 2.0, [steady], 0.25, 33, 1e15, 800.0, 40.0)
+                      for label, steady in rows]
+        common.write_json(str(tmp_path / f"{name}.json"), {
+            "env": {"device": "NVIDIA H100 (gpu)", "versions": {}, "date": "d", "commit": "c", "host": "h"},
+            "tables": {measure: {"title": "t", "headers": headers, "rows": table_rows, "notes": ""}}})
+
+    part("distilled-cudnn", "distilled", ["impl"], [(["cudnn"], 1.65)])
+    part("distilled-xla", "distilled", ["impl"], [(["xla"], 3.3)])
+    part("reference-distilled-eager", "distilled", ["mode", "attention"], [(["eager", "flash"], 4.125)])
+    part("reference-distilled-compiled", "distilled", ["mode", "attention"], [(["compiled", "flash"], 2.0625)])
+    with open(tmp_path / "log", "w") as log:
+        run_all.combine(str(tmp_path), log)
+    text = (tmp_path / "results.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| fp32 |"))
+    # FPS 20 (cudnn), 10 (xla), 8 (eager flash), 16 (compiled flash): best 20 over best 16.
+    assert [c.strip() for c in row.strip("|").split("|")] == [
+        "fp32", "2+2+2", "no", "20", "10", "8", "16", "1.65", "2.06", "cudnn / compiled flash", "1.25"]
+    assert "WARNING" not in text
 
 
 @pytest.mark.parametrize("bad", ["nope", "dit,bogus"])

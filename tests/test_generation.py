@@ -144,6 +144,20 @@ def test_interactive_prompts_switch_the_conditioning(pipe):
     assert not np.array_equal(switched[33:], kept[33:])
 
 
+def test_decode_is_the_decode_stream_runs(pipe):
+    """``pipe.decode`` (the public handle on the compiled chunk decode, timed by experiments/bench_dit.py)
+    turns a chunk's latent output into exactly the frames the pipeline streams."""
+    latents = pipe(**SMALL, num_frames=33, seed=2, output_type="latent")
+    frames = pipe(**SMALL, num_frames=33, seed=2)
+    decoded = np.asarray(pipe.decode(jnp.asarray(latents)))
+    assert decoded.dtype == np.uint8 and decoded.shape == (1, *frames.shape)
+    np.testing.assert_array_equal(decoded[0], frames)
+    unit = np.asarray(pipe.decode(jnp.asarray(latents), "float"))
+    np.testing.assert_allclose(unit * 255, decoded, atol=0.5 + 1e-3)  # float in [0, 1]; uint8 is it rounded
+    with pytest.raises(PipelineError, match="output_type 'uint8' or 'float', not 'latent'"):
+        pipe.decode(latents, "latent")
+
+
 def test_jax_key_instead_of_seed(pipe):
     a = pipe(**SMALL, num_frames=33, key=jax.random.key(7))
     b = pipe(**SMALL, num_frames=33, seed=7)
