@@ -178,12 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
         mosaic_headers = ["shape", "padded to", "ms", "TFLOP/s (unpadded FLOPs)"]
         body += ("\nJAX's bundled Mosaic GPU attention (block_q 64 per warpgroup x 2, block_kv 128) on inputs padded "
                  "to multiples of 128, timing only:\n\n" + common.markdown_table(mosaic_headers, mosaic_bundled(setup)))
-    print(body, flush=True)
-    if args.results:
-        common.append_results("bench_attention", env, body, args.results)
-    if args.json:
-        common.write_json(args.json, result)
-    return result
+    return common.report("bench_attention", env, body, result, args)
 
 
 if __name__ == "__main__":

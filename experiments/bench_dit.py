@@ -347,24 +347,14 @@ MEASUREMENTS: dict[str, Callable[[Bench], Table]] = {
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--measure", default=",".join(MEASUREMENTS), help=f"any of {list(MEASUREMENTS)}")
+    common.bench_arguments(parser, list(MEASUREMENTS))
     parser.add_argument("--impls", default=None,
                         help="attention impls (default: cudnn,pallas,xla on a GPU; xla,pallas on a CPU)")
-    parser.add_argument("--stages", default=None, help="pyramid stages, e.g. 0,1,2 (default: all)")
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--tiny", action="store_true", help="a 2-layer model on tiny latents (CPU smoke run)")
-    common.add_chunk_arguments(parser)
     parser.add_argument("--compilation-cache", default=None,
                         help="persistent XLA cache folder (default: a fresh one per run, so first chunks compile "
                              "cold; pipelines of one run share the programs they have in common, e.g. the decoder)")
-    parser.add_argument("--json", help="also write the results to this JSON file")
-    parser.add_argument("--results", default=common.RESULTS, help="markdown file to append to ('' = none)")
     args = parser.parse_args(argv)
-    measures = args.measure.split(",")
-    unknown = sorted(set(measures) - set(MEASUREMENTS))
-    if unknown:
-        parser.error(f"unknown measurement(s) {unknown}; choose among {list(MEASUREMENTS)}")
+    measures = common.selected_measures(parser, args, list(MEASUREMENTS))
 
     device = jax.devices()[0]
     on_gpu = device.platform == "gpu"
@@ -394,14 +384,9 @@ def main(argv: list[str] | None = None) -> dict:
     peak = stats.get("peak_bytes_in_use")
     peak = f"\nProcess peak device memory: {common.gib(peak):.1f} GiB.\n" if peak else ""
     body = "\n\n".join(t.markdown() for t in tables) + peak
-    print(body, flush=True)
-    if args.results:
-        common.append_results("bench_dit", env, body, args.results)
     result = {"env": env, "matmul_tflops": rate, "params": n_params,
               "tables": {name: dataclasses.asdict(t) for name, t in zip(measures, tables)}}
-    if args.json:
-        common.write_json(args.json, result)
-    return result
+    return common.report("bench_dit", env, body, result, args)
 
 
 if __name__ == "__main__":

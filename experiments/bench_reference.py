@@ -381,24 +381,14 @@ MEASUREMENTS: dict[str, Callable[[Bench], dict[str, Any]]] = {
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--measure", default=",".join(MEASUREMENTS), help=f"any of {list(MEASUREMENTS)}")
+    common.bench_arguments(parser, list(MEASUREMENTS))
     parser.add_argument("--modes", default="eager,compiled", help="eager and/or compiled")
     parser.add_argument("--attention", default=None, help=f"SDPA backends among {list(BACKENDS)} (default flash,cudnn)")
     parser.add_argument("--compile-mode", default=COMPILE_MODE, help="torch.compile mode")
-    parser.add_argument("--stages", default=None, help="pyramid stages, e.g. 0,1,2 (default: all)")
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--tiny", action="store_true", help="a 2-layer model on tiny latents (CPU smoke run)")
-    common.add_chunk_arguments(parser)
     parser.add_argument("--gamma", type=float, default=None,
                         help=f"the distilled scheduler's gamma (default 1/3; {CPU_GAMMA} on a CPU)")
-    parser.add_argument("--json", help="also write the results to this JSON file")
-    parser.add_argument("--results", default=common.RESULTS, help="markdown file to append to ('' = none)")
     args = parser.parse_args(argv)
-    measures = args.measure.split(",")
-    unknown = sorted(set(measures) - set(MEASUREMENTS))
-    if unknown:
-        parser.error(f"unknown measurement(s) {unknown}; choose among {list(MEASUREMENTS)}")
+    measures = common.selected_measures(parser, args, list(MEASUREMENTS))
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = TransformerConfig(**common.tiny_config_kwargs()) if args.tiny else TransformerConfig()
@@ -417,13 +407,7 @@ def main(argv: list[str] | None = None) -> dict:
     tables = {name: MEASUREMENTS[name](bench) for name in measures}
     body = "\n\n".join(f"{t['title']}\n\n{common.markdown_table(t['headers'], t['rows'])}{t['notes']}"
                        for t in tables.values())
-    print(body, flush=True)
-    if args.results:
-        common.append_results("bench_reference", env, body, args.results)
-    result = {"env": env, "matmul_tflops": rate, "tables": tables}
-    if args.json:
-        common.write_json(args.json, result)
-    return result
+    return common.report("bench_reference", env, body, {"env": env, "matmul_tflops": rate, "tables": tables}, args)
 
 
 if __name__ == "__main__":

@@ -140,6 +140,37 @@ class ChunkSettings:
     guidance_scale: float
 
 
+def bench_arguments(parser: Any, measurements: Sequence[str]) -> None:
+    """The flags bench_dit and bench_reference share: what to measure, how often, where results go."""
+    parser.add_argument("--measure", default=",".join(measurements), help=f"any of {list(measurements)}")
+    parser.add_argument("--stages", default=None, help="pyramid stages, e.g. 0,1,2 (default: all)")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer model on tiny latents (CPU smoke run)")
+    add_chunk_arguments(parser)
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--results", default=RESULTS, help="markdown file to append to ('' = none)")
+
+
+def selected_measures(parser: Any, args: Any, measurements: Sequence[str]) -> list[str]:
+    """The measurements ``--measure`` names, or a parser error naming the unknown ones."""
+    measures = args.measure.split(",")
+    unknown = sorted(set(measures) - set(measurements))
+    if unknown:
+        parser.error(f"unknown measurement(s) {unknown}; choose among {list(measurements)}")
+    return measures
+
+
+def report(script: str, env: dict[str, Any], body: str, result: dict[str, Any], args: Any) -> dict[str, Any]:
+    """Print a benchmark's tables and keep them where ``--results`` and ``--json`` say."""
+    print(body, flush=True)
+    if args.results:
+        append_results(script, env, body, args.results)
+    if args.json:
+        write_json(args.json, result)
+    return result
+
+
 def add_chunk_arguments(parser: Any) -> None:
     parser.add_argument("--size", default="384x640", help="height x width of the video chunks")
     parser.add_argument("--vae-dtypes", default="fp32", help="fp32 (the official inference's) and/or bf16")

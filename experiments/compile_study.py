@@ -181,12 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
         body += (f"\nPersistent compilation cache, scanned, {args.layers.split(',')[-1]} layers, each a fresh "
                  "process:\n\n" + common.markdown_table(cache_headers, cache_rows))
         result["cache"] = {"headers": cache_headers, "rows": cache_rows}
-    print(body, flush=True)
-    if args.results:
-        common.append_results("compile_study", env, body, args.results)
-    if args.json:
-        common.write_json(args.json, result)
-    return result
+    return common.report("compile_study", env, body, result, args)
 
 
 if __name__ == "__main__":
