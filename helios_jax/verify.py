@@ -12,6 +12,7 @@ It is imported when a check runs, never by the generation path.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -165,7 +166,7 @@ def check_pipeline(torch: Any, diffusers: Any, transformers: Any, folder: str) -
                 pyramid_num_inference_steps_list=[1, 1, 1], max_sequence_length=16)
     reference = diffusers.HeliosPyramidPipeline.from_pretrained(checkpoint)
     draws: list[np.ndarray] = []
-    with _recording(torch, draws):
+    with record_draws(torch, draws):
         ref = reference(**args, generator=torch.Generator().manual_seed(0), output_type="np").frames[0]
     pipe = HeliosPipeline.from_pretrained(checkpoint, dtype=jnp.float32, compilation_cache=False)
     ours = pipe(**args, noise=ReplayNoise(draws), output_type="float", progress=False)
@@ -173,26 +174,24 @@ def check_pipeline(torch: Any, diffusers: Any, transformers: Any, folder: str) -
     return [Row("pipeline (2 chunks)", "fp32", rel, max_abs, 1e-4)]
 
 
-class _recording:
-    """Records every torch.randn / torch.rand draw made inside the block."""
+@contextlib.contextmanager
+def record_draws(torch: Any, record: list[np.ndarray]) -> Iterator[list[np.ndarray]]:
+    """Record (as float32 numpy, in order) every ``torch.randn`` / ``torch.rand`` result drawn inside
+    the block: all the randomness of the reference pipelines, to replay into ours with ReplayNoise."""
+    randn, rand = torch.randn, torch.rand
 
-    def __init__(self, torch: Any, record: list[np.ndarray]):
-        self.torch, self.record = torch, record
+    def recording(fn: Callable) -> Callable:
+        def draw(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            record.append(out.detach().float().numpy().copy())
+            return out
+        return draw
 
-    def __enter__(self) -> None:
-        self.saved = self.torch.randn, self.torch.rand
-
-        def wrap(fn: Callable) -> Callable:
-            def draw(*args, **kwargs):
-                out = fn(*args, **kwargs)
-                self.record.append(out.detach().float().numpy().copy())
-                return out
-            return draw
-
-        self.torch.randn, self.torch.rand = wrap(self.saved[0]), wrap(self.saved[1])
-
-    def __exit__(self, *exc) -> None:
-        self.torch.randn, self.torch.rand = self.saved
+    torch.randn, torch.rand = recording(randn), recording(rand)
+    try:
+        yield record
+    finally:
+        torch.randn, torch.rand = randn, rand
 
 
 CHECKS: dict[str, Callable[..., list[Row]]] = {

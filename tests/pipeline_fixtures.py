@@ -25,6 +25,8 @@ from reference import randomize
 from transformers import AutoTokenizer
 from umt5_fixtures import umt5_model, write_tokenizer
 
+from helios_jax import verify
+
 TEXT_DIM = 32  # umt5_model's d_model
 # A gamma at which torch's float32 Cholesky of the block covariance succeeds on the CPU (1/3 fails there).
 GAMMA = 0.25
@@ -68,23 +70,9 @@ def reference_pipeline(kind: str, folder: str):
     return pipe.to(torch.float32), os.path.join(folder, "ckpt")
 
 
-@contextlib.contextmanager
 def record_draws(record: list[np.ndarray]):
     """Record (as float32 numpy) every ``torch.randn`` / ``torch.rand`` result drawn inside the block."""
-    randn, rand = torch.randn, torch.rand
-
-    def recording(fn):
-        def draw(*args, **kwargs):
-            out = fn(*args, **kwargs)
-            record.append(out.detach().float().numpy().copy())
-            return out
-        return draw
-
-    torch.randn, torch.rand = recording(randn), recording(rand)
-    try:
-        yield record
-    finally:
-        torch.randn, torch.rand = randn, rand
+    return verify.record_draws(torch, record)
 
 
 @contextlib.contextmanager
