@@ -16,7 +16,7 @@ from helios_jax import generate
 from helios_jax.config import ConfigError
 from helios_jax.convert import CheckpointError, export_safetensors, save_params
 from helios_jax.loading import COMPONENTS, component_of
-from helios_jax.pipeline import COMPONENTS as PIPELINE_FOLDERS, PipelineError
+from helios_jax.checkpoint import COMPONENTS as PIPELINE_FOLDERS, PipelineError
 from helios_jax.video import MediaError
 
 USER_ERRORS = (PipelineError, MediaError, ConfigError, CheckpointError, FileNotFoundError, FileExistsError,
