@@ -1,0 +1,1 @@
+"""Training: offloaded data (``data``, ``offload``), sample assembly and anti-drifting (``history``), losses."""
