@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from helios_jax.history import HistoryLayout
+from helios_jax.training.resize import apply_hw, resize_matrix
 
 HISTORY_SIZES = (16, 2, 1)
 LATENT_WINDOW = 9
@@ -169,43 +170,14 @@ class CorruptionConfig:
         return cls(**{field: cfg[key] for field, key in names.items() if key in cfg})
 
 
-def _antialias_weights(size: int, out_size: jax.Array) -> jax.Array:
-    """(size, size) matrix of torch's antialiased bilinear resize from ``size`` to ``out_size`` (traced,
-    <= size) samples; rows past ``out_size`` are zero. Equal to ``F.interpolate(..., antialias=True)``:
-    a triangle filter stretched by the scale when downsampling, each row normalised."""
-    out_f = out_size.astype(jnp.float32)
-    scale = size / out_f
-    support = jnp.maximum(scale, 1.0)
-    centers = scale * (jnp.arange(size, dtype=jnp.float32) + 0.5)
-    taps = jnp.arange(size, dtype=jnp.float32) + 0.5
-    w = jnp.maximum(0.0, 1.0 - jnp.abs(taps[None, :] - centers[:, None]) / support)
-    w = w / jnp.maximum(jnp.sum(w, axis=1, keepdims=True), 1e-30)
-    return jnp.where((jnp.arange(size) < out_size)[:, None], w, 0.0)
-
-
-def _upsample_weights(size: int, in_size: jax.Array) -> jax.Array:
-    """(size, size) matrix resizing ``in_size`` (traced, <= size) samples back up to ``size``; columns past
-    ``in_size`` are zero. Bilinear upsampling (antialias is a no-op when enlarging)."""
-    scale = in_size.astype(jnp.float32) / size
-    centers = scale * (jnp.arange(size, dtype=jnp.float32) + 0.5)
-    taps = jnp.arange(size, dtype=jnp.float32) + 0.5
-    w = jnp.maximum(0.0, 1.0 - jnp.abs(taps[None, :] - centers[:, None]))
-    w = jnp.where((jnp.arange(size) < in_size)[None, :], w, 0.0)
-    return w / jnp.maximum(jnp.sum(w, axis=1, keepdims=True), 1e-30)
-
-
 def blur(x: jax.Array, factor: jax.Array) -> jax.Array:
     """The "downsample" corruption: antialiased bilinear resize of every frame to round(factor * size)
     and back (``downsample_corrupt``). ``factor`` may be traced; shapes stay static."""
-    height, width = x.shape[-2:]
     ops = []
-    for size in (height, width):
+    for size in x.shape[-2:]:
         reduced = jnp.maximum(1, jnp.round(size * factor)).astype(jnp.int32)
-        ops.append(_upsample_weights(size, reduced) @ _antialias_weights(size, reduced))
-    hi = jax.lax.Precision.HIGHEST
-    y = jnp.einsum("ih,...hw->...iw", ops[0], x.astype(jnp.float32), precision=hi)
-    y = jnp.einsum("jw,...iw->...ij", ops[1], y, precision=hi)
-    return y.astype(x.dtype)
+        ops.append(resize_matrix(size, size, size, reduced) @ resize_matrix(size, size, reduced, size))
+    return apply_hw(x, *ops).astype(x.dtype)
 
 
 def _noise_part(key: jax.Array, x: jax.Array, ratio: float, frame_independent: bool) -> jax.Array:
