@@ -38,16 +38,13 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy for safetensors)
 import numpy as np
 from safetensors import safe_open
 
+from helios_jax.training import DataError
 from helios_jax.training.history import HISTORY_SIZES, LATENT_WINDOW
 
 MIN_FRAMES = 121  # the official loaders drop clips shorter than this
 EXTENSIONS = (".safetensors", ".pt")
 _NAME = re.compile(r"^(?P<uttid>.+)_(?P<frames>\d+)_(?P<height>\d+)_(?P<width>\d+)\.(?:safetensors|pt)$")
 _EPOCH_STRIDE = 1_000_000  # sample seed = seed + epoch * 10^6 + index, as the official
-
-
-class DataError(ValueError):
-    """Training data that cannot be used as given (a missing folder, a bad file, no usable clip)."""
 
 
 @dataclasses.dataclass(frozen=True)

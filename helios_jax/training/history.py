@@ -325,17 +325,17 @@ def push_errors(
     def one(buf: RecycleBuffers, item):
         cell, n_err, x_err, do = item
         count = buf.count[cell]
+        dist = jnp.sum(jnp.square(buf.noise[cell] - n_err).reshape(capacity, -1), axis=1)
+        nearest_x0 = jnp.argmin(jnp.sum(jnp.square(buf.x0[cell] - x_err).reshape(capacity, -1), axis=1))
+        i_noise = jnp.where(count < capacity, count, jnp.argmin(dist))
+        i_x0 = jnp.where(count < capacity, count, nearest_x0)
 
-        def slot(stored: jax.Array, new: jax.Array) -> jax.Array:
-            dist = jnp.sum(jnp.square(stored[cell] - new).reshape(capacity, -1), axis=1)
-            return jnp.where(count < capacity, count, jnp.argmin(dist))
-
-        def put(stored: jax.Array, new: jax.Array) -> jax.Array:
-            i = slot(stored, new)
+        def put(stored: jax.Array, i: jax.Array, new: jax.Array) -> jax.Array:
             return stored.at[cell, i].set(jnp.where(do, new.astype(stored.dtype), stored[cell, i]))
 
         count = jnp.where(do, jnp.minimum(count + 1, capacity), count)
-        return buf.replace(noise=put(buf.noise, n_err), x0=put(buf.x0, x_err), count=buf.count.at[cell].set(count)), None
+        return buf.replace(noise=put(buf.noise, i_noise, n_err), x0=put(buf.x0, i_x0, x_err),
+                           count=buf.count.at[cell].set(count)), None
 
     buffers, _ = jax.lax.scan(one, buffers, (buffers.cells(timesteps), noise_error, x0_error, push))
     return buffers

@@ -28,7 +28,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from helios_jax.history import video_frames_per_chunk
-from helios_jax.training.data import MIN_FRAMES, DataError, offload_name, write_offload
+from helios_jax.training import DataError
+from helios_jax.training.data import MIN_FRAMES, offload_name, write_offload
 from helios_jax.training.history import LATENT_WINDOW
 
 # The official length buckets (stride 1; 193 sits where 201 would, as in the original) and the

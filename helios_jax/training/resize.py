@@ -9,6 +9,8 @@ einsum, and the active sizes may be traced: the history blur draws its size insi
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -35,6 +37,7 @@ def apply_hw(x: jax.Array, rows: jax.Array, cols: jax.Array) -> jax.Array:
     return jnp.einsum("jw,...iw->...ij", cols, y, precision=hi)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
 def resize_antialias(x: jax.Array, height: int, width: int) -> jax.Array:
     """Antialiased bilinear resize of the last two axes to (height, width), float32."""
     h, w = x.shape[-2:]
