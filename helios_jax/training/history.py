@@ -25,6 +25,7 @@ sample in the batch has an anchor). ``per_sample_skip=False`` gives the original
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -180,11 +181,16 @@ def blur(x: jax.Array, factor: jax.Array) -> jax.Array:
     return apply_hw(x, *ops).astype(x.dtype)
 
 
+def normal(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+    """Standard normals drawn flat and reshaped: threefry over a 5-D shape compiles very slowly on the CPU."""
+    return jax.random.normal(key, (math.prod(shape),), dtype).reshape(shape)
+
+
 def _noise_part(key: jax.Array, x: jax.Array, ratio: float, frame_independent: bool) -> jax.Array:
     k_sigma, k_eps = jax.random.split(key)
     shape = (x.shape[0], 1, x.shape[2], 1, 1) if frame_independent else (x.shape[0], 1, 1, 1, 1)
     sigma = (jax.random.uniform(k_sigma, shape) * ratio).astype(x.dtype)
-    return sigma * jax.random.normal(k_eps, x.shape, x.dtype) + (1 - sigma) * x
+    return sigma * normal(k_eps, x.shape, x.dtype) + (1 - sigma) * x
 
 
 def corrupt_history(

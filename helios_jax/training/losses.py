@@ -32,6 +32,7 @@ import numpy as np
 
 from helios_jax.sampling.pyramid import resize_bilinear, upsample_nearest
 from helios_jax.sampling.schedule import HeliosSchedulerConfig, stage_sigmas
+from helios_jax.training.history import normal
 
 NUM_TRAIN_TIMESTEPS = 1000
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "none", "uniform")
@@ -107,7 +108,7 @@ def stage1_example(key: jax.Array, target: jax.Array, sampling: TimestepSampling
     ``eps - target``, timestep ``1000 s``. ``noise`` replaces the eps draw (for error recycling or tests)."""
     k_u, k_eps = jax.random.split(key)
     if noise is None:
-        noise = jax.random.normal(k_eps, target.shape, jnp.float32)
+        noise = normal(k_eps, target.shape)
     sigma = jnp.asarray(stage1_sigmas())[table_index(sampling.sample(k_u, target.shape[0]))]
     s = _per_sample(sigma, target.ndim)
     target = target.astype(jnp.float32)
@@ -195,7 +196,7 @@ def pyramid_examples(
     k_eps, key = jax.random.split(key)
     target = target.astype(jnp.float32)
     if noise is None:
-        noise = jax.random.normal(k_eps, target.shape, jnp.float32)
+        noise = normal(k_eps, target.shape)
     clean, noises = clean_pyramid(target, stages), noise_pyramid(noise, stages)
     sigmas = jnp.asarray(schedule.sigmas, jnp.float32)
     examples = []
