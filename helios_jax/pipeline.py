@@ -25,11 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from helios_jax.compilation import enable_compilation_cache
-from helios_jax.config import TransformerConfig, VAEConfig
+from helios_jax.config import TransformerConfig, VAEConfig, read_config
 from helios_jax.history import VAE_SPATIAL_FACTOR, HistoryLayout, num_chunks, output_frames, push, video_frames_per_chunk
 from helios_jax.loading import load_transformer, load_vae
 from helios_jax.models import vae as vae_lib
 from helios_jax.models.attention import default_impl
+from helios_jax.models.lora import apply_loaded, load_lora
 from helios_jax.models.transformer import HeliosTransformer
 from helios_jax.noise import KeyNoise, NoiseSource
 from helios_jax.progress import Progress
@@ -182,17 +183,24 @@ class HeliosPipeline:
         vae_dtype: Any = jnp.float32,
         attention_impl: str | None = None,
         compilation_cache: bool | str = True,
+        lora: str | os.PathLike | None = None,
+        lora_scale: float = 1.0,
     ) -> "HeliosPipeline":
         """Load every component of a diffusers Helios folder. ``dtype`` is the transformer's and the text
         encoder's (the reference's ``torch_dtype``); the VAE runs in ``vae_dtype`` as the official inference
         does. ``attention_impl`` None picks cuDNN on a GPU in 16-bit, else XLA (``default_impl``).
-        ``compilation_cache`` is a folder, True for the default user cache folder, or False."""
+        ``compilation_cache`` is a folder, True for the default user cache folder, or False. ``lora`` (a
+        diffusers LoRA folder or file) is read and checked first, then fused into the DiT at ``lora_scale``."""
         folder = os.fspath(folder)
         spec = PipelineSpec.read(folder)
+        loaded = None if lora is None else load_lora(lora, read_config(TransformerConfig, os.path.join(folder, "transformer")))
+        cfg, params = load_transformer(os.path.join(folder, "transformer"), dtype)
+        if loaded is not None:
+            params = apply_loaded(params, loaded, lora_scale)
         if compilation_cache:
             enable_compilation_cache(None if compilation_cache is True else compilation_cache)
         return cls(
-            load_transformer(os.path.join(folder, "transformer"), dtype),
+            (cfg, params),
             load_vae(os.path.join(folder, "vae"), vae_dtype),
             PromptEncoder.from_pretrained(folder, dtype),
             os.path.join(folder, "scheduler"),

@@ -193,8 +193,11 @@ def merge_lora(params: Params, lora: Params, scale: float = 1.0) -> Params:
 
 
 def trainable_mask(variables: dict[str, Params], subset: str = "lora") -> dict[str, Params]:
-    """A bool tree over ``{"params": base, "lora": lora}`` for ``optax.masked``: True for every LoRA leaf,
-    and with ``"lora+history_patches"`` for the full ``patch_short/mid/long`` params (stage 1)."""
+    """A bool tree over ``{"params": base, "lora": lora}``: True for every LoRA leaf, and with
+    ``"lora+history_patches"`` for the full ``patch_short/mid/long`` params (stage 1). ``optax.masked``
+    passes masked-out updates through unchanged, so pair it with ``optax.masked(optax.set_to_zero(), not
+    mask)``, or use :func:`trainable_labels` with ``optax.multi_transform``; better still, differentiate
+    only the trainable leaves."""
     if subset not in SUBSETS:
         raise ValueError(f"trainable subset {subset!r} is not one of {sorted(SUBSETS)}")
     full = SUBSETS[subset]
