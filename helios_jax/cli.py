@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 from helios_jax import generate
-from helios_jax.config import ConfigError, TransformerConfig, read_config
+from helios_jax.config import ConfigError
 from helios_jax.convert import CheckpointError, export_safetensors, save_params
 from helios_jax.loading import COMPONENTS, component_of
 from helios_jax.models.lora import apply_loaded, load_lora
@@ -65,7 +65,7 @@ def _read_lora(transformer_folder: str, path: str):
     """The LoRA checked against the transformer's config, before any weight is read."""
     if component_of(transformer_folder).folder != "transformer":
         raise PipelineError(f"--merge-lora needs a transformer (or whole checkpoint) folder; {transformer_folder} is not one")
-    return load_lora(path, read_config(TransformerConfig, transformer_folder))
+    return load_lora(path, COMPONENTS["transformer"].read_config(transformer_folder))
 
 
 def _convert_component(source: str, destination: str, to: str, dtype, lora=None) -> None:
