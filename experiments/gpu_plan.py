@@ -156,9 +156,9 @@ def compile_plan(name: str, lowered: jax.stages.Lowered, weights: Any = None) ->
 
 
 def dit_forward(cfg: TransformerConfig, work: common.Workload, stage: int, sharding: jax.sharding.Sharding,
-                dtype: Any = jnp.bfloat16) -> Plan:
-    """One DiT forward at ``stage`` with the attention the pipeline picks for a GPU in ``dtype``."""
-    model = transformer_lib.HeliosTransformer(cfg, attention_impl=default_impl(dtype, "gpu"))
+                dtype: Any = jnp.bfloat16, platform: str = "gpu") -> Plan:
+    """One DiT forward at ``stage`` with the attention the pipeline picks in ``dtype`` on ``platform``."""
+    model = transformer_lib.HeliosTransformer(cfg, attention_impl=default_impl(dtype, platform))
     params = abstract_params(transformer_lib.param_shapes(cfg), dtype)
     inputs = {k: jax.ShapeDtypeStruct(v.shape, dtype if v.dtype == jnp.bfloat16 else v.dtype)
               for k, v in abstract_inputs(cfg, work, stage).items()}
@@ -167,12 +167,12 @@ def dit_forward(cfg: TransformerConfig, work: common.Workload, stage: int, shard
 
 
 def abstract_pipeline(cfg: TransformerConfig, vae_cfg: VAEConfig, scheduler: dict, spec: PipelineSpec,
-                      vae_dtype: Any = jnp.float32, dtype: Any = jnp.bfloat16) -> HeliosPipeline:
-    """A HeliosPipeline whose weights are shapes only, with the attention it would pick on a GPU."""
+                      vae_dtype: Any = jnp.float32, dtype: Any = jnp.bfloat16, platform: str = "gpu") -> HeliosPipeline:
+    """A HeliosPipeline whose weights are shapes only, with the attention it would pick on ``platform``."""
     params = abstract_params(transformer_lib.param_shapes(cfg), dtype)
     vae_params = abstract_params(vae_lib.param_shapes(vae_cfg), vae_dtype, keep_fp32=False)
     return HeliosPipeline((cfg, params), (vae_cfg, vae_params), None, scheduler, spec,
-                          attention_impl=default_impl(dtype, "gpu"))
+                          attention_impl=default_impl(dtype, platform))
 
 
 DISTILLED = PipelineSpec(pyramid=True, is_distilled=True)

@@ -325,6 +325,17 @@ class HeliosPipeline:
 
         indices = {k: jnp.asarray(v) for k, v in layout.indices().items()}
         latent_shape = (batch, channels, request.num_latent_frames_per_chunk, *latent_hw)
+        def fetch(out: jax.Array) -> np.ndarray:
+            """One chunk's output on the host (frames trimmed to the reference's count)."""
+            nonlocal frames_left
+            host = np.asarray(out)
+            if output_type == "latent":
+                return host
+            take = min(host.shape[1], frames_left)
+            frames_left -= take
+            return host[:, :take]
+
+        pending = None  # the previous chunk's output, still being computed on the device
         with Progress(chunks, "chunks", enabled=progress) as chunk_bar:
             for k in range(chunks):
                 plan = self._plan(request, latent_shape, guidance, amplify=request.is_amplify_first_chunk and k == 0)
@@ -341,14 +352,17 @@ class HeliosPipeline:
                     prefix = latents[:, :, :1]
                 window = push(window, latents)
                 if output_type == "latent":
-                    yield np.asarray(jnp.concatenate([*kept, latents], axis=2) if k == 0 else latents)
+                    out = jnp.concatenate([*kept, latents], axis=2) if k == 0 else latents
                 else:
-                    frames = np.asarray(self.decode(latents, output_type))
-                    take = min(frames.shape[1], frames_left)
-                    frames_left -= take
-                    yield frames[:, :take]
-                steps = sum(len(stage.model_timesteps) for stage in plan.stages)
-                chunk_bar.advance(note=f"{steps} steps")
+                    out = self.decode(latents, output_type)
+                # Chunk k's sampling and decode are dispatched (JAX runs them asynchronously) before the host
+                # waits for chunk k - 1's frames: the device works on chunk k while the caller writes k - 1.
+                if pending is not None:
+                    yield fetch(pending)
+                    chunk_bar.advance()
+                pending = out
+            yield fetch(pending)
+            chunk_bar.advance()
 
     def _history(self, layout: HistoryLayout, indices: dict[str, jax.Array], window: jax.Array,
                  prefix: jax.Array | None) -> dict[str, jax.Array]:
