@@ -37,11 +37,16 @@ def steps_for(tiny: bool) -> tuple[str, ...]:
     return TINY_STEPS if tiny else STEPS
 
 
+def forward_stage(tiny: bool) -> int:
+    """The full-size stage of the benchmarks' forward workload (common.TINY has two stages, HELIOS three)."""
+    return len((common.TINY if tiny else common.HELIOS).stages) - 1
+
+
 def part_commands(tiny: bool) -> dict[str, list[str]]:
     size = ["--tiny", "--reps", "1", "--warmup", "0", "--chunks", "2"] if tiny else ["--reps", "3", "--warmup", "1",
                                                                                     "--chunks", "3"]
-    shared = ["--measure", "forward,distilled", "--stages", "2", "--pyramid-steps", "/".join(steps_for(tiny)),
-              "--amplify", "0", *size]
+    shared = ["--measure", "forward,distilled", "--stages", str(forward_stage(tiny)),
+              "--pyramid-steps", "/".join(steps_for(tiny)), "--amplify", "0", *size]
     return {
         "plan": [os.path.abspath(__file__), "--plan-child", *(["--tiny"] if tiny else [])],
         "jax": [run_all.DIT, *shared, "--impls", "xla" if tiny else "cudnn"],
@@ -105,8 +110,9 @@ def headline_table(out: str, frames: int, steps_lists: tuple[str, ...] = STEPS) 
     plan = _load(out, "plan").get("predicted_ms", {})
     jax_tables, torch_tables = _load(out, "jax").get("tables", {}), _load(out, "torch").get("tables", {})
     rows = []
-    jax_ms = _cell(jax_tables.get("forward"), "ms/forward", {"stage": 2})
-    torch_ms = _cell(torch_tables.get("forward"), "ms/forward", {"stage": 2})
+    stage = forward_stage(frames != common.LATENT_FRAMES)
+    jax_ms = _cell(jax_tables.get("forward"), "ms/forward", {"stage": stage})
+    torch_ms = _cell(torch_tables.get("forward"), "ms/forward", {"stage": stage})
     rows.append(["DiT forward, stage 2 (ms)", jax_ms, torch_ms, _ratio(torch_ms, jax_ms), plan.get("forward stage 2", ""),
                  _ratio(plan.get("forward stage 2"), jax_ms)])
     for steps in steps_lists:
