@@ -1,0 +1,1 @@
+"""Training: the generic step and loop (trainer), the official YAMLs mapped onto it (recipes)."""
