@@ -22,6 +22,7 @@ it in the state, makes a resumed run draw exactly what the uninterrupted run dra
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -138,6 +139,13 @@ def make_step(losses: LossFn | Sequence[LossFn], optimizer: optax.GradientTransf
         return TrainState(state.step + 1, optax.apply_updates(state.trainable, updates), opt_state), metrics
 
     return jax.jit(step, donate_argnums=0)
+
+
+@functools.lru_cache(maxsize=8)
+def compiled_step(losses: LossFn | tuple[LossFn, ...], cfg: OptimizerConfig) -> Callable:
+    """``make_step`` for a stage, kept per (losses, optimizer config): a run resumed in the same process
+    (a notebook, the tests) reuses the compiled step instead of compiling it again."""
+    return make_step(losses, make_optimizer(cfg), learning_rate(cfg))
 
 
 def step_key(seed: int, step: int, process_index: int | None = None) -> jax.Array:
@@ -301,9 +309,9 @@ def train(run: RunConfig, stage: Stage, trainable: Params, frozen: Params,
     """Train ``trainable`` for ``run.max_train_steps`` optimizer steps over batches from ``data`` (a grain
     iterator, whose position is checkpointed with the params), resuming from ``output_dir`` if asked."""
     check_resumable(run)
-    optimizer, schedule = make_optimizer(stage.optimizer), learning_rate(stage.optimizer)
-    step_fn = make_step(stage.losses, optimizer, schedule)
-    state = init_state(trainable, optimizer)
+    losses = stage.losses if callable(stage.losses) else tuple(stage.losses)
+    step_fn = compiled_step(losses, stage.optimizer)
+    state = init_state(trainable, make_optimizer(stage.optimizer))
     manager = checkpoint_manager(run)
     start = _resume_step(manager, run)
     if start is not None:
