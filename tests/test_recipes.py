@@ -160,3 +160,15 @@ def test_missing_folders_are_one_error(tmp_path):
                                                 f"model_config.transformer_model_name_or_path={tmp_path}/ckpt"])
     with pytest.raises(ConfigError, match="pretrained_model_name_or_path: no local folder"):
         recipes.check_paths(recipe)
+
+
+def test_lora_setup_per_stage():
+    """TRAINING.md section 11: LoRA on patch_embedding in stage 1 and 2-post, full patch convs in stage 1,
+    patch-conv LoRA in stage 2-post, nothing extra in stage 2-init."""
+    expected = {"stage_1_init": (128, True, False, "lora+history_patches"),
+                "stage_2_init": (256, False, False, "lora"),
+                "stage_2_post": (256, True, True, "lora")}
+    for name, (rank, patch, history, subset) in expected.items():
+        spec, got = load(path(name))[0].lora()
+        assert (spec.rank, spec.patch_embedding, spec.history_patches, got) == (rank, patch, history, subset)
+        assert spec.scale == 1.0 and spec.exclude == ("down", "up")

@@ -2,9 +2,10 @@
 
 Synthetic videos (a coloured square moving over a plain background), each 33-frame section encoded
 independently by the embedded demo checkpoint's VAE (posterior sample, normalised), as the official
-offload does. Until helios_jax.training.{data,history,losses} and models.lora land, the sample
-assembly (history 19 frames with the zero pad, x0 anchor zeroed for the first chunk) and the stage-1
-flow-matching loss are small stand-ins here, written from TRAINING.md sections 2.5 and 4.
+offload does. The trainable set is the stage-1 one: LoRA (helios_jax.models.lora) plus the full history
+patch convs. Until helios_jax.training.{data,history,losses} land, the sample assembly (history 19
+frames with the zero pad, x0 anchor zeroed for the first chunk) and the stage-1 flow-matching loss are
+small stand-ins here, written from TRAINING.md sections 2.5 and 4.
 """
 
 from __future__ import annotations
@@ -15,17 +16,20 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from helios_jax.config import TransformerConfig
+from helios_jax.models import lora as lora_lib
 from helios_jax.models import transformer as dit
 from helios_jax.models import vae as vae_lib
+from helios_jax.training import trainer
 
 WINDOW, HISTORY = 9, 19  # latent frames per chunk; history frames (16 long + 2 mid + 1 newest)
 PIXELS = 32  # video height and width: latents of 4 x 4
 TEXT_TOKENS = 8
 CONFIG = TransformerConfig(num_attention_heads=2, attention_head_dim=32, in_channels=16, out_channels=16, text_dim=64,
                            freq_dim=32, ffn_dim=128, num_layers=2, rope_dim=(12, 10, 10))
+SPEC = lora_lib.LoraSpec(rank=16, patch_embedding=True)  # stage 1: LoRA on every linear and the patch embedding
+SUBSET = "lora+history_patches"
 
 
 def moving_square_videos(clips: int, sections: int, seed: int = 0) -> np.ndarray:
@@ -83,17 +87,6 @@ def dataset(latents: np.ndarray, prompt_embeds: np.ndarray, batch: int, seed: in
     return grain.MapDataset.source(samples).shuffle(seed=seed).repeat().batch(batch, drop_remainder=True)
 
 
-def split(params: dict, trainable: callable) -> tuple[dict, dict]:
-    """(trainable, frozen) subtrees of ``params`` by a predicate on the flattened path."""
-    flat = traverse_util.flatten_dict(params)
-    pick = lambda keep: traverse_util.unflatten_dict({p: v for p, v in flat.items() if trainable(p) == keep})  # noqa: E731
-    return pick(True), pick(False)
-
-
-def combine(trainable: dict, frozen: dict) -> dict:
-    return traverse_util.unflatten_dict({**traverse_util.flatten_dict(frozen), **traverse_util.flatten_dict(trainable)})
-
-
 def history_inputs(batch: dict, dtype) -> dict[str, jax.Array]:
     """The fixed 29-index layout: x0 0, long 1..16, mid 17..18, newest 19, noisy 20..28."""
     history = batch["history"]
@@ -118,8 +111,8 @@ def stage1_loss(model: dit.HeliosTransformer, dtype, trainable, frozen, batch, k
     eps = jax.random.normal(k_eps, target.shape)
     s = sigma[:, None, None, None, None]
     noisy = (1 - s) * target + s * eps
-    pred = model.apply({"params": combine(trainable, frozen)}, noisy.astype(dtype), 1000.0 * sigma,
-                       batch["prompt_embeds"].astype(dtype), **history_inputs(batch, dtype))
+    pred = model.apply(trainer.combine(trainable, frozen), noisy.astype(dtype), 1000.0 * sigma,
+                       batch["prompt_embeds"].astype(dtype), **history_inputs(batch, dtype), lora_scale=SPEC.scale)
     loss = jnp.mean((pred.astype(jnp.float32) - (eps - target)) ** 2)
     return loss, {"sigma": jnp.mean(sigma)}
 
@@ -128,6 +121,16 @@ def make_stage1_loss(remat: bool = True, dtype=jnp.bfloat16):
     return functools.partial(stage1_loss, dit.HeliosTransformer(CONFIG, remat=remat), dtype)
 
 
-def trains(path: tuple[str, ...]) -> bool:
-    """The stand-in's trainable subset: the blocks' attention and feed-forward, and the output head."""
-    return path[0] == "proj_out" or (path[0] == "blocks" and path[1] in ("attn1", "attn2", "ffn"))
+def stage1_variables(seed: int = 0, dtype=jnp.bfloat16) -> tuple[dict, dict]:
+    """(trainable, frozen) of a random tiny DiT with a fresh LoRA: the frozen base in ``dtype`` but the
+    reference's float32 modules, the trainables in float32."""
+    params = dit.init_params(CONFIG, jax.random.key(seed))
+    variables = {"params": params, "lora": lora_lib.init_lora(SPEC, params, jax.random.key(seed + 1))}
+    trainable, frozen = trainer.partition(variables, lora_lib.trainable_mask(variables, SUBSET))
+    frozen = {"params": trainer.cast_frozen(frozen["params"], dtype, dit.keeps_fp32)}
+    return trainable, frozen
+
+
+def export(trainable: dict, folder: str) -> None:
+    """The checkpoint's diffusers LoRA file and the fully trained patch convs beside it."""
+    lora_lib.save_lora(folder, trainable["lora"], SPEC, CONFIG, partial=trainable.get("params"))

@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import yaml
 
 from helios_jax.config import ConfigError
+from helios_jax.models.lora import LoraSpec
 from helios_jax.training.trainer import SCHEDULES, OptimizerConfig, RunConfig
 
 SECTIONS = ("data_config", "model_config", "validation_config", "training_config")
@@ -267,6 +268,16 @@ class Recipe:
             adam_beta1=t["adam_beta1"], adam_beta2=t["adam_beta2"], adam_weight_decay=t["adam_weight_decay"],
             adam_epsilon=t["adam_epsilon"], max_grad_norm=t["max_grad_norm"],
         )
+
+    def lora(self) -> tuple[LoraSpec, str]:
+        """The LoRA spec and the trainable subset (``helios_jax.models.lora.SUBSETS``) of this stage:
+        stage 1 trains the history patch convs in full beside the LoRA, stage 2-post gives them a LoRA."""
+        m, t = self.values["model_config"], self.values["training_config"]
+        spec = LoraSpec(rank=m["lora_rank"], alpha=m["lora_alpha"], targets="all-linear",
+                        patch_embedding=t["is_train_lora_patch_embedding"],
+                        history_patches=t["is_train_lora_multi_term_memory_patchg"],
+                        exclude=tuple(m["lora_exclude_modules"]))
+        return spec, "lora+history_patches" if t["is_train_full_multi_term_memory_patchg"] else "lora"
 
     def run(self, progress: bool | None = None) -> RunConfig:
         t, v = self.values["training_config"], self.values["validation_config"]

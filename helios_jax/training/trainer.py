@@ -100,8 +100,9 @@ def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
 
 
 def init_state(trainable: Params, optimizer: optax.GradientTransformation) -> TrainState:
-    """Step 0, float32 trainables (the fp32 masters of the mixed-precision policy)."""
-    trainable = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), trainable)
+    """Step 0, float32 trainables (the fp32 masters of the mixed-precision policy), copied: the step
+    donates its state, and the caller's arrays must survive that."""
+    trainable = jax.tree.map(lambda x: jnp.array(x, jnp.float32), trainable)
     return TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable))
 
 
@@ -112,6 +113,19 @@ def cast_frozen(params: Params, dtype: Any = jnp.bfloat16,
     flat = traverse_util.flatten_dict(params)
     return traverse_util.unflatten_dict(
         {p: jnp.asarray(v, jnp.float32 if keep_fp32(p) else dtype) for p, v in flat.items()})
+
+
+def partition(variables: Params, mask: Params) -> tuple[Params, Params]:
+    """(trainable, frozen) halves of a variables tree by a same-structure bool ``mask`` (e.g.
+    ``helios_jax.models.lora.trainable_mask``); :func:`combine` puts them back together."""
+    flat, keep = traverse_util.flatten_dict(variables), traverse_util.flatten_dict(mask)
+    half = lambda want: traverse_util.unflatten_dict({p: v for p, v in flat.items() if bool(keep[p]) == want})  # noqa: E731
+    return half(True), half(False)
+
+
+def combine(trainable: Params, frozen: Params) -> Params:
+    """The variables tree of :func:`partition`'s two halves."""
+    return traverse_util.unflatten_dict({**traverse_util.flatten_dict(frozen), **traverse_util.flatten_dict(trainable)})
 
 
 def make_step(losses: LossFn | Sequence[LossFn], optimizer: optax.GradientTransformation,
