@@ -172,3 +172,15 @@ def test_lora_setup_per_stage():
         spec, got = load(path(name))[0].lora()
         assert (spec.rank, spec.patch_embedding, spec.history_patches, got) == (rank, patch, history, subset)
         assert spec.scale == 1.0 and spec.exclude == ("down", "up")
+
+
+def test_cli_train_checks_before_any_compute(tmp_path, capsys):
+    from helios_jax import cli
+
+    assert cli.main(["train", path("stage_1_init"), f"data_config.instance_data_root=[{tmp_path}/absent]"]) == 2
+    assert "no data folder at" in capsys.readouterr().err
+    assert cli.main(["train", write(tmp_path, MINIMAL.replace("training_config:", "training_config:\n  seed: x"))]) == 2
+    assert "wrong type" not in capsys.readouterr().err  # a key out of place is warned, not typed
+    assert cli.main(["train", path("stage_3_ode")]) == 2
+    assert "stage-3" in capsys.readouterr().err
+    assert not os.path.exists("ablation_stage_1_init") and not os.path.exists("out")

@@ -111,7 +111,8 @@ def stage1_loss(model: dit.HeliosTransformer, dtype, trainable, frozen, batch, k
     eps = jax.random.normal(k_eps, target.shape)
     s = sigma[:, None, None, None, None]
     noisy = (1 - s) * target + s * eps
-    pred = model.apply(trainer.combine(trainable, frozen), noisy.astype(dtype), 1000.0 * sigma,
+    variables = trainer.combine(trainer.cast_params(trainable, dtype, dit.keeps_fp32), frozen)
+    pred = model.apply(variables, noisy.astype(dtype), 1000.0 * sigma,
                        batch["prompt_embeds"].astype(dtype), **history_inputs(batch, dtype), lora_scale=SPEC.scale)
     loss = jnp.mean((pred.astype(jnp.float32) - (eps - target)) ** 2)
     return loss, {"sigma": jnp.mean(sigma)}
@@ -127,7 +128,7 @@ def stage1_variables(seed: int = 0, dtype=jnp.bfloat16) -> tuple[dict, dict]:
     params = dit.init_params(CONFIG, jax.random.key(seed))
     variables = {"params": params, "lora": lora_lib.init_lora(SPEC, params, jax.random.key(seed + 1))}
     trainable, frozen = trainer.partition(variables, lora_lib.trainable_mask(variables, SUBSET))
-    frozen = {"params": trainer.cast_frozen(frozen["params"], dtype, dit.keeps_fp32)}
+    frozen = trainer.cast_params(frozen, dtype, dit.keeps_fp32)
     return trainable, frozen
 
 

@@ -106,13 +106,15 @@ def init_state(trainable: Params, optimizer: optax.GradientTransformation) -> Tr
     return TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable))
 
 
-def cast_frozen(params: Params, dtype: Any = jnp.bfloat16,
+def cast_params(params: Params, dtype: Any = jnp.bfloat16,
                 keep_fp32: Callable[[tuple[str, ...]], bool] = lambda path: False) -> Params:
-    """The frozen base in ``dtype``, except the modules ``keep_fp32(path)`` names (for the DiT:
-    ``helios_jax.models.transformer.keeps_fp32``, the reference's ``_keep_in_fp32_modules``)."""
+    """``params`` in ``dtype`` except the modules ``keep_fp32(path)`` names (for the DiT:
+    ``helios_jax.models.transformer.keeps_fp32``, the reference's ``_keep_in_fp32_modules``). The frozen
+    base is stored so; a loss casts the float32 trainables so for its forward (bf16 compute, as the
+    official autocast), and their gradients flow back to the float32 masters."""
     flat = traverse_util.flatten_dict(params)
     return traverse_util.unflatten_dict(
-        {p: jnp.asarray(v, jnp.float32 if keep_fp32(p) else dtype) for p, v in flat.items()})
+        {p: v.astype(jnp.float32 if keep_fp32(p) else dtype) for p, v in flat.items()})
 
 
 def partition(variables: Params, mask: Params) -> tuple[Params, Params]:
