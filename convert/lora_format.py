@@ -36,12 +36,13 @@ METADATA_KEY = "lora_adapter_metadata"
 INFORMATIONAL = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
                  "peft_version", "target_modules", "exclude_modules", "init_lora_weights", "lora_dropout",
                  "layers_to_transform", "layers_pattern", "fan_in_fan_out", "modules_to_save", "megatron_config",
-                 "megatron_core", "loftq_config", "layer_replication", "runtime_config", "eva_config",
-                 "corda_config", "trainable_token_indices", "target_parameters", "lora_ga_config", "alora_invocation_tokens",
-                 "ensure_weight_tying", "use_qalora", "qalora_group_size", "arrow_config", "use_bdlora", "bdlora_config"}
+                 "megatron_core", "loftq_config", "runtime_config", "eva_config", "corda_config", "lora_ga_config",
+                 "trainable_token_indices", "target_parameters", "ensure_weight_tying", "qalora_group_size",
+                 "alora_invocation_tokens"}
 # Fields whose non-default value changes the arithmetic in a way this port does not implement.
 UNSUPPORTED = {"use_dora": False, "lora_bias": False, "use_rslora": False, "bias": "none", "rank_pattern": {},
-               "alpha_pattern": {}}
+               "alpha_pattern": {}, "use_qalora": False, "use_bdlora": None, "layer_replication": None,
+               "arrow_config": None, "kasa_config": None, "monteclora_config": None, "velora_config": None}
 # Training-only tensors the official partial file may hold (the critic's GAN heads): not part of the DiT.
 TRAINING_ONLY = ("gan_heads.", "gan_final_head.")
 
@@ -73,14 +74,20 @@ def _atomic_save(tensors: dict[str, np.ndarray], folder: str, name: str, metadat
     return final
 
 
-def write_lora(folder: str | os.PathLike, lora: Params, keymap: KeyMap, config: dict[str, Any]) -> str:
-    """``folder/pytorch_lora_weights.safetensors`` from a LoRA tree; ``config`` holds LoraConfig fields."""
+def state_dict(lora: Params, keymap: KeyMap) -> dict[str, np.ndarray]:
+    """A LoRA tree (or a tree of its gradients) as diffusers' keys and torch layouts, layer by layer."""
     tensors = {}
     for path, leaf in traverse_util.flatten_dict(lora).items():
         layers = range(leaf.shape[0]) if _stacked(keymap, path) else [None]
         for layer in layers:
             array = np.asarray(leaf if layer is None else leaf[layer])
             tensors[PREFIX + keymap.to_torch(path, layer)] = np.ascontiguousarray(to_torch_layout(path[-1], array))
+    return tensors
+
+
+def write_lora(folder: str | os.PathLike, lora: Params, keymap: KeyMap, config: dict[str, Any]) -> str:
+    """``folder/pytorch_lora_weights.safetensors`` from a LoRA tree; ``config`` holds LoraConfig fields."""
+    tensors = state_dict(lora, keymap)
     metadata = {"format": "pt",
                 METADATA_KEY: json.dumps({PREFIX + k: v for k, v in config.items()}, indent=2, sort_keys=True)}
     return _atomic_save(tensors, os.fspath(folder), LORA_WEIGHTS, metadata)
@@ -118,7 +125,7 @@ def _read_config(file: str) -> dict[str, Any] | None:
     if not raw:
         return None
     config = {k.removeprefix(PREFIX): v for k, v in json.loads(raw).items() if k.startswith(PREFIX)}
-    bad = {k: config[k] for k, default in UNSUPPORTED.items() if config.get(k, default) not in (default, None)}
+    bad = {k: config[k] for k, default in UNSUPPORTED.items() if config.get(k, default) not in (default, None, False)}
     if bad:
         raise LoraFormatError(f"{file}: LoRA variant {bad} is not supported (plain LoRA only: no DoRA, rsLoRA, "
                               "LoRA bias or per-module rank/alpha patterns); fuse it with diffusers first")

@@ -25,7 +25,7 @@ COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 COMPONENT_CLASSES: dict[str, tuple[str, ...]] = {
     "transformer": ("HeliosTransformer3DModel",),
     "vae": ("AutoencoderKLWan",),
-    "text_encoder": ("UMT5EncoderModel",),
+    "text_encoder": ("UMT5EncoderModel", "T5EncoderModel"),
     "tokenizer": (*TOKENIZER_CLASSES, "AutoTokenizer"),
     "scheduler": ("HeliosScheduler", "HeliosDMDScheduler"),
 }

@@ -240,7 +240,8 @@ class TransformerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class UMT5Config:
-    """The fields of transformers' ``UMT5Config`` that change what ``UMT5EncoderModel`` computes.
+    """The fields of transformers' ``UMT5Config`` (or ``T5Config``, ``model_type`` "t5") that change what
+    ``UMT5EncoderModel`` (``T5EncoderModel``) computes.
 
     Defaults are transformers' (umt5-small); the real text encoder, umt5-xxl, comes from its config.json
     (d_model 4096, d_kv 64, d_ff 10240, 24 layers, 64 heads, vocab 256384).
@@ -256,6 +257,8 @@ class UMT5Config:
     relative_attention_max_distance: int = 128
     layer_norm_epsilon: float = 1e-6
     feed_forward_proj: str = "gated-gelu"
+    # "t5" is transformers' T5EncoderModel: one relative position bias, held by the first layer, for all layers.
+    model_type: str = "umt5"
     # A decoder stack would be causal; UMT5EncoderModel builds its stack from this flag as written.
     is_decoder: bool = False
 
@@ -265,7 +268,7 @@ class UMT5Config:
     # from either of its two names); ``scalable_attention``, a T5X leftover that no transformers code reads.
     IGNORED_KEYS: ClassVar[tuple[str, ...]] = (
         "architectures", "classifier_dropout", "decoder_start_token_id", "dense_act_fn", "dropout_rate",
-        "dtype", "eos_token_id", "initializer_factor", "is_encoder_decoder", "is_gated_act", "model_type",
+        "dtype", "eos_token_id", "initializer_factor", "is_encoder_decoder", "is_gated_act",
         "num_decoder_layers", "output_past", "pad_token_id", "scalable_attention", "tie_word_embeddings",
         "tokenizer_class", "torch_dtype", "transformers_version", "use_cache",
         # transformers 5 writes these: the decoder's output scaling, and PretrainedConfig's generic
@@ -274,12 +277,15 @@ class UMT5Config:
         "output_hidden_states", "problem_type", "return_dict",
     )
     # ``feed_forward_proj`` values this port runs; transformers reads "gated-gelu" as the tanh GELU.
-    FEED_FORWARDS: ClassVar[tuple[str, ...]] = ("gated-gelu", "gated-gelu_new")
+    FEED_FORWARDS: ClassVar[tuple[str, ...]] = ("gated-gelu", "gated-gelu_new", "relu")
+    MODEL_TYPES: ClassVar[tuple[str, ...]] = ("umt5", "t5")
 
     def __post_init__(self) -> None:
         name = type(self).__name__
         _require(self.feed_forward_proj in self.FEED_FORWARDS, name, "feed_forward_proj", self.feed_forward_proj,
-                 f"the port has the gated tanh-GELU feed-forward of UMT5 only: one of {self.FEED_FORWARDS}")
+                 f"the port has the gated tanh-GELU feed-forward of UMT5 and T5's ReLU one: one of {self.FEED_FORWARDS}")
+        _require(self.model_type in self.MODEL_TYPES, name, "model_type", self.model_type,
+                 f"a UMT5 or T5 text encoder: one of {self.MODEL_TYPES}")
         _require(not self.is_decoder, name, "is_decoder", self.is_decoder,
                  "this is the text encoder; a decoder config (causal attention) is not an encoder")
         for key in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads"):
@@ -295,6 +301,16 @@ class UMT5Config:
             name, "relative_attention_max_distance", self.relative_attention_max_distance,
             f"more than num_buckets // 4 = {self.relative_attention_num_buckets // 4}, where the log-spaced buckets start",
         )
+
+    @property
+    def gated(self) -> bool:
+        """The gated GELU feed-forward (``wi_0``, ``wi_1``) rather than the ReLU one (``wi``)."""
+        return self.feed_forward_proj != "relu"
+
+    @property
+    def shared_relative_bias(self) -> bool:
+        """T5: one relative position bias for all layers (UMT5: one per layer)."""
+        return self.model_type == "t5"
 
     @property
     def inner_dim(self) -> int:

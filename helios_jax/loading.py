@@ -26,6 +26,8 @@ from helios_jax.convert import dtype_policy, is_saved_params, load_params, resto
 from helios_jax.models import transformer, umt5, vae
 
 Params = dict[str, Any]
+# transformers' text encoder class of each model_type this port runs.
+TEXT_ENCODERS = {"umt5": "UMT5EncoderModel", "t5": "T5EncoderModel"}
 KeepFp32 = Callable[[tuple[str, ...]], bool]
 
 
@@ -64,11 +66,11 @@ class Component:
         if self.config_cls is UMT5Config:
             names = raw.get("architectures") or []
             model_type = raw.get("model_type", "umt5")
-            if model_type != "umt5" or (names and self.class_name not in names):
+            if model_type not in TEXT_ENCODERS or (names and TEXT_ENCODERS[model_type] not in names):
                 raise ConfigError(
-                    f"{origin}: model_type {model_type!r}, architectures {names}: this port runs the UMT5 text "
-                    f"encoder ({self.class_name}, model_type 'umt5') only; T5 and other encoders are not supported "
-                    "(T5 shares one relative position bias across layers): use the checkpoint's umt5-xxl text_encoder"
+                    f"{origin}: model_type {model_type!r}, architectures {names}: this port runs the text encoders "
+                    f"{sorted(TEXT_ENCODERS.values())} (model_type {sorted(TEXT_ENCODERS)}) only; use the "
+                    "checkpoint's umt5-xxl text_encoder"
                 )
             return
         name = raw.get("_class_name", self.class_name)
@@ -93,7 +95,7 @@ class Component:
 
     def config_json(self, config: Any) -> dict[str, Any]:
         """The config.json the reference library writes for ``config`` (with its class marker)."""
-        marker = ({"architectures": [self.class_name], "model_type": "umt5"} if self.config_cls is UMT5Config
+        marker = ({"architectures": [TEXT_ENCODERS[config.model_type]]} if self.config_cls is UMT5Config
                   else {"_class_name": self.class_name})
         return {**marker, **to_dict(config)}
 
@@ -115,7 +117,7 @@ def load_transformer(path: str | os.PathLike, dtype: Any | None = None) -> tuple
 
 
 def load_text_encoder(path: str | os.PathLike, dtype: Any | None = None) -> tuple[UMT5Config, Params]:
-    """The UMT5 encoder from a diffusers ``text_encoder/`` folder: ``cfg, params = load_text_encoder(dir)``.
+    """The UMT5 (or T5) encoder from a diffusers ``text_encoder/`` folder: ``cfg, params = load_text_encoder(dir)``.
 
     Run it with ``hj.UMT5Encoder(cfg)``. Loaded in float16, ``wo`` stays float32 as in the reference.
     """
@@ -137,6 +139,8 @@ def component_of(folder: str | os.PathLike) -> Component:
             raise FileNotFoundError(f"{folder} has no config.json: it is not a model component folder")
         config = read_json(path)
     names = [config.get("_class_name"), *config.get("architectures", [])]
+    if any(name in TEXT_ENCODERS.values() for name in names):
+        return COMPONENTS["text_encoder"]
     for component in COMPONENTS.values():
         if component.class_name in names:
             return component

@@ -30,6 +30,7 @@ from helios_jax.history import VAE_SPATIAL_FACTOR, HistoryLayout, num_chunks, ou
 from helios_jax.loading import COMPONENTS
 from helios_jax.models import vae as vae_lib
 from helios_jax.models.attention import default_impl
+from helios_jax.models.lora import apply_loaded, load_lora
 from helios_jax.models.transformer import HeliosTransformer
 from helios_jax.noise import KeyNoise, NoiseSource
 from helios_jax.progress import Progress
@@ -150,22 +151,29 @@ class HeliosPipeline:
         vae_dtype: Any = jnp.float32,
         attention_impl: str | None = None,
         compilation_cache: bool | str = True,
+        lora: str | os.PathLike | None = None,
+        lora_scale: float = 1.0,
     ) -> "HeliosPipeline":
         """Load every component of a diffusers Helios folder. ``dtype`` is the transformer's and the text
         encoder's (the reference's ``torch_dtype``); the VAE runs in ``vae_dtype`` as the official inference
         does. ``attention_impl`` None picks cuDNN on a GPU in 16-bit, else XLA (``default_impl``).
-        ``compilation_cache`` is a folder, True for the default user cache folder, or False."""
+        ``compilation_cache`` is a folder, True for the default user cache folder, or False. ``lora`` (a
+        diffusers LoRA folder or file) is read and checked first, then fused into the DiT at ``lora_scale``."""
         folder = os.fspath(folder)
         configs = read_checkpoint_configs(folder)  # every config checked before the first weight is read
+        loaded = None if lora is None else load_lora(lora, configs.transformer)
         if compilation_cache:
             enable_compilation_cache(None if compilation_cache is True else compilation_cache)
 
         def load(name: str, component_dtype: Any) -> tuple[Any, Params]:
             return COMPONENTS[name].load(os.path.join(folder, name), component_dtype, getattr(configs, name))
 
+        transformer = load("transformer", dtype)
+        if loaded is not None:
+            transformer = (transformer[0], apply_loaded(transformer[1], loaded, lora_scale))
         text_config, text_params = load("text_encoder", dtype)
         return cls(
-            load("transformer", dtype),
+            transformer,
             load("vae", vae_dtype),
             PromptEncoder(text_config, text_params, configs.tokenizer),
             configs.scheduler,

@@ -129,14 +129,17 @@ def init_lora(spec: LoraSpec, params: Params, key: jax.Array, dtype: Any = jnp.f
     ``params`` may be arrays or ``jax.ShapeDtypeStruct`` leaves (``transformer.param_shapes``).
     """
     kernels = _module_kernels(params)
-    modules = target_modules(spec, params)
-    keys = jax.random.split(key, len(modules))
-    tree: dict[Path, jax.Array] = {}
-    for k, path in zip(keys, modules):
-        a_shape, b_shape = lora_factor_shapes(path, tuple(kernels[path].shape), spec.rank)
-        tree[(*path, "lora_A", "kernel")] = jax.random.normal(k, a_shape, dtype) / spec.rank
-        tree[(*path, "lora_B", "kernel")] = jnp.zeros(b_shape, dtype)
-    return traverse_util.unflatten_dict(tree)
+    shapes = {path: lora_factor_shapes(path, tuple(kernels[path].shape), spec.rank)
+              for path in target_modules(spec, params)}
+
+    def draw(key: jax.Array) -> Params:  # one compiled program for the whole tree
+        tree: dict[Path, jax.Array] = {}
+        for k, (path, (a_shape, b_shape)) in zip(jax.random.split(key, len(shapes)), shapes.items()):
+            tree[(*path, "lora_A", "kernel")] = jax.random.normal(k, a_shape, dtype) / spec.rank
+            tree[(*path, "lora_B", "kernel")] = jnp.zeros(b_shape, dtype)
+        return traverse_util.unflatten_dict(tree)
+
+    return jax.jit(draw)(key)
 
 
 def lora_shapes(spec: LoraSpec, params: Params, dtype: Any = jnp.float32) -> Params:
@@ -193,8 +196,11 @@ def merge_lora(params: Params, lora: Params, scale: float = 1.0) -> Params:
 
 
 def trainable_mask(variables: dict[str, Params], subset: str = "lora") -> dict[str, Params]:
-    """A bool tree over ``{"params": base, "lora": lora}`` for ``optax.masked``: True for every LoRA leaf,
-    and with ``"lora+history_patches"`` for the full ``patch_short/mid/long`` params (stage 1)."""
+    """A bool tree over ``{"params": base, "lora": lora}``: True for every LoRA leaf, and with
+    ``"lora+history_patches"`` for the full ``patch_short/mid/long`` params (stage 1). ``optax.masked``
+    passes masked-out updates through unchanged, so pair it with ``optax.masked(optax.set_to_zero(), not
+    mask)``, or use :func:`trainable_labels` with ``optax.multi_transform``; better still, differentiate
+    only the trainable leaves."""
     if subset not in SUBSETS:
         raise ValueError(f"trainable subset {subset!r} is not one of {sorted(SUBSETS)}")
     full = SUBSETS[subset]
