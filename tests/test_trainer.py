@@ -190,3 +190,30 @@ def test_tiny_helios_stage1_learns_and_resumes_bit_identically(moving_shapes, tm
     resumed = T.train(dataclasses.replace(broken, validation_steps=None), stage, *tf.stage1_variables(), data())
     assert tree_equal(final, resumed)
     assert without_seconds(T.read_metrics(run.output_dir)) == without_seconds(T.read_metrics(broken.output_dir))
+
+
+@pytest.mark.slow
+def test_validation_videos_through_the_pipeline(tmp_path):
+    """Validator: the LoRA merged into the base, one HeliosPipeline built from in-memory components, one mp4
+    per prompt at each validation step (a tiny 1-chunk, 2-step T2V run of the demo's VAE and text encoder)."""
+    from helios_jax.models import lora as lora_lib
+    from helios_jax.pipeline import HeliosPipeline, PipelineSpec
+    from helios_jax.prompts import PromptEncoder
+    from helios_jax.training.validation import Validator
+    from helios_jax.video import read_mp4
+
+    folder = demo.build_demo_checkpoint(tmp_path / "ckpt")
+    trainable, frozen = tf.stage1_variables(dtype=jnp.float32)
+    scheduler = {"_class_name": "HeliosScheduler", "stages": 1, "stage_range": [0, 1], "scheduler_type": "unipc"}
+
+    def merge(trainable, frozen):
+        variables = T.combine(trainable, frozen)
+        return lora_lib.merge_lora(variables["params"], variables["lora"], tf.SPEC.scale)
+
+    pipe = HeliosPipeline((tf.CONFIG, merge(trainable, frozen)), load_vae(os.path.join(folder, "vae"), jnp.float32),
+                          PromptEncoder.from_pretrained(folder, jnp.float32), scheduler, PipelineSpec(pyramid=False))
+    validate = Validator(pipe, merge, ["a train on the river", "the sky"],
+                         dict(height=32, width=32, num_frames=33, num_inference_steps=2, guidance_scale=1.0))
+    written = validate(trainable, frozen, 7, str(tmp_path / "out"))
+    assert [os.path.basename(p) for p in written] == ["step-7-0.mp4", "step-7-1.mp4"]
+    assert read_mp4(written[0]).shape == (33, 32, 32, 3)
