@@ -279,7 +279,7 @@ class HeliosTransformer(nn.Module):
         rope = (jnp.concatenate(cos_parts, axis=1), jnp.concatenate(sin_parts, axis=1))
         tokens = x.shape[1]
         history_len = tokens - noisy_len
-        x, rope, _ = context_parallel.split_tokens(x, *rope)
+        x, rope, _ = context_parallel.split_tokens(x, *rope, heads=cfg.num_attention_heads)
 
         # Conditioning: the noisy tokens' timestep, and timestep 0 for history tokens if configured.
         embedder = ConditionEmbedder(cfg, name="condition_embedder")
@@ -368,6 +368,17 @@ def check_inputs(
         if latents.shape[3] % ph or latents.shape[4] % pw:
             fail(f"latents_history_{name} H, W = {latents.shape[3:]} must be multiples of the patch ({ph}, {pw})")
         _check_indices(f"indices_latents_history_{name}", indices, batch, latents.shape[2], fail)
+
+
+def sequence_length(cfg: TransformerConfig, hidden_shape: tuple[int, ...],
+                    history_shapes: dict[str, tuple[int, ...]] | None = None) -> int:
+    """How many tokens the blocks attend over for latents of ``hidden_shape`` (B, C, T, H, W) and history
+    terms ``{"short" | "mid" | "long": (B, C, T, H, W)}`` (compressed terms are padded up to their kernel)."""
+    factors = dict(HISTORY_TERMS)
+    count = math.prod(s // p for s, p in zip(hidden_shape[2:], cfg.patch_size))
+    for name, shape in (history_shapes or {}).items():
+        count += math.prod(-(-s // (p * factors[name])) for s, p in zip(shape[2:], cfg.patch_size))
+    return count
 
 
 def _check_indices(name: str, indices: jax.Array | None, batch: int, frames: int, fail) -> None:

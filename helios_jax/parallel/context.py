@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
+from helios_jax.parallel.mesh import check_mesh
+
 CONTEXT = "context"
 BATCH_AXES = ("data", "fsdp")
 
@@ -51,12 +53,14 @@ def token_spec(mesh: AbstractMesh, batch: int) -> P:
     return P(batch_axes(mesh, batch), CONTEXT, None)
 
 
-def split_tokens(x: jax.Array, *tables: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...], int]:
-    """(B, L, D) tokens (and per-token tables (B' , L, d)) padded to a multiple of the context size and
-    split over ``context``; returns them with the padded length. Without a context mesh, unchanged."""
+def split_tokens(x: jax.Array, *tables: jax.Array, heads: int) -> tuple[jax.Array, tuple[jax.Array, ...], int]:
+    """(B, L, D) tokens (and per-token tables (B', L, d)) padded to a multiple of the context size and
+    split over ``context``; returns them with the padded length. Without a context mesh, unchanged.
+    A context size that divides neither ``heads`` nor L is a ``MeshError`` (raised while tracing)."""
     mesh, length = active_mesh(), x.shape[1]
     if mesh is None:
         return x, tables, length
+    check_mesh(mesh, heads=heads, tokens=(length,))
     padded = -(-length // dict(mesh.shape)[CONTEXT]) * dict(mesh.shape)[CONTEXT]
 
     def pad(a: jax.Array) -> jax.Array:

@@ -69,15 +69,13 @@ def axis_size(mesh: Mesh | jax.sharding.AbstractMesh, name: str) -> int:
     return int(dict(mesh.shape).get(name, 1))
 
 
-def check_mesh(mesh: Mesh, *, heads: int | None = None, tokens: Iterable[int] = ()) -> None:
+def check_mesh(mesh: Mesh | jax.sharding.AbstractMesh, *, heads: int | None = None, tokens: Iterable[int] = ()) -> None:
     """Whether ``mesh`` can run a DiT of ``heads`` heads on sequences of ``tokens`` lengths.
 
-    ``tensor`` must divide the heads; ``context`` must divide the heads left per tensor shard (Ulysses)
-    or every sequence length (the K/V all-gather fallback). Raised before any compile.
+    ``tensor`` must divide the heads; ``context`` must divide the heads left per tensor shard (Ulysses;
+    the tokens are then padded to a multiple of it) or every sequence length (the K/V all-gather
+    fallback). Axes the mesh lacks count as size 1. Raised before any compile.
     """
-    missing = [a for a in AXES if a not in mesh.axis_names]
-    if missing:
-        raise MeshError(f"the mesh lacks the axes {missing}; build it with helios_jax.parallel.make_mesh")
     tensor, context = axis_size(mesh, "tensor"), axis_size(mesh, "context")
     if heads is None:
         return

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 Rule = tuple[str, tuple[Any, ...]]
@@ -115,16 +116,29 @@ def shardings(tree: Any, mesh: Mesh, table: Sequence[Rule], rules: Sequence[tupl
 
 
 def shard_params(tree: Any, mesh: Mesh, table: Sequence[Rule], rules: Sequence[tuple[str, Any]] = AXIS_RULES) -> Any:
-    """``tree`` placed on ``mesh`` by ``table`` (``jax.device_put``; shape structs get their ``sharding``)."""
+    """``tree`` placed on ``mesh`` by ``table`` (shape structs get their ``sharding``, for abstract compiles)."""
     target = shardings(tree, mesh, table, rules)
+    if all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(tree)):
+        return jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s), tree, target)
+    return to_mesh(tree, target)
 
-    def place(leaf, sharding):
-        if isinstance(leaf, jax.ShapeDtypeStruct):
-            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
-        return jax.device_put(leaf, sharding)
 
-    return jax.tree.map(place, tree, target)
+def batch_sharding(mesh: Mesh, shape: Sequence[int], rules: Sequence[tuple[str, Any]] = AXIS_RULES) -> NamedSharding:
+    """Data batches (leading batch axis) split over the ``batch`` mesh axes (``data`` and ``fsdp``) that divide it."""
+    return NamedSharding(mesh, mesh_spec(shape, PartitionSpec("batch"), mesh, rules))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def to_mesh(tree: Any, sharding: NamedSharding | Any) -> Any:
+    """``tree`` (host or single-device values, the same in every process) as global arrays with ``sharding``
+    (one sharding, or a tree of them); works across processes, where each one fills only its own devices."""
+    def place(leaf, target):
+        host = np.asarray(leaf)
+        return jax.make_array_from_callback(host.shape, target, lambda index: host[index])
+
+    if isinstance(sharding, NamedSharding):
+        return jax.tree.map(lambda leaf: place(leaf, sharding), tree)
+    return jax.tree.map(place, tree, sharding)
