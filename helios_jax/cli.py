@@ -17,9 +17,10 @@ from helios_jax.config import ConfigError
 from helios_jax.convert import CheckpointError, export_safetensors, save_params
 from helios_jax.loading import COMPONENTS, component_of
 from helios_jax.pipeline import COMPONENTS as PIPELINE_FOLDERS, PipelineError
+from helios_jax.parallel import MeshError
 from helios_jax.video import MediaError
 
-USER_ERRORS = (PipelineError, MediaError, ConfigError, CheckpointError, FileNotFoundError, FileExistsError,
+USER_ERRORS = (PipelineError, MediaError, ConfigError, CheckpointError, MeshError, FileNotFoundError, FileExistsError,
                PermissionError)
 BENCHMARKS = {
     "attention": "bench_attention.py",

@@ -9,7 +9,7 @@ from flax import traverse_util
 from jax.sharding import AbstractMesh, PartitionSpec as P
 from parallel_run import run_worker
 
-from helios_jax import demo, parallel
+from helios_jax import cli, demo, parallel
 from helios_jax.models import transformer, umt5
 
 
@@ -90,3 +90,13 @@ def test_bad_mesh_is_one_clear_error_before_any_compile(tmp_path):
     assert "context=8 divides neither the 4 heads per tensor shard" in str(messages["base_uneven"])
     assert "[278]" in str(messages["base_uneven"])
     assert "divides neither" in str(messages["model"]) and "[12]" in str(messages["model"])
+
+
+@pytest.mark.parametrize("mesh,message", [("context=2", "has 2 devices but 1 are given"), ("ctx=2", "expected comma")])
+def test_generate_bad_mesh_flag_is_one_line_and_no_file(tmp_path, capsys, monkeypatch, mesh, message):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    out = tmp_path / "video.mp4"
+    assert cli.main(["generate", "--output", str(out), "--mesh", mesh]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not out.exists()
