@@ -172,7 +172,7 @@ def errors(out: str) -> None:
 def process(index: int, count: int, port: int, out: str) -> None:
     if count:
         parallel.initialize(f"127.0.0.1:{port}", count, index)
-    folder = checkpoint(os.path.join(os.path.dirname(out), f"ckpt{index}"), "distilled")
+    folder = checkpoint(os.path.join(os.path.dirname(out), f"ckpt{index}_{count}"), "distilled")
     pipe = HeliosPipeline.from_pretrained(folder, dtype=jnp.float32, attention_impl="xla", compilation_cache=False,
                                           mesh=parallel.make_mesh(context=len(jax.devices())) if count else None)
     latents, video = generate(pipe, "distilled")

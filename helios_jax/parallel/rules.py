@@ -136,6 +136,8 @@ def to_mesh(tree: Any, sharding: NamedSharding | Any) -> Any:
     """``tree`` (host or single-device values, the same in every process) as global arrays with ``sharding``
     (one sharding, or a tree of them); works across processes, where each one fills only its own devices."""
     def place(leaf, target):
+        if isinstance(leaf, jax.Array) and leaf.sharding.device_set == target.device_set:
+            return jax.device_put(leaf, target)  # already on the mesh (maybe spanning processes): reshard
         host = np.asarray(leaf)
         return jax.make_array_from_callback(host.shape, target, lambda index: host[index])
 
