@@ -62,11 +62,14 @@ def test_umt5_lora_and_optimizer_state_tables():
                                                               parallel.UMT5_RULES))
     assert specs[("encoder", "embed_tokens", "embedding")] == P("vocab", "embed")
     assert specs[("encoder", "block", "layer_1", "DenseReluDense", "wo", "kernel")] == P(None, "mlp", "embed")
-    lora = {"blocks": {"attn1": {"to_q": {"lora_A": jax.ShapeDtypeStruct((2, 64, 4), "float32"),
-                                          "lora_B": jax.ShapeDtypeStruct((2, 4, 64), "float32")}}}}
+    # helios_jax.models.lora's layout: blocks/attn1/to_q/lora_A/kernel (layers, in, r), lora_B/kernel (layers, r, out)
+    lora = {"blocks": {"attn1": {"to_q": {"lora_A": {"kernel": jax.ShapeDtypeStruct((2, 64, 4), "float32")},
+                                          "lora_B": {"kernel": jax.ShapeDtypeStruct((2, 4, 64), "float32")}}},
+                       "ffn": {"net_2": {"lora_A": {"kernel": jax.ShapeDtypeStruct((2, 96, 4), "float32")}}}}}
     specs = traverse_util.flatten_dict(parallel.logical_specs(lora, parallel.LORA_RULES))
-    assert specs[("blocks", "attn1", "to_q", "lora_A")] == P(None, "embed", "lora_rank")
-    assert specs[("blocks", "attn1", "to_q", "lora_B")] == P(None, "lora_rank", "heads")
+    assert specs[("blocks", "attn1", "to_q", "lora_A", "kernel")] == P(None, "embed", "lora_rank")
+    assert specs[("blocks", "attn1", "to_q", "lora_B", "kernel")] == P(None, "lora_rank", "heads")
+    assert specs[("blocks", "ffn", "net_2", "lora_A", "kernel")] == P(None, "mlp", "lora_rank")
     # optax state mirrors the params: adam's mu/nu leaves take their param's axes, the count none.
     state = ({"count": jax.ShapeDtypeStruct((), "int32"),
               "mu": {"blocks": {"ffn": {"net_2": {"kernel": jax.ShapeDtypeStruct((2, 64, 32), "float32")}}}}},)
