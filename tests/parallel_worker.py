@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import time
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ["JAX_PLATFORMS"] = "cpu"
@@ -83,7 +82,8 @@ def pipelines(out: str) -> None:
         for sizes in meshes:
             pipe = HeliosPipeline.from_pretrained(folder, mesh=mesh_of(sizes), **load)
             results[f"{kind}/{name(sizes)}/latents"], results[f"{kind}/{name(sizes)}/video"] = generate(pipe, kind)
-            print(kind, name(sizes), "done", flush=True)
+            ours, ref = results[f"{kind}/{name(sizes)}/latents"], results[f"{kind}/one/latents"]
+            print(kind, name(sizes), "latents rel err", np.linalg.norm(ours - ref) / np.linalg.norm(ref), flush=True)
     np.savez(out, **results)
 
 
