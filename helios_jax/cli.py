@@ -1,4 +1,4 @@
-"""The ``helios-jax`` command: ``generate``, ``convert``, ``verify`` and ``bench``.
+"""The ``helios-jax`` command: ``generate``, ``convert``, ``verify``, ``offload`` and ``bench``.
 
 Errors a user can cause (a bad flag value, a missing file, a checkpoint that does not fit) print one
 line and exit with status 2; Ctrl-C exits with 130 and leaves no partial output behind.
@@ -19,10 +19,11 @@ from helios_jax.loading import COMPONENTS, component_of
 from helios_jax.models.lora import apply_loaded, load_lora
 from helios_jax.pipeline import COMPONENTS as PIPELINE_FOLDERS, PipelineError
 from helios_jax.parallel import MeshError
+from helios_jax.training import DataError
 from helios_jax.video import MediaError
 
-USER_ERRORS = (PipelineError, MediaError, ConfigError, CheckpointError, MeshError, FileNotFoundError, FileExistsError,
-               PermissionError)
+USER_ERRORS = (PipelineError, MediaError, ConfigError, CheckpointError, MeshError, DataError, FileNotFoundError,
+               FileExistsError, PermissionError)
 BENCHMARKS = {
     "attention": "bench_attention.py",
     "dit": "bench_dit.py",
@@ -107,6 +108,15 @@ def parser() -> argparse.ArgumentParser:
                       help="fuse this LoRA (diffusers' pytorch_lora_weights.safetensors) into the transformer")
     ver = commands.add_parser("verify", help="parity of every component against the installed PyTorch reference")
     ver.add_argument("--only", nargs="+", default=[], help="check only these components")
+    off = commands.add_parser("offload", help="videos + metadata JSON -> per-clip training latents (safetensors)")
+    off.add_argument("metadata", help="the official metadata JSON (path, cut, crop, cap; paths relative to it)")
+    off.add_argument("--checkpoint", required=True, help="a diffusers Helios checkpoint (its vae/, text_encoder/)")
+    off.add_argument("--output", required=True, help="the folder for the latent files")
+    off.add_argument("--height", type=int, default=384)
+    off.add_argument("--width", type=int, default=640)
+    off.add_argument("--seed", type=int, default=42, help="clip start frames and posterior samples")
+    off.add_argument("--min-frames", type=int, default=121, help="shortest clip (the official loaders' 121)")
+    off.add_argument("--skip-unfit", action="store_true", help="skip short or off-aspect clips instead of failing")
     ben = commands.add_parser("bench", help="run the benchmarks in experiments/ (needs a source checkout)")
     ben.add_argument("which", nargs="*", choices=[[], *BENCHMARKS], help="benchmarks to run (default: all)")
     ben.add_argument("--args", nargs=argparse.REMAINDER, default=[], help="passed to each script")
@@ -120,6 +130,13 @@ def main(argv: list[str] | None = None) -> int:
             return generate.run(args)
         if args.command == "convert":
             return convert(args.source, args.destination, args.to, args.dtype, args.merge_lora)
+        if args.command == "offload":
+            from helios_jax.training.offload import offload
+
+            files = offload(args.metadata, args.checkpoint, args.output, height=args.height, width=args.width,
+                            seed=args.seed, min_frames=args.min_frames, skip_unfit=args.skip_unfit)
+            print(f"wrote {len(files)} clip file(s) to {args.output}")
+            return 0
         if args.command == "verify":
             from helios_jax import verify
 
