@@ -22,15 +22,15 @@ from typing import Iterator
 from helios_jax import generate
 from helios_jax.config import ConfigError
 from helios_jax.convert import CheckpointError, export_safetensors, save_params
-from helios_jax.loading import COMPONENTS, component_of
 from helios_jax.convert.orbax_io import claim_staging, remove_staging
+from helios_jax.loading import COMPONENTS, component_of
 from helios_jax.pipeline import COMPONENTS as PIPELINE_FOLDERS, PipelineError, PipelineSpec
 from helios_jax.video import PARTIALS_MADE, MediaError
 
 # OSError: a missing file, a full disk, no permission: the environment, not the code.
 USER_ERRORS = (PipelineError, MediaError, ConfigError, CheckpointError, OSError)
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-BUG_REPORTS = "the helios-jax issue tracker"
+BUG_REPORTS = "the helios-jax issue tracker"  # the project publishes no URL yet
 BENCHMARKS = {
     "attention": "bench_attention.py",
     "dit": "bench_dit.py",
@@ -111,7 +111,7 @@ class Interrupted(KeyboardInterrupt):
     """SIGTERM or SIGHUP, raised like Ctrl-C's KeyboardInterrupt so the same cleanup runs."""
 
     def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
+        super().__init__(signum)
         self.signum = signum
 
 
@@ -154,31 +154,35 @@ def _user_error(err: BaseException) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    try:
-        with _signals_interrupt():
-            if args.command == "generate":
-                return generate.run(args)
-            if args.command == "convert":
-                return convert(args.source, args.destination, args.to, args.dtype)
-            if args.command == "verify":
-                from helios_jax import verify
+    with _signals_interrupt():  # also around the handlers below: a second signal must not cut the report short
+        try:
+            return _run(args)
+        except KeyboardInterrupt as err:
+            left = _leftovers(args)
+            what = f"left {left}: remove it by hand" if left else "nothing was left half-written"
+            signum = err.signum if isinstance(err, Interrupted) else signal.SIGINT
+            print(f"helios-jax {args.command}: interrupted ({signal.Signals(signum).name}); {what}", file=sys.stderr)
+            return 128 + signum
+        except Exception as err:  # noqa: BLE001 - the one place that tells a user error from a bug
+            if _user_error(err):
+                print(f"helios-jax {args.command}: error: {err}", file=sys.stderr)
+                return 2
+            traceback.print_exc()
+            print(f"helios-jax {args.command}: this is a bug in helios-jax, not a problem with your input: please "
+                  f"report it at {BUG_REPORTS} with the command line and the traceback above", file=sys.stderr)
+            return 1
 
-                return verify.run(tuple(args.only))
-            return bench(args.which, args.args)
-    except KeyboardInterrupt as err:
-        left = _leftovers(args)
-        what = f"left {left}: remove it by hand" if left else "nothing was left half-written"
-        signum = err.signum if isinstance(err, Interrupted) else signal.SIGINT
-        print(f"helios-jax {args.command}: interrupted ({signal.Signals(signum).name}); {what}", file=sys.stderr)
-        return 128 + signum
-    except Exception as err:  # noqa: BLE001 - the one place that tells a user error from a bug
-        if _user_error(err):
-            print(f"helios-jax {args.command}: error: {err}", file=sys.stderr)
-            return 2
-        traceback.print_exc()
-        print(f"helios-jax {args.command}: this is a bug in helios-jax, not a problem with your input: please "
-              f"report it at {BUG_REPORTS} with the command line and the traceback above", file=sys.stderr)
-        return 1
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "generate":
+        return generate.run(args)
+    if args.command == "convert":
+        return convert(args.source, args.destination, args.to, args.dtype)
+    if args.command == "verify":
+        from helios_jax import verify
+
+        return verify.run(tuple(args.only))
+    return bench(args.which, args.args)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 The flags are those of the official ``infer_helios.py`` (plus ``--checkpoint``, ``--output`` and
 ``--attention``). Every input is checked before any weight is read (:func:`prepare`): the output path,
-every number against the checkpoint's configs, the image or video, the interactive prompt CSV. The mp4 is written chunk by chunk into a temporary file that is
-renamed into place when the video is complete, with a contact sheet (PNG) beside it.
+every number against the checkpoint's configs, the image or video, the interactive prompt CSV. The mp4
+is written chunk by chunk into a temporary file that is renamed into place when the video is complete,
+with a contact sheet (PNG) beside it, named as the mp4 with ``.png`` (never a file given as an input).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 The CLI rows run against a copy of the embedded checkpoint with every weight file removed, so a row
 passes only if its error comes from the arguments, before any weight is read. The API rows run on a tiny
 pipeline and count XLA compilations: none may happen before the error. The end-to-end rows (i2v and
-v2v from real files, signals in subprocesses) are at the end of the file.
+v2v from real files, signals in subprocesses) are at the end of the file, marked slow.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def media(tmp_path_factory):
     """The inputs the rows name: good and broken images, videos and CSVs, a folder, a pipe, links."""
     d = tmp_path_factory.mktemp("media")
     Image.fromarray(_picture(48, 80)).save(d / "good.png")
-    write_mp4(d / "good.mp4", np.stack([_picture(48, 80, i) for i in range(33)]))
+    write_mp4(d / "good.mp4", np.stack([_picture(48, 80, i) for i in range(7)]))
     write_mp4(d / "short.mp4", np.stack([_picture(48, 80, i) for i in range(5)]))
     (d / "broken.png").write_bytes(b"not a png")
     (d / "broken.mp4").write_bytes(b"not a video")
@@ -143,6 +143,8 @@ GENERATE_ROWS = [
     ("image a device", ["--sample_type", "i2v", "--image_path", "/dev/zero"], "not a regular file"),
     ("video broken", ["--sample_type", "v2v", "--video_path", "{m}/broken.mp4"], "cannot read the video"),
     ("video too short", ["--sample_type", "v2v", "--video_path", "{m}/short.mp4"], "at least one chunk of 33"),
+    ("video short for its chunks", ["--sample_type", "v2v", "--video_path", "{m}/short.mp4",
+                                    "--num_latent_frames_per_chunk", "3"], "at least one chunk of 9"),
     ("video is a picture", ["--sample_type", "v2v", "--video_path", "{m}/good.png"], "at least one chunk of 33"),
     ("video missing", ["--sample_type", "v2v", "--video_path", "{m}/missing.mp4"], "no such file"),
     ("csv latin-1", ["--interactive_prompt_csv_path", "{m}/latin1.csv"], "is not UTF-8"),
@@ -350,10 +352,12 @@ def cache(tmp_path_factory, monkeypatch):
     return str(tmp_path_factory.getbasetemp() / "cache")
 
 
-SMALL_CLI = ["--height", "64", "--width", "64", "--num_frames", "33", "--pyramid_num_inference_steps_list", "1", "1",
-             "1", "--no_compilation_cache"]
+# The smallest run: 64x64 (the 3-stage pyramid's least size), chunks of 2 latent frames (5 video frames).
+SMALL_CLI = ["--height", "64", "--width", "64", "--num_frames", "5", "--num_latent_frames_per_chunk", "2",
+             "--pyramid_num_inference_steps_list", "1", "1", "1"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [
     ["--sample_type", "i2v", "--image_path", "{m}/good.png"],
     ["--sample_type", "v2v", "--video_path", "{m}/good.mp4"],
@@ -362,7 +366,7 @@ def test_i2v_and_v2v_from_real_files(flags, media, cache, tmp_path, capsys):
     out = tmp_path / "clip.mp4"
     status, err = _main(["generate", "--output", str(out), *SMALL_CLI, *[f.format(m=media) for f in flags]], capsys)
     assert status == 0, err
-    assert read_mp4(out).shape == (33, 64, 64, 3)
+    assert read_mp4(out).shape == (5, 64, 64, 3)
     assert sorted(os.listdir(tmp_path)) == ["clip.mp4", "clip.png"]
 
 
@@ -380,10 +384,11 @@ def _wait_for(condition, process: subprocess.Popen, timeout: float = 120) -> Non
         time.sleep(0.02)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT], ids=["TERM", "HUP", "INT"])
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["TERM", "HUP"])  # SIGINT: test_cli.py
 def test_a_signal_during_generate_leaves_no_partial_mp4(signum, cache, tmp_path):
     demo.demo_checkpoint(os.path.join(cache, "helios-jax"))
-    run = _start(["generate", "--output", str(tmp_path / "v.mp4"), *SMALL_CLI, "--num_frames", "3300"], cache)
+    run = _start(["generate", "--output", str(tmp_path / "v.mp4"), *SMALL_CLI, "--num_frames", "5000"], cache)
     _wait_for(lambda: glob.glob(str(tmp_path / ".partial-*.mp4")), run)  # writing has begun
     time.sleep(0.5)
     run.send_signal(signum)
@@ -393,7 +398,8 @@ def test_a_signal_during_generate_leaves_no_partial_mp4(signum, cache, tmp_path)
     assert "Traceback" not in err and os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("delay", [0.0, 0.3, 0.8])
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.0, 0.5])
 def test_an_interrupted_convert_leaves_nothing_and_says_so(delay, cache, tmp_path):
     source = demo.demo_checkpoint(os.path.join(cache, "helios-jax"))
     destination = tmp_path / "converted"
