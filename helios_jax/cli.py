@@ -124,16 +124,31 @@ def _signals_interrupt() -> Iterator[None]:
         return
     raised = []
 
+    def interrupt(signum: int):
+        raise KeyboardInterrupt if signum == signal.SIGINT else Interrupted(signum)
+
     def handler(signum, frame):
         if not raised:
             raised.append(signum)
-            raise KeyboardInterrupt if signum == signal.SIGINT else Interrupted(signum)
+            interrupt(signum)
         print(f"helios-jax: {signal.Signals(signum).name} received; still cleaning up", file=sys.stderr)
 
+    def unraisable(info) -> None:
+        """A handler that runs inside a garbage-collection callback (jax has one) raises where Python ignores
+        exceptions: raise it again from a timer 10 ms later, in ordinary code."""
+        if isinstance(info.exc_value, KeyboardInterrupt) and raised:
+            signal.setitimer(signal.ITIMER_REAL, 0.01)
+        else:
+            previous_hook(info)
+
     previous = {sig: signal.signal(sig, handler) for sig in HANDLED_SIGNALS}
+    previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, lambda signum, frame: interrupt(raised[0]))
+    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
     try:
         yield
     finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        sys.unraisablehook = previous_hook
         for sig, old in previous.items():
             signal.signal(sig, old)
 

@@ -9,6 +9,7 @@ v2v from real files, signals in subprocesses) are at the end of the file, marked
 
 from __future__ import annotations
 
+import gc
 import glob
 import math
 import os
@@ -340,6 +341,27 @@ def test_a_full_disk_is_one_line(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(generate, "run", full)
     status, err = _main(["generate", "--output", str(tmp_path / "v.mp4")], capsys)
     assert status == 2 and "No space left on device" in err and "Traceback" not in err
+
+
+def test_a_signal_that_lands_in_a_gc_callback_is_raised_again():
+    """jax runs Python in a garbage-collection callback, where Python ignores exceptions: a SIGTERM
+    handled there (2 of 12 convert trials) must still stop the command."""
+    fire = [True]
+
+    def callback(phase, info):
+        if phase == "start" and fire:
+            fire.clear()
+            signal.raise_signal(signal.SIGTERM)  # the handler runs here, inside the callback
+
+    gc.callbacks.append(callback)
+    try:
+        with pytest.raises(cli.Interrupted):
+            with cli._signals_interrupt():
+                gc.collect()
+                time.sleep(2)  # the timer raises it again in here
+    finally:
+        gc.callbacks.remove(callback)
+    assert not fire
 
 
 # ------------------------------------------------------------------------------------------ end to end
