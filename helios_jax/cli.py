@@ -1,4 +1,4 @@
-"""The ``helios-jax`` command: ``generate``, ``convert``, ``verify`` and ``bench``.
+"""The ``helios-jax`` command: ``generate``, ``convert``, ``verify``, ``offload`` and ``bench``.
 
 Errors a user can cause (a bad flag value, a missing file, a checkpoint that does not fit) print one
 line and exit with status 2, before any weight is read where the error is in the arguments. Ctrl-C,
@@ -20,15 +20,17 @@ import traceback
 from typing import Iterator
 
 from helios_jax import generate
+from helios_jax.checkpoint import COMPONENTS as PIPELINE_FOLDERS, PipelineError, PipelineSpec
 from helios_jax.config import ConfigError
 from helios_jax.convert import CheckpointError, export_safetensors, save_params
 from helios_jax.convert.orbax_io import claim_staging, remove_staging
 from helios_jax.loading import COMPONENTS, component_of
-from helios_jax.pipeline import COMPONENTS as PIPELINE_FOLDERS, PipelineError, PipelineSpec
+from helios_jax.models.lora import apply_loaded, load_lora
+from helios_jax.training import DataError
 from helios_jax.video import PARTIALS_MADE, MediaError
 
 # OSError: a missing file, a full disk, no permission: the environment, not the code.
-USER_ERRORS = (PipelineError, MediaError, ConfigError, CheckpointError, OSError)
+USER_ERRORS = (PipelineError, MediaError, ConfigError, CheckpointError, DataError, OSError)
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 BUG_REPORTS = "the helios-jax issue tracker"  # the project publishes no URL yet
 BENCHMARKS = {
@@ -41,19 +43,22 @@ BENCHMARKS = {
 }
 
 
-def convert(source: str, destination: str, to: str, dtype: str | None) -> int:
-    """A component folder, or a whole pipeline folder, to orbax params or back to diffusers safetensors."""
+def convert(source: str, destination: str, to: str, dtype: str | None, merge_lora: str | None = None) -> int:
+    """A component folder, or a whole pipeline folder, to orbax params or back to diffusers safetensors;
+    ``merge_lora`` fuses a LoRA folder into the transformer (as the official merge tool does)."""
     jax_dtype = generate.DTYPES[dtype] if dtype else None
     if not os.path.isdir(source):
         raise FileNotFoundError(f"{source} is not a folder: give a checkpoint folder or one of its components")
-    if os.path.isfile(os.path.join(source, "model_index.json")):
+    pipeline = os.path.isfile(os.path.join(source, "model_index.json"))
+    lora = _read_lora(os.path.join(source, "transformer") if pipeline else source, merge_lora) if merge_lora else None
+    if pipeline:
         PipelineSpec.read(source)
         staging = claim_staging(destination)
         try:
             for name in PIPELINE_FOLDERS:
                 src = os.path.join(source, name)
                 if name in COMPONENTS:
-                    _convert_component(src, os.path.join(staging, name), to, jax_dtype)
+                    _convert_component(src, os.path.join(staging, name), to, jax_dtype, lora)
                 else:
                     shutil.copytree(src, os.path.join(staging, name))
             shutil.copy(os.path.join(source, "model_index.json"), staging)
@@ -62,14 +67,23 @@ def convert(source: str, destination: str, to: str, dtype: str | None) -> int:
             remove_staging(staging)
             raise
     else:
-        _convert_component(source, destination, to, jax_dtype)
-    print(f"wrote {destination} ({to})")
+        _convert_component(source, destination, to, jax_dtype, lora)
+    print(f"wrote {destination} ({to}{', LoRA fused' if lora else ''})")
     return 0
 
 
-def _convert_component(source: str, destination: str, to: str, dtype) -> None:
+def _read_lora(transformer_folder: str, path: str):
+    """The LoRA checked against the transformer's config, before any weight is read."""
+    if component_of(transformer_folder).folder != "transformer":
+        raise PipelineError(f"--merge-lora needs a transformer (or whole checkpoint) folder; {transformer_folder} is not one")
+    return load_lora(path, COMPONENTS["transformer"].read_config(transformer_folder))
+
+
+def _convert_component(source: str, destination: str, to: str, dtype, lora=None) -> None:
     component = component_of(source)
     config, params = component.load(source, dtype)
+    if lora is not None and component.folder == "transformer":
+        params = apply_loaded(params, lora)
     if to == "orbax":
         save_params(destination, params, config=component.config_json(config))
     else:
@@ -99,8 +113,19 @@ def parser() -> argparse.ArgumentParser:
     conv.add_argument("destination", help="a new folder")
     conv.add_argument("--to", choices=("orbax", "safetensors"), default="orbax")
     conv.add_argument("--dtype", choices=tuple(generate.DTYPES), help="cast the weights (default: keep)")
+    conv.add_argument("--merge-lora", dest="merge_lora", metavar="LORA_DIR",
+                      help="fuse this LoRA (diffusers' pytorch_lora_weights.safetensors) into the transformer")
     ver = commands.add_parser("verify", help="parity of every component against the installed PyTorch reference")
     ver.add_argument("--only", nargs="+", default=[], help="check only these components")
+    off = commands.add_parser("offload", help="videos + metadata JSON -> per-clip training latents (safetensors)")
+    off.add_argument("metadata", help="the official metadata JSON (path, cut, crop, cap; paths relative to it)")
+    off.add_argument("--checkpoint", required=True, help="a diffusers Helios checkpoint (its vae/, text_encoder/)")
+    off.add_argument("--output", required=True, help="the folder for the latent files")
+    off.add_argument("--height", type=int, default=384)
+    off.add_argument("--width", type=int, default=640)
+    off.add_argument("--seed", type=int, default=42, help="clip start frames and posterior samples")
+    off.add_argument("--min-frames", type=int, default=121, help="shortest clip (the official loaders' 121)")
+    off.add_argument("--skip-unfit", action="store_true", help="skip short or off-aspect clips instead of failing")
     ben = commands.add_parser("bench", help="run the benchmarks in experiments/ (needs a source checkout)")
     ben.add_argument("which", nargs="*", choices=[[], *BENCHMARKS], help="benchmarks to run (default: all)")
     ben.add_argument("--args", nargs=argparse.REMAINDER, default=[], help="passed to each script")
@@ -192,7 +217,14 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "generate":
         return generate.run(args)
     if args.command == "convert":
-        return convert(args.source, args.destination, args.to, args.dtype)
+        return convert(args.source, args.destination, args.to, args.dtype, args.merge_lora)
+    if args.command == "offload":
+        from helios_jax.training.offload import offload
+
+        files = offload(args.metadata, args.checkpoint, args.output, height=args.height, width=args.width,
+                        seed=args.seed, min_frames=args.min_frames, skip_unfit=args.skip_unfit)
+        print(f"wrote {len(files)} clip file(s) to {args.output}")
+        return 0
     if args.command == "verify":
         from helios_jax import verify
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import math
 import os
 from typing import Any
 
@@ -20,10 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from helios_jax import demo
+from helios_jax.checkpoint import PipelineError, read_checkpoint_configs
 from helios_jax.models.attention import IMPLS
-from helios_jax.pipeline import HeliosPipeline, PipelineSpec
-from helios_jax.request import PipelineError, Request, check_request, check_seed, check_video_length
-from helios_jax.sampling import read_scheduler_config
+from helios_jax.pipeline import HeliosPipeline
+from helios_jax.request import Request, check_request, check_seed, check_video_length
 from helios_jax.video import Mp4Writer, check_writable, contact_sheet, fit_image, fit_video, write_png
 
 DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}
@@ -85,6 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention", choices=("auto", *IMPLS), default="auto",
                         help="the DiT's attention backend; auto: cudnn on a GPU in bf16/fp16, else xla")
     parser.add_argument("--no_compilation_cache", action="store_true", help="do not use the persistent XLA cache")
+    parser.add_argument("--lora", help="a LoRA folder (pytorch_lora_weights.safetensors, diffusers' format) to fuse")
+    parser.add_argument("--lora_scale", type=float, default=1.0, help="the LoRA's strength")
 
 
 def read_interactive_csv(path: str, interpolate_time: int) -> list[tuple[int, str]]:
@@ -150,6 +153,10 @@ def _check_flags(args: argparse.Namespace, settings: dict[str, Any]) -> None:
     if args.interactive_prompt_csv_path and args.interpolation_steps < 0:
         raise PipelineError(f"--interpolation_steps {args.interpolation_steps}: give 0 or more chunks")
     check_seed(args.seed)
+    if not math.isfinite(args.lora_scale):
+        raise PipelineError(f"--lora_scale {args.lora_scale}: give a finite number")
+    if args.lora and not os.path.exists(args.lora):
+        raise PipelineError(f"--lora {args.lora}: no such file or folder")
     if args.attention == "cudnn":
         if jax.default_backend() != "gpu":
             raise PipelineError(f"--attention cudnn needs a CUDA GPU, and this run's backend is "
@@ -207,8 +214,7 @@ def prepare(args: argparse.Namespace) -> Job:
     _check_flags(args, settings)
     _check_sample_type(args)
     checkpoint = args.checkpoint or demo.demo_checkpoint()
-    spec = PipelineSpec.read(checkpoint)
-    scheduler = read_scheduler_config(os.path.join(checkpoint, "scheduler"))
+    configs = read_checkpoint_configs(checkpoint)  # every config of the folder; no weight
     request_args = dict(
         height=settings["height"], width=settings["width"], num_frames=args.num_frames,
         num_inference_steps=args.num_inference_steps, guidance_scale=settings["guidance_scale"],
@@ -219,8 +225,8 @@ def prepare(args: argparse.Namespace) -> Job:
         image_noise_sigma_min=args.image_noise_sigma_min, image_noise_sigma_max=args.image_noise_sigma_max,
         video_noise_sigma_min=args.video_noise_sigma_min, video_noise_sigma_max=args.video_noise_sigma_max,
     )
-    request, _ = check_request(request_args, pyramid=spec.pyramid, stages=scheduler.stages,
-                               scheduler_type=scheduler.scheduler_type)
+    request, _ = check_request(request_args, pyramid=configs.spec.pyramid, stages=configs.scheduler.stages,
+                               scheduler_type=configs.scheduler.scheduler_type)
     inputs = _inputs(args, request)
     return Job(output=output, sheet=sheet, checkpoint=checkpoint, dtype=DTYPES[settings["weight_dtype"]],
                attention=None if args.attention == "auto" else args.attention, request=request,
@@ -233,7 +239,8 @@ def run(args: argparse.Namespace) -> int:
     if args.checkpoint is None:
         print(f"No --checkpoint: using the embedded random-weight Helios at {job.checkpoint} (its video is noise).")
     pipe = HeliosPipeline.from_pretrained(job.checkpoint, dtype=job.dtype, attention_impl=job.attention,
-                                          compilation_cache=not args.no_compilation_cache)
+                                          compilation_cache=not args.no_compilation_cache,
+                                          lora=args.lora, lora_scale=args.lora_scale)
     request = job.request
     total = pipe.num_output_frames(request.num_frames, request.num_latent_frames_per_chunk)
     picks = set(np.linspace(0, total - 1, min(SHEET_FRAMES, total)).round().astype(int).tolist())

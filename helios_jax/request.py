@@ -14,13 +14,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from helios_jax.checkpoint import PipelineError
 from helios_jax.history import HistoryLayout, video_frames_per_chunk
 
 SEED_RANGE = (-(2**63), 2**63 - 1)  # what jax.random.key (and torch's manual_seed, for negatives) takes
-
-
-class PipelineError(ValueError):
-    """Arguments or a checkpoint folder the pipeline cannot run with; raised before any compute."""
 
 
 @dataclasses.dataclass(frozen=True)
