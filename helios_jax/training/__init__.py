@@ -1,4 +1,5 @@
-"""Training: offloaded data (``data``, ``offload``), sample assembly and anti-drifting (``history``), losses."""
+"""Training: offloaded data (``data``, ``offload``), sample assembly and anti-drifting (``history``), losses,
+the generic step and loop (``trainer``) and the official YAMLs mapped onto it (``recipes``)."""
 
 
 class DataError(ValueError):
