@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Any, Mapping
 
 import numpy as np
 from flax import traverse_util
 
 from helios_jax.convert.keymap import KeyMap, to_torch_layout
+from helios_jax.convert.orbax_io import claim_staging, remove_staging
 from helios_jax.convert.strict import Params
 
 DEFAULT_SHARD_BYTES = 5 * 2**30
@@ -36,10 +36,7 @@ def export_safetensors(
     from safetensors.numpy import save_file
 
     folder = os.path.abspath(os.fspath(folder))
-    if os.path.exists(folder):
-        raise FileExistsError(f"{folder} already exists; choose a new folder or remove it first")
-    staging = folder + ".partial"
-    os.makedirs(staging)
+    staging = claim_staging(folder)
     try:
         shards: list[list[str]] = []
         pending: dict[str, np.ndarray] = {}
@@ -68,7 +65,7 @@ def export_safetensors(
             json.dump(dict(config), f, indent=2, sort_keys=True)
         os.rename(staging, folder)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_staging(staging)
         raise
     return folder
 

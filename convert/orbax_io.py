@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
 from typing import Any, Mapping
 
 import jax
@@ -26,18 +28,38 @@ def _checkpointer():
     return ocp.StandardCheckpointer()
 
 
+def claim_staging(directory: str | os.PathLike) -> str:
+    """The new staging folder ``directory.partial`` of a new ``directory``, after checking that neither exists
+    (a stale staging folder is one a killed run left: it is named, never silently reused or removed)."""
+    directory = os.path.abspath(os.fspath(directory))
+    if os.path.lexists(directory):
+        raise FileExistsError(f"{directory} already exists; choose a new folder or remove it first")
+    parent = os.path.dirname(directory)
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"cannot write {directory}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write into {parent}")
+    staging = directory + ".partial"
+    if os.path.lexists(staging):
+        raise FileExistsError(f"{staging} exists: a killed run left it (or one is still writing {directory}); "
+                              f"remove it (rm -r {staging}) and run again")
+    os.makedirs(staging)
+    return staging
+
+
+def remove_staging(staging: str) -> None:
+    """Remove a staging folder after a failure; a folder that cannot be removed is reported, not hidden."""
+    shutil.rmtree(staging, ignore_errors=True)
+    if os.path.lexists(staging):
+        print(f"could not remove {staging}: remove it by hand", file=sys.stderr)
+
+
 def save_params(directory: str | os.PathLike, params: Params, config: Mapping[str, Any] | None = None) -> None:
     """Write ``params`` (and ``config``, if given) to a new folder ``directory``."""
     directory = os.path.abspath(os.fspath(directory))
-    if os.path.exists(directory):
-        raise FileExistsError(f"{directory} already exists; choose a new folder or remove it first")
-    parent = os.path.dirname(directory)
-    if not os.access(parent, os.W_OK):
-        raise PermissionError(f"cannot write into {parent}")
-    staging = directory + ".partial"
-    os.makedirs(staging)
+    staging = claim_staging(directory)
+    checkpointer = _checkpointer()
     try:
-        checkpointer = _checkpointer()
         checkpointer.save(os.path.join(staging, _PARAMS), params)
         checkpointer.wait_until_finished()
         if config is not None:
@@ -45,10 +67,20 @@ def save_params(directory: str | os.PathLike, params: Params, config: Mapping[st
                 json.dump(dict(config), f, indent=2, sort_keys=True)
         os.rename(staging, directory)
     except BaseException:
-        import shutil
-
-        shutil.rmtree(staging, ignore_errors=True)
+        # Orbax writes from background threads: removing the folder under them would leave it behind.
+        _settle(checkpointer)
+        remove_staging(staging)
         raise
+    finally:
+        checkpointer.close()
+
+
+def _settle(checkpointer) -> None:
+    """Wait for an interrupted save's writer threads; their own failure is not the one to report."""
+    try:
+        checkpointer.wait_until_finished()
+    except BaseException:  # noqa: BLE001 - the original exception is re-raised by the caller
+        pass
 
 
 def saved_shapes(directory: str | os.PathLike) -> Params:

@@ -1,29 +1,39 @@
 """The ``helios-jax`` command: ``generate``, ``convert``, ``verify``, ``offload``, ``bench`` and ``train``.
 
 Errors a user can cause (a bad flag value, a missing file, a checkpoint that does not fit) print one
-line and exit with status 2; Ctrl-C exits with 130 and leaves no partial output behind.
+line and exit with status 2, before any weight is read where the error is in the arguments. Ctrl-C,
+SIGTERM and SIGHUP exit with 128 + the signal's number (130, 143, 129) after removing every partial
+output, and say truly what is left. Anything else is a bug: its traceback is shown, with a line that says so.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import traceback
+from typing import Iterator
 
 from helios_jax import generate
-from helios_jax.checkpoint import COMPONENTS as PIPELINE_FOLDERS, PipelineError
+from helios_jax.checkpoint import COMPONENTS as PIPELINE_FOLDERS, PipelineError, PipelineSpec
 from helios_jax.config import ConfigError
 from helios_jax.convert import CheckpointError, export_safetensors, save_params
+from helios_jax.convert.orbax_io import claim_staging, remove_staging
 from helios_jax.loading import COMPONENTS, component_of
 from helios_jax.models.lora import apply_loaded, load_lora
 from helios_jax.parallel import MeshError
 from helios_jax.training import DataError
-from helios_jax.video import MediaError
+from helios_jax.video import PARTIALS_MADE, MediaError
 
-USER_ERRORS = (PipelineError, MediaError, ConfigError, CheckpointError, MeshError, DataError, FileNotFoundError,
-               FileExistsError, PermissionError)
+# OSError: a missing file, a full disk, no permission: the environment, not the code.
+USER_ERRORS = (PipelineError, MediaError, ConfigError, CheckpointError, MeshError, DataError, OSError)
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+BUG_REPORTS = "the helios-jax issue tracker"  # the project publishes no URL yet
 BENCHMARKS = {
     "attention": "bench_attention.py",
     "dit": "bench_dit.py",
@@ -38,13 +48,13 @@ def convert(source: str, destination: str, to: str, dtype: str | None, merge_lor
     """A component folder, or a whole pipeline folder, to orbax params or back to diffusers safetensors;
     ``merge_lora`` fuses a LoRA folder into the transformer (as the official merge tool does)."""
     jax_dtype = generate.DTYPES[dtype] if dtype else None
+    if not os.path.isdir(source):
+        raise FileNotFoundError(f"{source} is not a folder: give a checkpoint folder or one of its components")
     pipeline = os.path.isfile(os.path.join(source, "model_index.json"))
     lora = _read_lora(os.path.join(source, "transformer") if pipeline else source, merge_lora) if merge_lora else None
     if pipeline:
-        if os.path.exists(destination):
-            raise FileExistsError(f"{destination} already exists; choose a new folder")
-        staging = destination.rstrip("/") + ".partial"
-        os.makedirs(staging)
+        PipelineSpec.read(source)
+        staging = claim_staging(destination)
         try:
             for name in PIPELINE_FOLDERS:
                 src = os.path.join(source, name)
@@ -55,7 +65,7 @@ def convert(source: str, destination: str, to: str, dtype: str | None, merge_lor
             shutil.copy(os.path.join(source, "model_index.json"), staging)
             os.rename(staging, destination)
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            remove_staging(staging)
             raise
     else:
         _convert_component(source, destination, to, jax_dtype, lora)
@@ -143,33 +153,106 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised like Ctrl-C's KeyboardInterrupt so the same cleanup runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP raise once in the main thread; later ones are held off until the cleanup
+    that the first one started has finished (a second Ctrl-C must not leave a half-removed folder)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    raised = []
+
+    def interrupt(signum: int):
+        raise KeyboardInterrupt if signum == signal.SIGINT else Interrupted(signum)
+
+    def handler(signum, frame):
+        if not raised:
+            raised.append(signum)
+            interrupt(signum)
+        print(f"helios-jax: {signal.Signals(signum).name} received; still cleaning up", file=sys.stderr)
+
+    def unraisable(info) -> None:
+        """A handler that runs inside a garbage-collection callback (jax has one) raises where Python ignores
+        exceptions: raise it again from a timer 10 ms later, in ordinary code."""
+        if isinstance(info.exc_value, KeyboardInterrupt) and raised:
+            signal.setitimer(signal.ITIMER_REAL, 0.01)
+        else:
+            previous_hook(info)
+
+    previous = {sig: signal.signal(sig, handler) for sig in HANDLED_SIGNALS}
+    previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, lambda signum, frame: interrupt(raised[0]))
+    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        sys.unraisablehook = previous_hook
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _leftovers(args: argparse.Namespace) -> list[str]:
+    """What an interrupted command might have left: staging folders and partial files it names."""
+    if args.command == "convert":
+        return [p for p in (args.destination.rstrip("/") + ".partial",) if os.path.exists(p)]
+    return sorted(p for p in PARTIALS_MADE if os.path.exists(p))
+
+
+def _user_error(err: BaseException) -> bool:
+    """Errors of input or environment (not bugs): ours, file system ones, and the device running out of memory."""
+    if isinstance(err, USER_ERRORS):
+        return True
+    return type(err).__name__ in ("JaxRuntimeError", "XlaRuntimeError") and "RESOURCE_EXHAUSTED" in str(err)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    try:
-        if args.command == "generate":
-            return generate.run(args)
-        if args.command == "convert":
-            return convert(args.source, args.destination, args.to, args.dtype, args.merge_lora)
-        if args.command == "offload":
-            from helios_jax.training.offload import offload
+    with _signals_interrupt():  # also around the handlers below: a second signal must not cut the report short
+        try:
+            return _run(args)
+        except KeyboardInterrupt as err:
+            left = _leftovers(args)
+            what = f"left {left}: remove it by hand" if left else "nothing was left half-written"
+            signum = err.signum if isinstance(err, Interrupted) else signal.SIGINT
+            print(f"helios-jax {args.command}: interrupted ({signal.Signals(signum).name}); {what}", file=sys.stderr)
+            return 128 + signum
+        except Exception as err:  # noqa: BLE001 - the one place that tells a user error from a bug
+            if _user_error(err):
+                print(f"helios-jax {args.command}: error: {err}", file=sys.stderr)
+                return 2
+            traceback.print_exc()
+            print(f"helios-jax {args.command}: this is a bug in helios-jax, not a problem with your input: please "
+                  f"report it at {BUG_REPORTS} with the command line and the traceback above", file=sys.stderr)
+            return 1
 
-            files = offload(args.metadata, args.checkpoint, args.output, height=args.height, width=args.width,
-                            seed=args.seed, min_frames=args.min_frames, skip_unfit=args.skip_unfit)
-            print(f"wrote {len(files)} clip file(s) to {args.output}")
-            return 0
-        if args.command == "verify":
-            from helios_jax import verify
 
-            return verify.run(tuple(args.only))
-        if args.command == "train":
-            return train(args.config)
-        return bench(args.which, args.args)
-    except USER_ERRORS as err:
-        print(f"helios-jax {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"helios-jax {args.command}: interrupted; nothing was left half-written", file=sys.stderr)
-        return 130
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "generate":
+        return generate.run(args)
+    if args.command == "convert":
+        return convert(args.source, args.destination, args.to, args.dtype, args.merge_lora)
+    if args.command == "offload":
+        from helios_jax.training.offload import offload
+
+        files = offload(args.metadata, args.checkpoint, args.output, height=args.height, width=args.width,
+                        seed=args.seed, min_frames=args.min_frames, skip_unfit=args.skip_unfit)
+        print(f"wrote {len(files)} clip file(s) to {args.output}")
+        return 0
+    if args.command == "verify":
+        from helios_jax import verify
+
+        return verify.run(tuple(args.only))
+    if args.command == "train":
+        return train(args.config)
+    return bench(args.which, args.args)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,18 @@
 """``helios-jax generate``: a video file from a Helios checkpoint (or the embedded random one).
 
 The flags are those of the official ``infer_helios.py`` (plus ``--checkpoint``, ``--output`` and
-``--attention``). Every input is checked before any model is loaded: the output path, the image or
-video, the interactive prompt CSV. The mp4 is written chunk by chunk into a temporary file that is
-renamed into place when the video is complete, with a contact sheet (PNG) beside it.
+``--attention``). Every input is checked before any weight is read (:func:`prepare`): the output path,
+every number against the checkpoint's configs, the image or video, the interactive prompt CSV. The mp4
+is written chunk by chunk into a temporary file that is renamed into place when the video is complete,
+with a contact sheet (PNG) beside it, named as the mp4 with ``.png`` (never a file given as an input).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
+import math
 import os
 from typing import Any
 
@@ -18,9 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from helios_jax import demo, parallel
+from helios_jax.checkpoint import PipelineError, read_checkpoint_configs
 from helios_jax.models.attention import IMPLS
-from helios_jax.pipeline import HeliosPipeline, PipelineError
-from helios_jax.video import Mp4Writer, MediaError, check_writable, contact_sheet, load_image, load_video, write_png
+from helios_jax.pipeline import HeliosPipeline
+from helios_jax.request import Request, check_request, check_seed, check_video_length
+from helios_jax.video import Mp4Writer, check_writable, contact_sheet, fit_image, fit_video, write_png
 
 DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}
 DEFAULT_PROMPT = (
@@ -43,6 +48,7 @@ CHECKPOINT_DEFAULTS = {
     "weight_dtype": ("bf16", "fp32"),
 }
 SHEET_FRAMES = 8
+MAX_FPS = 240
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -93,11 +99,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def read_interactive_csv(path: str, interpolate_time: int) -> list[tuple[int, str]]:
     """(start chunk, prompt) pairs of an interactive prompt CSV, as the official inference reads it:
     the rows of one video sorted by ``prompt_index``, each lasting ``interpolate_time`` chunks."""
+    if interpolate_time < 1:
+        raise PipelineError(f"--interpolate_time = {interpolate_time} must be at least one chunk")
+    if not os.path.isfile(path):
+        raise PipelineError(f"cannot read the interactive prompt CSV {path!r}: not a file")
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark is no text
             rows = list(csv.DictReader(f))
     except OSError as err:
         raise PipelineError(f"cannot read the interactive prompt CSV {path!r}: {err}") from err
+    except UnicodeDecodeError as err:
+        raise PipelineError(f"{path} is not UTF-8 text (byte {err.object[err.start]:#x} at offset {err.start}): "
+                            "save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
+    except csv.Error as err:
+        raise PipelineError(f"{path} is not a readable CSV: {err}") from None
     if not rows or not {"prompt_index", "prompt"} <= set(rows[0]):
         raise PipelineError(f"{path}: expected a header with the columns prompt_index and prompt (and optionally id)")
     ids = {row.get("id") for row in rows}
@@ -106,12 +121,10 @@ def read_interactive_csv(path: str, interpolate_time: int) -> list[tuple[int, st
     try:
         rows.sort(key=lambda row: int(row["prompt_index"]))
         indices = [int(row["prompt_index"]) for row in rows]
-    except ValueError as err:
+    except (TypeError, ValueError) as err:
         raise PipelineError(f"{path}: prompt_index must be an integer in every row ({err})") from err
     if indices != list(range(len(rows))):
         raise PipelineError(f"{path}: prompt_index must run 0, 1, 2, ... without gaps or repeats; got {indices}")
-    if interpolate_time < 1:
-        raise PipelineError(f"--interpolate_time = {interpolate_time} must be at least one chunk")
     texts = [(row.get("refined_prompt") or row["prompt"] or "").strip() for row in rows]
     empty = [i for i, text in enumerate(texts) if not text]
     if empty:
@@ -126,8 +139,41 @@ def _resolve_defaults(args: argparse.Namespace) -> dict[str, Any]:
             for name, defaults in CHECKPOINT_DEFAULTS.items()}
 
 
-def _inputs(args: argparse.Namespace, height: int, width: int) -> dict[str, Any]:
-    """The conditioning inputs, read and checked before anything is loaded."""
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """Everything ``run`` needs, every part checked: paths, the checkpoint's kind, the pipeline's arguments."""
+
+    output: str
+    sheet: str
+    checkpoint: str
+    dtype: Any
+    attention: str | None
+    request: Request
+    mesh_sizes: dict[str, int] | None
+    pipeline_args: dict[str, Any]
+
+
+def _check_flags(args: argparse.Namespace, settings: dict[str, Any]) -> None:
+    """The flags that only the command has (the pipeline checks its own arguments)."""
+    if not 1 <= args.fps <= MAX_FPS:
+        raise PipelineError(f"--fps {args.fps}: give a frame rate from 1 to {MAX_FPS}")
+    if args.interactive_prompt_csv_path and args.interpolation_steps < 0:
+        raise PipelineError(f"--interpolation_steps {args.interpolation_steps}: give 0 or more chunks")
+    check_seed(args.seed)
+    if not math.isfinite(args.lora_scale):
+        raise PipelineError(f"--lora_scale {args.lora_scale}: give a finite number")
+    if args.lora and not os.path.exists(args.lora):
+        raise PipelineError(f"--lora {args.lora}: no such file or folder")
+    if args.attention == "cudnn":
+        if jax.default_backend() != "gpu":
+            raise PipelineError(f"--attention cudnn needs a CUDA GPU, and this run's backend is "
+                                f"{jax.default_backend()!r}: use --attention auto (or xla)")
+        if settings["weight_dtype"] == "fp32":
+            raise PipelineError("--attention cudnn runs 16-bit attention only: add --weight_dtype bf16 (or fp16), "
+                                "or use --attention xla for fp32")
+
+
+def _check_sample_type(args: argparse.Namespace) -> None:
     if args.sample_type == "i2v" and not args.image_path:
         raise PipelineError("--sample_type i2v needs --image_path")
     if args.sample_type == "v2v" and not args.video_path:
@@ -136,11 +182,17 @@ def _inputs(args: argparse.Namespace, height: int, width: int) -> dict[str, Any]
         raise PipelineError("--image_path and --video_path cannot both be given")
     if args.sample_type == "t2v" and (args.image_path or args.video_path):
         raise PipelineError("--sample_type t2v takes no --image_path or --video_path (use i2v or v2v)")
+
+
+def _inputs(args: argparse.Namespace, request: Request) -> dict[str, Any]:
+    """The conditioning inputs, read and checked before anything is loaded: uint8 frames at the requested
+    size, which the pipeline takes as they are (the one loader contract of :mod:`helios_jax.video`)."""
     inputs: dict[str, Any] = {}
     if args.image_path:
-        inputs["image"] = load_image(args.image_path, height, width)
+        inputs["image"] = fit_image(args.image_path, request.height, request.width)
     if args.video_path:
-        inputs["video"] = load_video(args.video_path, height, width)
+        inputs["video"] = fit_video(args.video_path, request.height, request.width)
+        check_video_length(len(inputs["video"]), request)
     if args.interactive_prompt_csv_path:
         inputs["interactive_prompts"] = read_interactive_csv(args.interactive_prompt_csv_path, args.interpolate_time)
         inputs["interpolation_chunks"] = args.interpolation_steps if args.use_interpolate_prompt else 0
@@ -149,48 +201,71 @@ def _inputs(args: argparse.Namespace, height: int, width: int) -> dict[str, Any]
     return inputs
 
 
-def run(args: argparse.Namespace) -> int:
-    """Generate and write the video; returns the exit status."""
+def _check_collisions(args: argparse.Namespace, output: str, sheet: str) -> None:
+    """Neither file this run writes may be one the user gave as an input."""
+    for flag in ("image_path", "video_path", "interactive_prompt_csv_path", "checkpoint"):
+        given = getattr(args, flag)
+        for written, what in ((output, "--output"), (sheet, "the contact sheet")):
+            if given and os.path.exists(given) and os.path.exists(written) and os.path.samefile(given, written):
+                raise PipelineError(f"{what} {written} is the --{flag} {given}: writing it would destroy the input; "
+                                    "choose another --output")
+
+
+def prepare(args: argparse.Namespace) -> Job:
+    """Check every flag, path and input against the checkpoint's configs, reading no weight."""
     settings = _resolve_defaults(args)
-    output = check_writable(args.output)
-    sheet_path = os.path.splitext(output)[0] + ".png"
-    check_writable(sheet_path)
-    inputs = _inputs(args, settings["height"], settings["width"])
-    sizes = parallel.parse_mesh(args.mesh) if args.mesh else None
-    parallel.initialize(args.coordinator_address, args.num_processes, args.process_id)
-    mesh = parallel.make_mesh(**sizes) if sizes else None
+    output = check_writable(args.output, ".mp4")
+    sheet = os.path.splitext(output)[0] + ".png"
+    check_writable(sheet, ".png")
+    _check_collisions(args, output, sheet)
+    _check_flags(args, settings)
+    _check_sample_type(args)
+    mesh_sizes = parallel.parse_mesh(args.mesh) if args.mesh else None
     checkpoint = args.checkpoint or demo.demo_checkpoint()
-    if args.checkpoint is None:
-        print(f"No --checkpoint: using the embedded random-weight Helios at {checkpoint} (its video is noise).")
-    pipe = HeliosPipeline.from_pretrained(checkpoint, dtype=DTYPES[settings["weight_dtype"]],
-                                          attention_impl=None if args.attention == "auto" else args.attention,
-                                          compilation_cache=not args.no_compilation_cache,
-                                          lora=args.lora, lora_scale=args.lora_scale, mesh=mesh)
-    total = pipe.num_output_frames(args.num_frames, args.num_latent_frames_per_chunk)
-    picks = set(np.linspace(0, total - 1, min(SHEET_FRAMES, total)).round().astype(int).tolist())
-    chunks = pipe.stream(
-        **inputs, negative_prompt=args.negative_prompt, height=settings["height"], width=settings["width"],
-        num_frames=args.num_frames, num_inference_steps=args.num_inference_steps,
-        guidance_scale=settings["guidance_scale"], num_latent_frames_per_chunk=args.num_latent_frames_per_chunk,
+    configs = read_checkpoint_configs(checkpoint)  # every config of the folder; no weight
+    request_args = dict(
+        height=settings["height"], width=settings["width"], num_frames=args.num_frames,
+        num_inference_steps=args.num_inference_steps, guidance_scale=settings["guidance_scale"],
+        num_latent_frames_per_chunk=args.num_latent_frames_per_chunk,
         pyramid_num_inference_steps_list=settings["pyramid_num_inference_steps_list"],
         use_zero_init=args.use_zero_init, zero_steps=args.zero_steps,
         is_amplify_first_chunk=args.is_amplify_first_chunk, is_skip_first_chunk=args.is_skip_first_chunk,
         image_noise_sigma_min=args.image_noise_sigma_min, image_noise_sigma_max=args.image_noise_sigma_max,
         video_noise_sigma_min=args.video_noise_sigma_min, video_noise_sigma_max=args.video_noise_sigma_max,
-        seed=args.seed,
     )
+    request, _ = check_request(request_args, pyramid=configs.spec.pyramid, stages=configs.scheduler.stages,
+                               scheduler_type=configs.scheduler.scheduler_type)
+    inputs = _inputs(args, request)
+    return Job(output=output, sheet=sheet, checkpoint=checkpoint, dtype=DTYPES[settings["weight_dtype"]],
+               attention=None if args.attention == "auto" else args.attention, request=request, mesh_sizes=mesh_sizes,
+               pipeline_args={**inputs, **request_args, "negative_prompt": args.negative_prompt, "seed": args.seed})
+
+
+def run(args: argparse.Namespace) -> int:
+    """Generate and write the video; returns the exit status."""
+    job = prepare(args)
+    if args.checkpoint is None:
+        print(f"No --checkpoint: using the embedded random-weight Helios at {job.checkpoint} (its video is noise).")
+    parallel.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    mesh = parallel.make_mesh(**job.mesh_sizes) if job.mesh_sizes else None
+    pipe = HeliosPipeline.from_pretrained(job.checkpoint, dtype=job.dtype, attention_impl=job.attention,
+                                          compilation_cache=not args.no_compilation_cache,
+                                          lora=args.lora, lora_scale=args.lora_scale, mesh=mesh)
+    request = job.request
+    total = pipe.num_output_frames(request.num_frames, request.num_latent_frames_per_chunk)
+    picks = set(np.linspace(0, total - 1, min(SHEET_FRAMES, total)).round().astype(int).tolist())
+    chunks = pipe.stream(**job.pipeline_args)
     if jax.process_index() != 0:  # every process computes the same frames; the first one writes them
         for _ in chunks:
             pass
         return 0
     sheet = []
-    with Mp4Writer(output, args.fps) as writer:
+    with Mp4Writer(job.output, args.fps) as writer:
         for frames in chunks:
             start = writer.frames_written
             writer.write(frames[0])
             sheet += [frames[0][i - start] for i in sorted(picks) if start <= i < writer.frames_written]
-    write_png(sheet_path, contact_sheet(sheet))
-    print(f"wrote {output} ({writer.frames_written} frames at {args.fps} fps, "
-          f"{settings['height']}x{settings['width']}) and {sheet_path}")
+    write_png(job.sheet, contact_sheet(sheet))
+    print(f"wrote {job.output} ({writer.frames_written} frames at {args.fps} fps, "
+          f"{request.height}x{request.width}) and {job.sheet}")
     return 0
-

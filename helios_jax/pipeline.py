@@ -15,7 +15,6 @@ first chunk, the second) nothing compiles again.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import os
 from typing import Any, Iterator, Sequence
@@ -37,6 +36,7 @@ from helios_jax.models.transformer import HeliosTransformer, sequence_length
 from helios_jax.noise import KeyNoise, NoiseSource
 from helios_jax.progress import Progress
 from helios_jax.prompts import PromptEncoder
+from helios_jax.request import Request, check_prompts, check_request, check_seed, check_video_length
 from helios_jax.sampling import (
     ChunkNoise,
     ChunkPlan,
@@ -53,31 +53,6 @@ from helios_jax.sampling.pyramid import stage_sizes
 from helios_jax.video import load_image, load_video
 
 Params = dict[str, Any]
-@dataclasses.dataclass(frozen=True)
-class Request:
-    """One generation's settings, validated before any compute (the reference's argument names)."""
-
-    height: int = 384
-    width: int = 640
-    num_frames: int = 132
-    num_inference_steps: int = 50
-    guidance_scale: float = 5.0
-    history_sizes: tuple[int, ...] = (16, 2, 1)
-    num_latent_frames_per_chunk: int = 9
-    keep_first_frame: bool = True
-    is_skip_first_chunk: bool = False
-    is_amplify_first_chunk: bool = False
-    pyramid_num_inference_steps_list: tuple[int, ...] = (10, 10, 10)
-    use_zero_init: bool = True
-    zero_steps: int = 1
-    sigmas: tuple[float, ...] | None = None
-    add_noise_to_image_latents: bool = True
-    image_noise_sigma_min: float = 0.111
-    image_noise_sigma_max: float = 0.135
-    add_noise_to_video_latents: bool = True
-    video_noise_sigma_min: float = 0.111
-    video_noise_sigma_max: float = 0.135
-    max_sequence_length: int = 512
 
 
 def _output_type(output_type: str, allowed: tuple[str, ...], where: str) -> str:
@@ -285,17 +260,14 @@ class HeliosPipeline:
         """Validate and prepare everything (errors are raised here, before any compute), then return
         the iterator over chunks."""
         request, layout = self._check(settings, prompt, prompt_embeds, negative_prompt, negative_prompt_embeds,
-                                      interactive_prompts, image, video)
+                                      interactive_prompts, interpolation_chunks, image, video, seed)
         chunks = num_chunks(request.num_frames, request.num_latent_frames_per_chunk)
         guidance = guidance_mode(request.guidance_scale, self.spec.pyramid and self.spec.is_cfg_zero_star)
         pixels = (request.height, request.width)
         image = None if image is None else load_image(image, *pixels)
         video = None if video is None else load_video(video, *pixels)
-        if video is not None and len(video) < video_frames_per_chunk(request.num_latent_frames_per_chunk):
-            raise PipelineError(
-                f"the video has {len(video)} frames; video-to-video needs at least one chunk of "
-                f"{video_frames_per_chunk(request.num_latent_frames_per_chunk)} frames"
-            )
+        if video is not None:
+            check_video_length(len(video), request)
         contexts, negative = self._embeddings(request, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                               interactive_prompts, interpolation_chunks, chunks, guidance != "none")
         source = noise or KeyNoise(key if key is not None else (0 if seed is None else seed))
@@ -476,60 +448,20 @@ class HeliosPipeline:
     # ------------------------------------------------------------------------------------ validation
 
     def _check(self, settings: dict[str, Any], prompt, prompt_embeds, negative_prompt, negative_prompt_embeds,
-               interactive_prompts, image, video) -> tuple[Request, HistoryLayout]:
+               interactive_prompts, interpolation_chunks, image, video, seed) -> tuple[Request, HistoryLayout]:
         """Every user error, before any compute: one clear message naming the value and the rule."""
-        known = {f.name for f in dataclasses.fields(Request)}
-        unknown = sorted(set(settings) - known)
-        if unknown:
-            raise PipelineError(f"unknown argument(s) {unknown}; the pipeline takes {sorted(known)}")
-        for name in ("history_sizes", "pyramid_num_inference_steps_list", "sigmas"):
-            if settings.get(name) is not None:
-                settings[name] = tuple(settings[name])
-        request = Request(**settings)
-        h, w = request.height, request.width
-        stages = self.scheduler_config.stages if self.spec.pyramid else 1
-        multiple = 16 * 2 ** (stages - 1)
-        if h % multiple or w % multiple or h <= 0 or w <= 0:
-            raise PipelineError(
-                f"height and width must be positive multiples of {multiple} (16 for the VAE and the patch, doubled "
-                f"for each of the {stages - 1} pyramid downsamplings); got {h}x{w}"
-            )
-        if request.num_frames < 1:
-            raise PipelineError(f"num_frames = {request.num_frames}: ask for at least one frame")
-        if request.num_inference_steps < 1:
-            raise PipelineError(f"num_inference_steps = {request.num_inference_steps} must be at least 1")
-        if self.spec.pyramid and (len(request.pyramid_num_inference_steps_list) != stages
-                                  or min(request.pyramid_num_inference_steps_list) < 1):
-            raise PipelineError(
-                f"pyramid_num_inference_steps_list = {list(request.pyramid_num_inference_steps_list)}: give "
-                f"{stages} positive step counts, one per pyramid stage"
-            )
+        request, layout = check_request(settings, pyramid=self.spec.pyramid, stages=self.scheduler_config.stages,
+                                        scheduler_type=self.scheduler_config.scheduler_type)
         if image is not None and video is not None:
             raise PipelineError("image and video cannot both be given: image-to-video or video-to-video, not both")
-        sources = sum(x is not None for x in (prompt, prompt_embeds, interactive_prompts))
-        if sources != 1:
-            raise PipelineError("give exactly one of prompt, prompt_embeds and interactive_prompts")
-        if negative_prompt is not None and negative_prompt_embeds is not None:
-            raise PipelineError("give negative_prompt or negative_prompt_embeds, not both")
-        if prompt is not None and not (isinstance(prompt, str) or (
-                isinstance(prompt, Sequence) and prompt and all(isinstance(p, str) for p in prompt))):
-            raise PipelineError(f"prompt must be a str or a non-empty list of str; got {prompt!r}")
-        batch = 1 if isinstance(prompt, str) or interactive_prompts is not None else (
-            len(prompt) if prompt is not None else np.shape(prompt_embeds)[0])
+        batch = check_prompts(prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, interactive_prompts,
+                              interpolation_chunks)
         if (image is not None or video is not None) and batch != 1:
             raise PipelineError(f"image- and video-to-video take one prompt; got a batch of {batch}")
-        for low, high in (("image_noise_sigma_min", "image_noise_sigma_max"),
-                          ("video_noise_sigma_min", "video_noise_sigma_max")):
-            if not 0 <= getattr(request, low) <= getattr(request, high) <= 1:
-                raise PipelineError(f"{low} <= {high} must lie in [0, 1]; got {getattr(request, low)}, {getattr(request, high)}")
-        try:
-            layout = HistoryLayout.create(request.history_sizes, request.num_latent_frames_per_chunk,
-                                          request.keep_first_frame)
-        except ValueError as err:
-            raise PipelineError(str(err)) from None
         if self.mesh is not None:
             parallel.check_mesh(self.mesh, heads=self.transformer_config.num_attention_heads,
-                                tokens=self._sequence_lengths(request, layout, stages))
+                                tokens=self._sequence_lengths(request, layout, self.scheduler_config.stages if self.spec.pyramid else 1))
+        check_seed(seed)
         return request, layout
 
     def _sequence_lengths(self, request: Request, layout: HistoryLayout, stages: int) -> list[int]:

@@ -1,7 +1,8 @@
 """Images and videos in and out: reading conditioning inputs, writing mp4 files and contact sheets.
 
 Inputs are prepared as diffusers' ``VideoProcessor`` prepares them (PIL Lanczos resize to the
-requested size, RGB, values in [-1, 1]). Outputs are written atomically: frames stream into a
+requested size, RGB, values in [-1, 1]). One contract for every caller: an image or video is a path, PIL
+image(s) or uint8 array(s); ``fit_*`` give uint8 at the requested size, ``load_*`` the model's floats. Outputs are written atomically: frames stream into a
 temporary file beside the target, which is renamed into place only when the video is complete, so an
 interrupted run (Ctrl-C included) never leaves a half-written file under the final name.
 """
@@ -9,6 +10,7 @@ interrupted run (Ctrl-C included) never leaves a half-written file under the fin
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from typing import TYPE_CHECKING, Iterable, Sequence, Union
 
@@ -18,6 +20,9 @@ if TYPE_CHECKING:
     from PIL import Image as PILImage
 
 ImageLike = Union[str, os.PathLike, "PILImage.Image", np.ndarray]
+
+
+PARTIALS_MADE: set[str] = set()  # this process's temporary files not yet renamed or removed
 
 
 class MediaError(ValueError):
@@ -43,34 +48,68 @@ def _fit(image, height: int, width: int) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
-def load_image(image: ImageLike, height: int, width: int) -> np.ndarray:
-    """An image as (height, width, 3) float32 in [-1, 1], from a path, a PIL image or a uint8 array."""
+def _as_pil(frame, what: str):
+    """A PIL image from a PIL image or a uint8 (H, W, 3 or 4) array; anything else is one MediaError."""
     Image = _pil()
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (3, 4):
-            raise MediaError(f"an image array must be uint8 (H, W, 3 or 4); got {image.dtype} {image.shape}")
-        image = Image.fromarray(image)
-    elif not isinstance(image, Image.Image):
-        path = os.fspath(image)
+    if isinstance(frame, Image.Image):
+        return frame
+    if isinstance(frame, np.ndarray) and frame.dtype == np.uint8 and frame.ndim == 3 and frame.shape[-1] in (3, 4) \
+            and min(frame.shape[:2]) > 0:
+        return Image.fromarray(frame)
+    shape = f"{frame.dtype} {frame.shape}" if isinstance(frame, np.ndarray) else type(frame).__name__
+    raise MediaError(f"{what} must be a file path, a PIL image or a uint8 (H, W, 3 or 4) array of values 0-255; "
+                     f"got {shape} (floats in [-1, 1] are what the loader returns, not what it takes)")
+
+
+def _input_file(path: str | os.PathLike, what: str) -> str:
+    """A path to read, checked to be a regular file (a folder, a pipe or a device would fail late, or hang)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise MediaError(f"cannot read the {what} {path!r}: no such file")
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise MediaError(f"cannot read the {what} {path!r}: not a regular file (a folder, a pipe or a device)")
+    return path
+
+
+def fit_image(image: ImageLike, height: int, width: int) -> np.ndarray:
+    """An image as uint8 (height, width, 3), from a path, a PIL image or a uint8 array (resized as needed)."""
+    Image = _pil()
+    if isinstance(image, (str, os.PathLike)):
+        path = _input_file(image, "image")
         try:
             with Image.open(path) as opened:
                 opened.load()
                 image = opened.copy()
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise MediaError(f"cannot read the image {path!r}: {err}") from err
-    return _to_model_range(_fit(image, height, width))
+    return _fit(_as_pil(image, "an image"), height, width)
 
 
-def load_video(video: str | os.PathLike | Sequence, height: int, width: int) -> np.ndarray:
-    """A video as (frames, height, width, 3) float32 in [-1, 1], from a file or a list of frames."""
-    Image = _pil()
+def fit_video(video: str | os.PathLike | Sequence | np.ndarray, height: int, width: int) -> np.ndarray:
+    """A video as uint8 (frames, height, width, 3), from a file, a uint8 (T, H, W, 3) array or a list of frames
+    (each a PIL image or a uint8 array)."""
     if isinstance(video, (str, os.PathLike)):
-        frames = list(_decode_frames(os.fspath(video)))
+        frames = list(_decode_frames(_input_file(video, "video")))
+    elif isinstance(video, np.ndarray) and video.ndim != 4:
+        raise MediaError(f"a video array must be uint8 (T, H, W, 3); got {video.dtype} {video.shape}")
+    elif isinstance(video, (Sequence, np.ndarray)) and not isinstance(video, str):
+        frames = [_as_pil(f, "each video frame") for f in video]
     else:
-        frames = [Image.fromarray(f) if isinstance(f, np.ndarray) else f for f in video]
+        raise MediaError(f"a video must be a file path, a uint8 (T, H, W, 3) array or a list of frames; "
+                         f"got {type(video).__name__}")
     if not frames:
-        raise MediaError(f"the video {video!r} has no frames")
-    return _to_model_range(np.stack([_fit(f, height, width) for f in frames]))
+        raise MediaError(f"the video {video if isinstance(video, (str, os.PathLike)) else '(frames)'} has no frames")
+    return np.stack([_fit(f, height, width) for f in frames])
+
+
+def load_image(image: ImageLike, height: int, width: int) -> np.ndarray:
+    """An image as (height, width, 3) float32 in [-1, 1] (what the VAE takes), from what :func:`fit_image` takes."""
+    return _to_model_range(fit_image(image, height, width))
+
+
+def load_video(video: str | os.PathLike | Sequence | np.ndarray, height: int, width: int) -> np.ndarray:
+    """A video as (frames, height, width, 3) float32 in [-1, 1], from what :func:`fit_video` takes."""
+    return _to_model_range(fit_video(video, height, width))
 
 
 def _decode_frames(path: str) -> Iterable:
@@ -84,6 +123,20 @@ def _decode_frames(path: str) -> Iterable:
         raise MediaError(f"cannot read the video {path!r}: {err}") from err
 
 
+def _partial_file(path: str, suffix: str) -> str:
+    """A new hidden temporary file beside ``path``, recorded until :func:`_discard` (or a rename) ends it."""
+    fd, partial = tempfile.mkstemp(prefix=".partial-", suffix=suffix, dir=os.path.dirname(path))
+    os.close(fd)
+    PARTIALS_MADE.add(partial)
+    return partial
+
+
+def _discard(partial: str) -> None:
+    if os.path.exists(partial):
+        os.remove(partial)
+    PARTIALS_MADE.discard(partial)
+
+
 def _publish(partial: str, path: str) -> None:
     """Move a finished temporary file into place with ordinary permissions (mkstemp makes it private)."""
     umask = os.umask(0)
@@ -92,16 +145,20 @@ def _publish(partial: str, path: str) -> None:
     os.replace(partial, path)
 
 
-def check_writable(path: str | os.PathLike) -> str:
-    """The absolute output path, after checking that its folder exists and is writable (before any work)."""
+def check_writable(path: str | os.PathLike, suffix: str) -> str:
+    """The absolute output path, after checking (before any work) that it names a ``suffix`` file in a
+    writable folder, and that anything already there is a regular file (never a folder or a device)."""
     path = os.path.abspath(os.fspath(path))
     folder = os.path.dirname(path)
+    if os.path.splitext(path)[1].lower() != suffix:
+        raise MediaError(f"cannot write {path}: the name must end in {suffix} (this writes a {suffix[1:]} file)")
     if not os.path.isdir(folder):
         raise MediaError(f"cannot write {path}: the folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
+    if not os.access(folder, os.W_OK | os.X_OK):
         raise MediaError(f"cannot write {path}: the folder {folder} is not writable")
-    if os.path.isdir(path):
-        raise MediaError(f"cannot write {path}: it is a folder")
+    if os.path.lexists(path) and not (os.path.exists(path) and stat.S_ISREG(os.stat(path).st_mode)):
+        raise MediaError(f"cannot write {path}: it exists and is not a regular file (a folder, a device, a pipe "
+                         "or a broken link); choose another name")
     return path
 
 
@@ -113,12 +170,11 @@ class Mp4Writer:
     """
 
     def __init__(self, path: str | os.PathLike, fps: int, crf: int = 18):
-        self.path = check_writable(path)
+        self.path = check_writable(path, ".mp4")
         self.fps, self.crf = fps, crf
         self.frames_written = 0
         self._container = self._stream = None
-        fd, self._partial = tempfile.mkstemp(prefix=".partial-", suffix=".mp4", dir=os.path.dirname(self.path))
-        os.close(fd)
+        self._partial = _partial_file(self.path, ".mp4")
 
     def write(self, frames: np.ndarray) -> None:
         import av
@@ -151,8 +207,7 @@ class Mp4Writer:
                     raise MediaError(f"no frames were written to {self.path}")
                 _publish(self._partial, self.path)
         finally:
-            if os.path.exists(self._partial):
-                os.remove(self._partial)
+            _discard(self._partial)
 
 
 def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int = 24) -> str:
@@ -183,13 +238,11 @@ def contact_sheet(frames: Sequence[np.ndarray], columns: int = 4, gap: int = 4) 
 
 def write_png(path: str | os.PathLike, image: np.ndarray) -> str:
     """Write a uint8 (H, W, 3) image atomically; returns the absolute path."""
-    path = check_writable(path)
-    fd, partial = tempfile.mkstemp(prefix=".partial-", suffix=".png", dir=os.path.dirname(path))
-    os.close(fd)
+    path = check_writable(path, ".png")
+    partial = _partial_file(path, ".png")
     try:
         _pil().fromarray(image).save(partial, format="PNG")
         _publish(partial, path)
     finally:
-        if os.path.exists(partial):
-            os.remove(partial)
+        _discard(partial)
     return path
