@@ -13,16 +13,17 @@ import subprocess
 import sys
 
 from helios_jax import generate
+from helios_jax.checkpoint import COMPONENTS as PIPELINE_FOLDERS, PipelineError
 from helios_jax.config import ConfigError
 from helios_jax.convert import CheckpointError, export_safetensors, save_params
 from helios_jax.loading import COMPONENTS, component_of
 from helios_jax.models.lora import apply_loaded, load_lora
-from helios_jax.pipeline import COMPONENTS as PIPELINE_FOLDERS, PipelineError
+from helios_jax.parallel import MeshError
 from helios_jax.training import DataError
 from helios_jax.video import MediaError
 
-USER_ERRORS = (PipelineError, MediaError, ConfigError, CheckpointError, FileNotFoundError, FileExistsError,
-               PermissionError, DataError)
+USER_ERRORS = (PipelineError, MediaError, ConfigError, CheckpointError, MeshError, DataError, FileNotFoundError,
+               FileExistsError, PermissionError)
 BENCHMARKS = {
     "attention": "bench_attention.py",
     "dit": "bench_dit.py",
