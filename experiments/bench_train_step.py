@@ -3,7 +3,7 @@
     python experiments/bench_train_step.py [--steps 50] [--batch 2] [--no-append]
 
 The tiny DiT and stage-1 setup of tests/training_fixtures.py (2 layers, 2 heads x 32, LoRA r16 plus
-the full history patch convs, 4 x 4 latents: 64 noisy + 40 history tokens), random latents: the jit
+the full history patch convs, 4 x 4 latents: 36 noisy + 13 history tokens), random latents: the jit
 step of helios_jax.training.trainer (loss, grads, clip, AdamW) timed after its compile, with the
 official mixed precision (bf16 frozen base, remat) and in plain float32. Peak RSS is the process's
 high-water mark after each variant (so it only grows). Printed and appended to RESULTS.md.
@@ -72,7 +72,7 @@ def main() -> None:
     rows = [measure("bf16 frozen, fp32 LoRA, remat", jnp.bfloat16, True, args.steps, args.batch),
             measure("float32, no remat", jnp.float32, False, args.steps, args.batch)]
     what = (f"The tiny stage-1 step of tests/training_fixtures.py (2 layers, 2 x 32 heads, LoRA r16 + full "
-            f"history patches, 64 noisy + 40 history tokens), {args.steps} steps after the first; median step time. "
+            f"history patches, 36 noisy + 13 history tokens), {args.steps} steps after the first; median step time. "
             f"'first' includes the compile. Peak RSS: the process's high-water mark so far.")
     table = common.markdown_table(["variant", "batch", "first step (s)", "step (ms)", "steps/s", "peak RSS (MiB)"], rows)
     print(f"{what}\n\n{table}")
