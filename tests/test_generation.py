@@ -15,6 +15,7 @@ import pytest
 from jax import monitoring
 
 from helios_jax import demo
+from helios_jax.config import ConfigError
 from helios_jax.convert import export_safetensors
 from helios_jax.loading import COMPONENTS
 from helios_jax.pipeline import HeliosPipeline, PipelineError
@@ -123,7 +124,8 @@ def test_transformer_and_vae_that_disagree_on_channels(checkpoint, tmp_path):
     keymap = vae.module.keymap(config)
     params = demo.random_params(vae.module.param_shapes(config), keymap, np.random.default_rng(0))
     export_safetensors(broken / "vae", params, keymap, vae.config_json(config), weights_name=vae.weights_name)
-    with pytest.raises(PipelineError, match="16 latent channels but the VAE makes 4"):
+    # Found from the configs alone, before any weight is read.
+    with pytest.raises(ConfigError, match=r"16 latent channels \(in_channels\) but the VAE makes 4 \(z_dim\)"):
         HeliosPipeline.from_pretrained(broken, compilation_cache=False)
 
 
@@ -154,7 +156,7 @@ def test_decode_is_the_decode_stream_runs(pipe):
     np.testing.assert_array_equal(decoded[0], frames)
     unit = np.asarray(pipe.decode(jnp.asarray(latents), "float"))
     np.testing.assert_allclose(unit * 255, decoded, atol=0.5 + 1e-3)  # float in [0, 1]; uint8 is it rounded
-    with pytest.raises(PipelineError, match="output_type 'uint8' or 'float', not 'latent'"):
+    with pytest.raises(PipelineError, match="decode: output_type = 'latent': expected one of"):
         pipe.decode(latents, "latent")
 
 
