@@ -88,15 +88,17 @@ def _write_json(path: str, value: dict) -> None:
         json.dump(value, f, indent=2, sort_keys=True)
 
 
-def build_demo_checkpoint(folder: str | os.PathLike) -> str:
-    """Write the embedded checkpoint to a new ``folder`` (staged, then renamed); returns its path."""
+def build_demo_checkpoint(folder: str | os.PathLike, *, transformer: TransformerConfig = TRANSFORMER,
+                          scheduler: dict = SCHEDULER, model_index: dict = MODEL_INDEX) -> str:
+    """Write the embedded checkpoint to a new ``folder`` (staged, then renamed); returns its path.
+    ``transformer``, ``scheduler`` and ``model_index`` replace the embedded ones (tests build variants)."""
     folder = os.path.abspath(os.fspath(folder))
     staging = folder + ".partial"
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
     try:
         rng = np.random.default_rng(SEED)
-        for name, config in (("transformer", TRANSFORMER), ("vae", VAE), ("text_encoder", TEXT_ENCODER)):
+        for name, config in (("transformer", transformer), ("vae", VAE), ("text_encoder", TEXT_ENCODER)):
             component = COMPONENTS[name]
             keymap = component.module.keymap(config)
             params = random_params(component.module.param_shapes(config), keymap, rng)
@@ -104,8 +106,8 @@ def build_demo_checkpoint(folder: str | os.PathLike) -> str:
                                weights_name=component.weights_name)
         _write_tokenizer(os.path.join(staging, "tokenizer"))
         os.makedirs(os.path.join(staging, "scheduler"))
-        _write_json(os.path.join(staging, "scheduler", "scheduler_config.json"), SCHEDULER)
-        _write_json(os.path.join(staging, "model_index.json"), MODEL_INDEX)
+        _write_json(os.path.join(staging, "scheduler", "scheduler_config.json"), scheduler)
+        _write_json(os.path.join(staging, "model_index.json"), model_index)
         os.rename(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -13,10 +13,11 @@ import csv
 import os
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from helios_jax import demo
+from helios_jax import demo, parallel
 from helios_jax.models.attention import IMPLS
 from helios_jax.pipeline import HeliosPipeline, PipelineError
 from helios_jax.video import Mp4Writer, MediaError, check_writable, contact_sheet, load_image, load_video, write_png
@@ -79,6 +80,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention", choices=("auto", *IMPLS), default="auto",
                         help="the DiT's attention backend; auto: cudnn on a GPU in bf16/fp16, else xla")
     parser.add_argument("--no_compilation_cache", action="store_true", help="do not use the persistent XLA cache")
+    parser.add_argument("--mesh", help="run on several devices: AXIS=SIZE,... over data, fsdp, context, tensor "
+                                       "(e.g. context=4,data=2), multiplying to the device count of all processes")
+    parser.add_argument("--coordinator_address", help="several processes: host:port of process 0 "
+                                                      "(else JAX_COORDINATOR_ADDRESS, or SLURM's)")
+    parser.add_argument("--num_processes", type=int, help="several processes: how many (else JAX_NUM_PROCESSES)")
+    parser.add_argument("--process_id", type=int, help="several processes: this one's index (else JAX_PROCESS_ID)")
     parser.add_argument("--lora", help="a LoRA folder (pytorch_lora_weights.safetensors, diffusers' format) to fuse")
     parser.add_argument("--lora_scale", type=float, default=1.0, help="the LoRA's strength")
 
@@ -149,13 +156,16 @@ def run(args: argparse.Namespace) -> int:
     sheet_path = os.path.splitext(output)[0] + ".png"
     check_writable(sheet_path)
     inputs = _inputs(args, settings["height"], settings["width"])
+    sizes = parallel.parse_mesh(args.mesh) if args.mesh else None
+    parallel.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    mesh = parallel.make_mesh(**sizes) if sizes else None
     checkpoint = args.checkpoint or demo.demo_checkpoint()
     if args.checkpoint is None:
         print(f"No --checkpoint: using the embedded random-weight Helios at {checkpoint} (its video is noise).")
     pipe = HeliosPipeline.from_pretrained(checkpoint, dtype=DTYPES[settings["weight_dtype"]],
                                           attention_impl=None if args.attention == "auto" else args.attention,
                                           compilation_cache=not args.no_compilation_cache,
-                                          lora=args.lora, lora_scale=args.lora_scale)
+                                          lora=args.lora, lora_scale=args.lora_scale, mesh=mesh)
     total = pipe.num_output_frames(args.num_frames, args.num_latent_frames_per_chunk)
     picks = set(np.linspace(0, total - 1, min(SHEET_FRAMES, total)).round().astype(int).tolist())
     chunks = pipe.stream(
@@ -169,6 +179,10 @@ def run(args: argparse.Namespace) -> int:
         video_noise_sigma_min=args.video_noise_sigma_min, video_noise_sigma_max=args.video_noise_sigma_max,
         seed=args.seed,
     )
+    if jax.process_index() != 0:  # every process computes the same frames; the first one writes them
+        for _ in chunks:
+            pass
+        return 0
     sheet = []
     with Mp4Writer(output, args.fps) as writer:
         for frames in chunks:

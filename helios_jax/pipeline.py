@@ -14,6 +14,7 @@ first chunk, the second) nothing compiles again.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -23,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from helios_jax import parallel
 from helios_jax.checkpoint import PipelineError, PipelineSpec, check_spec_matches_scheduler, read_checkpoint_configs
 from helios_jax.compilation import enable_compilation_cache
 from helios_jax.config import TransformerConfig, VAEConfig
@@ -31,7 +33,7 @@ from helios_jax.loading import COMPONENTS
 from helios_jax.models import vae as vae_lib
 from helios_jax.models.attention import default_impl
 from helios_jax.models.lora import apply_loaded, load_lora
-from helios_jax.models.transformer import HeliosTransformer
+from helios_jax.models.transformer import HeliosTransformer, sequence_length
 from helios_jax.noise import KeyNoise, NoiseSource
 from helios_jax.progress import Progress
 from helios_jax.prompts import PromptEncoder
@@ -47,6 +49,7 @@ from helios_jax.sampling import (
     plan_single_stage_chunk,
     read_scheduler_config,
 )
+from helios_jax.sampling.pyramid import stage_sizes
 from helios_jax.video import load_image, load_video
 
 Params = dict[str, Any]
@@ -112,6 +115,7 @@ class HeliosPipeline:
         spec: PipelineSpec,
         *,
         attention_impl: str | None = None,
+        mesh: jax.sharding.Mesh | None = None,
     ):
         self.transformer_config, self.transformer_params = transformer
         self.vae_config, self.vae_params = vae
@@ -126,6 +130,12 @@ class HeliosPipeline:
         check_spec_matches_scheduler(spec, self.scheduler_config, "the pipeline's spec")
         self.model_dtype = jax.tree.leaves(self.transformer_params["blocks"])[0].dtype
         self.vae_dtype = jax.tree.leaves(self.vae_params)[0].dtype
+        self.mesh = mesh
+        if mesh is not None:
+            # The DiT's weights split by its table (fsdp / tensor); the VAE's replicated (it runs on every device).
+            parallel.check_mesh(mesh, heads=self.transformer_config.num_attention_heads)
+            self.transformer_params = parallel.shard_params(self.transformer_params, mesh, parallel.DIT_RULES)
+            self.vae_params = parallel.to_mesh(self.vae_params, parallel.replicated(mesh))
         self.attention_impl = attention_impl or default_impl(self.model_dtype)
         self._model_fn = functools.partial(_denoiser, HeliosTransformer(self.transformer_config, self.attention_impl))
         self._decoders = {out: vae_lib.chunk_decoder(self.vae_config, self.vae_dtype, out) for out in ("uint8", "float")}
@@ -141,6 +151,7 @@ class HeliosPipeline:
         vae_dtype: Any = jnp.float32,
         attention_impl: str | None = None,
         compilation_cache: bool | str = True,
+        mesh: jax.sharding.Mesh | None = None,
         lora: str | os.PathLike | None = None,
         lora_scale: float = 1.0,
     ) -> "HeliosPipeline":
@@ -148,7 +159,9 @@ class HeliosPipeline:
         encoder's (the reference's ``torch_dtype``); the VAE runs in ``vae_dtype`` as the official inference
         does. ``attention_impl`` None picks cuDNN on a GPU in 16-bit, else XLA (``default_impl``).
         ``compilation_cache`` is a folder, True for the default user cache folder, or False. ``lora`` (a
-        diffusers LoRA folder or file) is read and checked first, then fused into the DiT at ``lora_scale``."""
+        diffusers LoRA folder or file) is read and checked first, then fused into the DiT at ``lora_scale``.
+        ``mesh`` (``helios_jax.parallel.make_mesh``) runs the DiT on many devices: tokens split over
+        ``context``, CFG's two passes and the prompts over ``data``, weights over ``fsdp``/``tensor``."""
         folder = os.fspath(folder)
         configs = read_checkpoint_configs(folder)  # every config checked before the first weight is read
         loaded = None if lora is None else load_lora(lora, configs.transformer)
@@ -169,6 +182,7 @@ class HeliosPipeline:
             configs.scheduler,
             configs.spec,
             attention_impl=attention_impl,
+            mesh=mesh,
         )
 
     # ------------------------------------------------------------------------------------ public API
@@ -194,7 +208,16 @@ class HeliosPipeline:
         """One chunk's latents (B, C, T, h, w), as ``output_type="latent"`` returns them, to frames on the
         device, (B, 1 + 4(T - 1), H, W, 3): the compiled decode ``stream`` runs after every chunk."""
         output_type = _output_type(output_type, tuple(self._decoders), "decode")
-        return self._decoders[output_type](self.vae_params, latents)
+        with self._on_mesh():
+            return self._placed(self._decoders[output_type](self.vae_params, self._placed(latents)))
+
+    def _on_mesh(self) -> contextlib.AbstractContextManager:
+        """The mesh as JAX's current one (attention then runs context-parallel), or nothing."""
+        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
+
+    def _placed(self, tree: Any) -> Any:
+        """Inputs of the compiled programs on the mesh, replicated (the programs split them); unchanged without one."""
+        return tree if self.mesh is None else parallel.to_mesh(tree, parallel.replicated(self.mesh))
 
     def lower_chunk(self, *, batch: int = 1, text_tokens: int | None = None, first_chunk: bool = True,
                     sharding: jax.sharding.Sharding | None = None, **settings: Any) -> jax.stages.Lowered:
@@ -289,18 +312,19 @@ class HeliosPipeline:
         channels = self.transformer_config.in_channels
 
         # Conditioning latents, drawn in the reference's order (encodes first, then noise levels).
-        window = jnp.zeros((batch, channels, layout.window, *latent_hw), jnp.float32)
+        window = self._placed(jnp.zeros((batch, channels, layout.window, *latent_hw), jnp.float32))
         prefix, kept = None, []
         if image is not None:
-            prefix, fake = self._image_latents(image, request, source)
+            prefix, fake = self._placed(self._image_latents(image, request, source))
             window = jnp.concatenate([window[:, :, :-1], fake], axis=2)
             kept.append(fake)
         if video is not None:
-            prefix, encoded = self._video_latents(video, request, source)
+            prefix, encoded = self._placed(self._video_latents(video, request, source))
             window = push(window, encoded)
             kept.append(encoded)
 
-        indices = {k: jnp.asarray(v) for k, v in layout.indices().items()}
+        indices = self._placed({k: jnp.asarray(v) for k, v in layout.indices().items()})
+        contexts, negative = self._placed((contexts, negative))
         latent_shape = (batch, channels, request.num_latent_frames_per_chunk, *latent_hw)
         def fetch(out: jax.Array) -> np.ndarray:
             """One chunk's output on the host (frames trimmed to the reference's count)."""
@@ -317,12 +341,14 @@ class HeliosPipeline:
             for k in range(chunks):
                 plan = self._plan(request, latent_shape, guidance, amplify=request.is_amplify_first_chunk and k == 0)
                 if layout.keep_first_frame and prefix is None:
-                    prefix = jnp.zeros((batch, channels, 1, *latent_hw), jnp.float32)
+                    prefix = self._placed(jnp.zeros((batch, channels, 1, *latent_hw), jnp.float32))
                 history = self._history(layout, indices, window, prefix)
                 shapes = noise_shapes(plan)
-                chunk_noise = ChunkNoise(source.normal(shapes.initial), tuple(source.normal(s) for s in shapes.block))
-                latents = denoise_chunk(self._model_fn, (self.transformer_params, history), plan, chunk_noise,
-                                        contexts[k], negative, request.guidance_scale)
+                chunk_noise = self._placed(
+                    ChunkNoise(source.normal(shapes.initial), tuple(source.normal(s) for s in shapes.block)))
+                with self._on_mesh():
+                    latents = self._placed(denoise_chunk(self._model_fn, (self.transformer_params, history), plan,
+                                                         chunk_noise, contexts[k], negative, request.guidance_scale))
                 if layout.keep_first_frame and (
                     (k == 0 and image is None and video is None) or (request.is_skip_first_chunk and k == 1)
                 ):
@@ -352,17 +378,19 @@ class HeliosPipeline:
         key = (latent_shape, guidance, amplify, request)
         if key not in self._plans:
             patch = self.transformer_config.patch_size
+            # On a mesh with a data axis, CFG's two passes run as one batch split over it.
+            batch_cfg = self.mesh is not None and parallel.axis_size(self.mesh, "data") > 1
             if self.spec.pyramid:
                 plan = plan_pyramid_chunk(
                     self.scheduler_config, request.pyramid_num_inference_steps_list, latent_shape, patch_size=patch,
                     guidance=guidance, amplify_first_chunk=amplify, zero_steps=request.zero_steps,
-                    use_zero_init=request.use_zero_init, model_dtype=self.model_dtype,
+                    use_zero_init=request.use_zero_init, model_dtype=self.model_dtype, batch_cfg=batch_cfg,
                 )
             else:
                 sigmas = None if request.sigmas is None else np.asarray(request.sigmas)
                 plan = plan_single_stage_chunk(self.scheduler_config, request.num_inference_steps, latent_shape,
                                                patch_size=patch, sigmas=sigmas, guidance=guidance,
-                                               model_dtype=self.model_dtype)
+                                               model_dtype=self.model_dtype, batch_cfg=batch_cfg)
             self._plans[key] = plan
         return self._plans[key]
 
@@ -499,4 +527,18 @@ class HeliosPipeline:
                                           request.keep_first_frame)
         except ValueError as err:
             raise PipelineError(str(err)) from None
+        if self.mesh is not None:
+            parallel.check_mesh(self.mesh, heads=self.transformer_config.num_attention_heads,
+                                tokens=self._sequence_lengths(request, layout, stages))
         return request, layout
+
+    def _sequence_lengths(self, request: Request, layout: HistoryLayout, stages: int) -> list[int]:
+        """The DiT's token count at every pyramid stage of this request (for the mesh check)."""
+        cfg, frames = self.transformer_config, request.num_latent_frames_per_chunk
+        height, width = request.height // VAE_SPATIAL_FACTOR, request.width // VAE_SPATIAL_FACTOR
+        long, mid, short = layout.sizes
+        history = {name: (1, cfg.in_channels, t, height, width)
+                   for name, t in (("long", long), ("mid", mid), ("short", short + layout.keep_first_frame))}
+        history = history if cfg.has_multi_term_memory_patch else {}
+        return [sequence_length(cfg, (1, cfg.in_channels, frames, h, w), history)
+                for h, w in stage_sizes(height, width, stages)]

@@ -5,6 +5,9 @@
 ``helios_jax.kernels.flash_attention``: compiled through Triton on a GPU; on a CPU it runs in Pallas
 interpret mode, correct but slow, so that tests and tiny models can use it anywhere). Switching
 backends is a change of one string, so a model can be compared across backends without touching its code.
+
+Under a mesh with a ``context`` axis of size > 1 (``jax.set_mesh``), the call runs context-parallel
+(``helios_jax.parallel.context``: Ulysses all-to-all, or a K/V all-gather) around the same backend.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from helios_jax.kernels import flash_attention
+from helios_jax.parallel import context as context_parallel
 
 Impl = Literal["xla", "cudnn", "pallas"]
 IMPLS: tuple[str, ...] = ("xla", "cudnn", "pallas")
@@ -42,13 +46,15 @@ def attention(
     scale: float | None = None,
     bias: jax.Array | None = None,
     mask: jax.Array | None = None,
+    cross: bool = False,
 ) -> jax.Array:
     """Non-causal softmax attention, layout (batch, tokens, heads, head_dim), scale 1/sqrt(head_dim).
 
     q may have a different token count from k and v (cross-attention); the output has q's shape.
     ``bias`` is added to the logits and ``mask`` (True = attend) removes keys; both broadcast to
     (batch, heads, q tokens, k tokens). Logits and softmax are float32 whatever the input dtype
-    (for float16 on a CPU, see ``_xla_float16``).
+    (for float16 on a CPU, see ``_xla_float16``). ``cross`` says k and v are another sequence (text) than
+    q's: under a context mesh they stay whole.
     """
     if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(
@@ -56,13 +62,19 @@ def attention(
         )
     if impl not in IMPLS:
         raise ValueError(f"attention impl {impl!r} is not one of {IMPLS}")
-    if impl == "pallas":
-        if bias is not None or mask is not None:
-            raise ValueError("the pallas attention kernel takes no bias or mask; use impl='xla' or 'cudnn' for them")
-        return flash_attention(q, k, v, scale=scale)
-    if impl == "xla" and q.dtype == jnp.float16:
-        return _xla_float16(q, k, v, bias, mask, scale)
-    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation=impl)
+    if impl == "pallas" and (bias is not None or mask is not None):
+        raise ValueError("the pallas attention kernel takes no bias or mask; use impl='xla' or 'cudnn' for them")
+
+    def local(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        if impl == "pallas":
+            return flash_attention(q, k, v, scale=scale)
+        if impl == "xla" and q.dtype == jnp.float16:
+            return _xla_float16(q, k, v, bias, mask, scale)
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation=impl)
+
+    if bias is None and context_parallel.active_mesh() is not None:
+        return context_parallel.attention(q, k, v, local, cross=cross, mask=mask)
+    return local(q, k, v, mask)
 
 
 def _xla_float16(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None, mask: jax.Array | None,

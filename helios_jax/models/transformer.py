@@ -10,6 +10,9 @@ leading layer axis) so the model compiles once per shape.
 Rather than materialising a per-token (B, L, 6, dim) modulation tensor as the reference does, the
 blocks get the two distinct modulations (history and noisy) and the static history length; the
 per-token broadcast fuses into the elementwise work.
+
+Under a mesh with ``context > 1`` the token sequence is padded to a multiple of the context size and
+split over it (``helios_jax.parallel.context``); padded keys are masked and padded tokens dropped.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from helios_jax.models.attention import attention
 from helios_jax.models.layers import Dense, LayerNorm, RMSNorm, gelu_tanh, layer_norm, silu
 from helios_jax.models.memory import HISTORY_TERMS, PatchEmbed, embed_history_term
 from helios_jax.models.rope import apply_rope, rope_grid
+from helios_jax.parallel import context as context_parallel
 
 _F32 = jnp.float32
 LoraScale = float | jax.Array | None
@@ -102,6 +106,7 @@ class Attention(nn.Module):
         context: jax.Array | None = None,
         rope: tuple[jax.Array, jax.Array] | None = None,
         history_len: int = 0,
+        mask: jax.Array | None = None,
         lora_scale: LoraScale = None,
     ) -> jax.Array:
         cfg = self.config
@@ -115,7 +120,7 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if not self.cross and cfg.is_amplify_history:
             k = self._amplify_history_keys(k, history_len)
-        out = attention(q, k, v, impl=self.impl)
+        out = attention(q, k, v, impl=self.impl, mask=mask, cross=self.cross)
         return Dense(dim, name="to_out_0")(out.reshape(*out.shape[:2], dim), lora_scale)
 
     def _amplify_history_keys(self, k: jax.Array, history_len: int) -> jax.Array:
@@ -174,6 +179,7 @@ class HeliosBlock(nn.Module):
     config: TransformerConfig
     history_len: int
     impl: str
+    tokens: int | None = None  # the real sequence length when x is longer by context-parallel padding
 
     @nn.compact
     def __call__(
@@ -186,6 +192,7 @@ class HeliosBlock(nn.Module):
         lora_scale: LoraScale = None,
     ) -> tuple[jax.Array, None]:
         cfg, hist, length = self.config, self.history_len, x.shape[1]
+        x = context_parallel.constrain_tokens(x)
         table = self.param("scale_shift_table", _table_init(cfg.inner_dim), (1, 6, cfg.inner_dim), _F32)
         table = table.astype(_F32)
         mod_h = table + modulation_history.astype(_F32)
@@ -196,16 +203,22 @@ class HeliosBlock(nn.Module):
 
         # 1. Self-attention over history and noisy tokens.
         h = (layer_norm(x, cfg.eps) * (1 + scale) + shift).astype(x.dtype)
-        attn = Attention(cfg, cross=False, impl=self.impl, name="attn1")(h, rope=rope, history_len=hist,
+        mask = context_parallel.key_mask(length, self.tokens)
+        attn = Attention(cfg, cross=False, impl=self.impl, name="attn1")(h, rope=rope, history_len=hist, mask=mask,
                                                                           lora_scale=lora_scale)
         x = (x.astype(_F32) + attn * gate).astype(x.dtype)
 
-        # 2. Cross-attention to the text; with guidance_cross_attn only the noisy tokens take part.
-        start = hist if cfg.guidance_cross_attn else 0
+        # 2. Cross-attention to the text; with guidance_cross_attn only the noisy tokens take part. With
+        # the tokens split over devices, every token attends and the history's results are discarded
+        # (the same numbers per token), since slicing at the history boundary would move tokens between devices.
+        split = context_parallel.active_mesh() is not None
+        start = hist if cfg.guidance_cross_attn and not split else 0
         queries = x[:, start:]
         normed = LayerNorm(cfg.eps, name="norm2")(queries) if cfg.cross_attn_norm else queries
         attn = Attention(cfg, cross=True, impl=self.impl, name="attn2")(normed.astype(x.dtype), context,
                                                                          lora_scale=lora_scale)
+        if split and cfg.guidance_cross_attn and hist:
+            attn = jnp.where((jnp.arange(length) >= hist)[None, :, None], attn, jnp.zeros_like(attn))
         x = x.at[:, start:].set(queries + attn)
 
         # 3. Feed-forward.
@@ -276,7 +289,9 @@ class HeliosTransformer(nn.Module):
             sin_parts.insert(0, term_sin)
         x = jnp.concatenate(tokens, axis=1)
         rope = (jnp.concatenate(cos_parts, axis=1), jnp.concatenate(sin_parts, axis=1))
-        history_len = x.shape[1] - noisy_len
+        tokens = x.shape[1]
+        history_len = tokens - noisy_len
+        x, rope, _ = context_parallel.split_tokens(x, *rope, heads=cfg.num_attention_heads)
 
         # Conditioning: the noisy tokens' timestep, and timestep 0 for history tokens if configured.
         embedder = ConditionEmbedder(cfg, name="condition_embedder")
@@ -295,11 +310,11 @@ class HeliosTransformer(nn.Module):
             in_axes=(nn.broadcast,) * 5,
             length=cfg.num_layers,
             unroll=self.scan_unroll,
-        )(cfg, history_len, self.attention_impl, name="blocks")
+        )(cfg, history_len, self.attention_impl, tokens, name="blocks")
         x, _ = blocks(x, context, modulation_history, modulation, rope, lora_scale)
 
         # Output norm on the noisy tokens, projection, unpatchify to (B, C, T, H, W).
-        x = OutputNorm(cfg.eps, name="norm_out")(x[:, history_len:], temb)
+        x = OutputNorm(cfg.eps, name="norm_out")(x[:, history_len:tokens], temb)
         x = Dense(cfg.output_channels * pt * ph * pw, name="proj_out")(x, lora_scale)
         x = x.reshape(batch, t, h, w, pt, ph, pw, cfg.output_channels)
         x = x.transpose(0, 7, 1, 4, 2, 5, 3, 6)
@@ -365,6 +380,17 @@ def check_inputs(
         if latents.shape[3] % ph or latents.shape[4] % pw:
             fail(f"latents_history_{name} H, W = {latents.shape[3:]} must be multiples of the patch ({ph}, {pw})")
         _check_indices(f"indices_latents_history_{name}", indices, batch, latents.shape[2], fail)
+
+
+def sequence_length(cfg: TransformerConfig, hidden_shape: tuple[int, ...],
+                    history_shapes: dict[str, tuple[int, ...]] | None = None) -> int:
+    """How many tokens the blocks attend over for latents of ``hidden_shape`` (B, C, T, H, W) and history
+    terms ``{"short" | "mid" | "long": (B, C, T, H, W)}`` (compressed terms are padded up to their kernel)."""
+    factors = dict(HISTORY_TERMS)
+    count = math.prod(s // p for s, p in zip(hidden_shape[2:], cfg.patch_size))
+    for name, shape in (history_shapes or {}).items():
+        count += math.prod(-(-s // (p * factors[name])) for s, p in zip(shape[2:], cfg.patch_size))
+    return count
 
 
 def _check_indices(name: str, indices: jax.Array | None, batch: int, frames: int, fail) -> None:

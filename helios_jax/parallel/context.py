@@ -1,0 +1,117 @@
+"""Context (sequence) parallelism: the DiT's tokens split over the mesh's ``context`` axis.
+
+Under an active mesh (``jax.set_mesh``) with ``context > 1`` the transformer pads its token sequence to a
+multiple of the context size and constrains it to be split over ``context`` (:func:`split_tokens`); the
+compiler then runs every per-token layer on the local tokens. Attention is the one place that needs
+other devices' tokens, and :func:`attention` does it under ``shard_map``:
+
+- Ulysses (self-attention, when ``context`` divides the heads left per ``tensor`` shard): an all-to-all
+  turns (local tokens, all heads) into (all tokens, local heads), each device attends for its heads,
+  and a second all-to-all turns the result back. Two all-to-alls of q, k, v and o per layer.
+- otherwise: the K/V of all tokens are all-gathered and each device attends for its local queries.
+- cross-attention (text K/V, replicated): local, no communication.
+
+Padded keys are masked out of the softmax; padded tokens are dropped by the caller.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AbstractMesh, PartitionSpec as P
+
+from helios_jax.parallel.mesh import check_mesh
+
+CONTEXT = "context"
+BATCH_AXES = ("data", "fsdp")
+
+Attend = Callable[..., jax.Array]
+
+
+def active_mesh() -> AbstractMesh | None:
+    """The mesh set by ``jax.set_mesh`` if it has a ``context`` axis of size > 1, else None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or CONTEXT not in mesh.axis_names or dict(mesh.shape)[CONTEXT] == 1:
+        return None
+    return mesh
+
+
+def batch_axes(mesh: AbstractMesh, batch: int) -> tuple[str, ...] | None:
+    """The batch-splitting mesh axes (``data``, then ``fsdp``) whose sizes divide ``batch``."""
+    sizes, chosen, count = dict(mesh.shape), [], 1
+    for name in BATCH_AXES:
+        size = sizes.get(name, 1)
+        if size > 1 and batch % (count * size) == 0:
+            chosen.append(name)
+            count *= size
+    return tuple(chosen) or None
+
+
+def token_spec(mesh: AbstractMesh, batch: int) -> P:
+    return P(batch_axes(mesh, batch), CONTEXT, None)
+
+
+def split_tokens(x: jax.Array, *tables: jax.Array, heads: int) -> tuple[jax.Array, tuple[jax.Array, ...], int]:
+    """(B, L, D) tokens (and per-token tables (B', L, d)) padded to a multiple of the context size and
+    split over ``context``; returns them with the padded length. Without a context mesh, unchanged.
+    A context size that divides neither ``heads`` nor L is a ``MeshError`` (raised while tracing)."""
+    mesh, length = active_mesh(), x.shape[1]
+    if mesh is None:
+        return x, tables, length
+    check_mesh(mesh, heads=heads, tokens=(length,))
+    padded = -(-length // dict(mesh.shape)[CONTEXT]) * dict(mesh.shape)[CONTEXT]
+
+    def pad(a: jax.Array) -> jax.Array:
+        a = jnp.pad(a, [(0, 0), (0, padded - length)] + [(0, 0)] * (a.ndim - 2)) if padded > length else a
+        return jax.lax.with_sharding_constraint(a, token_spec(mesh, a.shape[0]))
+
+    return pad(x), tuple(pad(t) for t in tables), padded
+
+
+def constrain_tokens(x: jax.Array) -> jax.Array:
+    """Re-state the token split of (B, L, D) activations (a no-op without a context mesh)."""
+    mesh = active_mesh()
+    return x if mesh is None else jax.lax.with_sharding_constraint(x, token_spec(mesh, x.shape[0]))
+
+
+def key_mask(padded: int, length: int | None) -> jax.Array | None:
+    """(1, 1, 1, padded) True for real keys, or None when nothing is padded."""
+    return None if length is None or padded == length else (jnp.arange(padded) < length)[None, None, None, :]
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, attend: Attend, *, cross: bool = False,
+              mask: jax.Array | None = None) -> jax.Array:
+    """``attend(q, k, v, mask)`` with q (and, unless ``cross``, k and v) split over ``context``.
+
+    Layout (batch, tokens, heads, head_dim) as ``helios_jax.models.attention.attention``; ``mask`` may only
+    mask keys (leading dims of size 1), since it is passed whole to every device.
+    """
+    mesh = active_mesh()
+    sizes = dict(mesh.shape)
+    context, tensor = sizes[CONTEXT], sizes.get("tensor", 1)
+    if mask is not None and any(d != 1 for d in mask.shape[:-1]):
+        raise ValueError(f"context-parallel attention takes a key mask (1, 1, 1, Tk); got mask {mask.shape}")
+    heads = q.shape[2]
+    head_axis = "tensor" if tensor > 1 and heads % tensor == 0 else None
+    local_heads = heads // (tensor if head_axis else 1)
+    batch = batch_axes(mesh, q.shape[0])
+    split = P(batch, CONTEXT, head_axis, None)
+    whole = P(batch, None, head_axis, None)
+    masks = () if mask is None else (mask,)
+
+    if cross:
+        def body(q, k, v, *m):
+            return attend(q, k, v, *m)
+    elif local_heads % context == 0:
+        def body(q, k, v, *m):
+            q, k, v = (jax.lax.all_to_all(t, CONTEXT, 2, 1, tiled=True) for t in (q, k, v))
+            return jax.lax.all_to_all(attend(q, k, v, *m), CONTEXT, 1, 2, tiled=True)
+    else:
+        def body(q, k, v, *m):
+            k, v = (jax.lax.all_gather(t, CONTEXT, axis=1, tiled=True) for t in (k, v))
+            return attend(q, k, v, *m)
+
+    specs = (split, whole if cross else split, whole if cross else split) + (P(),) * len(masks)
+    return jax.shard_map(body, in_specs=specs, out_specs=split, check_vma=False)(q, k, v, *masks)

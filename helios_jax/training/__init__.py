@@ -1,0 +1,6 @@
+"""Training: offloaded data (``data``, ``offload``), sample assembly and anti-drifting (``history``), losses,
+the generic step and loop (``trainer``) and the official YAMLs mapped onto it (``recipes``)."""
+
+
+class DataError(ValueError):
+    """Training data that cannot be used as given (a missing folder, a bad file or entry, no usable clip)."""

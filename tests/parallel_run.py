@@ -1,0 +1,44 @@
+"""Runs ``parallel_worker.py`` in a subprocess with 8 virtual CPU devices and returns its .npz results."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "parallel_worker.py")
+
+
+def worker_env(devices: int = 8) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    return env
+
+
+def run_worker(mode: str, folder: str, *args: str, timeout: int = 1800) -> dict[str, np.ndarray]:
+    out = os.path.join(folder, f"{mode}.npz")
+    proc = subprocess.run([sys.executable, WORKER, mode, *args, out], env=worker_env(), capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return dict(np.load(out))
+
+
+def rel_err(ours: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    """(relative L2 error, max-abs error)."""
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref)), float(np.abs(ours - ref).max())
+
+
+def collectives(hlo: str, op: str) -> list[list[tuple[int, ...]]]:
+    """The result shapes of every ``op`` (all-gather, all-to-all, ...) in compiled HLO text, one list per op
+    (a tuple-shaped result gives several shapes)."""
+    found = []
+    for line in hlo.splitlines():
+        match = re.match(rf"\s*(ROOT )?%\S+ = (.*?) {op}(-start)?\(", line)
+        if match:
+            found.append([tuple(int(d) for d in dims.split(",") if d)
+                          for dims in re.findall(r"[a-z]+\d*\[([\d,]*)\]", match.group(2))])
+    return found

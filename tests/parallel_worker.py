@@ -1,0 +1,190 @@
+"""Runs in a subprocess with 8 virtual CPU devices (the flag must precede JAX's start): tiny pipelines and
+DiT programs on one device and on several meshes, results written to an .npz for tests/test_parallel*.py.
+
+``python parallel_worker.py pipelines OUT.npz``  latents and video per (pipeline, mesh)
+``python parallel_worker.py hlo OUT.npz``        compiled HLO text of a DiT forward and a training gradient
+``python parallel_worker.py process I N PORT OUT.npz``  one chunk as process I of N (jax.distributed)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+from helios_jax import demo, parallel  # noqa: E402
+from helios_jax.config import TransformerConfig  # noqa: E402
+from helios_jax.pipeline import HeliosPipeline  # noqa: E402
+
+SIZE = 64  # 64x64 video: latents 8x8, pyramid stages 2x2 / 4x4 / 8x8; tokens 49 / 76 / 184 with history
+PROMPTS = ["a train in the fields", "mountains and sky"]
+# Distilled (pyramid, DMD, no CFG) with 8 heads: Ulysses at every context size (49 and 76 tokens get padded).
+# Base (one stage, UniPC, CFG) with 4 heads: context=8 takes the K/V all-gather fallback (184 tokens).
+MESHES = {
+    "distilled": ({"context": 2}, {"context": 4}, {"context": 8}, {"data": 2, "context": 4}, {"fsdp": 4},
+                  {"tensor": 2}),
+    "base": ({"context": 2}, {"context": 4}, {"context": 8}, {"data": 2, "context": 4}, {"fsdp": 4},
+             {"tensor": 2}),
+}
+
+
+def transformer(heads: int) -> TransformerConfig:
+    return TransformerConfig(num_attention_heads=heads, attention_head_dim=8, in_channels=16, out_channels=16,
+                             text_dim=64, freq_dim=16, ffn_dim=64, num_layers=2, rope_dim=(4, 2, 2),
+                             is_amplify_history=True)
+
+
+def checkpoint(root: str, kind: str) -> str:
+    folder = os.path.join(root, kind)
+    if kind == "distilled":
+        return demo.build_demo_checkpoint(folder, transformer=transformer(8))
+    scheduler = {"_class_name": "HeliosScheduler", "stages": 1, "stage_range": [0, 1], "gamma": 0.25, "shift": 3.0}
+    index = {**demo.MODEL_INDEX, "_class_name": "HeliosPipeline", "is_distilled": False,
+             "scheduler": ["diffusers", "HeliosScheduler"]}
+    return demo.build_demo_checkpoint(folder, transformer=transformer(4), scheduler=scheduler, model_index=index)
+
+
+def generate(pipe: HeliosPipeline, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    settings = dict(height=SIZE, width=SIZE, num_frames=1, seed=0, progress=False)
+    if kind == "distilled":
+        settings.update(prompt=PROMPTS, pyramid_num_inference_steps_list=(1, 1, 1), guidance_scale=1.0)
+    else:
+        settings.update(prompt=PROMPTS[0], num_inference_steps=2, guidance_scale=5.0, negative_prompt="static")
+    latents = pipe(output_type="latent", **settings)
+    return latents, np.asarray(pipe.decode(jnp.asarray(latents), "float"))
+
+
+def mesh_of(sizes: dict[str, int]) -> jax.sharding.Mesh:
+    return parallel.make_mesh(**sizes, devices=jax.devices()[:math.prod(sizes.values())])
+
+
+def name(sizes: dict[str, int]) -> str:
+    return "_".join(f"{a}{n}" for a, n in sizes.items())
+
+
+def pipelines(out: str) -> None:
+    root = os.path.dirname(out)
+    results = {}
+    for kind, meshes in MESHES.items():
+        folder = checkpoint(root, kind)
+        load = dict(dtype=jnp.float32, attention_impl="xla", compilation_cache=False)
+        results[f"{kind}/one/latents"], results[f"{kind}/one/video"] = generate(
+            HeliosPipeline.from_pretrained(folder, **load), kind)
+        for sizes in meshes:
+            pipe = HeliosPipeline.from_pretrained(folder, mesh=mesh_of(sizes), **load)
+            results[f"{kind}/{name(sizes)}/latents"], results[f"{kind}/{name(sizes)}/video"] = generate(pipe, kind)
+            ours, ref = results[f"{kind}/{name(sizes)}/latents"], results[f"{kind}/one/latents"]
+            print(kind, name(sizes), "latents rel err", np.linalg.norm(ours - ref) / np.linalg.norm(ref), flush=True)
+    np.savez(out, **results)
+
+
+def dit(heads: int, batch: int, seed: int = 0) -> tuple[TransformerConfig, dict, dict]:
+    """A tiny DiT, its random params and inputs with a short history: 2x(2x2) noisy + 2x(2x2) history tokens."""
+    from helios_jax.models.transformer import keymap, param_shapes
+
+    cfg = transformer(heads)
+    params = demo.random_params(param_shapes(cfg), keymap(cfg), np.random.default_rng(seed))
+    rng = np.random.default_rng(seed + 1)
+    inputs = dict(hidden_states=rng.standard_normal((batch, 16, 2, 4, 4)), timestep=np.full((batch,), 500.0),
+                  encoder_hidden_states=rng.standard_normal((batch, 5, 64)),
+                  latents_history_short=rng.standard_normal((batch, 16, 2, 4, 4)))
+    inputs = {k: v.astype(np.float32) for k, v in inputs.items()}
+    inputs["indices_latents_history_short"] = np.array([[0, 1]], np.int32)
+    return cfg, params, inputs
+
+
+def hlo(out: str) -> None:
+    """Compiled programs and their values: a DiT forward on context=8 (Ulysses) and a training loss and
+    gradient on data=2 x fsdp=4, each beside the same computation on one device."""
+    from helios_jax.models.transformer import HeliosTransformer
+
+    results = {}
+    cfg, params, inputs = dit(8, 1)
+    model = HeliosTransformer(cfg)
+    forward = jax.jit(lambda p, x: model.apply({"params": p}, **x))
+    results["forward/one"] = np.asarray(forward(params, inputs))
+    mesh = mesh_of({"context": 8})
+    placed = parallel.shard_params(params, mesh, parallel.DIT_RULES), parallel.to_mesh(inputs, parallel.replicated(mesh))
+    with jax.set_mesh(mesh):  # a fresh jit: JAX's trace cache does not key on the current mesh
+        compiled = jax.jit(lambda p, x: model.apply({"params": p}, **x)).lower(*placed).compile()
+        results["forward/mesh"] = np.asarray(compiled(*placed))
+    results["forward/hlo"] = np.array(compiled.as_text())
+
+    cfg, params, inputs = dit(4, 8)
+    target = np.random.default_rng(3).standard_normal((8, 16, 2, 4, 4)).astype(np.float32)
+
+    def loss(p, x, y):
+        return jnp.mean((model.apply({"params": p}, **x) - y) ** 2)
+
+    model = HeliosTransformer(cfg)
+    step = jax.value_and_grad(loss)
+    results["train/one/loss"], grads = jax.jit(step)(params, inputs, target)
+    results["train/one/grads"] = np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)])
+    mesh = mesh_of({"data": 2, "fsdp": 4})
+    weights = parallel.shardings(params, mesh, parallel.DIT_RULES)
+    batch = {k: parallel.batch_sharding(mesh, v.shape) if k != "indices_latents_history_short"
+             else parallel.replicated(mesh) for k, v in inputs.items()}
+    args = (parallel.shard_params(params, mesh, parallel.DIT_RULES), parallel.to_mesh(inputs, batch),
+            parallel.to_mesh(target, parallel.batch_sharding(mesh, target.shape)))
+    compiled = jax.jit(step, out_shardings=(parallel.replicated(mesh), weights)).lower(*args).compile()
+    results["train/mesh/loss"], grads = compiled(*args)
+    results["train/mesh/grads"] = np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)])
+    results["train/hlo"] = np.array(compiled.as_text())
+    results["train/weight_shapes"] = np.array(sorted({str(tuple(v.shape)) for v in jax.tree.leaves(params)}))
+    np.savez(out, **results)
+
+
+def errors(out: str) -> None:
+    """The messages of bad meshes: the pipeline's (before any compute) and the model's (while tracing)."""
+    from helios_jax.models.transformer import HeliosTransformer
+
+    messages = {}
+    folder = checkpoint(os.path.dirname(out), "base")  # 4 heads: 184 tokens at 64x64, 278 at 64x96
+    pipe = HeliosPipeline.from_pretrained(folder, dtype=jnp.float32, attention_impl="xla", compilation_cache=False,
+                                          mesh=mesh_of({"context": 8}))
+    for label, settings in (("base_ok", {}), ("base_uneven", {"height": 64, "width": 96})):
+        try:
+            pipe._check({"height": SIZE, "width": SIZE, "num_frames": 1, **settings}, "a", None, None, None, None,
+                        None, None)
+            messages[label] = "ok"
+        except parallel.MeshError as err:
+            messages[label] = str(err)
+    cfg, params, inputs = dit(4, 1)
+    inputs["hidden_states"] = inputs["hidden_states"][:, :, :1]  # 4 + 8 tokens: 12 over context=8, 4 heads
+    try:
+        with jax.set_mesh(mesh_of({"context": 8})):
+            jax.jit(lambda p, x: HeliosTransformer(cfg).apply({"params": p}, **x)).trace(params, inputs)
+        messages["model"] = "ok"
+    except parallel.MeshError as err:
+        messages["model"] = str(err)
+    np.savez(out, **messages)
+
+
+def process(index: int, count: int, port: int, out: str) -> None:
+    if count:
+        parallel.initialize(f"127.0.0.1:{port}", count, index)
+    folder = checkpoint(os.path.join(os.path.dirname(out), f"ckpt{index}_{count}"), "distilled")
+    pipe = HeliosPipeline.from_pretrained(folder, dtype=jnp.float32, attention_impl="xla", compilation_cache=False,
+                                          mesh=parallel.make_mesh(context=len(jax.devices())) if count else None)
+    latents, video = generate(pipe, "distilled")
+    np.savez(out, latents=latents, video=video, devices=len(jax.devices()))
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "pipelines":
+        pipelines(sys.argv[2])
+    elif sys.argv[1] == "errors":
+        errors(sys.argv[2])
+    elif sys.argv[1] == "hlo":
+        hlo(sys.argv[2])
+    elif sys.argv[1] == "process":
+        process(*map(int, sys.argv[2:5]), sys.argv[5])
