@@ -51,7 +51,8 @@ CUDNN_ATTENTION = "__cudnn$fmha"
 
 def plugin_missing() -> str | None:
     """Why the H100 plans cannot be compiled here (None when they can)."""
-    if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+    # find_spec of a submodule raises when its parent package is absent, so ask for the parent first.
+    if importlib.util.find_spec("jax_plugins") is None or importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
         return ("jax's CUDA plugin is not installed: `make gpu-plan` installs it (locks/gpu-plan.txt, "
                 f"jax-cuda12-plugin=={jax.__version__} and its nvidia-* wheels)")
     return None
