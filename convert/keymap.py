@@ -37,12 +37,15 @@ class KeyMap:
     tied: ``(key, alias)`` pairs naming one tied tensor that a checkpoint may store under either name or
         both (``save_pretrained`` writes tied weights once). ``key`` names the param and fills it when
         stored; otherwise ``alias`` fills it. A stored alias beside its key is only checked for its shape.
+    renamed: ``(torch key, key as the flax tree names it)`` pairs for the odd tensor that lives in one
+        layer of a stacked prefix but belongs to the whole stack (T5's first-layer relative bias).
     """
 
     stacked: tuple[tuple[str, int], ...] = ()
     ignore: tuple[str, ...] = ()
     literal: tuple[str, ...] = ()
     tied: tuple[tuple[str, str], ...] = ()
+    renamed: tuple[tuple[str, str], ...] = ()
 
     def ignored(self, key: str) -> bool:
         return any(part in self.ignore for part in key.split("."))
@@ -52,7 +55,7 @@ class KeyMap:
 
         The leaf is still the torch leaf name; :func:`resolve_leaf` picks the flax one.
         """
-        parts = key.split(".")
+        parts = dict(self.renamed).get(key, key).split(".")
         layer = None
         for prefix, count in self.stacked:
             head = prefix.split(".")
@@ -87,7 +90,8 @@ class KeyMap:
                     break
             else:
                 raise KeyError(f"{'/'.join(path)} has a layer index but no stacked prefix matches it")
-        return ".".join(parts)
+        key = ".".join(parts)
+        return {flax: torch for torch, flax in self.renamed}.get(key, key)
 
     def layer_count(self, path: Path) -> int | None:
         """The number of stacked layers under ``path``, or None when it is not stacked."""

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 import jax
 
+from helios_jax.config import read_json
 from helios_jax.convert.strict import DtypeFor, Params, cast_shapes
 
 _PARAMS = "params"
@@ -77,5 +78,4 @@ def saved_config(directory: str | os.PathLike) -> dict[str, Any] | None:
     path = os.path.join(os.fspath(directory), _CONFIG)
     if not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return read_json(path, "config.json of saved params")

@@ -16,6 +16,8 @@ from typing import Iterable, Mapping, Protocol
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy: safetensors' numpy reader needs it)
 import numpy as np
 
+from helios_jax.config import read_json
+
 _SAFETENSORS_DTYPES = {
     "BF16": np.dtype(ml_dtypes.bfloat16),
     "F16": np.dtype(np.float16),
@@ -188,8 +190,7 @@ def _check_weight_map(weight_map: Mapping[str, str], where: Mapping[str, str]) -
 
 def _from_index(index_path: str) -> tuple[list[str], dict[str, str]]:
     folder = os.path.dirname(index_path)
-    with open(index_path, encoding="utf-8") as f:
-        weight_map = json.load(f).get("weight_map")
+    weight_map = read_json(index_path, "shard index").get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index_path}: no 'weight_map' in the shard index")
     shards = sorted(set(weight_map.values()))

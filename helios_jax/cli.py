@@ -16,6 +16,7 @@ from helios_jax import generate
 from helios_jax.config import ConfigError
 from helios_jax.convert import CheckpointError, export_safetensors, save_params
 from helios_jax.loading import COMPONENTS, component_of
+from helios_jax.models.lora import apply_loaded, load_lora
 from helios_jax.pipeline import COMPONENTS as PIPELINE_FOLDERS, PipelineError
 from helios_jax.video import MediaError
 
@@ -31,10 +32,13 @@ BENCHMARKS = {
 }
 
 
-def convert(source: str, destination: str, to: str, dtype: str | None) -> int:
-    """A component folder, or a whole pipeline folder, to orbax params or back to diffusers safetensors."""
+def convert(source: str, destination: str, to: str, dtype: str | None, merge_lora: str | None = None) -> int:
+    """A component folder, or a whole pipeline folder, to orbax params or back to diffusers safetensors;
+    ``merge_lora`` fuses a LoRA folder into the transformer (as the official merge tool does)."""
     jax_dtype = generate.DTYPES[dtype] if dtype else None
-    if os.path.isfile(os.path.join(source, "model_index.json")):
+    pipeline = os.path.isfile(os.path.join(source, "model_index.json"))
+    lora = _read_lora(os.path.join(source, "transformer") if pipeline else source, merge_lora) if merge_lora else None
+    if pipeline:
         if os.path.exists(destination):
             raise FileExistsError(f"{destination} already exists; choose a new folder")
         staging = destination.rstrip("/") + ".partial"
@@ -43,7 +47,7 @@ def convert(source: str, destination: str, to: str, dtype: str | None) -> int:
             for name in PIPELINE_FOLDERS:
                 src = os.path.join(source, name)
                 if name in COMPONENTS:
-                    _convert_component(src, os.path.join(staging, name), to, jax_dtype)
+                    _convert_component(src, os.path.join(staging, name), to, jax_dtype, lora)
                 else:
                     shutil.copytree(src, os.path.join(staging, name))
             shutil.copy(os.path.join(source, "model_index.json"), staging)
@@ -52,14 +56,23 @@ def convert(source: str, destination: str, to: str, dtype: str | None) -> int:
             shutil.rmtree(staging, ignore_errors=True)
             raise
     else:
-        _convert_component(source, destination, to, jax_dtype)
-    print(f"wrote {destination} ({to})")
+        _convert_component(source, destination, to, jax_dtype, lora)
+    print(f"wrote {destination} ({to}{', LoRA fused' if lora else ''})")
     return 0
 
 
-def _convert_component(source: str, destination: str, to: str, dtype) -> None:
+def _read_lora(transformer_folder: str, path: str):
+    """The LoRA checked against the transformer's config, before any weight is read."""
+    if component_of(transformer_folder).folder != "transformer":
+        raise PipelineError(f"--merge-lora needs a transformer (or whole checkpoint) folder; {transformer_folder} is not one")
+    return load_lora(path, COMPONENTS["transformer"].read_config(transformer_folder))
+
+
+def _convert_component(source: str, destination: str, to: str, dtype, lora=None) -> None:
     component = component_of(source)
     config, params = component.load(source, dtype)
+    if lora is not None and component.folder == "transformer":
+        params = apply_loaded(params, lora)
     if to == "orbax":
         save_params(destination, params, config=component.config_json(config))
     else:
@@ -89,6 +102,8 @@ def parser() -> argparse.ArgumentParser:
     conv.add_argument("destination", help="a new folder")
     conv.add_argument("--to", choices=("orbax", "safetensors"), default="orbax")
     conv.add_argument("--dtype", choices=tuple(generate.DTYPES), help="cast the weights (default: keep)")
+    conv.add_argument("--merge-lora", dest="merge_lora", metavar="LORA_DIR",
+                      help="fuse this LoRA (diffusers' pytorch_lora_weights.safetensors) into the transformer")
     ver = commands.add_parser("verify", help="parity of every component against the installed PyTorch reference")
     ver.add_argument("--only", nargs="+", default=[], help="check only these components")
     ben = commands.add_parser("bench", help="run the benchmarks in experiments/ (needs a source checkout)")
@@ -103,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             return generate.run(args)
         if args.command == "convert":
-            return convert(args.source, args.destination, args.to, args.dtype)
+            return convert(args.source, args.destination, args.to, args.dtype, args.merge_lora)
         if args.command == "verify":
             from helios_jax import verify
 

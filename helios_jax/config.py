@@ -1,9 +1,11 @@
 """Frozen model configurations read from diffusers / transformers ``config.json`` files.
 
 Each dataclass has exactly the constructor arguments of the reference class, so a config.json
-written by ``save_pretrained`` maps onto it one to one. Reading is strict: an unknown key or a
-value this port cannot run is a :class:`ConfigError` that names the key, the value and the rule,
-raised before any weights are touched.
+written by ``save_pretrained`` maps onto it one to one. Reading follows the ecosystem, loudly: a key
+this port does not know is accepted and named in one :class:`ConfigWarning` per file (diffusers and
+transformers warn and ignore too); keys known not to change what the port computes (a class's
+``IGNORED_KEYS``) pass silently; a value of the wrong type, or one this port cannot run, is one
+:class:`ConfigError` that names the file, the key, the value and the rule, before any weight is read.
 """
 
 from __future__ import annotations
@@ -11,13 +13,42 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import types
+import typing
+import warnings
 from typing import Any, ClassVar, Mapping, TypeVar
 
 C = TypeVar("C")
 
 
 class ConfigError(ValueError):
-    """A config.json that this port cannot run as written."""
+    """A config file that this port cannot run as written."""
+
+
+class ConfigWarning(UserWarning):
+    """Keys of a config file that this port does not know; they are ignored, as the reference libraries do.
+
+    Filter it with ``warnings.filterwarnings("ignore", category=helios_jax.ConfigWarning)``."""
+
+
+def read_json(path: str | os.PathLike, what: str = "config file") -> dict[str, Any]:
+    """A JSON object from ``path``; a missing, unreadable or malformed file is one ConfigError naming it."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"no {what} at {path!r}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ConfigError(
+            f"{path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}; "
+            f"fix or re-download the {what}"
+        ) from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); re-download the {what}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: a {what} holds one JSON object ({{...}}); this one holds a {type(value).__name__}")
+    return value
 
 
 def _freeze(value: Any) -> Any:
@@ -37,8 +68,69 @@ def config_dict(source: str | os.PathLike | Mapping[str, Any], filename: str = "
         path = os.path.join(path, filename)
     if not os.path.isfile(path):
         raise ConfigError(f"no config file at {path!r}: expected a diffusers {filename}")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f), path
+    return read_json(path, filename), path
+
+
+def warn_unknown(origin: str, owner: str, unknown: list[str], known: Any) -> None:
+    """The one warning per file that names every key this port does not know."""
+    if unknown:
+        warnings.warn(
+            f"{origin}: {owner} ignores the key(s) {sorted(unknown)}, which this port does not know "
+            f"(the keys it reads: {sorted(known)})",
+            ConfigWarning,
+            stacklevel=3,
+        )
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a JSON value (lists frozen to tuples) fits a dataclass field's type hint."""
+    if hint is Any:
+        return True
+    if hint is None or hint is type(None):
+        return value is None
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_matches(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_matches(v, h) for v, h in zip(value, args))
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    """A type hint in JSON words, for the error message."""
+    if hint is None or hint is type(None):
+        return "null"
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(h) for h in typing.get_args(hint))
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
+        return f"a list of {len(args)} {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, hint.__name__)
+
+
+def check_types(cls: type, values: Mapping[str, Any], origin: str) -> None:
+    """One ConfigError naming every value whose JSON type does not fit its field (e.g. "eps": "1e-6")."""
+    hints = typing.get_type_hints(cls)
+    wrong = [f"{k} = {v!r} (expected {_describe(hints[k])})" for k, v in values.items() if not _matches(v, hints[k])]
+    if wrong:
+        raise ConfigError(
+            f"{origin}: {cls.__name__} value(s) of the wrong type: {'; '.join(wrong)}. "
+            "Write them as the reference library does (numbers unquoted, lists as [...])"
+        )
 
 
 def read_config(cls: type[C], source: str | os.PathLike | Mapping[str, Any], *, ignore: tuple[str, ...] = (),
@@ -48,19 +140,27 @@ def read_config(cls: type[C], source: str | os.PathLike | Mapping[str, Any], *, 
     Keys starting with ``_`` (``_class_name``, ``_diffusers_version``, ...) are bookkeeping and are
     skipped, as are the keys named in ``ignore`` or in the class's own ``IGNORED_KEYS`` (keys the
     reference class accepts but that never change what this port computes). Any other key that is not
-    a field is an error, so a typo or a newer reference version is noticed instead of silently
-    changing the model.
+    a field is named in one :class:`ConfigWarning` and ignored, as diffusers and transformers do.
+    Every field's type is checked, then the class checks its values.
     """
-    ignore = (*ignore, *getattr(cls, "IGNORED_KEYS", ()))
     raw, origin = config_dict(source, filename)
+    return build_config(cls, raw, origin, ignore=ignore)
+
+
+def build_config(cls: type[C], raw: Mapping[str, Any], origin: str, *, ignore: tuple[str, ...] = ()) -> C:
+    """``read_config`` of a dict already read from ``origin`` (named in warnings and errors)."""
+    ignore = (*ignore, *getattr(cls, "IGNORED_KEYS", ()))
     fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(k for k in raw if not k.startswith("_") and k not in fields and k not in ignore)
-    if unknown:
-        raise ConfigError(
-            f"{cls.__name__} in {origin}: unknown key(s) {unknown}; the supported keys are {sorted(fields)}"
-        )
+    warn_unknown(origin, cls.__name__, [k for k in raw if not k.startswith("_") and k not in fields and k not in ignore],
+                 fields)
     values = {k: _freeze(v) for k, v in raw.items() if k in fields}
-    return cls(**values)
+    check_types(cls, values, origin)
+    try:
+        return cls(**values)
+    except ConfigError as err:
+        if origin == "the given dict":
+            raise
+        raise ConfigError(f"{origin}: {err}") from None
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -140,7 +240,8 @@ class TransformerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class UMT5Config:
-    """The fields of transformers' ``UMT5Config`` that change what ``UMT5EncoderModel`` computes.
+    """The fields of transformers' ``UMT5Config`` (or ``T5Config``, ``model_type`` "t5") that change what
+    ``UMT5EncoderModel`` (``T5EncoderModel``) computes.
 
     Defaults are transformers' (umt5-small); the real text encoder, umt5-xxl, comes from its config.json
     (d_model 4096, d_kv 64, d_ff 10240, 24 layers, 64 heads, vocab 256384).
@@ -156,6 +257,8 @@ class UMT5Config:
     relative_attention_max_distance: int = 128
     layer_norm_epsilon: float = 1e-6
     feed_forward_proj: str = "gated-gelu"
+    # "t5" is transformers' T5EncoderModel: one relative position bias, held by the first layer, for all layers.
+    model_type: str = "umt5"
     # A decoder stack would be causal; UMT5EncoderModel builds its stack from this flag as written.
     is_decoder: bool = False
 
@@ -165,17 +268,24 @@ class UMT5Config:
     # from either of its two names); ``scalable_attention``, a T5X leftover that no transformers code reads.
     IGNORED_KEYS: ClassVar[tuple[str, ...]] = (
         "architectures", "classifier_dropout", "decoder_start_token_id", "dense_act_fn", "dropout_rate",
-        "dtype", "eos_token_id", "initializer_factor", "is_encoder_decoder", "is_gated_act", "model_type",
+        "dtype", "eos_token_id", "initializer_factor", "is_encoder_decoder", "is_gated_act",
         "num_decoder_layers", "output_past", "pad_token_id", "scalable_attention", "tie_word_embeddings",
         "tokenizer_class", "torch_dtype", "transformers_version", "use_cache",
+        # transformers 5 writes these: the decoder's output scaling, and PretrainedConfig's generic
+        # output/head settings, none of which the encoder's last hidden state depends on.
+        "scale_decoder_outputs", "chunk_size_feed_forward", "id2label", "label2id", "output_attentions",
+        "output_hidden_states", "problem_type", "return_dict",
     )
     # ``feed_forward_proj`` values this port runs; transformers reads "gated-gelu" as the tanh GELU.
-    FEED_FORWARDS: ClassVar[tuple[str, ...]] = ("gated-gelu", "gated-gelu_new")
+    FEED_FORWARDS: ClassVar[tuple[str, ...]] = ("gated-gelu", "gated-gelu_new", "relu")
+    MODEL_TYPES: ClassVar[tuple[str, ...]] = ("umt5", "t5")
 
     def __post_init__(self) -> None:
         name = type(self).__name__
         _require(self.feed_forward_proj in self.FEED_FORWARDS, name, "feed_forward_proj", self.feed_forward_proj,
-                 f"the port has the gated tanh-GELU feed-forward of UMT5 only: one of {self.FEED_FORWARDS}")
+                 f"the port has the gated tanh-GELU feed-forward of UMT5 and T5's ReLU one: one of {self.FEED_FORWARDS}")
+        _require(self.model_type in self.MODEL_TYPES, name, "model_type", self.model_type,
+                 f"a UMT5 or T5 text encoder: one of {self.MODEL_TYPES}")
         _require(not self.is_decoder, name, "is_decoder", self.is_decoder,
                  "this is the text encoder; a decoder config (causal attention) is not an encoder")
         for key in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads"):
@@ -191,6 +301,16 @@ class UMT5Config:
             name, "relative_attention_max_distance", self.relative_attention_max_distance,
             f"more than num_buckets // 4 = {self.relative_attention_num_buckets // 4}, where the log-spaced buckets start",
         )
+
+    @property
+    def gated(self) -> bool:
+        """The gated GELU feed-forward (``wi_0``, ``wi_1``) rather than the ReLU one (``wi``)."""
+        return self.feed_forward_proj != "relu"
+
+    @property
+    def shared_relative_bias(self) -> bool:
+        """T5: one relative position bias for all layers (UMT5: one per layer)."""
+        return self.model_type == "t5"
 
     @property
     def inner_dim(self) -> int:

@@ -79,6 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention", choices=("auto", *IMPLS), default="auto",
                         help="the DiT's attention backend; auto: cudnn on a GPU in bf16/fp16, else xla")
     parser.add_argument("--no_compilation_cache", action="store_true", help="do not use the persistent XLA cache")
+    parser.add_argument("--lora", help="a LoRA folder (pytorch_lora_weights.safetensors, diffusers' format) to fuse")
+    parser.add_argument("--lora_scale", type=float, default=1.0, help="the LoRA's strength")
 
 
 def read_interactive_csv(path: str, interpolate_time: int) -> list[tuple[int, str]]:
@@ -152,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"No --checkpoint: using the embedded random-weight Helios at {checkpoint} (its video is noise).")
     pipe = HeliosPipeline.from_pretrained(checkpoint, dtype=DTYPES[settings["weight_dtype"]],
                                           attention_impl=None if args.attention == "auto" else args.attention,
-                                          compilation_cache=not args.no_compilation_cache)
+                                          compilation_cache=not args.no_compilation_cache,
+                                          lora=args.lora, lora_scale=args.lora_scale)
     total = pipe.num_output_frames(args.num_frames, args.num_latent_frames_per_chunk)
     picks = set(np.linspace(0, total - 1, min(SHEET_FRAMES, total)).round().astype(int).tolist())
     chunks = pipe.stream(

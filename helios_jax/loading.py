@@ -8,16 +8,26 @@ Every component goes through the same strict converter (``helios_jax.convert``);
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from types import ModuleType
 from typing import Any, Callable
 
-from helios_jax.config import TransformerConfig, UMT5Config, VAEConfig, read_config, to_dict
+from helios_jax.config import (
+    ConfigError,
+    TransformerConfig,
+    UMT5Config,
+    VAEConfig,
+    build_config,
+    config_dict,
+    read_json,
+    to_dict,
+)
 from helios_jax.convert import dtype_policy, is_saved_params, load_params, restore_params, saved_config
 from helios_jax.models import transformer, umt5, vae
 
 Params = dict[str, Any]
+# transformers' text encoder class of each model_type this port runs.
+TEXT_ENCODERS = {"umt5": "UMT5EncoderModel", "t5": "T5EncoderModel"}
 KeepFp32 = Callable[[tuple[str, ...]], bool]
 
 
@@ -32,21 +42,60 @@ class Component:
     keeps_fp32: Callable[[Any], KeepFp32]  # dtype -> which params stay float32
     weights_name: str  # the safetensors file stem save_pretrained uses
 
-    def load(self, path: str | os.PathLike, dtype: Any | None = None) -> tuple[Any, Params]:
+    def read_config(self, path: str | os.PathLike) -> Any:
+        """The validated config of a component folder, diffusers' config.json or the one ``save_params``
+        wrote; reads no weight. A saved-params folder without its config.json is refused: its shapes
+        alone do not say the model (and the class defaults are the 14B model's)."""
+        folder = os.fspath(path)
+        if is_saved_params(folder):
+            raw = saved_config(folder)
+            if raw is None:
+                raise ConfigError(
+                    f"{folder} holds saved params but no config.json beside them, so its {self.class_name} "
+                    "configuration is unknown; convert the component again (helios-jax convert writes it) or copy "
+                    "the diffusers config.json of the same model there"
+                )
+            origin = os.path.join(folder, "config.json")
+        else:
+            raw, origin = config_dict(folder)
+        self._check_class(raw, origin)
+        return build_config(self.config_cls, raw, origin)
+
+    def _check_class(self, raw: dict[str, Any], origin: str) -> None:
+        """The config must be this component's reference class (a Wan or T5 config would half-fit)."""
+        if self.config_cls is UMT5Config:
+            names = raw.get("architectures") or []
+            model_type = raw.get("model_type", "umt5")
+            if model_type not in TEXT_ENCODERS or (names and TEXT_ENCODERS[model_type] not in names):
+                raise ConfigError(
+                    f"{origin}: model_type {model_type!r}, architectures {names}: this port runs the text encoders "
+                    f"{sorted(TEXT_ENCODERS.values())} (model_type {sorted(TEXT_ENCODERS)}) only; use the "
+                    "checkpoint's umt5-xxl text_encoder"
+                )
+            return
+        name = raw.get("_class_name", self.class_name)
+        if name != self.class_name:
+            raise ConfigError(
+                f"{origin}: _class_name {name!r} is not {self.class_name!r}: this folder holds another model's "
+                f"{self.folder}; use the Helios checkpoint's own"
+            )
+
+    def load(self, path: str | os.PathLike, dtype: Any | None = None, config: Any | None = None) -> tuple[Any, Params]:
         """Config and params of a component folder: converted from diffusers safetensors, or restored
         from ``save_params``. ``dtype`` None keeps the stored dtype; either way the params the
-        reference keeps in float32 are float32."""
+        reference keeps in float32 are float32. ``config``, if given, is the folder's config already read
+        (``read_config``), so a pipeline can check every config before its first weight."""
         folder = os.fspath(path)
+        config = self.read_config(folder) if config is None else config
         policy = dtype_policy(dtype, self.keeps_fp32(dtype))
         if is_saved_params(folder):
-            return read_config(self.config_cls, saved_config(folder) or {}), restore_params(folder, policy)
-        config = read_config(self.config_cls, folder)
+            return config, restore_params(folder, policy)
         shapes, keymap = self.module.param_shapes(config), self.module.keymap(config)
         return config, load_params(folder, shapes, keymap, policy, desc=self.folder)
 
     def config_json(self, config: Any) -> dict[str, Any]:
         """The config.json the reference library writes for ``config`` (with its class marker)."""
-        marker = ({"architectures": [self.class_name], "model_type": "umt5"} if self.config_cls is UMT5Config
+        marker = ({"architectures": [TEXT_ENCODERS[config.model_type]]} if self.config_cls is UMT5Config
                   else {"_class_name": self.class_name})
         return {**marker, **to_dict(config)}
 
@@ -68,7 +117,7 @@ def load_transformer(path: str | os.PathLike, dtype: Any | None = None) -> tuple
 
 
 def load_text_encoder(path: str | os.PathLike, dtype: Any | None = None) -> tuple[UMT5Config, Params]:
-    """The UMT5 encoder from a diffusers ``text_encoder/`` folder: ``cfg, params = load_text_encoder(dir)``.
+    """The UMT5 (or T5) encoder from a diffusers ``text_encoder/`` folder: ``cfg, params = load_text_encoder(dir)``.
 
     Run it with ``hj.UMT5Encoder(cfg)``. Loaded in float16, ``wo`` stays float32 as in the reference.
     """
@@ -88,9 +137,10 @@ def component_of(folder: str | os.PathLike) -> Component:
         path = os.path.join(folder, "config.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{folder} has no config.json: it is not a model component folder")
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
+        config = read_json(path)
     names = [config.get("_class_name"), *config.get("architectures", [])]
+    if any(name in TEXT_ENCODERS.values() for name in names):
+        return COMPONENTS["text_encoder"]
     for component in COMPONENTS.values():
         if component.class_name in names:
             return component

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from typing import Any, Iterator, Sequence
 
@@ -24,12 +23,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from helios_jax.checkpoint import PipelineError, PipelineSpec, check_spec_matches_scheduler, read_checkpoint_configs
 from helios_jax.compilation import enable_compilation_cache
 from helios_jax.config import TransformerConfig, VAEConfig
 from helios_jax.history import VAE_SPATIAL_FACTOR, HistoryLayout, num_chunks, output_frames, push, video_frames_per_chunk
-from helios_jax.loading import load_transformer, load_vae
+from helios_jax.loading import COMPONENTS
 from helios_jax.models import vae as vae_lib
 from helios_jax.models.attention import default_impl
+from helios_jax.models.lora import apply_loaded, load_lora
 from helios_jax.models.transformer import HeliosTransformer
 from helios_jax.noise import KeyNoise, NoiseSource
 from helios_jax.progress import Progress
@@ -48,42 +49,6 @@ from helios_jax.sampling import (
 from helios_jax.video import load_image, load_video
 
 Params = dict[str, Any]
-PIPELINE_CLASSES = ("HeliosPipeline", "HeliosPyramidPipeline")
-COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
-
-
-class PipelineError(ValueError):
-    """Arguments or a checkpoint folder the pipeline cannot run with; raised before any compute."""
-
-
-@dataclasses.dataclass(frozen=True)
-class PipelineSpec:
-    """What ``model_index.json`` says: which reference pipeline this checkpoint is run by."""
-
-    pyramid: bool
-    is_distilled: bool = False
-    is_cfg_zero_star: bool = False
-
-    @classmethod
-    def read(cls, folder: str) -> "PipelineSpec":
-        path = os.path.join(folder, "model_index.json")
-        if not os.path.isfile(path):
-            raise PipelineError(f"{folder} is not a Helios checkpoint folder: it has no model_index.json")
-        with open(path, encoding="utf-8") as f:
-            index = json.load(f)
-        name = index.get("_class_name")
-        if name not in PIPELINE_CLASSES:
-            raise PipelineError(f"{path}: _class_name {name!r} is not one of {PIPELINE_CLASSES}")
-        missing = [c for c in COMPONENTS if not os.path.isdir(os.path.join(folder, c))]
-        if missing:
-            raise PipelineError(f"{folder} lacks the component folder(s) {missing}; download the complete checkpoint")
-        return cls(
-            pyramid=name == "HeliosPyramidPipeline",
-            is_distilled=bool(index.get("is_distilled", False)),
-            is_cfg_zero_star=bool(index.get("is_cfg_zero_star", False)),
-        )
-
-
 @dataclasses.dataclass(frozen=True)
 class Request:
     """One generation's settings, validated before any compute (the reference's argument names)."""
@@ -109,6 +74,15 @@ class Request:
     video_noise_sigma_min: float = 0.111
     video_noise_sigma_max: float = 0.135
     max_sequence_length: int = 512
+
+
+def _output_type(output_type: str, allowed: tuple[str, ...], where: str) -> str:
+    """``output_type`` checked; the reference's "np" is this port's "float" (the same [0, 1] float frames)."""
+    if output_type == "np" and "float" in allowed:
+        return "float"
+    if output_type not in allowed:
+        raise PipelineError(f"{where}: output_type = {output_type!r}: expected one of {[*allowed, 'np']}")
+    return output_type
 
 
 class _StepTicker:
@@ -157,12 +131,7 @@ class HeliosPipeline:
                 f"the transformer takes {self.transformer_config.in_channels} latent channels but the VAE makes "
                 f"{self.vae_config.z_dim} (z_dim): these components come from different models"
             )
-        if spec.pyramid == (self.scheduler_config.stages == 1 and self.scheduler_config.scheduler_type != "dmd"):
-            kind = "HeliosPyramidPipeline" if spec.pyramid else "HeliosPipeline"
-            raise PipelineError(
-                f"{kind} with a scheduler of {self.scheduler_config.stages} stage(s) of type "
-                f"{self.scheduler_config.scheduler_type!r}: the pyramid pipeline needs the multi-stage scheduler"
-            )
+        check_spec_matches_scheduler(spec, self.scheduler_config, "the pipeline's spec")
         self.model_dtype = jax.tree.leaves(self.transformer_params["blocks"])[0].dtype
         self.vae_dtype = jax.tree.leaves(self.vae_params)[0].dtype
         self._ticker = _StepTicker()
@@ -182,21 +151,33 @@ class HeliosPipeline:
         vae_dtype: Any = jnp.float32,
         attention_impl: str | None = None,
         compilation_cache: bool | str = True,
+        lora: str | os.PathLike | None = None,
+        lora_scale: float = 1.0,
     ) -> "HeliosPipeline":
         """Load every component of a diffusers Helios folder. ``dtype`` is the transformer's and the text
         encoder's (the reference's ``torch_dtype``); the VAE runs in ``vae_dtype`` as the official inference
         does. ``attention_impl`` None picks cuDNN on a GPU in 16-bit, else XLA (``default_impl``).
-        ``compilation_cache`` is a folder, True for the default user cache folder, or False."""
+        ``compilation_cache`` is a folder, True for the default user cache folder, or False. ``lora`` (a
+        diffusers LoRA folder or file) is read and checked first, then fused into the DiT at ``lora_scale``."""
         folder = os.fspath(folder)
-        spec = PipelineSpec.read(folder)
+        configs = read_checkpoint_configs(folder)  # every config checked before the first weight is read
+        loaded = None if lora is None else load_lora(lora, configs.transformer)
         if compilation_cache:
             enable_compilation_cache(None if compilation_cache is True else compilation_cache)
+
+        def load(name: str, component_dtype: Any) -> tuple[Any, Params]:
+            return COMPONENTS[name].load(os.path.join(folder, name), component_dtype, getattr(configs, name))
+
+        transformer = load("transformer", dtype)
+        if loaded is not None:
+            transformer = (transformer[0], apply_loaded(transformer[1], loaded, lora_scale))
+        text_config, text_params = load("text_encoder", dtype)
         return cls(
-            load_transformer(os.path.join(folder, "transformer"), dtype),
-            load_vae(os.path.join(folder, "vae"), vae_dtype),
-            PromptEncoder.from_pretrained(folder, dtype),
-            os.path.join(folder, "scheduler"),
-            spec,
+            transformer,
+            load("vae", vae_dtype),
+            PromptEncoder(text_config, text_params, configs.tokenizer),
+            configs.scheduler,
+            configs.spec,
             attention_impl=attention_impl,
         )
 
@@ -204,9 +185,8 @@ class HeliosPipeline:
 
     def __call__(self, prompt: str | Sequence[str] | None = None, *, output_type: str = "uint8", **kwargs) -> np.ndarray:
         """The whole video: uint8 (T, H, W, 3) for one prompt, (B, T, H, W, 3) for a list; ``output_type``
-        "float" gives [0, 1] float32 as the reference's "np", "latent" the latents (B, C, T, h, w)."""
-        if output_type not in ("uint8", "float", "latent"):
-            raise PipelineError(f"output_type = {output_type!r}: expected 'uint8', 'float' or 'latent'")
+        "float" (or the reference's name, "np") gives [0, 1] float32 as the reference's "np", "latent" the latents (B, C, T, h, w)."""
+        output_type = _output_type(output_type, ("uint8", "float", "latent"), "the pipeline")
         chunks = list(self._generate(prompt, output_type=output_type, **kwargs))
         if output_type == "latent":
             return np.concatenate(chunks, axis=2)
@@ -217,15 +197,13 @@ class HeliosPipeline:
                **kwargs) -> Iterator[np.ndarray]:
         """Each chunk's frames, (B, t, H, W, 3), as soon as they are decoded (the last chunk trimmed to the
         reference's frame count)."""
-        if output_type not in ("uint8", "float"):
-            raise PipelineError(f"stream yields frames: output_type 'uint8' or 'float', not {output_type!r}")
+        output_type = _output_type(output_type, ("uint8", "float"), "stream")
         return self._generate(prompt, output_type=output_type, **kwargs)
 
     def decode(self, latents: jax.Array, output_type: str = "uint8") -> jax.Array:
         """One chunk's latents (B, C, T, h, w), as ``output_type="latent"`` returns them, to frames on the
         device, (B, 1 + 4(T - 1), H, W, 3): the compiled decode ``stream`` runs after every chunk."""
-        if output_type not in self._decoders:
-            raise PipelineError(f"decode makes frames: output_type 'uint8' or 'float', not {output_type!r}")
+        output_type = _output_type(output_type, tuple(self._decoders), "decode")
         return self._decoders[output_type](self.vae_params, latents)
 
     def num_output_frames(self, num_frames: int, num_latent_frames_per_chunk: int = 9) -> int:

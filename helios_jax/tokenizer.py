@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import os
 import re
 from typing import Any, Sequence
@@ -23,6 +22,8 @@ from typing import Any, Sequence
 import ftfy
 import numpy as np
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+from helios_jax.config import ConfigError, read_json, warn_unknown
 
 # Unicode's White_Space property: what the reference's ``regex`` ``\s`` folds. (Python's ``re`` ``\s``
 # also matches U+001C..U+001F, which the reference keeps.)
@@ -37,8 +38,22 @@ def clean_prompt(text: str) -> str:
     return _WHITE_SPACE.sub(" ", text).strip()
 
 
-class TokenizerError(ValueError):
+class TokenizerError(ConfigError):
     """A tokenizer folder that cannot be read as the reference's T5 tokenizer."""
+
+
+# tokenizer_config.json keys that the reference's T5Tokenizer keeps but that never change the ids or the mask
+# of an encoded prompt: decoding settings, length limits the pipelines override with max_length, special
+# tokens T5 never inserts, and bookkeeping transformers writes.
+_SILENT_TOKENIZER_KEYS = (
+    "add_bos_token", "add_eos_token", "added_tokens_decoder", "additional_special_tokens", "backend", "bos_token",
+    "clean_up_tokenization_spaces", "cls_token", "extra_ids", "extra_special_tokens", "is_local",
+    "local_files_only", "mask_token", "model_input_names", "model_max_length", "name_or_path", "sep_token",
+    "sp_model_kwargs", "spaces_between_special_tokens", "special_tokens_map_file", "tokenizer_class",
+    "tokenizer_file", "unk_token", "vocab_file",
+)
+_READ_TOKENIZER_KEYS = ("eos_token", "pad_token", "padding_side", "truncation_side", "split_special_tokens")
+TOKENIZER_CLASSES = ("T5Tokenizer", "T5TokenizerFast")
 
 
 def _token_text(value: Any, key: str, path: str) -> str:
@@ -82,20 +97,22 @@ class PromptTokenizer:
                 f"no tokenizer.json in {folder!r}: the prompt path reads the tokenizers-library file that "
                 "diffusers checkpoints ship in tokenizer/ (a folder with only spiece.model must be converted first)"
             )
-        with open(file, encoding="utf-8") as f:
-            spec = json.load(f)
+        config = _read_tokenizer_config(folder)
+        spec = read_json(file, "tokenizer.json")
         model = spec.get("model") or {}
         if model.get("type") != "Unigram":
             raise TokenizerError(f"{file}: model type {model.get('type')!r}; the UMT5 tokenizer is a Unigram model")
 
-        tokenizer = Tokenizer.from_file(file)
+        try:
+            tokenizer = Tokenizer.from_file(file)
+        except Exception as err:  # the tokenizers library raises a bare Exception for a file it cannot build
+            raise TokenizerError(f"{file}: the tokenizers library cannot read it ({err}); re-download the tokenizer") from None
         tokenizer.model = models.Unigram([tuple(piece) for piece in model["vocab"]], unk_id=_T5_UNK_ID, byte_fallback=False)
         tokenizer.normalizer = _precompiled_normalizer(spec.get("normalizer"))
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)]
         )
 
-        config = _read_tokenizer_config(folder)
         config_file = os.path.join(folder, "tokenizer_config.json")
         for side in ("padding_side", "truncation_side"):
             if config.get(side, "right") != "right":
@@ -133,8 +150,19 @@ def _precompiled_normalizer(spec: dict | None) -> normalizers.Normalizer | None:
 
 
 def _read_tokenizer_config(folder: str) -> dict[str, Any]:
+    """tokenizer_config.json (empty when absent, as transformers allows), its keys checked."""
     path = os.path.join(folder, "tokenizer_config.json")
     if not os.path.isfile(path):
         return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    config = read_json(path, "tokenizer_config.json")
+    name = config.get("tokenizer_class", "T5Tokenizer")
+    if name not in TOKENIZER_CLASSES:
+        raise TokenizerError(
+            f"{path}: tokenizer_class = {name!r} is not supported: the prompt path reproduces transformers' "
+            f"{' / '.join(TOKENIZER_CLASSES)} (what UMT5 checkpoints ship); use umt5-xxl's tokenizer folder"
+        )
+    if not isinstance(config.get("split_special_tokens", False), bool):
+        raise TokenizerError(f"{path}: split_special_tokens = {config['split_special_tokens']!r} must be true or false")
+    known = (*_READ_TOKENIZER_KEYS, *_SILENT_TOKENIZER_KEYS)
+    warn_unknown(path, "the T5 tokenizer", [k for k in config if k not in known], _READ_TOKENIZER_KEYS)
+    return config

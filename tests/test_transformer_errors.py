@@ -52,7 +52,7 @@ def test_tensor_of_the_wrong_shape(saved, tmp_path):
     ({"history_scale_mode": "per_token"}, "history_scale_mode = 'per_token' is not supported"),
     ({"rope_dim": [8, 8, 8]}, "must add up to attention_head_dim"),
     ({"added_kv_proj_dim": 16}, "added_kv_proj_dim"),
-    ({"window_size": [-1, -1]}, r"unknown key\(s\) \['window_size'\]"),
+    ({"eps": "1e-6"}, r"eps = '1e-6' \(expected a number\)"),
 ])
 def test_unsupported_config(saved, tmp_path, change, message):
     folder = _copy(saved, tmp_path / "ckpt")

@@ -214,7 +214,7 @@ def test_bad_input_is_a_clear_error(wan21, method, shape, message):
         (dict(is_residual=True, dim_mult=[1, 2, 16, 16]), "decoder level 2: 8 channels x 4 must be divisible by 64"),
         (dict(attn_scales=[1.0]), "attn_scales.*only \\(\\) without is_residual"),
         (dict(dropout=1.0), "dropout"),
-        (dict(clip_output=True), "unknown key\\(s\\) \\['clip_output'\\]"),
+        (dict(num_res_blocks="2"), "num_res_blocks = '2' \\(expected an integer\\)"),
     ],
 )
 def test_unsupported_config_is_a_clear_error(change, message):

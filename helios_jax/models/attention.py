@@ -44,7 +44,8 @@ def attention(
 
     q may have a different token count from k and v (cross-attention); the output has q's shape.
     ``bias`` is added to the logits and ``mask`` (True = attend) removes keys; both broadcast to
-    (batch, heads, q tokens, k tokens). Logits and softmax are float32 whatever the input dtype.
+    (batch, heads, q tokens, k tokens). Logits and softmax are float32 whatever the input dtype
+    (for float16 on a CPU, see ``_xla_float16``).
     """
     if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(
@@ -56,4 +57,22 @@ def attention(
         if bias is not None or mask is not None:
             raise ValueError("the pallas attention kernel takes no bias or mask; use impl='xla' or 'cudnn' for them")
         return flash_attention(q, k, v, scale=scale)
+    if impl == "xla" and q.dtype == jnp.float16:
+        return _xla_float16(q, k, v, bias, mask, scale)
     return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation=impl)
+
+
+def _xla_float16(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None, mask: jax.Array | None,
+                 scale: float | None) -> jax.Array:
+    """XLA attention of float16 inputs. XLA's CPU backend has no float16 dot with float32 results
+    (``F16_F16_F32``), so there, and only there, the same attention runs on float32 copies and is rounded
+    back to float16; other backends (a GPU) lower the float16 dots unchanged."""
+
+    def native(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation="xla")
+
+    def upcast(q, k, v):
+        f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+        return native(*f32).astype(q.dtype)
+
+    return jax.lax.platform_dependent(q, k, v, cpu=upcast, default=native)

@@ -1,4 +1,4 @@
-"""Small layers shared by the models: norms computed in float32, and float32 activations.
+"""Small layers shared by the models: norms computed in float32, float32 activations, a LoRA-aware linear.
 
 The reference computes its norms and activations in float32 even for bf16 tensors (``FP32LayerNorm``,
 ``torch.nn.RMSNorm``'s upcast, bf16 GELU/SiLU kernels that work in float32); these helpers do the same.
@@ -62,3 +62,33 @@ class RMSNorm(nn.Module):
         xf = x.astype(_F32)
         y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
         return (y * scale.astype(_F32)).astype(x.dtype)
+
+
+def lora_delta(module: nn.Module, inputs: jax.Array, lora_scale: float | jax.Array | None,
+               project: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array | None:
+    """``scale * B(A(x))`` from the module's ``lora`` collection (``lora_A``/``lora_B`` kernels), or None.
+
+    PEFT's arithmetic: the input is cast to the LoRA factors' dtype, A then B, times the scale.
+    ``project(x, A)`` applies A (a matmul for a linear layer, a strided patch conv for a patch embedding).
+    """
+    if not module.has_variable("lora", "lora_A"):
+        return None
+    a = module.get_variable("lora", "lora_A")["kernel"]
+    b = module.get_variable("lora", "lora_B")["kernel"]
+    h = project(inputs.astype(a.dtype), a)
+    out = jnp.einsum("...r,ro->...o", h, b.reshape(b.shape[-2:]))
+    return out * (1.0 if lora_scale is None else lora_scale)
+
+
+class Dense(nn.Dense):
+    """``nn.Dense`` that also applies a LoRA from the ``lora`` collection, if one is given.
+
+    ``y = x W + b + scale * (x A) B`` without forming ``W + A B``; the sum is cast back to the base output's
+    dtype as PEFT does. Without a ``lora`` collection this is exactly ``nn.Dense``.
+    """
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array, lora_scale: float | jax.Array | None = None) -> jax.Array:
+        y = super().__call__(inputs)
+        delta = lora_delta(self, inputs, lora_scale, lambda x, a: jnp.einsum("...i,ir->...r", x, a))
+        return y if delta is None else (y + delta).astype(y.dtype)

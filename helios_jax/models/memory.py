@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from helios_jax.models.layers import lora_delta
+
 Rope = tuple[jax.Array, jax.Array]
 
 # Term name -> how many patches of each axis one of its tokens covers.
@@ -40,14 +42,15 @@ class PatchEmbed(nn.Module):
     """``nn.Conv3d(kernel_size=stride=patch)`` on (B, C, T, H, W) latents, returning tokens.
 
     Output: (B, t*h*w, features) in t, h, w order and the grid (t, h, w). The kernel is stored as
-    flax stores a 3D convolution kernel, (kt, kh, kw, in, out).
+    flax stores a 3D convolution kernel, (kt, kh, kw, in, out). A conv LoRA from the ``lora`` collection is
+    PEFT's: A a conv with the same kernel and stride (kt, kh, kw, in, r), B a 1x1x1 conv (1, 1, 1, r, out).
     """
 
     features: int
     patch: tuple[int, int, int]
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, tuple[int, int, int]]:
+    def __call__(self, x: jax.Array, lora_scale: float | jax.Array | None = None) -> tuple[jax.Array, tuple[int, int, int]]:
         b, c, t, h, w = x.shape
         kt, kh, kw = self.patch
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (kt, kh, kw, c, self.features))
@@ -57,10 +60,14 @@ class PatchEmbed(nn.Module):
         dtype = jnp.result_type(x.dtype, kernel.dtype)
         y = jnp.einsum("bcxpyqzr,pqrcf->bxyzf", patches.astype(dtype), kernel.astype(dtype))
         y = y + bias.astype(dtype)
+        delta = lora_delta(self, patches, lora_scale, lambda p, a: jnp.einsum("bcxpyqzr,pqrcf->bxyzf", p, a))
+        if delta is not None:
+            y = (y + delta).astype(y.dtype)
         return y.reshape(b, -1, self.features), grid
 
 
-def embed_history_term(patch: PatchEmbed, latents: jax.Array, factor: int, rope: Rope) -> tuple[jax.Array, Rope]:
+def embed_history_term(patch: PatchEmbed, latents: jax.Array, factor: int, rope: Rope,
+                       lora_scale: float | jax.Array | None = None) -> tuple[jax.Array, Rope]:
     """Tokens (B, n, features) and rotary tables (B', n, D/2) of one history term.
 
     ``latents``: (B, C, T, H, W) at full latent resolution; ``rope``: the tables of this term's frames
@@ -72,6 +79,6 @@ def embed_history_term(patch: PatchEmbed, latents: jax.Array, factor: int, rope:
         rope = tuple(
             avg_pool(pad_to_multiple(table, (factor,) * 3, axes=(1, 2, 3)), factor, axes=(1, 2, 3)) for table in rope
         )
-    tokens, _ = patch(latents)
+    tokens, _ = patch(latents, lora_scale)
     cos, sin = (table.reshape(table.shape[0], -1, table.shape[-1]) for table in rope)
     return tokens, (cos, sin)

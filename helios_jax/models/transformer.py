@@ -24,16 +24,19 @@ import jax.numpy as jnp
 from helios_jax.config import TransformerConfig
 from helios_jax.convert.keymap import KeyMap
 from helios_jax.models.attention import attention
-from helios_jax.models.layers import LayerNorm, RMSNorm, gelu_tanh, layer_norm, silu
+from helios_jax.models.layers import Dense, LayerNorm, RMSNorm, gelu_tanh, layer_norm, silu
 from helios_jax.models.memory import HISTORY_TERMS, PatchEmbed, embed_history_term
 from helios_jax.models.rope import apply_rope, rope_grid
 
 _F32 = jnp.float32
+LoraScale = float | jax.Array | None
 
 # Modules the reference keeps in float32 whatever the checkpoint dtype (``_keep_in_fp32_modules``).
 KEEP_IN_FP32 = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3", "history_key_scale")
 # The reference's own ignore list on load (``_keys_to_ignore_on_load_unexpected``).
 IGNORED_KEYS = ("norm_added_q",)
+# Module names whose ``_<digits>`` is the reference's own, not a list index.
+LITERAL_NAMES = ("linear_1", "linear_2")
 # Upper bound of the learned history-key amplification, ``HeliosAttention.max_scale``.
 MAX_HISTORY_KEY_SCALE = 10.0
 
@@ -59,18 +62,18 @@ class ConditionEmbedder(nn.Module):
     def setup(self) -> None:
         dim = self.config.inner_dim
         self.time_embedder = _MLP(dim, act=silu)
-        self.time_proj = nn.Dense(6 * dim)
+        self.time_proj = Dense(6 * dim)
         self.text_embedder = _MLP(dim, act=gelu_tanh)
 
-    def time(self, timestep: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
+    def time(self, timestep: jax.Array, dtype: Any, lora_scale: LoraScale = None) -> tuple[jax.Array, jax.Array]:
         """temb (B, dim) and the six modulation vectors (B, 6, dim), both in ``dtype``."""
         sinusoid = timestep_embedding(timestep, self.config.freq_dim)
-        temb = self.time_embedder(sinusoid).astype(dtype)
-        proj = self.time_proj(silu(temb))
+        temb = self.time_embedder(sinusoid, lora_scale).astype(dtype)
+        proj = self.time_proj(silu(temb), lora_scale)
         return temb, proj.reshape(proj.shape[0], 6, -1)
 
-    def text(self, context: jax.Array) -> jax.Array:
-        return self.text_embedder(context)
+    def text(self, context: jax.Array, lora_scale: LoraScale = None) -> jax.Array:
+        return self.text_embedder(context, lora_scale)
 
 
 class _MLP(nn.Module):
@@ -80,9 +83,9 @@ class _MLP(nn.Module):
     act: Any
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        h = self.act(nn.Dense(self.features, name="linear_1")(x))
-        return nn.Dense(self.features, name="linear_2")(h)
+    def __call__(self, x: jax.Array, lora_scale: LoraScale = None) -> jax.Array:
+        h = self.act(Dense(self.features, name="linear_1")(x, lora_scale))
+        return Dense(self.features, name="linear_2")(h, lora_scale)
 
 
 class Attention(nn.Module):
@@ -99,20 +102,21 @@ class Attention(nn.Module):
         context: jax.Array | None = None,
         rope: tuple[jax.Array, jax.Array] | None = None,
         history_len: int = 0,
+        lora_scale: LoraScale = None,
     ) -> jax.Array:
         cfg = self.config
         dim, heads = cfg.inner_dim, cfg.num_attention_heads
         source = x if context is None else context
-        q = RMSNorm(cfg.eps, name="norm_q")(nn.Dense(dim, name="to_q")(x))
-        k = RMSNorm(cfg.eps, name="norm_k")(nn.Dense(dim, name="to_k")(source))
-        v = nn.Dense(dim, name="to_v")(source)
+        q = RMSNorm(cfg.eps, name="norm_q")(Dense(dim, name="to_q")(x, lora_scale))
+        k = RMSNorm(cfg.eps, name="norm_k")(Dense(dim, name="to_k")(source, lora_scale))
+        v = Dense(dim, name="to_v")(source, lora_scale)
         q, k, v = (t.reshape(*t.shape[:2], heads, -1) for t in (q, k, v))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if not self.cross and cfg.is_amplify_history:
             k = self._amplify_history_keys(k, history_len)
         out = attention(q, k, v, impl=self.impl)
-        return nn.Dense(dim, name="to_out_0")(out.reshape(*out.shape[:2], dim))
+        return Dense(dim, name="to_out_0")(out.reshape(*out.shape[:2], dim), lora_scale)
 
     def _amplify_history_keys(self, k: jax.Array, history_len: int) -> jax.Array:
         """Scale the history keys by ``1 + sigmoid(s) * (max - 1)``, per head or one scalar.
@@ -137,17 +141,17 @@ class FeedForward(nn.Module):
     hidden: int
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        h = gelu_tanh(_Proj(self.hidden, name="net_0")(x))
-        return nn.Dense(self.dim, name="net_2")(h)
+    def __call__(self, x: jax.Array, lora_scale: LoraScale = None) -> jax.Array:
+        h = gelu_tanh(_Proj(self.hidden, name="net_0")(x, lora_scale))
+        return Dense(self.dim, name="net_2")(h, lora_scale)
 
 
 class _Proj(nn.Module):
     features: int
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return nn.Dense(self.features, name="proj")(x)
+    def __call__(self, x: jax.Array, lora_scale: LoraScale = None) -> jax.Array:
+        return Dense(self.features, name="proj")(x, lora_scale)
 
 
 def _per_token(history: jax.Array, noisy: jax.Array, history_len: int, length: int) -> jax.Array:
@@ -185,6 +189,7 @@ class HeliosBlock(nn.Module):
         modulation_history: jax.Array,
         modulation_noisy: jax.Array,
         rope: tuple[jax.Array, jax.Array],
+        lora_scale: LoraScale = None,
         layer: jax.Array | None = None,
     ) -> tuple[Any, None]:
         x, features = carry if self.hooks else (carry, None)
@@ -199,19 +204,21 @@ class HeliosBlock(nn.Module):
 
         # 1. Self-attention over history and noisy tokens.
         h = (layer_norm(x, cfg.eps) * (1 + scale) + shift).astype(x.dtype)
-        attn = Attention(cfg, cross=False, impl=self.impl, name="attn1")(h, rope=rope, history_len=hist)
+        attn = Attention(cfg, cross=False, impl=self.impl, name="attn1")(h, rope=rope, history_len=hist,
+                                                                          lora_scale=lora_scale)
         x = (x.astype(_F32) + attn * gate).astype(x.dtype)
 
         # 2. Cross-attention to the text; with guidance_cross_attn only the noisy tokens take part.
         start = hist if cfg.guidance_cross_attn else 0
         queries = x[:, start:]
         normed = LayerNorm(cfg.eps, name="norm2")(queries) if cfg.cross_attn_norm else queries
-        attn = Attention(cfg, cross=True, impl=self.impl, name="attn2")(normed.astype(x.dtype), context)
+        attn = Attention(cfg, cross=True, impl=self.impl, name="attn2")(normed.astype(x.dtype), context,
+                                                                         lora_scale=lora_scale)
         x = x.at[:, start:].set(queries + attn)
 
         # 3. Feed-forward.
         h = (layer_norm(x, cfg.eps) * (1 + c_scale) + c_shift).astype(x.dtype)
-        ff = FeedForward(cfg.inner_dim, cfg.ffn_dim, name="ffn")(h)
+        ff = FeedForward(cfg.inner_dim, cfg.ffn_dim, name="ffn")(h, lora_scale)
         x = (x.astype(_F32) + ff.astype(_F32) * c_gate).astype(x.dtype)
         if not self.hooks:
             return x, None
@@ -254,7 +261,12 @@ class HeliosTransformer(nn.Module):
         latents_history_short: jax.Array | None = None,
         latents_history_mid: jax.Array | None = None,
         latents_history_long: jax.Array | None = None,
+        lora_scale: LoraScale = None,
     ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, ...]]:
+        """The DiT's velocity. A LoRA in the ``lora`` collection (``helios_jax.models.lora``) is applied at
+        call time, each LoRA'd layer adding ``lora_scale * B(A(x))``; ``lora_scale`` (alpha / rank times the
+        adapter's strength; None: 1) may be a traced array, so switching it does not recompile.
+        With ``hooks`` it returns ``(velocity, hooked features)``."""
         cfg = self.config
         _check_hooks(self.hooks, cfg.num_layers)
         history = {
@@ -267,7 +279,7 @@ class HeliosTransformer(nn.Module):
         pt, ph, pw = cfg.patch_size
 
         # Noisy tokens and their rotary tables.
-        x, (t, h, w) = PatchEmbed(cfg.inner_dim, cfg.patch_size, name="patch_embedding")(hidden_states)
+        x, (t, h, w) = PatchEmbed(cfg.inner_dim, cfg.patch_size, name="patch_embedding")(hidden_states, lora_scale)
         if indices_hidden_states is None:
             indices_hidden_states = jnp.arange(t)[None, :]
         cos, sin = rope_grid(indices_hidden_states, h, w, cfg.rope_dim, cfg.rope_theta)
@@ -282,7 +294,8 @@ class HeliosTransformer(nn.Module):
             kernel = (pt * factor, ph * factor, pw * factor)
             patch = PatchEmbed(cfg.inner_dim, kernel, name=f"patch_{name}")
             grid = rope_grid(indices, latents.shape[3] // ph, latents.shape[4] // pw, cfg.rope_dim, cfg.rope_theta)
-            term, (term_cos, term_sin) = embed_history_term(patch, latents.astype(hidden_states.dtype), factor, grid)
+            term, (term_cos, term_sin) = embed_history_term(patch, latents.astype(hidden_states.dtype), factor, grid,
+                                                            lora_scale)
             tokens.insert(0, term)
             cos_parts.insert(0, term_cos)
             sin_parts.insert(0, term_sin)
@@ -293,32 +306,32 @@ class HeliosTransformer(nn.Module):
         # Conditioning: the noisy tokens' timestep, and timestep 0 for history tokens if configured.
         embedder = ConditionEmbedder(cfg, name="condition_embedder")
         dtype = encoder_hidden_states.dtype
-        temb, modulation = embedder.time(timestep, dtype)
+        temb, modulation = embedder.time(timestep, dtype, lora_scale)
         modulation_history = modulation
         if cfg.zero_history_timestep:
-            _, modulation_history = embedder.time(jnp.zeros((1,), timestep.dtype), dtype)
-        context = embedder.text(encoder_hidden_states)
+            _, modulation_history = embedder.time(jnp.zeros((1,), timestep.dtype), dtype, lora_scale)
+        context = embedder.text(encoder_hidden_states, lora_scale)
 
         block = nn.remat(HeliosBlock) if self.remat else HeliosBlock
         hooked = bool(self.hooks)
         blocks = nn.scan(
             block,
-            variable_axes={"params": 0},
+            variable_axes={"params": 0, "lora": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast,) * 4 + ((0,) if hooked else ()),
+            in_axes=(nn.broadcast,) * 5 + ((0,) if hooked else ()),
             length=cfg.num_layers,
             unroll=self.scan_unroll,
         )(cfg, history_len, self.attention_impl, self.hooks, name="blocks")
         if hooked:
             features = jnp.zeros((len(self.hooks), batch, noisy_len, cfg.inner_dim), x.dtype)
-            (x, features), _ = blocks((x, features), context, modulation_history, modulation, rope,
+            (x, features), _ = blocks((x, features), context, modulation_history, modulation, rope, lora_scale,
                                       jnp.arange(cfg.num_layers))
         else:
-            x, _ = blocks(x, context, modulation_history, modulation, rope)
+            x, _ = blocks(x, context, modulation_history, modulation, rope, lora_scale)
 
         # Output norm on the noisy tokens, projection, unpatchify to (B, C, T, H, W).
         x = OutputNorm(cfg.eps, name="norm_out")(x[:, history_len:], temb)
-        x = nn.Dense(cfg.output_channels * pt * ph * pw, name="proj_out")(x)
+        x = Dense(cfg.output_channels * pt * ph * pw, name="proj_out")(x, lora_scale)
         x = x.reshape(batch, t, h, w, pt, ph, pw, cfg.output_channels)
         x = x.transpose(0, 7, 1, 4, 2, 5, 3, 6)
         flow = x.reshape(batch, cfg.output_channels, t * pt, h * ph, w * pw)
@@ -406,7 +419,7 @@ def _check_indices(name: str, indices: jax.Array | None, batch: int, frames: int
 
 def keymap(cfg: TransformerConfig) -> KeyMap:
     """How diffusers' state-dict keys land in this module's params (see ``helios_jax.convert.keymap``)."""
-    return KeyMap(stacked=(("blocks", cfg.num_layers),), ignore=IGNORED_KEYS, literal=("linear_1", "linear_2"))
+    return KeyMap(stacked=(("blocks", cfg.num_layers),), ignore=IGNORED_KEYS, literal=LITERAL_NAMES)
 
 
 def keeps_fp32(path: tuple[str, ...]) -> bool:

@@ -4,7 +4,9 @@
 state (B, L, d_model). What sets UMT5 apart from T5: every layer has its own relative position bias
 (T5 shares the first layer's), and the attention logits are not scaled by 1/sqrt(d_kv). The rest is
 T5: RMS layer norms without mean or bias, a gated tanh-GELU feed-forward, pre-norm residual blocks and
-a final layer norm. The layers run under ``nn.scan`` with params stacked on a leading layer axis, the
+a final layer norm. With ``model_type`` "t5" the same module is transformers' ``T5EncoderModel``: one
+relative position bias table (stored in the first layer, ``encoder/relative_attention_bias`` here) serves
+every layer, and ``feed_forward_proj`` "relu" gives T5's ReLU feed-forward (``wi``, ``wo``). The layers run under ``nn.scan`` with params stacked on a leading layer axis, the
 relative attention bias tables included, so the 24-layer umt5-xxl compiles once per shape.
 
 The params tree mirrors the reference state dict (``encoder/block/layer_0/SelfAttention/q/kernel``).
@@ -31,6 +33,8 @@ _F32 = jnp.float32
 _HALF = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 # The reference keeps these in float32 when it loads in float16 (``_keep_in_fp32_modules``; not for bf16).
 KEEP_IN_FP32_FOR_FP16 = ("wo",)
+# Where T5 stores its one relative position bias table: in the first layer, which computes the bias for all.
+_T5_BIAS_KEY = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
 
 
 def relative_position_buckets(length: int, num_buckets: int, max_distance: int) -> np.ndarray:
@@ -78,7 +82,9 @@ class SelfAttention(nn.Module):
     impl: str
 
     @nn.compact
-    def __call__(self, x: jax.Array, buckets: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, position: jax.Array, mask: jax.Array) -> jax.Array:
+        """``position``: the (L, L) buckets (UMT5: this layer's own bias table reads them) or, for T5, the
+        (1, heads, L, L) bias shared by all layers."""
         cfg = self.config
         batch, length, _ = x.shape
 
@@ -86,10 +92,15 @@ class SelfAttention(nn.Module):
             return nn.Dense(cfg.inner_dim, use_bias=False, name=name)(x).reshape(batch, length, cfg.num_heads, cfg.d_kv)
 
         q, k, v = heads("q"), heads("k"), heads("v")
-        table = nn.Embed(cfg.relative_attention_num_buckets, cfg.num_heads, name="relative_attention_bias")
-        bias = table(buckets).transpose(2, 0, 1)[None]  # (1, heads, L, L)
+        bias = position if cfg.shared_relative_bias else relative_bias(cfg, position)
         out = attention(q, k, v, impl=self.impl, scale=1.0, bias=bias, mask=mask)
         return nn.Dense(cfg.d_model, use_bias=False, name="o")(out.reshape(batch, length, cfg.inner_dim))
+
+
+def relative_bias(cfg: UMT5Config, buckets: jax.Array) -> jax.Array:
+    """The (1, heads, L, L) relative position bias from a bucket table declared in the calling module."""
+    table = nn.Embed(cfg.relative_attention_num_buckets, cfg.num_heads, name="relative_attention_bias")
+    return table(buckets).transpose(2, 0, 1)[None]
 
 
 class SelfAttentionLayer(nn.Module):
@@ -99,9 +110,9 @@ class SelfAttentionLayer(nn.Module):
     impl: str
 
     @nn.compact
-    def __call__(self, x: jax.Array, buckets: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, position: jax.Array, mask: jax.Array) -> jax.Array:
         h = T5LayerNorm(self.config.layer_norm_epsilon, name="layer_norm")(x)
-        return x + SelfAttention(self.config, self.impl, name="SelfAttention")(h, buckets, mask)
+        return x + SelfAttention(self.config, self.impl, name="SelfAttention")(h, position, mask)
 
 
 class GatedFeedForward(nn.Module):
@@ -118,6 +129,17 @@ class GatedFeedForward(nn.Module):
         return nn.Dense(cfg.d_model, use_bias=False, name="wo")(h)  # a float32 wo promotes h, as the reference casts
 
 
+class ReluFeedForward(nn.Module):
+    """``T5DenseActDense`` with ReLU: wo(relu(wi x))."""
+
+    config: UMT5Config
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = jax.nn.relu(nn.Dense(self.config.d_ff, use_bias=False, name="wi")(x))
+        return nn.Dense(self.config.d_model, use_bias=False, name="wo")(h)  # a float32 wo promotes h, as above
+
+
 class FeedForwardLayer(nn.Module):
     """``UMT5LayerFF``: pre-norm feed-forward with a residual."""
 
@@ -126,18 +148,19 @@ class FeedForwardLayer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         h = T5LayerNorm(self.config.layer_norm_epsilon, name="layer_norm")(x)
-        return x + GatedFeedForward(self.config, name="DenseReluDense")(h)
+        ff = GatedFeedForward if self.config.gated else ReluFeedForward
+        return x + ff(self.config, name="DenseReluDense")(h)
 
 
 class UMT5Block(nn.Module):
-    """One encoder layer (``UMT5Block``), the body of the scan: (x, buckets, mask) -> (x, None)."""
+    """One encoder layer (``UMT5Block``), the body of the scan: (x, position, mask) -> (x, None)."""
 
     config: UMT5Config
     impl: str
 
     @nn.compact
-    def __call__(self, x: jax.Array, buckets: jax.Array, mask: jax.Array) -> tuple[jax.Array, None]:
-        x = SelfAttentionLayer(self.config, self.impl, name="layer_0")(x, buckets, mask)
+    def __call__(self, x: jax.Array, position: jax.Array, mask: jax.Array) -> tuple[jax.Array, None]:
+        x = SelfAttentionLayer(self.config, self.impl, name="layer_0")(x, position, mask)
         return FeedForwardLayer(self.config, name="layer_1")(x), None
 
 
@@ -161,6 +184,7 @@ class UMT5Stack(nn.Module):
         buckets = jnp.asarray(
             relative_position_buckets(length, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance)
         )
+        position = relative_bias(cfg, buckets) if cfg.shared_relative_bias else buckets
         mask = attention_mask.astype(bool)[:, None, None, :]  # keys only: padded queries still attend
         block = nn.remat(UMT5Block) if self.remat else UMT5Block
         layers = nn.scan(
@@ -170,7 +194,7 @@ class UMT5Stack(nn.Module):
             in_axes=(nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
         )(cfg, self.impl, name="block")
-        x, _ = layers(x, buckets, mask)
+        x, _ = layers(x, position, mask)
         return T5LayerNorm(cfg.layer_norm_epsilon, name="final_layer_norm")(x)
 
 
@@ -204,6 +228,7 @@ def keymap(cfg: UMT5Config) -> KeyMap:
         stacked=(("encoder.block", cfg.num_layers),),
         literal=("wi_0", "wi_1"),
         tied=(("encoder.embed_tokens.weight", "shared.weight"),),
+        renamed=((_T5_BIAS_KEY, "encoder.relative_attention_bias.weight"),) if cfg.shared_relative_bias else (),
     )
 
 

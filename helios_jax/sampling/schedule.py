@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from helios_jax.config import ConfigError, _require, config_dict, read_config
+from helios_jax.config import ConfigError, _require, build_config, config_dict
 
 SCHEDULER_TYPES = ("unipc", "euler", "dmd")
 PREDICTION_TYPES = ("flow_prediction", "epsilon", "sample", "v_prediction")
@@ -94,13 +94,15 @@ class HeliosDMDSchedulerConfig(_SharedSchedulerFields):
     """The constructor arguments of diffusers' ``HeliosDMDScheduler`` (note its linear time shift)."""
 
     time_shift_type: str = "linear"
+    # Not a constructor argument: Helios-Distilled's scheduler_config.json carries it (diffusers ignores it,
+    # the official HeliosScheduler reads it). Only "dmd" describes what this class computes.
+    scheduler_type: str = "dmd"
 
     def __post_init__(self) -> None:
         self._check_shared()
-
-    @property
-    def scheduler_type(self) -> str:
-        return "dmd"
+        _require(self.scheduler_type == "dmd", type(self).__name__, "scheduler_type", self.scheduler_type,
+                 "HeliosDMDScheduler samples with DMD only (diffusers would ignore the key and still run DMD); "
+                 "remove the key or set it to 'dmd', or name _class_name 'HeliosScheduler' for UniPC or Euler")
 
 
 SchedulerConfig = HeliosSchedulerConfig | HeliosDMDSchedulerConfig
@@ -115,14 +117,14 @@ def read_scheduler_config(source: SchedulerConfig | str | os.PathLike | Mapping[
     """
     if isinstance(source, (HeliosSchedulerConfig, HeliosDMDSchedulerConfig)):
         return source
-    raw, _ = config_dict(source, "scheduler_config.json")
+    raw, origin = config_dict(source, "scheduler_config.json")
     class_name = raw.get("_class_name", "HeliosScheduler")
     if class_name not in _CONFIG_CLASSES:
         raise ConfigError(
-            f"scheduler _class_name = {class_name!r} is not supported: Helios samples with one of "
+            f"{origin}: scheduler _class_name = {class_name!r} is not supported: Helios samples with one of "
             f"{sorted(_CONFIG_CLASSES)}"
         )
-    return read_config(_CONFIG_CLASSES[class_name], source, filename="scheduler_config.json")
+    return build_config(_CONFIG_CLASSES[class_name], raw, origin)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
