@@ -5,8 +5,13 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 LOCK   := locks/test.txt
+GPU_VENV := .venv-gpu-plan
+GPU_BIN  := $(GPU_VENV)/bin
+GPU_LOCK := locks/gpu-plan.txt
+# The tier's tests import no torch, so they run in the gpu-plan venv (which has none).
+GPU_TESTS := tests/test_gpu_plan.py
 
-.PHONY: demo test test-latest lock install install-test clean
+.PHONY: demo test test-latest lock install install-test gpu-plan clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +37,24 @@ demo: install
 
 test: install-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	@if [ -x $(GPU_BIN)/python ]; then echo "gpu-plan tier (jax's CUDA plugin is in $(GPU_VENV)):"; \
+	  JAX_PLATFORMS=cpu $(GPU_BIN)/python -m pytest -m gpu_plan $(GPU_TESTS) $(PYTEST_ARGS); fi
+
+# The H100 plans compiled on this CPU (no GPU): jax's CUDA plugin of the locked jax (locks/gpu-plan.txt, exact
+# versions, ~3.2 GB of wheels) in a venv of its own, because on a machine without a GPU the plugin makes every
+# jax start-up try cuInit and print its failure (~3 s): the main venv, which runs the CLI and the demo, stays clean.
+# Runtime install only (no torch): the tier compiles the port's own programs.
+$(GPU_VENV)/.installed: pyproject.toml $(LOCK) $(GPU_LOCK)
+	rm -rf $(GPU_VENV)
+	$(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_BIN)/python -m pip install -q --upgrade pip
+	@start=$$(date +%s); \
+	$(GPU_BIN)/python -m pip install -q -c $(LOCK) -e . pytest -r $(GPU_LOCK) && \
+	echo "installed the gpu-plan tier from $(GPU_LOCK) in $$(( $$(date +%s) - start )) s"
+	touch $@
+
+gpu-plan: $(GPU_VENV)/.installed
+	JAX_PLATFORMS=cpu $(GPU_BIN)/python -m pytest -m gpu_plan $(GPU_TESTS) $(PYTEST_ARGS)
 
 # Not in CI: the newest releases the ranges in pyproject.toml allow, in a separate venv, to find drift early.
 test-latest:
@@ -53,4 +76,4 @@ lock:
 	rm -rf .venv-lock
 
 clean:
-	rm -rf $(VENV) .venv-latest .venv-lock build *.egg-info
+	rm -rf $(VENV) $(GPU_VENV) .venv-latest .venv-lock build *.egg-info

@@ -1,4 +1,4 @@
-"""The ``helios-jax`` command: ``generate``, ``convert``, ``verify`` and ``bench``.
+"""The ``helios-jax`` command: ``generate``, ``convert``, ``verify``, ``offload``, ``bench`` and ``train``.
 
 Errors a user can cause (a bad flag value, a missing file, a checkpoint that does not fit) print one
 line and exit with status 2; Ctrl-C exits with 130 and leaves no partial output behind.
@@ -13,15 +13,16 @@ import subprocess
 import sys
 
 from helios_jax import generate
+from helios_jax.checkpoint import COMPONENTS as PIPELINE_FOLDERS, PipelineError
 from helios_jax.config import ConfigError
 from helios_jax.convert import CheckpointError, export_safetensors, save_params
 from helios_jax.loading import COMPONENTS, component_of
 from helios_jax.models.lora import apply_loaded, load_lora
-from helios_jax.pipeline import COMPONENTS as PIPELINE_FOLDERS, PipelineError
+from helios_jax.training import DataError
 from helios_jax.video import MediaError
 
 USER_ERRORS = (PipelineError, MediaError, ConfigError, CheckpointError, FileNotFoundError, FileExistsError,
-               PermissionError)
+               PermissionError, DataError)
 BENCHMARKS = {
     "attention": "bench_attention.py",
     "dit": "bench_dit.py",
@@ -93,6 +94,24 @@ def bench(which: list[str], extra: list[str]) -> int:
     return status
 
 
+def train(arguments: list[str]) -> int:
+    """Check an official training config (YAML files merged in order, then ``section.key=value``
+    overrides) and the folders it names, before any compute."""
+    from helios_jax.training import recipes
+
+    files = [a for a in arguments if "=" not in a]
+    if not files:
+        raise ConfigError("helios-jax train needs a training YAML, e.g. stage_1_init.yaml "
+                          "data_config.instance_data_root=[data/]")
+    recipe = recipes.load(files, [a for a in arguments if "=" in a])
+    recipes.check_paths(recipe)
+    run = recipe.run()
+    print(f"{' + '.join(files)}: {recipe.stage}, {run.max_train_steps} steps into {run.output_dir}")
+    # Wiring the stage's grain dataset (training.data) and loss (training.losses) into trainer.train is next.
+    raise ConfigError(f"{recipe.stage}: the config and its folders are valid, but running it from the command "
+                      f"line is not wired yet; use helios_jax.training.trainer.train from Python")
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="helios-jax", description="Helios video generation in JAX")
     commands = root.add_subparsers(dest="command", required=True)
@@ -106,9 +125,20 @@ def parser() -> argparse.ArgumentParser:
                       help="fuse this LoRA (diffusers' pytorch_lora_weights.safetensors) into the transformer")
     ver = commands.add_parser("verify", help="parity of every component against the installed PyTorch reference")
     ver.add_argument("--only", nargs="+", default=[], help="check only these components")
+    off = commands.add_parser("offload", help="videos + metadata JSON -> per-clip training latents (safetensors)")
+    off.add_argument("metadata", help="the official metadata JSON (path, cut, crop, cap; paths relative to it)")
+    off.add_argument("--checkpoint", required=True, help="a diffusers Helios checkpoint (its vae/, text_encoder/)")
+    off.add_argument("--output", required=True, help="the folder for the latent files")
+    off.add_argument("--height", type=int, default=384)
+    off.add_argument("--width", type=int, default=640)
+    off.add_argument("--seed", type=int, default=42, help="clip start frames and posterior samples")
+    off.add_argument("--min-frames", type=int, default=121, help="shortest clip (the official loaders' 121)")
+    off.add_argument("--skip-unfit", action="store_true", help="skip short or off-aspect clips instead of failing")
     ben = commands.add_parser("bench", help="run the benchmarks in experiments/ (needs a source checkout)")
     ben.add_argument("which", nargs="*", choices=[[], *BENCHMARKS], help="benchmarks to run (default: all)")
     ben.add_argument("--args", nargs=argparse.REMAINDER, default=[], help="passed to each script")
+    tra = commands.add_parser("train", help="train from the official training YAMLs (stages 1 and 2)")
+    tra.add_argument("config", nargs="+", help="YAML files (merged in order) and section.key=value overrides")
     return root
 
 
@@ -119,10 +149,19 @@ def main(argv: list[str] | None = None) -> int:
             return generate.run(args)
         if args.command == "convert":
             return convert(args.source, args.destination, args.to, args.dtype, args.merge_lora)
+        if args.command == "offload":
+            from helios_jax.training.offload import offload
+
+            files = offload(args.metadata, args.checkpoint, args.output, height=args.height, width=args.width,
+                            seed=args.seed, min_frames=args.min_frames, skip_unfit=args.skip_unfit)
+            print(f"wrote {len(files)} clip file(s) to {args.output}")
+            return 0
         if args.command == "verify":
             from helios_jax import verify
 
             return verify.run(tuple(args.only))
+        if args.command == "train":
+            return train(args.config)
         return bench(args.which, args.args)
     except USER_ERRORS as err:
         print(f"helios-jax {args.command}: error: {err}", file=sys.stderr)

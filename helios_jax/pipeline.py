@@ -41,6 +41,7 @@ from helios_jax.sampling import (
     SchedulerConfig,
     denoise_chunk,
     guidance_mode,
+    lower_denoise_chunk,
     noise_shapes,
     plan_pyramid_chunk,
     plan_single_stage_chunk,
@@ -85,26 +86,17 @@ def _output_type(output_type: str, allowed: tuple[str, ...], where: str) -> str:
     return output_type
 
 
-class _StepTicker:
-    """Advances the active progress bar from inside the compiled chunk (one tick per model call)."""
+def _denoiser(model: HeliosTransformer, args: tuple[Params, dict[str, jax.Array]], latents: jax.Array,
+              timestep: jax.Array, context: jax.Array) -> jax.Array:
+    """The ``model_fn`` of ``denoise_chunk``: the DiT with the chunk's history (tiled for a doubled batch).
 
-    def __init__(self) -> None:
-        self.bar: Progress | None = None
-
-    def tick(self) -> None:
-        if self.bar is not None:
-            self.bar.advance()
-
-
-def _denoiser(model: HeliosTransformer, ticker: _StepTicker, args: tuple[Params, dict[str, jax.Array]],
-              latents: jax.Array, timestep: jax.Array, context: jax.Array) -> jax.Array:
-    """The ``model_fn`` of ``denoise_chunk``: the DiT with the chunk's history (tiled for a doubled batch)."""
+    Nothing in it talks to the host: progress is reported per chunk by the host loop, so the compiled
+    chunk runs without a round trip per step and compiles ahead of time for a GPU."""
     params, history = args
     inputs = {}
     for name, value in history.items():
         reps = latents.shape[0] // value.shape[0] if name.startswith("latents_") else 1
         inputs[name] = jnp.tile(value, (reps,) + (1,) * (value.ndim - 1)) if reps > 1 else value
-    jax.debug.callback(ticker.tick)
     return model.apply({"params": params}, latents, timestep, context, **inputs)
 
 
@@ -134,10 +126,8 @@ class HeliosPipeline:
         check_spec_matches_scheduler(spec, self.scheduler_config, "the pipeline's spec")
         self.model_dtype = jax.tree.leaves(self.transformer_params["blocks"])[0].dtype
         self.vae_dtype = jax.tree.leaves(self.vae_params)[0].dtype
-        self._ticker = _StepTicker()
         self.attention_impl = attention_impl or default_impl(self.model_dtype)
-        self._model_fn = functools.partial(_denoiser, HeliosTransformer(self.transformer_config, self.attention_impl),
-                                           self._ticker)
+        self._model_fn = functools.partial(_denoiser, HeliosTransformer(self.transformer_config, self.attention_impl))
         self._decoders = {out: vae_lib.chunk_decoder(self.vae_config, self.vae_dtype, out) for out in ("uint8", "float")}
         self._encode = jax.jit(lambda p, v: vae_lib.WanVAE(self.vae_config).apply({"params": p}, v, method="encode"))
         self._plans: dict[tuple, ChunkPlan] = {}
@@ -206,6 +196,45 @@ class HeliosPipeline:
         output_type = _output_type(output_type, tuple(self._decoders), "decode")
         return self._decoders[output_type](self.vae_params, latents)
 
+    def lower_chunk(self, *, batch: int = 1, text_tokens: int | None = None, first_chunk: bool = True,
+                    sharding: jax.sharding.Sharding | None = None, **settings: Any) -> jax.stages.Lowered:
+        """The sampling program of one chunk exactly as ``stream`` runs it, lowered from abstract inputs.
+
+        Nothing is allocated or run, so this reads the plan of a device that is not here: with ``sharding``
+        (e.g. a device of ``jax.experimental.topologies``' H100) every input is placed there, and the
+        pipeline's params may themselves be ``jax.ShapeDtypeStruct``s. ``settings`` are the generation's
+        (height, width, guidance_scale, pyramid_num_inference_steps_list, is_amplify_first_chunk, ...);
+        ``first_chunk`` picks the amplified first chunk's program when that is asked for.
+        """
+        tokens = text_tokens or settings.get("max_sequence_length", Request.max_sequence_length)
+        embeds = jax.ShapeDtypeStruct((batch, tokens, self.transformer_config.text_dim), self.model_dtype)
+        request, layout = self._check(dict(settings), None, embeds, None, None, None, None, None)
+        guidance = guidance_mode(request.guidance_scale, self.spec.pyramid and self.spec.is_cfg_zero_star)
+        latent_hw = (request.height // VAE_SPATIAL_FACTOR, request.width // VAE_SPATIAL_FACTOR)
+        latent_shape = (batch, self.transformer_config.in_channels, request.num_latent_frames_per_chunk, *latent_hw)
+        plan = self._plan(request, latent_shape, guidance, amplify=request.is_amplify_first_chunk and first_chunk)
+        window = jax.ShapeDtypeStruct((*latent_shape[:2], layout.window, *latent_hw), jnp.float32)
+        prefix = jax.ShapeDtypeStruct((*latent_shape[:2], 1, *latent_hw), jnp.float32)
+        indices = {k: jnp.asarray(v) for k, v in layout.indices().items()}
+        history = jax.eval_shape(lambda w, p: self._history(layout, indices, w, p), window,
+                                 prefix if layout.keep_first_frame else None)
+        noise = jax.tree.map(lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32), noise_shapes(plan),
+                             is_leaf=lambda x: isinstance(x, tuple) and bool(x) and all(isinstance(d, int) for d in x))
+        negative = embeds if guidance != "none" else None
+        args = ((self.transformer_params, history), plan, noise, embeds, negative,
+                jax.ShapeDtypeStruct((), jnp.float32))
+        args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), args)
+        return lower_denoise_chunk(self._model_fn, *args)
+
+    def lower_decode(self, *, batch: int = 1, height: int = 384, width: int = 640, latent_frames: int = 9,
+                     output_type: str = "uint8", sharding: jax.sharding.Sharding | None = None) -> jax.stages.Lowered:
+        """The compiled decode ``stream`` runs after each chunk, lowered from abstract inputs (see lower_chunk)."""
+        output_type = _output_type(output_type, tuple(self._decoders), "lower_decode")
+        latents = (batch, self.vae_config.z_dim, latent_frames, height // VAE_SPATIAL_FACTOR, width // VAE_SPATIAL_FACTOR)
+        args = (self.vae_params, jax.ShapeDtypeStruct(latents, jnp.float32))
+        args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), args)
+        return self._decoders[output_type].lower(*args)
+
     def num_output_frames(self, num_frames: int, num_latent_frames_per_chunk: int = 9) -> int:
         """How many frames a request for ``num_frames`` returns (whole chunks, trimmed to 4k + 1)."""
         return output_frames(num_chunks(num_frames, num_latent_frames_per_chunk), num_latent_frames_per_chunk)
@@ -273,34 +302,50 @@ class HeliosPipeline:
 
         indices = {k: jnp.asarray(v) for k, v in layout.indices().items()}
         latent_shape = (batch, channels, request.num_latent_frames_per_chunk, *latent_hw)
+        def fetch(out: jax.Array) -> np.ndarray:
+            """One chunk's output on the host (frames trimmed to the reference's count)."""
+            nonlocal frames_left
+            host = np.asarray(out)
+            if output_type == "latent":
+                return host
+            take = min(host.shape[1], frames_left)
+            frames_left -= take
+            return host[:, :take]
+
+        pending = None  # the previous chunk's output, still being computed on the device
         with Progress(chunks, "chunks", enabled=progress) as chunk_bar:
             for k in range(chunks):
                 plan = self._plan(request, latent_shape, guidance, amplify=request.is_amplify_first_chunk and k == 0)
                 if layout.keep_first_frame and prefix is None:
                     prefix = jnp.zeros((batch, channels, 1, *latent_hw), jnp.float32)
-                history = {**indices, **layout.terms(window, prefix)}
-                history = {n: v.astype(self.model_dtype) if n.startswith("latents_") else v for n, v in history.items()}
+                history = self._history(layout, indices, window, prefix)
                 shapes = noise_shapes(plan)
                 chunk_noise = ChunkNoise(source.normal(shapes.initial), tuple(source.normal(s) for s in shapes.block))
-                steps = sum(len(stage.model_timesteps) for stage in plan.stages) * (1 if guidance == "none" else 2)
-                with Progress(steps, f"chunk {k + 1}/{chunks} steps", enabled=progress) as self._ticker.bar:
-                    latents = denoise_chunk(self._model_fn, (self.transformer_params, history), plan, chunk_noise,
-                                            contexts[k], negative, request.guidance_scale)
-                    latents.block_until_ready()
-                self._ticker.bar = None
+                latents = denoise_chunk(self._model_fn, (self.transformer_params, history), plan, chunk_noise,
+                                        contexts[k], negative, request.guidance_scale)
                 if layout.keep_first_frame and (
                     (k == 0 and image is None and video is None) or (request.is_skip_first_chunk and k == 1)
                 ):
                     prefix = latents[:, :, :1]
                 window = push(window, latents)
                 if output_type == "latent":
-                    yield np.asarray(jnp.concatenate([*kept, latents], axis=2) if k == 0 else latents)
+                    out = jnp.concatenate([*kept, latents], axis=2) if k == 0 else latents
                 else:
-                    frames = np.asarray(self.decode(latents, output_type))
-                    take = min(frames.shape[1], frames_left)
-                    frames_left -= take
-                    yield frames[:, :take]
-                chunk_bar.advance()
+                    out = self.decode(latents, output_type)
+                # Chunk k's sampling and decode are dispatched (JAX runs them asynchronously) before the host
+                # waits for chunk k - 1's frames: the device works on chunk k while the caller writes k - 1.
+                if pending is not None:
+                    yield fetch(pending)
+                    chunk_bar.advance()
+                pending = out
+            yield fetch(pending)
+            chunk_bar.advance()
+
+    def _history(self, layout: HistoryLayout, indices: dict[str, jax.Array], window: jax.Array,
+                 prefix: jax.Array | None) -> dict[str, jax.Array]:
+        """The model's history inputs (indices, and the latents in the model's dtype) for one chunk."""
+        history = {**indices, **layout.terms(window, prefix)}
+        return {n: v.astype(self.model_dtype) if n.startswith("latents_") else v for n, v in history.items()}
 
     def _plan(self, request: Request, latent_shape: tuple[int, ...], guidance: str, amplify: bool) -> ChunkPlan:
         """The chunk plan (cached: one per distinct layout, so programs are reused across chunks)."""

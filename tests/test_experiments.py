@@ -24,6 +24,7 @@ import bench_dit  # noqa: E402
 import bench_reference  # noqa: E402
 import common  # noqa: E402
 import compile_study  # noqa: E402
+import headline  # noqa: E402
 import run_all  # noqa: E402
 from helios_jax.config import TransformerConfig  # noqa: E402
 from helios_jax.models.transformer import HeliosTransformer  # noqa: E402
@@ -165,3 +166,20 @@ def test_run_all_joins_parts_split_by_impl_and_mode(tmp_path):
 def test_run_all_rejects_unknown_parts(bad):
     with pytest.raises(SystemExit, match="unknown part"):
         run_all.main(["--parts", bad, "--out", "/tmp/unused-run-all"])
+
+
+@pytest.mark.slow
+def test_headline_tiny_rehearsal(tmp_path):
+    """The one-GPU headline call, rehearsed on the CPU: every part runs in its own process and writes its file,
+    and the table puts JAX, torch and the roofline side by side (minutes on 2 cores: three fresh processes)."""
+    out = tmp_path / "headline"
+    assert headline.main(["--tiny", "--out", str(out)]) == 0
+    for name in ("plan.json", "jax.json", "torch.json", "target_config.txtpb", "results.md", "headline.log"):
+        assert (out / name).is_file(), name
+    table = (out / "results.md").read_text()
+    assert "## headline" in table
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip().strip("|").split("|")[1:]]
+            for line in table.splitlines() if line.startswith("| DiT") or line.startswith("| distilled")}
+    assert set(rows) == {"DiT forward, stage 2 (ms)", "distilled chunk 1+1+1 + decode (s)", "distilled chunk 1+1+1 FPS"}
+    for cells in rows.values():
+        assert all(float(c) > 0 for c in cells), cells  # JAX, torch, ratio, roofline bound, ratio: all measured

@@ -162,3 +162,17 @@ def test_jax_key_instead_of_seed(pipe):
     a = pipe(**SMALL, num_frames=33, key=jax.random.key(7))
     b = pipe(**SMALL, num_frames=33, seed=7)
     np.testing.assert_array_equal(a, b)
+
+
+def test_stream_dispatches_the_next_chunk_before_returning_one(pipe, monkeypatch):
+    """The decode of chunk k overlaps the sampling of chunk k + 1: when the caller gets chunk k's frames
+    (to write them), chunk k + 1 has been dispatched to the device already."""
+    from helios_jax import pipeline as pipeline_module
+
+    calls = []
+    real = pipeline_module.denoise_chunk
+    monkeypatch.setattr(pipeline_module, "denoise_chunk", lambda *a, **k: calls.append(1) or real(*a, **k))
+    stream = pipe.stream(**SMALL, num_frames=66, seed=0)
+    first = next(stream)
+    assert len(calls) == 2 and first.shape[1] == 33
+    assert [c.shape[1] for c in stream] == [33] and len(calls) == 2

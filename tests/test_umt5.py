@@ -183,7 +183,8 @@ def test_umt5_xxl_config_and_param_count():
 @pytest.mark.parametrize(
     "change,match",
     [
-        ({"feed_forward_proj": "relu"}, "feed_forward_proj = 'relu' is not supported"),
+        ({"feed_forward_proj": "gelu"}, "feed_forward_proj = 'gelu' is not supported"),
+        ({"model_type": "mt5"}, "model_type = 'mt5' is not supported"),
         ({"feed_forward_proj": "gated-silu"}, "gated tanh-GELU"),
         ({"is_decoder": True}, "is_decoder"),
         ({"relative_attention_max_distance": 8}, "relative_attention_max_distance"),

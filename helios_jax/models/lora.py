@@ -16,6 +16,7 @@ The pipeline and the trainer both use this module, so neither imports the other.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any, Iterable
 
@@ -132,10 +133,13 @@ def init_lora(spec: LoraSpec, params: Params, key: jax.Array, dtype: Any = jnp.f
     shapes = {path: lora_factor_shapes(path, tuple(kernels[path].shape), spec.rank)
               for path in target_modules(spec, params)}
 
-    def draw(key: jax.Array) -> Params:  # one compiled program for the whole tree
+    sizes = [math.prod(a_shape) for a_shape, _ in shapes.values()]
+
+    def draw(key: jax.Array) -> Params:  # one draw for every A, one small compiled program (threefry compiles slowly)
+        normal = jax.random.normal(key, (sum(sizes),), dtype) / spec.rank
         tree: dict[Path, jax.Array] = {}
-        for k, (path, (a_shape, b_shape)) in zip(jax.random.split(key, len(shapes)), shapes.items()):
-            tree[(*path, "lora_A", "kernel")] = jax.random.normal(k, a_shape, dtype) / spec.rank
+        for start, size, (path, (a_shape, b_shape)) in zip(np.cumsum([0, *sizes]), sizes, shapes.items()):
+            tree[(*path, "lora_A", "kernel")] = normal[start:start + size].reshape(a_shape)
             tree[(*path, "lora_B", "kernel")] = jnp.zeros(b_shape, dtype)
         return traverse_util.unflatten_dict(tree)
 

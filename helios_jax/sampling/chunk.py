@@ -324,6 +324,35 @@ def _denoise_chunk(model_fn: ModelFn, model_args: Any, plan: ChunkPlan, noise: C
     return latents
 
 
+def _checked_negative(plan: ChunkPlan, noise: ChunkNoise, context: Any, negative_context: Any) -> Any:
+    """Validate a chunk's inputs against its plan (shapes only); returns the negative context to use."""
+    if not isinstance(plan, ChunkPlan):
+        raise TypeError(f"plan must be a ChunkPlan (plan_pyramid_chunk / plan_single_stage_chunk); got {type(plan)}")
+    layout = plan.layout
+    expected = noise_shapes(plan)
+    if not isinstance(noise, ChunkNoise) or len(noise.block) != len(expected.block):
+        raise ValueError(f"noise must be a ChunkNoise with {len(expected.block)} block-noise arrays (see noise_shapes)")
+    got = ChunkNoise(tuple(noise.initial.shape), tuple(tuple(z.shape) for z in noise.block))
+    if got != expected:
+        raise ValueError(f"noise shapes {got} do not match this plan's {expected}; draw them with noise_shapes(plan)")
+    batch = layout.latent_shape[0]
+    if context.ndim != 3 or context.shape[0] != batch:
+        raise ValueError(f"context must be (B, S, D) text embeddings with B = {batch}; got shape {context.shape}")
+    if layout.guidance == "none":
+        return None
+    if negative_context is None or negative_context.shape[0] != batch or negative_context.ndim != 3:
+        raise ValueError(
+            f"guidance {layout.guidance!r} needs negative_context of shape (B={batch}, S, D); got "
+            f"{None if negative_context is None else negative_context.shape}"
+        )
+    if layout.batch_cfg and negative_context.shape != context.shape:
+        raise ValueError(
+            f"batch_cfg runs both contexts as one batch, so they need one shape; got {context.shape} and "
+            f"{negative_context.shape} (pad them to one length, or plan with batch_cfg=False)"
+        )
+    return negative_context
+
+
 def denoise_chunk(
     model_fn: ModelFn,
     model_args: Any,
@@ -344,32 +373,29 @@ def denoise_chunk(
     ``model_fn`` is a static argument compared by identity: build it once and reuse it for every
     chunk (a fresh ``functools.partial`` per call would compile the chunk again).
     """
-    if not isinstance(plan, ChunkPlan):
-        raise TypeError(f"plan must be a ChunkPlan (plan_pyramid_chunk / plan_single_stage_chunk); got {type(plan)}")
-    layout = plan.layout
-    expected = noise_shapes(plan)
-    if not isinstance(noise, ChunkNoise) or len(noise.block) != len(expected.block):
-        raise ValueError(f"noise must be a ChunkNoise with {len(expected.block)} block-noise arrays (see noise_shapes)")
-    got = ChunkNoise(tuple(noise.initial.shape), tuple(tuple(z.shape) for z in noise.block))
-    if got != expected:
-        raise ValueError(f"noise shapes {got} do not match this plan's {expected}; draw them with noise_shapes(plan)")
-    batch = layout.latent_shape[0]
-    if context.ndim != 3 or context.shape[0] != batch:
-        raise ValueError(f"context must be (B, S, D) text embeddings with B = {batch}; got shape {context.shape}")
-    if layout.guidance == "none":
-        negative_context = None
-    elif negative_context is None or negative_context.shape[0] != batch or negative_context.ndim != 3:
-        raise ValueError(
-            f"guidance {layout.guidance!r} needs negative_context of shape (B={batch}, S, D); got "
-            f"{None if negative_context is None else negative_context.shape}"
-        )
-    elif layout.batch_cfg and negative_context.shape != context.shape:
-        raise ValueError(
-            f"batch_cfg runs both contexts as one batch, so they need one shape; got {context.shape} and "
-            f"{negative_context.shape} (pad them to one length, or plan with batch_cfg=False)"
-        )
+    negative_context = _checked_negative(plan, noise, context, negative_context)
     scale = jnp.asarray(guidance_scale, jnp.float32)
     return _denoise_chunk(model_fn, model_args, plan, noise, context, negative_context, scale)
+
+
+def lower_denoise_chunk(
+    model_fn: ModelFn,
+    model_args: Any,
+    plan: ChunkPlan,
+    noise: ChunkNoise,
+    context: Any,
+    negative_context: Any = None,
+    guidance_scale: Any = None,
+) -> jax.stages.Lowered:
+    """``denoise_chunk``'s program lowered, not run, so its plan can be read before (or without) a device.
+
+    Any argument may be a ``jax.ShapeDtypeStruct``, also one whose sharding names a device that is not
+    here (an H100 of ``jax.experimental.topologies``): nothing is allocated. ``guidance_scale`` None is
+    an abstract float32 scalar. ``.compile()`` the result for its optimised HLO and memory plan.
+    """
+    negative_context = _checked_negative(plan, noise, context, negative_context)
+    scale = jax.ShapeDtypeStruct((), jnp.float32) if guidance_scale is None else guidance_scale
+    return _denoise_chunk.lower(model_fn, model_args, plan, noise, context, negative_context, scale)
 
 
 def sample_chunk(

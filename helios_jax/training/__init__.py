@@ -1,1 +1,7 @@
-"""Training: data, sample assembly, losses, the trainer and the stage-3 distillation parts."""
+"""Training: offloaded data (``data``, ``offload``), sample assembly and anti-drifting (``history``), losses,
+the generic step and loop (``trainer``) and the official YAMLs mapped onto it (``recipes``); the stage-3 GAN heads and losses (``discriminator``) and
+DMD, the backward-simulated rollout, EMA and the update schedule (``distill``)."""
+
+
+class DataError(ValueError):
+    """Training data that cannot be used as given (a missing folder, a bad file or entry, no usable clip)."""

@@ -1,0 +1,278 @@
+"""A roofline of the H100's compiled programs, read from their optimised GPU HLO on a CPU.
+
+    .venv-gpu-plan/bin/python experiments/roofline.py           # 14B: DiT per stage, distilled chunk, VAE decode
+    .venv-gpu-plan/bin/python experiments/roofline.py --tiny
+
+The programs are experiments/gpu_plan.py's (deviceless, abstract inputs). Each kernel the program launches
+(a fusion, a custom call such as cuBLAS or cuDNN attention, an unfused copy) is one row with its FLOPs and the
+bytes it moves, times the trip count of every loop around it (the 40-layer scan, the step scans). FLOPs: the
+dots and convolutions in the kernel (2 x output elements x contraction), cuDNN attention analytically
+(4 x B x heads x Tq x Tk x head_dim, which XLA's cost analysis does not report), one per output element for the
+rest. Bytes: every operand and the output once (an operand read only through a dynamic-slice counts the slice).
+Lower bound per kernel: max(FLOPs / 790 TFLOP/s, bytes / 3.35 TB/s), the H100's measured bf16 matmul rate and
+its HBM3 bandwidth; the sum is the predicted time (no overlap between kernels, no launch gaps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import math
+import re
+import sys
+from typing import Any, Iterator
+
+import common
+import gpu_plan
+
+MATMUL_FLOPS = 790e12
+HBM_BYTES = 3.35e12
+KINDS = ("GEMM", "attention", "norms/modulation/RoPE/elementwise", "copies/transposes", "collectives")
+BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+         "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "token": 0}
+SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16|f8e4m3fn|f8e5m2|c64|token)\[([\d,]*)\]")
+INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%(\S+)\s*=\s*(.+?)\s+([\w\-$]+)\((.*?)\)(.*)$")
+COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%(\S+)\s.*\{\s*$")
+COPIES = {"dynamic-slice", "dynamic-update-slice", "copy", "transpose", "slice", "pad", "reverse", "gather",
+          "scatter", "broadcast", "bitcast", "reshape", "concatenate"}
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute", "ragged-all-to-all")
+FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "partition-id", "replica-id",
+        "opt-barrier", "iota"}
+
+
+def shapes(text: str) -> list[tuple[str, tuple[int, ...]]]:
+    return [(t, tuple(int(d) for d in dims.split(",") if d)) for t, dims in SHAPE.findall(text)]
+
+
+def nbytes(text: str) -> int:
+    return sum(BYTES.get(t, 4) * math.prod(dims) for t, dims in shapes(text))
+
+
+@dataclasses.dataclass
+class Instruction:
+    name: str
+    shape: str  # the result's shape text (a tuple for some)
+    opcode: str
+    operands: list[str]
+    attrs: str
+    index: int = -1  # a parameter's number
+
+    def calls(self) -> list[str]:
+        return re.findall(r"(?:calls|body|to_apply|branch_computations)=\{?%([\w.\-]+)", self.attrs)
+
+
+def parse(hlo: str) -> tuple[dict[str, list[Instruction]], str]:
+    """The module's computations (name -> instructions) and the entry computation's name."""
+    computations, current, entry = {}, None, ""
+    for line in hlo.splitlines():
+        head = COMPUTATION.match(line)
+        if head and not line[0].isspace():
+            current = head.group(1)
+            computations[current] = []
+            entry = current if line.startswith("ENTRY") else entry
+            continue
+        match = INSTRUCTION.match(line) if current else None
+        if match:
+            name, shape, opcode, operands, attrs = match.groups()
+            index = int(operands) if opcode == "parameter" and operands.isdigit() else -1
+            computations[current].append(
+                Instruction(name, shape, opcode, re.findall(r"%([\w.\-]+)", operands), attrs, index))
+    return computations, entry
+
+
+@dataclasses.dataclass
+class Kernel:
+    kind: str
+    name: str
+    flops: float
+    bytes: float
+    count: int  # launches (loop trip counts multiplied in)
+
+    @property
+    def seconds(self) -> float:
+        return self.count * max(self.flops / MATMUL_FLOPS, self.bytes / HBM_BYTES)
+
+
+class Module:
+    """The kernels of one optimised HLO module, with loop trip counts applied."""
+
+    def __init__(self, hlo: str):
+        self.computations, self.entry = parse(hlo)
+        self.shape = {i.name: i.shape for c in self.computations.values() for i in c}
+
+    def kernels(self) -> list[Kernel]:
+        return list(self._walk(self.entry, 1))
+
+    def _walk(self, computation: str, count: int) -> Iterator[Kernel]:
+        for inst in self.computations[computation]:
+            if inst.opcode == "while":
+                trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', inst.attrs)
+                body = re.search(r"body=%([\w.\-]+)", inst.attrs).group(1)
+                yield from self._walk(body, count * (int(trips.group(1)) if trips else 1))
+            elif inst.opcode in ("call", "conditional", "async-start"):
+                for callee in inst.calls():
+                    yield from self._walk(callee, count)
+            elif inst.opcode not in FREE and not inst.opcode.endswith("-done"):
+                yield self._kernel(inst, count)
+
+    def _operand_bytes(self, inst: Instruction) -> float:
+        """Operands read once; a fusion parameter used only by dynamic-slices reads only the slices."""
+        full = [nbytes(self.shape.get(o, "")) for o in inst.operands]
+        if inst.opcode != "fusion":
+            return sum(full)
+        body = self.computations[inst.calls()[0]]
+        total = 0.0
+        for param in (i for i in body if i.opcode == "parameter"):
+            users = [i for i in body if param.name in i.operands]
+            if users and all(u.opcode == "dynamic-slice" and u.operands[0] == param.name for u in users):
+                total += sum(nbytes(u.shape) for u in users)
+            else:
+                total += full[param.index] if param.index < len(full) else nbytes(param.shape)
+        return total
+
+    def _flops(self, computation: str) -> float:
+        flops = 0.0
+        for inst in self.computations.get(computation, []):
+            if inst.opcode == "dot":
+                out = math.prod(shapes(inst.shape)[0][1])
+                lhs = shapes(self.shape[inst.operands[0]])[0][1]
+                dims = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", inst.attrs).group(1)
+                flops += 2 * out * math.prod(lhs[int(d)] for d in dims.split(",") if d)
+            elif inst.opcode == "convolution":
+                flops += self._conv_flops(inst)
+            for callee in inst.calls():
+                flops += self._flops(callee)
+        return flops
+
+    def _moves_only(self, computation: str) -> bool:
+        """Whether a fused computation only moves data: every op on arrays (not scalar index math) a copy."""
+        for inst in self.computations.get(computation, []):
+            scalar = all(not dims for _, dims in shapes(inst.shape))
+            if not scalar and inst.opcode not in COPIES | FREE and inst.opcode != "fusion":
+                return False
+            if not all(self._moves_only(c) for c in inst.calls()):
+                return False
+        return True
+
+    def _conv_flops(self, inst: Instruction) -> float:
+        out = math.prod(shapes(inst.shape)[0][1])
+        kernel = shapes(self.shape[inst.operands[1]])[0][1]
+        labels = re.search(r"dim_labels=\w+_(\w+)->", inst.attrs).group(1)
+        return 2 * out * math.prod(kernel) / kernel[labels.index("o")]
+
+    def _kernel(self, inst: Instruction, count: int) -> Kernel:
+        out_bytes = nbytes(inst.shape)
+        io = self._operand_bytes(inst) + out_bytes
+        elements = sum(math.prod(d) for _, d in shapes(inst.shape))
+        if inst.opcode == "custom-call":
+            target = re.search(r'custom_call_target="([^"]+)"', inst.attrs).group(1)
+            if target.startswith("__cudnn$fmha"):
+                q, k = (shapes(self.shape[o])[0][1] for o in inst.operands[:2])
+                batch, tq, heads, dim = q
+                return Kernel("attention", target, 4 * batch * heads * tq * k[1] * dim, io, count)
+            if "conv" in target:
+                return Kernel("GEMM", target, self._conv_flops(inst), io, count)
+            if "gemm" in target or "matmul" in target:
+                out = math.prod(shapes(inst.shape)[0][1])
+                lhs = shapes(self.shape[inst.operands[0]])[0][1]
+                dims = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', inst.attrs).group(1)
+                contraction = math.prod(lhs[int(d.strip('" '))] for d in dims.split(",") if d.strip())
+                return Kernel("GEMM", target, 2 * out * contraction, io, count)
+            return Kernel("norms/modulation/RoPE/elementwise", target, elements, io, count)
+        if inst.opcode.startswith(COLLECTIVES):
+            return Kernel("collectives", inst.opcode, 0.0, io, count)
+        if inst.opcode == "fusion":
+            flops = self._flops(inst.calls()[0])
+            if flops:
+                return Kernel("GEMM", inst.name, flops, io, count)
+            kind = "copies/transposes" if self._moves_only(inst.calls()[0]) else "norms/modulation/RoPE/elementwise"
+            return Kernel(kind, inst.name, elements, io, count)
+        kind = "copies/transposes" if inst.opcode in COPIES else "norms/modulation/RoPE/elementwise"
+        return Kernel(kind, inst.opcode, elements, io, count)
+
+
+def summary(kernels: list[Kernel]) -> dict[str, dict[str, float]]:
+    """Per kind: launches, TFLOP, GiB moved, lower-bound ms and share of the total."""
+    groups = collections.defaultdict(lambda: {"launches": 0, "tflop": 0.0, "gib": 0.0, "ms": 0.0})
+    for k in kernels:
+        g = groups[k.kind]
+        g["launches"] += k.count
+        g["tflop"] += k.count * k.flops / 1e12
+        g["gib"] += k.count * k.bytes / 2**30
+        g["ms"] += k.seconds * 1e3
+    total = sum(g["ms"] for g in groups.values()) or 1.0
+    for g in groups.values():
+        g["share"] = 100 * g["ms"] / total
+    return {kind: groups[kind] for kind in KINDS if kind in groups}
+
+
+def matmul_flops(kernels: list[Kernel]) -> float:
+    """The FLOPs that experiments/common.dit_flops counts: GEMMs and attention."""
+    return sum(k.count * k.flops for k in kernels if k.kind in ("GEMM", "attention"))
+
+
+def predicted_ms(kernels: list[Kernel]) -> float:
+    return 1e3 * sum(k.seconds for k in kernels)
+
+
+def other_share(kernels: list[Kernel]) -> float:
+    """The share of the predicted time that is neither GEMM nor attention (the optimisation target)."""
+    groups = summary(kernels)
+    return sum(g["share"] for kind, g in groups.items() if kind not in ("GEMM", "attention"))
+
+
+HEADERS = ["program", "kind", "launches", "TFLOP", "GiB moved", "lower-bound ms", "share %"]
+
+
+def rows_for(name: str, kernels: list[Kernel]) -> list[list[Any]]:
+    rows = [[name, kind, g["launches"], g["tflop"], g["gib"], g["ms"], g["share"]] for kind, g in summary(kernels).items()]
+    rows.append([name, "total", sum(k.count for k in kernels), matmul_flops(kernels) / 1e12,
+                 sum(k.count * k.bytes for k in kernels) / 2**30, predicted_ms(kernels), 100.0])
+    return rows
+
+
+def analyse(plans: dict[str, gpu_plan.Plan]) -> dict[str, list[Kernel]]:
+    return {name: Module(plan.hlo).kernels() for name, plan in plans.items()}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer model at 128x128 (seconds)")
+    parser.add_argument("--autotune", default=None, help="replay GEMM autotune results dumped on a real H100")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--results", default=common.RESULTS, help="markdown file to append to ('' = none)")
+    args = parser.parse_args(argv)
+    missing = gpu_plan.plugin_missing()
+    if missing:
+        raise SystemExit(missing)
+    size = gpu_plan.TINY if args.tiny else gpu_plan.HELIOS_14B
+    h100 = gpu_plan.h100(args.autotune)
+    plans = {p.name: p for p in [gpu_plan.dit_forward(size.cfg, size.work, s, h100) for s in range(3)]}
+    plans["distilled chunk 2+2+2"] = gpu_plan.chunk_programs(size, h100)[0]
+    for dtype in ("float32", "bfloat16"):
+        plans[f"VAE decode {dtype}"] = gpu_plan.decode_program(size, h100, dtype)
+    kernels = analyse(plans)
+    rows = [row for name, ks in kernels.items() for row in rows_for(name, ks)]
+    frames = common.video_frames(size.latent_frames)
+    chunk_ms = predicted_ms(kernels["distilled chunk 2+2+2"])
+    lines = []
+    for vae in ("float32", "bfloat16"):
+        total = chunk_ms + predicted_ms(kernels[f"VAE decode {vae}"])
+        lines.append(f"- distilled chunk 2+2+2 + VAE decode ({vae}): {total:.0f} ms per {frames} frames, "
+                     f"{1e3 * frames / total:.1f} FPS (sampling alone {1e3 * frames / chunk_ms:.1f} FPS)")
+    lines.append(f"- not GEMM or attention: {other_share(kernels['distilled chunk 2+2+2']):.1f}% of the distilled "
+                 f"chunk's predicted time, {other_share(kernels['DiT forward, stage 2']):.1f}% of the stage-2 forward")
+    env = common.environment("NVIDIA H100 80GB HBM3 roofline (790 TFLOP/s, 3.35 TB/s), compiled deviceless on the CPU",
+                             common.versions("jax", "jaxlib", "jax-cuda12-plugin", "flax"))
+    body = (f"Roofline of the H100 plans ({'tiny model' if args.tiny else '14B DiT'}, {size.height}x{size.width}, "
+            f"bf16 DiT, GEMM choices {'from ' + args.autotune if args.autotune else 'default'}): per kind, every "
+            f"launch's max(FLOPs / 790 TFLOP/s, bytes / 3.35 TB/s), loops unrolled by their trip counts. The "
+            "'total' row's TFLOP are GEMM + attention only.\n\n" + common.markdown_table(HEADERS, rows)
+            + "\n" + "\n".join(lines) + "\n")
+    result = {"env": env, "headers": HEADERS, "rows": rows, "chunk_ms": chunk_ms}
+    return common.report("roofline", env, body, result, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)

@@ -1,0 +1,456 @@
+"""The official training YAMLs (``scripts/training/configs/*.yaml``) read, typed and checked.
+
+A YAML has the sections ``data_config``, ``model_config``, ``validation_config`` and
+``training_config`` plus a few top-level keys, with the names of the official ``train_config.py``.
+Every key falls in one of three groups:
+
+* keys this port uses (``SCHEMA``): typed against the official type and default; some only run at
+  certain values (``Key.allowed``): any other value is a :class:`ConfigError`;
+* keys of the official schema that do not apply here (``NOT_APPLICABLE``: DeepSpeed, wandb, NPU,
+  torch data-loader workers, offload-time settings, the stage-3 machinery's knobs): named in one
+  warning per file together with any key the official schema does not have either;
+* the stage-3 switches (``STAGE3_SWITCHES``): the distillation stages (ODE regression, DMD, GAN, EMA)
+  are refused with one error naming the switches that are on, until the distillation issue lands.
+
+Several files merge in order (``stage_1_init.yaml correct.yaml``: the second overrides the first), then
+``section.key=value`` overrides (values read as YAML, typed like the file's). Everything is checked
+before any compute.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import warnings
+from typing import Any, Sequence
+
+import yaml
+
+from helios_jax.config import ConfigError
+from helios_jax.models.lora import LoraSpec
+from helios_jax.training.trainer import SCHEDULES, OptimizerConfig, RunConfig
+
+SECTIONS = ("data_config", "model_config", "validation_config", "training_config")
+TOP = ""  # the section name of the top-level keys
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+    """One key: its type (bool, int, float, str, "str?" for an optional string, or a (list, item) pair),
+    the official default, and the values this port runs (None: any) with the reason for the rule."""
+
+    type: Any
+    default: Any
+    allowed: tuple | None = None
+    why: str = ""
+
+
+_NOT_HERE = "not implemented in this port"
+_LAYOUT = "the fixed 29-frame index layout (history 16/2/1, chunks of 9 latent frames) is what the model is built for"
+
+SCHEMA: dict[str, dict[str, Key]] = {
+    TOP: {
+        "output_dir": Key(str, "Helios"),
+        "seed": Key(int, 42),
+    },
+    "data_config": {
+        "instance_data_root": Key((list, str), []),
+        "use_shuffle": Key(bool, False),
+        "single_res": Key(bool, False),
+        "single_height": Key(int, 384),
+        "single_width": Key(int, 640),
+        "use_stage1_dataset": Key(bool, False, (True,), "stages 1 and 2 train on the offloaded short latents"),
+        "caption_dropout_p": Key(float, 0.0, (0.0,), f"caption dropout is {_NOT_HERE} (0 in every official YAML)"),
+        "id_token": Key(str, "", ("",), f"an id token prefix is {_NOT_HERE}"),
+        "dataset_sampling_ratios": Key((list, float), [], ([],), f"per-dataset resampling is {_NOT_HERE}"),
+        "negative_prompt": Key(str, ""),
+    },
+    "model_config": {
+        "pretrained_model_name_or_path": Key("str?", None),
+        "transformer_model_name_or_path": Key("str?", None),
+        "subfolder": Key("str?", None),
+        "lora_rank": Key(int, 128),
+        "lora_alpha": Key(float, 128.0),
+        "lora_dropout": Key(float, 0.0, (0.0,), f"LoRA dropout is {_NOT_HERE} (0 in every official YAML)"),
+        "lora_layers": Key("str?", None, ("all-linear",), "the LoRA targets every linear layer ('all-linear')"),
+        "lora_target_modules": Key((list, str), [], ([],), "with lora_layers='all-linear' the targets are implied"),
+        "lora_exclude_modules": Key((list, str), []),
+        "lora_paths": Key((list, str), [], ([],), f"starting from saved LoRAs is {_NOT_HERE}; merge them first"),
+        "train_norm_layers": Key(bool, False, (False,), "norm layers stay frozen (as the official fused norms do)"),
+        "load_checkpoints_custom": Key(bool, False, (False,), f"custom checkpoint loading is {_NOT_HERE}"),
+        "load_dcp": Key(bool, False, (False,), "torch distributed checkpoints are not read"),
+        "bnb_quantization_config_path": Key("str?", None, (None,), "bitsandbytes quantization is torch-only"),
+    },
+    "validation_config": {
+        "validation_steps": Key(int, 100),
+        "validation_height": Key(int, 480),
+        "validation_width": Key(int, 832),
+        "validation_max_num_frames": Key(int, 81),
+        "validation_prompts": Key((list, str), ["A frog jumps on a lotus leaf."]),
+        "validation_guidance_scale": Key(float, 9.0),
+        "validation_latent_window_size": Key((list, int), [9], ([9],), _LAYOUT),
+        "first_step_valid": Key(bool, True),
+        "num_validation_videos": Key(int, 1),
+        "num_inference_steps": Key(int, 30),
+        "use_dynamic_shifting": Key(bool, False),
+        "time_shift_type": Key(str, "linear", ("exponential", "linear"), "the two shift types of the scheduler"),
+        "use_kv_cache": Key(bool, False, (False,), f"a KV cache is {_NOT_HERE}"),
+        "stage2_simulated_inference_steps": Key((list, int), [10, 10, 10]),
+    },
+    "training_config": {
+        # Loop and optimizer.
+        "gradient_checkpointing": Key(bool, True),
+        "mixed_precision": Key(str, "bf16", ("bf16", "no"), "bf16 frozen weights with fp32 trainables, or fp32"),
+        "offload": Key(bool, False, (False,), "training reads offloaded latents; on-the-fly encoding is not run"),
+        "max_train_steps": Key(int, 1000),
+        "train_batch_size": Key(int, 1),
+        "gradient_accumulation_steps": Key(int, 1, (1,), f"gradient accumulation is {_NOT_HERE} (1 everywhere)"),
+        "checkpointing_steps": Key(int, 500),
+        "checkpoints_total_limit": Key("int?", None),
+        "resume_from_checkpoint": Key("str?", None),
+        "learning_rate": Key(float, 2e-4),
+        "scale_lr": Key(bool, False, (False,), "the learning rate is used as written"),
+        "lr_scheduler": Key(str, "constant", SCHEDULES, "the official configs' schedules"),
+        "lr_warmup_steps": Key(int, 500),
+        "optimizer": Key(str, "adamw", ("adamw",), "optax AdamW, as every official config"),
+        "use_8bit_adam": Key(bool, False, (False,), "8-bit Adam is bitsandbytes-only"),
+        "adam_beta1": Key(float, 0.9),
+        "adam_beta2": Key(float, 0.999),
+        "adam_weight_decay": Key(float, 1e-4),
+        "adam_epsilon": Key(float, 1e-8),
+        "max_grad_norm": Key(float, 1.0),
+        "weighting_scheme": Key(str, "logit_normal", ("logit_normal", "none"),
+                                "the timestep samplings of stages 1 (logit-normal) and 2 (uniform)"),
+        "logit_mean": Key(float, 0.0),
+        "logit_std": Key(float, 1.0),
+        "use_dynamic_shifting": Key(bool, False, (False,), "flow-matching training runs unshifted (asserted so officially)"),
+        # Model structure the recipe must agree with.
+        "is_enable_stage1": Key(bool, False),
+        "history_sizes": Key((list, int), [16, 2, 1], ([16, 2, 1],), _LAYOUT),
+        "latent_window_size": Key((list, int), [9], ([9],), _LAYOUT),
+        "has_multi_term_memory_patch": Key(bool, False, (True,), "Helios conditions on the multi-term memory patches"),
+        "zero_history_timestep": Key(bool, False, (True,), "the Helios DiT modulates history with t=0"),
+        "guidance_cross_attn": Key(bool, False, (True,), "the Helios DiT keeps history out of cross-attention"),
+        "is_amplify_history": Key(bool, False, (False,), f"training the history key scale is {_NOT_HERE}"),
+        "restrict_self_attn": Key(bool, False, (False,), f"restricted self-attention is {_NOT_HERE}"),
+        "restrict_lora": Key(bool, False, (False,), f"the history-only restrict LoRA is {_NOT_HERE}"),
+        "is_train_restrict_lora": Key(bool, False, (False,), f"the history-only restrict LoRA is {_NOT_HERE}"),
+        # Trainable sets.
+        "is_train_full_patch_embedding": Key(bool, False, (False,), "the noisy patch embedding trains through LoRA only"),
+        "is_train_lora_patch_embedding": Key(bool, False),
+        "is_train_full_multi_term_memory_patchg": Key(bool, False),
+        "is_train_lora_multi_term_memory_patchg": Key(bool, False),
+        # Sample assembly and anti-drifting (helios_jax.training.history).
+        "is_random_drop": Key(bool, False),
+        "random_drop_i2v_ratio": Key(float, 0.0),
+        "random_drop_v2v_ratio": Key(float, 0.0),
+        "random_drop_t2v_ratio": Key(float, 0.0),
+        "corrupt_model_input": Key(bool, False, (False,), f"corrupting the model input is {_NOT_HERE} (off everywhere)"),
+        "corrupt_history": Key(bool, False),
+        "corrupt_mode_history": Key(str, "noise", ("noise", "downsample", "random"), "the official corruption modes"),
+        "corrupt_mode_prob_history": Key(float, 0.9),
+        "is_frame_independent_corrupt_history": Key(bool, False),
+        "is_chunk_independent_corrupt_history": Key(bool, False),
+        "noise_corrupt_ratio_history_short": Key(float, 1 / 3),
+        "noise_corrupt_ratio_history_mid": Key(float, 1 / 3),
+        "noise_corrupt_ratio_history_long": Key(float, 1 / 3),
+        "noise_corrupt_clean_prob_history": Key(float, 0.1),
+        "downsample_min_corrupt_ratio_history": Key(float, 0.9),
+        "downsample_max_corrupt_ratio_history": Key(float, 1.0),
+        "is_add_saturation": Key(bool, False),
+        "saturation_ratio_min": Key(float, 0.3),
+        "saturation_ratio_max": Key(float, 1.7),
+        "saturation_ratio_clean_prob": Key(float, 0.1),
+        "use_error_recycling": Key(bool, False, (False,), "error recycling is not wired into the trainer (off everywhere)"),
+        # Stage 2: the pyramid.
+        "is_enable_stage2": Key(bool, False),
+        "is_navit_pyramid": Key(bool, False),
+        "stage2_num_stages": Key(int, 3, (3,), "the Helios pyramid has three stages"),
+        "stage2_timestep_shift": Key(float, 1.0, (1.0,), "the pyramid scheduler of Helios runs with shift 1"),
+        "stage2_scheduler_gamma": Key(float, 1 / 3),
+        "stage2_stage_range": Key((list, float), [0.0, 1 / 3, 2 / 3, 1.0]),
+        "stage2_sample_ratios": Key((list, int), [1, 2, 1]),
+        "efficient_sample": Key(bool, False, (False,), "the official code asserts on a missing key when it is on"),
+    },
+}
+
+# Keys of the official schema that change nothing here (runtime, logging, hardware, offload-time and stage-3 knobs).
+NOT_APPLICABLE: dict[str, frozenset[str]] = {
+    TOP: frozenset({"logging_dir", "report_to"}),
+    "data_config": frozenset({
+        "pin_memory", "persistent_workers", "dataloader_num_workers", "prefetch_factor", "force_rebuild",
+        "instance_video_root", "stride", "resolution", "single_length", "single_num_frame", "multi_res",
+        "gan_data_root", "ode_data_root", "text_data_root",
+    }),
+    "model_config": frozenset({
+        "siglip_model_name_or_path", "revision", "variant", "load_model_path", "load_dcp_path", "upcast_vae",
+        "enable_slicing", "enable_tiling", "critic_lora_name_or_path", "critic_subfolder", "critic_lora_rank",
+        "critic_lora_alpha", "critic_lora_dropout", "real_score_model_name_or_path", "reward_model_name_or_path",
+    }),
+    "validation_config": frozenset({"validation_images", "validation_stream_chunk_size"}),
+    "training_config": frozenset({
+        "local_rank", "allow_tf32", "enable_xformers_memory_efficient_attention", "enable_npu_flash_attention",
+        "upcast_before_saving", "profile_out_dir", "num_train_epochs", "save_checkpoints_custom", "lr_num_cycles",
+        "lr_power", "prodigy_beta3", "prodigy_decouple", "prodigy_use_bias_correction", "prodigy_safeguard_warmup",
+        "mode_scale", "time_shift_type", "base_seq_len", "max_seq_len", "base_shift", "max_shift",
+        "vae_decode_type", "use_ema_validation", "ema_decay", "ema_start_step", "ema_zero3_port",
+        "ema_deepspeed_config_file", "history_scale_mode", "restrict_lora_rank",
+        "corrupt_mode_model_input", "corrupt_mode_prob_model_input", "is_frame_independent_corrupt_model_input",
+        "is_chunk_independent_corrupt_model_input", "noise_corrupt_ratio_model_input",
+        "noise_corrupt_clean_prob_model_input", "downsample_min_corrupt_ratio_model_input",
+        "downsample_max_corrupt_ratio_model_input",
+        # Stage 3 knobs (read only with a stage-3 switch on, and those are refused).
+        "dmd_is_low_vram_mode", "is_gan_low_vram_mode", "dmd_is_offload_grad", "log_iters", "no_visualize",
+        "max_grad_norm_critic", "dmd_generator_deepspeed_config", "dmd_critic_deepspeed_config",
+        "critic_learning_rate", "dfake_gen_update_ratio", "dmd_denoising_step_list", "num_critic_input_frames",
+        "dmd_timestep_shift", "dmd_last_step_only", "dmd_last_section_grad_only", "dmd_teacher_forcing",
+        "dmd_teacher_forcing_ratio", "fake_guidance_scale", "real_guidance_scale", "is_skip_first_section",
+        "is_amplify_first_chunk", "use_gt_history_ratio", "is_use_gt_coherence_dmd", "is_dmd_vae_decode",
+        "is_multi_pyramid_stage_backward_simulated", "is_consistency_align", "consistentcy_align_weight",
+        "is_smoothness_loss", "smoothness_loss_weight", "is_mean_var_regular", "mean_var_regular_weight",
+        "regular_mean", "regular_var", "is_x0_mean_var_regular", "mean_var_regular_x0_weight", "regular_x0_mean",
+        "regular_x0_var", "is_chunk_mean_var_regular", "chunk_mean_var_regular_weight", "chunk_regular_mean",
+        "chunk_regular_var", "is_chunk_x0_mean_var_regular", "chunk_mean_var_regular_x0_weight",
+        "chunk_regular_x0_mean", "chunk_regular_x0_var", "ode_regression_weight", "ode_num_latent_sections_min",
+        "ode_num_latent_sections_max", "gan_start_step", "is_separate_gan_grad", "is_use_gan_hooks",
+        "is_use_gan_final", "gan_cond_map_dim", "gan_hooks", "gan_g_weight", "gan_d_weight", "aprox_r1", "aprox_r2",
+        "r1_weight", "r2_weight", "r1_sigma", "r2_sigma", "reward_start_step", "reward_weight_vq",
+        "reward_weight_mq", "reward_weight_ta", "is_decouple_dmd", "decouple_ca_start_step",
+        "decouple_ca_end_step", "is_enable_cold_start", "cold_start_step", "stage_cold_start_step",
+        "generator_is_forcing_low_renoise", "generator_dynamic_alpha", "generator_dynamic_beta",
+        "generator_dynamic_sample_type", "generator_dynamic_step", "critic_dynamic_alpha", "critic_dynamic_beta",
+        "critic_dynamic_sample_type", "critic_dynamic_step", "dmd_num_latent_sections_min",
+        "dmd_num_latent_sections_max", "dmd_dynamic_alpha", "dmd_dynamic_beta", "dmd_dynamic_sample_type",
+        "dmd_dynamic_step", "ode_dynamic_alpha", "ode_dynamic_beta", "ode_dynamic_sample_type", "ode_dynamic_step",
+        "y_error_sample_from_all_grids", "error_buffer_size", "buffer_replacement_strategy", "buffer_warmup_iter",
+        "timestep_grid_size", "num_grids", "y_error_num", "error_modulate_factor", "error_setting", "noise_prob",
+        "y_prob", "latent_prob", "clean_prob", "clean_buffer_update_prob",
+    }),
+}
+
+# The switches of the distillation stages (issue 12): any of them on refuses the config.
+STAGE3_SWITCHES: dict[str, tuple[str, ...]] = {
+    "data_config": ("use_stage3_dataset",),
+    "training_config": ("is_train_dmd", "use_ema", "is_use_ode_regression", "is_only_ode_regression", "is_use_gan",
+                        "is_use_gt_history", "is_use_reward_model"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A checked config: ``values[section][key]`` for every key of ``SCHEMA`` (file, else default)."""
+
+    values: dict[str, dict[str, Any]]
+    sources: tuple[str, ...]
+
+    def section(self, name: str) -> dict[str, Any]:
+        return self.values[name]
+
+    @property
+    def stage(self) -> str:
+        """"stage1", "stage2_packed" (NaViT, stage 2-init) or "stage2_sequential" (stage 2-post)."""
+        training = self.values["training_config"]
+        if training["is_enable_stage2"]:
+            return "stage2_packed" if training["is_navit_pyramid"] else "stage2_sequential"
+        return "stage1"
+
+    def as_json(self) -> dict[str, Any]:
+        """The whole config as plain JSON (what ``output_dir/config.json`` holds and resume compares)."""
+        out = {k: v for k, v in self.values[TOP].items()}
+        out.update({s: dict(self.values[s]) for s in SECTIONS})
+        return out
+
+    def optimizer(self) -> OptimizerConfig:
+        t = self.values["training_config"]
+        return OptimizerConfig(
+            learning_rate=t["learning_rate"], lr_scheduler=t["lr_scheduler"], lr_warmup_steps=t["lr_warmup_steps"],
+            adam_beta1=t["adam_beta1"], adam_beta2=t["adam_beta2"], adam_weight_decay=t["adam_weight_decay"],
+            adam_epsilon=t["adam_epsilon"], max_grad_norm=t["max_grad_norm"],
+        )
+
+    def lora(self) -> tuple[LoraSpec, str]:
+        """The LoRA spec and the trainable subset (``helios_jax.models.lora.SUBSETS``) of this stage:
+        stage 1 trains the history patch convs in full beside the LoRA, stage 2-post gives them a LoRA."""
+        m, t = self.values["model_config"], self.values["training_config"]
+        spec = LoraSpec(rank=m["lora_rank"], alpha=m["lora_alpha"], targets="all-linear",
+                        patch_embedding=t["is_train_lora_patch_embedding"],
+                        history_patches=t["is_train_lora_multi_term_memory_patchg"],
+                        exclude=tuple(m["lora_exclude_modules"]))
+        return spec, "lora+history_patches" if t["is_train_full_multi_term_memory_patchg"] else "lora"
+
+    def run(self, progress: bool | None = None) -> RunConfig:
+        t, v = self.values["training_config"], self.values["validation_config"]
+        return RunConfig(
+            output_dir=self.values[TOP]["output_dir"], max_train_steps=t["max_train_steps"],
+            checkpointing_steps=t["checkpointing_steps"], checkpoints_total_limit=t["checkpoints_total_limit"],
+            resume_from_checkpoint=t["resume_from_checkpoint"], validation_steps=v["validation_steps"],
+            first_step_valid=v["first_step_valid"], seed=self.values[TOP]["seed"], config=self.as_json(),
+            progress=progress,
+        )
+
+
+def _known(section: str, key: str) -> bool:
+    return key in SCHEMA[section] or key in NOT_APPLICABLE[section] or key in STAGE3_SWITCHES.get(section, ())
+
+
+def _typed(where: str, kind: Any, value: Any) -> Any:
+    """``value`` as ``kind``, or one ConfigError naming the key, the value and the expected type."""
+
+    def fail() -> None:
+        name = kind if isinstance(kind, str) else (f"a list of {kind[1].__name__}" if isinstance(kind, tuple)
+                                                   else kind.__name__)
+        raise ConfigError(f"{where} = {value!r} ({type(value).__name__}) has the wrong type: expected {name}")
+
+    if isinstance(kind, tuple):
+        if not isinstance(value, list):
+            fail()
+        return [_typed(f"{where}[{i}]", kind[1], v) for i, v in enumerate(value)]
+    if kind in ("str?", "int?"):
+        return None if value is None else _typed(where, str if kind == "str?" else int, value)
+    if kind is bool:
+        if not isinstance(value, bool):
+            fail()
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail()
+        return value
+    if kind is float:
+        if isinstance(value, str):  # YAML 1.1 reads 5e-5 (no dot) as a string; the official OmegaConf casts it
+            try:
+                return float(value)
+            except ValueError:
+                fail()
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail()
+        return float(value)
+    if not isinstance(value, kind):
+        fail()
+    return value
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise ConfigError(f"no training config at {path!r}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections {SECTIONS}, got {type(raw).__name__}")
+    for name in SECTIONS:
+        if name in raw and not isinstance(raw[name] or {}, dict):
+            raise ConfigError(f"{path}: {name} must be a mapping of keys, got {raw[name]!r}")
+    return raw
+
+
+def _entries(raw: dict[str, Any]) -> dict[tuple[str, str], Any]:
+    """(section, key) -> value of a file (top-level keys in section TOP)."""
+    out = {}
+    for key, value in raw.items():
+        if key in SECTIONS:
+            out.update({(key, k): v for k, v in (value or {}).items()})
+        else:
+            out[(TOP, key)] = value
+    return out
+
+
+def _warn_unused(origin: str, entries: dict[tuple[str, str], Any]) -> None:
+    """ONE warning naming the keys that do not apply here and the keys the official schema lacks."""
+    dotted = lambda s, k: f"{s}.{k}" if s else k  # noqa: E731
+    unused = sorted(dotted(s, k) for s, k in entries if s in NOT_APPLICABLE and k in NOT_APPLICABLE[s])
+    unknown = sorted(dotted(s, k) for s, k in entries if s not in SCHEMA or not _known(s, k))
+    if unused or unknown:
+        parts = [f"not used here (they change nothing in this port): {', '.join(unused)}"] if unused else []
+        if unknown:
+            parts.append(f"unknown to the official schema too (typo?): {', '.join(unknown)}")
+        warnings.warn(f"{origin}: keys ignored; " + "; ".join(parts), stacklevel=3)
+
+
+def _override(text: str) -> tuple[tuple[str, str], Any]:
+    """``section.key=value`` (or ``key=value`` for a top-level key), the value read as YAML."""
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise ConfigError(f"override {text!r}: expected section.key=value, e.g. data_config.instance_data_root=[data/]")
+    section, _, key = name.rpartition(".")
+    if section not in (TOP, *SECTIONS) or not _known(section, key):
+        raise ConfigError(f"override {text!r}: {name} is not a key of the official schema; "
+                          f"sections are {SECTIONS}, e.g. training_config.learning_rate=1e-4")
+    return (section, key), yaml.safe_load(value)
+
+
+def load(paths: str | Sequence[str], overrides: Sequence[str] = ()) -> Recipe:
+    """Read, merge, type and check YAML files and overrides (see the module doc)."""
+    paths = (paths,) if isinstance(paths, (str, os.PathLike)) else tuple(paths)
+    merged: dict[tuple[str, str], Any] = {}
+    for path in map(os.fspath, paths):
+        entries = _entries(_read_yaml(path))
+        _warn_unused(path, entries)
+        merged.update(entries)
+    cli = dict(_override(o) for o in overrides)
+    _warn_unused("the command line", cli)
+    merged.update(cli)
+
+    _refuse_stage3(merged)
+    values: dict[str, dict[str, Any]] = {s: {} for s in (TOP, *SECTIONS)}
+    for section, keys in SCHEMA.items():
+        for key, spec in keys.items():
+            where = f"{section}.{key}" if section else key
+            value = _typed(where, spec.type, merged.get((section, key), copy.deepcopy(spec.default)))
+            if spec.allowed is not None and value not in spec.allowed:
+                allowed = spec.allowed[0] if len(spec.allowed) == 1 else list(spec.allowed)
+                raise ConfigError(f"{where} = {value!r} is not supported: {spec.why}; use {allowed!r}")
+            values[section][key] = value
+    _check_stage(values)
+    return Recipe(values, tuple(map(os.fspath, paths)))
+
+
+def _refuse_stage3(merged: dict[tuple[str, str], Any]) -> None:
+    on = [f"{s}.{k}" for s, keys in STAGE3_SWITCHES.items() for k in keys if merged.get((s, k))]
+    if on:
+        raise ConfigError(
+            f"this is a stage-3 (distillation) config: {', '.join(on)} on; ODE regression, DMD, GAN and EMA "
+            f"training are not implemented yet (the distillation issue); stages 1 and 2 run"
+        )
+
+
+def _check_stage(values: dict[str, dict[str, Any]]) -> None:
+    t, d = values["training_config"], values["data_config"]
+    if not (t["is_enable_stage1"] or t["is_enable_stage2"]):
+        raise ConfigError("training_config: neither is_enable_stage1 nor is_enable_stage2 is true; "
+                          "set is_enable_stage1: true (stage 1) or both (stage 2)")
+    if t["is_train_full_multi_term_memory_patchg"] and t["is_train_lora_multi_term_memory_patchg"]:
+        raise ConfigError("training_config: is_train_full_multi_term_memory_patchg and "
+                          "is_train_lora_multi_term_memory_patchg are both true; the patch convs train one way")
+    if t["is_enable_stage2"]:
+        ranges, ratios = t["stage2_stage_range"], t["stage2_sample_ratios"]
+        if len(ranges) != t["stage2_num_stages"] + 1 or len(ratios) != t["stage2_num_stages"]:
+            raise ConfigError(f"training_config: stage2_stage_range {ranges} needs {t['stage2_num_stages'] + 1} "
+                              f"bounds and stage2_sample_ratios {ratios} {t['stage2_num_stages']} counts")
+    if not d["instance_data_root"]:
+        raise ConfigError("data_config.instance_data_root is empty: name the offloaded data folder(s), "
+                          "e.g. data_config.instance_data_root=[data/]")
+    for key in ("max_train_steps", "train_batch_size", "checkpointing_steps", "validation_steps"):
+        section = "validation_config" if key == "validation_steps" else "training_config"
+        if values[section][key] < 1:
+            raise ConfigError(f"{section}.{key} = {values[section][key]} must be a positive integer")
+
+
+def check_paths(recipe: Recipe) -> None:
+    """The folders a run reads must exist (one error naming the first missing one), before any compute."""
+    for folder in recipe.section("data_config")["instance_data_root"]:
+        if not os.path.isdir(folder):
+            raise ConfigError(f"data_config.instance_data_root: no data folder at {folder!r}; offload videos "
+                              f"there first (helios-jax offload) or fix the path")
+    model = recipe.section("model_config")
+    for key in ("pretrained_model_name_or_path", "transformer_model_name_or_path"):
+        path = model[key]
+        if path is None:
+            raise ConfigError(f"model_config.{key} is not set: give a local diffusers folder")
+        if key == "transformer_model_name_or_path" and model["subfolder"]:
+            path = os.path.join(path, model["subfolder"])
+        if not os.path.isdir(path):
+            raise ConfigError(f"model_config.{key}: no local folder at {path!r} (no model hub is read; "
+                              f"download the checkpoint and give its folder)")

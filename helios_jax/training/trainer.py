@@ -1,0 +1,387 @@
+"""One generic training step and loop: a stage is a loss (or a few) plus a config, not a subclass.
+
+A loss is ``loss_fn(trainable, frozen, batch, key) -> (loss, metrics)``. ``make_step`` turns one
+or more of them into a jit-compiled, pure ``step(state, frozen, batch, key) -> (state, metrics)``:
+gradients of every term (one forward and backward each, summed, as the official stage-2 sequential
+variant accumulates its per-stage backwards), global-norm clipping and optax AdamW with the
+official schedules, in ONE optimizer update. Every term is given the same key, so a draw the terms
+share (stage 2's noise pyramid) is the same draw in each. jax.jit compiles it once per batch shape,
+so once per data bucket.
+
+``train`` runs a step over a data iterator with an orbax ``CheckpointManager`` (trainable params,
+optimizer state, step and the grain iterator state in ``output_dir/checkpoint-STEP/``), resume from
+the latest checkpoint, a config-mismatch check on resume, ``metrics.jsonl``, a progress bar, and
+hooks for the LoRA export and validation videos.
+
+RNG: the key of step ``s`` on process ``p`` is ``fold_in(fold_in(key(seed), p), s)``. The official
+code seeds every rank identically, so its timesteps, noise and drops repeat across GPUs (only the
+data differs); here each process draws its own. Deriving the key from the step, rather than carrying
+it in the state, makes a resumed run draw exactly what the uninterrupted run draws.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import re
+import time
+import warnings
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import traverse_util
+from grain import python as grain_python
+
+from helios_jax.config import ConfigError
+from helios_jax.progress import Progress
+
+Params = Any
+Batch = Any
+LossFn = Callable[[Params, Params, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+SCHEDULES = ("constant", "constant_with_warmup")
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_ITEM, DATA_ITEM = "state", "data"
+METRICS_FILE, CONFIG_FILE = "metrics.jsonl", "config.json"
+# Keys that may change between a run and its resumption: they do not change what a step computes.
+RESUMABLE_KEYS = ("training_config.max_train_steps", "training_config.resume_from_checkpoint",
+                  "training_config.local_rank")
+
+
+class TrainState(NamedTuple):
+    """What a step updates and a checkpoint holds (besides the data iterator)."""
+
+    step: jax.Array
+    trainable: Params
+    opt_state: optax.OptState
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with the official names and defaults (stage 1); ``lr_scheduler`` one of SCHEDULES."""
+
+    learning_rate: float = 5e-5
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-4
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.lr_scheduler not in SCHEDULES:
+            raise ConfigError(f"lr_scheduler = {self.lr_scheduler!r} is not supported: one of {SCHEDULES}")
+        if self.lr_warmup_steps < 0 or self.learning_rate <= 0 or self.max_grad_norm <= 0:
+            raise ConfigError(f"{self}: learning_rate and max_grad_norm must be > 0, lr_warmup_steps >= 0")
+
+
+def learning_rate(cfg: OptimizerConfig) -> optax.Schedule:
+    """The official schedules: "constant" ignores the warmup; "constant_with_warmup" rises linearly
+    from 0 to the rate over ``lr_warmup_steps`` optimizer steps (diffusers' ``get_scheduler``)."""
+    if cfg.lr_scheduler == "constant" or cfg.lr_warmup_steps == 0:
+        return optax.constant_schedule(cfg.learning_rate)
+    return optax.linear_schedule(0.0, cfg.learning_rate, cfg.lr_warmup_steps)
+
+
+def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
+    """Global-norm clipping, then decoupled-weight-decay Adam (torch's AdamW) on the trainable tree."""
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.max_grad_norm),
+        optax.adamw(learning_rate(cfg), b1=cfg.adam_beta1, b2=cfg.adam_beta2, eps=cfg.adam_epsilon,
+                    weight_decay=cfg.adam_weight_decay),
+    )
+
+
+def init_state(trainable: Params, optimizer: optax.GradientTransformation) -> TrainState:
+    """Step 0, float32 trainables (the fp32 masters of the mixed-precision policy), copied: the step
+    donates its state, and the caller's arrays must survive that."""
+    trainable = jax.tree.map(lambda x: jnp.array(x, jnp.float32), trainable)
+    return TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable))
+
+
+def cast_params(params: Params, dtype: Any = jnp.bfloat16,
+                keep_fp32: Callable[[tuple[str, ...]], bool] = lambda path: False) -> Params:
+    """``params`` in ``dtype`` except the modules ``keep_fp32(path)`` names (for the DiT:
+    ``helios_jax.models.transformer.keeps_fp32``, the reference's ``_keep_in_fp32_modules``). The frozen
+    base is stored so; a loss casts the float32 trainables so for its forward (bf16 compute, as the
+    official autocast), and their gradients flow back to the float32 masters."""
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict(
+        {p: v.astype(jnp.float32 if keep_fp32(p) else dtype) for p, v in flat.items()})
+
+
+def partition(variables: Params, mask: Params) -> tuple[Params, Params]:
+    """(trainable, frozen) halves of a variables tree by a same-structure bool ``mask`` (e.g.
+    ``helios_jax.models.lora.trainable_mask``); :func:`combine` puts them back together."""
+    flat, keep = traverse_util.flatten_dict(variables), traverse_util.flatten_dict(mask)
+    half = lambda want: traverse_util.unflatten_dict({p: v for p, v in flat.items() if bool(keep[p]) == want})  # noqa: E731
+    return half(True), half(False)
+
+
+def combine(trainable: Params, frozen: Params) -> Params:
+    """The variables tree of :func:`partition`'s two halves."""
+    return traverse_util.unflatten_dict({**traverse_util.flatten_dict(frozen), **traverse_util.flatten_dict(trainable)})
+
+
+def make_step(losses: LossFn | Sequence[LossFn], optimizer: optax.GradientTransformation,
+              schedule: optax.Schedule) -> Callable[[TrainState, Params, Batch, jax.Array], tuple[TrainState, dict]]:
+    """The jit-compiled step over one loss or the terms of a sequential stage (see the module doc).
+
+    Metrics: ``loss`` (the mean of the terms' losses; each term's as ``loss_i`` when there are several),
+    ``grad_norm`` (global norm before clipping, as accelerate reports it), ``lr`` (the rate this update
+    used), and the terms' own metrics (prefixed ``i/`` when there are several)."""
+    terms = (losses,) if callable(losses) else tuple(losses)
+
+    def step(state: TrainState, frozen: Params, batch: Batch, key: jax.Array) -> tuple[TrainState, dict]:
+        grads, metrics, values = None, {}, []
+        for i, term in enumerate(terms):
+            (loss, aux), g = jax.value_and_grad(term, has_aux=True)(state.trainable, frozen, batch, key)
+            grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
+            values.append(loss.astype(jnp.float32))
+            prefix = f"{i}/" if len(terms) > 1 else ""
+            metrics.update({f"{prefix}{k}": v for k, v in aux.items()})
+            if len(terms) > 1:
+                metrics[f"loss_{i}"] = values[-1]
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+        metrics.update(loss=jnp.mean(jnp.stack(values)), grad_norm=optax.global_norm(grads),
+                       lr=jnp.asarray(schedule(state.step), jnp.float32))
+        return TrainState(state.step + 1, optax.apply_updates(state.trainable, updates), opt_state), metrics
+
+    return jax.jit(step, donate_argnums=0)
+
+
+@functools.lru_cache(maxsize=8)
+def compiled_step(losses: LossFn | tuple[LossFn, ...], cfg: OptimizerConfig) -> Callable:
+    """``make_step`` for a stage, kept per (losses, optimizer config): a run resumed in the same process
+    (a notebook, the tests) reuses the compiled step instead of compiling it again."""
+    return make_step(losses, make_optimizer(cfg), learning_rate(cfg))
+
+
+def step_key(seed: int, step: int, process_index: int | None = None) -> jax.Array:
+    """The key of one step on one process (see the module doc for the deviation from the original)."""
+    process = jax.process_index() if process_index is None else process_index
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), process), step)
+
+
+# ------------------------------------------------------------------------------------------ the loop
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """The loop's settings (official names). ``config`` is the whole run's config as plain JSON: it is
+    written to ``output_dir/config.json`` and compared on resume."""
+
+    output_dir: str
+    max_train_steps: int
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = None
+    resume_from_checkpoint: str | None = "latest"
+    validation_steps: int | None = None
+    first_step_valid: bool = False
+    seed: int = 0
+    config: dict = dataclasses.field(default_factory=dict)
+    progress: bool | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("max_train_steps", "checkpointing_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} = {getattr(self, key)} must be a positive number of steps")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """A stage: its loss terms and optimizer settings. ``export(trainable, folder)`` writes extra
+    files into each checkpoint folder (the LoRA as ``pytorch_lora_weights.safetensors``);
+    ``validate(trainable, frozen, step, folder)`` writes validation videos."""
+
+    losses: LossFn | Sequence[LossFn]
+    optimizer: OptimizerConfig
+    export: Callable[[Params, str], None] | None = None
+    validate: Callable[[Params, Params, int, str], None] | None = None
+
+
+class _CheckpointNames(ocp.step.NameFormat):
+    """``checkpoint-STEP`` folders, the official layout (orbax's standard format puts an underscore)."""
+
+    def build_name(self, step: int) -> str:
+        return f"{CHECKPOINT_PREFIX}{step}"
+
+    def find_all(self, base_path: epath.PathLike) -> Iterator[ocp.step.Metadata]:
+        base = epath.Path(base_path)
+        if not base.exists():
+            return iter(())
+        found = []
+        for path in base.iterdir():
+            match = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", path.name)
+            if match and ocp.step.is_path_finalized(path):
+                found.append(ocp.step.Metadata(step=int(match[1]), path=path))
+        return iter(sorted(found, key=lambda m: m.step))
+
+    def find_step(self, base_path: epath.PathLike, step: int) -> ocp.step.Metadata:
+        for metadata in self.find_all(base_path):
+            if metadata.step == step:
+                return metadata
+        raise ValueError(f"no finished checkpoint for step {step} under {base_path}")
+
+
+def checkpoint_manager(run: RunConfig) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=run.checkpointing_steps, max_to_keep=run.checkpoints_total_limit,
+        step_name_format=_CheckpointNames(), enable_async_checkpointing=False, create=True,
+    )
+    return ocp.CheckpointManager(os.path.abspath(run.output_dir), options=options,
+                                 item_names=(STATE_ITEM, DATA_ITEM))
+
+
+def config_changes(saved: Any, current: Any, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two JSON configs (added and removed keys too)."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        changes = []
+        for key in sorted(set(saved) | set(current)):
+            name = f"{prefix}{key}"
+            if name in RESUMABLE_KEYS:
+                continue
+            if key not in saved or key not in current:
+                changes.append(f"{name} ({'added' if key in current else 'removed'})")
+            else:
+                changes.extend(config_changes(saved[key], current[key], f"{name}."))
+        return changes
+    return [] if saved == current else [f"{prefix[:-1]}: {saved!r} -> {current!r}"]
+
+
+def check_resumable(run: RunConfig) -> None:
+    """One clear error, before anything is written, when ``output_dir`` holds a run of another config."""
+    path = os.path.join(run.output_dir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    changes = config_changes(saved, run.config)
+    if changes:
+        raise ConfigError(
+            f"{run.output_dir} holds a run with another config ({path}); changed: {'; '.join(changes)}. "
+            f"Resume with the same config, or choose a new output_dir"
+        )
+
+
+def _write_atomic(path: str, text: str) -> None:
+    partial = f"{path}.partial"
+    with open(partial, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(partial, path)
+
+
+def _resume_step(manager: ocp.CheckpointManager, run: RunConfig) -> int | None:
+    """The step to resume from: the latest checkpoint, a named ``checkpoint-STEP``, or none."""
+    choice = run.resume_from_checkpoint
+    if not choice:
+        return None
+    if choice == "latest":
+        return manager.latest_step()
+    match = re.fullmatch(rf"(?:.*/)?{CHECKPOINT_PREFIX}(\d+)/?", choice)
+    if not match or int(match[1]) not in manager.all_steps():
+        raise ConfigError(f"resume_from_checkpoint = {choice!r}: no such checkpoint in {run.output_dir} "
+                          f"(have {sorted(manager.all_steps())}); use 'latest' or an existing checkpoint-STEP")
+    return int(match[1])
+
+
+def _metric_record(step: int, metrics: dict, seconds: float) -> dict:
+    record = {"step": step}
+    record.update({k: float(v) for k, v in sorted(metrics.items())})
+    record["seconds"] = seconds
+    return record
+
+
+def _keep_metrics_until(path: str, step: int) -> None:
+    """A resumed run continues ``metrics.jsonl`` from its checkpoint: later lines are dropped."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    _write_atomic(path, "".join(lines))
+
+
+def _tensorboard(folder: str):
+    """flax's TensorBoard writer when its backend is installed; else None (metrics.jsonl is the record)."""
+    try:
+        from flax.metrics import tensorboard
+    except ImportError:
+        return None
+    try:
+        return tensorboard.SummaryWriter(folder)
+    except Exception:  # noqa: BLE001 - the writer's backend (tensorflow) is missing or broken
+        return None
+
+
+def train(run: RunConfig, stage: Stage, trainable: Params, frozen: Params,
+          data: grain_python.DatasetIterator) -> TrainState:
+    """Train ``trainable`` for ``run.max_train_steps`` optimizer steps over batches from ``data`` (a grain
+    iterator, whose position is checkpointed with the params), resuming from ``output_dir`` if asked."""
+    check_resumable(run)
+    losses = stage.losses if callable(stage.losses) else tuple(stage.losses)
+    step_fn = compiled_step(losses, stage.optimizer)
+    state = init_state(trainable, make_optimizer(stage.optimizer))
+    manager = checkpoint_manager(run)
+    start = _resume_step(manager, run)
+    if start is not None:
+        restored = manager.restore(start, args=ocp.args.Composite(**{
+            STATE_ITEM: ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, state)),
+            DATA_ITEM: grain_python.PyGrainCheckpointRestore(data),
+        }))
+        state = restored[STATE_ITEM]
+    start = start or 0
+    os.makedirs(run.output_dir, exist_ok=True)
+    if not os.path.isfile(os.path.join(run.output_dir, CONFIG_FILE)):
+        _write_atomic(os.path.join(run.output_dir, CONFIG_FILE), json.dumps(run.config, indent=2, sort_keys=True))
+    metrics_path = os.path.join(run.output_dir, METRICS_FILE)
+    _keep_metrics_until(metrics_path, start)
+    writer = _tensorboard(os.path.join(run.output_dir, "tensorboard"))
+    if stage.validate and run.first_step_valid and start == 0:
+        stage.validate(state.trainable, frozen, 0, run.output_dir)
+
+    def save(step: int) -> None:
+        manager.save(step, args=ocp.args.Composite(**{
+            STATE_ITEM: ocp.args.StandardSave(state), DATA_ITEM: grain_python.PyGrainCheckpointSave(data),
+        }), force=True)
+        manager.wait_until_finished()
+        if stage.export:
+            stage.export(state.trainable, os.path.join(run.output_dir, f"{CHECKPOINT_PREFIX}{step}"))
+
+    with open(metrics_path, "a", encoding="utf-8") as log, \
+            Progress(run.max_train_steps - start, "training", enabled=run.progress) as bar:
+        for step in range(start, run.max_train_steps):
+            try:
+                batch = next(data)
+            except StopIteration:
+                warnings.warn(f"the data ran out after step {step}; stopping there", stacklevel=2)
+                break
+            began = time.perf_counter()
+            state, metrics = step_fn(state, frozen, batch, step_key(run.seed, step))
+            metrics = jax.device_get(metrics)
+            record = _metric_record(step + 1, metrics, time.perf_counter() - began)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            if writer is not None:
+                for name, value in record.items():
+                    if name != "step":
+                        writer.scalar(name, value, step + 1)
+            bar.advance(note=f"loss {record['loss']:.4f}")
+            if (step + 1) % run.checkpointing_steps == 0 or step + 1 == run.max_train_steps:
+                save(step + 1)
+            if stage.validate and run.validation_steps and (step + 1) % run.validation_steps == 0:
+                stage.validate(state.trainable, frozen, step + 1, run.output_dir)
+    manager.close()
+    return state
+
+
+def read_metrics(output_dir: str) -> list[dict]:
+    """The records of ``output_dir/metrics.jsonl``."""
+    with open(os.path.join(output_dir, METRICS_FILE), encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

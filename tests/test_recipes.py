@@ -1,0 +1,186 @@
+"""The official training YAMLs (copied verbatim into fixtures/training-configs/) read, typed and checked."""
+
+import os
+import warnings
+
+import pytest
+
+from helios_jax.config import ConfigError
+from helios_jax.training import recipes
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "fixtures", "training-configs")
+STAGES_1_2 = ("stage_1_init", "stage_1_post", "stage_2_init", "stage_2_post")
+STAGE_3 = ("stage_3_ode", "stage_3_post", "stage_3_post_gan_version")
+pytestmark = pytest.mark.filterwarnings("ignore:.*keys ignored")
+
+
+def path(name: str) -> str:
+    return os.path.join(CONFIGS, f"{name}.yaml")
+
+
+def load(*args, **kwargs):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        recipe = recipes.load(*args, **kwargs)
+    return recipe, [str(w.message) for w in caught]
+
+
+def write(tmp_path, text: str) -> str:
+    file = tmp_path / "run.yaml"
+    file.write_text(text)
+    return str(file)
+
+
+MINIMAL = """
+output_dir: out
+model_config:
+  lora_layers: all-linear
+training_config:
+  is_enable_stage1: true
+  has_multi_term_memory_patch: true
+  zero_history_timestep: true
+  guidance_cross_attn: true
+data_config:
+  use_stage1_dataset: true
+  instance_data_root: [data/]
+"""
+
+
+@pytest.mark.parametrize("name", STAGES_1_2)
+def test_official_stage_1_2_yamls_parse_with_one_warning(name):
+    recipe, messages = load(path(name))
+    assert len(messages) == 1, messages
+    # Keys that do not apply here are named, each under its section.
+    for key in ("data_config.dataloader_num_workers", "report_to", "training_config.ema_zero3_port",
+                "training_config.allow_tf32", "model_config.upcast_vae"):
+        assert key in messages[0]
+    assert "unknown" not in messages[0]  # every key of the official YAMLs is in the official schema
+    assert recipe.section("data_config")["instance_data_root"] == ["demo_data/ultravideo-long"]
+
+
+def test_official_values_are_typed():
+    """The numbers of TRAINING.md section 11; YAML 1.1 reads 5e-5 and 1e-04 as strings, typed to floats here."""
+    s1, _ = load(path("stage_1_init"))
+    opt = s1.optimizer()
+    assert (opt.learning_rate, opt.lr_scheduler, opt.adam_weight_decay, opt.adam_epsilon, opt.max_grad_norm) == (
+        5e-5, "constant", 1e-4, 1e-8, 1.0)
+    assert s1.stage == "stage1" and s1.values[""]["seed"] == 43
+    assert s1.section("training_config")["train_batch_size"] == 2
+    assert s1.section("model_config")["lora_rank"] == 128 and s1.section("model_config")["lora_alpha"] == 128.0
+    s1p, _ = load(path("stage_1_post"))
+    assert s1p.optimizer().learning_rate == 3e-5 and s1p.section("model_config")["subfolder"] == "transformer_init"
+    s2, _ = load(path("stage_2_init"))
+    assert (s2.optimizer().learning_rate, s2.optimizer().lr_scheduler, s2.optimizer().lr_warmup_steps) == (
+        1e-4, "constant_with_warmup", 1000)
+    assert s2.stage == "stage2_packed" and s2.section("training_config")["stage2_sample_ratios"] == [1, 2, 1]
+    assert s2.section("training_config")["weighting_scheme"] == "none"
+    s2p, _ = load(path("stage_2_post"))
+    assert s2p.optimizer().lr_warmup_steps == 500
+    assert s2p.section("training_config")["stage2_sample_ratios"] == [1, 1, 1]
+    assert s2p.section("training_config")["is_train_lora_multi_term_memory_patchg"] is True
+    run = s2p.run()
+    assert (run.output_dir, run.checkpointing_steps, run.validation_steps, run.resume_from_checkpoint, run.seed) == (
+        "ablation_stage_2_post", 500, 500, "latest", 46)
+    assert run.config["training_config"]["learning_rate"] == 3e-5
+
+
+@pytest.mark.parametrize("name", STAGE_3)
+def test_stage_3_yamls_are_refused_naming_their_switches(name):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ConfigError, match="stage-3") as err:
+            recipes.load(path(name))
+    assert "data_config.use_stage3_dataset" in str(err.value) and "training_config.use_ema" in str(err.value)
+    expected = "is_use_ode_regression" if name == "stage_3_ode" else "is_train_dmd"
+    assert expected in str(err.value)
+
+
+def test_correct_yaml_is_an_overlay():
+    recipe, messages = load([path("stage_1_init"), path("correct")])
+    t = recipe.section("training_config")
+    assert (t["random_drop_i2v_ratio"], t["corrupt_mode_history"], t["is_add_saturation"]) == (0.1, "random", True)
+    assert t["learning_rate"] == 5e-5  # the base file's value where the overlay is silent
+    assert len(messages) == 1  # correct.yaml names only keys this port uses
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ConfigError, match="use_stage1_dataset"):
+            recipes.load(path("correct"))  # alone it is not a runnable config
+
+
+def test_overrides_are_typed_against_the_schema():
+    recipe, _ = load(path("stage_1_init"), ["data_config.instance_data_root=[data/, more/]",
+                                           "training_config.learning_rate=1e-4", "seed=7",
+                                           "training_config.checkpoints_total_limit=3"])
+    assert recipe.section("data_config")["instance_data_root"] == ["data/", "more/"]
+    assert recipe.optimizer().learning_rate == 1e-4 and recipe.values[""]["seed"] == 7
+    assert recipe.run().checkpoints_total_limit == 3
+    with pytest.raises(ConfigError, match="max_train_steps = 'many'.*expected int"):
+        recipes.load(path("stage_1_init"), ["training_config.max_train_steps=many"])
+    with pytest.raises(ConfigError, match="not a key of the official schema"):
+        recipes.load(path("stage_1_init"), ["training_config.learning_rat=1e-4"])
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        recipes.load(path("stage_1_init"), ["training_config.learning_rate"])
+
+
+def test_wrong_type_in_a_yaml_is_one_error(tmp_path):
+    file = write(tmp_path, MINIMAL.replace("training_config:", "training_config:\n  train_batch_size: two"))
+    with pytest.raises(ConfigError, match=r"training_config.train_batch_size = 'two' \(str\).*expected int"):
+        recipes.load(file)
+
+
+@pytest.mark.parametrize("override, rule", [
+    ("training_config.lr_scheduler=cosine", "lr_scheduler = 'cosine' is not supported"),
+    ("training_config.mixed_precision=fp16", "mixed_precision = 'fp16' is not supported"),
+    ("training_config.history_sizes=[8,2,1]", "29-frame index layout"),
+    ("training_config.gradient_accumulation_steps=4", "gradient accumulation"),
+    ("training_config.is_enable_stage1=false", "neither is_enable_stage1"),
+    ("data_config.instance_data_root=[]", "instance_data_root is empty"),
+    ("training_config.is_train_lora_multi_term_memory_patchg=true", "train one way"),
+])
+def test_values_it_cannot_run_are_refused(tmp_path, override, rule):
+    with pytest.raises(ConfigError, match=rule):
+        recipes.load(write(tmp_path, MINIMAL), [override, "training_config.is_train_full_multi_term_memory_patchg=true"]
+                     if "lora_multi" in override else [override])
+
+
+def test_unknown_keys_are_warned_once(tmp_path):
+    recipe, messages = load(write(tmp_path, MINIMAL + "  no_such_key: 1\n  pin_memory: true\n"))
+    assert len(messages) == 1
+    assert "unknown to the official schema too (typo?): data_config.no_such_key" in messages[0]
+    assert "data_config.pin_memory" in messages[0]
+
+
+def test_missing_folders_are_one_error(tmp_path):
+    recipe, _ = load(write(tmp_path, MINIMAL), [f"data_config.instance_data_root=[{tmp_path}/absent]"])
+    with pytest.raises(ConfigError, match="no data folder at .*absent"):
+        recipes.check_paths(recipe)
+    (tmp_path / "data").mkdir()
+    recipe, _ = load(write(tmp_path, MINIMAL), [f"data_config.instance_data_root=[{tmp_path}/data]",
+                                                f"model_config.pretrained_model_name_or_path={tmp_path}/ckpt",
+                                                f"model_config.transformer_model_name_or_path={tmp_path}/ckpt"])
+    with pytest.raises(ConfigError, match="pretrained_model_name_or_path: no local folder"):
+        recipes.check_paths(recipe)
+
+
+def test_lora_setup_per_stage():
+    """TRAINING.md section 11: LoRA on patch_embedding in stage 1 and 2-post, full patch convs in stage 1,
+    patch-conv LoRA in stage 2-post, nothing extra in stage 2-init."""
+    expected = {"stage_1_init": (128, True, False, "lora+history_patches"),
+                "stage_2_init": (256, False, False, "lora"),
+                "stage_2_post": (256, True, True, "lora")}
+    for name, (rank, patch, history, subset) in expected.items():
+        spec, got = load(path(name))[0].lora()
+        assert (spec.rank, spec.patch_embedding, spec.history_patches, got) == (rank, patch, history, subset)
+        assert spec.scale == 1.0 and spec.exclude == ("down", "up")
+
+
+def test_cli_train_checks_before_any_compute(tmp_path, capsys):
+    from helios_jax import cli
+
+    assert cli.main(["train", path("stage_1_init"), f"data_config.instance_data_root=[{tmp_path}/absent]"]) == 2
+    assert "no data folder at" in capsys.readouterr().err
+    assert cli.main(["train", write(tmp_path, MINIMAL.replace("training_config:", "training_config:\n  seed: x"))]) == 2
+    assert "wrong type" not in capsys.readouterr().err  # a key out of place is warned, not typed
+    assert cli.main(["train", path("stage_3_ode")]) == 2
+    assert "stage-3" in capsys.readouterr().err
+    assert not os.path.exists("ablation_stage_1_init") and not os.path.exists("out")
