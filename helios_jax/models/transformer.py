@@ -174,23 +174,31 @@ def _per_token(history: jax.Array, noisy: jax.Array, history_len: int, length: i
 
 
 class HeliosBlock(nn.Module):
-    """``HeliosTransformerBlock``: modulated self-attention, text cross-attention, modulated FFN."""
+    """``HeliosTransformerBlock``: modulated self-attention, text cross-attention, modulated FFN.
+
+    With ``hooks`` the scan carry is ``(x, features)`` and the block also takes its layer index: a
+    hooked layer writes its noisy-token output into its slot of ``features`` (K, B, N, dim), so only
+    the K hooked outputs are ever held. Without hooks the block is exactly the inference block.
+    """
 
     config: TransformerConfig
     history_len: int
     impl: str
     tokens: int | None = None  # the real sequence length when x is longer by context-parallel padding
+    hooks: tuple[int, ...] = ()
 
     @nn.compact
     def __call__(
         self,
-        x: jax.Array,
+        carry: jax.Array | tuple[jax.Array, jax.Array],
         context: jax.Array,
         modulation_history: jax.Array,
         modulation_noisy: jax.Array,
         rope: tuple[jax.Array, jax.Array],
         lora_scale: LoraScale = None,
-    ) -> tuple[jax.Array, None]:
+        layer: jax.Array | None = None,
+    ) -> tuple[Any, None]:
+        x, features = carry if self.hooks else (carry, None)
         cfg, hist, length = self.config, self.history_len, x.shape[1]
         x = context_parallel.constrain_tokens(x)
         table = self.param("scale_shift_table", _table_init(cfg.inner_dim), (1, 6, cfg.inner_dim), _F32)
@@ -224,19 +232,34 @@ class HeliosBlock(nn.Module):
         # 3. Feed-forward.
         h = (layer_norm(x, cfg.eps) * (1 + c_scale) + c_shift).astype(x.dtype)
         ff = FeedForward(cfg.inner_dim, cfg.ffn_dim, name="ffn")(h, lora_scale)
-        return (x.astype(_F32) + ff.astype(_F32) * c_gate).astype(x.dtype), None
+        x = (x.astype(_F32) + ff.astype(_F32) * c_gate).astype(x.dtype)
+        if not self.hooks:
+            return x, None
+        return (x, _record_hook(features, x[:, hist:self.tokens], layer, self.hooks)), None
+
+
+def _record_hook(features: jax.Array, noisy: jax.Array, layer: jax.Array, hooks: tuple[int, ...]) -> jax.Array:
+    """``features`` with ``noisy`` written to the slot of ``layer`` if it is hooked (else unchanged)."""
+    is_hook = jnp.asarray(hooks) == layer
+    slot = jnp.argmax(is_hook)
+    return features.at[slot].set(jnp.where(jnp.any(is_hook), noisy.astype(features.dtype), features[slot]))
 
 
 class HeliosTransformer(nn.Module):
     """The Helios DiT. ``attention_impl`` picks the attention backend; ``remat`` recomputes each
     block's activations in the backward pass (for training); ``scan_unroll`` is how many blocks one
     scan step runs (``True``: all of them, straight-line code as a Python loop would give; same
-    params and numerics, for compile-time studies)."""
+    params and numerics, for compile-time studies).
+
+    ``hooks`` (0-based block indices, as the official ``gan_hooks``) makes the call return
+    ``(flow, features)``: one (B, dim, t, h, w) token grid per hook, the noisy tokens of that block's
+    output, for the critic's GAN heads. The default ``()`` leaves the program unchanged."""
 
     config: TransformerConfig
     attention_impl: str = "xla"
     remat: bool = False
     scan_unroll: int | bool = 1
+    hooks: tuple[int, ...] = ()
 
     @nn.compact
     def __call__(
@@ -252,11 +275,13 @@ class HeliosTransformer(nn.Module):
         latents_history_mid: jax.Array | None = None,
         latents_history_long: jax.Array | None = None,
         lora_scale: LoraScale = None,
-    ) -> jax.Array:
+    ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, ...]]:
         """The DiT's velocity. A LoRA in the ``lora`` collection (``helios_jax.models.lora``) is applied at
         call time, each LoRA'd layer adding ``lora_scale * B(A(x))``; ``lora_scale`` (alpha / rank times the
-        adapter's strength; None: 1) may be a traced array, so switching it does not recompile."""
+        adapter's strength; None: 1) may be a traced array, so switching it does not recompile.
+        With ``hooks`` it returns ``(velocity, hooked features)``."""
         cfg = self.config
+        _check_hooks(self.hooks, cfg.num_layers)
         history = {
             "short": (latents_history_short, indices_latents_history_short),
             "mid": (latents_history_mid, indices_latents_history_mid),
@@ -303,22 +328,32 @@ class HeliosTransformer(nn.Module):
         context = embedder.text(encoder_hidden_states, lora_scale)
 
         block = nn.remat(HeliosBlock) if self.remat else HeliosBlock
+        hooked = bool(self.hooks)
         blocks = nn.scan(
             block,
             variable_axes={"params": 0, "lora": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast,) * 5,
+            in_axes=(nn.broadcast,) * 5 + ((0,) if hooked else ()),
             length=cfg.num_layers,
             unroll=self.scan_unroll,
-        )(cfg, history_len, self.attention_impl, tokens, name="blocks")
-        x, _ = blocks(x, context, modulation_history, modulation, rope, lora_scale)
+        )(cfg, history_len, self.attention_impl, tokens, self.hooks, name="blocks")
+        if hooked:
+            features = jnp.zeros((len(self.hooks), batch, noisy_len, cfg.inner_dim), x.dtype)
+            (x, features), _ = blocks((x, features), context, modulation_history, modulation, rope, lora_scale,
+                                      jnp.arange(cfg.num_layers))
+        else:
+            x, _ = blocks(x, context, modulation_history, modulation, rope, lora_scale)
 
         # Output norm on the noisy tokens, projection, unpatchify to (B, C, T, H, W).
         x = OutputNorm(cfg.eps, name="norm_out")(x[:, history_len:tokens], temb)
         x = Dense(cfg.output_channels * pt * ph * pw, name="proj_out")(x, lora_scale)
         x = x.reshape(batch, t, h, w, pt, ph, pw, cfg.output_channels)
         x = x.transpose(0, 7, 1, 4, 2, 5, 3, 6)
-        return x.reshape(batch, cfg.output_channels, t * pt, h * ph, w * pw)
+        flow = x.reshape(batch, cfg.output_channels, t * pt, h * ph, w * pw)
+        if not hooked:
+            return flow
+        grids = features.reshape(len(self.hooks), batch, t, h, w, cfg.inner_dim).transpose(0, 1, 5, 2, 3, 4)
+        return flow, tuple(grids)
 
 
 class OutputNorm(nn.Module):
@@ -333,6 +368,14 @@ class OutputNorm(nn.Module):
         shift_scale = table + temb.astype(_F32)[:, None, :]  # (B, 2, dim)
         shift, scale = shift_scale[:, 0:1], shift_scale[:, 1:2]
         return (layer_norm(x, self.eps) * (1 + scale) + shift).astype(x.dtype)
+
+
+def _check_hooks(hooks: tuple[int, ...], num_layers: int) -> None:
+    if any(not isinstance(h, int) or not 0 <= h < num_layers for h in hooks) or len(set(hooks)) != len(hooks):
+        raise ValueError(
+            f"HeliosTransformer: hooks = {hooks} must be distinct block indices 0 <= hook < num_layers = "
+            f"{num_layers} (the official gan_hooks [5, 15, 25, 35] need a 40-block model)"
+        )
 
 
 def _flat(table: jax.Array) -> jax.Array:

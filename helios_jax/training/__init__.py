@@ -1,5 +1,6 @@
 """Training: offloaded data (``data``, ``offload``), sample assembly and anti-drifting (``history``), losses,
-the generic step and loop (``trainer``) and the official YAMLs mapped onto it (``recipes``)."""
+the generic step and loop (``trainer``) and the official YAMLs mapped onto it (``recipes``); the stage-3 GAN heads and losses (``discriminator``) and
+DMD, the backward-simulated rollout, EMA and the update schedule (``distill``)."""
 
 
 class DataError(ValueError):
