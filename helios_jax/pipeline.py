@@ -206,7 +206,7 @@ class HeliosPipeline:
         """
         tokens = text_tokens or settings.get("max_sequence_length", Request.max_sequence_length)
         embeds = jax.ShapeDtypeStruct((batch, tokens, self.transformer_config.text_dim), self.model_dtype)
-        request, layout = self._check(dict(settings), None, embeds, None, None, None, None, None)
+        request, layout = self._check(dict(settings), None, embeds, None, None, None, 0, None, None, None)
         guidance = guidance_mode(request.guidance_scale, self.spec.pyramid and self.spec.is_cfg_zero_star)
         latent_hw = (request.height // VAE_SPATIAL_FACTOR, request.width // VAE_SPATIAL_FACTOR)
         latent_shape = (batch, self.transformer_config.in_channels, request.num_latent_frames_per_chunk, *latent_hw)
