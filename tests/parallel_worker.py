@@ -154,7 +154,7 @@ def errors(out: str) -> None:
     for label, settings in (("base_ok", {}), ("base_uneven", {"height": 64, "width": 96})):
         try:
             pipe._check({"height": SIZE, "width": SIZE, "num_frames": 1, **settings}, "a", None, None, None, None,
-                        None, None)
+                        0, None, None, None)
             messages[label] = "ok"
         except parallel.MeshError as err:
             messages[label] = str(err)
