@@ -178,6 +178,36 @@ class PickleSource:
         return np.dtype(self._torch.empty((), dtype=dtype).numpy().dtype)
 
 
+def read_torch_pickle(path: str, allowed_globals: Iterable[type] = ()) -> dict[str, object]:
+    """A ``torch.save``d dict with every top-level tensor as a numpy array (bf16 kept as ml_dtypes.bfloat16).
+
+    ``weights_only=True`` loading, with ``allowed_globals`` (e.g. ``PIL.Image.Image`` for the official offload
+    files) let through; other values are returned as they are. This is the one reader of pickled data files
+    outside the checkpoint sources, and like them it needs torch only when it is called.
+    """
+    try:
+        import torch
+    except ImportError as err:
+        raise CheckpointError(f"{path}: reading .pt files needs torch: pip install 'helios-jax[torch]'") from err
+    try:
+        with torch.serialization.safe_globals(list(allowed_globals)):
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for a bad, truncated or unsafe pickle
+        raise CheckpointError(f"{path}: not a readable .pt file ({err})") from err
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a pickled dict, got {type(raw).__name__}")
+
+    def numpy(value: object) -> object:
+        if not isinstance(value, torch.Tensor):
+            return value
+        tensor = value.detach().contiguous()
+        if tensor.dtype == torch.bfloat16:
+            return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return tensor.numpy()
+
+    return {key: numpy(value) for key, value in raw.items()}
+
+
 def _check_weight_map(weight_map: Mapping[str, str], where: Mapping[str, str]) -> None:
     """The index and the shards must agree key for key."""
     listed, stored = set(weight_map), set(where)

@@ -38,6 +38,7 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy for safetensors)
 import numpy as np
 from safetensors import safe_open
 
+from helios_jax.convert.sources import CheckpointError, read_torch_pickle
 from helios_jax.training import DataError
 from helios_jax.training.history import HISTORY_SIZES, LATENT_WINDOW
 
@@ -109,25 +110,14 @@ def read_offload(path: str) -> dict[str, Any]:
 
 
 def _read_pt(path: str) -> dict[str, Any]:
-    try:
-        import torch
-    except ImportError as err:
-        raise DataError(f"{path}: reading official .pt files needs torch (pip install 'helios-jax[torch]')") from err
     from PIL import Image
 
     try:
-        with torch.serialization.safe_globals([Image.Image]):
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise DataError(f"{path}: not a readable offload .pt file ({err})") from err
-
-    def array(t) -> np.ndarray:
-        if t.dtype == torch.bfloat16:
-            return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        return t.numpy()
-
-    return _checked(path, {"vae_latent": array(raw["vae_latent"]).astype(np.float32),
-                           "prompt_embed": array(raw["prompt_embed"]), "prompt_raw": raw.get("prompt_raw", "")})
+        raw = read_torch_pickle(path, allowed_globals=[Image.Image])
+    except CheckpointError as err:
+        raise DataError(f"{err}; an official offload .pt file was expected") from err
+    return _checked(path, {"vae_latent": np.asarray(raw["vae_latent"]).astype(np.float32),
+                           "prompt_embed": np.asarray(raw["prompt_embed"]), "prompt_raw": raw.get("prompt_raw", "")})
 
 
 def _checked(path: str, data: dict[str, Any]) -> dict[str, Any]:
