@@ -1,4 +1,7 @@
-"""Runs ``parallel_worker.py`` in a subprocess with 8 virtual CPU devices and returns its .npz results."""
+"""Runs ``parallel_worker.py`` in a subprocess with 8 virtual CPU devices and returns its .npz results.
+
+Importing this module has no side effects on JAX (the worker sets XLA_FLAGS; a test importing the worker
+would give the whole pytest session 8 devices), so the cases the worker and the tests share live here."""
 
 from __future__ import annotations
 
@@ -8,6 +11,21 @@ import subprocess
 import sys
 
 import numpy as np
+
+# Distilled (pyramid, DMD, no CFG) with 8 heads: Ulysses at every context size (49 and 76 tokens get padded).
+# Base (one stage, UniPC, CFG) with 4 heads: context=8 takes the K/V all-gather fallback (184 tokens).
+MESHES = {
+    "distilled": ({"context": 2}, {"context": 4}, {"context": 8}, {"data": 2, "context": 4}, {"fsdp": 4},
+                  {"tensor": 2}),
+    "base": ({"context": 2}, {"context": 4}, {"context": 8}, {"data": 2, "context": 4}, {"fsdp": 4},
+             {"tensor": 2}),
+}
+
+
+def name(sizes: dict[str, int]) -> str:
+    """The file-safe name of a mesh's sizes: ``{"data": 2, "context": 4}`` -> ``data2_context4``."""
+    return "_".join(f"{a}{n}" for a, n in sizes.items())
+
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "parallel_worker.py")
 

@@ -24,19 +24,10 @@ jax.config.update("jax_default_matmul_precision", "highest")
 from helios_jax import demo, parallel  # noqa: E402
 from helios_jax.config import TransformerConfig  # noqa: E402
 from helios_jax.pipeline import HeliosPipeline  # noqa: E402
+from parallel_run import MESHES, name  # noqa: E402
 
 SIZE = 64  # 64x64 video: latents 8x8, pyramid stages 2x2 / 4x4 / 8x8; tokens 49 / 76 / 184 with history
 PROMPTS = ["a train in the fields", "mountains and sky"]
-# Distilled (pyramid, DMD, no CFG) with 8 heads: Ulysses at every context size (49 and 76 tokens get padded).
-# Base (one stage, UniPC, CFG) with 4 heads: context=8 takes the K/V all-gather fallback (184 tokens).
-MESHES = {
-    "distilled": ({"context": 2}, {"context": 4}, {"context": 8}, {"data": 2, "context": 4}, {"fsdp": 4},
-                  {"tensor": 2}),
-    "base": ({"context": 2}, {"context": 4}, {"context": 8}, {"data": 2, "context": 4}, {"fsdp": 4},
-             {"tensor": 2}),
-}
-
-
 def transformer(heads: int) -> TransformerConfig:
     return TransformerConfig(num_attention_heads=heads, attention_head_dim=8, in_channels=16, out_channels=16,
                              text_dim=64, freq_dim=16, ffn_dim=64, num_layers=2, rope_dim=(4, 2, 2),
@@ -65,10 +56,6 @@ def generate(pipe: HeliosPipeline, kind: str) -> tuple[np.ndarray, np.ndarray]:
 
 def mesh_of(sizes: dict[str, int]) -> jax.sharding.Mesh:
     return parallel.make_mesh(**sizes, devices=jax.devices()[:math.prod(sizes.values())])
-
-
-def name(sizes: dict[str, int]) -> str:
-    return "_".join(f"{a}{n}" for a, n in sizes.items())
 
 
 def pipelines(out: str) -> None:

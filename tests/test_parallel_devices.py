@@ -11,8 +11,7 @@ import sys
 
 import numpy as np
 import pytest
-from parallel_run import WORKER, collectives, rel_err, run_worker, worker_env
-from parallel_worker import MESHES, name
+from parallel_run import MESHES, WORKER, collectives, name, rel_err, run_worker, worker_env
 
 pytestmark = pytest.mark.slow
 TOLERANCE = 1e-5  # relative L2, float32; max-abs stated beside it
