@@ -2,6 +2,7 @@
 
     .venv-gpu-plan/bin/python experiments/roofline.py           # 14B: DiT per stage, distilled chunk, VAE decode
     .venv-gpu-plan/bin/python experiments/roofline.py --tiny
+    .venv-gpu-plan/bin/python experiments/roofline.py --only stage2 --top 30 --results ''   # iterate on one program
 
 The programs are experiments/gpu_plan.py's (deviceless, abstract inputs). Each kernel the program launches
 (a fusion, a custom call such as cuBLAS or cuDNN attention, an unfused copy) is one row with its FLOPs and the
@@ -25,6 +26,7 @@ from typing import Any, Iterator
 
 import common
 import gpu_plan
+import jax
 
 MATMUL_FLOPS = 790e12
 HBM_BYTES = 3.35e12
@@ -117,7 +119,7 @@ class Module:
                 yield self._kernel(inst, count)
 
     def _operand_bytes(self, inst: Instruction) -> float:
-        """Operands read once; a fusion parameter used only by dynamic-slices reads only the slices."""
+        """Operands read once; a fusion parameter used only by (dynamic-)slices reads only the slices."""
         full = [nbytes(self.shape.get(o, "")) for o in inst.operands]
         if inst.opcode != "fusion":
             return sum(full)
@@ -125,7 +127,7 @@ class Module:
         total = 0.0
         for param in (i for i in body if i.opcode == "parameter"):
             users = [i for i in body if param.name in i.operands]
-            if users and all(u.opcode == "dynamic-slice" and u.operands[0] == param.name for u in users):
+            if users and all(u.opcode in ("dynamic-slice", "slice") and u.operands[0] == param.name for u in users):
                 total += sum(nbytes(u.shape) for u in users)
             else:
                 total += full[param.index] if param.index < len(full) else nbytes(param.shape)
@@ -236,33 +238,60 @@ def analyse(plans: dict[str, gpu_plan.Plan]) -> dict[str, list[Kernel]]:
     return {name: Module(plan.hlo).kernels() for name, plan in plans.items()}
 
 
+def top(kernels: list[Kernel], n: int) -> str:
+    """The ``n`` kernels with the most lower-bound time, with the HLO op they came from (what to optimise next)."""
+    lines = [f"{'kind':<34} {'kernel':<44} {'launches':>8} {'GiB moved':>10} {'ms':>8}"]
+    for k in sorted(kernels, key=lambda k: -k.seconds)[:n]:
+        lines.append(f"{k.kind:<34} {k.name[:44]:<44} {k.count:>8} {k.count * k.bytes / 2**30:>10.2f} "
+                     f"{k.seconds * 1e3:>8.2f}")
+    return "\n".join(lines)
+
+
+PROGRAMS = ("stage0", "stage1", "stage2", "chunk", "vae")
+
+
+def plans_for(size: gpu_plan.Size, h100: jax.sharding.Sharding, only: list[str]) -> dict[str, gpu_plan.Plan]:
+    """The programs named in ``only`` (of PROGRAMS), compiled for the H100."""
+    plans = {p.name: p for p in [gpu_plan.dit_forward(size.cfg, size.work, s, h100) for s in range(3)
+                                 if f"stage{s}" in only]}
+    if "chunk" in only:
+        plans["distilled chunk 2+2+2"] = gpu_plan.chunk_programs(size, h100)[0]
+    for dtype in ("float32", "bfloat16") if "vae" in only else ():
+        plans[f"VAE decode {dtype}"] = gpu_plan.decode_program(size, h100, dtype)
+    return plans
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model at 128x128 (seconds)")
     parser.add_argument("--autotune", default=None, help="replay GEMM autotune results dumped on a real H100")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--results", default=common.RESULTS, help="markdown file to append to ('' = none)")
+    parser.add_argument("--only", default=",".join(PROGRAMS), help=f"programs to compile, of {','.join(PROGRAMS)}")
+    parser.add_argument("--top", type=int, default=0, help="also print each program's N costliest kernels")
     args = parser.parse_args(argv)
+    only = args.only.split(",")
+    if not only or set(only) - set(PROGRAMS):
+        raise SystemExit(f"--only {args.only}: expected a comma-separated subset of {','.join(PROGRAMS)}")
     missing = gpu_plan.plugin_missing()
     if missing:
         raise SystemExit(missing)
     size = gpu_plan.TINY if args.tiny else gpu_plan.HELIOS_14B
     h100 = gpu_plan.h100(args.autotune)
-    plans = {p.name: p for p in [gpu_plan.dit_forward(size.cfg, size.work, s, h100) for s in range(3)]}
-    plans["distilled chunk 2+2+2"] = gpu_plan.chunk_programs(size, h100)[0]
-    for dtype in ("float32", "bfloat16"):
-        plans[f"VAE decode {dtype}"] = gpu_plan.decode_program(size, h100, dtype)
-    kernels = analyse(plans)
+    kernels = analyse(plans_for(size, h100, only))
+    for name, ks in kernels.items() if args.top else ():
+        print(f"{name}: the {args.top} costliest kernels\n{top(ks, args.top)}\n", flush=True)
     rows = [row for name, ks in kernels.items() for row in rows_for(name, ks)]
     frames = common.video_frames(size.latent_frames)
-    chunk_ms = predicted_ms(kernels["distilled chunk 2+2+2"])
+    chunk = kernels.get("distilled chunk 2+2+2")
+    chunk_ms = predicted_ms(chunk) if chunk else None
     lines = []
-    for vae in ("float32", "bfloat16"):
+    for vae in ("float32", "bfloat16") if chunk and "vae" in only else ():
         total = chunk_ms + predicted_ms(kernels[f"VAE decode {vae}"])
         lines.append(f"- distilled chunk 2+2+2 + VAE decode ({vae}): {total:.0f} ms per {frames} frames, "
                      f"{1e3 * frames / total:.1f} FPS (sampling alone {1e3 * frames / chunk_ms:.1f} FPS)")
-    lines.append(f"- not GEMM or attention: {other_share(kernels['distilled chunk 2+2+2']):.1f}% of the distilled "
-                 f"chunk's predicted time, {other_share(kernels['DiT forward, stage 2']):.1f}% of the stage-2 forward")
+    shares = [f"{other_share(ks):.1f}% of the {name}" for name, ks in kernels.items() if not name.startswith("VAE")]
+    lines.append("- not GEMM or attention: " + ", ".join(shares))
     env = common.environment("NVIDIA H100 80GB HBM3 roofline (790 TFLOP/s, 3.35 TB/s), compiled deviceless on the CPU",
                              common.versions("jax", "jaxlib", "jax-cuda12-plugin", "flax"))
     body = (f"Roofline of the H100 plans ({'tiny model' if args.tiny else '14B DiT'}, {size.height}x{size.width}, "
