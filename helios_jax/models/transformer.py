@@ -18,7 +18,7 @@ split over it (``helios_jax.parallel.context``); padded keys are masked and padd
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -108,14 +108,14 @@ class Attention(nn.Module):
         history_len: int = 0,
         mask: jax.Array | None = None,
         lora_scale: LoraScale = None,
+        kv: tuple[jax.Array, jax.Array] | None = None,
     ) -> jax.Array:
+        """``kv``: this layer's keys and values, already projected (cross-attention with ``text_kv``)."""
         cfg = self.config
         dim, heads = cfg.inner_dim, cfg.num_attention_heads
-        source = x if context is None else context
         q = RMSNorm(cfg.eps, name="norm_q")(Dense(dim, name="to_q")(x, lora_scale))
-        k = RMSNorm(cfg.eps, name="norm_k")(Dense(dim, name="to_k")(source, lora_scale))
-        v = Dense(dim, name="to_v")(source, lora_scale)
-        q, k, v = (t.reshape(*t.shape[:2], heads, -1) for t in (q, k, v))
+        q = q.reshape(*q.shape[:2], heads, -1)
+        k, v = key_value(cfg, x if context is None else context, lora_scale) if kv is None else kv
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if not self.cross and cfg.is_amplify_history:
@@ -137,6 +137,55 @@ class Attention(nn.Module):
         is_history = (jnp.arange(k.shape[1]) < history_len)[:, None]
         per_token = jnp.where(is_history, scale[None, :], 1.0)  # (L, heads or 1)
         return (k.astype(_F32) * per_token[None, :, :, None]).astype(k.dtype)
+
+
+def key_value(cfg: TransformerConfig, source: jax.Array, lora_scale: LoraScale = None) -> tuple[jax.Array, jax.Array]:
+    """Keys (``to_k``, ``norm_k``) and values (``to_v``) of ``source``, split into heads (B, S, heads, head_dim).
+
+    Called inside a compact method: the layers are children of the calling module (``Attention`` or
+    ``TextKeyValue``), so both have the same params."""
+    heads = cfg.num_attention_heads
+    k = RMSNorm(cfg.eps, name="norm_k")(Dense(cfg.inner_dim, name="to_k")(source, lora_scale))
+    v = Dense(cfg.inner_dim, name="to_v")(source, lora_scale)
+    return k.reshape(*k.shape[:2], heads, -1), v.reshape(*v.shape[:2], heads, -1)
+
+
+class TextKeyValue(nn.Module):
+    """One block's cross-attention keys and values of the text: ``attn2``'s ``to_k``/``norm_k``/``to_v``."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, context: jax.Array, lora_scale: LoraScale = None) -> tuple[jax.Array, jax.Array]:
+        return key_value(self.config, context, lora_scale)
+
+
+class TextKV(NamedTuple):
+    """Every block's cross-attention keys and values of one text, stacked over the layers:
+    (num_layers, B, S, heads, head_dim) each. They depend only on the text and the weights, so a
+    sampling loop computes them once (:func:`text_kv`) rather than once per step."""
+
+    key: jax.Array
+    value: jax.Array
+
+
+def text_kv(cfg: TransformerConfig, variables: dict[str, Any], encoder_hidden_states: jax.Array,
+            lora_scale: LoraScale = None) -> TextKV:
+    """The :class:`TextKV` of ``encoder_hidden_states`` with the DiT's ``variables`` (``{"params": ...}``, and
+    ``"lora"`` if one is applied at call time: a LoRA on ``attn2.to_k``/``to_v`` is part of the keys and values).
+
+    Pass it to ``HeliosTransformer.__call__(..., text_kv=...)`` with the same ``encoder_hidden_states``:
+    the blocks then skip the text embedder and the per-block text projections, with the same result."""
+    embedder = {c: tree["condition_embedder"] for c, tree in variables.items() if "condition_embedder" in tree}
+    context = ConditionEmbedder(cfg).apply(embedder, encoder_hidden_states, lora_scale, method="text")
+    per_layer = {c: tree["blocks"]["attn2"] for c, tree in variables.items()
+                 if "attn2" in tree.get("blocks", {})}
+
+    def layer(_: None, layer_variables: dict[str, Any]) -> tuple[None, tuple[jax.Array, jax.Array]]:
+        return None, TextKeyValue(cfg).apply(layer_variables, context, lora_scale)
+
+    _, (key, value) = jax.lax.scan(layer, None, per_layer)
+    return TextKV(key, value)
 
 
 class FeedForward(nn.Module):
@@ -197,6 +246,7 @@ class HeliosBlock(nn.Module):
         rope: tuple[jax.Array, jax.Array],
         lora_scale: LoraScale = None,
         layer: jax.Array | None = None,
+        kv: tuple[jax.Array, jax.Array] | None = None,
     ) -> tuple[Any, None]:
         x, features = carry if self.hooks else (carry, None)
         cfg, hist, length = self.config, self.history_len, x.shape[1]
@@ -224,7 +274,7 @@ class HeliosBlock(nn.Module):
         queries = x[:, start:]
         normed = LayerNorm(cfg.eps, name="norm2")(queries) if cfg.cross_attn_norm else queries
         attn = Attention(cfg, cross=True, impl=self.impl, name="attn2")(normed.astype(x.dtype), context,
-                                                                         lora_scale=lora_scale)
+                                                                         lora_scale=lora_scale, kv=kv)
         if split and cfg.guidance_cross_attn and hist:
             attn = jnp.where((jnp.arange(length) >= hist)[None, :, None], attn, jnp.zeros_like(attn))
         x = x.at[:, start:].set(queries + attn)
@@ -275,11 +325,13 @@ class HeliosTransformer(nn.Module):
         latents_history_mid: jax.Array | None = None,
         latents_history_long: jax.Array | None = None,
         lora_scale: LoraScale = None,
+        text_kv: TextKV | None = None,
     ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, ...]]:
         """The DiT's velocity. A LoRA in the ``lora`` collection (``helios_jax.models.lora``) is applied at
         call time, each LoRA'd layer adding ``lora_scale * B(A(x))``; ``lora_scale`` (alpha / rank times the
         adapter's strength; None: 1) may be a traced array, so switching it does not recompile.
-        With ``hooks`` it returns ``(velocity, hooked features)``."""
+        With ``hooks`` it returns ``(velocity, hooked features)``. ``text_kv`` (:func:`text_kv` of these
+        ``encoder_hidden_states`` and weights) replaces the text's projections in every block."""
         cfg = self.config
         _check_hooks(self.hooks, cfg.num_layers)
         history = {
@@ -288,6 +340,7 @@ class HeliosTransformer(nn.Module):
             "long": (latents_history_long, indices_latents_history_long),
         }
         check_inputs(cfg, hidden_states, timestep, encoder_hidden_states, indices_hidden_states, history)
+        _check_text_kv(cfg, text_kv, encoder_hidden_states.shape)
         batch = hidden_states.shape[0]
         pt, ph, pw = cfg.patch_size
 
@@ -325,7 +378,7 @@ class HeliosTransformer(nn.Module):
         modulation_history = modulation
         if cfg.zero_history_timestep:
             _, modulation_history = embedder.time(jnp.zeros((1,), timestep.dtype), dtype, lora_scale)
-        context = embedder.text(encoder_hidden_states, lora_scale)
+        context = embedder.text(encoder_hidden_states, lora_scale) if text_kv is None else None
 
         block = nn.remat(HeliosBlock) if self.remat else HeliosBlock
         hooked = bool(self.hooks)
@@ -333,16 +386,16 @@ class HeliosTransformer(nn.Module):
             block,
             variable_axes={"params": 0, "lora": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast,) * 5 + ((0,) if hooked else ()),
+            in_axes=(nn.broadcast,) * 5 + (0 if hooked else nn.broadcast, 0),
             length=cfg.num_layers,
             unroll=self.scan_unroll,
         )(cfg, history_len, self.attention_impl, tokens, self.hooks, name="blocks")
         if hooked:
             features = jnp.zeros((len(self.hooks), batch, noisy_len, cfg.inner_dim), x.dtype)
             (x, features), _ = blocks((x, features), context, modulation_history, modulation, rope, lora_scale,
-                                      jnp.arange(cfg.num_layers))
+                                      jnp.arange(cfg.num_layers), text_kv)
         else:
-            x, _ = blocks(x, context, modulation_history, modulation, rope, lora_scale)
+            x, _ = blocks(x, context, modulation_history, modulation, rope, lora_scale, None, text_kv)
 
         # Output norm on the noisy tokens, projection, unpatchify to (B, C, T, H, W).
         x = OutputNorm(cfg.eps, name="norm_out")(x[:, history_len:tokens], temb)
@@ -376,6 +429,18 @@ def _check_hooks(hooks: tuple[int, ...], num_layers: int) -> None:
             f"HeliosTransformer: hooks = {hooks} must be distinct block indices 0 <= hook < num_layers = "
             f"{num_layers} (the official gan_hooks [5, 15, 25, 35] need a 40-block model)"
         )
+
+
+def _check_text_kv(cfg: TransformerConfig, kv: TextKV | None, context_shape: tuple[int, ...]) -> None:
+    if kv is None:
+        return
+    batch, tokens, _ = context_shape
+    expected = (cfg.num_layers, batch, tokens, cfg.num_attention_heads, cfg.attention_head_dim)
+    if not isinstance(kv, TextKV) or tuple(kv.key.shape) != expected or tuple(kv.value.shape) != expected:
+        got = tuple(getattr(t, "shape", None) for t in kv) if isinstance(kv, tuple) else type(kv)
+        raise ValueError(f"HeliosTransformer: text_kv must be a TextKV of keys and values {expected} (layers, B, "
+                         f"text tokens, heads, head_dim) for these encoder_hidden_states; got {got}: build it "
+                         f"with text_kv(cfg, variables, encoder_hidden_states)")
 
 
 def _flat(table: jax.Array) -> jax.Array:
