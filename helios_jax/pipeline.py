@@ -32,7 +32,7 @@ from helios_jax.loading import COMPONENTS
 from helios_jax.models import vae as vae_lib
 from helios_jax.models.attention import default_impl
 from helios_jax.models.lora import apply_loaded, load_lora
-from helios_jax.models.transformer import HeliosTransformer, sequence_length
+from helios_jax.models.transformer import HeliosTransformer, TextKV, sequence_length, text_kv
 from helios_jax.noise import KeyNoise, NoiseSource
 from helios_jax.progress import Progress
 from helios_jax.prompts import PromptEncoder
@@ -64,18 +64,26 @@ def _output_type(output_type: str, allowed: tuple[str, ...], where: str) -> str:
     return output_type
 
 
+def _text_context(cfg: TransformerConfig, args: tuple[Params, dict[str, jax.Array]],
+                  context: jax.Array) -> tuple[jax.Array, TextKV]:
+    """The ``context_fn`` of ``denoise_chunk``: the text embeddings with every block's text K/V, once per chunk."""
+    return context, text_kv(cfg, {"params": args[0]}, context)
+
+
 def _denoiser(model: HeliosTransformer, args: tuple[Params, dict[str, jax.Array]], latents: jax.Array,
-              timestep: jax.Array, context: jax.Array) -> jax.Array:
-    """The ``model_fn`` of ``denoise_chunk``: the DiT with the chunk's history (tiled for a doubled batch).
+              timestep: jax.Array, context: tuple[jax.Array, TextKV]) -> jax.Array:
+    """The ``model_fn`` of ``denoise_chunk``: the DiT with the chunk's history (tiled for a doubled batch)
+    and the text K/V of ``_text_context``.
 
     Nothing in it talks to the host: progress is reported per chunk by the host loop, so the compiled
     chunk runs without a round trip per step and compiles ahead of time for a GPU."""
     params, history = args
+    context, kv = context
     inputs = {}
     for name, value in history.items():
         reps = latents.shape[0] // value.shape[0] if name.startswith("latents_") else 1
         inputs[name] = jnp.tile(value, (reps,) + (1,) * (value.ndim - 1)) if reps > 1 else value
-    return model.apply({"params": params}, latents, timestep, context, **inputs)
+    return model.apply({"params": params}, latents, timestep, context, **inputs, text_kv=kv)
 
 
 class HeliosPipeline:
@@ -113,6 +121,7 @@ class HeliosPipeline:
             self.vae_params = parallel.to_mesh(self.vae_params, parallel.replicated(mesh))
         self.attention_impl = attention_impl or default_impl(self.model_dtype)
         self._model_fn = functools.partial(_denoiser, HeliosTransformer(self.transformer_config, self.attention_impl))
+        self._context_fn = functools.partial(_text_context, self.transformer_config)
         self._decoders = {out: vae_lib.chunk_decoder(self.vae_config, self.vae_dtype, out) for out in ("uint8", "float")}
         self._encode = jax.jit(lambda p, v: vae_lib.WanVAE(self.vae_config).apply({"params": p}, v, method="encode"))
         self._plans: dict[tuple, ChunkPlan] = {}
@@ -222,7 +231,7 @@ class HeliosPipeline:
         args = ((self.transformer_params, history), plan, noise, embeds, negative,
                 jax.ShapeDtypeStruct((), jnp.float32))
         args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), args)
-        return lower_denoise_chunk(self._model_fn, *args)
+        return lower_denoise_chunk(self._model_fn, *args, context_fn=self._context_fn)
 
     def lower_decode(self, *, batch: int = 1, height: int = 384, width: int = 640, latent_frames: int = 9,
                      output_type: str = "uint8", sharding: jax.sharding.Sharding | None = None) -> jax.stages.Lowered:
@@ -320,7 +329,8 @@ class HeliosPipeline:
                     ChunkNoise(source.normal(shapes.initial), tuple(source.normal(s) for s in shapes.block)))
                 with self._on_mesh():
                     latents = self._placed(denoise_chunk(self._model_fn, (self.transformer_params, history), plan,
-                                                         chunk_noise, contexts[k], negative, request.guidance_scale))
+                                                         chunk_noise, contexts[k], negative, request.guidance_scale,
+                                                         self._context_fn))
                 if layout.keep_first_frame and (
                     (k == 0 and image is None and video is None) or (request.is_skip_first_chunk and k == 1)
                 ):

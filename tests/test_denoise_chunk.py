@@ -140,6 +140,34 @@ def test_batched_cfg_equals_two_calls_and_reference():
     assert rel_err(outs[1], ref) <= TOL
 
 
+def _counting_context_fn(args, context):
+    """A context_fn (the pipeline's computes the DiT's text K/V) whose result the stub can check."""
+    return context * args["A"][0, 0]  # depends on model_args, as the text K/V depend on the weights
+
+
+def _scaled_context_model_fn(args, latents, timestep, context):
+    return stub_model_fn(args, latents, timestep, context / args["A"][0, 0])
+
+
+@pytest.mark.parametrize("guidance,batch_cfg", [("none", False), ("cfg", False), ("cfg", True)])
+def test_context_fn_prepares_each_context_once_for_every_step(guidance, batch_cfg):
+    """context_fn's output is what model_fn receives, for the conditional, unconditional and doubled contexts,
+    and it is computed outside the step loops: once per context in the traced program."""
+    shape = (2, 4, 2, 8, 12)
+    prompt, negative, transformer = _inputs(shape[0], seed=4)
+    plan = plan_pyramid_chunk({"gamma": 0.25}, [2, 2, 2], shape, guidance=guidance, batch_cfg=batch_cfg)
+    noise = _noise(plan, seed=4)
+    args = (transformer.jax_args(), plan, noise, jnp.asarray(prompt), jnp.asarray(negative), 5.0)
+    plain = denoise_chunk(stub_model_fn, *args)
+    prepared = denoise_chunk(_scaled_context_model_fn, *args, context_fn=_counting_context_fn)
+    assert rel_err(prepared, plain) <= 1e-6
+    calls = []
+    jax.make_jaxpr(lambda *a: _denoise_chunk(_scaled_context_model_fn, *a, context_fn=lambda m, c: calls.append(c)
+                                             or _counting_context_fn(m, c)))(*args[:5], jnp.float32(5.0))
+    assert len(calls) == (1 if guidance == "none" or batch_cfg else 2)
+    assert calls[0].shape[0] == shape[0] * (2 if batch_cfg else 1)
+
+
 def test_a_new_chunk_with_the_same_step_counts_does_not_recompile():
     shape, steps = (1, 4, 2, 8, 12), [2, 2, 2]
     prompt, negative, transformer = _inputs(1)

@@ -42,6 +42,8 @@ from helios_jax.sampling.schedule import Schedule, SchedulerConfig, make_schedul
 from helios_jax.sampling.unipc import UniPCTable, unipc_init, unipc_step, unipc_table
 
 ModelFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
+# ``context_fn(model_args, context) -> what model_fn takes as its context``, once per chunk (e.g. text K/V).
+ContextFn = Callable[[Any, jax.Array], Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,27 +268,39 @@ def _draw_noise(key: jax.Array, shapes: ChunkNoise) -> ChunkNoise:
 # ----------------------------------------------------------------------------- device: the loop
 
 
+def _model_contexts(context_fn: ContextFn | None, model_args: Any, layout: ChunkLayout, context: jax.Array,
+                    negative_context: jax.Array | None) -> tuple[Any, ...]:
+    """What ``model_fn`` is called with as its context, computed once per chunk rather than per step: the
+    context alone, the doubled batch's (batch_cfg), or the conditional and unconditional ones."""
+    def prepare(c: jax.Array) -> Any:
+        return c if context_fn is None else context_fn(model_args, c)
+
+    if layout.guidance == "none":
+        return (prepare(context),)
+    if layout.batch_cfg:
+        return (prepare(jnp.concatenate([context, negative_context])),)
+    return prepare(context), prepare(negative_context)
+
+
 def _predict(model_fn: ModelFn, model_args: Any, layout: ChunkLayout, latents: jax.Array, timestep: jax.Array,
-             context: jax.Array, negative_context: jax.Array | None, guidance_scale: jax.Array,
-             zero_init: jax.Array) -> jax.Array:
-    """The (guided) flow prediction at one step."""
+             contexts: tuple[Any, ...], guidance_scale: jax.Array, zero_init: jax.Array) -> jax.Array:
+    """The (guided) flow prediction at one step (``contexts`` from ``_model_contexts``)."""
     x = latents.astype(layout.model_dtype)
     if layout.guidance == "none":
-        return model_fn(model_args, x, timestep, context)
+        return model_fn(model_args, x, timestep, contexts[0])
     if layout.batch_cfg:
-        both = model_fn(model_args, jnp.concatenate([x, x]), jnp.concatenate([timestep, timestep]),
-                        jnp.concatenate([context, negative_context]))
+        both = model_fn(model_args, jnp.concatenate([x, x]), jnp.concatenate([timestep, timestep]), contexts[0])
         cond, uncond = jnp.split(both, 2)
     else:
-        cond = model_fn(model_args, x, timestep, context)
-        uncond = model_fn(model_args, x, timestep, negative_context)
+        cond = model_fn(model_args, x, timestep, contexts[0])
+        uncond = model_fn(model_args, x, timestep, contexts[1])
     if layout.guidance == "cfg":
         return cfg(cond, uncond, guidance_scale)
     return cfg_zero_star(cond, uncond, guidance_scale, zero_init)
 
 
 def _run_stage(model_fn: ModelFn, model_args: Any, layout: ChunkLayout, stage: StageArrays, latents: jax.Array,
-               context: jax.Array, negative_context: jax.Array | None, guidance_scale: jax.Array) -> jax.Array:
+               contexts: tuple[Any, ...], guidance_scale: jax.Array) -> jax.Array:
     """All steps of one stage under ``lax.scan``; the solver history is reset per stage."""
     start = latents  # DMD renoises towards the stage's start latents
     batch = latents.shape[0]
@@ -294,8 +308,8 @@ def _run_stage(model_fn: ModelFn, model_args: Any, layout: ChunkLayout, stage: S
     def step(carry, row):
         x, state = carry
         timestep, zero_init, coefficients = row
-        flow = _predict(model_fn, model_args, layout, x, jnp.full((batch,), timestep, jnp.float32), context,
-                        negative_context, guidance_scale, zero_init)
+        flow = _predict(model_fn, model_args, layout, x, jnp.full((batch,), timestep, jnp.float32), contexts,
+                        guidance_scale, zero_init)
         if layout.solver == "unipc":
             x, state = unipc_step(coefficients, state, flow, x, prediction_type=layout.prediction_type,
                                   predict_x0=layout.predict_x0)
@@ -310,17 +324,19 @@ def _run_stage(model_fn: ModelFn, model_args: Any, layout: ChunkLayout, stage: S
     return latents
 
 
-@functools.partial(jax.jit, static_argnames=("model_fn",))
+@functools.partial(jax.jit, static_argnames=("model_fn", "context_fn"))
 def _denoise_chunk(model_fn: ModelFn, model_args: Any, plan: ChunkPlan, noise: ChunkNoise, context: jax.Array,
-                   negative_context: jax.Array | None, guidance_scale: jax.Array) -> jax.Array:
+                   negative_context: jax.Array | None, guidance_scale: jax.Array,
+                   context_fn: ContextFn | None = None) -> jax.Array:
     layout = plan.layout
+    contexts = _model_contexts(context_fn, model_args, layout, context, negative_context)
     latents = downsample_to_first_stage(noise.initial.astype(jnp.float32), len(plan.stages))
     for s, stage in enumerate(plan.stages):
         if s > 0:
             block = block_noise(noise.block[s - 1].astype(jnp.float32), plan.block_factor, layout.patch)
             latents = renoise(upsample_nearest(latents), block.astype(layout.model_dtype),
                               stage.renoise[0], stage.renoise[1]).astype(jnp.float32)
-        latents = _run_stage(model_fn, model_args, layout, stage, latents, context, negative_context, guidance_scale)
+        latents = _run_stage(model_fn, model_args, layout, stage, latents, contexts, guidance_scale)
     return latents
 
 
@@ -361,6 +377,7 @@ def denoise_chunk(
     context: jax.Array,
     negative_context: jax.Array | None = None,
     guidance_scale: float | jax.Array = 1.0,
+    context_fn: ContextFn | None = None,
 ) -> jax.Array:
     """Sample one chunk: every step of every stage, from noise to the chunk's (B, C, T, H, W) latents.
 
@@ -372,10 +389,14 @@ def denoise_chunk(
     needed with guidance; ``guidance_scale`` is traced, so changing it does not recompile.
     ``model_fn`` is a static argument compared by identity: build it once and reuse it for every
     chunk (a fresh ``functools.partial`` per call would compile the chunk again).
+
+    ``context_fn(model_args, context)``, static and hashable like ``model_fn``, turns each text context
+    into what ``model_fn`` takes, once per chunk instead of once per step (the pipeline's: the DiT's
+    per-block text K/V, ``helios_jax.models.transformer.text_kv``); None passes the contexts as they are.
     """
     negative_context = _checked_negative(plan, noise, context, negative_context)
     scale = jnp.asarray(guidance_scale, jnp.float32)
-    return _denoise_chunk(model_fn, model_args, plan, noise, context, negative_context, scale)
+    return _denoise_chunk(model_fn, model_args, plan, noise, context, negative_context, scale, context_fn)
 
 
 def lower_denoise_chunk(
@@ -386,6 +407,7 @@ def lower_denoise_chunk(
     context: Any,
     negative_context: Any = None,
     guidance_scale: Any = None,
+    context_fn: ContextFn | None = None,
 ) -> jax.stages.Lowered:
     """``denoise_chunk``'s program lowered, not run, so its plan can be read before (or without) a device.
 
@@ -395,7 +417,7 @@ def lower_denoise_chunk(
     """
     negative_context = _checked_negative(plan, noise, context, negative_context)
     scale = jax.ShapeDtypeStruct((), jnp.float32) if guidance_scale is None else guidance_scale
-    return _denoise_chunk.lower(model_fn, model_args, plan, noise, context, negative_context, scale)
+    return _denoise_chunk.lower(model_fn, model_args, plan, noise, context, negative_context, scale, context_fn)
 
 
 def sample_chunk(
