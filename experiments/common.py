@@ -98,8 +98,18 @@ def chunk_workload(height: int, width: int, num_stages: int, text_tokens: int = 
 
 
 def chunk_flops(cfg: Any, work: Workload, stage_steps: Sequence[int], guided: bool) -> float:
-    """Model FLOPs of the DiT in one chunk: forwards per stage x FLOPs per forward, twice with CFG."""
-    return (2 if guided else 1) * sum(n * dit_flops(cfg, work, s)["total"] for s, n in enumerate(stage_steps))
+    """Model FLOPs of the DiT in one chunk: forwards per stage x FLOPs per forward, twice with CFG, but the
+    text's share (``text_flops``) once per text context, as the pipeline computes it once per chunk."""
+    text = text_flops(cfg, work)
+    per_steps = sum(n * (dit_flops(cfg, work, s)["total"] - text) for s, n in enumerate(stage_steps))
+    return (2 if guided else 1) * (per_steps + text)
+
+
+def text_flops(cfg: Any, work: Workload) -> float:
+    """The FLOPs of a forward that depend only on the text: the text embedder and every block's
+    cross-attention to_k / to_v (``helios_jax.models.transformer.text_kv``)."""
+    text, dim = work.text_tokens, cfg.inner_dim
+    return 2 * text * (cfg.text_dim * dim + dim * dim) + cfg.num_layers * 2 * text * dim * dim * 2
 
 
 def distilled_scheduler() -> dict[str, Any]:
