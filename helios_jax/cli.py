@@ -19,7 +19,7 @@ import threading
 import traceback
 from typing import Iterator
 
-from helios_jax import generate
+from helios_jax import generate, parallel
 from helios_jax.checkpoint import COMPONENTS as PIPELINE_FOLDERS, PipelineError, PipelineSpec
 from helios_jax.config import ConfigError
 from helios_jax.convert import CheckpointError, export_safetensors, save_params
@@ -110,6 +110,7 @@ def train(arguments: list[str]) -> int:
     overrides); the config, its folders, the resume and the data are checked before any compute."""
     from helios_jax.training import recipes, stages
 
+    parallel.initialize()  # several processes: from JAX_COORDINATOR_ADDRESS etc. or SLURM; else nothing
     files = [a for a in arguments if "=" not in a]
     if not files:
         raise ConfigError("helios-jax train needs a training YAML, e.g. stage_1_init.yaml "
