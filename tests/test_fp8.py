@@ -2,8 +2,9 @@
 whole tiny pipeline against float32, loading and converting to fp8, and the one clear error for misuse.
 
 Error bounds (tiny random model of 2 blocks, 2 heads x 32, demo weight recipe): the DiT's velocity in fp8
-(bf16 elsewhere) against float32, relative L2 < 5e-2 (measured 2.4e-2; bf16 alone gives 5.6e-3); the
-final latents of a one-chunk distilled pipeline run (1+1+1 steps, 64x64), relative L2 < 5e-2.
+(bf16 elsewhere) against float32, relative L2 < 5e-2 (measured 2.45e-2; bf16 alone gives about 5.6e-3);
+the final latents of a one-chunk distilled pipeline run (1+1+1 steps, 64x64), relative L2 < 5e-2
+(measured 2.1e-2).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from helios_jax.pipeline import HeliosPipeline, PipelineError
 
 TINY = TransformerConfig(num_attention_heads=2, attention_head_dim=32, in_channels=16, out_channels=16,
                          text_dim=demo.TEXT_ENCODER.d_model, freq_dim=32, ffn_dim=64, num_layers=2,
-                         rope_dim=(12, 10, 10), is_amplify_history=True)
+                         rope_dim=(12, 10, 10))  # no history amplification, as the published configs
 DIT_BOUND = 5e-2
 LATENT_BOUND = 5e-2
 SMALL = dict(prompt="a speeding train", height=64, width=64, guidance_scale=1.0, num_frames=33,
@@ -74,6 +75,7 @@ def test_dit_velocity_in_fp8_is_within_its_bound(checkpoint):
     assert max_abs(out, ref) < 0.25 * float(np.max(np.abs(ref)))
 
 
+@pytest.mark.slow  # two pipelines compiled on the CPU: about a minute alone, more on a shared machine
 def test_pipeline_latents_in_fp8_are_within_their_bound(checkpoint):
     exact = HeliosPipeline.from_pretrained(checkpoint, dtype=jnp.float32, compilation_cache=False)
     quantized = HeliosPipeline.from_pretrained(checkpoint, weight_dtype="fp8", compilation_cache=False)
