@@ -128,3 +128,19 @@ def test_generate_flag_selects_fp8_weights(checkpoint, tmp_path):
                                     "--pyramid_num_inference_steps_list", "1", "1", "1"])
     job = generate.prepare(args)
     assert job.weight_dtype == fp8.FP8 and job.dtype == jnp.bfloat16
+
+
+def test_sharding_table_places_the_fp8_leaves_by_their_own_axes():
+    """fp8 kernels are (out, in): the table must not give them the 16-bit kernels' (in, out) axes."""
+    from jax.sharding import PartitionSpec as P
+
+    from helios_jax.models.transformer import param_shapes
+    from helios_jax.parallel.rules import DIT_RULES, logical_specs
+
+    specs = logical_specs(fp8.quantized_shapes(param_shapes(TINY)), DIT_RULES)["blocks"]
+    assert specs["attn1"]["to_q"] == {"bias": P(None, "heads"), fp8.KERNEL: P(None, "heads", "embed"),
+                                      fp8.SCALE: P(None, "heads")}
+    assert specs["attn2"]["to_out_0"][fp8.KERNEL] == P(None, "embed", "heads")
+    assert specs["ffn"]["net_0"]["proj"][fp8.KERNEL] == P(None, "mlp", "embed")
+    assert specs["ffn"]["net_2"][fp8.KERNEL] == P(None, "embed", "mlp")
+    assert specs["ffn"]["net_2"][fp8.SCALE] == P(None, "embed")
