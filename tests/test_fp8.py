@@ -105,6 +105,14 @@ def test_convert_to_fp8_and_load_it_back(checkpoint, tmp_path):
     # the other components keep their stored dtype and format; the pipeline runs the fp8 transformer
     pipe = HeliosPipeline.from_pretrained(tmp_path / "fp8", compilation_cache=False)
     assert fp8.is_fp8(pipe.transformer_params)
+    # fp8 params have no diffusers export, and take no LoRA: one error each, before any weight is read
+    with pytest.raises(PipelineError, match="holds fp8 weights, which convert to orbax params only"):
+        cli.convert(str(tmp_path / "fp8"), str(tmp_path / "again"), "safetensors", None)
+    with pytest.raises(PipelineError, match="into which a LoRA cannot be fused"):
+        cli.convert(str(tmp_path / "fp8"), str(tmp_path / "again"), "orbax", None, merge_lora=str(tmp_path))
+    with pytest.raises(PipelineError, match="into which a LoRA cannot be fused"):
+        HeliosPipeline.from_pretrained(tmp_path / "fp8", lora=str(tmp_path), compilation_cache=False)
+    assert not os.path.exists(tmp_path / "again")
 
 
 @pytest.mark.parametrize("argv, message", [
