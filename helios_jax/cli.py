@@ -24,9 +24,9 @@ import jax.numpy as jnp
 from helios_jax import generate
 from helios_jax.checkpoint import COMPONENTS as PIPELINE_FOLDERS, PipelineError, PipelineSpec
 from helios_jax.config import ConfigError
-from helios_jax.convert import CheckpointError, export_safetensors, is_saved_params, save_params, saved_shapes
+from helios_jax.convert import CheckpointError, export_safetensors, save_params
 from helios_jax.convert.orbax_io import claim_staging, remove_staging
-from helios_jax.loading import COMPONENTS, check_quantize, component_of
+from helios_jax.loading import COMPONENTS, check_lora_base, check_quantize, component_of, holds_fp8
 from helios_jax.models import fp8
 from helios_jax.models.lora import apply_loaded, load_lora
 from helios_jax.parallel import MeshError
@@ -56,14 +56,13 @@ def convert(source: str, destination: str, to: str, dtype: str | None, merge_lor
         raise FileNotFoundError(f"{source} is not a folder: give a checkpoint folder or one of its components")
     pipeline = os.path.isfile(os.path.join(source, "model_index.json"))
     transformer_folder = os.path.join(source, "transformer") if pipeline else source
-    stored_fp8 = is_saved_params(transformer_folder) and fp8.is_fp8(saved_shapes(transformer_folder))
+    stored_fp8 = holds_fp8(transformer_folder)
     if (quantize or stored_fp8) and to != "orbax":
         what = "--dtype fp8 writes" if quantize else f"{transformer_folder} holds fp8 weights, which convert to"
         raise PipelineError(f"{what} orbax params only (diffusers has no fp8 Helios format): drop --to safetensors"
                             + ("" if quantize else ", or export the 16-bit checkpoint it was converted from"))
-    if stored_fp8 and merge_lora:
-        raise PipelineError(f"{transformer_folder} holds fp8 weights, into which a LoRA cannot be fused: fuse it "
-                            "while converting the 16-bit checkpoint (--merge-lora LORA --dtype fp8)")
+    if merge_lora:
+        check_lora_base(transformer_folder)
     if quantize and not pipeline:
         check_quantize(component_of(source).folder, quantize)
     lora = _read_lora(transformer_folder, merge_lora) if merge_lora else None

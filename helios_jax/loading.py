@@ -22,7 +22,15 @@ from helios_jax.config import (
     read_json,
     to_dict,
 )
-from helios_jax.convert import CheckpointError, dtype_policy, is_saved_params, load_params, restore_params, saved_config
+from helios_jax.convert import (
+    CheckpointError,
+    dtype_policy,
+    is_saved_params,
+    load_params,
+    restore_params,
+    saved_config,
+    saved_shapes,
+)
 from helios_jax.models import fp8, transformer, umt5, vae
 
 Params = dict[str, Any]
@@ -117,6 +125,19 @@ def check_quantize(component: str, quantize: str | None) -> None:
             f"fp8 weights are for the transformer only, not the {component}: its layers stay 16- or 32-bit "
             "(give the VAE and text encoder bf16, fp16 or fp32, or convert the transformer/ folder alone to fp8)"
         )
+
+
+def holds_fp8(folder: str | os.PathLike) -> bool:
+    """Whether a component folder holds saved fp8 params (read from their metadata only)."""
+    return is_saved_params(folder) and fp8.is_fp8(saved_shapes(folder))
+
+
+def check_lora_base(transformer_folder: str | os.PathLike) -> None:
+    """A LoRA is fused into 16-bit kernels: one clear error for a transformer that is fp8 already."""
+    if holds_fp8(transformer_folder):
+        raise CheckpointError(f"{transformer_folder} holds fp8 weights, into which a LoRA cannot be fused: fuse it "
+                              "into the 16-bit checkpoint (weight_dtype='fp8' with the LoRA, or helios-jax convert "
+                              "SRC DST --merge-lora LORA --dtype fp8)")
 
 
 def _transformer_fp32(path: tuple[str, ...]) -> bool:

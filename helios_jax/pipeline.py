@@ -28,8 +28,7 @@ from helios_jax.checkpoint import PipelineError, PipelineSpec, check_spec_matche
 from helios_jax.compilation import enable_compilation_cache
 from helios_jax.config import TransformerConfig, VAEConfig
 from helios_jax.history import VAE_SPATIAL_FACTOR, HistoryLayout, num_chunks, output_frames, push, video_frames_per_chunk
-from helios_jax.convert import is_saved_params, saved_shapes
-from helios_jax.loading import COMPONENTS
+from helios_jax.loading import COMPONENTS, check_lora_base
 from helios_jax.models import fp8
 from helios_jax.models import vae as vae_lib
 from helios_jax.models.attention import default_impl
@@ -71,10 +70,8 @@ def _check_weight_dtype(weight_dtype: str | None, transformer_folder: str, lora:
     if weight_dtype not in (None, fp8.FP8):
         raise PipelineError(f"weight_dtype = {weight_dtype!r}: give None (weights in `dtype`) or {fp8.FP8!r} "
                             "(fp8 block linears); bf16, fp16 and fp32 are chosen with `dtype`")
-    if lora is not None and is_saved_params(transformer_folder) and fp8.is_fp8(saved_shapes(transformer_folder)):
-        raise PipelineError(f"{transformer_folder} holds fp8 weights, into which a LoRA cannot be fused: load the "
-                            "16-bit checkpoint with weight_dtype='fp8' and the LoRA, or fuse it while converting "
-                            "(helios-jax convert SRC DST --merge-lora LORA --dtype fp8)")
+    if lora is not None:
+        check_lora_base(transformer_folder)
     return weight_dtype
 
 
