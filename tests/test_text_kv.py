@@ -46,6 +46,9 @@ def params():
     return init_params(CFG, jax.random.key(1))
 
 
+_text_kv = jax.jit(text_kv, static_argnums=0)
+
+
 @jax.jit
 def _forward(variables, inputs, kv=None, lora_scale=1.0):
     return HeliosTransformer(CFG).apply(variables, **inputs, lora_scale=lora_scale, text_kv=kv)
@@ -54,13 +57,13 @@ def _forward(variables, inputs, kv=None, lora_scale=1.0):
 def test_precomputed_text_kv_gives_the_plain_forward(params):
     inputs = _inputs()
     variables = {"params": params}
-    kv = jax.jit(lambda v, c: text_kv(CFG, v, c))(variables, inputs["encoder_hidden_states"])
+    kv = _text_kv(CFG, variables, inputs["encoder_hidden_states"])
     assert kv.key.shape == kv.value.shape == (CFG.num_layers, 2, 5, 2, 32)
     plain, cached = _forward(variables, inputs), _forward(variables, inputs, kv)
     assert _rel(cached, plain) <= 1e-6
     assert float(jnp.max(jnp.abs(cached - plain))) <= 1e-5 * float(jnp.max(jnp.abs(plain)))
     # The keys matter: another prompt's keys and values give another velocity.
-    other = text_kv(CFG, variables, _inputs(seed=5)["encoder_hidden_states"])
+    other = _text_kv(CFG, variables, _inputs(seed=5)["encoder_hidden_states"])
     assert _rel(_forward(variables, inputs, other), plain) > 1e-2
 
 
@@ -72,15 +75,15 @@ def test_lora_on_the_text_projections_is_part_of_the_keys_and_values(params):
     inputs, variables, scale = _inputs(seed=1), {"params": params, "lora": lora}, jnp.float32(0.7)
     context = inputs["encoder_hidden_states"]
     plain = _forward(variables, inputs, lora_scale=scale)
-    kv = text_kv(CFG, variables, context, scale)
+    kv = _text_kv(CFG, variables, context, scale)
     assert _rel(_forward(variables, inputs, kv, scale), plain) <= 1e-6
-    without = text_kv(CFG, {"params": params}, context)  # the text projections without their LoRA
+    without = _text_kv(CFG, {"params": params}, context)  # the text projections without their LoRA
     assert _rel(_forward(variables, inputs, without, scale), plain) > 1e-3
 
 
 def test_text_kv_of_another_shape_is_refused(params):
     inputs = _inputs()
-    kv = text_kv(CFG, {"params": params}, inputs["encoder_hidden_states"][:, :3])
+    kv = _text_kv(CFG, {"params": params}, inputs["encoder_hidden_states"][:, :3])
     with pytest.raises(ValueError, match=r"text_kv must be a TextKV .*\(2, 2, 5, 2, 32\)"):
         HeliosTransformer(CFG).apply({"params": params}, **inputs, text_kv=kv)
     with pytest.raises(ValueError, match="text_kv must be a TextKV"):
