@@ -102,7 +102,8 @@ def segment_mask(segment_ids: SegmentIds, batch: int, q_tokens: int, k_tokens: i
         raise ValueError(f"segment_ids: give one (B, T) array or a (q ids, kv ids) pair; got {len(pair)} arrays")
     for name, ids, tokens in (("q", pair[0], q_tokens), ("kv", pair[1], k_tokens)):
         shape, dtype = jnp.shape(ids), jnp.result_type(ids)
-        if len(shape) != 2 or shape[0] not in (1, batch) or shape[1] != tokens or not jnp.issubdtype(dtype, jnp.integer):
+        integer = jnp.issubdtype(dtype, jnp.integer)
+        if len(shape) != 2 or shape[0] not in (1, batch) or shape[1] != tokens or not integer:
             raise ValueError(
                 f"segment_ids: the {name} ids must be an integer array of shape (1 or B={batch}, {tokens}) for "
                 f"{name} tokens of {tokens}; got shape {shape}, dtype {dtype} (a single array serves q and kv of "

@@ -13,8 +13,8 @@ timestep (stage 2).
 * :func:`flow_loss` is the mean squared error in float32 (weight 1: "logit_normal" changes only the
   sampling); :func:`sequential_pyramid_grads` runs one forward and backward per stage and sums the
   gradients, as the official stage 2-post does under DDP; :func:`packed_pyramid_loss` runs stage 2-init's
-  examples as segments of one packed forward (``packed_fn``, below) and :func:`mean_pyramid_loss` the same
-  mean with one forward per example.
+  examples as segments of one packed forward (a ``PackedModelFn``) and :func:`mean_pyramid_loss` the
+  same mean with one forward per example.
 
 ``model_fn(params, hidden_states, timestep, conditioning) -> velocity`` is any callable with the
 transformer's layout; ``conditioning`` is a dict of its keyword arguments (text embeddings and the
