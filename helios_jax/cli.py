@@ -106,21 +106,21 @@ def bench(which: list[str], extra: list[str]) -> int:
 
 
 def train(arguments: list[str]) -> int:
-    """Check an official training config (YAML files merged in order, then ``section.key=value``
-    overrides) and the folders it names, before any compute."""
-    from helios_jax.training import recipes
+    """Run an official training config (YAML files merged in order, then ``section.key=value``
+    overrides); the config, its folders, the resume and the data are checked before any compute."""
+    from helios_jax.training import recipes, stages
 
     files = [a for a in arguments if "=" not in a]
     if not files:
         raise ConfigError("helios-jax train needs a training YAML, e.g. stage_1_init.yaml "
                           "data_config.instance_data_root=[data/]")
     recipe = recipes.load(files, [a for a in arguments if "=" in a])
-    recipes.check_paths(recipe)
-    run = recipe.run()
-    print(f"{' + '.join(files)}: {recipe.stage}, {run.max_train_steps} steps into {run.output_dir}")
-    # Wiring the stage's grain dataset (training.data) and loss (training.losses) into trainer.train is next.
-    raise ConfigError(f"{recipe.stage}: the config and its folders are valid, but running it from the command "
-                      f"line is not wired yet; use helios_jax.training.trainer.train from Python")
+    prepared = stages.prepare(recipe)
+    run = prepared.run
+    print(f"{' + '.join(files)}: {recipe.stage}, {run.max_train_steps} steps into {run.output_dir}", flush=True)
+    state = prepared.train()
+    print(f"trained to step {int(state.step)}; checkpoints and metrics.jsonl in {run.output_dir}")
+    return 0
 
 
 def parser() -> argparse.ArgumentParser:

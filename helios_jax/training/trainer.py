@@ -49,9 +49,11 @@ SCHEDULES = ("constant", "constant_with_warmup")
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_ITEM, DATA_ITEM = "state", "data"
 METRICS_FILE, CONFIG_FILE = "metrics.jsonl", "config.json"
-# Keys that may change between a run and its resumption: they do not change what a step computes.
+# Keys (and sections) that may change between a run and its resumption: they do not change what a step computes.
 RESUMABLE_KEYS = ("training_config.max_train_steps", "training_config.resume_from_checkpoint",
-                  "training_config.local_rank")
+                  "training_config.local_rank", "training_config.checkpointing_steps",
+                  "training_config.checkpoints_total_limit")
+RESUMABLE_SECTIONS = ("validation_config",)
 
 
 class TrainState(NamedTuple):
@@ -246,7 +248,7 @@ def config_changes(saved: Any, current: Any, prefix: str = "") -> list[str]:
         changes = []
         for key in sorted(set(saved) | set(current)):
             name = f"{prefix}{key}"
-            if name in RESUMABLE_KEYS:
+            if name in RESUMABLE_KEYS or name in RESUMABLE_SECTIONS:
                 continue
             if key not in saved or key not in current:
                 changes.append(f"{name} ({'added' if key in current else 'removed'})")
