@@ -22,7 +22,7 @@ from helios_jax.config import TransformerConfig
 from helios_jax.models import lora as lora_lib
 from helios_jax.models import transformer as dit
 from helios_jax.models.attention import attention
-from helios_jax.models.packed import PackedHeliosTransformer, PackedLayout
+from helios_jax.models.packed import PackedHeliosTransformer, PackedLayout, packed_like
 from helios_jax.training import losses as L
 
 REL_TOL = 1e-5
@@ -185,6 +185,8 @@ def test_bad_segment_list_is_one_clear_error(params):
         model.apply({"params": params}, x, t, **cond)
     with pytest.raises(ValueError, match="timestep must have shape"):  # the plain forward's checks, per segment
         model.apply({"params": params}, [x, x], [t, jnp.zeros((2,))], **cond)
+    with pytest.raises(ValueError, match="GAN hooks"):
+        packed_like(dit.HeliosTransformer(CONFIG, hooks=(1,)))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -211,7 +213,7 @@ def test_packed_pyramid_loss_and_lora_grads_equal_the_mean_of_separate_ones(para
                                                    lora_scale=SPEC.scale)
 
     def packed_fn(lora, xs, ts, c):
-        return PackedHeliosTransformer(CONFIG, remat=True).apply({"params": params, "lora": lora}, xs, ts, **c,
+        return packed_like(dit.HeliosTransformer(CONFIG, remat=True)).apply({"params": params, "lora": lora}, xs, ts, **c,
                                                      lora_scale=SPEC.scale)
 
     lora = random_lora(params)

@@ -37,7 +37,8 @@ from helios_jax.models.layers import Dense, LayerNorm, layer_norm
 from helios_jax.models.memory import HISTORY_TERMS, PatchEmbed, embed_history_term
 from helios_jax.models.rope import rope_grid
 from helios_jax.models.transformer import (
-    Attention, ConditionEmbedder, FeedForward, LoraScale, OutputNorm, _flat, _table_init, check_inputs,
+    Attention, ConditionEmbedder, FeedForward, HeliosTransformer, LoraScale, OutputNorm, _flat, _table_init,
+    check_inputs,
 )
 
 _F32 = jnp.float32
@@ -227,6 +228,14 @@ class PackedHeliosTransformer(nn.Module):
         proj_out = Dense(cfg.output_channels * int(np.prod(cfg.patch_size)), name="proj_out")
         return [unpatchify(cfg, proj_out(norm_out(x[:, a:b], temb), lora_scale), batch, grid)
                 for (a, b), temb, (*_, grid) in zip(layout.noisy_spans(), tembs, segments)]
+
+
+def packed_like(model: HeliosTransformer) -> PackedHeliosTransformer:
+    """The packed forward with a plain model's config, attention backend, remat and unroll (the same params)."""
+    if model.hooks:
+        raise ValueError(f"packed_like: the model has GAN hooks {model.hooks}; the packed forward (stage 2-init) "
+                         "returns velocities only, build it from a model without hooks")
+    return PackedHeliosTransformer(model.config, model.attention_impl, model.remat, model.scan_unroll)
 
 
 def unpatchify(cfg: TransformerConfig, x: jax.Array, batch: int, grid: tuple[int, int, int]) -> jax.Array:
