@@ -14,8 +14,9 @@ reference keeps in float32; the float32 trainables are cast to bfloat16 for the 
 gradients flow back to the float32 masters; the loss is float32.
 
 :func:`prepare` turns a checked :class:`~helios_jax.training.recipes.Recipe` into the arguments of
-``trainer.train``: the transformer of ``model_config`` with a fresh LoRA, the offloaded data of
-``data_config``, the LoRA export of every checkpoint and the validation videos of ``validation_config``.
+``trainer.train``: the transformer of ``model_config`` (a Helios DiT, or the Wan 2.1
+``WanTransformer3DModel`` stage 1-init starts from: ``loading.load_transformer_init``) with a fresh
+LoRA, the offloaded data of ``data_config``, the LoRA export of every checkpoint and the validation videos of ``validation_config``.
 Everything that can be checked (paths, resume, buckets against the model) is checked before the first
 weight is read.
 """
@@ -34,7 +35,7 @@ from grain import python as grain_python
 from helios_jax.checkpoint import PipelineSpec, read_checkpoint_configs
 from helios_jax.config import ConfigError, TransformerConfig
 from helios_jax.generate import DEFAULT_NEGATIVE_PROMPT
-from helios_jax.loading import COMPONENTS
+from helios_jax.loading import COMPONENTS, transformer_component
 from helios_jax.models import lora as lora_lib
 from helios_jax.models.transformer import HeliosTransformer, keeps_fp32
 from helios_jax.pipeline import HeliosPipeline
@@ -239,13 +240,14 @@ def prepare(recipe: Recipe, *, progress: bool | None = None,
     )
     folder = transformer_folder(recipe)
     dtype = DTYPES[t["mixed_precision"]]
-    config = COMPONENTS["transformer"].read_config(folder)
+    component = transformer_component(folder)  # a Helios DiT, or the Wan 2.1 folder stage 1-init starts from
+    config = component.read_config(folder)
     check_buckets(dataset, config, recipe.stage)
     v = recipe.section("validation_config")
     validating = validate and bool(v["validation_prompts"])
     scheduler = validation_scheduler(recipe) if validating else None  # its errors before the weights
 
-    config, params = COMPONENTS["transformer"].load(folder, dtype, config)
+    config, params = component.load(folder, dtype, config)
     spec, subset = recipe.lora()
     lora = lora_lib.init_lora(spec, params, jax.random.key(recipe.section("")["seed"]))
     variables = {"params": params, "lora": lora}
