@@ -165,18 +165,19 @@ class WanInit:
         shapes = dict(transformer.param_shapes(config))
         for name, _ in HISTORY_TERMS:
             del shapes[f"patch_{name}"]
-        keymap = dataclasses.replace(transformer.keymap(config), renamed=(("scale_shift_table", "norm_out.scale_shift_table"),))
+        renamed = (("scale_shift_table", "norm_out.scale_shift_table"),)
+        keymap = dataclasses.replace(transformer.keymap(config), renamed=renamed)
         params = load_params(folder, shapes, keymap, dtype_policy(dtype, transformer.keeps_fp32), desc="transformer")
-        return config, {**params, **history_patches_from(params["patch_embedding"], config.in_channels)}
+        return config, {**params, **history_patches_from(params["patch_embedding"])}
 
 
-def history_patches_from(patch_embedding: Params, in_channels: int) -> Params:
+def history_patches_from(patch_embedding: Params) -> Params:
     """``patch_short/mid/long`` from a patch embedding, as the official ``initialize_weight_from_another_conv3d``:
-    the kernel's first ``in_channels`` inputs (all of them for text-to-video), repeated 1, 2 and 4 times along
-    t, h and w and divided by the repeat count (a constant block then gives the patch embedding's
-    response), biases copied. The official code runs it on the random init before the Wan weights load
-    (TRAINING.md section 13 item 2); here it runs on the loaded weights."""
-    kernel = patch_embedding["kernel"][..., :in_channels, :]  # flax layout (t, h, w, in, out)
+    the kernel (its ``[:, :16]`` is the whole kernel of the 16-channel text-to-video model) repeated 1, 2 and
+    4 times along t, h and w and divided by the repeat count (a constant block then gives the patch
+    embedding's response), biases copied. The official code runs it on the random init before the Wan
+    weights load (TRAINING.md section 13 item 2); here it runs on the loaded weights."""
+    kernel = patch_embedding["kernel"]  # flax layout (t, h, w, in, out)
     out = {}
     for name, factor in HISTORY_TERMS:
         tiled = kernel.astype(jnp.float32)

@@ -16,7 +16,8 @@ gradients flow back to the float32 masters; the loss is float32.
 :func:`prepare` turns a checked :class:`~helios_jax.training.recipes.Recipe` into the arguments of
 ``trainer.train``: the transformer of ``model_config`` (a Helios DiT, or the Wan 2.1
 ``WanTransformer3DModel`` stage 1-init starts from: ``loading.load_transformer_init``) with a fresh
-LoRA, the offloaded data of ``data_config``, the LoRA export of every checkpoint and the validation videos of ``validation_config``.
+LoRA, the offloaded data of ``data_config``, the LoRA export of every checkpoint and the validation
+videos of ``validation_config``.
 Everything that can be checked (paths, resume, buckets against the model) is checked before the first
 weight is read.
 """
