@@ -22,6 +22,24 @@ from helios_jax.convert.strict import Params
 DEFAULT_SHARD_BYTES = 5 * 2**30
 
 
+def save_safetensors(tensors: Mapping[str, np.ndarray], path: str, metadata: Mapping[str, str]) -> str:
+    """One safetensors file written atomically: a hidden temporary name in the same folder, then a rename
+    (a reader never sees half a file; an interrupted write leaves nothing)."""
+    from safetensors.numpy import save_file
+
+    folder, name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    temp = os.path.join(folder, f".{name}.partial")
+    try:
+        save_file(dict(tensors), temp, metadata=dict(metadata))
+        os.replace(temp, path)
+    except BaseException:
+        if os.path.exists(temp):
+            os.remove(temp)
+        raise
+    return path
+
+
 def export_safetensors(
     folder: str | os.PathLike,
     params: Params,

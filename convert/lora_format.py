@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
+from helios_jax.convert.export import save_safetensors
 from helios_jax.convert.keymap import KeyMap, resolve_leaf, to_flax_layout, to_torch_layout
 from helios_jax.convert.sources import CheckpointError, open_source
 
@@ -58,22 +59,6 @@ def _stacked(keymap: KeyMap, path: Path) -> bool:
     return keymap.layer_count(path) is not None
 
 
-def _atomic_save(tensors: dict[str, np.ndarray], folder: str, name: str, metadata: dict[str, str]) -> str:
-    from safetensors.numpy import save_file
-
-    os.makedirs(folder, exist_ok=True)
-    final = os.path.join(folder, name)
-    temp = os.path.join(folder, f".{name}.partial")
-    try:
-        save_file(tensors, temp, metadata=metadata)
-        os.replace(temp, final)
-    except BaseException:
-        if os.path.exists(temp):
-            os.remove(temp)
-        raise
-    return final
-
-
 def state_dict(lora: Params, keymap: KeyMap) -> dict[str, np.ndarray]:
     """A LoRA tree (or a tree of its gradients) as diffusers' keys and torch layouts, layer by layer."""
     tensors = {}
@@ -90,7 +75,7 @@ def write_lora(folder: str | os.PathLike, lora: Params, keymap: KeyMap, config: 
     tensors = state_dict(lora, keymap)
     metadata = {"format": "pt",
                 METADATA_KEY: json.dumps({PREFIX + k: v for k, v in config.items()}, indent=2, sort_keys=True)}
-    return _atomic_save(tensors, os.fspath(folder), LORA_WEIGHTS, metadata)
+    return save_safetensors(tensors, os.path.join(os.fspath(folder), LORA_WEIGHTS), metadata)
 
 
 def write_partial(folder: str | os.PathLike, partial: Params, keymap: KeyMap) -> str:
@@ -100,7 +85,7 @@ def write_partial(folder: str | os.PathLike, partial: Params, keymap: KeyMap) ->
         if _stacked(keymap, path):
             raise LoraFormatError(f"partial params under {'/'.join(path)}: only unstacked modules can be saved whole")
         tensors[keymap.to_torch(path, None)] = np.ascontiguousarray(to_torch_layout(path[-1], np.asarray(leaf)))
-    return _atomic_save(tensors, os.fspath(folder), PARTIAL_WEIGHTS, {"format": "pt"})
+    return save_safetensors(tensors, os.path.join(os.fspath(folder), PARTIAL_WEIGHTS), {"format": "pt"})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -142,10 +142,11 @@ DtypeFor = Callable[[Path, np.dtype], Any]
 
 def dtype_policy(dtype: Any | None, keep_fp32: Callable[[Path], bool] = lambda path: False) -> DtypeFor:
     """The parameter dtype rule: float32 for the leaves the reference keeps in float32, else ``dtype``,
-    or the checkpoint's own dtype when ``dtype`` is None. Non-floating tensors keep their dtype."""
+    or the checkpoint's own dtype when ``dtype`` is None. Non-floating tensors keep their dtype, and so do
+    8-bit floats (fp8 kernels are codes for their scales: cast alone they would be wrong numbers)."""
 
     def dtype_for(path: Path, stored: np.dtype) -> np.dtype:
-        if not jnp.issubdtype(stored, jnp.floating):
+        if not jnp.issubdtype(stored, jnp.floating) or np.dtype(stored).itemsize == 1:
             return np.dtype(stored)
         if keep_fp32(path):
             return np.dtype(np.float32)
@@ -161,12 +162,15 @@ def load_params(
     dtype_for: DtypeFor = dtype_policy(None),
     *,
     desc: str = "loading weights",
+    finish: Callable[[Path, jax.Array], dict[Path, jax.Array]] | None = None,
 ) -> Params:
     """Convert a checkpoint into a params tree with the shapes of ``shapes``.
 
     ``shapes`` is a tree of ``jax.ShapeDtypeStruct`` (``jax.eval_shape`` of the model's init);
     ``dtype_for(path, stored dtype)`` chooses each leaf's dtype (see :func:`dtype_policy`);
-    ``checkpoint`` is anything :func:`open_source` accepts.
+    ``checkpoint`` is anything :func:`open_source` accepts. ``finish(path, leaf)``, if given, turns each
+    complete leaf into the leaves stored in its place (fp8 quantization: a kernel and its scales), so a
+    16-bit copy of the whole model never exists at once.
     """
     source = open_source(checkpoint)
     plan = plan_conversion(source, shapes, keymap)
@@ -176,15 +180,15 @@ def load_params(
             leaf, entries = path[-1], plan.slots[path]
             dtype = dtype_for(path, source.dtype(entries[0][1]))
             if entries[0][0] is None:
-                out[path] = jax.device_put(_host_array(source, entries[0][1], leaf, dtype)).block_until_ready()
+                value = jax.device_put(_host_array(source, entries[0][1], leaf, dtype)).block_until_ready()
                 bar.advance()
-                continue
-            stack = jnp.zeros(spec.shape, dtype)
-            for layer, key in entries:
-                stack = _write_layer(stack, _host_array(source, key, leaf, dtype), np.int32(layer))
-                stack.block_until_ready()  # one host tensor in flight, not a queue of them
-                bar.advance()
-            out[path] = stack
+            else:
+                value = jnp.zeros(spec.shape, dtype)
+                for layer, key in entries:
+                    value = _write_layer(value, _host_array(source, key, leaf, dtype), np.int32(layer))
+                    value.block_until_ready()  # one host tensor in flight, not a queue of them
+                    bar.advance()
+            out.update({path: value} if finish is None else finish(path, value))
     return traverse_util.unflatten_dict(out)
 
 

@@ -19,12 +19,15 @@ import threading
 import traceback
 from typing import Iterator
 
-from helios_jax import generate
+import jax.numpy as jnp
+
+from helios_jax import generate, parallel
 from helios_jax.checkpoint import COMPONENTS as PIPELINE_FOLDERS, PipelineError, PipelineSpec
 from helios_jax.config import ConfigError
 from helios_jax.convert import CheckpointError, export_safetensors, save_params
 from helios_jax.convert.orbax_io import claim_staging, remove_staging
-from helios_jax.loading import COMPONENTS, component_of
+from helios_jax.loading import COMPONENTS, check_lora_base, check_quantize, component_of, holds_fp8
+from helios_jax.models import fp8
 from helios_jax.models.lora import apply_loaded, load_lora
 from helios_jax.parallel import MeshError
 from helios_jax.training import DataError
@@ -47,11 +50,22 @@ BENCHMARKS = {
 def convert(source: str, destination: str, to: str, dtype: str | None, merge_lora: str | None = None) -> int:
     """A component folder, or a whole pipeline folder, to orbax params or back to diffusers safetensors;
     ``merge_lora`` fuses a LoRA folder into the transformer (as the official merge tool does)."""
-    jax_dtype = generate.DTYPES[dtype] if dtype else None
+    quantize = fp8.FP8 if dtype == fp8.FP8 else None
+    jax_dtype = generate.DTYPES[dtype] if dtype and not quantize else None
     if not os.path.isdir(source):
         raise FileNotFoundError(f"{source} is not a folder: give a checkpoint folder or one of its components")
     pipeline = os.path.isfile(os.path.join(source, "model_index.json"))
-    lora = _read_lora(os.path.join(source, "transformer") if pipeline else source, merge_lora) if merge_lora else None
+    transformer_folder = os.path.join(source, "transformer") if pipeline else source
+    stored_fp8 = holds_fp8(transformer_folder)
+    if (quantize or stored_fp8) and to != "orbax":
+        what = "--dtype fp8 writes" if quantize else f"{transformer_folder} holds fp8 weights, which convert to"
+        raise PipelineError(f"{what} orbax params only (diffusers has no fp8 Helios format): drop --to safetensors"
+                            + ("" if quantize else ", or export the 16-bit checkpoint it was converted from"))
+    if merge_lora:
+        check_lora_base(transformer_folder)
+    if quantize and not pipeline:
+        check_quantize(component_of(source).folder, quantize)
+    lora = _read_lora(transformer_folder, merge_lora) if merge_lora else None
     if pipeline:
         PipelineSpec.read(source)
         staging = claim_staging(destination)
@@ -59,7 +73,9 @@ def convert(source: str, destination: str, to: str, dtype: str | None, merge_lor
             for name in PIPELINE_FOLDERS:
                 src = os.path.join(source, name)
                 if name in COMPONENTS:
-                    _convert_component(src, os.path.join(staging, name), to, jax_dtype, lora)
+                    # fp8 is the transformer's; the other components keep their stored dtype.
+                    component_quantize = quantize if name == "transformer" else None
+                    _convert_component(src, os.path.join(staging, name), to, jax_dtype, lora, component_quantize)
                 else:
                     shutil.copytree(src, os.path.join(staging, name))
             shutil.copy(os.path.join(source, "model_index.json"), staging)
@@ -68,8 +84,8 @@ def convert(source: str, destination: str, to: str, dtype: str | None, merge_lor
             remove_staging(staging)
             raise
     else:
-        _convert_component(source, destination, to, jax_dtype, lora)
-    print(f"wrote {destination} ({to}{', LoRA fused' if lora else ''})")
+        _convert_component(source, destination, to, jax_dtype, lora, quantize)
+    print(f"wrote {destination} ({to}{', LoRA fused' if lora else ''}{', fp8 transformer' if quantize else ''})")
     return 0
 
 
@@ -80,11 +96,16 @@ def _read_lora(transformer_folder: str, path: str):
     return load_lora(path, COMPONENTS["transformer"].read_config(transformer_folder))
 
 
-def _convert_component(source: str, destination: str, to: str, dtype, lora=None) -> None:
+def _convert_component(source: str, destination: str, to: str, dtype, lora=None, quantize: str | None = None) -> None:
     component = component_of(source)
-    config, params = component.load(source, dtype)
-    if lora is not None and component.folder == "transformer":
+    fuse = lora is not None and component.folder == "transformer"
+    # fp8 rest-of-model leaves in bf16; a LoRA is fused into the 16-bit kernels before they are quantized.
+    config, params = component.load(source, jnp.bfloat16 if quantize else dtype,
+                                    quantize=None if fuse else quantize)
+    if fuse:
         params = apply_loaded(params, lora)
+        if quantize:
+            params = fp8.quantize_params(params)
     if to == "orbax":
         save_params(destination, params, config=component.config_json(config))
     else:
@@ -110,6 +131,7 @@ def train(arguments: list[str]) -> int:
     overrides); the config, its folders, the resume and the data are checked before any compute."""
     from helios_jax.training import recipes, stages
 
+    parallel.initialize()  # several processes: from JAX_COORDINATOR_ADDRESS etc. or SLURM; else nothing
     files = [a for a in arguments if "=" not in a]
     if not files:
         raise ConfigError("helios-jax train needs a training YAML, e.g. stage_1_init.yaml "
@@ -131,7 +153,9 @@ def parser() -> argparse.ArgumentParser:
     conv.add_argument("source", help="a component folder (transformer/, vae/, text_encoder/) or a whole checkpoint")
     conv.add_argument("destination", help="a new folder")
     conv.add_argument("--to", choices=("orbax", "safetensors"), default="orbax")
-    conv.add_argument("--dtype", choices=tuple(generate.DTYPES), help="cast the weights (default: keep)")
+    conv.add_argument("--dtype", choices=generate.WEIGHT_DTYPES,
+                      help="cast the weights (default: keep); fp8: the transformer's block linears as float8 with "
+                           "per-channel scales, the rest bf16 (orbax only)")
     conv.add_argument("--merge-lora", dest="merge_lora", metavar="LORA_DIR",
                       help="fuse this LoRA (diffusers' pytorch_lora_weights.safetensors) into the transformer")
     ver = commands.add_parser("verify", help="parity of every component against the installed PyTorch reference")

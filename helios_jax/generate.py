@@ -22,12 +22,15 @@ import numpy as np
 
 from helios_jax import demo, parallel
 from helios_jax.checkpoint import PipelineError, read_checkpoint_configs
+from helios_jax.models import fp8
 from helios_jax.models.attention import IMPLS
 from helios_jax.pipeline import HeliosPipeline
 from helios_jax.request import Request, check_request, check_seed, check_video_length
 from helios_jax.video import Mp4Writer, check_writable, contact_sheet, fit_image, fit_video, write_png
 
 DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}
+# fp8: the DiT's block linears in float8_e4m3fn (helios_jax.models.fp8), everything else in bf16.
+WEIGHT_DTYPES = (*DTYPES, fp8.FP8)
 DEFAULT_PROMPT = (
     "A dynamic time-lapse video showing the rapidly moving scenery from the window of a speeding train. The camera "
     "captures various elements such as lush green fields, towering trees, quaint countryside houses, and distant "
@@ -82,7 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{name}", type=float, default=0.135)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--fps", type=int, default=24)
-    parser.add_argument("--weight_dtype", choices=tuple(DTYPES))
+    parser.add_argument("--weight_dtype", choices=WEIGHT_DTYPES,
+                        help="fp8: the DiT's block linears as float8 with per-channel scales (FP8 GEMMs), the rest bf16")
     parser.add_argument("--attention", choices=("auto", *IMPLS), default="auto",
                         help="the DiT's attention backend; auto: cudnn on a GPU in bf16/fp16, else xla")
     parser.add_argument("--no_compilation_cache", action="store_true", help="do not use the persistent XLA cache")
@@ -147,6 +151,7 @@ class Job:
     sheet: str
     checkpoint: str
     dtype: Any
+    weight_dtype: str | None  # "fp8" or None (weights in dtype)
     attention: str | None
     request: Request
     mesh_sizes: dict[str, int] | None
@@ -236,7 +241,10 @@ def prepare(args: argparse.Namespace) -> Job:
     request, _ = check_request(request_args, pyramid=configs.spec.pyramid, stages=configs.scheduler.stages,
                                scheduler_type=configs.scheduler.scheduler_type)
     inputs = _inputs(args, request)
-    return Job(output=output, sheet=sheet, checkpoint=checkpoint, dtype=DTYPES[settings["weight_dtype"]],
+    quantized = settings["weight_dtype"] == fp8.FP8
+    return Job(output=output, sheet=sheet, checkpoint=checkpoint,
+               dtype=jnp.bfloat16 if quantized else DTYPES[settings["weight_dtype"]],
+               weight_dtype=fp8.FP8 if quantized else None,
                attention=None if args.attention == "auto" else args.attention, request=request, mesh_sizes=mesh_sizes,
                pipeline_args={**inputs, **request_args, "negative_prompt": args.negative_prompt, "seed": args.seed})
 
@@ -250,7 +258,8 @@ def run(args: argparse.Namespace) -> int:
     mesh = parallel.make_mesh(**job.mesh_sizes) if job.mesh_sizes else None
     pipe = HeliosPipeline.from_pretrained(job.checkpoint, dtype=job.dtype, attention_impl=job.attention,
                                           compilation_cache=not args.no_compilation_cache,
-                                          lora=args.lora, lora_scale=args.lora_scale, mesh=mesh)
+                                          lora=args.lora, lora_scale=args.lora_scale, mesh=mesh,
+                                          weight_dtype=job.weight_dtype)
     request = job.request
     total = pipe.num_output_frames(request.num_frames, request.num_latent_frames_per_chunk)
     picks = set(np.linspace(0, total - 1, min(SHEET_FRAMES, total)).round().astype(int).tolist())

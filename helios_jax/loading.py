@@ -24,8 +24,16 @@ from helios_jax.config import (
     read_json,
     to_dict,
 )
-from helios_jax.convert import dtype_policy, is_saved_params, load_params, restore_params, saved_config
-from helios_jax.models import transformer, umt5, vae
+from helios_jax.convert import (
+    CheckpointError,
+    dtype_policy,
+    is_saved_params,
+    load_params,
+    restore_params,
+    saved_config,
+    saved_shapes,
+)
+from helios_jax.models import fp8, transformer, umt5, vae
 from helios_jax.models.memory import HISTORY_TERMS
 
 Params = dict[str, Any]
@@ -83,18 +91,24 @@ class Component:
                 f"{self.folder}; use the Helios checkpoint's own"
             )
 
-    def load(self, path: str | os.PathLike, dtype: Any | None = None, config: Any | None = None) -> tuple[Any, Params]:
+    def load(self, path: str | os.PathLike, dtype: Any | None = None, config: Any | None = None,
+             quantize: str | None = None) -> tuple[Any, Params]:
         """Config and params of a component folder: converted from diffusers safetensors, or restored
         from ``save_params``. ``dtype`` None keeps the stored dtype; either way the params the
         reference keeps in float32 are float32. ``config``, if given, is the folder's config already read
-        (``read_config``), so a pipeline can check every config before its first weight."""
+        (``read_config``), so a pipeline can check every config before its first weight. ``quantize="fp8"``
+        (the transformer only) stores the block linears as fp8 (``helios_jax.models.fp8``), leaf by leaf
+        as they load; saved params that are fp8 already load as they are, whatever ``quantize`` says."""
         folder = os.fspath(path)
+        check_quantize(self.folder, quantize)
         config = self.read_config(folder) if config is None else config
         policy = dtype_policy(dtype, self.keeps_fp32(dtype))
         if is_saved_params(folder):
-            return config, restore_params(folder, policy)
+            params = restore_params(folder, policy)
+            return config, fp8.quantize_params(params) if quantize and not fp8.is_fp8(params) else params
         shapes, keymap = self.module.param_shapes(config), self.module.keymap(config)
-        return config, load_params(folder, shapes, keymap, policy, desc=self.folder)
+        finish = fp8.quantize_leaf if quantize else None
+        return config, load_params(folder, shapes, keymap, policy, desc=self.folder, finish=finish)
 
     def config_json(self, config: Any) -> dict[str, Any]:
         """The config.json the reference library writes for ``config`` (with its class marker)."""
@@ -103,11 +117,42 @@ class Component:
         return {**marker, **to_dict(config)}
 
 
+def check_quantize(component: str, quantize: str | None) -> None:
+    """fp8 is a storage of the DiT's block linears only: one clear error for anything else."""
+    if quantize is None:
+        return
+    if quantize != fp8.FP8:
+        raise CheckpointError(f"quantize = {quantize!r} is not supported: the one quantized storage is {fp8.FP8!r}")
+    if component != "transformer":
+        raise CheckpointError(
+            f"fp8 weights are for the transformer only, not the {component}: its layers stay 16- or 32-bit "
+            "(give the VAE and text encoder bf16, fp16 or fp32, or convert the transformer/ folder alone to fp8)"
+        )
+
+
+def holds_fp8(folder: str | os.PathLike) -> bool:
+    """Whether a component folder holds saved fp8 params (read from their metadata only)."""
+    return is_saved_params(folder) and fp8.is_fp8(saved_shapes(folder))
+
+
+def check_lora_base(transformer_folder: str | os.PathLike) -> None:
+    """A LoRA is fused into 16-bit kernels: one clear error for a transformer that is fp8 already."""
+    if holds_fp8(transformer_folder):
+        raise CheckpointError(f"{transformer_folder} holds fp8 weights, into which a LoRA cannot be fused: fuse it "
+                              "into the 16-bit checkpoint (weight_dtype='fp8' with the LoRA, or helios-jax convert "
+                              "SRC DST --merge-lora LORA --dtype fp8)")
+
+
+def _transformer_fp32(path: tuple[str, ...]) -> bool:
+    """The reference's float32 modules, and the fp8 kernels' scales."""
+    return transformer.keeps_fp32(path) or path[-1] == fp8.SCALE
+
+
 COMPONENTS: dict[str, Component] = {
     c.folder: c
     for c in (
         Component("transformer", "HeliosTransformer3DModel", TransformerConfig, transformer,
-                  lambda dtype: transformer.keeps_fp32, "diffusion_pytorch_model"),
+                  lambda dtype: _transformer_fp32, "diffusion_pytorch_model"),
         Component("vae", "AutoencoderKLWan", VAEConfig, vae, lambda dtype: vae.keeps_fp32, "diffusion_pytorch_model"),
         Component("text_encoder", "UMT5EncoderModel", UMT5Config, umt5, umt5.keeps_fp32, "model"),
     )

@@ -28,7 +28,8 @@ from helios_jax.checkpoint import PipelineError, PipelineSpec, check_spec_matche
 from helios_jax.compilation import enable_compilation_cache
 from helios_jax.config import TransformerConfig, VAEConfig
 from helios_jax.history import VAE_SPATIAL_FACTOR, HistoryLayout, num_chunks, output_frames, push, video_frames_per_chunk
-from helios_jax.loading import COMPONENTS
+from helios_jax.loading import COMPONENTS, check_lora_base
+from helios_jax.models import fp8
 from helios_jax.models import vae as vae_lib
 from helios_jax.models.attention import default_impl
 from helios_jax.models.lora import apply_loaded, load_lora
@@ -62,6 +63,16 @@ def _output_type(output_type: str, allowed: tuple[str, ...], where: str) -> str:
     if output_type not in allowed:
         raise PipelineError(f"{where}: output_type = {output_type!r}: expected one of {[*allowed, 'np']}")
     return output_type
+
+
+def _check_weight_dtype(weight_dtype: str | None, transformer_folder: str, lora: Any) -> str | None:
+    """``weight_dtype`` is None or "fp8"; a LoRA cannot be fused into weights that are fp8 already."""
+    if weight_dtype not in (None, fp8.FP8):
+        raise PipelineError(f"weight_dtype = {weight_dtype!r}: give None (weights in `dtype`) or {fp8.FP8!r} "
+                            "(fp8 block linears); bf16, fp16 and fp32 are chosen with `dtype`")
+    if lora is not None:
+        check_lora_base(transformer_folder)
+    return weight_dtype
 
 
 def _denoiser(model: HeliosTransformer, args: tuple[Params, dict[str, jax.Array]], latents: jax.Array,
@@ -129,6 +140,7 @@ class HeliosPipeline:
         mesh: jax.sharding.Mesh | None = None,
         lora: str | os.PathLike | None = None,
         lora_scale: float = 1.0,
+        weight_dtype: str | None = None,
     ) -> "HeliosPipeline":
         """Load every component of a diffusers Helios folder. ``dtype`` is the transformer's and the text
         encoder's (the reference's ``torch_dtype``); the VAE runs in ``vae_dtype`` as the official inference
@@ -136,19 +148,27 @@ class HeliosPipeline:
         ``compilation_cache`` is a folder, True for the default user cache folder, or False. ``lora`` (a
         diffusers LoRA folder or file) is read and checked first, then fused into the DiT at ``lora_scale``.
         ``mesh`` (``helios_jax.parallel.make_mesh``) runs the DiT on many devices: tokens split over
-        ``context``, CFG's two passes and the prompts over ``data``, weights over ``fsdp``/``tensor``."""
+        ``context``, CFG's two passes and the prompts over ``data``, weights over ``fsdp``/``tensor``.
+        ``weight_dtype="fp8"`` stores the DiT's block linears as float8_e4m3fn with per-channel scales and
+        runs them as FP8 GEMMs (``helios_jax.models.fp8``; the rest of the DiT stays in ``dtype``); a
+        checkpoint converted to fp8 (``helios-jax convert --dtype fp8``) runs so whatever this says."""
         folder = os.fspath(folder)
         configs = read_checkpoint_configs(folder)  # every config checked before the first weight is read
+        quantize = _check_weight_dtype(weight_dtype, os.path.join(folder, "transformer"), lora)
         loaded = None if lora is None else load_lora(lora, configs.transformer)
         if compilation_cache:
             enable_compilation_cache(None if compilation_cache is True else compilation_cache)
 
-        def load(name: str, component_dtype: Any) -> tuple[Any, Params]:
-            return COMPONENTS[name].load(os.path.join(folder, name), component_dtype, getattr(configs, name))
+        def load(name: str, component_dtype: Any, quantize: str | None = None) -> tuple[Any, Params]:
+            return COMPONENTS[name].load(os.path.join(folder, name), component_dtype, getattr(configs, name),
+                                         quantize=quantize)
 
-        transformer = load("transformer", dtype)
+        # A LoRA is fused into the 16-bit kernels, which are then quantized.
+        transformer = load("transformer", dtype, None if loaded is not None else quantize)
         if loaded is not None:
             transformer = (transformer[0], apply_loaded(transformer[1], loaded, lora_scale))
+            if quantize:
+                transformer = (transformer[0], fp8.quantize_params(transformer[1]))
         text_config, text_params = load("text_encoder", dtype)
         return cls(
             transformer,

@@ -3,6 +3,7 @@ DiT programs on one device and on several meshes, results written to an .npz for
 
 ``python parallel_worker.py pipelines OUT.npz``  latents and video per (pipeline, mesh)
 ``python parallel_worker.py hlo OUT.npz``        compiled HLO text of a DiT forward and a training gradient
+``python parallel_worker.py trainer OUT.npz``    the trainer on one device, on a mesh, and resumed on another
 ``python parallel_worker.py process I N PORT OUT.npz``  one chunk as process I of N (jax.distributed)
 """
 
@@ -130,6 +131,45 @@ def hlo(out: str) -> None:
     np.savez(out, **results)
 
 
+def trainer_runs(out: str) -> None:
+    """The real trainer (tiny stage 1, float32) for 4 steps on one device and on data=2 x fsdp=4; then a run
+    interrupted at step 2 on that mesh and resumed from its sharded checkpoint on fsdp=8."""
+    import dataclasses
+
+    import training_fixtures as tf
+
+    from helios_jax.training import trainer as T
+
+    root = os.path.dirname(out)
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((8, 2, 16, 9, 4, 4)).astype(np.float32)
+    embeds = rng.standard_normal((8, tf.TEXT_TOKENS, tf.CONFIG.text_dim)).astype(np.float32)
+    data = lambda: iter(tf.dataset(latents, embeds, batch=8).to_iter_dataset())  # noqa: E731
+    stage = T.Stage(tf.make_stage1_loss(dtype=jnp.float32), T.OptimizerConfig(learning_rate=1e-3))
+    start = lambda: tf.stage1_variables(dtype=jnp.float32)  # noqa: E731
+    run = T.RunConfig(output_dir=os.path.join(root, "one"), max_train_steps=4, checkpointing_steps=2, seed=5)
+    results = {}
+    for label, sizes in (("one", None), ("mesh", {"data": 2, "fsdp": 4})):
+        final = T.train(dataclasses.replace(run, output_dir=os.path.join(root, label)), stage, *start(), data(),
+                        mesh=None if sizes is None else mesh_of(sizes))
+        results[f"{label}/losses"] = np.array([r["loss"] for r in T.read_metrics(os.path.join(root, label))])
+        results[f"{label}/trainable"] = np.concatenate([np.ravel(x) for x in jax.tree.leaves(final.trainable)])
+        if sizes is not None:
+            kernel = final.trainable["lora"]["blocks"]["attn1"]["to_q"]["lora_A"]["kernel"]
+            results["mesh/lora_A_spec"] = np.array(str(kernel.sharding.spec))
+            results["mesh/lora_A_shards"] = np.array(len({s.index for s in kernel.addressable_shards}))
+
+    broken = dataclasses.replace(run, output_dir=os.path.join(root, "resumed"), max_train_steps=2)
+    T.train(broken, stage, *start(), data(), mesh=mesh_of({"data": 2, "fsdp": 4}))
+    final = T.train(dataclasses.replace(broken, max_train_steps=4), stage, *start(), data(),
+                    mesh=mesh_of({"fsdp": 8}))
+    results["resumed/losses"] = np.array([r["loss"] for r in T.read_metrics(broken.output_dir)])
+    results["resumed/trainable"] = np.concatenate([np.ravel(x) for x in jax.tree.leaves(final.trainable)])
+    kernel = final.trainable["lora"]["blocks"]["attn1"]["to_q"]["lora_A"]["kernel"]
+    results["resumed/lora_A_spec"] = np.array(str(kernel.sharding.spec))
+    np.savez(out, **results)
+
+
 def errors(out: str) -> None:
     """The messages of bad meshes: the pipeline's (before any compute) and the model's (while tracing)."""
     from helios_jax.models.transformer import HeliosTransformer
@@ -173,5 +213,7 @@ if __name__ == "__main__":
         errors(sys.argv[2])
     elif sys.argv[1] == "hlo":
         hlo(sys.argv[2])
+    elif sys.argv[1] == "trainer":
+        trainer_runs(sys.argv[2])
     elif sys.argv[1] == "process":
         process(*map(int, sys.argv[2:5]), sys.argv[5])

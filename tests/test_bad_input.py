@@ -166,7 +166,7 @@ GENERATE_ROWS = [
     ("checkpoint a media folder", ["--checkpoint", "{m}"], "no model_index.json"),
     ("height not a number", ["--height", "abc"], "invalid int value"),
     ("frames fractional", ["--num_frames", "10.5"], "invalid int value"),
-    ("dtype unknown", ["--weight_dtype", "fp8"], "invalid choice"),
+    ("dtype unknown", ["--weight_dtype", "int8"], "invalid choice"),
     ("attention unknown", ["--attention", "flash"], "invalid choice"),
     ("flag unknown", ["--colour", "red"], "unrecognized arguments"),
 ]

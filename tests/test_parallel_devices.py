@@ -64,6 +64,21 @@ def test_fsdp_training_step_same_loss_and_gradients_and_gathers_layer_by_layer(p
     assert collectives(hlo, "reduce-scatter") or collectives(hlo, "all-reduce")
 
 
+def test_trainer_on_a_mesh_matches_one_device_and_resumes_on_another_mesh(tmp_path):
+    """trainer.train(mesh=data=2 x fsdp=4): the same losses and trainables as on one device (fp32, 4 steps of
+    the tiny stage 1 with the official context), the LoRA split over fsdp; a run stopped at step 2 and
+    resumed from its sharded checkpoint on fsdp=8 ends where the straight run ends."""
+    runs = run_worker("trainer", str(tmp_path))
+    for label in ("mesh", "resumed"):
+        rel, _ = rel_err(runs[f"{label}/losses"], runs["one/losses"])
+        assert rel <= TOLERANCE, (label, runs[f"{label}/losses"], runs["one/losses"])
+        rel, max_abs = rel_err(runs[f"{label}/trainable"], runs["one/trainable"])
+        assert rel <= TOLERANCE and max_abs <= 1e-5, (label, rel, max_abs)
+    assert str(runs["mesh/lora_A_spec"]).startswith("PartitionSpec(None, 'fsdp'")  # (layers, in: embed, rank)
+    assert int(runs["mesh/lora_A_shards"]) == 4
+    assert "'fsdp'" in str(runs["resumed/lora_A_spec"])
+
+
 def test_two_processes_run_a_chunk_as_one_process_does(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -144,6 +144,7 @@ def test_stage2_packed_and_sequential(workspace, tmp_path, capsys, navit, terms)
     ({"training_config.learning_rate": "[1]"}, "training_config.learning_rate = [1] (list) has the wrong type"),
     ({"model_config.subfolder": "vae"}, "_class_name 'AutoencoderKLWan' is not 'HeliosTransformer3DModel'"),
     ({"data_config.single_height": 128, "data_config.single_width": 128}, "no usable offload files"),
+    ({"mesh": "context=3"}, "has 3 devices but"),
 ])
 def test_bad_input_is_one_error_and_nothing_written(workspace, tmp_path, capsys, change, message):
     root, ckpt, data = workspace

@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from helios_jax.models import fp8
+
 _F32 = jnp.float32
 
 
@@ -84,11 +86,12 @@ class Dense(nn.Dense):
     """``nn.Dense`` that also applies a LoRA from the ``lora`` collection, if one is given.
 
     ``y = x W + b + scale * (x A) B`` without forming ``W + A B``; the sum is cast back to the base output's
-    dtype as PEFT does. Without a ``lora`` collection this is exactly ``nn.Dense``.
+    dtype as PEFT does. Without a ``lora`` collection this is exactly ``nn.Dense``. Params with an
+    ``fp8_kernel`` in place of the kernel run as an fp8 GEMM (``helios_jax.models.fp8``).
     """
 
     @nn.compact
     def __call__(self, inputs: jax.Array, lora_scale: float | jax.Array | None = None) -> jax.Array:
-        y = super().__call__(inputs)
+        y = fp8.dense(self, inputs, self.use_bias) if fp8.is_quantized(self) else super().__call__(inputs)
         delta = lora_delta(self, inputs, lora_scale, lambda x, a: jnp.einsum("...i,ir->...r", x, a))
         return y if delta is None else (y + delta).astype(y.dtype)

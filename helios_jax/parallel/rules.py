@@ -42,6 +42,14 @@ DIT_RULES: tuple[Rule, ...] = (
     (r"(patch_embedding|patch_short|patch_mid|patch_long)/kernel", (..., "embed")),
     (r"condition_embedder/(text|time)_embedder/linear_[12]/kernel|condition_embedder/time_proj/kernel", (..., "embed")),
     (r"proj_out/kernel", (..., "embed", None)),
+    # fp8 block linears (helios_jax.models.fp8): kernels stored (out, in), one scale per output channel.
+    (r"attn[12]/to_[qkv]/fp8_kernel", (..., "heads", "embed")),
+    (r"attn[12]/to_[qkv]/fp8_scale", (..., "heads")),
+    (r"attn[12]/to_out_0/fp8_kernel", (..., "embed", "heads")),
+    (r"ffn/net_0/proj/fp8_kernel", (..., "mlp", "embed")),
+    (r"ffn/net_0/proj/fp8_scale", (..., "mlp")),
+    (r"ffn/net_2/fp8_kernel", (..., "embed", "mlp")),
+    (r"(attn[12]/to_out_0|ffn/net_2)/fp8_scale", (..., "embed")),
 )
 UMT5_RULES: tuple[Rule, ...] = (
     (r"embed_tokens/embedding", ("vocab", "embed")),

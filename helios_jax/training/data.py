@@ -38,6 +38,7 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy for safetensors)
 import numpy as np
 from safetensors import safe_open
 
+from helios_jax.convert.export import save_safetensors
 from helios_jax.convert.sources import CheckpointError, read_torch_pickle
 from helios_jax.training import DataError
 from helios_jax.training.history import HISTORY_SIZES, LATENT_WINDOW
@@ -78,19 +79,9 @@ def parse_name(path: str) -> OffloadFile | None:
 
 def write_offload(path: str, vae_latent: np.ndarray, prompt_embed: np.ndarray, prompt_raw: str) -> str:
     """Write one clip's file atomically (a temporary name in the same folder, then a rename)."""
-    from safetensors.numpy import save_file
-
-    tmp = f"{path}.partial"
-    try:
-        save_file({"vae_latent": np.ascontiguousarray(vae_latent, np.float32),
-                   "prompt_embed": np.ascontiguousarray(prompt_embed)}, tmp,
-                  metadata={"prompt_raw": prompt_raw, "format": "helios-jax offload 1"})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    return save_safetensors({"vae_latent": np.ascontiguousarray(vae_latent, np.float32),
+                             "prompt_embed": np.ascontiguousarray(prompt_embed)}, path,
+                            {"prompt_raw": prompt_raw, "format": "helios-jax offload 1"})
 
 
 def read_offload(path: str) -> dict[str, Any]:

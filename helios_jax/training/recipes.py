@@ -53,6 +53,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
     TOP: {
         "output_dir": Key(str, "Helios"),
         "seed": Key(int, 42),
+        # This port's own key (not the official schema's): the device mesh, e.g. "data=2,fsdp=4".
+        "mesh": Key("str?", None),
     },
     "data_config": {
         "instance_data_root": Key((list, str), []),

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from grain import python as grain_python
 
+from helios_jax import parallel
 from helios_jax.checkpoint import PipelineSpec, read_checkpoint_configs
 from helios_jax.config import ConfigError, TransformerConfig
 from helios_jax.generate import DEFAULT_NEGATIVE_PROMPT
@@ -152,9 +153,10 @@ class Prepared:
     data: grain_python.DatasetIterator
     config: TransformerConfig
     spec: lora_lib.LoraSpec
+    mesh: jax.sharding.Mesh | None = None
 
     def train(self) -> trainer.TrainState:
-        return trainer.train(self.run, self.stage, self.trainable, self.frozen, self.data)
+        return trainer.train(self.run, self.stage, self.trainable, self.frozen, self.data, self.mesh)
 
 
 def transformer_folder(recipe: Recipe) -> str:
@@ -234,8 +236,10 @@ def prepare(recipe: Recipe, *, progress: bool | None = None,
     run = recipe.run(progress)
     trainer.check_resumable(run)
     d, t = recipe.section("data_config"), recipe.section("training_config")
+    mesh = training_mesh(recipe.section("")["mesh"])
     dataset = OffloadedDataset(
-        d["instance_data_root"], batch_size=t["train_batch_size"], seed=recipe.section("")["seed"],
+        d["instance_data_root"], batch_size=t["train_batch_size"] * batch_shards_per_process(mesh),
+        seed=recipe.section("")["seed"],
         process_index=jax.process_index(), process_count=jax.process_count(), shuffle=d["use_shuffle"],
         resolutions=[(d["single_height"], d["single_width"])] if d["single_res"] else None,
     )
@@ -244,6 +248,8 @@ def prepare(recipe: Recipe, *, progress: bool | None = None,
     component = transformer_component(folder)  # a Helios DiT, or the Wan 2.1 folder stage 1-init starts from
     config = component.read_config(folder)
     check_buckets(dataset, config, recipe.stage)
+    if mesh is not None:
+        parallel.check_mesh(mesh, heads=config.num_attention_heads)
     v = recipe.section("validation_config")
     validating = validate and bool(v["validation_prompts"])
     scheduler = validation_scheduler(recipe) if validating else None  # its errors before the weights
@@ -262,7 +268,24 @@ def prepare(recipe: Recipe, *, progress: bool | None = None,
                               seed=recipe.section("")["seed"])
     stage = trainer.Stage(make_losses(recipe, net), recipe.optimizer(),
                           export=functools.partial(export_lora, spec, config), validate=validator)
-    return Prepared(run, stage, trainable, frozen, dataset.iterator(num_threads), config, spec)
+    return Prepared(run, stage, trainable, frozen, dataset.iterator(num_threads), config, spec, mesh)
+
+
+def training_mesh(text: str | None) -> jax.sharding.Mesh | None:
+    """The YAML's ``mesh: "data=2,fsdp=4"`` over every device of the run (None: one device)."""
+    return None if text is None else parallel.make_mesh(**parallel.parse_mesh(text))
+
+
+def batch_shards_per_process(mesh: jax.sharding.Mesh | None) -> int:
+    """How many batch shards (``data`` x ``fsdp``) this process feeds: ``train_batch_size`` is per shard,
+    as the official one is per GPU. Every process must feed its own shards."""
+    if mesh is None:
+        return 1
+    shards = parallel.axis_size(mesh, "data") * parallel.axis_size(mesh, "fsdp")
+    if shards % jax.process_count():
+        raise parallel.MeshError(f"mesh {parallel.format_mesh(mesh)}: data x fsdp = {shards} batch shards cannot be "
+                                 f"split over {jax.process_count()} processes; make it a multiple of the process count")
+    return shards // jax.process_count()
 
 
 def _merged(scale: float, trainable: Params, frozen: Params) -> Params:

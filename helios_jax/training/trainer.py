@@ -13,6 +13,14 @@ optimizer state, step and the grain iterator state in ``output_dir/checkpoint-ST
 the latest checkpoint, a config-mismatch check on resume, ``metrics.jsonl``, a progress bar, and
 hooks for the LoRA export and validation videos.
 
+On a mesh (``train(..., mesh=)``, ``helios_jax.parallel.make_mesh``) the frozen base, the trainables and
+the optimizer state are split by the DiT's and the LoRA's sharding tables (``fsdp`` over the model
+width, ``tensor`` over heads and MLP), each process's batch becomes its part of one global batch split
+over ``data`` x ``fsdp``, and the step runs with the mesh current (attention runs context-parallel over
+``context``). jit propagates the rest: XLA all-gathers each layer's weights and reduce-scatters their
+gradients. Checkpoints are saved sharded and restored onto the shardings of the run that restores them,
+so a run may resume on another mesh.
+
 RNG: the key of step ``s`` on process ``p`` is ``fold_in(fold_in(key(seed), p), s)``. The official
 code seeds every rank identically, so its timesteps, noise and drops repeat across GPUs (only the
 data differs); here each process draws its own. Deriving the key from the step, rather than carrying
@@ -21,6 +29,7 @@ it in the state, makes a resumed run draw exactly what the uninterrupted run dra
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -36,9 +45,11 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 from flax import traverse_util
 from grain import python as grain_python
 
+from helios_jax import parallel
 from helios_jax.config import ConfigError
 from helios_jax.progress import Progress
 
@@ -52,7 +63,7 @@ METRICS_FILE, CONFIG_FILE = "metrics.jsonl", "config.json"
 # Keys (and sections) that may change between a run and its resumption: they do not change what a step computes.
 RESUMABLE_KEYS = ("training_config.max_train_steps", "training_config.resume_from_checkpoint",
                   "training_config.local_rank", "training_config.checkpointing_steps",
-                  "training_config.checkpoints_total_limit")
+                  "training_config.checkpoints_total_limit", "mesh")
 RESUMABLE_SECTIONS = ("validation_config",)
 
 
@@ -133,8 +144,11 @@ def combine(trainable: Params, frozen: Params) -> Params:
 
 
 def make_step(losses: LossFn | Sequence[LossFn], optimizer: optax.GradientTransformation,
-              schedule: optax.Schedule) -> Callable[[TrainState, Params, Batch, jax.Array], tuple[TrainState, dict]]:
+              schedule: optax.Schedule, state_sharding: TrainState | None = None,
+              ) -> Callable[[TrainState, Params, Batch, jax.Array], tuple[TrainState, dict]]:
     """The jit-compiled step over one loss or the terms of a sequential stage (see the module doc).
+    ``state_sharding`` (a TrainState of shardings, on a mesh) pins the new state to the old one's
+    shardings, so the step compiles once and the donated buffers are reused.
 
     Metrics: ``loss`` (the mean of the terms' losses; each term's as ``loss_i`` when there are several),
     ``grad_norm`` (global norm before clipping, as accelerate reports it), ``lr`` (the rate this update
@@ -156,7 +170,10 @@ def make_step(losses: LossFn | Sequence[LossFn], optimizer: optax.GradientTransf
                        lr=jnp.asarray(schedule(state.step), jnp.float32))
         return TrainState(state.step + 1, optax.apply_updates(state.trainable, updates), opt_state), metrics
 
-    return jax.jit(step, donate_argnums=0)
+    if state_sharding is None:
+        return jax.jit(step, donate_argnums=0)
+    replicated = parallel.replicated(jax.tree.leaves(state_sharding)[0].mesh)
+    return jax.jit(step, donate_argnums=0, out_shardings=(state_sharding, replicated))
 
 
 @functools.lru_cache(maxsize=8)
@@ -164,6 +181,36 @@ def compiled_step(losses: LossFn | tuple[LossFn, ...], cfg: OptimizerConfig) -> 
     """``make_step`` for a stage, kept per (losses, optimizer config): a run resumed in the same process
     (a notebook, the tests) reuses the compiled step instead of compiling it again."""
     return make_step(losses, make_optimizer(cfg), learning_rate(cfg))
+
+
+TRAINING_RULES = parallel.LORA_RULES + parallel.DIT_RULES  # {"params": DiT, "lora": LoRA} trees and their optimizer state
+
+
+def shard_variables(tree: Params, mesh: jax.sharding.Mesh | None) -> Params:
+    """A trainable or frozen tree (``{"params": ..., "lora": ...}``) placed on ``mesh`` by the DiT's and the
+    LoRA's tables; unchanged without a mesh."""
+    return tree if mesh is None else parallel.shard_params(tree, mesh, TRAINING_RULES)
+
+
+def state_shardings(state: TrainState, mesh: jax.sharding.Mesh) -> TrainState:
+    """Where a TrainState lives on ``mesh``: trainables and the optimizer state (whose moments mirror the
+    trainables' paths) by the sharding tables, the step counter replicated."""
+    return TrainState(parallel.replicated(mesh), parallel.shardings(state.trainable, mesh, TRAINING_RULES),
+                      parallel.shardings(state.opt_state, mesh, TRAINING_RULES))
+
+
+def global_batch(batch: Batch, mesh: jax.sharding.Mesh | None) -> Batch:
+    """This process's batch as its part of the global batch on ``mesh`` (leading axis over ``data`` x
+    ``fsdp``; the global batch is the processes' batches in process order). Unchanged without a mesh."""
+    if mesh is None:
+        return batch
+
+    def place(x):
+        x = np.asarray(x)
+        shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
+        return jax.make_array_from_process_local_data(parallel.batch_sharding(mesh, shape), x, shape)
+
+    return jax.tree.map(place, batch)
 
 
 def step_key(seed: int, step: int, process_index: int | None = None) -> jax.Array:
@@ -323,13 +370,20 @@ def _tensorboard(folder: str):
 
 
 def train(run: RunConfig, stage: Stage, trainable: Params, frozen: Params,
-          data: grain_python.DatasetIterator) -> TrainState:
+          data: grain_python.DatasetIterator, mesh: jax.sharding.Mesh | None = None) -> TrainState:
     """Train ``trainable`` for ``run.max_train_steps`` optimizer steps over batches from ``data`` (a grain
-    iterator, whose position is checkpointed with the params), resuming from ``output_dir`` if asked."""
+    iterator, whose position is checkpointed with the params), resuming from ``output_dir`` if asked;
+    on ``mesh`` if given (see the module doc)."""
     check_resumable(run)
     losses = stage.losses if callable(stage.losses) else tuple(stage.losses)
-    step_fn = compiled_step(losses, stage.optimizer)
-    state = init_state(trainable, make_optimizer(stage.optimizer))
+    frozen = shard_variables(frozen, mesh)
+    state = init_state(shard_variables(trainable, mesh), make_optimizer(stage.optimizer))
+    if mesh is None:
+        step_fn = compiled_step(losses, stage.optimizer)
+    else:
+        placement = state_shardings(state, mesh)
+        state = jax.device_put(state, placement)
+        step_fn = make_step(losses, make_optimizer(stage.optimizer), learning_rate(stage.optimizer), placement)
     manager = checkpoint_manager(run)
     start = _resume_step(manager, run)
     if start is not None:
@@ -339,14 +393,22 @@ def train(run: RunConfig, stage: Stage, trainable: Params, frozen: Params,
         }))
         state = restored[STATE_ITEM]
     start = start or 0
+    primary = jax.process_index() == 0  # one process writes the config, the metrics, the LoRA and the videos
     os.makedirs(run.output_dir, exist_ok=True)
-    if not os.path.isfile(os.path.join(run.output_dir, CONFIG_FILE)):
+    if primary and not os.path.isfile(os.path.join(run.output_dir, CONFIG_FILE)):
         _write_atomic(os.path.join(run.output_dir, CONFIG_FILE), json.dumps(run.config, indent=2, sort_keys=True))
     metrics_path = os.path.join(run.output_dir, METRICS_FILE)
-    _keep_metrics_until(metrics_path, start)
-    writer = _tensorboard(os.path.join(run.output_dir, "tensorboard"))
+    if primary:
+        _keep_metrics_until(metrics_path, start)
+    writer = _tensorboard(os.path.join(run.output_dir, "tensorboard")) if primary else None
+
+    def validate(step: int) -> None:
+        trainable, frozen_values = host_values(state.trainable), host_values(frozen)  # every process gathers
+        if primary:
+            stage.validate(trainable, frozen_values, step, run.output_dir)
+
     if stage.validate and run.first_step_valid and start == 0:
-        stage.validate(state.trainable, frozen, 0, run.output_dir)
+        validate(0)
 
     def save(step: int) -> None:
         manager.save(step, args=ocp.args.Composite(**{
@@ -354,10 +416,12 @@ def train(run: RunConfig, stage: Stage, trainable: Params, frozen: Params,
         }), force=True)
         manager.wait_until_finished()
         if stage.export:
-            stage.export(state.trainable, os.path.join(run.output_dir, f"{CHECKPOINT_PREFIX}{step}"))
+            trainable = host_values(state.trainable)
+            if primary:
+                stage.export(trainable, os.path.join(run.output_dir, f"{CHECKPOINT_PREFIX}{step}"))
 
-    with open(metrics_path, "a", encoding="utf-8") as log, \
-            Progress(run.max_train_steps - start, "training", enabled=run.progress) as bar:
+    log_file = open(metrics_path, "a", encoding="utf-8") if primary else contextlib.nullcontext()
+    with log_file as log, Progress(run.max_train_steps - start, "training", enabled=run.progress if primary else False) as bar:
         for step in range(start, run.max_train_steps):
             try:
                 batch = next(data)
@@ -365,11 +429,13 @@ def train(run: RunConfig, stage: Stage, trainable: Params, frozen: Params,
                 warnings.warn(f"the data ran out after step {step}; stopping there", stacklevel=2)
                 break
             began = time.perf_counter()
-            state, metrics = step_fn(state, frozen, batch, step_key(run.seed, step))
+            with on_mesh(mesh):
+                state, metrics = step_fn(state, frozen, global_batch(batch, mesh), step_key(run.seed, step))
             metrics = jax.device_get(metrics)
             record = _metric_record(step + 1, metrics, time.perf_counter() - began)
-            log.write(json.dumps(record) + "\n")
-            log.flush()
+            if log is not None:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
             if writer is not None:
                 for name, value in record.items():
                     if name != "step":
@@ -378,9 +444,22 @@ def train(run: RunConfig, stage: Stage, trainable: Params, frozen: Params,
             if (step + 1) % run.checkpointing_steps == 0 or step + 1 == run.max_train_steps:
                 save(step + 1)
             if stage.validate and run.validation_steps and (step + 1) % run.validation_steps == 0:
-                stage.validate(state.trainable, frozen, step + 1, run.output_dir)
+                validate(step + 1)
     manager.close()
     return state
+
+
+def host_values(tree: Params) -> Params:
+    """``tree`` readable on the host of every process: arrays split across processes are all-gathered
+    (every process must call this); anything else is returned as is."""
+    if all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(tree)):
+        return tree
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def on_mesh(mesh: jax.sharding.Mesh | None) -> contextlib.AbstractContextManager:
+    """``mesh`` as JAX's current mesh (the attention dispatch then splits over ``context``), or nothing."""
+    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
 
 
 def read_metrics(output_dir: str) -> list[dict]:

@@ -1,0 +1,212 @@
+"""FP8 weights in the H100's compiled plans: memory, the GEMM kernels XLA picks, and the roofline's time.
+
+    .venv-gpu-plan/bin/python experiments/fp8_plan.py          # 14B: minutes on 2 cores, appended to RESULTS.md
+    .venv-gpu-plan/bin/python experiments/fp8_plan.py --tiny   # the same programs at a toy size
+
+The programs of experiments/gpu_plan.py (deviceless, abstract inputs) with the DiT's block linears in fp8
+(``helios_jax.models.fp8``: float8_e4m3fn kernels, per-output-channel scales, per-token fp8 activations):
+the DiT forward at stage 2 and the pipeline's distilled chunk (2+2+2), each beside its bf16 twin, and the
+Wan VAE chunk decode in bf16 and fp32. Memory: XLA's plan (arguments + temporaries + outputs) of the chunk
+and of its decode resident at once, against the 22 GiB that a 24 GB card leaves. GEMMs: every GEMM launch
+of the optimised HLO, by kernel (cuBLAS or cuBLASLt custom call, Triton GEMM fusion) and operand types.
+Roofline: experiments/roofline.py's lower bounds, with the fp8 GEMMs at FP8_MATMUL_FLOPS (the H100's fp8
+dense peak is twice its bf16 peak; the same 80% of it as roofline.py's measured bf16 rate is assumed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import re
+import sys
+from typing import Any
+
+import gpu_plan  # sets JAX_PLATFORMS=cpu before jax is imported
+
+import common  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import roofline  # noqa: E402
+from helios_jax import demo  # noqa: E402
+from helios_jax.models import fp8  # noqa: E402
+from helios_jax.models import transformer as transformer_lib  # noqa: E402
+from helios_jax.models import vae as vae_lib  # noqa: E402
+from helios_jax.models.attention import default_impl  # noqa: E402
+from helios_jax.pipeline import HeliosPipeline  # noqa: E402
+from compile_study import abstract_inputs  # noqa: E402
+
+FP8_MATMUL_FLOPS = 2 * roofline.MATMUL_FLOPS
+CARD_LIMIT_GIB = 22.0  # what a 24 GB card (22.5 GiB) leaves after the CUDA context and allocator slack
+F8 = "f8e4m3fn"
+
+
+def dit_params(cfg, weight_dtype: str) -> Any:
+    params = gpu_plan.abstract_params(transformer_lib.param_shapes(cfg), jnp.bfloat16)
+    return fp8.quantized_shapes(params) if weight_dtype == "fp8" else params
+
+
+def dit_forward(size: gpu_plan.Size, weight_dtype: str, sharding) -> gpu_plan.Plan:
+    model = transformer_lib.HeliosTransformer(size.cfg, attention_impl=default_impl(jnp.bfloat16, "gpu"))
+    params = dit_params(size.cfg, weight_dtype)
+    inputs = abstract_inputs(size.cfg, size.work, 2)
+    lowered = jax.jit(model.apply).lower({"params": gpu_plan.on_device(params, sharding)},
+                                         **gpu_plan.on_device(inputs, sharding))
+    return gpu_plan.compile_plan(f"DiT forward, stage 2, {weight_dtype}", lowered, params)
+
+
+def distilled_chunk(size: gpu_plan.Size, weight_dtype: str, sharding) -> gpu_plan.Plan:
+    vae = gpu_plan.abstract_params(vae_lib.param_shapes(size.vae), jnp.bfloat16, keep_fp32=False)
+    pipe = HeliosPipeline((size.cfg, dit_params(size.cfg, weight_dtype)), (size.vae, vae), None, dict(demo.SCHEDULER),
+                          gpu_plan.DISTILLED, attention_impl=default_impl(jnp.bfloat16, "gpu"))
+    lowered = pipe.lower_chunk(**size.settings(), guidance_scale=1.0, pyramid_num_inference_steps_list=[2, 2, 2],
+                               sharding=sharding)
+    return gpu_plan.compile_plan(f"distilled chunk 2+2+2, {weight_dtype}", lowered, pipe.transformer_params)
+
+
+def programs(size: gpu_plan.Size, sharding) -> dict[str, gpu_plan.Plan]:
+    plans = [dit_forward(size, w, sharding) for w in ("bf16", "fp8")]
+    plans += [distilled_chunk(size, w, sharding) for w in ("bf16", "fp8")]
+    plans += [gpu_plan.decode_program(size, sharding, d) for d in (jnp.bfloat16, jnp.float32)]
+    return {p.name: p for p in plans}
+
+
+# --- which GEMM kernels ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Gemm:
+    kernel: str  # the custom-call target, or "Triton GEMM fusion"
+    operands: str  # the operand element types, e.g. "f8e4m3fn x f8e4m3fn -> f32"
+
+
+def _types(text: str) -> list[str]:
+    return [t for t, _ in roofline.shapes(text)]
+
+
+def _dot_in(module: roofline.Module, computation: str) -> roofline.Instruction | None:
+    """The dot of a (possibly nested) GEMM fusion."""
+    for inst in module.computations[computation]:
+        if inst.opcode == "dot":
+            return inst
+        for callee in inst.calls():
+            found = _dot_in(module, callee)
+            if found is not None:
+                return found
+    return None
+
+
+def gemms(hlo: str) -> collections.Counter:
+    """GEMM launches of an optimised HLO module by kernel and operand types, loop trip counts multiplied in."""
+    module = roofline.Module(hlo)
+    found: collections.Counter = collections.Counter()
+
+    def walk(name: str, count: int) -> None:
+        for inst in module.computations[name]:
+            if inst.opcode == "while":
+                trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', inst.attrs)
+                walk(re.search(r"body=%([\w.\-]+)", inst.attrs).group(1), count * (int(trips.group(1)) if trips else 1))
+            elif inst.opcode in ("call", "conditional", "async-start"):
+                for callee in inst.calls():
+                    walk(callee, count)
+            elif inst.opcode == "custom-call" and re.search(r'custom_call_target="[^"]*(gemm|matmul)', inst.attrs):
+                target = re.search(r'custom_call_target="([^"]+)"', inst.attrs).group(1)
+                ins = [(_types(module.shape.get(o, "")) or ["?"])[0] for o in inst.operands[:2]]
+                found[Gemm(target, f"{' x '.join(ins)} -> {_types(inst.shape)[0]}")] += count
+            elif inst.opcode == "fusion" and re.search(r'"kind":"__triton\w*gemm', inst.attrs):
+                dot = _dot_in(module, inst.calls()[0])
+                ins = [_types(module.shape[o])[0] for o in dot.operands[:2]]
+                found[Gemm("Triton GEMM fusion", f"{' x '.join(ins)} -> {_types(dot.shape)[0]}")] += count
+
+    walk(module.entry, 1)
+    return found
+
+
+# --- roofline with fp8 GEMMs at the fp8 rate ----------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Fp8Kernel(roofline.Kernel):
+    @property
+    def seconds(self) -> float:
+        return self.count * max(self.flops / FP8_MATMUL_FLOPS, self.bytes / roofline.HBM_BYTES)
+
+
+class Fp8Module(roofline.Module):
+    """roofline.Module whose GEMMs reading an fp8 operand run at the fp8 matmul rate."""
+
+    def _kernel(self, inst, count):
+        kernel = super()._kernel(inst, count)
+        operands = " ".join(self.shape.get(o, "") for o in inst.operands)
+        if kernel.kind == "GEMM" and F8 in operands:
+            return Fp8Kernel(**dataclasses.asdict(kernel))
+        return kernel
+
+
+def kernels_of(plan: gpu_plan.Plan) -> list[roofline.Kernel]:
+    return Fp8Module(plan.hlo).kernels()
+
+
+# --- report -------------------------------------------------------------------------------------------------
+
+MEMORY_HEADERS = ["program", "compile s", "arguments GiB", "temporaries GiB", "output GiB", "total GiB"]
+GEMM_HEADERS = ["program", "GEMM kernel", "operands", "launches"]
+TIME_HEADERS = ["program", "predicted ms", "GEMM ms", "fp8 GEMM launches", "not GEMM/attention %"]
+
+
+def resident_gib(plans: dict[str, gpu_plan.Plan], weights: str, vae: str) -> float:
+    chunk, decode = plans[f"distilled chunk 2+2+2, {weights}"], plans[f"VAE decode {vae}"]
+    return common.gib(gpu_plan.chunk_with_vae_bytes(chunk, decode))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer model at 128x128")
+    parser.add_argument("--autotune", default=None, help="replay GEMM autotune results dumped on a real H100")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--results", default=common.RESULTS, help="markdown file to append to ('' = none)")
+    args = parser.parse_args(argv)
+    missing = gpu_plan.plugin_missing()
+    if missing:
+        raise SystemExit(missing)
+    size = gpu_plan.TINY if args.tiny else gpu_plan.HELIOS_14B
+    plans = programs(size, gpu_plan.h100(args.autotune))
+    memory = [[p.name, p.compile_s, common.gib(p.argument_bytes), common.gib(p.temp_bytes), common.gib(p.output_bytes),
+               common.gib(p.total_bytes)] for p in plans.values()]
+    gemm_rows, time_rows, chunk_ms = [], [], {}
+    for name, plan in plans.items():
+        if name.startswith("VAE"):
+            continue
+        gemm_rows += [[name, g.kernel, g.operands, n] for g, n in sorted(gemms(plan.hlo).items(), key=str)]
+        ks = kernels_of(plan)
+        gemm_ms = 1e3 * sum(k.seconds for k in ks if k.kind == "GEMM")
+        time_rows.append([name, roofline.predicted_ms(ks), gemm_ms, sum(k.count for k in ks if isinstance(k, Fp8Kernel)),
+                          roofline.other_share(ks)])
+        if name.startswith("distilled"):
+            chunk_ms[name.rsplit(", ", 1)[1]] = roofline.predicted_ms(ks)
+    decode_ms = {v: roofline.predicted_ms(kernels_of(plans[f"VAE decode {v}"])) for v in ("bfloat16", "float32")}
+    fits = {(w, v): resident_gib(plans, w, v) for w in ("bf16", "fp8") for v in ("bfloat16", "float32")}
+    frames = common.video_frames(size.latent_frames)
+    lines = [f"- distilled chunk 2+2+2 ({w} weights) with its {v} VAE decode resident at once: {gib:.1f} GiB"
+             f"{' (fits 22 GiB)' if gib <= CARD_LIMIT_GIB else ''}" for (w, v), gib in fits.items()]
+    for w, ms in chunk_ms.items():
+        total = ms + decode_ms["bfloat16"]
+        lines.append(f"- predicted, {w} weights: chunk {ms:.0f} ms ({1e3 * frames / ms:.1f} FPS sampling), with the "
+                     f"bf16 decode {total:.0f} ms per {frames} frames ({1e3 * frames / total:.1f} FPS)")
+    env = common.environment("NVIDIA H100 80GB HBM3, compiled deviceless on the CPU (no GPU)",
+                             common.versions("jax", "jaxlib", "jax-cuda12-plugin", "flax", "qwix"))
+    body = (f"FP8 block linears (float8_e4m3fn, per-output-channel scales, per-token fp8 activations via qwix) in "
+            f"the H100 plans ({'tiny model' if args.tiny else '14B DiT'}, {size.height}x{size.width}, "
+            f"{size.latent_frames} latent frames; GEMM choices "
+            f"{'from ' + args.autotune if args.autotune else 'default (not autotuned)'}). Roofline: bf16 GEMMs at "
+            f"{roofline.MATMUL_FLOPS / 1e12:.0f} TFLOP/s, fp8 GEMMs at {FP8_MATMUL_FLOPS / 1e12:.0f} TFLOP/s "
+            f"(assumed: 2x, as the fp8 dense peak is 2x the bf16 one), {roofline.HBM_BYTES / 1e12:.2f} TB/s.\n\n"
+            + common.markdown_table(MEMORY_HEADERS, memory) + "\n" + common.markdown_table(GEMM_HEADERS, gemm_rows)
+            + "\n" + common.markdown_table(TIME_HEADERS, time_rows) + "\n" + "\n".join(lines) + "\n")
+    result = {"env": env, "memory": memory, "gemms": gemm_rows, "times": time_rows, "chunk_ms": chunk_ms,
+              "decode_ms": decode_ms, "resident_gib": {f"{w} weights, {v} VAE": g for (w, v), g in fits.items()}}
+    return common.report("fp8_plan", env, body, result, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)
