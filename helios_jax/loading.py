@@ -278,4 +278,5 @@ def component_of(folder: str | os.PathLike) -> Component:
     for component in COMPONENTS.values():
         if component.class_name in names:
             return component
-    raise ValueError(f"{folder}: class {names} is not a Helios component ({[c.class_name for c in COMPONENTS.values()]})")
+    raise ConfigError(f"{folder}: class {names} is not a Helios component; this port converts and loads "
+                      f"{[c.class_name for c in COMPONENTS.values()]}")

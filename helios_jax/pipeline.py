@@ -33,7 +33,7 @@ from helios_jax.models import fp8
 from helios_jax.models import vae as vae_lib
 from helios_jax.models.attention import default_impl
 from helios_jax.models.lora import apply_loaded, load_lora
-from helios_jax.models.transformer import HeliosTransformer, sequence_length
+from helios_jax.models.transformer import HeliosTransformer, compute_dtype, sequence_length
 from helios_jax.noise import KeyNoise, NoiseSource
 from helios_jax.progress import Progress
 from helios_jax.prompts import PromptEncoder
@@ -114,7 +114,7 @@ class HeliosPipeline:
                 f"{self.vae_config.z_dim} (z_dim): these components come from different models"
             )
         check_spec_matches_scheduler(spec, self.scheduler_config, "the pipeline's spec")
-        self.model_dtype = jax.tree.leaves(self.transformer_params["blocks"])[0].dtype
+        self.model_dtype = compute_dtype(self.transformer_params)
         self.vae_dtype = jax.tree.leaves(self.vae_params)[0].dtype
         self.mesh = mesh
         if mesh is not None:

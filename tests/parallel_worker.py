@@ -157,7 +157,7 @@ def trainer_runs(out: str) -> None:
         if sizes is not None:
             kernel = final.trainable["lora"]["blocks"]["attn1"]["to_q"]["lora_A"]["kernel"]
             results["mesh/lora_A_spec"] = np.array(str(kernel.sharding.spec))
-            results["mesh/lora_A_shards"] = np.array(len({s.index for s in kernel.addressable_shards}))
+            results["mesh/lora_A_shards"] = np.array(len({str(s.index) for s in kernel.addressable_shards}))
 
     broken = dataclasses.replace(run, output_dir=os.path.join(root, "resumed"), max_train_steps=2)
     T.train(broken, stage, *start(), data(), mesh=mesh_of({"data": 2, "fsdp": 4}))

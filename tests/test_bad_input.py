@@ -208,6 +208,7 @@ CONVERT_ROWS = [
     ("source missing", ["{o}/nowhere", "{o}/new"], "is not a folder"),
     ("destination folder missing", ["{c}", "{o}/no/such/new"], "does not exist"),
     ("source not a checkpoint", ["{o}", "{o}/new"], "it is not a model component folder"),
+    ("source of another model", ["{o}/unet", "{o}/new"], "is not a Helios component"),
     ("target unknown", ["{c}", "{o}/new", "--to", "onnx"], "invalid choice"),
 ]
 
@@ -215,6 +216,8 @@ CONVERT_ROWS = [
 @pytest.mark.parametrize("argv,message", [row[1:] for row in CONVERT_ROWS], ids=[row[0] for row in CONVERT_ROWS])
 def test_convert_refuses(argv, message, configs_only, tmp_path, capsys):
     (tmp_path / "new.partial").mkdir()  # what a killed convert leaves
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text('{"_class_name": "UNet2DConditionModel"}')
     before = _listing(tmp_path)
     status, err = _main(["convert", *[a.format(c=configs_only, o=tmp_path) for a in argv]], capsys)
     assert status == 2 and "Traceback" not in err, err

@@ -448,6 +448,12 @@ def keymap(cfg: TransformerConfig) -> KeyMap:
     return KeyMap(stacked=(("blocks", cfg.num_layers),), ignore=IGNORED_KEYS, literal=LITERAL_NAMES)
 
 
+def compute_dtype(params: dict) -> Any:
+    """The dtype a DiT's params run in: the noisy patch embedding's (never kept in float32, never fp8; the
+    first leaf of ``blocks`` may be a float32 ``history_key_scale`` or a float8 kernel)."""
+    return params["patch_embedding"]["kernel"].dtype
+
+
 def keeps_fp32(path: tuple[str, ...]) -> bool:
     """Whether a param belongs to a module the reference keeps in float32."""
     return any(part in KEEP_IN_FP32 for part in path)

@@ -39,7 +39,7 @@ from helios_jax.config import ConfigError, TransformerConfig
 from helios_jax.generate import DEFAULT_NEGATIVE_PROMPT
 from helios_jax.loading import COMPONENTS, transformer_component
 from helios_jax.models import lora as lora_lib
-from helios_jax.models.transformer import HeliosTransformer, keeps_fp32
+from helios_jax.models.transformer import HeliosTransformer, compute_dtype, keeps_fp32
 from helios_jax.pipeline import HeliosPipeline
 from helios_jax.prompts import PromptEncoder
 from helios_jax.sampling.schedule import HeliosSchedulerConfig
@@ -209,7 +209,7 @@ def validation_pipeline(recipe: Recipe, scheduler: HeliosSchedulerConfig,
     folder = recipe.section("model_config")["pretrained_model_name_or_path"]
     configs = read_checkpoint_configs(folder)
     spec = PipelineSpec(pyramid=recipe.stage != "stage1", is_cfg_zero_star=configs.spec.is_cfg_zero_star)
-    dtype = jax.tree.leaves(transformer[1]["blocks"])[0].dtype
+    dtype = compute_dtype(transformer[1])
     text = COMPONENTS["text_encoder"].load(os.path.join(folder, "text_encoder"), dtype, configs.text_encoder)
     vae = COMPONENTS["vae"].load(os.path.join(folder, "vae"), jnp.float32, configs.vae)
     return HeliosPipeline(transformer, vae, PromptEncoder(*text, configs.tokenizer), scheduler, spec)
@@ -291,7 +291,7 @@ def batch_shards_per_process(mesh: jax.sharding.Mesh | None) -> int:
 def _merged(scale: float, trainable: Params, frozen: Params) -> Params:
     """The base params with the LoRA fused in (what the validation pipeline runs)."""
     variables = trainer.combine(trainable, frozen)
-    dtype = jax.tree.leaves(frozen["params"]["blocks"])[0].dtype
+    dtype = compute_dtype(frozen["params"])
     params = lora_lib.merge_lora(variables["params"], variables["lora"], scale)
     return trainer.cast_params(params, dtype, keeps_fp32)
 
