@@ -94,6 +94,28 @@ def test_stage1_trains_validates_checkpoints_and_resumes(workspace, tmp_path, ca
     assert "checkpoint-4" in os.listdir(out)
 
 
+def test_stage1_init_starts_from_a_wan_transformer_folder(workspace, tmp_path, capsys):
+    """stage_1_init.yaml's transformer is Wan 2.1's WanTransformer3DModel: it trains as the Helios DiT, its
+    history patch convs derived from Wan's patch embedding (then trained in full)."""
+    from diffusers import WanTransformer3DModel
+    from reference import randomize
+
+    root, ckpt, data = workspace
+    demo = tf_config(ckpt)
+    wan = randomize(WanTransformer3DModel(
+        patch_size=demo.patch_size, num_attention_heads=demo.num_attention_heads,
+        attention_head_dim=demo.attention_head_dim, in_channels=demo.in_channels, out_channels=demo.out_channels,
+        text_dim=demo.text_dim, freq_dim=demo.freq_dim, ffn_dim=demo.ffn_dim, num_layers=demo.num_layers), 5, 0.05)
+    wan.save_pretrained(str(tmp_path / "wan" / "transformer"))
+    out = str(tmp_path / "stage1-wan")
+    args = overrides(root, ckpt, data, out, **{"model_config.transformer_model_name_or_path": str(tmp_path / "wan")})
+    code, err = train("stage_1_init.yaml", args, capsys)
+    assert code == 0, err
+    assert [r["step"] for r in trainer.read_metrics(out)] == [1, 2]
+    assert all(np.isfinite(r["loss"]) for r in trainer.read_metrics(out))
+    assert "transformer_partial.safetensors" in os.listdir(os.path.join(out, "checkpoint-2"))
+
+
 def tf_config(ckpt: str):
     from helios_jax.loading import COMPONENTS
 

@@ -15,8 +15,10 @@ reference keeps in float32; the float32 trainables are cast to bfloat16 for the 
 gradients flow back to the float32 masters; the loss is float32.
 
 :func:`prepare` turns a checked :class:`~helios_jax.training.recipes.Recipe` into the arguments of
-``trainer.train``: the transformer of ``model_config`` with a fresh LoRA, the offloaded data of
-``data_config``, the LoRA export of every checkpoint and the validation videos of ``validation_config``.
+``trainer.train``: the transformer of ``model_config`` (a Helios DiT, or the Wan 2.1
+``WanTransformer3DModel`` stage 1-init starts from: ``loading.load_transformer_init``) with a fresh
+LoRA, the offloaded data of ``data_config``, the LoRA export of every checkpoint and the validation
+videos of ``validation_config``.
 Everything that can be checked (paths, resume, buckets against the model) is checked before the first
 weight is read.
 """
@@ -36,7 +38,7 @@ from helios_jax import parallel
 from helios_jax.checkpoint import PipelineSpec, read_checkpoint_configs
 from helios_jax.config import ConfigError, TransformerConfig
 from helios_jax.generate import DEFAULT_NEGATIVE_PROMPT
-from helios_jax.loading import COMPONENTS
+from helios_jax.loading import COMPONENTS, transformer_component
 from helios_jax.models import lora as lora_lib
 from helios_jax.models.packed import packed_like
 from helios_jax.models.transformer import HeliosTransformer, compute_dtype, keeps_fp32
@@ -253,7 +255,8 @@ def prepare(recipe: Recipe, *, progress: bool | None = None,
     )
     folder = transformer_folder(recipe)
     dtype = DTYPES[t["mixed_precision"]]
-    config = COMPONENTS["transformer"].read_config(folder)
+    component = transformer_component(folder)  # a Helios DiT, or the Wan 2.1 folder stage 1-init starts from
+    config = component.read_config(folder)
     check_buckets(dataset, config, recipe.stage)
     if mesh is not None:
         parallel.check_mesh(mesh, heads=config.num_attention_heads)
@@ -261,7 +264,7 @@ def prepare(recipe: Recipe, *, progress: bool | None = None,
     validating = validate and bool(v["validation_prompts"])
     scheduler = validation_scheduler(recipe) if validating else None  # its errors before the weights
 
-    config, params = COMPONENTS["transformer"].load(folder, dtype, config)
+    config, params = component.load(folder, dtype, config)
     spec, subset = recipe.lora()
     lora = lora_lib.init_lora(spec, params, jax.random.key(recipe.section("")["seed"]))
     variables = {"params": params, "lora": lora}
