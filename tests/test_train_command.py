@@ -7,6 +7,7 @@ Slow (a few minutes on a free CPU: the VAE, UMT5, the pipeline and three trainin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from helios_jax import cli
-from helios_jax.demo import build_demo_checkpoint
+from helios_jax.demo import TRANSFORMER, build_demo_checkpoint
 from helios_jax.models import lora as lora_lib
 from helios_jax.training import trainer
 from helios_jax.video import write_mp4
@@ -31,7 +32,8 @@ pytestmark = pytest.mark.slow
 def workspace(tmp_path_factory):
     """The demo checkpoint and two offloaded synthetic clips."""
     root = tmp_path_factory.mktemp("train")
-    ckpt = build_demo_checkpoint(root / "ckpt")
+    # The official configs' model has no learned history key scale (the packed stage-2 forward refuses one).
+    ckpt = build_demo_checkpoint(root / "ckpt", transformer=dataclasses.replace(TRANSFORMER, is_amplify_history=False))
     videos = tf.moving_square_videos(2, 4, seed=3, pixels=PIXELS)  # (clips, sections, 3, 33, H, W) in [-1, 1]
     meta = []
     os.makedirs(root / "videos")
@@ -122,21 +124,21 @@ def tf_config(ckpt: str):
     return COMPONENTS["transformer"].read_config(os.path.join(ckpt, "transformer"))
 
 
-@pytest.mark.parametrize("navit,terms", [("true", 1), ("false", 3)])
-def test_stage2_packed_and_sequential(workspace, tmp_path, capsys, navit, terms):
+def test_stage2_packed(workspace, tmp_path, capsys):
+    """stage_2_post.yaml as published (is_navit_pyramid true: the pyramid examples in one packed forward).
+    The sequential variant runs the same pyramid_loss, one term per example, in
+    tests/test_trainer.py::test_tiny_helios_stage2_learns."""
     root, ckpt, data = workspace
     out = str(tmp_path / "stage2")
-    extra = {"training_config.is_navit_pyramid": navit, "training_config.max_train_steps": 1,
-             "training_config.checkpointing_steps": 1, "training_config.train_batch_size": 1,
-             "training_config.stage2_sample_ratios": "[1,1,1]"}
+    extra = {"training_config.max_train_steps": 1, "training_config.checkpointing_steps": 1,
+             "training_config.train_batch_size": 1}
     code, err = train("stage_2_post.yaml", overrides(root, ckpt, data, out, **extra), capsys)
     assert code == 0, err
     (record,) = trainer.read_metrics(out)
-    assert np.isfinite(record["loss"]) and record["grad_norm"] > 0
-    assert sorted(k for k in record if k.startswith("loss_")) == ([f"loss_{i}" for i in range(terms)] if terms > 1 else [])
-    folder = os.path.join(out, "checkpoint-1")
-    assert os.listdir(folder).count("pytorch_lora_weights.safetensors") == 1
-    assert "transformer_partial.safetensors" not in os.listdir(folder)  # stage 2-post gives the patches a LoRA
+    assert np.isfinite(record["loss"]) and record["grad_norm"] > 0 and not [k for k in record if k.startswith("loss_")]
+    files = os.listdir(os.path.join(out, "checkpoint-1"))
+    assert "pytorch_lora_weights.safetensors" in files
+    assert "transformer_partial.safetensors" not in files  # stage 2-post gives the patch convs a LoRA
 
 
 @pytest.mark.parametrize("change,message", [

@@ -258,6 +258,9 @@ def prepare(recipe: Recipe, *, progress: bool | None = None,
     component = transformer_component(folder)  # a Helios DiT, or the Wan 2.1 folder stage 1-init starts from
     config = component.read_config(folder)
     check_buckets(dataset, config, recipe.stage)
+    if recipe.stage == "stage2_packed" and config.is_amplify_history:
+        raise ConfigError(f"{folder}: is_amplify_history is on, which the packed stage-2 forward does not run (no "
+                          "official model has it); set training_config.is_navit_pyramid=false (the sequential variant)")
     if mesh is not None:
         parallel.check_mesh(mesh, heads=config.num_attention_heads)
     v = recipe.section("validation_config")
