@@ -12,6 +12,8 @@ import os
 from types import ModuleType
 from typing import Any, Callable
 
+import jax.numpy as jnp
+
 from helios_jax.config import (
     ConfigError,
     TransformerConfig,
@@ -32,6 +34,7 @@ from helios_jax.convert import (
     saved_shapes,
 )
 from helios_jax.models import fp8, transformer, umt5, vae
+from helios_jax.models.memory import HISTORY_TERMS
 
 Params = dict[str, Any]
 # transformers' text encoder class of each model_type this port runs.
@@ -159,6 +162,92 @@ COMPONENTS: dict[str, Component] = {
 def load_transformer(path: str | os.PathLike, dtype: Any | None = None) -> tuple[TransformerConfig, Params]:
     """The Helios DiT from a diffusers ``transformer/`` folder: ``cfg, params = load_transformer(dir)``."""
     return COMPONENTS["transformer"].load(path, dtype)
+
+
+# --- stage 1-init: a Wan 2.1 transformer as the Helios DiT it starts from ---------------------------------
+
+WAN_CLASS = "WanTransformer3DModel"
+# Wan config keys a Helios DiT has no use for: the image-to-video embedders (must be off) and Wan's RoPE
+# table length (Helios computes its RoPE from the frame indices).
+WAN_IMAGE_KEYS = ("image_dim", "pos_embed_seq_len")
+WAN_ONLY_KEYS = (*WAN_IMAGE_KEYS, "rope_max_seq_len")
+# The Helios flags of the official stage 1 (train_helios.py builds the model with them from the Wan folder).
+STAGE1_FLAGS = dict(has_multi_term_memory_patch=True, zero_history_timestep=True, guidance_cross_attn=True)
+
+
+def wan_rope_dim(head_dim: int) -> tuple[int, int, int]:
+    """Wan's RoPE split of a head (``WanRotaryPosEmbed``): h = w = 2 (d // 6), t the rest."""
+    hw = 2 * (head_dim // 6)
+    return head_dim - 2 * hw, hw, hw
+
+
+@dataclasses.dataclass(frozen=True)
+class WanInit:
+    """A diffusers ``WanTransformer3DModel`` folder read as the Helios DiT that stage 1-init trains (the
+    ``read_config``/``load`` of :class:`Component`). Every Wan weight is used as it is (Wan's
+    ``scale_shift_table`` is Helios' ``norm_out.scale_shift_table``); the history patch convs Wan lacks
+    are derived from the loaded ``patch_embedding`` by :func:`history_patches_from`."""
+
+    class_name: str = WAN_CLASS
+
+    def read_config(self, path: str | os.PathLike) -> TransformerConfig:
+        raw, origin = config_dict(os.fspath(path))
+        if raw.get("_class_name") != WAN_CLASS:
+            raise ConfigError(f"{origin}: _class_name {raw.get('_class_name')!r} is not {WAN_CLASS!r}; "
+                              "a Helios transformer folder loads with load_transformer")
+        for key in WAN_IMAGE_KEYS:
+            if raw.get(key) is not None:
+                raise ConfigError(f"{origin}: {key} = {raw[key]!r} is not supported: Helios starts from the "
+                                  f"text-to-video Wan 2.1 ({key} null); use Wan-AI/Wan2.1-T2V-14B-Diffusers")
+        head_dim = raw.get("attention_head_dim", TransformerConfig.attention_head_dim)
+        values = {**raw, "rope_dim": list(wan_rope_dim(head_dim)), **STAGE1_FLAGS}
+        return build_config(TransformerConfig, values, origin, ignore=WAN_ONLY_KEYS)
+
+    def load(self, path: str | os.PathLike, dtype: Any | None = None,
+             config: TransformerConfig | None = None) -> tuple[TransformerConfig, Params]:
+        folder = os.fspath(path)
+        config = self.read_config(folder) if config is None else config
+        shapes = dict(transformer.param_shapes(config))
+        for name, _ in HISTORY_TERMS:
+            del shapes[f"patch_{name}"]
+        renamed = (("scale_shift_table", "norm_out.scale_shift_table"),)
+        keymap = dataclasses.replace(transformer.keymap(config), renamed=renamed)
+        params = load_params(folder, shapes, keymap, dtype_policy(dtype, transformer.keeps_fp32), desc="transformer")
+        return config, {**params, **history_patches_from(params["patch_embedding"])}
+
+
+def history_patches_from(patch_embedding: Params) -> Params:
+    """``patch_short/mid/long`` from a patch embedding, as the official ``initialize_weight_from_another_conv3d``:
+    the kernel (its ``[:, :16]`` is the whole kernel of the 16-channel text-to-video model) repeated 1, 2 and
+    4 times along t, h and w and divided by the repeat count (a constant block then gives the patch
+    embedding's response), biases copied. The official code runs it on the random init before the Wan
+    weights load (TRAINING.md section 13 item 2); here it runs on the loaded weights."""
+    kernel = patch_embedding["kernel"]  # flax layout (t, h, w, in, out)
+    out = {}
+    for name, factor in HISTORY_TERMS:
+        tiled = kernel.astype(jnp.float32)
+        for axis in range(3):
+            tiled = jnp.repeat(tiled, factor, axis=axis)
+        out[f"patch_{name}"] = {"kernel": (tiled / factor**3).astype(kernel.dtype), "bias": patch_embedding["bias"]}
+    return out
+
+
+def transformer_component(path: str | os.PathLike) -> Component | WanInit:
+    """What loads a training run's ``transformer_model_name_or_path``: a Helios DiT folder, or the Wan 2.1
+    folder stage 1-init starts from (by its config's ``_class_name``)."""
+    folder = os.fspath(path)
+    if not is_saved_params(folder):
+        raw, _ = config_dict(folder)
+        if raw.get("_class_name") == WAN_CLASS:
+            return WanInit()
+    return COMPONENTS["transformer"]
+
+
+def load_transformer_init(path: str | os.PathLike, dtype: Any | None = None) -> tuple[TransformerConfig, Params]:
+    """The DiT a training run starts from: a Helios folder as :func:`load_transformer` loads it, or a Wan 2.1
+    ``WanTransformer3DModel`` folder with the Helios stage-1 flags and history patch convs derived from its
+    patch embedding: ``cfg, params = load_transformer_init("Wan2.1-T2V-14B-Diffusers/transformer")``."""
+    return transformer_component(path).load(path, dtype)
 
 
 def load_text_encoder(path: str | os.PathLike, dtype: Any | None = None) -> tuple[UMT5Config, Params]:

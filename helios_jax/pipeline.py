@@ -235,7 +235,7 @@ class HeliosPipeline:
         """
         tokens = text_tokens or settings.get("max_sequence_length", Request.max_sequence_length)
         embeds = jax.ShapeDtypeStruct((batch, tokens, self.transformer_config.text_dim), self.model_dtype)
-        request, layout = self._check(dict(settings), None, embeds, None, None, None, 0, None, None, None)
+        request, layout = self._check(dict(settings), prompt_embeds=embeds)
         guidance = guidance_mode(request.guidance_scale, self.spec.pyramid and self.spec.is_cfg_zero_star)
         latent_hw = (request.height // VAE_SPATIAL_FACTOR, request.width // VAE_SPATIAL_FACTOR)
         latent_shape = (batch, self.transformer_config.in_channels, request.num_latent_frames_per_chunk, *latent_hw)
@@ -288,8 +288,10 @@ class HeliosPipeline:
     ) -> Iterator[np.ndarray]:
         """Validate and prepare everything (errors are raised here, before any compute), then return
         the iterator over chunks."""
-        request, layout = self._check(settings, prompt, prompt_embeds, negative_prompt, negative_prompt_embeds,
-                                      interactive_prompts, interpolation_chunks, image, video, seed)
+        request, layout = self._check(settings, prompt=prompt, prompt_embeds=prompt_embeds,
+                                      negative_prompt=negative_prompt, negative_prompt_embeds=negative_prompt_embeds,
+                                      interactive_prompts=interactive_prompts,
+                                      interpolation_chunks=interpolation_chunks, image=image, video=video, seed=seed)
         chunks = num_chunks(request.num_frames, request.num_latent_frames_per_chunk)
         guidance = guidance_mode(request.guidance_scale, self.spec.pyramid and self.spec.is_cfg_zero_star)
         pixels = (request.height, request.width)
@@ -477,8 +479,9 @@ class HeliosPipeline:
 
     # ------------------------------------------------------------------------------------ validation
 
-    def _check(self, settings: dict[str, Any], prompt, prompt_embeds, negative_prompt, negative_prompt_embeds,
-               interactive_prompts, interpolation_chunks, image, video, seed) -> tuple[Request, HistoryLayout]:
+    def _check(self, settings: dict[str, Any], *, prompt=None, prompt_embeds=None, negative_prompt=None,
+               negative_prompt_embeds=None, interactive_prompts=None, interpolation_chunks=0, image=None, video=None,
+               seed=None) -> tuple[Request, HistoryLayout]:
         """Every user error, before any compute: one clear message naming the value and the rule."""
         request, layout = check_request(settings, pyramid=self.spec.pyramid, stages=self.scheduler_config.stages,
                                         scheduler_type=self.scheduler_config.scheduler_type)

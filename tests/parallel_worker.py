@@ -180,8 +180,7 @@ def errors(out: str) -> None:
                                           mesh=mesh_of({"context": 8}))
     for label, settings in (("base_ok", {}), ("base_uneven", {"height": 64, "width": 96})):
         try:
-            pipe._check({"height": SIZE, "width": SIZE, "num_frames": 1, **settings}, "a", None, None, None, None,
-                        0, None, None, None)
+            pipe._check({"height": SIZE, "width": SIZE, "num_frames": 1, **settings}, prompt="a", seed=0)
             messages[label] = "ok"
         except parallel.MeshError as err:
             messages[label] = str(err)

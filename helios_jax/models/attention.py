@@ -8,6 +8,10 @@ backends is a change of one string, so a model can be compared across backends w
 
 Under a mesh with a ``context`` axis of size > 1 (``jax.set_mesh``), the call runs context-parallel
 (``helios_jax.parallel.context``: Ulysses all-to-all, or a K/V all-gather) around the same backend.
+
+``segment_ids`` makes the attention block-diagonal (NaViT packing, stage 2-init): a query attends only to
+keys of its own segment. XLA and cuDNN get it as a boolean mask (cuDNN turns it into an additive bias of
+(tokens x tokens) per sample); the Pallas kernel and the context-parallel path have no segments and refuse.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from helios_jax.parallel import context as context_parallel
 
 Impl = Literal["xla", "cudnn", "pallas"]
 IMPLS: tuple[str, ...] = ("xla", "cudnn", "pallas")
+# One (B or 1, T) integer array for self-attention, or a (q ids (B or 1, Tq), kv ids (B or 1, Tk)) pair.
+SegmentIds = jax.Array | tuple[jax.Array, jax.Array]
 
 
 def default_impl(dtype, platform: str | None = None) -> str:
@@ -46,6 +52,7 @@ def attention(
     scale: float | None = None,
     bias: jax.Array | None = None,
     mask: jax.Array | None = None,
+    segment_ids: SegmentIds | None = None,
     cross: bool = False,
 ) -> jax.Array:
     """Non-causal softmax attention, layout (batch, tokens, heads, head_dim), scale 1/sqrt(head_dim).
@@ -53,8 +60,9 @@ def attention(
     q may have a different token count from k and v (cross-attention); the output has q's shape.
     ``bias`` is added to the logits and ``mask`` (True = attend) removes keys; both broadcast to
     (batch, heads, q tokens, k tokens). Logits and softmax are float32 whatever the input dtype
-    (for float16 on a CPU, see ``_xla_float16``). ``cross`` says k and v are another sequence (text) than
-    q's: under a context mesh they stay whole.
+    (for float16 on a CPU, see ``_xla_float16``). ``segment_ids`` (see ``SegmentIds``) lets a query attend
+    only to keys of the same id, on top of ``mask``. ``cross`` says k and v are another sequence (text)
+    than q's: under a context mesh they stay whole.
     """
     if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(
@@ -64,6 +72,15 @@ def attention(
         raise ValueError(f"attention impl {impl!r} is not one of {IMPLS}")
     if impl == "pallas" and (bias is not None or mask is not None):
         raise ValueError("the pallas attention kernel takes no bias or mask; use impl='xla' or 'cudnn' for them")
+    if segment_ids is not None:
+        if impl == "pallas":
+            raise ValueError("the pallas attention kernel has no segment ids; use impl='xla' or 'cudnn' for a "
+                             "packed (segment-id) attention")
+        if context_parallel.active_mesh() is not None:
+            raise ValueError("segment-id attention does not run context-parallel (its mask is per query); "
+                             "run the packed forward without a context axis in the mesh")
+        same = segment_mask(segment_ids, q.shape[0], q.shape[1], k.shape[1])
+        mask = same if mask is None else jnp.logical_and(mask, same)
 
     def local(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         if impl == "pallas":
@@ -75,6 +92,25 @@ def attention(
     if bias is None and context_parallel.active_mesh() is not None:
         return context_parallel.attention(q, k, v, local, cross=cross, mask=mask)
     return local(q, k, v, mask)
+
+
+def segment_mask(segment_ids: SegmentIds, batch: int, q_tokens: int, k_tokens: int) -> jax.Array:
+    """(B or 1, 1, Tq, Tk) True where the query's and the key's segment ids are equal; one clear error for
+    ids that are not integer arrays of shape (B or 1, Tq) and (B or 1, Tk)."""
+    pair = segment_ids if isinstance(segment_ids, (tuple, list)) else (segment_ids, segment_ids)
+    if len(pair) != 2:
+        raise ValueError(f"segment_ids: give one (B, T) array or a (q ids, kv ids) pair; got {len(pair)} arrays")
+    for name, ids, tokens in (("q", pair[0], q_tokens), ("kv", pair[1], k_tokens)):
+        shape, dtype = jnp.shape(ids), jnp.result_type(ids)
+        integer = jnp.issubdtype(dtype, jnp.integer)
+        if len(shape) != 2 or shape[0] not in (1, batch) or shape[1] != tokens or not integer:
+            raise ValueError(
+                f"segment_ids: the {name} ids must be an integer array of shape (1 or B={batch}, {tokens}) for "
+                f"{name} tokens of {tokens}; got shape {shape}, dtype {dtype} (a single array serves q and kv of "
+                "self-attention; give a (q ids, kv ids) pair when their lengths differ)"
+            )
+    q_ids, kv_ids = (jnp.asarray(ids) for ids in pair)
+    return q_ids[:, None, :, None] == kv_ids[:, None, None, :]
 
 
 def _xla_float16(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None, mask: jax.Array | None,

@@ -108,6 +108,7 @@ class Attention(nn.Module):
         history_len: int = 0,
         mask: jax.Array | None = None,
         lora_scale: LoraScale = None,
+        segment_ids: jax.Array | None = None,
         kv: tuple[jax.Array, jax.Array] | None = None,
     ) -> jax.Array:
         """``kv``: this layer's keys and values, already projected (cross-attention with ``text_kv``)."""
@@ -120,7 +121,7 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if not self.cross and cfg.is_amplify_history:
             k = self._amplify_history_keys(k, history_len)
-        out = attention(q, k, v, impl=self.impl, mask=mask, cross=self.cross)
+        out = attention(q, k, v, impl=self.impl, mask=mask, segment_ids=segment_ids, cross=self.cross)
         return Dense(dim, name="to_out_0")(out.reshape(*out.shape[:2], dim), lora_scale)
 
     def _amplify_history_keys(self, k: jax.Array, history_len: int) -> jax.Array:

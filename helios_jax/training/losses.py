@@ -12,7 +12,9 @@ timestep (stage 2).
   its end point with a local sigma, and the model sees the stage's global timestep.
 * :func:`flow_loss` is the mean squared error in float32 (weight 1: "logit_normal" changes only the
   sampling); :func:`sequential_pyramid_grads` runs one forward and backward per stage and sums the
-  gradients, as the official stage 2-post does under DDP.
+  gradients, as the official stage 2-post does under DDP; :func:`packed_pyramid_loss` runs stage 2-init's
+  examples as segments of one packed forward (a ``PackedModelFn``) and :func:`mean_pyramid_loss` the
+  same mean with one forward per example.
 
 ``model_fn(params, hidden_states, timestep, conditioning) -> velocity`` is any callable with the
 transformer's layout; ``conditioning`` is a dict of its keyword arguments (text embeddings and the
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +39,8 @@ from helios_jax.training.history import normal
 NUM_TRAIN_TIMESTEPS = 1000
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "none", "uniform")
 ModelFn = Callable[[Any, jax.Array, jax.Array, Mapping[str, jax.Array]], jax.Array]
+# (params, [noisy_i], [timestep_i], conditioning) -> [velocity_i]: all segments in one packed forward.
+PackedModelFn = Callable[[Any, Sequence[jax.Array], Sequence[jax.Array], Mapping[str, jax.Array]], Sequence[jax.Array]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,7 +244,23 @@ def sequential_pyramid_grads(
 
 def mean_pyramid_loss(model_fn: ModelFn, params: Any, examples: list[FlowExample],
                       conditioning: Mapping[str, jax.Array], dtype: Any = jnp.float32) -> jax.Array:
-    """Stage 2-init's objective, the mean of the examples' losses (one backward). The official code runs
-    the examples as one packed forward with block-diagonal attention per segment; with every segment
-    attending only to itself and the shared history that equals separate forwards, which this runs."""
+    """Stage 2-init's objective, the mean of the examples' losses (one backward), each example its own
+    forward. It equals :func:`packed_pyramid_loss`, the official one-forward form, in value and gradient
+    (tests/test_packed.py: <= 1e-5 in fp32, the LoRA gradients included), since there every segment attends
+    only to itself and its copy of the shared history."""
     return jnp.mean(jnp.stack([example_loss(model_fn, params, ex, conditioning, dtype) for ex in examples]))
+
+
+def packed_pyramid_loss(packed_fn: PackedModelFn, params: Any, examples: list[FlowExample],
+                        conditioning: Mapping[str, jax.Array], dtype: Any = jnp.float32) -> jax.Array:
+    """Stage 2-init's objective as the official code runs it (``is_navit_pyramid``): every example a segment
+    of ONE packed forward (``helios_jax.models.packed.PackedHeliosTransformer``: block-diagonal attention per
+    segment, the history copied into each), loss = the mean of the segment losses (with ratios [1, 2, 1] the
+    middle stage weighs 2/4). ``packed_fn(params, [noisy_i], [timestep_i], conditioning) -> [velocity_i]``;
+    the inputs are cast to ``dtype``."""
+    predictions = packed_fn(params, [ex.noisy.astype(dtype) for ex in examples], [ex.timestep for ex in examples],
+                            conditioning)
+    if len(predictions) != len(examples):
+        raise ValueError(f"packed_pyramid_loss: packed_fn returned {len(predictions)} velocities for "
+                         f"{len(examples)} segments; it must return one per segment, in order")
+    return jnp.mean(jnp.stack([flow_loss(p, ex.velocity) for p, ex in zip(predictions, examples)]))

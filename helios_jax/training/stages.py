@@ -7,15 +7,18 @@ A stage is a loss (or a few) plus a config (``helios_jax.training.trainer.Stage`
 * :func:`pyramid_losses`: the same context shared by every pyramid stage at full resolution,
   ``losses.pyramid_examples`` of the YAML's ``stage2_sample_ratios``; stage 2-post ("sequential") is one
   loss term per example (the trainer runs one forward and backward each and sums the gradients),
-  stage 2-init ("packed", ``is_navit_pyramid``) one term, the mean of the examples' losses.
+  stage 2-init ("packed", ``is_navit_pyramid``) one term, the mean of the examples' losses from ONE
+  forward of the packed DiT (``models.packed``: the segments side by side, block-diagonal attention).
 
 Mixed precision (``mixed_precision: bf16``): the frozen base is stored in bfloat16 but the modules the
 reference keeps in float32; the float32 trainables are cast to bfloat16 for the forward, their
 gradients flow back to the float32 masters; the loss is float32.
 
 :func:`prepare` turns a checked :class:`~helios_jax.training.recipes.Recipe` into the arguments of
-``trainer.train``: the transformer of ``model_config`` with a fresh LoRA, the offloaded data of
-``data_config``, the LoRA export of every checkpoint and the validation videos of ``validation_config``.
+``trainer.train``: the transformer of ``model_config`` (a Helios DiT, or the Wan 2.1
+``WanTransformer3DModel`` stage 1-init starts from: ``loading.load_transformer_init``) with a fresh
+LoRA, the offloaded data of ``data_config``, the LoRA export of every checkpoint and the validation
+videos of ``validation_config``.
 Everything that can be checked (paths, resume, buckets against the model) is checked before the first
 weight is read.
 """
@@ -35,8 +38,9 @@ from helios_jax import parallel
 from helios_jax.checkpoint import PipelineSpec, read_checkpoint_configs
 from helios_jax.config import ConfigError, TransformerConfig
 from helios_jax.generate import DEFAULT_NEGATIVE_PROMPT
-from helios_jax.loading import COMPONENTS
+from helios_jax.loading import COMPONENTS, transformer_component
 from helios_jax.models import lora as lora_lib
+from helios_jax.models.packed import packed_like
 from helios_jax.models.transformer import HeliosTransformer, compute_dtype, keeps_fp32
 from helios_jax.pipeline import HeliosPipeline
 from helios_jax.prompts import PromptEncoder
@@ -68,6 +72,13 @@ class StageModel:
                  conditioning: Mapping[str, jax.Array]) -> jax.Array:
         return self.model.apply(variables, noisy, timestep, **conditioning, lora_scale=self.lora_scale)
 
+    def packed(self, variables: Params, noisy: Sequence[jax.Array], timesteps: Sequence[jax.Array],
+               conditioning: Mapping[str, jax.Array]) -> list[jax.Array]:
+        """Several segments (each its own resolution and timestep, one shared history) in ONE forward
+        with block-diagonal attention (``losses.PackedModelFn``; stage 2-init's NaViT packing)."""
+        return packed_like(self.model).apply(variables, list(noisy), list(timesteps), **conditioning,
+                                             lora_scale=self.lora_scale)
+
 
 def conditioning(batch: Batch, key: jax.Array, context: ContextConfig, dtype: Any) -> dict[str, jax.Array]:
     """The transformer's text and history inputs of one batch (``x0``, ``history``, ``prompt_embeds``):
@@ -98,8 +109,9 @@ class PyramidSettings:
 
 def pyramid_loss(net: StageModel, context: ContextConfig, pyramid: PyramidSettings, which: int | None,
                  trainable: Params, frozen: Params, batch: Batch, key: jax.Array) -> tuple[jax.Array, dict]:
-    """Stage 2: example ``which`` of the pyramid (a sequential term), or the mean over all (``None``,
-    packed). Every term of one step gets the same key, so all see the same context and noise pyramid."""
+    """Stage 2: example ``which`` of the pyramid (a sequential term), or the mean over all in one packed
+    forward (``None``). Every term of one step gets the same key, so all see the same context and noise
+    pyramid."""
     k_context, k_example = jax.random.split(key)
     examples = losses.pyramid_examples(k_example, batch["target"], pyramid.schedule, pyramid.sample_ratios,
                                        pyramid.sampling)
@@ -109,7 +121,7 @@ def pyramid_loss(net: StageModel, context: ContextConfig, pyramid: PyramidSettin
         example = examples[which]
         return (losses.example_loss(net, variables, example, cond, net.dtype),
                 {"sigma": jnp.mean(example.sigma), "stage": jnp.asarray(example.stage, jnp.float32)})
-    return losses.mean_pyramid_loss(net, variables, examples, cond, net.dtype), {}
+    return losses.packed_pyramid_loss(net.packed, variables, examples, cond, net.dtype), {}
 
 
 def make_losses(recipe: Recipe, net: StageModel) -> trainer.LossFn | tuple[trainer.LossFn, ...]:
@@ -243,15 +255,19 @@ def prepare(recipe: Recipe, *, progress: bool | None = None,
     )
     folder = transformer_folder(recipe)
     dtype = DTYPES[t["mixed_precision"]]
-    config = COMPONENTS["transformer"].read_config(folder)
+    component = transformer_component(folder)  # a Helios DiT, or the Wan 2.1 folder stage 1-init starts from
+    config = component.read_config(folder)
     check_buckets(dataset, config, recipe.stage)
+    if recipe.stage == "stage2_packed" and config.is_amplify_history:
+        raise ConfigError(f"{folder}: is_amplify_history is on, which the packed stage-2 forward does not run (no "
+                          "official model has it); set training_config.is_navit_pyramid=false (the sequential variant)")
     if mesh is not None:
         parallel.check_mesh(mesh, heads=config.num_attention_heads)
     v = recipe.section("validation_config")
     validating = validate and bool(v["validation_prompts"])
     scheduler = validation_scheduler(recipe) if validating else None  # its errors before the weights
 
-    config, params = COMPONENTS["transformer"].load(folder, dtype, config)
+    config, params = component.load(folder, dtype, config)
     spec, subset = recipe.lora()
     lora = lora_lib.init_lora(spec, params, jax.random.key(recipe.section("")["seed"]))
     variables = {"params": params, "lora": lora}

@@ -1,0 +1,175 @@
+"""The 14B training steps of stages 1 and 2 planned for one H100, on a CPU with no GPU (issue 11 item 6).
+
+    .venv-gpu-plan/bin/python experiments/train_plan.py          # the 14B steps (minutes each), appended to RESULTS.md
+    .venv-gpu-plan/bin/python experiments/train_plan.py --tiny   # the same steps of a 2-layer model (seconds)
+
+Each step is the trainer's own (``trainer.make_step`` over ``stages.make_losses`` of the official YAML,
+``trainer.make_optimizer``: AdamW with clipping, fp32 trainables and their two Adam moments, the bf16
+frozen base, remat per block), compiled with gpu_plan's deviceless H100 from abstract inputs only:
+
+* stage 1 (stage_1_init.yaml): LoRA r128 on every linear and the patch embedding, the full history patch
+  convs trained ("lora+history_patches"), batch 1 and batch 2;
+* stage 2-post (stage_2_post.yaml): LoRA r256 with the patch-embedding and history-patch LoRAs, the three
+  pyramid terms run sequentially (one forward and backward each, gradients summed; the YAML's
+  ``is_navit_pyramid`` is overridden to false), batch 1.
+
+The batch is the official layout at 384x640: ``x0`` (B,16,1,48,80), ``history`` (B,16,19,48,80),
+``target`` (B,16,9,48,80) float32 and ``prompt_embeds`` (B,512,4096). The table splits the arguments
+into the frozen params, the trainable params, the optimizer state and the batch, beside XLA's
+temporaries and peak of the compiled executable, beside the official benchmark's 60.8 GiB training peak
+(benchmark_triton_results_helios.json: a full-gradient forward and backward of the bf16 DiT, not the LoRA
+step; see OFFICIAL_PEAK_GIB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from typing import Any
+
+import gpu_plan  # noqa: E402  (sets JAX_PLATFORMS=cpu before jax is imported)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import common  # noqa: E402
+from helios_jax.config import TransformerConfig  # noqa: E402
+from helios_jax.models import lora as lora_lib  # noqa: E402
+from helios_jax.models import transformer as transformer_lib  # noqa: E402
+from helios_jax.models.attention import default_impl  # noqa: E402
+from helios_jax.training import recipes, stages, trainer  # noqa: E402
+
+CONFIGS = os.path.join(os.path.dirname(common.EXPERIMENTS), "tests", "fixtures", "training-configs")
+# benchmark_triton_results_helios.json, "Baseline": training_memory_peak_gb 60.792, which is torch's
+# max_memory_allocated() / 1024**3, so GiB: one forward + backward of the bf16 DiT with every weight's gradient
+# (no LoRA, no optimizer), batch 1, 13 latent frames (12,480 tokens) at 384x640 without history, remat on.
+OFFICIAL_PEAK_GIB = 60.792
+LATENT = (48, 80)  # 384x640 / 8
+TEXT_TOKENS = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCase:
+    """One training step to plan: an official YAML (with overrides) at a batch size."""
+
+    name: str
+    yaml: str
+    batch: int
+    overrides: tuple[str, ...] = ()
+
+
+CASES = (
+    StepCase("stage 1, batch 1", "stage_1_init.yaml", 1),
+    StepCase("stage 1, batch 2", "stage_1_init.yaml", 2),
+    StepCase("stage 2-post, 3 sequential terms, batch 1", "stage_2_post.yaml", 1,
+             ("training_config.is_navit_pyramid=false",)),
+)
+
+
+def abstract_batch(cfg: TransformerConfig, batch: int, latent: tuple[int, int], text_tokens: int) -> dict:
+    """The official sample layout (history 19 = 16 + 2 + 1 frames, 9 target frames, one first frame)."""
+    c, (h, w) = cfg.in_channels, latent
+    f32 = jnp.float32
+    return {"x0": jax.ShapeDtypeStruct((batch, c, 1, h, w), f32),
+            "history": jax.ShapeDtypeStruct((batch, c, 19, h, w), f32),
+            "target": jax.ShapeDtypeStruct((batch, c, 9, h, w), f32),
+            "prompt_embeds": jax.ShapeDtypeStruct((batch, text_tokens, cfg.text_dim), f32)}
+
+
+def tree_bytes(tree: Any) -> int:
+    return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+@dataclasses.dataclass
+class StepPlan:
+    """A compiled step and the byte sizes of what it takes."""
+
+    case: StepCase
+    plan: gpu_plan.Plan
+    sizes: dict[str, int]  # frozen params, trainable params, optimizer state, batch
+
+    @property
+    def peak_bytes(self) -> int:
+        """XLA's peak of the executable (arguments live throughout, so it includes them)."""
+        return self.plan.memory.peak_memory_in_bytes
+
+
+def step_plan(case: StepCase, cfg: TransformerConfig, sharding: jax.sharding.Sharding,
+              latent: tuple[int, int] = LATENT, text_tokens: int = TEXT_TOKENS) -> StepPlan:
+    """The trainer's step of ``case`` compiled for the H100 from shapes only."""
+    recipe = recipes.load(os.path.join(CONFIGS, case.yaml), case.overrides)
+    dtype = stages.DTYPES[recipe.section("training_config")["mixed_precision"]]
+    spec, subset = recipe.lora()
+    shapes = transformer_lib.param_shapes(cfg)
+    variables = {"params": gpu_plan.abstract_params(shapes, dtype), "lora": lora_lib.lora_shapes(spec, shapes)}
+    trainable, frozen = trainer.partition(variables, lora_lib.trainable_mask(variables, subset))
+    optimizer_cfg = recipe.optimizer()
+    optimizer = trainer.make_optimizer(optimizer_cfg)
+    state = jax.eval_shape(lambda t: trainer.init_state(t, optimizer), trainable)
+    model = transformer_lib.HeliosTransformer(
+        cfg, attention_impl=default_impl(dtype, "gpu"),
+        remat=recipe.section("training_config")["gradient_checkpointing"])
+    net = stages.StageModel(model, dtype, spec.scale)
+    step = trainer.make_step(stages.make_losses(recipe, net), optimizer, trainer.learning_rate(optimizer_cfg))
+    batch = abstract_batch(cfg, case.batch, latent, text_tokens)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    lowered = step.lower(*gpu_plan.on_device((state, frozen, batch, key), sharding))
+    sizes = {"frozen params": tree_bytes(frozen), "trainable params": tree_bytes(state.trainable),
+             "optimizer state": tree_bytes(state.opt_state), "batch": tree_bytes(batch)}
+    return StepPlan(case, gpu_plan.compile_plan(case.name, lowered, frozen["params"]), sizes)
+
+
+HEADERS = ["step", "compile s", "frozen params GiB", "trainable GiB", "optimizer state GiB", "batch GiB",
+           "arguments GiB", "temporaries GiB", "peak GiB", "peak GB", "vs official 60.8 GiB", "fits 80 GB",
+           "cuDNN attention"]
+
+
+def table_rows(plans: list[StepPlan]) -> list[list[Any]]:
+    rows = []
+    for p in plans:
+        g = common.gib
+        rows.append([p.case.name, p.plan.compile_s, g(p.sizes["frozen params"]), g(p.sizes["trainable params"]),
+                     g(p.sizes["optimizer state"]), g(p.sizes["batch"]), g(p.plan.argument_bytes),
+                     g(p.plan.temp_bytes), g(p.peak_bytes), p.peak_bytes / 1e9,
+                     f"{g(p.peak_bytes) - OFFICIAL_PEAK_GIB:+.1f} GiB",
+                     "yes" if fits(p) else "no", "yes" if p.plan.cudnn_attention else "no"])
+    return rows
+
+
+def fits(p: StepPlan) -> bool:
+    """Within the card as sold (80 GB) and as the target config states it (79.1 GiB)."""
+    return p.peak_bytes < gpu_plan.GPU_MEMORY_GB * 1e9 and p.peak_bytes < gpu_plan.device_memory_bytes()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer model at 128x128 (seconds)")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--results", default=common.RESULTS, help="markdown file to append to ('' = none)")
+    args = parser.parse_args(argv)
+    missing = gpu_plan.plugin_missing()
+    if missing:
+        raise SystemExit(missing)
+    size = gpu_plan.TINY if args.tiny else gpu_plan.HELIOS_14B
+    latent, tokens = (size.height // 8, size.width // 8), size.text_tokens
+    plans = []
+    for case in CASES:
+        plans.append(step_plan(case, size.cfg, gpu_plan.h100(), latent, tokens))
+        print(f"{case.name}: compiled in {plans[-1].plan.compile_s:.0f} s", flush=True)
+    rows = table_rows(plans)
+    env = common.environment("NVIDIA H100 80GB HBM3, compiled deviceless on the CPU (no GPU)",
+                             common.versions("jax", "jaxlib", "jax-cuda12-plugin", "flax", "optax"))
+    body = (f"Training steps planned for one H100 from abstract inputs ({'tiny model' if args.tiny else '14B DiT'}, "
+            f"{size.cfg.num_layers} layers; {size.height}x{size.width}, history 19 + 9 target latent frames, "
+            f"{tokens} text tokens; bf16 frozen base, fp32 trainables and AdamW moments, remat per block; "
+            "trainer.make_step over stages.make_losses of the official YAMLs; GEMMs not autotuned). "
+            "Peak: XLA's memory analysis of the compiled executable (arguments included); "
+            f"official benchmark: {OFFICIAL_PEAK_GIB} GiB peak (a full-gradient forward and backward, batch 1, "
+            "no history, no optimizer).\n\n" + common.markdown_table(HEADERS, rows))
+    return common.report("train_plan", env, body, {"env": env, "headers": HEADERS, "rows": rows}, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)

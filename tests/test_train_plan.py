@@ -1,0 +1,44 @@
+"""The gpu-plan tier's training step: the 14B stage-1 step (LoRA r128 + the history patch convs, remat,
+batch 1, 384x640) compiled for an H100 from abstract inputs (experiments/train_plan.py) fits its 80 GB.
+
+Needs jax's CUDA plugin (``make gpu-plan``); skipped without it. One 14B compile: about 5 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+
+import gpu_plan  # noqa: E402
+import train_plan  # noqa: E402
+
+pytestmark = [pytest.mark.gpu_plan, pytest.mark.slow,
+              pytest.mark.skipif(gpu_plan.plugin_missing() is not None, reason=str(gpu_plan.plugin_missing()))]
+
+GIB = 2**30
+
+
+@pytest.fixture(scope="module")
+def stage1():
+    case = next(c for c in train_plan.CASES if c.name == "stage 1, batch 1")
+    return train_plan.step_plan(case, gpu_plan.HELIOS_14B.cfg, gpu_plan.h100())
+
+
+def test_the_14b_stage1_step_fits_an_h100(stage1):
+    assert train_plan.fits(stage1), f"peak {stage1.peak_bytes / 1e9:.1f} GB > {gpu_plan.GPU_MEMORY_GB} GB"
+
+
+def test_its_arguments_are_the_bf16_base_and_fp32_adamw(stage1):
+    """The frozen base in bf16 (the 14B weights, 26.7 GiB), AdamW's two float32 moments per trainable."""
+    sizes = stage1.sizes
+    assert 26 * GIB < sizes["frozen params"] < 28 * GIB
+    assert sizes["optimizer state"] == pytest.approx(2 * sizes["trainable params"], rel=1e-3)
+    assert stage1.plan.argument_bytes >= sum(sizes.values())
+
+
+def test_the_step_uses_cudnn_attention(stage1):
+    assert stage1.plan.cudnn_attention, stage1.plan.custom_calls
