@@ -156,7 +156,7 @@ def trainer_runs(out: str) -> None:
         results[f"{label}/trainable"] = np.concatenate([np.ravel(x) for x in jax.tree.leaves(final.trainable)])
         if sizes is not None:
             kernel = final.trainable["lora"]["blocks"]["attn1"]["to_q"]["lora_A"]["kernel"]
-            results["mesh/lora_A_spec"] = np.array(str(kernel.sharding.spec))
+            results["mesh/lora_A_spec"] = np.array([str(axis) for axis in kernel.sharding.spec])
             results["mesh/lora_A_shards"] = np.array(len({str(s.index) for s in kernel.addressable_shards}))
 
     broken = dataclasses.replace(run, output_dir=os.path.join(root, "resumed"), max_train_steps=2)
@@ -166,7 +166,7 @@ def trainer_runs(out: str) -> None:
     results["resumed/losses"] = np.array([r["loss"] for r in T.read_metrics(broken.output_dir)])
     results["resumed/trainable"] = np.concatenate([np.ravel(x) for x in jax.tree.leaves(final.trainable)])
     kernel = final.trainable["lora"]["blocks"]["attn1"]["to_q"]["lora_A"]["kernel"]
-    results["resumed/lora_A_spec"] = np.array(str(kernel.sharding.spec))
+    results["resumed/lora_A_spec"] = np.array([str(axis) for axis in kernel.sharding.spec])
     np.savez(out, **results)
 
 

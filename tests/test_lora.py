@@ -156,17 +156,31 @@ def test_lora_scale_is_traced_no_recompile(setup):
     assert rel_err(on, base) > 1e-2
 
 
-def test_stage1_loss_and_lora_gradients_match_torch_autograd(setup):
-    """mean((model(x_t, t, history) - (noise - x0))^2) and d/d(every LoRA factor), ours against PEFT's autograd."""
+@pytest.mark.parametrize("stage", ["stage1", "pyramid stage 1"])
+def test_stage_loss_and_lora_gradients_match_torch_autograd(setup, stage):
+    """The package's own loss path (``training.losses`` examples through ``training.stages.StageModel``) and
+    d/d(every LoRA factor), against PEFT's autograd on the same noisy input, timestep and target: stage 1
+    (sigma from the example, x_t re-made in torch) and the middle level of the stage-2 pyramid (its 4 x 4
+    input, global timestep and velocity, with the full-resolution history)."""
+    from helios_jax.training import losses, stages
+
     model, _, _, cfg, params, loaded = setup
-    inputs = history_inputs(seed=7)
-    g = torch.Generator().manual_seed(8)
-    x0 = inputs.pop("hidden_states")
-    noise = torch.randn(x0.shape, generator=g)
-    sigma = torch.tensor([0.3, 0.8])
-    x_t = (1 - sigma[:, None, None, None, None]) * x0 + sigma[:, None, None, None, None] * noise
-    inputs["timestep"] = sigma * 1000
-    target = noise - x0
+    inputs = make_inputs(7, batch=2, frames=2, noisy_hw=(8, 8), history_hw=(8, 8))
+    clean = inputs.pop("hidden_states")
+    inputs.pop("timestep")
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(8))
+    clean_j, noise_j = jnp.asarray(to_numpy(clean)), jnp.asarray(to_numpy(noise))
+    key = jax.random.key(9)
+    if stage == "stage1":
+        example = losses.stage1_example(key, clean_j, noise=noise_j)
+        sigma = torch.from_numpy(np.asarray(example.sigma))[:, None, None, None, None]
+        x_t, target = (1 - sigma) * clean + sigma * noise, noise - clean
+        assert np.abs(to_numpy(x_t) - np.asarray(example.noisy)).max() <= 1e-6
+    else:
+        example = losses.pyramid_examples(key, clean_j, noise=noise_j)[1]
+        assert example.stage == 1 and example.noisy.shape[-2:] == (4, 4)
+        x_t, target = torch.from_numpy(np.asarray(example.noisy)), torch.from_numpy(np.asarray(example.velocity))
+    inputs["timestep"] = torch.from_numpy(np.asarray(example.timestep))
 
     model.zero_grad()
     ref_loss = torch.mean((model(x_t, **inputs, return_dict=False)[0] - target) ** 2)
@@ -174,22 +188,17 @@ def test_stage1_loss_and_lora_gradients_match_torch_autograd(setup):
     ref_grads = {name.replace(".default", ""): to_numpy(p.grad) for name, p in model.named_parameters() if "lora_" in name}
     assert len(ref_grads) == 2 * (5 + 2 * 10 + 1 + 4)
 
-    args = jax_inputs(inputs)
-    x_t_j, target_j = jnp.asarray(to_numpy(x_t)), jnp.asarray(to_numpy(target))
-
-    def loss(lora):
-        out = hj.HeliosTransformer(cfg).apply({"params": params, "lora": lora}, x_t_j, **args,
-                                              lora_scale=loaded.spec.scale)
-        return jnp.mean((out - target_j) ** 2)
-
+    net = stages.StageModel(hj.HeliosTransformer(cfg), jnp.float32, loaded.spec.scale)
+    conditioning = {k: v for k, v in jax_inputs(inputs).items() if k != "timestep"}
+    loss = lambda lora: losses.example_loss(net, {"params": params, "lora": lora}, example, conditioning)  # noqa: E731
     value, grads = jax.jit(jax.value_and_grad(loss))(loaded.lora)
     assert abs(float(value) - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
     ours = lora_format.state_dict(grads, T.keymap(cfg))
     assert sorted(k.removeprefix("transformer.") for k in ours) == sorted(ref_grads)
-    for key, grad in ours.items():
-        ref = ref_grads[key.removeprefix("transformer.")]
-        assert np.linalg.norm(ref) > 0, key
-        assert rel_err(grad, ref) <= 1e-5, f"{key}: relative error {rel_err(grad, ref):.2e}"
+    for key_name, grad in ours.items():
+        ref = ref_grads[key_name.removeprefix("transformer.")]
+        assert np.linalg.norm(ref) > 0, key_name
+        assert rel_err(grad, ref) <= 1e-5, f"{key_name}: relative error {rel_err(grad, ref):.2e}"
 
 
 def test_saved_here_loads_in_diffusers_load_lora_weights(setup, tmp_path):
