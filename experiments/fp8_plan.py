@@ -15,7 +15,6 @@ dense peak is twice its bf16 peak; the same 80% of it as roofline.py's measured 
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import re
@@ -160,16 +159,8 @@ def resident_gib(plans: dict[str, gpu_plan.Plan], weights: str, vae: str) -> flo
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="a 2-layer model at 128x128")
-    parser.add_argument("--autotune", default=None, help="replay GEMM autotune results dumped on a real H100")
-    parser.add_argument("--json", help="also write the results to this JSON file")
-    parser.add_argument("--results", default=common.RESULTS, help="markdown file to append to ('' = none)")
-    args = parser.parse_args(argv)
-    missing = gpu_plan.plugin_missing()
-    if missing:
-        raise SystemExit(missing)
-    size = gpu_plan.TINY if args.tiny else gpu_plan.HELIOS_14B
+    args = gpu_plan.plan_parser(__doc__).parse_args(argv)
+    size = gpu_plan.plan_size(args)
     plans = programs(size, gpu_plan.h100(args.autotune))
     memory = [[p.name, p.compile_s, common.gib(p.argument_bytes), common.gib(p.temp_bytes), common.gib(p.output_bytes),
                common.gib(p.total_bytes)] for p in plans.values()]

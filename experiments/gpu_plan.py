@@ -204,6 +204,25 @@ HELIOS_14B = Size(TransformerConfig(), VAEConfig(), 384, 640, common.LATENT_FRAM
 TINY = Size(TransformerConfig(**common.tiny_config_kwargs()), VAEConfig(**common.tiny_vae_kwargs()), 128, 128, 3, 16)
 
 
+def plan_parser(description: str | None, *, autotune: bool = True) -> argparse.ArgumentParser:
+    """The arguments every H100-plan script takes: --tiny, --autotune (if it replays GEMM choices), --json, --results."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer model at 128x128 (seconds)")
+    if autotune:
+        parser.add_argument("--autotune", default=None, help="replay GEMM autotune results dumped on a real H100")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--results", default=common.RESULTS, help="markdown file to append to ('' = none)")
+    return parser
+
+
+def plan_size(args: argparse.Namespace) -> Size:
+    """The model size a plan script compiles (``--tiny`` or the 14B), after checking the CUDA plugin is there."""
+    missing = plugin_missing()
+    if missing:
+        raise SystemExit(missing)
+    return TINY if args.tiny else HELIOS_14B
+
+
 def chunk_programs(size: Size, sharding: jax.sharding.Sharding, base_steps: int = 50) -> list[Plan]:
     """The pipeline's own chunk programs: distilled 2+2+2, 1+1+1 amplified (its first chunk), base with CFG."""
     distilled = abstract_pipeline(size.cfg, size.vae, dict(demo.SCHEDULER), DISTILLED)
@@ -256,16 +275,8 @@ def table_rows(plans: dict[str, Plan]) -> list[list[Any]]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="a 2-layer model at 128x128 (seconds)")
-    parser.add_argument("--autotune", default=None, help="replay GEMM autotune results dumped on a real H100")
-    parser.add_argument("--json", help="also write the results to this JSON file")
-    parser.add_argument("--results", default=common.RESULTS, help="markdown file to append to ('' = none)")
-    args = parser.parse_args(argv)
-    missing = plugin_missing()
-    if missing:
-        raise SystemExit(missing)
-    size = TINY if args.tiny else HELIOS_14B
+    args = plan_parser(__doc__).parse_args(argv)
+    size = plan_size(args)
     plans = all_plans(size, h100(args.autotune))
     rows = table_rows(plans)
     both = chunk_with_vae_bytes(plans["distilled chunk 2+2+2"], plans["VAE decode float32"])

@@ -16,7 +16,6 @@ its HBM3 bandwidth; the sum is the predicted time (no overlap between kernels, n
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import math
@@ -262,21 +261,14 @@ def plans_for(size: gpu_plan.Size, h100: jax.sharding.Sharding, only: list[str])
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="a 2-layer model at 128x128 (seconds)")
-    parser.add_argument("--autotune", default=None, help="replay GEMM autotune results dumped on a real H100")
-    parser.add_argument("--json", help="also write the results to this JSON file")
-    parser.add_argument("--results", default=common.RESULTS, help="markdown file to append to ('' = none)")
+    parser = gpu_plan.plan_parser(__doc__)
     parser.add_argument("--only", default=",".join(PROGRAMS), help=f"programs to compile, of {','.join(PROGRAMS)}")
     parser.add_argument("--top", type=int, default=0, help="also print each program's N costliest kernels")
     args = parser.parse_args(argv)
     only = args.only.split(",")
     if not only or set(only) - set(PROGRAMS):
         raise SystemExit(f"--only {args.only}: expected a comma-separated subset of {','.join(PROGRAMS)}")
-    missing = gpu_plan.plugin_missing()
-    if missing:
-        raise SystemExit(missing)
-    size = gpu_plan.TINY if args.tiny else gpu_plan.HELIOS_14B
+    size = gpu_plan.plan_size(args)
     h100 = gpu_plan.h100(args.autotune)
     kernels = analyse(plans_for(size, h100, only))
     for name, ks in kernels.items() if args.top else ():

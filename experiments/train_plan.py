@@ -23,7 +23,6 @@ step; see OFFICIAL_PEAK_GIB).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
@@ -144,15 +143,8 @@ def fits(p: StepPlan) -> bool:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="a 2-layer model at 128x128 (seconds)")
-    parser.add_argument("--json", help="also write the results to this JSON file")
-    parser.add_argument("--results", default=common.RESULTS, help="markdown file to append to ('' = none)")
-    args = parser.parse_args(argv)
-    missing = gpu_plan.plugin_missing()
-    if missing:
-        raise SystemExit(missing)
-    size = gpu_plan.TINY if args.tiny else gpu_plan.HELIOS_14B
+    args = gpu_plan.plan_parser(__doc__, autotune=False).parse_args(argv)
+    size = gpu_plan.plan_size(args)
     latent, tokens = (size.height // 8, size.width // 8), size.text_tokens
     plans = []
     for case in CASES:
