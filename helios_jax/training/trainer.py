@@ -248,12 +248,17 @@ class RunConfig:
 class Stage:
     """A stage: its loss terms and optimizer settings. ``export(trainable, folder)`` writes extra
     files into each checkpoint folder (the LoRA as ``pytorch_lora_weights.safetensors``);
-    ``validate(trainable, frozen, step, folder)`` writes validation videos."""
+    ``validate(trainable, frozen, step, folder)`` writes validation videos.
+
+    With ``duel`` (``helios_jax.training.duel.Duel``: a critic and an EMA, stage 3b) ``losses`` is unused
+    and ``train`` runs the two-player loop; ``export`` then gets a ``duel.DuelState`` instead of the
+    trainables."""
 
     losses: LossFn | Sequence[LossFn]
     optimizer: OptimizerConfig
     export: Callable[[Params, str], None] | None = None
     validate: Callable[[Params, Params, int, str], None] | None = None
+    duel: Any = None
 
 
 class _CheckpointNames(ocp.step.NameFormat):
@@ -280,13 +285,13 @@ class _CheckpointNames(ocp.step.NameFormat):
         raise ValueError(f"no finished checkpoint for step {step} under {base_path}")
 
 
-def checkpoint_manager(run: RunConfig) -> ocp.CheckpointManager:
+def checkpoint_manager(run: RunConfig, items: Sequence[str] = (STATE_ITEM,)) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=run.checkpointing_steps, max_to_keep=run.checkpoints_total_limit,
         step_name_format=_CheckpointNames(), enable_async_checkpointing=False, create=True,
     )
     return ocp.CheckpointManager(os.path.abspath(run.output_dir), options=options,
-                                 item_names=(STATE_ITEM, DATA_ITEM))
+                                 item_names=(*items, DATA_ITEM))
 
 
 def config_changes(saved: Any, current: Any, prefix: str = "") -> list[str]:
@@ -375,23 +380,21 @@ def train(run: RunConfig, stage: Stage, trainable: Params, frozen: Params,
     iterator, whose position is checkpointed with the params), resuming from ``output_dir`` if asked;
     on ``mesh`` if given (see the module doc)."""
     check_resumable(run)
-    losses = stage.losses if callable(stage.losses) else tuple(stage.losses)
     frozen = shard_variables(frozen, mesh)
-    state = init_state(shard_variables(trainable, mesh), make_optimizer(stage.optimizer))
-    if mesh is None:
-        step_fn = compiled_step(losses, stage.optimizer)
-    else:
-        placement = state_shardings(state, mesh)
-        state = jax.device_put(state, placement)
-        step_fn = make_step(losses, make_optimizer(stage.optimizer), learning_rate(stage.optimizer), placement)
-    manager = checkpoint_manager(run)
+    if stage.duel is None:
+        state, step_for = _single_player(stage, trainable, mesh)
+        items, from_items, generator_of = (lambda s: {STATE_ITEM: s}), (lambda d: d[STATE_ITEM]), (lambda s: s.trainable)
+    else:  # two players (training.duel): trainable = {"generator": ..., "critic": ...}
+        state, step_for = stage.duel.setup(stage.optimizer, trainable, mesh)
+        items, from_items, generator_of = type(state).items, type(state).from_items, (lambda s: s.generator.trainable)
+    manager = checkpoint_manager(run, tuple(items(state)))
     start = _resume_step(manager, run)
     if start is not None:
-        restored = manager.restore(start, args=ocp.args.Composite(**{
-            STATE_ITEM: ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, state)),
-            DATA_ITEM: grain_python.PyGrainCheckpointRestore(data),
-        }))
-        state = restored[STATE_ITEM]
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, items(state))
+        restored = manager.restore(start, args=ocp.args.Composite(
+            **{k: ocp.args.StandardRestore(v) for k, v in abstract.items()},
+            **{DATA_ITEM: grain_python.PyGrainCheckpointRestore(data)}))
+        state = from_items({k: restored[k] for k in abstract})
     start = start or 0
     primary = jax.process_index() == 0  # one process writes the config, the metrics, the LoRA and the videos
     os.makedirs(run.output_dir, exist_ok=True)
@@ -403,7 +406,7 @@ def train(run: RunConfig, stage: Stage, trainable: Params, frozen: Params,
     writer = _tensorboard(os.path.join(run.output_dir, "tensorboard")) if primary else None
 
     def validate(step: int) -> None:
-        trainable, frozen_values = host_values(state.trainable), host_values(frozen)  # every process gathers
+        trainable, frozen_values = host_values(generator_of(state)), host_values(frozen)  # every process gathers
         if primary:
             stage.validate(trainable, frozen_values, step, run.output_dir)
 
@@ -411,12 +414,12 @@ def train(run: RunConfig, stage: Stage, trainable: Params, frozen: Params,
         validate(0)
 
     def save(step: int) -> None:
-        manager.save(step, args=ocp.args.Composite(**{
-            STATE_ITEM: ocp.args.StandardSave(state), DATA_ITEM: grain_python.PyGrainCheckpointSave(data),
-        }), force=True)
+        manager.save(step, args=ocp.args.Composite(
+            **{k: ocp.args.StandardSave(v) for k, v in items(state).items()},
+            **{DATA_ITEM: grain_python.PyGrainCheckpointSave(data)}), force=True)
         manager.wait_until_finished()
         if stage.export:
-            trainable = host_values(state.trainable)
+            trainable = host_values(state.trainable if stage.duel is None else state)
             if primary:
                 stage.export(trainable, os.path.join(run.output_dir, f"{CHECKPOINT_PREFIX}{step}"))
 
@@ -430,7 +433,7 @@ def train(run: RunConfig, stage: Stage, trainable: Params, frozen: Params,
                 break
             began = time.perf_counter()
             with on_mesh(mesh):
-                state, metrics = step_fn(state, frozen, global_batch(batch, mesh), step_key(run.seed, step))
+                state, metrics = step_for(step)(state, frozen, global_batch(batch, mesh), step_key(run.seed, step))
             metrics = jax.device_get(metrics)
             record = _metric_record(step + 1, metrics, time.perf_counter() - began)
             if log is not None:
@@ -440,13 +443,28 @@ def train(run: RunConfig, stage: Stage, trainable: Params, frozen: Params,
                 for name, value in record.items():
                     if name != "step":
                         writer.scalar(name, value, step + 1)
-            bar.advance(note=f"loss {record['loss']:.4f}")
+            loss = record.get("loss", record.get("critic_loss"))
+            bar.advance(note=f"loss {loss:.4f}")
             if (step + 1) % run.checkpointing_steps == 0 or step + 1 == run.max_train_steps:
                 save(step + 1)
             if stage.validate and run.validation_steps and (step + 1) % run.validation_steps == 0:
                 validate(step + 1)
     manager.close()
     return state
+
+
+def _single_player(stage: Stage, trainable: Params, mesh: jax.sharding.Mesh | None
+                   ) -> tuple[TrainState, Callable[[int], Callable]]:
+    """The state and the (one) step program of a stage of loss terms."""
+    losses = stage.losses if callable(stage.losses) else tuple(stage.losses)
+    state = init_state(shard_variables(trainable, mesh), make_optimizer(stage.optimizer))
+    if mesh is None:
+        step_fn = compiled_step(losses, stage.optimizer)
+    else:
+        placement = state_shardings(state, mesh)
+        state = jax.device_put(state, placement)
+        step_fn = make_step(losses, make_optimizer(stage.optimizer), learning_rate(stage.optimizer), placement)
+    return state, lambda step: step_fn
 
 
 def host_values(tree: Params) -> Params:

@@ -1,0 +1,186 @@
+"""A two-player stage for the generic trainer: a generator, a critic and an EMA of the generator (stage 3b).
+
+Model-agnostic: the players are two loss functions over their own trainable trees,
+
+    loss(own, other, frozen, batch, key, step, phase) -> (loss, metrics)
+
+``other`` is the other player's trainables (under ``stop_gradient``: the official's ``requires_grad``
+toggling), ``step`` the global (0-based) step as a traced int32, ``phase`` a static int, the number of
+``Duel.phase_steps`` thresholds reached (stage 3b: 1 from ``gan_start_step``, the GAN terms on).
+
+One step (``distill.update_plan``): the generator's update when ``step % gen_update_ratio == 0``, then
+the critic's update every step, rolling out with the updated generator, then the EMA of the
+generator's trainables (official warm-up, ``distill.ema_update``: every step before
+``ema_start_step``, then on generator steps only, so the warm-up counts generator steps). Each
+player has its own optax AdamW state (optimizer config, clipping). The host picks one jit-compiled
+program per kind of step, (generator updated?, phase), each with the state donated; the EMA inside
+it is a traced ``where``.
+
+The global step is the critic's update count (the critic updates every step); the generator's count
+is its own optimizer's step (its learning-rate schedule). A checkpoint holds the items ``generator``,
+``critic`` and ``ema`` (TrainStates and the EMA tree with its call count) beside the data iterator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from helios_jax import parallel
+from helios_jax.training import distill
+from helios_jax.training.trainer import (
+    TRAINING_RULES,
+    OptimizerConfig,
+    Params,
+    TrainState,
+    init_state,
+    learning_rate,
+    make_optimizer,
+    shard_variables,
+)
+
+PlayerLoss = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+ITEMS = ("generator", "critic", "ema")
+
+
+@dataclasses.dataclass(frozen=True)
+class EmaConfig:
+    """EMA of the generator's trainables (official ``ema_decay`` / ``ema_start_step``)."""
+
+    decay: float = 0.99
+    start_step: int = 750
+
+
+@dataclasses.dataclass(frozen=True)
+class Duel:
+    """The second player and the EMA of a stage (``trainer.Stage(duel=...)``); ``Stage.optimizer`` is the
+    generator's. ``ema=None``: no EMA. ``phase_steps``: steps from which the phase number rises."""
+
+    generator_loss: PlayerLoss
+    critic_loss: PlayerLoss
+    critic_optimizer: OptimizerConfig
+    gen_update_ratio: int = 5
+    ema: EmaConfig | None = EmaConfig()
+    phase_steps: tuple[int, ...] = ()
+
+    def phase(self, step: int) -> int:
+        return sum(step >= s for s in self.phase_steps)
+
+    def updates_generator(self, step: int) -> bool:
+        return bool(distill.update_plan(step, gen_update_ratio=self.gen_update_ratio).generator)
+
+    def setup(self, generator_optimizer: OptimizerConfig, trainable: dict[str, Params],
+              mesh: jax.sharding.Mesh | None) -> tuple["DuelState", "DuelSteps"]:
+        """What ``trainer.train`` runs: the initial state (on ``mesh``, if any) and the step programs."""
+        state = init_duel(self, generator_optimizer, shard_variables(trainable["generator"], mesh),
+                          shard_variables(trainable["critic"], mesh))
+        placement = None
+        if mesh is not None:
+            placement = duel_shardings(state, mesh)
+            state = jax.device_put(state, placement)
+        return state, DuelSteps(self, generator_optimizer, placement)
+
+
+class DuelState(NamedTuple):
+    generator: TrainState
+    critic: TrainState
+    ema: Params  # the generator's trainables' EMA ({} without one)
+    ema_count: jax.Array  # EMA calls so far
+
+    @property
+    def step(self) -> jax.Array:
+        return self.critic.step
+
+    def items(self) -> dict[str, Any]:
+        """The checkpoint items."""
+        return {"generator": self.generator, "critic": self.critic,
+                "ema": {"params": self.ema, "count": self.ema_count}}
+
+    @classmethod
+    def from_items(cls, items: dict[str, Any]) -> "DuelState":
+        return cls(items["generator"], items["critic"], items["ema"]["params"], items["ema"]["count"])
+
+
+def init_duel(duel: Duel, generator_optimizer: OptimizerConfig, generator: Params, critic: Params) -> DuelState:
+    """Step 0: float32 copies of both players' trainables, fresh optimizer states, the EMA = the generator."""
+    gen = init_state(generator, make_optimizer(generator_optimizer))
+    ema = jax.tree.map(jnp.copy, gen.trainable) if duel.ema is not None else {}
+    return DuelState(gen, init_state(critic, make_optimizer(duel.critic_optimizer)), ema, jnp.zeros((), jnp.int32))
+
+
+def _update(loss: PlayerLoss, optimizer: optax.GradientTransformation, player: TrainState, other: Params,
+            frozen: Params, batch: Any, key: jax.Array, step: jax.Array, phase: int,
+            ) -> tuple[TrainState, jax.Array, jax.Array, dict]:
+    (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(
+        player.trainable, jax.lax.stop_gradient(other), frozen, batch, key, step, phase)
+    updates, opt_state = optimizer.update(grads, player.opt_state, player.trainable)
+    new = TrainState(player.step + 1, optax.apply_updates(player.trainable, updates), opt_state)
+    return new, value.astype(jnp.float32), optax.global_norm(grads), aux
+
+
+def make_duel_step(duel: Duel, generator_optimizer: OptimizerConfig, *, update_generator: bool, phase: int,
+                   state_sharding: DuelState | None = None) -> Callable:
+    """The jit-compiled ``step(state, frozen, batch, key) -> (state, metrics)`` of one kind of step.
+
+    Metrics: ``critic_loss``, ``critic_grad_norm`` (before clipping), ``critic_lr``, the critic loss's
+    own (prefixed ``critic/``), ``ema_decay`` (the decay this step's EMA used; -1 when it did not run),
+    and on generator steps ``generator_loss``, ``generator_grad_norm``, ``lr`` and ``generator/...``."""
+    g_opt, c_opt = make_optimizer(generator_optimizer), make_optimizer(duel.critic_optimizer)
+    g_lr, c_lr = learning_rate(generator_optimizer), learning_rate(duel.critic_optimizer)
+
+    def step(state: DuelState, frozen: Params, batch: Any, key: jax.Array) -> tuple[DuelState, dict]:
+        k_gen, k_critic = jax.random.split(key)
+        global_step, metrics, generator = state.step, {}, state.generator
+        if update_generator:
+            generator, loss, norm, aux = _update(duel.generator_loss, g_opt, generator, state.critic.trainable,
+                                                 frozen, batch, k_gen, global_step, phase)
+            metrics.update({f"generator/{k}": v for k, v in aux.items()}, generator_loss=loss,
+                           generator_grad_norm=norm, lr=jnp.asarray(g_lr(state.generator.step), jnp.float32))
+        critic, loss, norm, aux = _update(duel.critic_loss, c_opt, state.critic, generator.trainable,
+                                          frozen, batch, k_critic, global_step, phase)
+        metrics.update({f"critic/{k}": v for k, v in aux.items()}, critic_loss=loss, critic_grad_norm=norm,
+                       critic_lr=jnp.asarray(c_lr(state.critic.step), jnp.float32))
+        ema, count = state.ema, state.ema_count
+        if duel.ema is not None:
+            due = (global_step < duel.ema.start_step) | update_generator
+            count = count + due.astype(jnp.int32)
+            decay = distill.ema_decay(count, duel.ema.decay, duel.ema.start_step)
+            updated = distill.ema_update(ema, generator.trainable, count, duel.ema.decay, duel.ema.start_step)
+            ema = jax.tree.map(lambda new, old: jnp.where(due, new, old), updated, ema)
+            metrics["ema_decay"] = jnp.where(due, decay, -1.0)
+        return DuelState(generator, critic, ema, count), metrics
+
+    if state_sharding is None:
+        return jax.jit(step, donate_argnums=0)
+    replicated = parallel.replicated(jax.tree.leaves(state_sharding)[0].mesh)
+    return jax.jit(step, donate_argnums=0, out_shardings=(state_sharding, replicated))
+
+
+class DuelSteps:
+    """The compiled programs of a run, one per kind of step, made on first use and chosen on the host."""
+
+    def __init__(self, duel: Duel, generator_optimizer: OptimizerConfig, state_sharding: DuelState | None = None):
+        self.duel, self.optimizer, self.sharding = duel, generator_optimizer, state_sharding
+        self.programs: dict[tuple[bool, int], Callable] = {}
+
+    def __call__(self, step: int) -> Callable:
+        kind = (self.duel.updates_generator(step), self.duel.phase(step))
+        if kind not in self.programs:
+            self.programs[kind] = make_duel_step(self.duel, self.optimizer, update_generator=kind[0], phase=kind[1],
+                                                 state_sharding=self.sharding)
+        return self.programs[kind]
+
+
+def duel_shardings(state: DuelState, mesh: jax.sharding.Mesh) -> DuelState:
+    """Where a DuelState lives on ``mesh``: both players' trainables, optimizer states and the EMA by the
+    DiT's and LoRA's sharding tables (the discriminator heads, unnamed there, replicated); counters replicated."""
+    def player(s: TrainState) -> TrainState:
+        return TrainState(parallel.replicated(mesh), parallel.shardings(s.trainable, mesh, TRAINING_RULES),
+                          parallel.shardings(s.opt_state, mesh, TRAINING_RULES))
+
+    return DuelState(player(state.generator), player(state.critic),
+                     parallel.shardings(state.ema, mesh, TRAINING_RULES), parallel.replicated(mesh))
