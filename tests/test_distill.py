@@ -342,3 +342,24 @@ def test_update_plan():
     assert [s for s, p in enumerate(plans) if p.gan] == [10, 11, 12]
     traced = jax.jit(lambda s: distill.update_plan(s, gen_update_ratio=5, ema_start_step=7, gan_start_step=10))
     assert all(tuple(bool(v) for v in traced(s)) == tuple(bool(v) for v in plans[s]) for s in range(13))
+
+
+def test_amplified_rollout_runs_in_the_same_program():
+    """``rollout(..., amplified=, use_amplified=)`` (a traced switch) equals the rollout of whichever plan
+    it picks: same output and exit steps as calling that plan alone, per key."""
+    shape = (1, 2, 1, 8, 8)
+    plan = distill.rollout_plan(shape)
+    amplified = distill.rollout_plan(shape, amplify_first_chunk=True)
+
+    def model_fn(params, x, t):
+        return params * x * (t[:, None, None, None, None] / 1000.0) + 0.1
+
+    switched = jax.jit(lambda use, key: distill.rollout(model_fn, 0.3, plan, key, amplified=amplified,
+                                                        use_amplified=use))
+    for seed in range(4):
+        key = jax.random.key(seed)
+        for use, alone in ((False, plan), (True, amplified)):
+            out, exits = switched(jnp.asarray(use), key)
+            ref_out, ref_exits = distill.rollout(model_fn, 0.3, alone, key)
+            np.testing.assert_array_equal(np.asarray(exits), np.asarray(ref_exits))
+            np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), rtol=1e-6, atol=1e-6)

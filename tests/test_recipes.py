@@ -10,7 +10,7 @@ from helios_jax.training import recipes
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "fixtures", "training-configs")
 STAGES_1_2 = ("stage_1_init", "stage_1_post", "stage_2_init", "stage_2_post")
-STAGE_3 = ("stage_3_ode", "stage_3_post", "stage_3_post_gan_version")
+STAGE_3_POST = ("stage_3_post", "stage_3_post_gan_version")
 pytestmark = pytest.mark.filterwarnings("ignore:.*keys ignored")
 
 
@@ -84,15 +84,72 @@ def test_official_values_are_typed():
     assert run.config["training_config"]["learning_rate"] == 3e-5
 
 
-@pytest.mark.parametrize("name", STAGE_3)
-def test_stage_3_yamls_are_refused_naming_their_switches(name):
+def test_stage_3_ode_yaml_is_refused_naming_its_switches():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(ConfigError, match="stage-3") as err:
-            recipes.load(path(name))
+            recipes.load(path("stage_3_ode"))
     assert "data_config.use_stage3_dataset" in str(err.value) and "training_config.use_ema" in str(err.value)
-    expected = "is_use_ode_regression" if name == "stage_3_ode" else "is_train_dmd"
-    assert expected in str(err.value)
+    assert "is_use_ode_regression" in str(err.value)
+
+
+@pytest.mark.parametrize("name", STAGE_3_POST)
+def test_stage_3_post_yamls_parse_with_one_warning(name):
+    """TRAINING.md sections 7 and 11: the stage-3b values, typed; the two files differ in the GAN and the
+    corruption mode only; memory/DeepSpeed/logging knobs and the vestigial DMD step list are warned."""
+    recipe, messages = load(path(name))
+    assert len(messages) == 1 and "unknown" not in messages[0], messages
+    for key in ("training_config.dmd_is_low_vram_mode", "training_config.dmd_denoising_step_list",
+                "training_config.dmd_generator_deepspeed_config", "model_config.reward_model_name_or_path"):
+        assert key in messages[0]
+    assert "training_config.gan_start_step" not in messages[0] and "training_config.critic_learning_rate" not in messages[0]
+    assert recipe.stage == "stage3_dmd" and recipe.values[""]["seed"] == 49
+    t, m = recipe.section("training_config"), recipe.section("model_config")
+    assert recipe.section("data_config")["gan_data_root"] == ["demo_data/ultravideo-long"]
+    g, c = recipe.optimizer(), recipe.critic_optimizer()
+    assert (g.learning_rate, g.adam_beta1, g.adam_weight_decay, g.max_grad_norm) == (2e-6, 0.0, 1e-3, 10.0)
+    assert (c.learning_rate, c.adam_beta1, c.adam_weight_decay, c.max_grad_norm) == (4e-7, 0.0, 1e-3, 10.0)
+    assert (t["dfake_gen_update_ratio"], t["real_guidance_scale"], t["ema_decay"], t["ema_start_step"]) == (5, 3.0, 0.99, 750)
+    assert (t["generator_dynamic_sample_type"], t["generator_dynamic_alpha"], t["generator_dynamic_beta"],
+            t["generator_dynamic_step"], t["critic_dynamic_sample_type"]) == ("beta", 4.0, 1.5, 500, "uniform")
+    assert (t["gan_start_step"], t["gan_hooks"], t["gan_cond_map_dim"], t["gan_g_weight"], t["gan_d_weight"],
+            t["r1_weight"], t["r1_sigma"]) == (1000, [5, 15, 25, 35], 768, 0.05, 0.01, 100.0, 0.1)
+    assert (t["random_drop_t2v_ratio"], t["random_drop_v2v_ratio"], t["is_add_saturation"]) == (0.4, 0.5, True)
+    assert recipe.section("validation_config")["stage2_simulated_inference_steps"] == [2, 2, 2]
+    assert t["is_use_gan"] is (name == "stage_3_post_gan_version")
+    assert t["corrupt_mode_history"] == ("random" if name == "stage_3_post_gan_version" else "noise")
+    spec, subset = recipe.lora()
+    assert (spec.rank, spec.patch_embedding, spec.history_patches, subset) == (256, False, True, "lora")
+    critic = recipe.critic_lora()
+    assert (critic.rank, critic.scale, critic.patch_embedding, critic.history_patches) == (256, 1.0, False, False)
+    assert m["real_score_model_name_or_path"] == "BestWishYsh/Helios-Base" and m["subfolder"] == "transformer_ode"
+
+
+@pytest.mark.parametrize("override, rule", [
+    ("training_config.is_decouple_dmd=true", "decoupled DMD is not implemented"),
+    ("training_config.is_consistency_align=true", "consistency-align"),
+    ("training_config.is_use_gt_history=false", "GT"),
+    ("training_config.fake_guidance_scale=1.5", "fake score runs without CFG"),
+    ("training_config.r2_weight=1.0", "R2"),
+    ("training_config.time_shift_type=exponential", "linear"),
+    ("training_config.use_dynamic_shifting=false", "dynamically shifted"),
+    ("training_config.is_use_reward_model=true", "is_use_reward_model"),
+    ("training_config.gan_cond_map_dim=100", "multiple of 32"),
+    ("validation_config.stage2_simulated_inference_steps=[2,2]", "one\s+positive step count"),
+    ("data_config.gan_data_root=[]", "gan_data_root is empty"),
+])
+def test_stage_3_post_values_it_cannot_run_are_refused(override, rule):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ConfigError, match=rule):
+            recipes.load(path("stage_3_post_gan_version"), [override])
+
+
+def test_dmd_keys_outside_a_dmd_run_are_warned_as_unused(tmp_path):
+    _, messages = load(write(tmp_path, MINIMAL), ["training_config.gan_start_step=3"])
+    assert len(messages) == 1 and "training_config.gan_start_step" in messages[0] and "unknown" not in messages[0]
+    with pytest.raises(ConfigError, match="use_dynamic_shifting = True is not supported"):
+        recipes.load(write(tmp_path, MINIMAL), ["training_config.use_dynamic_shifting=true"])
 
 
 def test_correct_yaml_is_an_overlay():

@@ -47,6 +47,7 @@ MIN_FRAMES = 121  # the official loaders drop clips shorter than this
 EXTENSIONS = (".safetensors", ".pt")
 _NAME = re.compile(r"^(?P<uttid>.+)_(?P<frames>\d+)_(?P<height>\d+)_(?P<width>\d+)\.(?:safetensors|pt)$")
 _EPOCH_STRIDE = 1_000_000  # sample seed = seed + epoch * 10^6 + index, as the official
+SECONDARY_OFFSET = 999_999  # the stage-3 loader's second section of the same clip: seed + index + 999999
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,13 +172,15 @@ class OffloadedDataset:
 
     ``iterator()`` gives a grain ``DatasetIterator`` of dicts: ``x0`` (B, C, 1, h, w), ``history``
     (B, C, 19, h, w), ``target`` (B, C, 9, h, w) float32, ``prompt_embeds`` (B, 512, d), ``index``
-    (B,) int64 (the items) and ``epoch`` (B,). ``get_state()`` / ``set_state()`` on it save and restore
+    (B,) int64 (the items) and ``epoch`` (B,); with ``secondary`` (stage 3b's critic) also ``x0_2``,
+    ``history_2``, ``target_2`` of another randomly drawn section of the same clip (``dataloader_dmd``). ``get_state()`` / ``set_state()`` on it save and restore
     the position (``grain.checkpoint.CheckpointSave`` / ``CheckpointRestore`` with orbax).
     """
 
     def __init__(self, roots: Sequence[str], *, batch_size: int, seed: int = 42, process_index: int = 0,
                  process_count: int = 1, shuffle: bool = True, min_frames: int = MIN_FRAMES,
-                 resolutions: Iterable[tuple[int, int]] | None = None, num_epochs: int | None = None):
+                 resolutions: Iterable[tuple[int, int]] | None = None, num_epochs: int | None = None,
+                 secondary: bool = False):
         if batch_size < 1:
             raise DataError(f"batch_size = {batch_size} must be at least 1")
         if not 0 <= process_index < process_count:
@@ -196,6 +199,7 @@ class OffloadedDataset:
             raise DataError(f"no full batch: buckets {sizes} hold fewer than batch_size x process_count = "
                             f"{batch_size} x {process_count} clips; lower the batch size or add data")
         self.num_epochs = num_epochs
+        self.secondary = secondary
 
     def epoch_plan(self, epoch: int) -> list[tuple[tuple[int, int, int], list[int]]]:
         """This process's batches of ``epoch`` in order: (bucket, dataset indices), as ``BucketedSampler``
@@ -240,8 +244,12 @@ class OffloadedDataset:
         epoch, index = item
         data = read_offload(self.files[index].path)
         choice = sample_choice(self.seed, epoch, index, data["vae_latent"].shape[0])
-        return {**assemble(data["vae_latent"], choice), "prompt_embeds": data["prompt_embed"],
-                "index": np.int64(index), "epoch": np.int64(epoch)}
+        sample = {**assemble(data["vae_latent"], choice), "prompt_embeds": data["prompt_embed"],
+                  "index": np.int64(index), "epoch": np.int64(epoch)}
+        if self.secondary:
+            other = sample_choice(self.seed + SECONDARY_OFFSET, epoch, index, data["vae_latent"].shape[0])
+            sample.update({f"{k}_2": v for k, v in assemble(data["vae_latent"], other).items()})
+        return sample
 
     def map_dataset(self) -> grain.MapDataset:
         """The whole stream as a grain ``MapDataset`` of batches (random access)."""

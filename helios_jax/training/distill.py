@@ -183,14 +183,35 @@ def _normal(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jax.random.normal(key, (math.prod(shape),), jnp.float32).reshape(shape)
 
 
-def rollout(model_fn: ModelFn, params: Any, plan: RolloutPlan, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _stage_arrays(stage: RolloutStage, other: RolloutStage | None, use_other: jax.Array | None):
+    """(timesteps, sigmas, next_sigmas, step count) of a stage, or of ``other`` where ``use_other``
+    (traced): the shorter schedule padded to the longer one's length, so ONE program runs either."""
+    arrays = (stage.timesteps, stage.sigmas, stage.next_sigmas)
+    if other is None:
+        return (*(jnp.asarray(a) for a in arrays), len(stage.timesteps))
+    n = max(len(stage.timesteps), len(other.timesteps))
+    pad = lambda a: jnp.asarray(np.pad(a, (0, n - len(a)), mode="edge"))  # noqa: E731
+    picked = [jnp.where(use_other, pad(b), pad(a)) for a, b in zip(arrays, (other.timesteps, other.sigmas, other.next_sigmas))]
+    return (*picked, jnp.where(use_other, len(other.timesteps), len(stage.timesteps)))
+
+
+def rollout(model_fn: ModelFn, params: Any, plan: RolloutPlan, key: jax.Array, *,
+            amplified: RolloutPlan | None = None, use_amplified: jax.Array | None = None,
+            ) -> tuple[jax.Array, jax.Array]:
     """The backward-simulated pyramid rollout: the chunk's x0 (B, C, T, H, W) float32 and the exit steps (S,).
 
     Per stage one exit step ``e ~ U{0, n)``: steps before it run under ``stop_gradient`` (a
     ``lax`` loop of x0-parameterised Euler steps renoising towards the stage start); the exit
     step's x0 carries the gradient and, upsampled and renoised with block noise, starts the next
     stage. So the gradient reaches a stage's exit only through later exits at step 0.
+
+    ``amplified`` (the same stages with more steps: the history-free first chunk) is used instead of
+    ``plan`` where the traced ``use_amplified`` is true, in the same compiled program (one model
+    call per stage in the loop and one at the exit, whichever schedule runs).
     """
+    if amplified is not None and [s.size for s in amplified.stages] != [s.size for s in plan.stages]:
+        raise ValueError("rollout: the amplified plan must have the plan's stages (sizes); build both with "
+                         "rollout_plan on the same latent shape")
     batch = plan.latent_shape[0]
     keys = jax.random.split(key, 1 + 2 * len(plan.stages))
     x = downsample_to_first_stage(_normal(keys[0], plan.latent_shape), len(plan.stages))
@@ -200,9 +221,10 @@ def rollout(model_fn: ModelFn, params: Any, plan: RolloutPlan, key: jax.Array) -
         if s:
             z = _normal(keys[2 * s], block_noise_shape((*plan.latent_shape[:3], *stage.size), plan.patch))
             x = renoise(upsample_nearest(x0), block_noise(z, plan.block_factor, plan.patch), *stage.renoise)
-        timesteps, sigmas, next_sigmas = (jnp.asarray(a) for a in (stage.timesteps, stage.sigmas, stage.next_sigmas))
+        timesteps, sigmas, next_sigmas, count = _stage_arrays(
+            stage, amplified.stages[s] if amplified is not None else None, use_amplified)
         start, fixed_start = x, jax.lax.stop_gradient(x)
-        exit_step = jax.random.randint(keys[2 * s + 1], (), 0, len(stage.timesteps))
+        exit_step = jax.random.randint(keys[2 * s + 1], (), 0, count)
 
         def no_grad_step(j, x, fixed_start=fixed_start, timesteps=timesteps, sigmas=sigmas, next_sigmas=next_sigmas):
             flow = model_fn(frozen, x, jnp.full((batch,), timesteps[j]))

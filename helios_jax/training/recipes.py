@@ -126,7 +126,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                 "the timestep samplings of stages 1 (logit-normal) and 2 (uniform)"),
         "logit_mean": Key(float, 0.0),
         "logit_std": Key(float, 1.0),
-        "use_dynamic_shifting": Key(bool, False, (False,), "flow-matching training runs unshifted (asserted so officially)"),
+        "use_dynamic_shifting": Key(bool, False),  # stages 1-2: False; 3b: True (_check_stage)
         # Model structure the recipe must agree with.
         "is_enable_stage1": Key(bool, False),
         "history_sizes": Key((list, int), [16, 2, 1], ([16, 2, 1],), _LAYOUT),
@@ -231,12 +231,93 @@ NOT_APPLICABLE: dict[str, frozenset[str]] = {
     }),
 }
 
-# The switches of the distillation stages (issue 12): any of them on refuses the config.
+# The switches of the distillation stages (issue 12): any of them on refuses the config, except those that
+# stage 3b (DMD, ``is_train_dmd``) runs (DMD_SWITCHES).
 STAGE3_SWITCHES: dict[str, tuple[str, ...]] = {
     "data_config": ("use_stage3_dataset",),
     "training_config": ("is_train_dmd", "use_ema", "is_use_ode_regression", "is_only_ode_regression", "is_use_gan",
                         "is_use_gt_history", "is_use_reward_model"),
 }
+DMD_SWITCHES = frozenset({"use_stage3_dataset", "is_train_dmd", "use_ema", "is_use_gan", "is_use_gt_history"})
+
+_DMD = "stage 3b (DMD)"
+_OFF = f"is {_NOT_HERE} (off in every official config; TRAINING.md 7.6)"
+# Stage 3b's keys (TRAINING.md 7): typed and checked like SCHEMA's; read only when is_train_dmd is on.
+DMD_SCHEMA: dict[str, dict[str, Key]] = {
+    "data_config": {
+        "use_stage1_dataset": Key(bool, False, (False,), f"{_DMD} reads the stage-3 dataset (use_stage3_dataset)"),
+        "use_stage3_dataset": Key(bool, False),
+        "gan_data_root": Key((list, str), []),
+    },
+    "model_config": {
+        "real_score_model_name_or_path": Key("str?", None),
+        "critic_subfolder": Key("str?", None),
+        "critic_lora_rank": Key(int, 128),
+        "critic_lora_alpha": Key(float, 128.0),
+        "critic_lora_dropout": Key(float, 0.0, (0.0,), f"LoRA dropout is {_NOT_HERE} (0 in every official YAML)"),
+        "critic_lora_name_or_path": Key("str?", None, (None,), f"starting the critic from a saved LoRA is {_NOT_HERE}"),
+    },
+    "training_config": {
+        "is_train_dmd": Key(bool, False),
+        "use_ema": Key(bool, False),
+        "ema_decay": Key(float, 0.99),
+        "ema_start_step": Key(int, 750),
+        "use_ema_validation": Key(bool, False, (False,), "validation runs the trained generator (as the official)"),
+        "critic_learning_rate": Key(float, 4e-7),
+        "max_grad_norm_critic": Key(float, 10.0),
+        "dfake_gen_update_ratio": Key(int, 5),
+        "real_guidance_scale": Key(float, 3.0),
+        "fake_guidance_scale": Key(float, 0.0, (0.0,), "the fake score runs without CFG (as every official config)"),
+        "is_use_gt_history": Key(bool, False, (True,), f"{_DMD} rolls out on the data's (GT) history only"),
+        "use_gt_history_ratio": Key(float, 1.0, (1.0,), f"{_DMD} rolls out on the data's (GT) history only"),
+        "is_amplify_first_chunk": Key(bool, True),
+        "num_critic_input_frames": Key(int, 9, (9,), _LAYOUT),
+        "dmd_num_latent_sections_min": Key(int, 1, (1,), "with GT history the official rolls out one section"),
+        "dmd_num_latent_sections_max": Key(int, 1, (1,), "with GT history the official rolls out one section"),
+        "time_shift_type": Key(str, "linear", ("linear",), "the DMD scheduler's shift is linear"),
+        "base_seq_len": Key(int, 256, (256,), "the DMD scheduler's dynamic shift"),
+        "max_seq_len": Key(int, 4096, (4096,), "the DMD scheduler's dynamic shift"),
+        "base_shift": Key(float, 0.5, (0.5,), "the DMD scheduler's dynamic shift"),
+        "max_shift": Key(float, 1.15, (1.15,), "the DMD scheduler's dynamic shift"),
+        "generator_dynamic_sample_type": Key(str, "beta", ("beta", "uniform"), "the official timestep samplings"),
+        "generator_dynamic_alpha": Key(float, 4.0),
+        "generator_dynamic_beta": Key(float, 1.5),
+        "generator_dynamic_step": Key(int, 500),
+        "critic_dynamic_sample_type": Key(str, "uniform", ("beta", "uniform"), "the official timestep samplings"),
+        "critic_dynamic_alpha": Key(float, 4.0),
+        "critic_dynamic_beta": Key(float, 1.5),
+        "critic_dynamic_step": Key(int, 500),
+        "is_use_gan": Key(bool, False),
+        "gan_start_step": Key(int, 1000),
+        "is_use_gan_hooks": Key(bool, True),
+        "is_use_gan_final": Key(bool, True, (True,), "the final head is always part of the discriminator"),
+        "gan_hooks": Key((list, int), [5, 15, 25, 35]),
+        "gan_cond_map_dim": Key(int, 768),
+        "gan_g_weight": Key(float, 0.05),
+        "gan_d_weight": Key(float, 0.01),
+        "aprox_r1": Key(bool, True, (True,), "R1 is the approximate one (logit change under input noise)"),
+        "r1_weight": Key(float, 100.0),
+        "r1_sigma": Key(float, 0.1),
+        "r2_weight": Key(float, 0.0, (0.0,), f"the R2 penalty {_OFF}"),
+        "is_separate_gan_grad": Key(bool, False, (False,), f"a separate GAN gradient {_OFF}"),
+        "dmd_last_step_only": Key(bool, False, (False,), f"last-step-only DMD {_OFF}"),
+        "dmd_last_section_grad_only": Key(bool, False, (False,), f"last-section-only gradients {_OFF}"),
+        "dmd_teacher_forcing": Key(bool, False, (False,), f"teacher forcing {_OFF}"),
+        "is_dmd_vae_decode": Key(bool, False, (False,), f"the VAE re-encode in the rollout {_OFF}"),
+        "is_multi_pyramid_stage_backward_simulated": Key(bool, False, (False,), f"multi-stage backward simulation {_OFF}"),
+        "is_decouple_dmd": Key(bool, False, (False,), f"decoupled DMD {_OFF}"),
+        "is_consistency_align": Key(bool, False, (False,), f"the consistency-align loss {_OFF}"),
+        "is_smoothness_loss": Key(bool, False, (False,), f"the chunk-boundary smoothness loss {_OFF}"),
+        "is_mean_var_regular": Key(bool, False, (False,), f"the mean/var regulariser {_OFF}"),
+        "is_x0_mean_var_regular": Key(bool, False, (False,), f"the mean/var regulariser {_OFF}"),
+        "is_chunk_mean_var_regular": Key(bool, False, (False,), f"the mean/var regulariser {_OFF}"),
+        "is_chunk_x0_mean_var_regular": Key(bool, False, (False,), f"the mean/var regulariser {_OFF}"),
+        "is_enable_cold_start": Key(bool, False, (False,), f"the cold start {_OFF}"),
+        "generator_is_forcing_low_renoise": Key(bool, False, (False,), f"forced low renoise {_OFF}"),
+    },
+}
+for _section, _keys in DMD_SCHEMA.items():
+    NOT_APPLICABLE[_section] = NOT_APPLICABLE[_section] - frozenset(_keys)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,8 +332,11 @@ class Recipe:
 
     @property
     def stage(self) -> str:
-        """"stage1", "stage2_packed" (NaViT, stage 2-init) or "stage2_sequential" (stage 2-post)."""
+        """"stage1", "stage2_packed" (NaViT, stage 2-init), "stage2_sequential" (stage 2-post) or
+        "stage3_dmd" (stage 3b)."""
         training = self.values["training_config"]
+        if training.get("is_train_dmd"):
+            return "stage3_dmd"
         if training["is_enable_stage2"]:
             return "stage2_packed" if training["is_navit_pyramid"] else "stage2_sequential"
         return "stage1"
@@ -270,6 +354,19 @@ class Recipe:
             adam_beta1=t["adam_beta1"], adam_beta2=t["adam_beta2"], adam_weight_decay=t["adam_weight_decay"],
             adam_epsilon=t["adam_epsilon"], max_grad_norm=t["max_grad_norm"],
         )
+
+    def critic_optimizer(self) -> OptimizerConfig:
+        """Stage 3b's critic: the generator's AdamW settings with ``critic_learning_rate`` and
+        ``max_grad_norm_critic`` (the official DeepSpeed run clipped both at 1.0 instead: TRAINING.md 10)."""
+        t = self.values["training_config"]
+        return dataclasses.replace(self.optimizer(), learning_rate=t["critic_learning_rate"],
+                                   max_grad_norm=t["max_grad_norm_critic"])
+
+    def critic_lora(self) -> LoraSpec:
+        """Stage 3b's critic LoRA: every linear layer (no patch convs), ``critic_lora_rank`` / ``_alpha``."""
+        m = self.values["model_config"]
+        return LoraSpec(rank=m["critic_lora_rank"], alpha=m["critic_lora_alpha"], targets="all-linear",
+                        exclude=tuple(m["lora_exclude_modules"]))
 
     def lora(self) -> tuple[LoraSpec, str]:
         """The LoRA spec and the trainable subset (``helios_jax.models.lora.SUBSETS``) of this stage:
@@ -293,7 +390,8 @@ class Recipe:
 
 
 def _known(section: str, key: str) -> bool:
-    return key in SCHEMA[section] or key in NOT_APPLICABLE[section] or key in STAGE3_SWITCHES.get(section, ())
+    return (key in SCHEMA[section] or key in NOT_APPLICABLE[section] or key in STAGE3_SWITCHES.get(section, ())
+            or key in DMD_SCHEMA.get(section, {}))
 
 
 def _typed(where: str, kind: Any, value: Any) -> Any:
@@ -359,10 +457,12 @@ def _entries(raw: dict[str, Any]) -> dict[tuple[str, str], Any]:
     return out
 
 
-def _warn_unused(origin: str, entries: dict[tuple[str, str], Any]) -> None:
-    """ONE warning naming the keys that do not apply here and the keys the official schema lacks."""
+def _warn_unused(origin: str, entries: dict[tuple[str, str], Any], dmd: bool = False) -> None:
+    """ONE warning naming the keys that do not apply here (stage 3b's outside a DMD run too) and the keys
+    the official schema lacks."""
     dotted = lambda s, k: f"{s}.{k}" if s else k  # noqa: E731
-    unused = sorted(dotted(s, k) for s, k in entries if s in NOT_APPLICABLE and k in NOT_APPLICABLE[s])
+    unused = sorted(dotted(s, k) for s, k in entries if s in NOT_APPLICABLE and (
+        k in NOT_APPLICABLE[s] or (not dmd and k in DMD_SCHEMA.get(s, {}) and k not in SCHEMA[s])))
     unknown = sorted(dotted(s, k) for s, k in entries if s not in SCHEMA or not _known(s, k))
     if unused or unknown:
         parts = [f"not used here (they change nothing in this port): {', '.join(unused)}"] if unused else []
@@ -386,18 +486,20 @@ def _override(text: str) -> tuple[tuple[str, str], Any]:
 def load(paths: str | Sequence[str], overrides: Sequence[str] = ()) -> Recipe:
     """Read, merge, type and check YAML files and overrides (see the module doc)."""
     paths = (paths,) if isinstance(paths, (str, os.PathLike)) else tuple(paths)
-    merged: dict[tuple[str, str], Any] = {}
-    for path in map(os.fspath, paths):
-        entries = _entries(_read_yaml(path))
-        _warn_unused(path, entries)
-        merged.update(entries)
+    files = [(path, _entries(_read_yaml(path))) for path in map(os.fspath, paths)]
     cli = dict(_override(o) for o in overrides)
-    _warn_unused("the command line", cli)
-    merged.update(cli)
+    merged: dict[tuple[str, str], Any] = {}
+    for _, entries in (*files, ("", cli)):
+        merged.update(entries)
+    dmd = merged.get(("training_config", "is_train_dmd")) is True
+    for path, entries in (*files, ("the command line", cli)):
+        _warn_unused(path, entries, dmd)
 
     _refuse_stage3(merged)
     values: dict[str, dict[str, Any]] = {s: {} for s in (TOP, *SECTIONS)}
-    for section, keys in SCHEMA.items():
+    dmd = merged.get(("training_config", "is_train_dmd")) is True
+    schema = {s: {**keys, **(DMD_SCHEMA.get(s, {}) if dmd else {})} for s, keys in SCHEMA.items()}
+    for section, keys in schema.items():
         for key, spec in keys.items():
             where = f"{section}.{key}" if section else key
             value = _typed(where, spec.type, merged.get((section, key), copy.deepcopy(spec.default)))
@@ -410,7 +512,9 @@ def load(paths: str | Sequence[str], overrides: Sequence[str] = ()) -> Recipe:
 
 
 def _refuse_stage3(merged: dict[tuple[str, str], Any]) -> None:
-    on = [f"{s}.{k}" for s, keys in STAGE3_SWITCHES.items() for k in keys if merged.get((s, k))]
+    dmd = merged.get(("training_config", "is_train_dmd")) is True
+    on = [f"{s}.{k}" for s, keys in STAGE3_SWITCHES.items() for k in keys
+          if merged.get((s, k)) and not (dmd and k in DMD_SWITCHES)]
     if on:
         raise ConfigError(
             f"this is a stage-3 (distillation) config: {', '.join(on)} on; ODE regression, DMD, GAN and EMA "
@@ -420,6 +524,11 @@ def _refuse_stage3(merged: dict[tuple[str, str], Any]) -> None:
 
 def _check_stage(values: dict[str, dict[str, Any]]) -> None:
     t, d = values["training_config"], values["data_config"]
+    if t.get("is_train_dmd"):
+        _check_dmd(values)
+    elif t["use_dynamic_shifting"]:
+        raise ConfigError("training_config.use_dynamic_shifting = True is not supported: flow-matching training "
+                          "runs unshifted (asserted so officially); use False")
     if not (t["is_enable_stage1"] or t["is_enable_stage2"]):
         raise ConfigError("training_config: neither is_enable_stage1 nor is_enable_stage2 is true; "
                           "set is_enable_stage1: true (stage 1) or both (stage 2)")
@@ -431,20 +540,52 @@ def _check_stage(values: dict[str, dict[str, Any]]) -> None:
         if len(ranges) != t["stage2_num_stages"] + 1 or len(ratios) != t["stage2_num_stages"]:
             raise ConfigError(f"training_config: stage2_stage_range {ranges} needs {t['stage2_num_stages'] + 1} "
                               f"bounds and stage2_sample_ratios {ratios} {t['stage2_num_stages']} counts")
-    if not d["instance_data_root"]:
-        raise ConfigError("data_config.instance_data_root is empty: name the offloaded data folder(s), "
-                          "e.g. data_config.instance_data_root=[data/]")
+    if not data_roots(values):
+        raise ConfigError(f"data_config.{_data_key(values)} is empty: name the offloaded data folder(s), "
+                          f"e.g. data_config.{_data_key(values)}=[data/]")
     for key in ("max_train_steps", "train_batch_size", "checkpointing_steps", "validation_steps"):
         section = "validation_config" if key == "validation_steps" else "training_config"
         if values[section][key] < 1:
             raise ConfigError(f"{section}.{key} = {values[section][key]} must be a positive integer")
 
 
+def _check_dmd(values: dict[str, dict[str, Any]]) -> None:
+    t, d, v = values["training_config"], values["data_config"], values["validation_config"]
+    if not (t["is_enable_stage1"] and t["is_enable_stage2"] and d["use_stage3_dataset"]):
+        raise ConfigError("training_config.is_train_dmd: stage 3b distils the pyramid student on the stage-3 "
+                          "dataset; set is_enable_stage1, is_enable_stage2 and data_config.use_stage3_dataset true")
+    if not t["use_dynamic_shifting"]:
+        raise ConfigError("training_config.use_dynamic_shifting = False is not supported with is_train_dmd: the "
+                          "student's schedule is dynamically shifted (as every official stage-3 config); use True")
+    steps = v["stage2_simulated_inference_steps"]
+    if len(steps) != t["stage2_num_stages"] or min(steps) < 1:
+        raise ConfigError(f"validation_config.stage2_simulated_inference_steps = {steps}: the student needs one "
+                          f"positive step count per pyramid stage ({t['stage2_num_stages']}), e.g. [2, 2, 2]")
+    for key in ("dfake_gen_update_ratio", "gan_cond_map_dim"):
+        if t[key] < 1:
+            raise ConfigError(f"training_config.{key} = {t[key]} must be a positive integer")
+    if t["gan_cond_map_dim"] % 32:
+        raise ConfigError(f"training_config.gan_cond_map_dim = {t['gan_cond_map_dim']} must be a multiple of 32 "
+                          "(the heads' GroupNorm(32, c)); the official value is 768")
+    if d["instance_data_root"]:
+        raise ConfigError("data_config.instance_data_root is set with is_train_dmd: stage 3b reads "
+                          "data_config.gan_data_root (the offloaded short latents); move the folders there")
+
+
+def _data_key(values: dict[str, dict[str, Any]]) -> str:
+    return "gan_data_root" if values["training_config"].get("is_train_dmd") else "instance_data_root"
+
+
+def data_roots(values: dict[str, dict[str, Any]]) -> list[str]:
+    """The offloaded data folders of a run: ``gan_data_root`` for stage 3b, else ``instance_data_root``."""
+    return values["data_config"][_data_key(values)]
+
+
 def check_paths(recipe: Recipe) -> None:
     """The folders a run reads must exist (one error naming the first missing one), before any compute."""
-    for folder in recipe.section("data_config")["instance_data_root"]:
+    for folder in data_roots(recipe.values):
         if not os.path.isdir(folder):
-            raise ConfigError(f"data_config.instance_data_root: no data folder at {folder!r}; offload videos "
+            raise ConfigError(f"data_config.{_data_key(recipe.values)}: no data folder at {folder!r}; offload videos "
                               f"there first (helios-jax offload) or fix the path")
     model = recipe.section("model_config")
     for key in ("pretrained_model_name_or_path", "transformer_model_name_or_path"):
