@@ -27,14 +27,27 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 
+from helios_jax import parallel
+from helios_jax.checkpoint import read_checkpoint_configs
+from helios_jax.config import ConfigError, TransformerConfig
+from helios_jax.generate import DEFAULT_NEGATIVE_PROMPT
+from helios_jax.loading import COMPONENTS, transformer_component
+from helios_jax.models import lora as lora_lib
 from helios_jax.models.transformer import HeliosTransformer, keeps_fp32
-from helios_jax.training import distill, history, trainer
+from helios_jax.prompts import PromptEncoder
+from helios_jax.sampling.schedule import HeliosDMDSchedulerConfig
+from helios_jax.training import distill, history, recipes, stages, trainer
+from helios_jax.training.data import OffloadedDataset
 from helios_jax.training.discriminator import Discriminator, cache_grad_gan_loss, crop_half, critic_gan_loss
+from helios_jax.training.duel import Duel, DuelState, EmaConfig
+from helios_jax.training.recipes import Recipe
+from helios_jax.training.validation import Validator
 
 Params = Any
 Batch = Mapping[str, jax.Array]
@@ -239,3 +252,117 @@ def init_heads(nets: DmdNets, config, key: jax.Array, latent_hw: tuple[int, int]
     feats = [jnp.zeros((1, config.inner_dim, history.LATENT_WINDOW, h // ph, w // pw), jnp.float32)
              for _ in nets.gan.hooks]
     return nets.discriminator().init(key, flow, feats)["params"]
+
+
+# ----------------------------------------------------------------------------- a whole run from a recipe
+
+EMA_FOLDER = "model_ema"  # checkpoint-STEP/model_ema/: the EMA generator's LoRA (the official folder name)
+
+
+def settings_from(recipe: Recipe) -> DmdSettings:
+    t, v = recipe.section("training_config"), recipe.section("validation_config")
+    draw = lambda who: TimestepDraw(t[f"{who}_dynamic_sample_type"], t[f"{who}_dynamic_alpha"],  # noqa: E731
+                                    t[f"{who}_dynamic_beta"], t[f"{who}_dynamic_step"])
+    corruption = history.CorruptionConfig.from_training_config(t)  # always applied on the GT history (7.3)
+    context = dataclasses.replace(stages.context_config(t), corruption=corruption)
+    saturation = history.SaturationConfig(t["saturation_ratio_min"], t["saturation_ratio_max"],
+                                          t["saturation_ratio_clean_prob"]) if t["is_add_saturation"] else None
+    gan = None
+    if t["is_use_gan"]:
+        gan = GanSettings(tuple(t["gan_hooks"]) if t["is_use_gan_hooks"] else (), t["gan_cond_map_dim"],
+                          t["gan_g_weight"], t["gan_d_weight"], t["r1_weight"], t["r1_sigma"])
+    return DmdSettings(tuple(v["stage2_simulated_inference_steps"]), t["is_amplify_first_chunk"],
+                       t["real_guidance_scale"], draw("generator"), draw("critic"), context, saturation, gan)
+
+
+def critic_folder(recipe: Recipe) -> str:
+    """The real/fake scores' transformer: ``real_score_model_name_or_path`` (a pipeline folder, its
+    ``critic_subfolder`` or ``transformer/``), else the generator's own."""
+    m = recipe.section("model_config")
+    if m["real_score_model_name_or_path"] is None:
+        return stages.transformer_folder(recipe)
+    return os.path.join(m["real_score_model_name_or_path"], m["critic_subfolder"] or "transformer")
+
+
+def export(spec: lora_lib.LoraSpec, config: TransformerConfig, state: DuelState, folder: str) -> None:
+    """``checkpoint-STEP/pytorch_lora_weights.safetensors``: the generator's LoRA; ``model_ema/`` beside it:
+    the EMA generator's (what ``helios-jax convert --merge-lora`` fuses into the released student)."""
+    lora_lib.save_lora(folder, state.generator.trainable["lora"], spec, config)
+    if state.ema:
+        lora_lib.save_lora(os.path.join(folder, EMA_FOLDER), state.ema["lora"], spec, config)
+
+
+def negative_prompt_embeds(recipe: Recipe, length: int, dtype: Any) -> jax.Array:
+    """The negative prompt, encoded ONCE with the run's text encoder (1, length, D)."""
+    folder = recipe.section("model_config")["pretrained_model_name_or_path"]
+    configs = read_checkpoint_configs(folder)
+    text = COMPONENTS["text_encoder"].load(os.path.join(folder, "text_encoder"), dtype, configs.text_encoder)
+    prompt = recipe.section("data_config")["negative_prompt"] or DEFAULT_NEGATIVE_PROMPT
+    return PromptEncoder(*text, configs.tokenizer).encode(prompt, max_sequence_length=length, dtype=dtype)
+
+
+def prepare(recipe: Recipe, *, progress: bool | None = None, validate: bool = True,
+            num_threads: int = 2) -> stages.Prepared:
+    """Stage 3b's ``Prepared``: checks (paths, resume, data, hooks) before the weights, then one base
+    tree (two when the critic's folder differs), both LoRAs, the heads, the negative prompt."""
+    recipes.check_paths(recipe)
+    g_folder, c_folder = stages.transformer_folder(recipe), critic_folder(recipe)
+    if not os.path.isdir(c_folder):
+        raise ConfigError(f"model_config.real_score_model_name_or_path: no transformer folder at {c_folder!r} "
+                          "(give a local pipeline folder, or leave it unset to score with the generator's base)")
+    run = recipe.run(progress)
+    trainer.check_resumable(run)
+    d, t, top = recipe.section("data_config"), recipe.section("training_config"), recipe.section("")
+    mesh = stages.training_mesh(top["mesh"])
+    dataset = OffloadedDataset(
+        recipes.data_roots(recipe.values), batch_size=t["train_batch_size"] * stages.batch_shards_per_process(mesh),
+        seed=top["seed"], process_index=jax.process_index(), process_count=jax.process_count(),
+        shuffle=d["use_shuffle"], resolutions=[(d["single_height"], d["single_width"])] if d["single_res"] else None,
+        secondary=True)
+    dtype = stages.DTYPES[t["mixed_precision"]]
+    component = transformer_component(g_folder)
+    config = component.read_config(g_folder)
+    stages.check_buckets(dataset, config, recipe.stage)
+    settings = settings_from(recipe)
+    if settings.gan is not None and any(not 0 <= k < config.num_layers for k in settings.gan.hooks):
+        raise ConfigError(f"training_config.gan_hooks = {list(settings.gan.hooks)}: the transformer has "
+                          f"{config.num_layers} blocks; hook blocks in [0, {config.num_layers})")
+    if mesh is not None:
+        parallel.check_mesh(mesh, heads=config.num_attention_heads)
+    first = dataset.load(dataset[0])
+    v = recipe.section("validation_config")
+    validating = validate and bool(v["validation_prompts"])
+
+    config, params = component.load(g_folder, dtype, config)
+    frozen = {"params": params}
+    if os.path.realpath(c_folder) != os.path.realpath(g_folder):
+        c_config, frozen["critic_params"] = COMPONENTS["transformer"].load(c_folder, dtype)
+        if jax.tree.map(jnp.shape, frozen["critic_params"]) != jax.tree.map(jnp.shape, params):
+            raise ConfigError(f"{c_folder}: the critic's transformer ({c_config}) is not shaped like the "
+                              f"generator's ({g_folder}); the scores must be the same architecture")
+    frozen["negative_prompt_embeds"] = negative_prompt_embeds(recipe, first["prompt_embeds"].shape[0], dtype)
+    spec, subset = recipe.lora()
+    critic_spec = recipe.critic_lora()
+    keys = jax.random.split(jax.random.key(top["seed"]), 3)
+    generator = {"lora": lora_lib.init_lora(spec, params, keys[0])}
+    critic = {"lora": lora_lib.init_lora(critic_spec, params, keys[1])}
+    nets = DmdNets(HeliosTransformer(config, remat=t["gradient_checkpointing"]), dtype, spec.scale,
+                   critic_spec.scale, settings.gan)
+    if settings.gan is not None:
+        critic["heads"] = init_heads(nets, config, keys[2], first["target"].shape[-2:])
+    validator = None
+    if validating:
+        scheduler = HeliosDMDSchedulerConfig(use_dynamic_shifting=True)
+        merge = functools.partial(stages._merged, spec.scale)
+        pipeline = stages.validation_pipeline(recipe, scheduler, (config, merge(generator, frozen)))
+        settings_v = {**stages.validation_settings(recipe), "is_amplify_first_chunk": t["is_amplify_first_chunk"]}
+        validator = Validator(pipeline, merge, v["validation_prompts"], settings_v, v["num_validation_videos"],
+                              seed=top["seed"])
+    duel = Duel(functools.partial(generator_loss, nets, settings), functools.partial(critic_loss, nets, settings),
+                recipe.critic_optimizer(), t["dfake_gen_update_ratio"],
+                EmaConfig(t["ema_decay"], t["ema_start_step"]) if t["use_ema"] else None,
+                (t["gan_start_step"],) if settings.gan is not None else ())
+    stage = trainer.Stage(None, recipe.optimizer(), export=functools.partial(export, spec, config),
+                          validate=validator, duel=duel)
+    return stages.Prepared(run, stage, {"generator": generator, "critic": critic}, frozen,
+                           dataset.iterator(num_threads), config, spec, mesh)

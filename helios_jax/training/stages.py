@@ -242,6 +242,10 @@ def prepare(recipe: Recipe, *, progress: bool | None = None,
             validate: bool = True, num_threads: int = 2) -> Prepared:
     """The model, data, loss and hooks of a recipe, checked in the order: paths, resume, data buckets,
     then the weights (the only slow step). ``validate=False`` skips the validation videos."""
+    if recipe.stage == "stage3_dmd":  # two players: training.dmd_stage (which builds on this module)
+        from helios_jax.training import dmd_stage
+
+        return dmd_stage.prepare(recipe, progress=progress, validate=validate, num_threads=num_threads)
     recipes.check_paths(recipe)
     run = recipe.run(progress)
     trainer.check_resumable(run)
