@@ -116,3 +116,15 @@ def test_resume_is_bit_identical(tmp_path):
     assert trainer.read_metrics(str(tmp_path / "whole")) == [
         {**r, "seconds": w["seconds"]} for r, w in zip(trainer.read_metrics(str(tmp_path / "parts")),
                                                        trainer.read_metrics(str(tmp_path / "whole")))]
+
+
+def test_runs_on_a_mesh_like_without(tmp_path):
+    """The mesh path (state placed by duel_shardings, the step pinned to them) gives the same run."""
+    from helios_jax import parallel
+
+    mesh = parallel.make_mesh(data=1, fsdp=1, context=1, tensor=1)
+    plain = trainer.train(run(tmp_path, "plain", 5), stage(), TRAINABLE, FROZEN, data())
+    meshed = trainer.train(run(tmp_path, "mesh", 5), stage(), TRAINABLE, FROZEN, data(), mesh=mesh)
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(meshed)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+    assert all(getattr(x, "sharding", None) is not None and x.sharding.mesh == mesh for x in jax.tree.leaves(meshed))

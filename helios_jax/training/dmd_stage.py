@@ -158,9 +158,8 @@ def _plan(shape: tuple[int, ...], steps: tuple[int, ...], amplify: bool) -> dist
     return distill.rollout_plan(shape, steps, amplify_first_chunk=amplify)
 
 
-@functools.lru_cache(maxsize=4)
 def _table(shape: tuple[int, ...]) -> distill.SigmaTable:
-    return distill.dmd_sigma_table(shape)
+    return distill.dmd_sigma_table(shape)  # not cached: made inside a trace, its arrays belong to that trace
 
 
 def simulate(nets: DmdNets, settings: DmdSettings, generator: Params, frozen: Params, cond: dict,

@@ -9,8 +9,10 @@ Every key falls in one of three groups:
 * keys of the official schema that do not apply here (``NOT_APPLICABLE``: DeepSpeed, wandb, NPU,
   torch data-loader workers, offload-time settings, the stage-3 machinery's knobs): named in one
   warning per file together with any key the official schema does not have either;
-* the stage-3 switches (``STAGE3_SWITCHES``): the distillation stages (ODE regression, DMD, GAN, EMA)
-  are refused with one error naming the switches that are on, until the distillation issue lands.
+* stage 3b's keys (``DMD_SCHEMA``: DMD, GAN, EMA, the critic): typed and checked like ``SCHEMA``'s when
+  ``is_train_dmd`` is on (``stage_3_post*.yaml``), warned as not used otherwise;
+* the stage-3 switches (``STAGE3_SWITCHES``): those stage 3b does not run (ODE regression, the reward
+  model, any of them without ``is_train_dmd``) are refused with one error naming the switches that are on.
 
 Several files merge in order (``stage_1_init.yaml correct.yaml``: the second overrides the first), then
 ``section.key=value`` overrides (values read as YAML, typed like the file's). Everything is checked
