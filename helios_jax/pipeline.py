@@ -168,12 +168,14 @@ class HeliosPipeline:
         if compilation_cache:
             enable_compilation_cache(None if compilation_cache is True else compilation_cache)
 
-        def load(name: str, component_dtype: Any, quantize: str | None = None) -> tuple[Any, Params]:
+        def load(name: str, component_dtype: Any, quantize: str | None = None,
+                 on: jax.sharding.Mesh | None = None) -> tuple[Any, Params]:
             return COMPONENTS[name].load(os.path.join(folder, name), component_dtype, getattr(configs, name),
-                                         quantize=quantize)
+                                         quantize=quantize, mesh=on)
 
         # A LoRA is fused into the 16-bit kernels, which are then quantized.
-        transformer = load("transformer", dtype, None if loaded is not None else quantize)
+        # On a mesh the DiT is split as it is read: no device ever holds all of it.
+        transformer = load("transformer", dtype, None if loaded is not None else quantize, mesh)
         if loaded is not None:
             transformer = (transformer[0], apply_loaded(transformer[1], loaded, lora_scale))
             if quantize:

@@ -271,7 +271,7 @@ def prepare(recipe: Recipe, *, progress: bool | None = None,
     validating = validate and bool(v["validation_prompts"])
     scheduler = validation_scheduler(recipe) if validating else None  # its errors before the weights
 
-    config, params = component.load(folder, dtype, config)
+    config, params = component.load(folder, dtype, config, mesh=mesh)  # split as it is read, on a mesh
     spec, subset = recipe.lora()
     lora = lora_lib.init_lora(spec, params, jax.random.key(recipe.section("")["seed"]))
     variables = {"params": params, "lora": lora}
