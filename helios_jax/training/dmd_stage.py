@@ -332,10 +332,10 @@ def prepare(recipe: Recipe, *, progress: bool | None = None, validate: bool = Tr
     v = recipe.section("validation_config")
     validating = validate and bool(v["validation_prompts"])
 
-    config, params = component.load(g_folder, dtype, config)
+    config, params = component.load(g_folder, dtype, config, mesh=mesh)  # split as it is read, on a mesh
     frozen = {"params": params}
     if os.path.realpath(c_folder) != os.path.realpath(g_folder):
-        c_config, frozen["critic_params"] = COMPONENTS["transformer"].load(c_folder, dtype)
+        c_config, frozen["critic_params"] = COMPONENTS["transformer"].load(c_folder, dtype, mesh=mesh)
         if jax.tree.map(jnp.shape, frozen["critic_params"]) != jax.tree.map(jnp.shape, params):
             raise ConfigError(f"{c_folder}: the critic's transformer ({c_config}) is not shaped like the "
                               f"generator's ({g_folder}); the scores must be the same architecture")
