@@ -15,6 +15,7 @@ import os
 import jax
 import numpy as np
 import pytest
+import safetensors.numpy
 
 from helios_jax import cli
 from helios_jax.demo import TRANSFORMER, build_demo_checkpoint
@@ -126,6 +127,6 @@ def test_stage_3_post_gan_version_and_bit_identical_resume(workspace, tmp_path, 
     strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
     assert strip(trainer.read_metrics(parts)) == strip(records)
     for name in ("pytorch_lora_weights.safetensors", os.path.join(EMA_FOLDER, "pytorch_lora_weights.safetensors")):
-        a = open(os.path.join(straight, "checkpoint-2", name), "rb").read()
-        b = open(os.path.join(parts, "checkpoint-2", name), "rb").read()
-        assert a == b, name
+        a = safetensors.numpy.load_file(os.path.join(straight, "checkpoint-2", name))
+        b = safetensors.numpy.load_file(os.path.join(parts, "checkpoint-2", name))
+        assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a), name  # every bit of every tensor
