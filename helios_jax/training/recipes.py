@@ -62,7 +62,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "single_res": Key(bool, False),
         "single_height": Key(int, 384),
         "single_width": Key(int, 640),
-        "use_stage1_dataset": Key(bool, False, (True,), "stages 1 and 2 train on the offloaded short latents"),
+        "use_stage1_dataset": Key(bool, False),  # True for stages 1-2, False for 3a: checked in _check_stage
         "caption_dropout_p": Key(float, 0.0, (0.0,), f"caption dropout is {_NOT_HERE} (0 in every official YAML)"),
         "id_token": Key(str, "", ("",), f"an id token prefix is {_NOT_HERE}"),
         "dataset_sampling_ratios": Key((list, float), [], ([],), f"per-dataset resampling is {_NOT_HERE}"),
@@ -126,7 +126,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                 "the timestep samplings of stages 1 (logit-normal) and 2 (uniform)"),
         "logit_mean": Key(float, 0.0),
         "logit_std": Key(float, 1.0),
-        "use_dynamic_shifting": Key(bool, False, (False,), "flow-matching training runs unshifted (asserted so officially)"),
+        "use_dynamic_shifting": Key(bool, False),  # False for stages 1-2, True for 3a: checked in _check_stage
         # Model structure the recipe must agree with.
         "is_enable_stage1": Key(bool, False),
         "history_sizes": Key((list, int), [16, 2, 1], ([16, 2, 1],), _LAYOUT),
@@ -251,8 +251,10 @@ class Recipe:
 
     @property
     def stage(self) -> str:
-        """"stage1", "stage2_packed" (NaViT, stage 2-init) or "stage2_sequential" (stage 2-post)."""
+        """"stage1", "stage2_packed" (NaViT, stage 2-init), "stage2_sequential" (stage 2-post) or "stage3_ode"."""
         training = self.values["training_config"]
+        if training["is_use_ode_regression"]:
+            return "stage3_ode"
         if training["is_enable_stage2"]:
             return "stage2_packed" if training["is_navit_pyramid"] else "stage2_sequential"
         return "stage1"
@@ -411,6 +413,7 @@ def load(paths: str | Sequence[str], overrides: Sequence[str] = ()) -> Recipe:
 
 def _refuse_stage3(merged: dict[tuple[str, str], Any]) -> None:
     on = [f"{s}.{k}" for s, keys in STAGE3_SWITCHES.items() for k in keys if merged.get((s, k))]
+    on = _ode_switches(on)
     if on:
         raise ConfigError(
             f"this is a stage-3 (distillation) config: {', '.join(on)} on; ODE regression, DMD, GAN and EMA "
@@ -431,7 +434,15 @@ def _check_stage(values: dict[str, dict[str, Any]]) -> None:
         if len(ranges) != t["stage2_num_stages"] + 1 or len(ratios) != t["stage2_num_stages"]:
             raise ConfigError(f"training_config: stage2_stage_range {ranges} needs {t['stage2_num_stages'] + 1} "
                               f"bounds and stage2_sample_ratios {ratios} {t['stage2_num_stages']} counts")
-    if not d["instance_data_root"]:
+    if t["is_use_ode_regression"]:
+        _check_ode(values)
+    elif t["use_dynamic_shifting"]:
+        raise ConfigError("training_config.use_dynamic_shifting = True is not supported: flow-matching training "
+                          "runs unshifted (asserted so officially); use False")
+    elif not d["use_stage1_dataset"]:
+        raise ConfigError("data_config.use_stage1_dataset = False is not supported: stages 1 and 2 train on the "
+                          "offloaded short latents; use True")
+    elif not d["instance_data_root"]:
         raise ConfigError("data_config.instance_data_root is empty: name the offloaded data folder(s), "
                           "e.g. data_config.instance_data_root=[data/]")
     for key in ("max_train_steps", "train_batch_size", "checkpointing_steps", "validation_steps"):
@@ -442,7 +453,8 @@ def _check_stage(values: dict[str, dict[str, Any]]) -> None:
 
 def check_paths(recipe: Recipe) -> None:
     """The folders a run reads must exist (one error naming the first missing one), before any compute."""
-    for folder in recipe.section("data_config")["instance_data_root"]:
+    data = recipe.section("data_config")
+    for folder in data["ode_data_root"] if recipe.stage == "stage3_ode" else data["instance_data_root"]:
         if not os.path.isdir(folder):
             raise ConfigError(f"data_config.instance_data_root: no data folder at {folder!r}; offload videos "
                               f"there first (helios-jax offload) or fix the path")
@@ -456,3 +468,57 @@ def check_paths(recipe: Recipe) -> None:
         if not os.path.isdir(path):
             raise ConfigError(f"model_config.{key}: no local folder at {path!r} (no model hub is read; "
                               f"download the checkpoint and give its folder)")
+
+
+# ---- Stage 3a, ODE regression (helios_jax.training.ode): its keys, and the switches it turns on ----
+ODE_SCHEMA: dict[str, dict[str, Key]] = {
+    "data_config": {"use_stage3_dataset": Key(bool, False), "ode_data_root": Key((list, str), [])},
+    "training_config": {
+        "is_use_ode_regression": Key(bool, False), "is_only_ode_regression": Key(bool, False),
+        "use_ema": Key(bool, False),
+        "ode_regression_weight": Key(float, 0.25),
+        "ode_num_latent_sections_min": Key(int, 3), "ode_num_latent_sections_max": Key(int, 3),
+        "time_shift_type": Key(str, "linear"),
+        "base_seq_len": Key(int, 256), "max_seq_len": Key(int, 4096),
+        "base_shift": Key(float, 0.5), "max_shift": Key(float, 1.15),
+    },
+}
+for _section, _keys in ODE_SCHEMA.items():
+    SCHEMA[_section].update(_keys)
+    NOT_APPLICABLE[_section] = NOT_APPLICABLE[_section] - set(_keys)
+    STAGE3_SWITCHES[_section] = tuple(k for k in STAGE3_SWITCHES[_section] if k not in _keys)
+_ODE_ON = ("data_config.use_stage3_dataset", "training_config.is_use_ode_regression",
+           "training_config.is_only_ode_regression", "training_config.use_ema")
+
+
+def _ode_switches(on: list[str]) -> list[str]:
+    """The stage-3 switches still refused: none of stage 3a's (the 3a recipe's EMA is warned about in
+    ``_check_ode``)."""
+    return [name for name in on if name not in _ODE_ON]
+
+
+def _check_ode(values: dict[str, dict[str, Any]]) -> None:
+    """Stage 3a's rules: ODE regression only, on ODE pairs, linear dynamic shift, a fixed section count."""
+    t, d = values["training_config"], values["data_config"]
+    rules = [
+        (t["is_only_ode_regression"], "training_config.is_only_ode_regression must be true (ODE regression "
+                                      "beside DMD is not implemented; stage 3a trains on ODE pairs alone)"),
+        (d["use_stage3_dataset"], "data_config.use_stage3_dataset must be true (stage 3a reads ODE pairs)"),
+        (bool(d["ode_data_root"]), "data_config.ode_data_root is empty: name the folder(s) written by "
+                                   "`helios-jax offload ode-pairs`, e.g. data_config.ode_data_root=[ode/]"),
+        (t["use_dynamic_shifting"], "training_config.use_dynamic_shifting must be true for stage 3a (the ODE "
+                                    "timesteps are shifted; asserted so officially)"),
+        (t["time_shift_type"] == "linear", f"training_config.time_shift_type = {t['time_shift_type']!r} is not "
+                                           "supported: stage 3a shifts linearly (asserted so officially); use 'linear'"),
+        (t["ode_num_latent_sections_min"] == t["ode_num_latent_sections_max"] >= 1,
+         f"ode_num_latent_sections_min = {t['ode_num_latent_sections_min']} and _max = "
+         f"{t['ode_num_latent_sections_max']}: a random section count is not implemented; set both to one "
+         "count (3 officially)"),
+        (t["train_batch_size"] >= 1, "training_config.train_batch_size must be at least 1"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise ConfigError(message)
+    if t["use_ema"]:
+        warnings.warn("training_config.use_ema: EMA is not applied by this port's stage 3a; the run trains and "
+                      "exports the LoRA itself (no EMA copy)", stacklevel=3)
