@@ -320,7 +320,7 @@ def test_train_stage_3_ode_end_to_end_and_the_lora_loads_in_diffusers(pairs, tmp
               "model_config.subfolder": "transformer", "model_config.lora_rank": 4, "model_config.lora_alpha": 4.0,
               "training_config.max_train_steps": 2, "training_config.checkpointing_steps": 2,
               "training_config.learning_rate": 1e-3, "training_config.ode_num_latent_sections_min": SECTIONS,
-              "training_config.ode_num_latent_sections_max": SECTIONS, "training_config.mixed_precision": "no",
+              "training_config.ode_num_latent_sections_max": SECTIONS, "training_config.mixed_precision": '"no"',
               "validation_config.validation_prompts": "[]"}
     code = cli.main(["train", os.path.join(CONFIGS, "stage_3_ode.yaml"), *[f"{k}={v}" for k, v in values.items()]])
     assert code == 0, capsys.readouterr().err
