@@ -62,7 +62,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "single_res": Key(bool, False),
         "single_height": Key(int, 384),
         "single_width": Key(int, 640),
-        "use_stage1_dataset": Key(bool, False),  # True for stages 1-2, False for 3a: checked in _check_stage
+        "use_stage1_dataset": Key(bool, False, (True,), "stages 1 and 2 train on the offloaded short latents"),
         "caption_dropout_p": Key(float, 0.0, (0.0,), f"caption dropout is {_NOT_HERE} (0 in every official YAML)"),
         "id_token": Key(str, "", ("",), f"an id token prefix is {_NOT_HERE}"),
         "dataset_sampling_ratios": Key((list, float), [], ([],), f"per-dataset resampling is {_NOT_HERE}"),
@@ -126,7 +126,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                 "the timestep samplings of stages 1 (logit-normal) and 2 (uniform)"),
         "logit_mean": Key(float, 0.0),
         "logit_std": Key(float, 1.0),
-        "use_dynamic_shifting": Key(bool, False),  # False for stages 1-2, True for 3a: checked in _check_stage
+        "use_dynamic_shifting": Key(bool, False, (False,), "flow-matching training runs unshifted (asserted so officially)"),
         # Model structure the recipe must agree with.
         "is_enable_stage1": Key(bool, False),
         "history_sizes": Key((list, int), [16, 2, 1], ([16, 2, 1],), _LAYOUT),
@@ -403,7 +403,7 @@ def load(paths: str | Sequence[str], overrides: Sequence[str] = ()) -> Recipe:
         for key, spec in keys.items():
             where = f"{section}.{key}" if section else key
             value = _typed(where, spec.type, merged.get((section, key), copy.deepcopy(spec.default)))
-            if spec.allowed is not None and value not in spec.allowed:
+            if spec.allowed is not None and value not in spec.allowed and (section, key) not in _ode_rules(merged):
                 allowed = spec.allowed[0] if len(spec.allowed) == 1 else list(spec.allowed)
                 raise ConfigError(f"{where} = {value!r} is not supported: {spec.why}; use {allowed!r}")
             values[section][key] = value
@@ -436,12 +436,6 @@ def _check_stage(values: dict[str, dict[str, Any]]) -> None:
                               f"bounds and stage2_sample_ratios {ratios} {t['stage2_num_stages']} counts")
     if t["is_use_ode_regression"]:
         _check_ode(values)
-    elif t["use_dynamic_shifting"]:
-        raise ConfigError("training_config.use_dynamic_shifting = True is not supported: flow-matching training "
-                          "runs unshifted (asserted so officially); use False")
-    elif not d["use_stage1_dataset"]:
-        raise ConfigError("data_config.use_stage1_dataset = False is not supported: stages 1 and 2 train on the "
-                          "offloaded short latents; use True")
     elif not d["instance_data_root"]:
         raise ConfigError("data_config.instance_data_root is empty: name the offloaded data folder(s), "
                           "e.g. data_config.instance_data_root=[data/]")
@@ -453,11 +447,13 @@ def _check_stage(values: dict[str, dict[str, Any]]) -> None:
 
 def check_paths(recipe: Recipe) -> None:
     """The folders a run reads must exist (one error naming the first missing one), before any compute."""
-    data = recipe.section("data_config")
-    for folder in data["ode_data_root"] if recipe.stage == "stage3_ode" else data["instance_data_root"]:
+    ode_stage = recipe.stage == "stage3_ode"
+    key = "ode_data_root" if ode_stage else "instance_data_root"
+    for folder in recipe.section("data_config")[key]:
         if not os.path.isdir(folder):
-            raise ConfigError(f"data_config.instance_data_root: no data folder at {folder!r}; offload videos "
-                              f"there first (helios-jax offload) or fix the path")
+            what = "write ODE pairs there first (helios-jax offload ode-pairs)" if ode_stage else \
+                "offload videos there first (helios-jax offload)"
+            raise ConfigError(f"data_config.{key}: no data folder at {folder!r}; {what} or fix the path")
     model = recipe.section("model_config")
     for key in ("pretrained_model_name_or_path", "transformer_model_name_or_path"):
         path = model[key]
@@ -486,15 +482,23 @@ ODE_SCHEMA: dict[str, dict[str, Key]] = {
 for _section, _keys in ODE_SCHEMA.items():
     SCHEMA[_section].update(_keys)
     NOT_APPLICABLE[_section] = NOT_APPLICABLE[_section] - set(_keys)
-    STAGE3_SWITCHES[_section] = tuple(k for k in STAGE3_SWITCHES[_section] if k not in _keys)
 _ODE_ON = ("data_config.use_stage3_dataset", "training_config.is_use_ode_regression",
            "training_config.is_only_ode_regression", "training_config.use_ema")
 
 
 def _ode_switches(on: list[str]) -> list[str]:
-    """The stage-3 switches still refused: none of stage 3a's (the 3a recipe's EMA is warned about in
-    ``_check_ode``)."""
+    """The stage-3 switches still refused: in a stage-3a recipe (ODE regression, no DMD) none of its own
+    (its EMA is warned about in ``_check_ode``); any other stage-3 recipe is refused as a whole."""
+    if "training_config.is_use_ode_regression" not in on or "training_config.is_train_dmd" in on:
+        return on
     return [name for name in on if name not in _ODE_ON]
+
+
+def _ode_rules(merged: dict[tuple[str, str], Any]) -> tuple[tuple[str, str], ...]:
+    """The stage-1/2 rules a stage-3a recipe replaces with its own (``_check_ode``)."""
+    if not merged.get(("training_config", "is_use_ode_regression")):
+        return ()
+    return (("data_config", "use_stage1_dataset"), ("training_config", "use_dynamic_shifting"))
 
 
 def _check_ode(values: dict[str, dict[str, Any]]) -> None:
