@@ -105,8 +105,7 @@ def test_recorded_states_are_the_plain_pipelines(pairs):
     file = ode.read_ode_pairs(os.path.join(out, "prompts_00000.safetensors"))
     settings = dict(height=PIXELS, width=PIXELS, num_frames=SECTIONS * 33, guidance_scale=5.0,
                     pyramid_num_inference_steps_list=(STEPS,) * 3, is_amplify_first_chunk=True, max_sequence_length=512)
-    pipe = ode._RecordingTeacher.from_pretrained(ckpt, dtype=jnp.float32, compilation_cache=False)
-    pipe.scheduler_config, pipe.spec = ode.teacher_scheduler(pipe.scheduler_config), hj.checkpoint.PipelineSpec(True)
+    pipe = ode._RecordingTeacher.load(ckpt, jnp.float32, STEPS, compilation_cache=False)
     embeds = jnp.asarray(file["prompt_embed"])[None]
     negative = pipe.prompt_encoder.encode([hj.generate.DEFAULT_NEGATIVE_PROMPT], max_sequence_length=512,
                                           dtype=jnp.float32)
@@ -321,11 +320,14 @@ def test_train_stage_3_ode_end_to_end_and_the_lora_loads_in_diffusers(pairs, tmp
               "training_config.max_train_steps": 2, "training_config.checkpointing_steps": 2,
               "training_config.learning_rate": 1e-3, "training_config.ode_num_latent_sections_min": SECTIONS,
               "training_config.ode_num_latent_sections_max": SECTIONS, "training_config.mixed_precision": '"no"',
-              "validation_config.validation_prompts": "[]"}
+              "validation_config.first_step_valid": "false", "validation_config.validation_steps": 2,
+              "validation_config.validation_height": PIXELS, "validation_config.validation_width": PIXELS,
+              "validation_config.validation_max_num_frames": 33}
     code = cli.main(["train", os.path.join(CONFIGS, "stage_3_ode.yaml"), *[f"{k}={v}" for k, v in values.items()]])
     assert code == 0, capsys.readouterr().err
     records = trainer.read_metrics(run)
     assert [r["step"] for r in records] == [1, 2] and all(np.isfinite(r["loss"]) for r in records)
+    assert os.listdir(os.path.join(run, "validation")) == ["step-2-0.mp4"]  # the student's 2+2+2 DMD sampler
     folder = os.path.join(run, "checkpoint-2")
     with safe_open(os.path.join(folder, lora_format.LORA_WEIGHTS), framework="numpy") as f:
         assert "transformer.blocks.0.attn1.to_q.lora_A.weight" in set(f.keys())

@@ -59,7 +59,7 @@ from helios_jax.sampling.schedule import (
     stage_sigmas,
 )
 from helios_jax.training import DataError
-from helios_jax.training.history import LATENT_WINDOW, history_inputs
+from helios_jax.training.history import HISTORY_SIZES, LATENT_WINDOW, history_inputs
 
 FORMAT = "helios-jax ode-pairs 1"
 STUDENT_STEPS = (2, 2, 2)  # the distilled model's 2 + 2 + 2 steps (doubled for the first section)
@@ -138,6 +138,15 @@ class _RecordingTeacher(HeliosPipeline):
         self.steps, self.student_steps = 20, STUDENT_STEPS
         self._keeps: dict[int, tuple] = {}  # id(plan) -> (kept step positions, timesteps) per stage
         self.sections: list[list[dict[str, np.ndarray]]] = []  # the current prompt's records
+
+    @classmethod
+    def load(cls, folder: str, dtype: Any = jnp.bfloat16, steps: int = 20,
+             student_steps: Sequence[int] = STUDENT_STEPS, compilation_cache: bool = True) -> "_RecordingTeacher":
+        """A pyramid checkpoint as the official teacher: UniPC (``teacher_scheduler``) and plain CFG."""
+        pipe = cls.from_pretrained(folder, dtype=dtype, compilation_cache=compilation_cache)
+        pipe.scheduler_config, pipe.spec = teacher_scheduler(pipe.scheduler_config), PipelineSpec(pyramid=True)
+        pipe.steps, pipe.student_steps = steps, tuple(student_steps)
+        return pipe
 
     def _plan(self, request: Any, latent_shape: tuple[int, ...], guidance: str, amplify: bool) -> ChunkPlan:
         key = (latent_shape, guidance, amplify, request)
@@ -228,9 +237,7 @@ def offload_ode_pairs(teacher: str, prompts_path: str, output: str, *, sections:
     if os.path.exists(output) and not os.path.isdir(output):
         raise DataError(f"output {output!r} exists and is not a folder")
 
-    pipe = _RecordingTeacher.from_pretrained(teacher, dtype=dtype)
-    pipe.scheduler_config, pipe.spec = scheduler, PipelineSpec(pyramid=True)  # UniPC and plain CFG, as the official
-    pipe.steps, pipe.student_steps = steps, tuple(student_steps)
+    pipe = _RecordingTeacher.load(teacher, dtype, steps, student_steps)
     negative = pipe.prompt_encoder.encode([negative_prompt or DEFAULT_NEGATIVE_PROMPT],
                                           max_sequence_length=MAX_SEQUENCE_LENGTH, dtype=pipe.model_dtype)
     os.makedirs(output, exist_ok=True)
@@ -416,7 +423,7 @@ def teacher_context(targets: jax.Array, section: jax.Array) -> tuple[jax.Array, 
     full-resolution chunks ``targets`` (B, K, C, T, H, W): teacher-forced, zeros before the video."""
     b, k, c, t, h, w = targets.shape
     frames = jnp.moveaxis(targets, 1, 2).reshape(b, c, k * t, h, w)
-    window = 19
+    window = sum(HISTORY_SIZES)
     padded = jnp.concatenate([jnp.zeros((b, c, window, h, w), targets.dtype), frames], axis=2)
     history = jax.vmap(lambda x, s: jax.lax.dynamic_slice_in_dim(x, s * t, window, axis=1))(padded, section)
     x0 = jnp.where((section > 0)[:, None, None, None, None], frames[:, :, :1], 0.0)
@@ -434,27 +441,29 @@ def stage_sigma(settings: ODESettings, stage: int, timestep: jax.Array) -> jax.A
 def ode_terms(net: Any, variables: Any, batch: Mapping[str, jax.Array], draws: ODEDraws,
               settings: ODESettings) -> jax.Array:
     """The 0.5 MSE of every (chosen section, stage), (n, S) averaged over the batch (``net`` as
-    ``stages.StageModel``: ``net(variables, x, t, conditioning)`` and ``net.dtype``)."""
+    ``stages.StageModel``: ``net(variables, x, t, conditioning)`` and ``net.dtype``). The chosen sections
+    run under ``lax.scan``, so the DiT is traced once per pyramid stage, not once per term."""
     stages = settings.scheduler.stages
     full = batch[f"targets_{stages - 1}"].astype(jnp.float32)
     rows = jnp.arange(full.shape[0])
-    terms = []
-    for c in range(draws.sections.shape[1]):
-        section = draws.sections[:, c]
+
+    def section_terms(_, drawn):
+        section, picks = drawn  # (B,), (B, S)
         x0, history = teacher_context(full, section)
         inputs = history_inputs(x0.astype(net.dtype), history.astype(net.dtype))
         cond = {"encoder_hidden_states": batch["prompt_embeds"].astype(net.dtype), **inputs}
         row = []
         for s in range(stages):
-            pick = draws.states[:, c, s]
-            x = batch[f"states_{s}"][rows, section, pick].astype(jnp.float32)
-            t = batch[f"timesteps_{s}"][rows, section, pick].astype(jnp.float32)
+            x = batch[f"states_{s}"][rows, section, picks[:, s]].astype(jnp.float32)
+            t = batch[f"timesteps_{s}"][rows, section, picks[:, s]].astype(jnp.float32)
             target = batch[f"targets_{s}"][rows, section].astype(jnp.float32)
             flow = net(variables, x.astype(net.dtype), t, cond).astype(jnp.float32)
             x0_hat = x - stage_sigma(settings, s, t) * flow
             row.append(0.5 * jnp.mean((x0_hat - target) ** 2))
-        terms.append(jnp.stack(row))
-    return jnp.stack(terms)
+        return None, jnp.stack(row)
+
+    _, terms = jax.lax.scan(section_terms, None, (draws.sections.T, jnp.moveaxis(draws.states, 1, 0)))
+    return terms
 
 
 def ode_regression_loss(net: Any, settings: ODESettings, trainable: Any, frozen: Any, batch: Mapping[str, jax.Array],
