@@ -42,7 +42,7 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy for safetensors)
 import numpy as np
 from safetensors import safe_open
 
-from helios_jax.checkpoint import PipelineError, PipelineSpec, read_checkpoint_configs
+from helios_jax.checkpoint import PipelineSpec, read_checkpoint_configs
 from helios_jax.convert.export import save_safetensors
 from helios_jax.history import video_frames_per_chunk
 from helios_jax.pipeline import HeliosPipeline
@@ -250,9 +250,8 @@ def offload_ode_pairs(teacher: str, prompts_path: str, output: str, *, sections:
             continue
         embeds = pipe.prompt_encoder.encode([prompt], max_sequence_length=MAX_SEQUENCE_LENGTH, dtype=pipe.model_dtype)
         pipe.sections = []
-        for _ in pipe._generate(None, prompt_embeds=embeds, negative_prompt_embeds=negative, seed=seed,
-                                output_type="latent", progress=False, **settings):
-            pass
+        pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, seed=seed, output_type="latent", progress=False,
+             **settings)
         write_ode_pairs(path, pipe.sections, np.asarray(embeds[0]), prompt)
         if show:
             print(f"ode-pairs {n + 1}/{len(prompts)}: {os.path.basename(path)}", file=sys.stderr, flush=True)
