@@ -59,6 +59,32 @@ def test_student_timesteps_are_the_spec_list_and_the_ode_schedule_keeps_exactly_
             assert np.all(np.diff(schedule.timesteps) < 0) and schedule.sigmas[-1] == 0
 
 
+def _stub_model(args, x, t, context):
+    return jnp.tanh(x * args) + t[:, None, None, None, None] * 1e-3 + context.mean()
+
+
+def test_trajectory_is_the_samplers_own_states():
+    """``denoise_chunk_trajectory``: its output is ``denoise_chunk``'s; per stage the states before each step
+    then the stage output, each stage starting from the previous output renoised as the sampler does."""
+    from helios_jax import sampling
+    from helios_jax.sampling import pyramid
+
+    plan = sampling.plan_pyramid_chunk({"_class_name": "HeliosScheduler", "gamma": 0.25}, (3, 2, 2), (1, 4, 9, 8, 8),
+                                       guidance="cfg")
+    noise = sampling.draw_chunk_noise(jax.random.key(0), plan)
+    ctx, neg = jnp.ones((1, 3, 8)), jnp.zeros((1, 3, 8))
+    out, trajectory = sampling.denoise_chunk_trajectory(_stub_model, jnp.float32(0.7), plan, noise, ctx, neg, 5.0)
+    np.testing.assert_array_equal(out, sampling.denoise_chunk(_stub_model, jnp.float32(0.7), plan, noise, ctx, neg, 5.0))
+    assert [t.shape for t in trajectory] == [(4, 1, 4, 9, 2, 2), (3, 1, 4, 9, 4, 4), (3, 1, 4, 9, 8, 8)]
+    np.testing.assert_array_equal(trajectory[-1][-1], out)
+    np.testing.assert_allclose(trajectory[0][0], pyramid.downsample_to_first_stage(noise.initial, 3), atol=1e-6)
+    for s in (1, 2):
+        block = pyramid.block_noise(noise.block[s - 1], plan.block_factor, plan.layout.patch)
+        start = pyramid.renoise(pyramid.upsample_nearest(trajectory[s - 1][-1]), block, *plan.stages[s].renoise)
+        np.testing.assert_allclose(trajectory[s][0], start, atol=1e-6)
+        assert np.abs(trajectory[s][1] - trajectory[s][0]).max() > 0
+
+
 def teacher_checkpoint(folder) -> str:
     """A tiny random pyramid (UniPC, not distilled) teacher: 2 layers, 2 heads x 32."""
     transformer = dataclasses.replace(TRANSFORMER, num_attention_heads=2, num_layers=2, ffn_dim=64,
