@@ -2,7 +2,7 @@
 DiT programs on one device and on several meshes, results written to an .npz for tests/test_parallel*.py.
 
 ``python parallel_worker.py pipelines OUT.npz``  latents and video per (pipeline, mesh)
-``python parallel_worker.py hlo OUT.npz``        compiled HLO text of a DiT forward and a training gradient
+``python parallel_worker.py hlo OUT.npz``        compiled HLO text of a DiT forward, a training gradient, a VAE decode
 ``python parallel_worker.py trainer OUT.npz``    the trainer on one device, on a mesh, and resumed on another
 ``python parallel_worker.py process I N PORT OUT.npz``  one chunk as process I of N (jax.distributed)
 """
@@ -128,7 +128,30 @@ def hlo(out: str) -> None:
     results["train/mesh/grads"] = np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)])
     results["train/hlo"] = np.array(compiled.as_text())
     results["train/weight_shapes"] = np.array(sorted({str(tuple(v.shape)) for v in jax.tree.leaves(params)}))
+    results.update(vae_decode_programs())
     np.savez(out, **results)
+
+
+def vae_decode_programs() -> dict[str, np.ndarray]:
+    """The demo VAE's decode of 3 latent frames at 8x8 on one device and split by rows over context=4."""
+    import tempfile
+
+    from helios_jax.loading import load_vae
+    from helios_jax.models import vae as vae_lib
+
+    with tempfile.TemporaryDirectory() as root:
+        cfg, params = load_vae(os.path.join(demo.build_demo_checkpoint(os.path.join(root, "c")), "vae"))
+    latents = np.random.default_rng(5).standard_normal((1, cfg.z_dim, 3, 8, 8)).astype(np.float32)
+    decode = vae_lib.chunk_decoder(cfg, jnp.float32, "float")
+    results = {"vae/one": np.asarray(decode(params, latents))}
+    mesh = mesh_of({"context": 4})
+    placed = parallel.to_mesh((params, latents), parallel.replicated(mesh))
+    with jax.set_mesh(mesh):
+        compiled = vae_lib.chunk_decoder(cfg, jnp.float32, "float").lower(*placed).compile()
+        results["vae/mesh"] = np.asarray(compiled(*placed))
+    results["vae/hlo"] = np.array(compiled.as_text())
+    results["vae/widest"] = np.array(cfg.base_dim * max(cfg.dim_mult))
+    return results
 
 
 def trainer_runs(out: str) -> None:

@@ -64,6 +64,17 @@ def test_fsdp_training_step_same_loss_and_gradients_and_gathers_layer_by_layer(p
     assert collectives(hlo, "reduce-scatter") or collectives(hlo, "all-reduce")
 
 
+def test_vae_decode_split_by_rows_exchanges_halos_only(programs):
+    rel, max_abs = rel_err(programs["vae/mesh"], programs["vae/one"])
+    assert rel <= TOLERANCE and max_abs <= 1e-5, (rel, max_abs)
+    hlo = str(programs["vae/hlo"])
+    assert collectives(hlo, "collective-permute")  # each convolution's halo rows from the neighbours
+    # Nothing at pixel resolution is gathered: the only all-gathers are the mid block's attention at the
+    # latent resolution (3 frames x 8 x 8 x at most the widest channel count).
+    gathered = [int(np.prod(s)) for op in collectives(hlo, "all-gather") for s in op]
+    assert max(gathered, default=0) <= 3 * 8 * 8 * int(programs["vae/widest"]), gathered
+
+
 def test_trainer_on_a_mesh_matches_one_device_and_resumes_on_another_mesh(tmp_path):
     """trainer.train(mesh=data=2 x fsdp=4): the same losses and trainables as on one device (fp32, 4 steps of
     the tiny stage 1 with the official context), the LoRA split over fsdp; a run stopped at step 2 and
