@@ -352,9 +352,8 @@ class HeliosPipeline:
                 chunk_noise = self._placed(
                     ChunkNoise(source.normal(shapes.initial), tuple(source.normal(s) for s in shapes.block)))
                 with self._on_mesh():
-                    latents = self._placed(denoise_chunk(self._model_fn, (self.transformer_params, history), plan,
-                                                         chunk_noise, contexts[k], negative, request.guidance_scale,
-                                                         self._context_fn))
+                    latents = self._placed(self._denoise(plan, history, chunk_noise, contexts[k], negative,
+                                                         request.guidance_scale))
                 if layout.keep_first_frame and (
                     (k == 0 and image is None and video is None) or (request.is_skip_first_chunk and k == 1)
                 ):
@@ -372,6 +371,12 @@ class HeliosPipeline:
                 pending = out
             yield fetch(pending)
             chunk_bar.advance()
+
+    def _denoise(self, plan: ChunkPlan, history: dict[str, jax.Array], noise: ChunkNoise, context: jax.Array,
+                 negative: jax.Array | None, guidance_scale: float) -> jax.Array:
+        """One chunk's sampling program (the hook a recording subclass replaces: ``training.ode``)."""
+        return denoise_chunk(self._model_fn, (self.transformer_params, history), plan, noise, context, negative,
+                             guidance_scale, self._context_fn)
 
     def _history(self, layout: HistoryLayout, indices: dict[str, jax.Array], window: jax.Array,
                  prefix: jax.Array | None) -> dict[str, jax.Array]:

@@ -128,7 +128,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                 "the timestep samplings of stages 1 (logit-normal) and 2 (uniform)"),
         "logit_mean": Key(float, 0.0),
         "logit_std": Key(float, 1.0),
-        "use_dynamic_shifting": Key(bool, False),  # stages 1-2: False; 3b: True (_check_stage)
+        "use_dynamic_shifting": Key(bool, False, (False,), "flow-matching training runs unshifted (asserted so officially)"),
         # Model structure the recipe must agree with.
         "is_enable_stage1": Key(bool, False),
         "history_sizes": Key((list, int), [16, 2, 1], ([16, 2, 1],), _LAYOUT),
@@ -261,6 +261,7 @@ DMD_SCHEMA: dict[str, dict[str, Key]] = {
     },
     "training_config": {
         "is_train_dmd": Key(bool, False),
+        "use_dynamic_shifting": Key(bool, False),  # True for 3b (_check_dmd); stages 1-2 keep SCHEMA's rule
         "use_ema": Key(bool, False),
         "ema_decay": Key(float, 0.99),
         "ema_start_step": Key(int, 750),
@@ -334,11 +335,13 @@ class Recipe:
 
     @property
     def stage(self) -> str:
-        """"stage1", "stage2_packed" (NaViT, stage 2-init), "stage2_sequential" (stage 2-post) or
-        "stage3_dmd" (stage 3b)."""
+        """"stage1", "stage2_packed" (NaViT, stage 2-init), "stage2_sequential" (stage 2-post), "stage3_ode"
+        (stage 3a) or "stage3_dmd" (stage 3b)."""
         training = self.values["training_config"]
         if training.get("is_train_dmd"):
             return "stage3_dmd"
+        if training["is_use_ode_regression"]:
+            return "stage3_ode"
         if training["is_enable_stage2"]:
             return "stage2_packed" if training["is_navit_pyramid"] else "stage2_sequential"
         return "stage1"
@@ -505,7 +508,7 @@ def load(paths: str | Sequence[str], overrides: Sequence[str] = ()) -> Recipe:
         for key, spec in keys.items():
             where = f"{section}.{key}" if section else key
             value = _typed(where, spec.type, merged.get((section, key), copy.deepcopy(spec.default)))
-            if spec.allowed is not None and value not in spec.allowed:
+            if spec.allowed is not None and value not in spec.allowed and (section, key) not in _ode_rules(merged):
                 allowed = spec.allowed[0] if len(spec.allowed) == 1 else list(spec.allowed)
                 raise ConfigError(f"{where} = {value!r} is not supported: {spec.why}; use {allowed!r}")
             values[section][key] = value
@@ -515,8 +518,8 @@ def load(paths: str | Sequence[str], overrides: Sequence[str] = ()) -> Recipe:
 
 def _refuse_stage3(merged: dict[tuple[str, str], Any]) -> None:
     dmd = merged.get(("training_config", "is_train_dmd")) is True
-    on = [f"{s}.{k}" for s, keys in STAGE3_SWITCHES.items() for k in keys
-          if merged.get((s, k)) and not (dmd and k in DMD_SWITCHES)]
+    on = [f"{s}.{k}" for s, keys in STAGE3_SWITCHES.items() for k in keys if merged.get((s, k))]
+    on = [name for name in on if name.split(".")[1] not in DMD_SWITCHES] if dmd else _ode_switches(on)
     if on:
         raise ConfigError(
             f"this is a stage-3 (distillation) config: {', '.join(on)} on; ODE regression, DMD, GAN and EMA "
@@ -528,9 +531,6 @@ def _check_stage(values: dict[str, dict[str, Any]]) -> None:
     t, d = values["training_config"], values["data_config"]
     if t.get("is_train_dmd"):
         _check_dmd(values)
-    elif t["use_dynamic_shifting"]:
-        raise ConfigError("training_config.use_dynamic_shifting = True is not supported: flow-matching training "
-                          "runs unshifted (asserted so officially); use False")
     if not (t["is_enable_stage1"] or t["is_enable_stage2"]):
         raise ConfigError("training_config: neither is_enable_stage1 nor is_enable_stage2 is true; "
                           "set is_enable_stage1: true (stage 1) or both (stage 2)")
@@ -542,7 +542,9 @@ def _check_stage(values: dict[str, dict[str, Any]]) -> None:
         if len(ranges) != t["stage2_num_stages"] + 1 or len(ratios) != t["stage2_num_stages"]:
             raise ConfigError(f"training_config: stage2_stage_range {ranges} needs {t['stage2_num_stages'] + 1} "
                               f"bounds and stage2_sample_ratios {ratios} {t['stage2_num_stages']} counts")
-    if not data_roots(values):
+    if t["is_use_ode_regression"]:
+        _check_ode(values)
+    elif not data_roots(values):
         raise ConfigError(f"data_config.{_data_key(values)} is empty: name the offloaded data folder(s), "
                           f"e.g. data_config.{_data_key(values)}=[data/]")
     for key in ("max_train_steps", "train_batch_size", "checkpointing_steps", "validation_steps"):
@@ -575,20 +577,26 @@ def _check_dmd(values: dict[str, dict[str, Any]]) -> None:
 
 
 def _data_key(values: dict[str, dict[str, Any]]) -> str:
-    return "gan_data_root" if values["training_config"].get("is_train_dmd") else "instance_data_root"
+    t = values["training_config"]
+    if t.get("is_train_dmd"):
+        return "gan_data_root"
+    return "ode_data_root" if t.get("is_use_ode_regression") else "instance_data_root"
 
 
 def data_roots(values: dict[str, dict[str, Any]]) -> list[str]:
-    """The offloaded data folders of a run: ``gan_data_root`` for stage 3b, else ``instance_data_root``."""
+    """The data folders of a run: ``gan_data_root`` for stage 3b (offloaded short latents), ``ode_data_root``
+    for stage 3a (ODE pairs), else ``instance_data_root``."""
     return values["data_config"][_data_key(values)]
 
 
 def check_paths(recipe: Recipe) -> None:
     """The folders a run reads must exist (one error naming the first missing one), before any compute."""
+    key = _data_key(recipe.values)
     for folder in data_roots(recipe.values):
         if not os.path.isdir(folder):
-            raise ConfigError(f"data_config.{_data_key(recipe.values)}: no data folder at {folder!r}; offload videos "
-                              f"there first (helios-jax offload) or fix the path")
+            what = "write ODE pairs there first (helios-jax offload ode-pairs)" if key == "ode_data_root" else \
+                "offload videos there first (helios-jax offload)"
+            raise ConfigError(f"data_config.{key}: no data folder at {folder!r}; {what} or fix the path")
     model = recipe.section("model_config")
     for key in ("pretrained_model_name_or_path", "transformer_model_name_or_path"):
         path = model[key]
@@ -599,3 +607,65 @@ def check_paths(recipe: Recipe) -> None:
         if not os.path.isdir(path):
             raise ConfigError(f"model_config.{key}: no local folder at {path!r} (no model hub is read; "
                               f"download the checkpoint and give its folder)")
+
+
+# ---- Stage 3a, ODE regression (helios_jax.training.ode): its keys, and the switches it turns on ----
+ODE_SCHEMA: dict[str, dict[str, Key]] = {
+    "data_config": {"use_stage3_dataset": Key(bool, False), "ode_data_root": Key((list, str), [])},
+    "training_config": {
+        "is_use_ode_regression": Key(bool, False), "is_only_ode_regression": Key(bool, False),
+        "use_ema": Key(bool, False),
+        "ode_regression_weight": Key(float, 0.25),
+        "ode_num_latent_sections_min": Key(int, 3), "ode_num_latent_sections_max": Key(int, 3),
+        "time_shift_type": Key(str, "linear"),
+        "base_seq_len": Key(int, 256), "max_seq_len": Key(int, 4096),
+        "base_shift": Key(float, 0.5), "max_shift": Key(float, 1.15),
+    },
+}
+for _section, _keys in ODE_SCHEMA.items():
+    SCHEMA[_section].update(_keys)
+    NOT_APPLICABLE[_section] = NOT_APPLICABLE[_section] - set(_keys)
+_ODE_ON = ("data_config.use_stage3_dataset", "training_config.is_use_ode_regression",
+           "training_config.is_only_ode_regression", "training_config.use_ema")
+
+
+def _ode_switches(on: list[str]) -> list[str]:
+    """The stage-3 switches still refused: in a stage-3a recipe (ODE regression, no DMD) none of its own
+    (its EMA is warned about in ``_check_ode``); any other stage-3 recipe is refused as a whole."""
+    if "training_config.is_use_ode_regression" not in on or "training_config.is_train_dmd" in on:
+        return on
+    return [name for name in on if name not in _ODE_ON]
+
+
+def _ode_rules(merged: dict[tuple[str, str], Any]) -> tuple[tuple[str, str], ...]:
+    """The stage-1/2 rules a stage-3a recipe replaces with its own (``_check_ode``)."""
+    if not merged.get(("training_config", "is_use_ode_regression")):
+        return ()
+    return (("data_config", "use_stage1_dataset"), ("training_config", "use_dynamic_shifting"))
+
+
+def _check_ode(values: dict[str, dict[str, Any]]) -> None:
+    """Stage 3a's rules: ODE regression only, on ODE pairs, linear dynamic shift, a fixed section count."""
+    t, d = values["training_config"], values["data_config"]
+    rules = [
+        (t["is_only_ode_regression"], "training_config.is_only_ode_regression must be true (ODE regression "
+                                      "beside DMD is not implemented; stage 3a trains on ODE pairs alone)"),
+        (d["use_stage3_dataset"], "data_config.use_stage3_dataset must be true (stage 3a reads ODE pairs)"),
+        (bool(d["ode_data_root"]), "data_config.ode_data_root is empty: name the folder(s) written by "
+                                   "`helios-jax offload ode-pairs`, e.g. data_config.ode_data_root=[ode/]"),
+        (t["use_dynamic_shifting"], "training_config.use_dynamic_shifting must be true for stage 3a (the ODE "
+                                    "timesteps are shifted; asserted so officially)"),
+        (t["time_shift_type"] == "linear", f"training_config.time_shift_type = {t['time_shift_type']!r} is not "
+                                           "supported: stage 3a shifts linearly (asserted so officially); use 'linear'"),
+        (t["ode_num_latent_sections_min"] == t["ode_num_latent_sections_max"] >= 1,
+         f"ode_num_latent_sections_min = {t['ode_num_latent_sections_min']} and _max = "
+         f"{t['ode_num_latent_sections_max']}: a random section count is not implemented; set both to one "
+         "count (3 officially)"),
+        (t["train_batch_size"] >= 1, "training_config.train_batch_size must be at least 1"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise ConfigError(message)
+    if t["use_ema"]:
+        warnings.warn("training_config.use_ema: EMA is not applied by this port's stage 3a; the run trains and "
+                      "exports the LoRA itself (no EMA copy)", stacklevel=3)
