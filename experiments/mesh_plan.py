@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -58,6 +59,7 @@ class Collective:
     result_bytes: int
     group: int  # devices in its group
     count: int  # times it runs per program run
+    result_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()  # (dtype, dims) of each array it results in
 
     @property
     def sent_bytes(self) -> float:
@@ -101,8 +103,10 @@ def collectives(hlo: str) -> list[Collective]:
         if kind is None:
             continue
         operand = sum(roofline.nbytes(module.shape.get(o, "")) for o in inst.operands)
-        result = roofline.nbytes(done[inst.name] if inst.opcode.endswith("-start") else inst.shape)
-        found.append(Collective(kind, operand, result, group_size(inst.attrs, operand, result, kind), count))
+        shape = done[inst.name] if inst.opcode.endswith("-start") else inst.shape
+        result = roofline.nbytes(shape)
+        found.append(Collective(kind, operand, result, group_size(inst.attrs, operand, result, kind), count,
+                                tuple(roofline.shapes(shape))))
     return found
 
 
@@ -122,12 +126,13 @@ class MeshPlan:
     plan: gpu_plan.Plan
     one_device_flops: float  # the same work on one H100
     weak: bool = False  # training: each device takes one sample, so the mesh does 8x one device's work
+    parts: dict[str, int] = dataclasses.field(default_factory=dict)  # training: bytes of its parts (train_plan)
 
     @property
     def devices(self) -> int:
         return math.prod(self.mesh.values())
 
-    @property
+    @functools.cached_property
     def ops(self) -> list[Collective]:
         return collectives(self.plan.hlo)
 
@@ -181,7 +186,7 @@ def train_step_plan(size: gpu_plan.Size) -> MeshPlan:
     step = train_plan.step_plan(TRAIN_CASE, size.cfg, None, latent, size.text_tokens, mesh=gpu_plan.h100_mesh(**sizes))
     flops = roofline.matmul_flops(roofline.Module(step.plan.hlo).kernels())  # one sample's work per device
     print(f"{TRAIN_CASE.name} on {sizes}: compiled in {step.plan.compile_s:.0f} s", flush=True)
-    return MeshPlan(TRAIN_CASE.name, sizes, step.plan, flops, weak=True)
+    return MeshPlan(TRAIN_CASE.name, sizes, step.plan, flops, weak=True, parts=step.sizes)
 
 
 HEADERS = ["program", "mesh", "compile s", "arguments GiB/device", "temporaries GiB/device", *[f"{k} GB" for k in KINDS],

@@ -97,7 +97,7 @@ def attention(
 
     if bias is None and context_parallel.active_mesh() is not None:
         return context_parallel.attention(q, k, v, local, cross=cross, mask=mask)
-    return local(q, k, v, mask)
+    return local(*context_parallel.constrain_heads(q, k, v), mask)
 
 
 def segment_mask(segment_ids: SegmentIds, batch: int, q_tokens: int, k_tokens: int) -> jax.Array:
