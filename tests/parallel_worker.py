@@ -144,7 +144,9 @@ def stage1_setup(batch: int = 4) -> tuple:
     embeds = rng.standard_normal((batch, tf.TEXT_TOKENS, tf.CONFIG.text_dim)).astype(np.float32)
     data = next(iter(tf.dataset(latents, embeds, batch=batch).to_iter_dataset()))
     # One key for every process (trainer.train folds in the process index; see tests/test_parallel_devices.py).
-    return tf.make_stage1_loss(dtype=jnp.float32), tf.stage1_variables(dtype=jnp.float32), data, T.step_key(5, 0, 0)
+    # remat off: the same numbers, and a CPU compile a fraction as long.
+    return (tf.make_stage1_loss(remat=False, dtype=jnp.float32), tf.stage1_variables(dtype=jnp.float32), data,
+            T.step_key(5, 0, 0))
 
 
 def flat(tree) -> np.ndarray:
