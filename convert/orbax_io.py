@@ -92,10 +92,14 @@ def saved_shapes(directory: str | os.PathLike) -> Params:
     return jax.tree.map(lambda meta: jax.ShapeDtypeStruct(tuple(meta.shape), meta.dtype), tree)
 
 
-def restore_params(directory: str | os.PathLike, dtype_for: DtypeFor | None = None) -> Params:
-    """Read params saved by :func:`save_params`; ``dtype_for`` (see ``dtype_policy``) casts on the way in."""
+def restore_params(directory: str | os.PathLike, dtype_for: DtypeFor | None = None,
+                   shardings: Params | None = None) -> Params:
+    """Read params saved by :func:`save_params`; ``dtype_for`` (see ``dtype_policy``) casts on the way in;
+    ``shardings`` (a tree like the saved one) restores every leaf split across devices as it is read."""
     shapes = saved_shapes(directory)
     target = shapes if dtype_for is None else cast_shapes(shapes, dtype_for)
+    if shardings is not None:
+        target = jax.tree.map(lambda t, s: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=s), target, shardings)
     path = os.path.join(os.path.abspath(os.fspath(directory)), _PARAMS)
     return _checkpointer().restore(path, target)
 

@@ -163,6 +163,7 @@ def load_params(
     *,
     desc: str = "loading weights",
     finish: Callable[[Path, jax.Array], dict[Path, jax.Array]] | None = None,
+    shardings: Params | None = None,
 ) -> Params:
     """Convert a checkpoint into a params tree with the shapes of ``shapes``.
 
@@ -170,20 +171,23 @@ def load_params(
     ``dtype_for(path, stored dtype)`` chooses each leaf's dtype (see :func:`dtype_policy`);
     ``checkpoint`` is anything :func:`open_source` accepts. ``finish(path, leaf)``, if given, turns each
     complete leaf into the leaves stored in its place (fp8 quantization: a kernel and its scales), so a
-    16-bit copy of the whole model never exists at once.
+    16-bit copy of the whole model never exists at once. ``shardings`` (a tree like ``shapes`` of
+    ``jax.sharding.Sharding``) places every leaf split as it is read, so no device ever holds more than its
+    part of the model (and one layer in flight): a model larger than one device loads onto a mesh.
     """
     source = open_source(checkpoint)
     plan = plan_conversion(source, shapes, keymap)
+    placement = {} if shardings is None else traverse_util.flatten_dict(shardings)
     out: dict[Path, jax.Array] = {}
     with Progress(plan.num_tensors, desc) as bar:
         for path, spec in traverse_util.flatten_dict(shapes).items():
             leaf, entries = path[-1], plan.slots[path]
-            dtype = dtype_for(path, source.dtype(entries[0][1]))
+            dtype, where = dtype_for(path, source.dtype(entries[0][1])), placement.get(path)
             if entries[0][0] is None:
-                value = jax.device_put(_host_array(source, entries[0][1], leaf, dtype)).block_until_ready()
+                value = jax.device_put(_host_array(source, entries[0][1], leaf, dtype), where).block_until_ready()
                 bar.advance()
             else:
-                value = jnp.zeros(spec.shape, dtype)
+                value = jnp.zeros(spec.shape, dtype, device=where)
                 for layer, key in entries:
                     value = _write_layer(value, _host_array(source, key, leaf, dtype), np.int32(layer))
                     value.block_until_ready()  # one host tensor in flight, not a queue of them

@@ -169,6 +169,21 @@ def parser() -> argparse.ArgumentParser:
     off.add_argument("--seed", type=int, default=42, help="clip start frames and posterior samples")
     off.add_argument("--min-frames", type=int, default=121, help="shortest clip (the official loaders' 121)")
     off.add_argument("--skip-unfit", action="store_true", help="skip short or off-aspect clips instead of failing")
+    # `helios-jax offload ode-pairs ...` (main routes it here): stage-3a ODE pairs from a pyramid teacher.
+    ode = commands.add_parser(ODE_PAIRS, help="offload ode-pairs TEACHER PROMPTS.txt OUT_DIR: a pyramid teacher's ODE "
+                                              "states at the student's timesteps, one file per prompt (stage 3a data)")
+    ode.add_argument("teacher", help="a diffusers pyramid checkpoint folder (e.g. Helios-Mid)")
+    ode.add_argument("prompts", help="a text file, one prompt per line")
+    ode.add_argument("output", help="the folder for the ODE-pair files")
+    ode.add_argument("--sections", type=int, default=None, help="chunks per prompt (default 5, the official)")
+    ode.add_argument("--num-frames", type=int, default=None, help="or the video length: a multiple of 33 frames")
+    ode.add_argument("--height", type=int, default=384)
+    ode.add_argument("--width", type=int, default=640)
+    ode.add_argument("--steps", type=int, default=20, help="teacher UniPC steps per pyramid stage")
+    ode.add_argument("--cfg", type=float, default=5.0, help="the teacher's CFG scale")
+    ode.add_argument("--seed", type=int, default=42)
+    ode.add_argument("--negative-prompt", default=None, help="default: the Wan negative prompt")
+    ode.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="the teacher's weights")
     ben = commands.add_parser("bench", help="run the benchmarks in experiments/ (needs a source checkout)")
     ben.add_argument("which", nargs="*", choices=[[], *BENCHMARKS], help="benchmarks to run (default: all)")
     ben.add_argument("--args", nargs=argparse.REMAINDER, default=[], help="passed to each script")
@@ -237,7 +252,13 @@ def _user_error(err: BaseException) -> bool:
     return type(err).__name__ in ("JaxRuntimeError", "XlaRuntimeError") and "RESOURCE_EXHAUSTED" in str(err)
 
 
+ODE_PAIRS = "offload-ode-pairs"
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["offload", "ode-pairs"]:
+        argv = [ODE_PAIRS, *argv[2:]]
     args = parser().parse_args(argv)
     with _signals_interrupt():  # also around the handlers below: a second signal must not cut the report short
         try:
@@ -269,6 +290,15 @@ def _run(args: argparse.Namespace) -> int:
         files = offload(args.metadata, args.checkpoint, args.output, height=args.height, width=args.width,
                         seed=args.seed, min_frames=args.min_frames, skip_unfit=args.skip_unfit)
         print(f"wrote {len(files)} clip file(s) to {args.output}")
+        return 0
+    if args.command == ODE_PAIRS:
+        from helios_jax.training.ode import offload_ode_pairs
+
+        files = offload_ode_pairs(args.teacher, args.prompts, args.output, sections=args.sections,
+                                  num_frames=args.num_frames, height=args.height, width=args.width, steps=args.steps,
+                                  guidance_scale=args.cfg, seed=args.seed, negative_prompt=args.negative_prompt,
+                                  dtype=jnp.bfloat16 if args.dtype == "bf16" else jnp.float32)
+        print(f"wrote {len(files)} ODE-pair file(s) to {args.output}")
         return 0
     if args.command == "verify":
         from helios_jax import verify

@@ -12,8 +12,10 @@ import os
 from types import ModuleType
 from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
 
+from helios_jax import parallel
 from helios_jax.config import (
     ConfigError,
     TransformerConfig,
@@ -92,23 +94,30 @@ class Component:
             )
 
     def load(self, path: str | os.PathLike, dtype: Any | None = None, config: Any | None = None,
-             quantize: str | None = None) -> tuple[Any, Params]:
+             quantize: str | None = None, mesh: jax.sharding.Mesh | None = None) -> tuple[Any, Params]:
         """Config and params of a component folder: converted from diffusers safetensors, or restored
         from ``save_params``. ``dtype`` None keeps the stored dtype; either way the params the
         reference keeps in float32 are float32. ``config``, if given, is the folder's config already read
         (``read_config``), so a pipeline can check every config before its first weight. ``quantize="fp8"``
         (the transformer only) stores the block linears as fp8 (``helios_jax.models.fp8``), leaf by leaf
-        as they load; saved params that are fp8 already load as they are, whatever ``quantize`` says."""
+        as they load; saved params that are fp8 already load as they are, whatever ``quantize`` says.
+        ``mesh`` places every leaf split by the component's sharding table as it is read (``parallel.TABLES``),
+        so a model larger than one device's memory loads onto the mesh."""
         folder = os.fspath(path)
         check_quantize(self.folder, quantize)
         config = self.read_config(folder) if config is None else config
         policy = dtype_policy(dtype, self.keeps_fp32(dtype))
+
+        def placement(shapes: Params) -> Params | None:
+            return None if mesh is None else parallel.shardings(shapes, mesh, parallel.TABLES[self.folder])
+
         if is_saved_params(folder):
-            params = restore_params(folder, policy)
+            params = restore_params(folder, policy, placement(saved_shapes(folder)))
             return config, fp8.quantize_params(params) if quantize and not fp8.is_fp8(params) else params
         shapes, keymap = self.module.param_shapes(config), self.module.keymap(config)
         finish = fp8.quantize_leaf if quantize else None
-        return config, load_params(folder, shapes, keymap, policy, desc=self.folder, finish=finish)
+        return config, load_params(folder, shapes, keymap, policy, desc=self.folder, finish=finish,
+                                   shardings=placement(shapes))
 
     def config_json(self, config: Any) -> dict[str, Any]:
         """The config.json the reference library writes for ``config`` (with its class marker)."""
@@ -203,8 +212,8 @@ class WanInit:
         values = {**raw, "rope_dim": list(wan_rope_dim(head_dim)), **STAGE1_FLAGS}
         return build_config(TransformerConfig, values, origin, ignore=WAN_ONLY_KEYS)
 
-    def load(self, path: str | os.PathLike, dtype: Any | None = None,
-             config: TransformerConfig | None = None) -> tuple[TransformerConfig, Params]:
+    def load(self, path: str | os.PathLike, dtype: Any | None = None, config: TransformerConfig | None = None,
+             mesh: jax.sharding.Mesh | None = None) -> tuple[TransformerConfig, Params]:
         folder = os.fspath(path)
         config = self.read_config(folder) if config is None else config
         shapes = dict(transformer.param_shapes(config))
@@ -212,7 +221,9 @@ class WanInit:
             del shapes[f"patch_{name}"]
         renamed = (("scale_shift_table", "norm_out.scale_shift_table"),)
         keymap = dataclasses.replace(transformer.keymap(config), renamed=renamed)
-        params = load_params(folder, shapes, keymap, dtype_policy(dtype, transformer.keeps_fp32), desc="transformer")
+        placement = None if mesh is None else parallel.shardings(shapes, mesh, parallel.DIT_RULES)
+        params = load_params(folder, shapes, keymap, dtype_policy(dtype, transformer.keeps_fp32), desc="transformer",
+                             shardings=placement)
         return config, {**params, **history_patches_from(params["patch_embedding"])}
 
 

@@ -173,12 +173,14 @@ class HeliosPipeline:
         if compilation_cache:
             enable_compilation_cache(None if compilation_cache is True else compilation_cache)
 
-        def load(name: str, component_dtype: Any, quantize: str | None = None) -> tuple[Any, Params]:
+        def load(name: str, component_dtype: Any, quantize: str | None = None,
+                 on: jax.sharding.Mesh | None = None) -> tuple[Any, Params]:
             return COMPONENTS[name].load(os.path.join(folder, name), component_dtype, getattr(configs, name),
-                                         quantize=quantize)
+                                         quantize=quantize, mesh=on)
 
         # A LoRA is fused into the 16-bit kernels, which are then quantized.
-        transformer = load("transformer", dtype, None if loaded is not None else quantize)
+        # On a mesh the DiT is split as it is read: no device ever holds all of it.
+        transformer = load("transformer", dtype, None if loaded is not None else quantize, mesh)
         if loaded is not None:
             transformer = (transformer[0], apply_loaded(transformer[1], loaded, lora_scale))
             if quantize:
@@ -359,9 +361,8 @@ class HeliosPipeline:
                 chunk_noise = self._placed(
                     ChunkNoise(source.normal(shapes.initial), tuple(source.normal(s) for s in shapes.block)))
                 with self._on_mesh():
-                    latents = self._placed(denoise_chunk(self._model_fn, (self.transformer_params, history), plan,
-                                                         chunk_noise, contexts[k], negative, request.guidance_scale,
-                                                         self._context_fn))
+                    latents = self._placed(self._denoise(plan, history, chunk_noise, contexts[k], negative,
+                                                         request.guidance_scale))
                 if layout.keep_first_frame and (
                     (k == 0 and image is None and video is None) or (request.is_skip_first_chunk and k == 1)
                 ):
@@ -379,6 +380,12 @@ class HeliosPipeline:
                 pending = out
             yield fetch(pending)
             chunk_bar.advance()
+
+    def _denoise(self, plan: ChunkPlan, history: dict[str, jax.Array], noise: ChunkNoise, context: jax.Array,
+                 negative: jax.Array | None, guidance_scale: float) -> jax.Array:
+        """One chunk's sampling program (the hook a recording subclass replaces: ``training.ode``)."""
+        return denoise_chunk(self._model_fn, (self.transformer_params, history), plan, noise, context, negative,
+                             guidance_scale, self._context_fn)
 
     def _history(self, layout: HistoryLayout, indices: dict[str, jax.Array], window: jax.Array,
                  prefix: jax.Array | None) -> dict[str, jax.Array]:

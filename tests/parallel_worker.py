@@ -2,7 +2,7 @@
 DiT programs on one device and on several meshes, results written to an .npz for tests/test_parallel*.py.
 
 ``python parallel_worker.py pipelines OUT.npz``  latents and video per (pipeline, mesh)
-``python parallel_worker.py hlo OUT.npz``        compiled HLO text of a DiT forward and a training gradient
+``python parallel_worker.py hlo OUT.npz``        compiled HLO text of a DiT forward, a training gradient, a VAE decode; sharded loads
 ``python parallel_worker.py trainer OUT.npz``    the trainer on one device, on a mesh, and resumed on another
 ``python parallel_worker.py process I N PORT OUT.npz``  one chunk as process I of N (jax.distributed)
 ``python parallel_worker.py process-train I N PORT OUT.npz``  one training step as process I of N
@@ -25,6 +25,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 from helios_jax import demo, parallel  # noqa: E402
 from helios_jax.config import TransformerConfig  # noqa: E402
+from helios_jax.loading import COMPONENTS  # noqa: E402
 from helios_jax.pipeline import HeliosPipeline  # noqa: E402
 from parallel_run import MESHES, name  # noqa: E402
 
@@ -130,6 +131,8 @@ def hlo(out: str) -> None:
     results["train/hlo"] = np.array(compiled.as_text())
     results["train/weight_shapes"] = np.array(sorted({str(tuple(v.shape)) for v in jax.tree.leaves(params)}))
     results.update(context_training())
+    results.update(vae_decode_programs())
+    results.update(sharded_loads())
     np.savez(out, **results)
 
 
@@ -178,6 +181,55 @@ def context_training() -> dict[str, np.ndarray]:
         compiled = step.lower(jax.device_put(state, placement), T.shard_variables(frozen, mesh),
                               T.global_batch(batch, mesh), key).compile()
     results["context_train/hlo"] = np.array(compiled.as_text())
+    return results
+
+
+def sharded_loads() -> dict[str, np.ndarray]:
+    """The demo DiT loaded on one device and split as it is read onto fsdp=4 x tensor=2, from its
+    diffusers safetensors and from saved (orbax) params: per leaf the values, the placement the load gave
+    it, the placement the DiT's table asks for, and the largest share of its elements one device holds."""
+    import tempfile
+
+    from helios_jax.convert import save_params
+    from helios_jax.loading import load_transformer
+
+    mesh = mesh_of({"fsdp": 4, "tensor": 2})
+    results = {}
+    with tempfile.TemporaryDirectory() as root:
+        folder = os.path.join(demo.build_demo_checkpoint(os.path.join(root, "c")), "transformer")
+        config, one = load_transformer(folder, jnp.float32)
+        save_params(os.path.join(root, "saved"), one, COMPONENTS["transformer"].config_json(config))
+        for source, path in (("diffusers", folder), ("saved", os.path.join(root, "saved"))):
+            _, split = COMPONENTS["transformer"].load(path, jnp.float32, mesh=mesh)
+            wanted = parallel.shardings(split, mesh, parallel.DIT_RULES)
+            for (keys, leaf), ref, target in zip(jax.tree_util.tree_leaves_with_path(split), jax.tree.leaves(one),
+                                                 jax.tree.leaves(wanted)):
+                key = f"load/{source}/{jax.tree_util.keystr(keys)}"
+                share = max(int(np.prod(s.data.shape)) for s in leaf.addressable_shards) / max(leaf.size, 1)
+                results[key] = np.asarray(leaf) - np.asarray(ref)
+                results[key + "#spec"] = np.array([str(leaf.sharding.spec), str(target.spec), str(share)])
+    return results
+
+
+def vae_decode_programs() -> dict[str, np.ndarray]:
+    """The demo VAE's decode of 3 latent frames at 8x8 on one device and split by rows over context=4."""
+    import tempfile
+
+    from helios_jax.loading import load_vae
+    from helios_jax.models import vae as vae_lib
+
+    with tempfile.TemporaryDirectory() as root:
+        cfg, params = load_vae(os.path.join(demo.build_demo_checkpoint(os.path.join(root, "c")), "vae"))
+    latents = np.random.default_rng(5).standard_normal((1, cfg.z_dim, 3, 8, 8)).astype(np.float32)
+    decode = vae_lib.chunk_decoder(cfg, jnp.float32, "float")
+    results = {"vae/one": np.asarray(decode(params, latents))}
+    mesh = mesh_of({"context": 4})
+    placed = parallel.to_mesh((params, latents), parallel.replicated(mesh))
+    with jax.set_mesh(mesh):
+        compiled = vae_lib.chunk_decoder(cfg, jnp.float32, "float").lower(*placed).compile()
+        results["vae/mesh"] = np.asarray(compiled(*placed))
+    results["vae/hlo"] = np.array(compiled.as_text())
+    results["vae/widest"] = np.array(cfg.base_dim * max(cfg.dim_mult))
     return results
 
 

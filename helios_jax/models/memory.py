@@ -9,11 +9,14 @@ The strided convolutions are patch reshapes plus one matmul each.
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from helios_jax.models.layers import lora_delta
+from helios_jax.models.rope import rope_grid
 
 Rope = tuple[jax.Array, jax.Array]
 
@@ -82,3 +85,24 @@ def embed_history_term(patch: PatchEmbed, latents: jax.Array, factor: int, rope:
     tokens, _ = patch(latents, lora_scale)
     cos, sin = (table.reshape(table.shape[0], -1, table.shape[-1]) for table in rope)
     return tokens, (cos, sin)
+
+
+def embed_history(patch_size: tuple[int, int, int], features: int, rope_dim: tuple[int, ...], rope_theta: float,
+                  history: Mapping[str, tuple[jax.Array | None, jax.Array | None]], dtype: Any,
+                  lora_scale: float | jax.Array | None = None) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
+    """(tokens, cos, sin) of every given history term, in sequence order [long, mid, short].
+
+    Call it inside a compact module: it creates that module's ``patch_short/mid/long`` embeddings. The
+    plain and the packed forward both prepend these terms to their noisy tokens, so the order is theirs.
+    """
+    _, ph, pw = patch_size
+    parts: list[tuple[jax.Array, jax.Array, jax.Array]] = []
+    for name, factor in HISTORY_TERMS:
+        latents, indices = history[name]
+        if latents is None:
+            continue
+        patch = PatchEmbed(features, tuple(p * factor for p in patch_size), name=f"patch_{name}")
+        grid = rope_grid(indices, latents.shape[3] // ph, latents.shape[4] // pw, rope_dim, rope_theta)
+        tokens, (cos, sin) = embed_history_term(patch, latents.astype(dtype), factor, grid, lora_scale)
+        parts.insert(0, (tokens, cos, sin))
+    return parts

@@ -34,7 +34,7 @@ import numpy as np
 
 from helios_jax.config import TransformerConfig
 from helios_jax.models.layers import Dense, LayerNorm, layer_norm
-from helios_jax.models.memory import HISTORY_TERMS, PatchEmbed, embed_history_term
+from helios_jax.models.memory import PatchEmbed, embed_history
 from helios_jax.models.rope import rope_grid
 from helios_jax.models.transformer import (
     Attention, ConditionEmbedder, FeedForward, HeliosTransformer, LoraScale, OutputNorm, _flat, _table_init,
@@ -186,17 +186,8 @@ class PackedHeliosTransformer(nn.Module):
             segments.append((tokens, _flat(cos), _flat(sin), grid))
 
         # The history once, [long, mid, short] (as the plain forward prepends it), then copied per segment.
-        history_parts: list[tuple[jax.Array, jax.Array, jax.Array]] = []
-        for name, factor in HISTORY_TERMS:
-            latents, indices = history[name]
-            if latents is None:
-                continue
-            kernel = tuple(p * factor for p in cfg.patch_size)
-            term_patch = PatchEmbed(cfg.inner_dim, kernel, name=f"patch_{name}")
-            grid = rope_grid(indices, latents.shape[3] // cfg.patch_size[1], latents.shape[4] // cfg.patch_size[2],
-                             cfg.rope_dim, cfg.rope_theta)
-            term, (term_cos, term_sin) = embed_history_term(term_patch, latents.astype(dtype), factor, grid, lora_scale)
-            history_parts.insert(0, (term, term_cos, term_sin))
+        history_parts = embed_history(cfg.patch_size, cfg.inner_dim, cfg.rope_dim, cfg.rope_theta, history, dtype,
+                                      lora_scale)
         layout = PackedLayout(sum(part[0].shape[1] for part in history_parts),
                               tuple(seg[0].shape[1] for seg in segments), cfg.zero_history_timestep)
         x, cos, sin = (jnp.concatenate([part[j] for seg in segments for part in (*history_parts, seg)], axis=1)

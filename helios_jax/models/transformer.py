@@ -28,7 +28,7 @@ from helios_jax.config import TransformerConfig
 from helios_jax.convert.keymap import KeyMap
 from helios_jax.models.attention import attention
 from helios_jax.models.layers import Dense, LayerNorm, RMSNorm, gelu_tanh, layer_norm, silu
-from helios_jax.models.memory import HISTORY_TERMS, PatchEmbed, embed_history_term
+from helios_jax.models.memory import HISTORY_TERMS, PatchEmbed, embed_history
 from helios_jax.models.rope import apply_rope, rope_grid
 from helios_jax.parallel import context as context_parallel
 
@@ -354,18 +354,11 @@ class HeliosTransformer(nn.Module):
         noisy_len = x.shape[1]
 
         # History terms, each prepended: the sequence ends up [long, mid, short, noisy].
-        for name, factor in HISTORY_TERMS:
-            latents, indices = history[name]
-            if latents is None:
-                continue
-            kernel = (pt * factor, ph * factor, pw * factor)
-            patch = PatchEmbed(cfg.inner_dim, kernel, name=f"patch_{name}")
-            grid = rope_grid(indices, latents.shape[3] // ph, latents.shape[4] // pw, cfg.rope_dim, cfg.rope_theta)
-            term, (term_cos, term_sin) = embed_history_term(patch, latents.astype(hidden_states.dtype), factor, grid,
-                                                            lora_scale)
-            tokens.insert(0, term)
-            cos_parts.insert(0, term_cos)
-            sin_parts.insert(0, term_sin)
+        parts = embed_history(cfg.patch_size, cfg.inner_dim, cfg.rope_dim, cfg.rope_theta, history,
+                              hidden_states.dtype, lora_scale)
+        tokens = [p[0] for p in parts] + tokens
+        cos_parts = [p[1] for p in parts] + cos_parts
+        sin_parts = [p[2] for p in parts] + sin_parts
         x = jnp.concatenate(tokens, axis=1)
         rope = (jnp.concatenate(cos_parts, axis=1), jnp.concatenate(sin_parts, axis=1))
         tokens = x.shape[1]

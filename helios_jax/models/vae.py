@@ -45,6 +45,7 @@ import jax.numpy as jnp
 from helios_jax.config import WAN_ENCODE_CHUNK, VAEConfig
 from helios_jax.convert.keymap import KeyMap
 from helios_jax.models.layers import silu
+from helios_jax.parallel.context import split_rows
 from helios_jax.models.vae_blocks import (
     MidBlock,
     ResidualBlock,
@@ -285,6 +286,8 @@ def chunk_decoder(cfg: VAEConfig, dtype: Any = jnp.float32, output: str = "uint8
     compiled program, so only the finished frames leave the device: ``output`` "uint8", or "float" for
     float32 in [0, 1]. It compiles once per latent shape (9 frames for every Helios chunk); converting
     chunk by chunk equals the reference's conversion of the concatenated video, as it is elementwise.
+    Under a mesh with ``context > 1`` (``jax.set_mesh``) the decode is split by rows over ``context``
+    (``parallel.context.split_rows``).
     """
     if output not in FRAME_OUTPUTS:
         raise ValueError(f"output = {output!r}: expected one of {tuple(FRAME_OUTPUTS)}")
@@ -292,7 +295,7 @@ def chunk_decoder(cfg: VAEConfig, dtype: Any = jnp.float32, output: str = "uint8
 
     @jax.jit
     def decode_chunk(params: Params, latents: jax.Array) -> jax.Array:
-        latents = denormalize_latents(cfg, latents.astype(dtype))
+        latents = split_rows(denormalize_latents(cfg, latents.astype(dtype)), axis=3)
         return convert(model.apply({"params": params}, latents, method=WanVAE.decode))
 
     return decode_chunk

@@ -53,6 +53,19 @@ def token_spec(mesh: AbstractMesh, batch: int) -> P:
     return P(batch_axes(mesh, batch), CONTEXT, None)
 
 
+def split_rows(x: jax.Array, axis: int) -> jax.Array:
+    """``x`` split along ``axis`` (an image's height) over ``context`` under an active context mesh whose size
+    divides it; unchanged otherwise. The VAE decode runs on such row bands: every convolution computes its
+    own rows and the compiler exchanges the halo rows with the neighbours (``collective-permute``), what the
+    official ``vae_parallel.py`` does by hand with overlapping tiles."""
+    mesh = active_mesh()
+    if mesh is None or x.shape[axis] % dict(mesh.shape)[CONTEXT]:
+        return x
+    spec: list = [None] * x.ndim
+    spec[0], spec[axis] = batch_axes(mesh, x.shape[0]), CONTEXT
+    return jax.lax.with_sharding_constraint(x, P(*spec))
+
+
 def split_tokens(x: jax.Array, *tables: jax.Array, heads: int) -> tuple[jax.Array, tuple[jax.Array, ...], int]:
     """(B, L, D) tokens (and per-token tables (B', L, d)) padded to a multiple of the context size and
     split over ``context``; returns them with the padded length. Without a context mesh, unchanged.

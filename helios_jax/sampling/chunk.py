@@ -211,6 +211,24 @@ def plan_pyramid_chunk(
                  model_dtype, batch_cfg)
 
 
+def plan_from_schedules(
+    scheduler_config: SchedulerConfig | Mapping[str, Any],
+    schedules: Sequence[Schedule],
+    latent_shape: Sequence[int],
+    *,
+    patch_size: Sequence[int] = (1, 2, 2),
+    guidance: str = "none",
+    model_dtype: Any = jnp.float32,
+) -> ChunkPlan:
+    """A pyramid chunk's plan from schedules made elsewhere, one per stage (the ODE pairs' teacher
+    schedule with the student's timesteps inserted); integer model timesteps, as ``plan_pyramid_chunk``."""
+    config = read_scheduler_config(scheduler_config)
+    _check_guidance(guidance)
+    if len(schedules) != config.stages:
+        raise ValueError(f"{len(schedules)} schedules for a scheduler of {config.stages} stages: give one per stage")
+    return _plan(config, schedules, latent_shape, patch_size, guidance, True, -1, model_dtype, False)
+
+
 def plan_single_stage_chunk(
     scheduler_config: SchedulerConfig | Mapping[str, Any],
     num_inference_steps: int,
@@ -300,8 +318,11 @@ def _predict(model_fn: ModelFn, model_args: Any, layout: ChunkLayout, latents: j
 
 
 def _run_stage(model_fn: ModelFn, model_args: Any, layout: ChunkLayout, stage: StageArrays, latents: jax.Array,
-               contexts: tuple[Any, ...], guidance_scale: jax.Array) -> jax.Array:
-    """All steps of one stage under ``lax.scan``; the solver history is reset per stage."""
+               contexts: tuple[Any, ...], guidance_scale: jax.Array,
+               record: bool = False) -> tuple[jax.Array, jax.Array | None]:
+    """All steps of one stage under ``lax.scan``; the solver history is reset per stage. With ``record``
+    the scan also returns the latents before each step, (steps, B, C, T, h, w); else None (nothing extra
+    is traced, so the inference program is the same)."""
     start = latents  # DMD renoises towards the stage's start latents
     batch = latents.shape[0]
 
@@ -311,33 +332,50 @@ def _run_stage(model_fn: ModelFn, model_args: Any, layout: ChunkLayout, stage: S
         flow = _predict(model_fn, model_args, layout, x, jnp.full((batch,), timestep, jnp.float32), contexts,
                         guidance_scale, zero_init)
         if layout.solver == "unipc":
-            x, state = unipc_step(coefficients, state, flow, x, prediction_type=layout.prediction_type,
-                                  predict_x0=layout.predict_x0)
+            new, state = unipc_step(coefficients, state, flow, x, prediction_type=layout.prediction_type,
+                                    predict_x0=layout.predict_x0)
         elif layout.solver == "euler":
-            x = euler_step(coefficients, flow, x)
+            new = euler_step(coefficients, flow, x)
         else:
-            x = dmd_step(coefficients, flow, x, start)
-        return (x.astype(jnp.float32), state), None
+            new = dmd_step(coefficients, flow, x, start)
+        return (new.astype(jnp.float32), state), (x if record else None)
 
     state = unipc_init(latents, layout.solver_order) if layout.solver == "unipc" else ()
-    (latents, _), _ = jax.lax.scan(step, (latents, state), (stage.model_timesteps, stage.zero_init, stage.steps))
-    return latents
+    (latents, _), states = jax.lax.scan(step, (latents, state), (stage.model_timesteps, stage.zero_init, stage.steps))
+    return latents, states
+
+
+def _sample(model_fn: ModelFn, model_args: Any, plan: ChunkPlan, noise: ChunkNoise, context: jax.Array,
+            negative_context: jax.Array | None, guidance_scale: jax.Array, context_fn: ContextFn | None,
+            record: bool) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """The chunk's final latents and, with ``record``, each stage's trajectory (see ``denoise_chunk_trajectory``)."""
+    layout = plan.layout
+    contexts = _model_contexts(context_fn, model_args, layout, context, negative_context)
+    latents = downsample_to_first_stage(noise.initial.astype(jnp.float32), len(plan.stages))
+    trajectory = []
+    for s, stage in enumerate(plan.stages):
+        if s > 0:
+            block = block_noise(noise.block[s - 1].astype(jnp.float32), plan.block_factor, layout.patch)
+            latents = renoise(upsample_nearest(latents), block.astype(layout.model_dtype),
+                              stage.renoise[0], stage.renoise[1]).astype(jnp.float32)
+        latents, states = _run_stage(model_fn, model_args, layout, stage, latents, contexts, guidance_scale, record)
+        if record:
+            trajectory.append(jnp.concatenate([states, latents[None]]))
+    return latents, tuple(trajectory)
 
 
 @functools.partial(jax.jit, static_argnames=("model_fn", "context_fn"))
 def _denoise_chunk(model_fn: ModelFn, model_args: Any, plan: ChunkPlan, noise: ChunkNoise, context: jax.Array,
                    negative_context: jax.Array | None, guidance_scale: jax.Array,
                    context_fn: ContextFn | None = None) -> jax.Array:
-    layout = plan.layout
-    contexts = _model_contexts(context_fn, model_args, layout, context, negative_context)
-    latents = downsample_to_first_stage(noise.initial.astype(jnp.float32), len(plan.stages))
-    for s, stage in enumerate(plan.stages):
-        if s > 0:
-            block = block_noise(noise.block[s - 1].astype(jnp.float32), plan.block_factor, layout.patch)
-            latents = renoise(upsample_nearest(latents), block.astype(layout.model_dtype),
-                              stage.renoise[0], stage.renoise[1]).astype(jnp.float32)
-        latents = _run_stage(model_fn, model_args, layout, stage, latents, contexts, guidance_scale)
-    return latents
+    return _sample(model_fn, model_args, plan, noise, context, negative_context, guidance_scale, context_fn, False)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("model_fn", "context_fn"))
+def _denoise_chunk_recorded(model_fn: ModelFn, model_args: Any, plan: ChunkPlan, noise: ChunkNoise,
+                            context: jax.Array, negative_context: jax.Array | None, guidance_scale: jax.Array,
+                            context_fn: ContextFn | None = None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    return _sample(model_fn, model_args, plan, noise, context, negative_context, guidance_scale, context_fn, True)
 
 
 def _checked_negative(plan: ChunkPlan, noise: ChunkNoise, context: Any, negative_context: Any) -> Any:
@@ -397,6 +435,27 @@ def denoise_chunk(
     negative_context = _checked_negative(plan, noise, context, negative_context)
     scale = jnp.asarray(guidance_scale, jnp.float32)
     return _denoise_chunk(model_fn, model_args, plan, noise, context, negative_context, scale, context_fn)
+
+
+def denoise_chunk_trajectory(
+    model_fn: ModelFn,
+    model_args: Any,
+    plan: ChunkPlan,
+    noise: ChunkNoise,
+    context: jax.Array,
+    negative_context: jax.Array | None = None,
+    guidance_scale: float | jax.Array = 1.0,
+    context_fn: ContextFn | None = None,
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """``denoise_chunk`` that also records every state: the chunk's latents and, per pyramid stage, the
+    latents before each of its steps followed by the stage's output, float32 (steps + 1, B, C, T, h, w).
+
+    The ODE pairs of stage-3 distillation (``helios_jax.training.ode``) are these states. It is its own
+    compiled program; ``denoise_chunk``'s is untouched (it traces no recording).
+    """
+    negative_context = _checked_negative(plan, noise, context, negative_context)
+    scale = jnp.asarray(guidance_scale, jnp.float32)
+    return _denoise_chunk_recorded(model_fn, model_args, plan, noise, context, negative_context, scale, context_fn)
 
 
 def lower_denoise_chunk(

@@ -1,6 +1,7 @@
 """Training: offloaded data (``data``, ``offload``), sample assembly and anti-drifting (``history``), losses,
 the generic step and loop (``trainer``) and the official YAMLs mapped onto it (``recipes``); the stage-3 GAN heads and losses (``discriminator``) and
-DMD, the backward-simulated rollout, EMA and the update schedule (``distill``)."""
+DMD, the backward-simulated rollout, EMA and the update schedule (``distill``); stage 3a's ODE pairs, their
+dataset and the ODE-regression loss (``ode``)."""
 
 
 class DataError(ValueError):

@@ -251,8 +251,10 @@ class Recipe:
 
     @property
     def stage(self) -> str:
-        """"stage1", "stage2_packed" (NaViT, stage 2-init) or "stage2_sequential" (stage 2-post)."""
+        """"stage1", "stage2_packed" (NaViT, stage 2-init), "stage2_sequential" (stage 2-post) or "stage3_ode"."""
         training = self.values["training_config"]
+        if training["is_use_ode_regression"]:
+            return "stage3_ode"
         if training["is_enable_stage2"]:
             return "stage2_packed" if training["is_navit_pyramid"] else "stage2_sequential"
         return "stage1"
@@ -401,7 +403,7 @@ def load(paths: str | Sequence[str], overrides: Sequence[str] = ()) -> Recipe:
         for key, spec in keys.items():
             where = f"{section}.{key}" if section else key
             value = _typed(where, spec.type, merged.get((section, key), copy.deepcopy(spec.default)))
-            if spec.allowed is not None and value not in spec.allowed:
+            if spec.allowed is not None and value not in spec.allowed and (section, key) not in _ode_rules(merged):
                 allowed = spec.allowed[0] if len(spec.allowed) == 1 else list(spec.allowed)
                 raise ConfigError(f"{where} = {value!r} is not supported: {spec.why}; use {allowed!r}")
             values[section][key] = value
@@ -411,6 +413,7 @@ def load(paths: str | Sequence[str], overrides: Sequence[str] = ()) -> Recipe:
 
 def _refuse_stage3(merged: dict[tuple[str, str], Any]) -> None:
     on = [f"{s}.{k}" for s, keys in STAGE3_SWITCHES.items() for k in keys if merged.get((s, k))]
+    on = _ode_switches(on)
     if on:
         raise ConfigError(
             f"this is a stage-3 (distillation) config: {', '.join(on)} on; ODE regression, DMD, GAN and EMA "
@@ -431,7 +434,9 @@ def _check_stage(values: dict[str, dict[str, Any]]) -> None:
         if len(ranges) != t["stage2_num_stages"] + 1 or len(ratios) != t["stage2_num_stages"]:
             raise ConfigError(f"training_config: stage2_stage_range {ranges} needs {t['stage2_num_stages'] + 1} "
                               f"bounds and stage2_sample_ratios {ratios} {t['stage2_num_stages']} counts")
-    if not d["instance_data_root"]:
+    if t["is_use_ode_regression"]:
+        _check_ode(values)
+    elif not d["instance_data_root"]:
         raise ConfigError("data_config.instance_data_root is empty: name the offloaded data folder(s), "
                           "e.g. data_config.instance_data_root=[data/]")
     for key in ("max_train_steps", "train_batch_size", "checkpointing_steps", "validation_steps"):
@@ -442,10 +447,13 @@ def _check_stage(values: dict[str, dict[str, Any]]) -> None:
 
 def check_paths(recipe: Recipe) -> None:
     """The folders a run reads must exist (one error naming the first missing one), before any compute."""
-    for folder in recipe.section("data_config")["instance_data_root"]:
+    ode_stage = recipe.stage == "stage3_ode"
+    key = "ode_data_root" if ode_stage else "instance_data_root"
+    for folder in recipe.section("data_config")[key]:
         if not os.path.isdir(folder):
-            raise ConfigError(f"data_config.instance_data_root: no data folder at {folder!r}; offload videos "
-                              f"there first (helios-jax offload) or fix the path")
+            what = "write ODE pairs there first (helios-jax offload ode-pairs)" if ode_stage else \
+                "offload videos there first (helios-jax offload)"
+            raise ConfigError(f"data_config.{key}: no data folder at {folder!r}; {what} or fix the path")
     model = recipe.section("model_config")
     for key in ("pretrained_model_name_or_path", "transformer_model_name_or_path"):
         path = model[key]
@@ -456,3 +464,65 @@ def check_paths(recipe: Recipe) -> None:
         if not os.path.isdir(path):
             raise ConfigError(f"model_config.{key}: no local folder at {path!r} (no model hub is read; "
                               f"download the checkpoint and give its folder)")
+
+
+# ---- Stage 3a, ODE regression (helios_jax.training.ode): its keys, and the switches it turns on ----
+ODE_SCHEMA: dict[str, dict[str, Key]] = {
+    "data_config": {"use_stage3_dataset": Key(bool, False), "ode_data_root": Key((list, str), [])},
+    "training_config": {
+        "is_use_ode_regression": Key(bool, False), "is_only_ode_regression": Key(bool, False),
+        "use_ema": Key(bool, False),
+        "ode_regression_weight": Key(float, 0.25),
+        "ode_num_latent_sections_min": Key(int, 3), "ode_num_latent_sections_max": Key(int, 3),
+        "time_shift_type": Key(str, "linear"),
+        "base_seq_len": Key(int, 256), "max_seq_len": Key(int, 4096),
+        "base_shift": Key(float, 0.5), "max_shift": Key(float, 1.15),
+    },
+}
+for _section, _keys in ODE_SCHEMA.items():
+    SCHEMA[_section].update(_keys)
+    NOT_APPLICABLE[_section] = NOT_APPLICABLE[_section] - set(_keys)
+_ODE_ON = ("data_config.use_stage3_dataset", "training_config.is_use_ode_regression",
+           "training_config.is_only_ode_regression", "training_config.use_ema")
+
+
+def _ode_switches(on: list[str]) -> list[str]:
+    """The stage-3 switches still refused: in a stage-3a recipe (ODE regression, no DMD) none of its own
+    (its EMA is warned about in ``_check_ode``); any other stage-3 recipe is refused as a whole."""
+    if "training_config.is_use_ode_regression" not in on or "training_config.is_train_dmd" in on:
+        return on
+    return [name for name in on if name not in _ODE_ON]
+
+
+def _ode_rules(merged: dict[tuple[str, str], Any]) -> tuple[tuple[str, str], ...]:
+    """The stage-1/2 rules a stage-3a recipe replaces with its own (``_check_ode``)."""
+    if not merged.get(("training_config", "is_use_ode_regression")):
+        return ()
+    return (("data_config", "use_stage1_dataset"), ("training_config", "use_dynamic_shifting"))
+
+
+def _check_ode(values: dict[str, dict[str, Any]]) -> None:
+    """Stage 3a's rules: ODE regression only, on ODE pairs, linear dynamic shift, a fixed section count."""
+    t, d = values["training_config"], values["data_config"]
+    rules = [
+        (t["is_only_ode_regression"], "training_config.is_only_ode_regression must be true (ODE regression "
+                                      "beside DMD is not implemented; stage 3a trains on ODE pairs alone)"),
+        (d["use_stage3_dataset"], "data_config.use_stage3_dataset must be true (stage 3a reads ODE pairs)"),
+        (bool(d["ode_data_root"]), "data_config.ode_data_root is empty: name the folder(s) written by "
+                                   "`helios-jax offload ode-pairs`, e.g. data_config.ode_data_root=[ode/]"),
+        (t["use_dynamic_shifting"], "training_config.use_dynamic_shifting must be true for stage 3a (the ODE "
+                                    "timesteps are shifted; asserted so officially)"),
+        (t["time_shift_type"] == "linear", f"training_config.time_shift_type = {t['time_shift_type']!r} is not "
+                                           "supported: stage 3a shifts linearly (asserted so officially); use 'linear'"),
+        (t["ode_num_latent_sections_min"] == t["ode_num_latent_sections_max"] >= 1,
+         f"ode_num_latent_sections_min = {t['ode_num_latent_sections_min']} and _max = "
+         f"{t['ode_num_latent_sections_max']}: a random section count is not implemented; set both to one "
+         "count (3 officially)"),
+        (t["train_batch_size"] >= 1, "training_config.train_batch_size must be at least 1"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise ConfigError(message)
+    if t["use_ema"]:
+        warnings.warn("training_config.use_ema: EMA is not applied by this port's stage 3a; the run trains and "
+                      "exports the LoRA itself (no EMA copy)", stacklevel=3)

@@ -44,8 +44,8 @@ from helios_jax.models.packed import packed_like
 from helios_jax.models.transformer import HeliosTransformer, compute_dtype, keeps_fp32
 from helios_jax.pipeline import HeliosPipeline
 from helios_jax.prompts import PromptEncoder
-from helios_jax.sampling.schedule import HeliosSchedulerConfig
-from helios_jax.training import losses, recipes, trainer
+from helios_jax.sampling.schedule import HeliosDMDSchedulerConfig, HeliosSchedulerConfig
+from helios_jax.training import losses, ode, recipes, trainer
 from helios_jax.training.data import OffloadedDataset
 from helios_jax.training.history import LATENT_WINDOW, ContextConfig, CorruptionConfig, prepare_context
 from helios_jax.training.recipes import Recipe
@@ -131,12 +131,26 @@ def make_losses(recipe: Recipe, net: StageModel) -> trainer.LossFn | tuple[train
     sampling = losses.TimestepSampling(t["weighting_scheme"], t["logit_mean"], t["logit_std"])
     if recipe.stage == "stage1":
         return functools.partial(stage1_loss, net, context, sampling)
+    if recipe.stage == "stage3_ode":
+        return functools.partial(ode.ode_regression_loss, net, ode_settings(recipe, net.model.config))
     schedule = losses.PyramidSchedule.create(t["stage2_timestep_shift"], t["stage2_num_stages"],
                                              tuple(t["stage2_stage_range"]), t["stage2_scheduler_gamma"])
     pyramid = PyramidSettings(schedule, tuple(t["stage2_sample_ratios"]), sampling)
     if recipe.stage == "stage2_packed":
         return functools.partial(pyramid_loss, net, context, pyramid, None)
     return tuple(functools.partial(pyramid_loss, net, context, pyramid, i) for i in range(sum(pyramid.sample_ratios)))
+
+
+def ode_settings(recipe: Recipe, config: TransformerConfig) -> ode.ODESettings:
+    """Stage 3a's loss settings: the training pyramid scheduler (``stage2_*``, the shift's ``base_*`` keys),
+    ``ode_regression_weight`` and the section count."""
+    t = recipe.section("training_config")
+    scheduler = HeliosSchedulerConfig(
+        shift=t["stage2_timestep_shift"], stages=t["stage2_num_stages"], stage_range=tuple(t["stage2_stage_range"]),
+        gamma=t["stage2_scheduler_gamma"], base_image_seq_len=t["base_seq_len"], max_image_seq_len=t["max_seq_len"],
+        base_shift=t["base_shift"], max_shift=t["max_shift"])
+    return ode.ODESettings(scheduler, t["ode_regression_weight"], t["ode_num_latent_sections_max"],
+                           tuple(config.patch_size))
 
 
 def context_config(training: Mapping[str, Any]) -> ContextConfig:
@@ -199,11 +213,15 @@ def check_buckets(dataset: OffloadedDataset, config: TransformerConfig, stage: s
 STAGE1_VALIDATION_SHIFT = 3.0  # the official stage-1 validation sampler: UniPC with flow_shift 3 (scheduler_config.json)
 
 
-def validation_scheduler(recipe: Recipe) -> HeliosSchedulerConfig:
+def validation_scheduler(recipe: Recipe) -> HeliosSchedulerConfig | HeliosDMDSchedulerConfig:
     """The sampler of the official validation: UniPC for stage 1 (flow_shift 3, which dynamic shifting
     replaces), the training pyramid scheduler of the YAML's ``stage2_*`` keys for stage 2."""
     t, v = recipe.section("training_config"), recipe.section("validation_config")
     shifting = dict(use_dynamic_shifting=v["use_dynamic_shifting"], time_shift_type=v["time_shift_type"])
+    if recipe.stage == "stage3_ode":  # the student's sampler: DMD 2/2/2 on the training pyramid
+        return HeliosDMDSchedulerConfig(shift=t["stage2_timestep_shift"], stages=t["stage2_num_stages"],
+                                        stage_range=tuple(t["stage2_stage_range"]), gamma=t["stage2_scheduler_gamma"],
+                                        **shifting)
     if recipe.stage == "stage1":
         shift = 1.0 if v["use_dynamic_shifting"] else STAGE1_VALIDATION_SHIFT
         return HeliosSchedulerConfig(shift=shift, stages=1, stage_range=(0.0, 1.0), **shifting)
@@ -212,13 +230,14 @@ def validation_scheduler(recipe: Recipe) -> HeliosSchedulerConfig:
                                  **shifting)
 
 
-def validation_pipeline(recipe: Recipe, scheduler: HeliosSchedulerConfig,
+def validation_pipeline(recipe: Recipe, scheduler: HeliosSchedulerConfig | HeliosDMDSchedulerConfig,
                         transformer: tuple[TransformerConfig, Params]) -> HeliosPipeline:
     """The inference pipeline around the training transformer, with the VAE and text encoder of
     ``pretrained_model_name_or_path`` (as the official validation)."""
     folder = recipe.section("model_config")["pretrained_model_name_or_path"]
     configs = read_checkpoint_configs(folder)
-    spec = PipelineSpec(pyramid=recipe.stage != "stage1", is_cfg_zero_star=configs.spec.is_cfg_zero_star)
+    spec = PipelineSpec(pyramid=recipe.stage != "stage1", is_distilled=recipe.stage == "stage3_ode",
+                        is_cfg_zero_star=configs.spec.is_cfg_zero_star and recipe.stage != "stage3_ode")
     dtype = compute_dtype(transformer[1])
     text = COMPONENTS["text_encoder"].load(os.path.join(folder, "text_encoder"), dtype, configs.text_encoder)
     vae = COMPONENTS["vae"].load(os.path.join(folder, "vae"), jnp.float32, configs.vae)
@@ -235,6 +254,8 @@ def validation_settings(recipe: Recipe) -> dict[str, Any]:
         settings["num_inference_steps"] = v["num_inference_steps"]
     else:
         settings["pyramid_num_inference_steps_list"] = tuple(v["stage2_simulated_inference_steps"])
+    if recipe.stage == "stage3_ode":
+        settings["is_amplify_first_chunk"] = True
     return settings
 
 
@@ -247,17 +268,25 @@ def prepare(recipe: Recipe, *, progress: bool | None = None,
     trainer.check_resumable(run)
     d, t = recipe.section("data_config"), recipe.section("training_config")
     mesh = training_mesh(recipe.section("")["mesh"])
-    dataset = OffloadedDataset(
-        d["instance_data_root"], batch_size=t["train_batch_size"] * batch_shards_per_process(mesh),
-        seed=recipe.section("")["seed"],
-        process_index=jax.process_index(), process_count=jax.process_count(), shuffle=d["use_shuffle"],
-        resolutions=[(d["single_height"], d["single_width"])] if d["single_res"] else None,
-    )
+    if recipe.stage == "stage3_ode":
+        dataset = ode.ODEPairDataset(d["ode_data_root"], batch_size=t["train_batch_size"] * batch_shards_per_process(mesh),
+                                     seed=recipe.section("")["seed"], process_index=jax.process_index(),
+                                     process_count=jax.process_count(), shuffle=d["use_shuffle"])
+    else:
+        dataset = OffloadedDataset(
+            d["instance_data_root"], batch_size=t["train_batch_size"] * batch_shards_per_process(mesh),
+            seed=recipe.section("")["seed"],
+            process_index=jax.process_index(), process_count=jax.process_count(), shuffle=d["use_shuffle"],
+            resolutions=[(d["single_height"], d["single_width"])] if d["single_res"] else None,
+        )
     folder = transformer_folder(recipe)
     dtype = DTYPES[t["mixed_precision"]]
     component = transformer_component(folder)  # a Helios DiT, or the Wan 2.1 folder stage 1-init starts from
     config = component.read_config(folder)
-    check_buckets(dataset, config, recipe.stage)
+    if recipe.stage == "stage3_ode":
+        ode.check_pairs(dataset, config, ode_settings(recipe, config))
+    else:
+        check_buckets(dataset, config, recipe.stage)
     if recipe.stage == "stage2_packed" and config.is_amplify_history:
         raise ConfigError(f"{folder}: is_amplify_history is on, which the packed stage-2 forward does not run (no "
                           "official model has it); set training_config.is_navit_pyramid=false (the sequential variant)")
@@ -267,7 +296,7 @@ def prepare(recipe: Recipe, *, progress: bool | None = None,
     validating = validate and bool(v["validation_prompts"])
     scheduler = validation_scheduler(recipe) if validating else None  # its errors before the weights
 
-    config, params = component.load(folder, dtype, config)
+    config, params = component.load(folder, dtype, config, mesh=mesh)  # split as it is read, on a mesh
     spec, subset = recipe.lora()
     lora = lora_lib.init_lora(spec, params, jax.random.key(recipe.section("")["seed"]))
     variables = {"params": params, "lora": lora}
