@@ -24,6 +24,7 @@ step; see OFFICIAL_PEAK_GIB).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 from typing import Any
@@ -130,8 +131,12 @@ def step_plan(case: StepCase, cfg: TransformerConfig, sharding: jax.sharding.Sha
                   jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=parallel.replicated(mesh)))
         with trainer.on_mesh(mesh):
             lowered = step.lower(*placed)
+        sharded = sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+                      for x in jax.tree.leaves(placed))
     sizes = {"frozen params": tree_bytes(frozen), "trainable params": tree_bytes(state.trainable),
              "optimizer state": tree_bytes(state.opt_state), "batch": tree_bytes(batch)}
+    if mesh is not None:
+        sizes["per device"] = sharded  # what the shardings leave each device of all the arguments
     return StepPlan(case, gpu_plan.compile_plan(case.name, lowered, frozen["params"]), sizes)
 
 
