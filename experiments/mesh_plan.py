@@ -72,7 +72,8 @@ class Collective:
 
 
 def group_size(attrs: str, operand_bytes: int, result_bytes: int, kind: str) -> int:
-    """Devices per replica group: ``{{0,1,..},..}``, iota ``[G,S]<=[N]`` or mesh ``mesh['axis_0'=4,..] ... {'axis_0'}``."""
+    """Devices per replica group, from ``{{0,1,..},..}``, iota ``[G,S]<=[N]`` or
+    ``mesh['axis_0'=4,..] ... {'axis_0'}`` (gathers and scatters: from their operand and result sizes)."""
     if kind == "collective-permute":
         return 2
     if kind == "all-gather" and operand_bytes:
@@ -189,7 +190,8 @@ def train_step_plan(size: gpu_plan.Size) -> MeshPlan:
     return MeshPlan(TRAIN_CASE.name, sizes, step.plan, flops, weak=True, parts=step.sizes)
 
 
-HEADERS = ["program", "mesh", "compile s", "arguments GiB/device", "temporaries GiB/device", *[f"{k} GB" for k in KINDS],
+HEADERS = ["program", "mesh", "compile s", "arguments GiB/device", "temporaries GiB/device",
+           *[f"{k} GB" for k in KINDS],
            "comm ms", "compute ms", "1 device ms", "speed-up (serial)", "speed-up (overlap)"]
 
 

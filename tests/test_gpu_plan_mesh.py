@@ -62,8 +62,9 @@ def test_the_mesh_is_8_h100s():
 @pytest.mark.parametrize("chunk,group", [("distilled", 8), ("base", 4)])
 def test_chunks_run_ulysses_and_gather_no_activation(chunks, chunk, group):
     """Self-attention by all-to-all over the context group, inside the layer loop of every step (q, k, v in
-    and o out per layer; the base chunk also exchanges CFG's pair over data); no all-gather of a whole weight, nor of as much as half of one block's activations
-    (the K/V all-gather fallback would gather all of them), and nothing all-reduced but scalars and tables."""
+    and o out per layer; the base chunk also exchanges CFG's pair over data); no all-gather of a whole
+    weight, nor of as much as half of one block's activations
+    (the K/V all-gather fallback would gather all of them), and no all-reduce of as much."""
     plan = chunks[chunk]
     ulysses = [op for op in plan.ops if op.kind == "all-to-all" and op.group == group]
     steps = 6 if chunk == "distilled" else mesh_plan.BASE_STEPS
