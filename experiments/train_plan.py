@@ -131,7 +131,7 @@ def step_plan(case: StepCase, cfg: TransformerConfig, sharding: jax.sharding.Sha
                   jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=parallel.replicated(mesh)))
         with trainer.on_mesh(mesh):
             lowered = step.lower(*placed)
-        sharded = sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+        sharded = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
                       for x in jax.tree.leaves(placed))
     sizes = {"frozen params": tree_bytes(frozen), "trainable params": tree_bytes(state.trainable),
              "optimizer state": tree_bytes(state.opt_state), "batch": tree_bytes(batch)}
