@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import functools
 import importlib.util
+import math
 import os
 import re
 import sys
@@ -59,16 +60,28 @@ def plugin_missing() -> str | None:
 
 
 @functools.cache
-def h100(autotune: str | None = None) -> jax.sharding.Sharding:
-    """One H100 SXM that is not here, as a sharding to put abstract inputs on."""
+def h100_topology(topology: str = "1x1x1", autotune: str | None = None) -> Any:
+    """H100 SXMs that are not here: ``"1x1x1"`` one GPU, ``"1x1x8"`` one host with 8 (hosts x ? x GPUs)."""
     from jax.experimental import topologies
 
     if autotune:
         flags = os.environ.get("XLA_FLAGS", "")
         os.environ["XLA_FLAGS"] = f"{flags} --xla_gpu_load_autotune_results_from={autotune}".strip()
     with open(H100_TARGET, encoding="utf-8") as f:
-        topology = topologies.get_topology_desc(platform="cuda", target_config=f.read(), topology="1x1x1")
-    return jax.sharding.SingleDeviceSharding(topology.devices[0])
+        return topologies.get_topology_desc(platform="cuda", target_config=f.read(), topology=topology)
+
+
+def h100(autotune: str | None = None) -> jax.sharding.Sharding:
+    """One H100 SXM that is not here, as a sharding to put abstract inputs on."""
+    return jax.sharding.SingleDeviceSharding(h100_topology("1x1x1", autotune).devices[0])
+
+
+def h100_mesh(**sizes: int) -> jax.sharding.Mesh:
+    """The project's mesh (``parallel.make_mesh``: data, fsdp, context, tensor) over that many H100s of one host."""
+    from helios_jax import parallel
+
+    devices = h100_topology(f"1x1x{math.prod(sizes.values())}").devices
+    return parallel.make_mesh(**sizes, devices=devices)
 
 
 def device_memory_bytes() -> int:

@@ -103,19 +103,22 @@ class Module:
         self.shape = {i.name: i.shape for c in self.computations.values() for i in c}
 
     def kernels(self) -> list[Kernel]:
-        return list(self._walk(self.entry, 1))
+        return [self._kernel(inst, count) for inst, count in self.instructions()
+                if inst.opcode not in FREE and not inst.opcode.endswith("-done")]
 
-    def _walk(self, computation: str, count: int) -> Iterator[Kernel]:
-        for inst in self.computations[computation]:
+    def instructions(self, computation: str | None = None, count: int = 1) -> Iterator[tuple[Instruction, int]]:
+        """Every instruction the program runs (loop bodies and called computations entered, not fusions),
+        with how many times it runs: the trip counts of the loops around it multiplied."""
+        for inst in self.computations[computation or self.entry]:
             if inst.opcode == "while":
                 trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', inst.attrs)
                 body = re.search(r"body=%([\w.\-]+)", inst.attrs).group(1)
-                yield from self._walk(body, count * (int(trips.group(1)) if trips else 1))
+                yield from self.instructions(body, count * (int(trips.group(1)) if trips else 1))
             elif inst.opcode in ("call", "conditional", "async-start"):
                 for callee in inst.calls():
-                    yield from self._walk(callee, count)
-            elif inst.opcode not in FREE and not inst.opcode.endswith("-done"):
-                yield self._kernel(inst, count)
+                    yield from self.instructions(callee, count)
+            else:
+                yield inst, count
 
     def _operand_bytes(self, inst: Instruction) -> float:
         """Operands read once; a fusion parameter used only by (dynamic-)slices reads only the slices."""

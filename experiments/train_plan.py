@@ -24,6 +24,7 @@ step; see OFFICIAL_PEAK_GIB).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 from typing import Any
@@ -34,6 +35,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import common  # noqa: E402
+from helios_jax import parallel  # noqa: E402
 from helios_jax.config import TransformerConfig  # noqa: E402
 from helios_jax.models import lora as lora_lib  # noqa: E402
 from helios_jax.models import transformer as transformer_lib  # noqa: E402
@@ -95,9 +97,12 @@ class StepPlan:
         return self.plan.memory.peak_memory_in_bytes
 
 
-def step_plan(case: StepCase, cfg: TransformerConfig, sharding: jax.sharding.Sharding,
-              latent: tuple[int, int] = LATENT, text_tokens: int = TEXT_TOKENS) -> StepPlan:
-    """The trainer's step of ``case`` compiled for the H100 from shapes only."""
+def step_plan(case: StepCase, cfg: TransformerConfig, sharding: jax.sharding.Sharding | None,
+              latent: tuple[int, int] = LATENT, text_tokens: int = TEXT_TOKENS,
+              mesh: jax.sharding.Mesh | None = None) -> StepPlan:
+    """The trainer's step of ``case`` compiled for the H100 from shapes only; on ``mesh`` (of H100s, instead of
+    ``sharding``) placed as ``trainer.train`` places it: state and base by the sharding tables, the batch over
+    ``data`` x ``fsdp``, the step's new state pinned to the old one's shardings, the mesh current."""
     recipe = recipes.load(os.path.join(CONFIGS, case.yaml), case.overrides)
     dtype = stages.DTYPES[recipe.section("training_config")["mixed_precision"]]
     spec, subset = recipe.lora()
@@ -111,13 +116,32 @@ def step_plan(case: StepCase, cfg: TransformerConfig, sharding: jax.sharding.Sha
         cfg, attention_impl=default_impl(dtype, "gpu"),
         remat=recipe.section("training_config")["gradient_checkpointing"])
     net = stages.StageModel(model, dtype, spec.scale)
-    step = trainer.make_step(stages.make_losses(recipe, net), optimizer, trainer.learning_rate(optimizer_cfg))
     batch = abstract_batch(cfg, case.batch, latent, text_tokens)
     key = jax.eval_shape(lambda: jax.random.key(0))
-    lowered = step.lower(*gpu_plan.on_device((state, frozen, batch, key), sharding))
+    losses, schedule = stages.make_losses(recipe, net), trainer.learning_rate(optimizer_cfg)
+    if mesh is None:
+        step = trainer.make_step(losses, optimizer, schedule)
+        lowered = step.lower(*gpu_plan.on_device((state, frozen, batch, key), sharding))
+    else:
+        placement = trainer.state_shardings(state, mesh)
+        step = trainer.make_step(losses, optimizer, schedule, placement)
+        placed = (placed_like(state, placement), parallel.shard_params(frozen, mesh, trainer.TRAINING_RULES),
+                  {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=parallel.batch_sharding(mesh, v.shape))
+                   for k, v in batch.items()},
+                  jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=parallel.replicated(mesh)))
+        with trainer.on_mesh(mesh):
+            lowered = step.lower(*placed)
+        sharded = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+                      for x in jax.tree.leaves(placed))
     sizes = {"frozen params": tree_bytes(frozen), "trainable params": tree_bytes(state.trainable),
              "optimizer state": tree_bytes(state.opt_state), "batch": tree_bytes(batch)}
+    if mesh is not None:
+        sizes["per device"] = sharded  # what the shardings leave each device of all the arguments
     return StepPlan(case, gpu_plan.compile_plan(case.name, lowered, frozen["params"]), sizes)
+
+
+def placed_like(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 HEADERS = ["step", "compile s", "frozen params GiB", "trainable GiB", "optimizer state GiB", "batch GiB",

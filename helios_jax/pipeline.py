@@ -65,6 +65,11 @@ def _output_type(output_type: str, allowed: tuple[str, ...], where: str) -> str:
     return output_type
 
 
+def _abstract(tree: Any, sharding: jax.sharding.Sharding | None) -> Any:
+    """``tree``'s leaves as shape structs placed by ``sharding`` (inputs of a lowering: nothing allocated)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), tree)
+
+
 def _text_context(cfg: TransformerConfig, args: tuple[Params, dict[str, jax.Array]],
                   context: jax.Array) -> tuple[jax.Array, TextKV]:
     """The ``context_fn`` of ``denoise_chunk``: the text embeddings with every block's text K/V, once per chunk."""
@@ -129,7 +134,7 @@ class HeliosPipeline:
             # The DiT's weights split by its table (fsdp / tensor); the VAE's replicated (it runs on every device).
             parallel.check_mesh(mesh, heads=self.transformer_config.num_attention_heads)
             self.transformer_params = parallel.shard_params(self.transformer_params, mesh, parallel.DIT_RULES)
-            self.vae_params = parallel.to_mesh(self.vae_params, parallel.replicated(mesh))
+            self.vae_params = parallel.shard_params(self.vae_params, mesh, ())  # no rule: every leaf replicated
         self.attention_impl = attention_impl or default_impl(self.model_dtype)
         self._model_fn = functools.partial(_denoiser, HeliosTransformer(self.transformer_config, self.attention_impl))
         self._context_fn = functools.partial(_text_context, self.transformer_config)
@@ -233,7 +238,10 @@ class HeliosPipeline:
         (e.g. a device of ``jax.experimental.topologies``' H100) every input is placed there, and the
         pipeline's params may themselves be ``jax.ShapeDtypeStruct``s. ``settings`` are the generation's
         (height, width, guidance_scale, pyramid_num_inference_steps_list, is_amplify_first_chunk, ...);
-        ``first_chunk`` picks the amplified first chunk's program when that is asked for.
+        ``first_chunk`` picks the amplified first chunk's program when that is asked for. On a mesh (and no
+        ``sharding``) it is the mesh's program: the DiT's params keep their shardings, the rest is replicated,
+        and it is lowered with the mesh current, as ``stream`` runs it (its params may be shape structs
+        sharded over the devices of ``jax.experimental.topologies``' 8-GPU host).
         """
         tokens = text_tokens or settings.get("max_sequence_length", Request.max_sequence_length)
         embeds = jax.ShapeDtypeStruct((batch, tokens, self.transformer_config.text_dim), self.model_dtype)
@@ -250,10 +258,12 @@ class HeliosPipeline:
         noise = jax.tree.map(lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32), noise_shapes(plan),
                              is_leaf=lambda x: isinstance(x, tuple) and bool(x) and all(isinstance(d, int) for d in x))
         negative = embeds if guidance != "none" else None
-        args = ((self.transformer_params, history), plan, noise, embeds, negative,
-                jax.ShapeDtypeStruct((), jnp.float32))
-        args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), args)
-        return lower_denoise_chunk(self._model_fn, *args, context_fn=self._context_fn)
+        rest = (history, plan, noise, embeds, negative, jax.ShapeDtypeStruct((), jnp.float32))
+        on_mesh = sharding is None and self.mesh is not None
+        params = self.transformer_params if on_mesh else _abstract(self.transformer_params, sharding)
+        history, *rest = _abstract(rest, parallel.replicated(self.mesh) if on_mesh else sharding)
+        with self._on_mesh():
+            return lower_denoise_chunk(self._model_fn, (params, history), *rest, context_fn=self._context_fn)
 
     def lower_decode(self, *, batch: int = 1, height: int = 384, width: int = 640, latent_frames: int = 9,
                      output_type: str = "uint8", sharding: jax.sharding.Sharding | None = None) -> jax.stages.Lowered:
@@ -261,8 +271,7 @@ class HeliosPipeline:
         output_type = _output_type(output_type, tuple(self._decoders), "lower_decode")
         latents = (batch, self.vae_config.z_dim, latent_frames, height // VAE_SPATIAL_FACTOR, width // VAE_SPATIAL_FACTOR)
         args = (self.vae_params, jax.ShapeDtypeStruct(latents, jnp.float32))
-        args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), args)
-        return self._decoders[output_type].lower(*args)
+        return self._decoders[output_type].lower(*_abstract(args, sharding))
 
     def num_output_frames(self, num_frames: int, num_latent_frames_per_chunk: int = 9) -> int:
         """How many frames a request for ``num_frames`` returns (whole chunks, trimmed to 4k + 1)."""

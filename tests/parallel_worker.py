@@ -5,6 +5,7 @@ DiT programs on one device and on several meshes, results written to an .npz for
 ``python parallel_worker.py hlo OUT.npz``        compiled HLO text of a DiT forward, a training gradient, a VAE decode; sharded loads
 ``python parallel_worker.py trainer OUT.npz``    the trainer on one device, on a mesh, and resumed on another
 ``python parallel_worker.py process I N PORT OUT.npz``  one chunk as process I of N (jax.distributed)
+``python parallel_worker.py process-train I N PORT OUT.npz``  one training step as process I of N
 """
 
 from __future__ import annotations
@@ -129,9 +130,58 @@ def hlo(out: str) -> None:
     results["train/mesh/grads"] = np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)])
     results["train/hlo"] = np.array(compiled.as_text())
     results["train/weight_shapes"] = np.array(sorted({str(tuple(v.shape)) for v in jax.tree.leaves(params)}))
+    results.update(context_training())
     results.update(vae_decode_programs())
     results.update(sharded_loads())
     np.savez(out, **results)
+
+
+def stage1_setup(batch: int = 4) -> tuple:
+    """The tiny stage 1 of training_fixtures in float32: its loss, (trainable, frozen), one batch and a key."""
+    import training_fixtures as tf
+
+    from helios_jax.training import trainer as T
+
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((batch, 2, 16, 9, 4, 4)).astype(np.float32)
+    embeds = rng.standard_normal((batch, tf.TEXT_TOKENS, tf.CONFIG.text_dim)).astype(np.float32)
+    data = next(iter(tf.dataset(latents, embeds, batch=batch).to_iter_dataset()))
+    # One key for every process (trainer.train folds in the process index; see tests/test_parallel_devices.py).
+    # remat off: the same numbers, and a CPU compile a fraction as long.
+    return (tf.make_stage1_loss(remat=False, dtype=jnp.float32), tf.stage1_variables(dtype=jnp.float32), data,
+            T.step_key(5, 0, 0))
+
+
+def flat(tree) -> np.ndarray:
+    return np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(tree)])
+
+
+def context_training() -> dict[str, np.ndarray]:
+    """The stage-1 loss and its gradients (the trainer's mesh path: its placement, the mesh current) on one
+    device, on context=2 and on data=2 x context=2; and the compiled trainer step on context=2."""
+    from helios_jax.training import trainer as T
+
+    loss, (trainable, frozen), batch, key = stage1_setup()
+    grad = jax.value_and_grad(loss, has_aux=True)
+    (value, _), grads = jax.jit(grad)(trainable, frozen, batch, key)
+    results = {"context_train/one/loss": np.asarray(value), "context_train/one/grads": flat(grads)}
+    for sizes in ({"context": 2}, {"data": 2, "context": 2}):
+        mesh = mesh_of(sizes)
+        args = (T.shard_variables(trainable, mesh), T.shard_variables(frozen, mesh), T.global_batch(batch, mesh), key)
+        with T.on_mesh(mesh):
+            (value, _), grads = jax.jit(grad)(*args)
+        results[f"context_train/{name(sizes)}/loss"] = np.asarray(value)
+        results[f"context_train/{name(sizes)}/grads"] = flat(grads)
+    mesh = mesh_of({"context": 2})
+    optimizer = T.OptimizerConfig(learning_rate=1e-3)
+    state = T.init_state(T.shard_variables(trainable, mesh), T.make_optimizer(optimizer))
+    placement = T.state_shardings(state, mesh)
+    step = T.make_step(loss, T.make_optimizer(optimizer), T.learning_rate(optimizer), placement)
+    with T.on_mesh(mesh):
+        compiled = step.lower(jax.device_put(state, placement), T.shard_variables(frozen, mesh),
+                              T.global_batch(batch, mesh), key).compile()
+    results["context_train/hlo"] = np.array(compiled.as_text())
+    return results
 
 
 def sharded_loads() -> dict[str, np.ndarray]:
@@ -257,6 +307,33 @@ def process(index: int, count: int, port: int, out: str) -> None:
     np.savez(out, latents=latents, video=video, devices=len(jax.devices()))
 
 
+def process_train(index: int, count: int, port: int, out: str) -> None:
+    """One optimizer step of the tiny stage 1 as process ``index`` of ``count`` on a data=``count`` mesh (each
+    process feeds its slice of the batch, as trainer.train does), or alone (count 0) with the whole batch."""
+    from helios_jax.training import trainer as T
+
+    if count:
+        parallel.initialize(f"127.0.0.1:{port}", count, index)
+    loss, (trainable, frozen), batch, key = stage1_setup()
+    initial = flat(trainable)
+    optimizer = T.OptimizerConfig(learning_rate=1e-3)
+    mesh = parallel.make_mesh(data=len(jax.devices())) if count else None
+    state = T.init_state(T.shard_variables(trainable, mesh), T.make_optimizer(optimizer))
+    if mesh is None:
+        step = T.make_step(loss, T.make_optimizer(optimizer), T.learning_rate(optimizer))
+    else:
+        placement = T.state_shardings(state, mesh)
+        state = jax.device_put(state, placement)
+        step = T.make_step(loss, T.make_optimizer(optimizer), T.learning_rate(optimizer), placement)
+        local = len(next(iter(batch.values()))) // count
+        batch = jax.tree.map(lambda x: np.asarray(x)[index * local:(index + 1) * local], batch)
+    with T.on_mesh(mesh):
+        state, metrics = step(state, T.shard_variables(frozen, mesh), T.global_batch(batch, mesh), key)
+    np.savez(out, loss=np.asarray(jax.device_get(metrics["loss"])), trainable=flat(T.host_values(state.trainable)),
+             initial=initial,
+             devices=len(jax.devices()), processes=jax.process_count())
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "pipelines":
         pipelines(sys.argv[2])
@@ -268,3 +345,5 @@ if __name__ == "__main__":
         trainer_runs(sys.argv[2])
     elif sys.argv[1] == "process":
         process(*map(int, sys.argv[2:5]), sys.argv[5])
+    elif sys.argv[1] == "process-train":
+        process_train(*map(int, sys.argv[2:5]), sys.argv[5])

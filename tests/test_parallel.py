@@ -69,8 +69,8 @@ def test_umt5_lora_and_optimizer_state_tables():
                        "ffn": {"net_2": {"lora_A": {"kernel": jax.ShapeDtypeStruct((2, 96, 4), "float32")}}}}}
     specs = traverse_util.flatten_dict(parallel.logical_specs(lora, parallel.LORA_RULES))
     assert specs[("blocks", "attn1", "to_q", "lora_A", "kernel")] == P(None, "embed", "lora_rank")
-    assert specs[("blocks", "attn1", "to_q", "lora_B", "kernel")] == P(None, "lora_rank", "heads")
-    assert specs[("blocks", "ffn", "net_2", "lora_A", "kernel")] == P(None, "mlp", "lora_rank")
+    assert specs[("blocks", "attn1", "to_q", "lora_B", "kernel")] == P(None, "lora_rank_fsdp", "heads")
+    assert specs[("blocks", "ffn", "net_2", "lora_A", "kernel")] == P(None, "mlp", "lora_rank_fsdp")
     # optax state mirrors the params: adam's mu/nu leaves take their param's axes, the count none.
     state = ({"count": jax.ShapeDtypeStruct((), "int32"),
               "mu": {"blocks": {"ffn": {"net_2": {"kernel": jax.ShapeDtypeStruct((2, 64, 32), "float32")}}}}},)

@@ -105,22 +105,60 @@ def test_trainer_on_a_mesh_matches_one_device_and_resumes_on_another_mesh(tmp_pa
     assert list(runs["resumed/lora_A_spec"]) == ["None", "fsdp", "None"]
 
 
-def test_two_processes_run_a_chunk_as_one_process_does(tmp_path):
+def two_processes(mode: str, folder) -> tuple[list[dict], dict]:
+    """``parallel_worker.py MODE`` as processes 0 and 1 of two over 127.0.0.1 (a mesh of their 2 devices),
+    and as one process alone: (the two processes' results, the lone one's)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = worker_env(devices=1)
-    runs = [(0, 2), (1, 2), (0, 0)]  # two processes over 127.0.0.1 (a context=2 mesh), and one alone
-    procs = [subprocess.Popen([sys.executable, WORKER, "process", str(i), str(n), str(port),
-                               str(tmp_path / f"p{i}_{n}.npz")], env=env, stdout=subprocess.PIPE,
+    runs = [(0, 2), (1, 2), (0, 0)]
+    procs = [subprocess.Popen([sys.executable, WORKER, mode, str(i), str(n), str(port),
+                               str(folder / f"p{i}_{n}.npz")], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i, n in runs]
     for proc in procs:
         _, err = proc.communicate(timeout=1800)
         assert proc.returncode == 0, err[-4000:]
-    alone = np.load(tmp_path / "p0_0.npz")
-    for i in (0, 1):
-        both = np.load(tmp_path / f"p{i}_2.npz")
-        assert int(both["devices"]) == 2 and int(alone["devices"]) == 1
+    return [dict(np.load(folder / f"p{i}_2.npz")) for i in (0, 1)], dict(np.load(folder / "p0_0.npz"))
+
+
+def test_two_processes_run_a_chunk_as_one_process_does(tmp_path):
+    both, alone = two_processes("process", tmp_path)  # a context=2 mesh over the two processes
+    assert int(alone["devices"]) == 1
+    for i, run in enumerate(both):
+        assert int(run["devices"]) == 2
         for what in ("latents", "video"):
-            rel, max_abs = rel_err(both[what], alone[what])
+            rel, max_abs = rel_err(run[what], alone[what])
             assert rel <= TOLERANCE and max_abs <= 1e-4, f"process {i} {what}: rel {rel:.2e}"
+
+
+def test_two_processes_run_a_training_step_as_one_process_does(tmp_path):
+    """One AdamW step of the tiny stage 1 (fp32) on data=2 over two processes, each feeding half of the batch
+    of 4 through trainer.global_batch: the loss and the updated LoRA and history convs of one process with the
+    whole batch, within 1e-5 relative (loss) and 1e-5 relative L2 / 1e-6 max-abs (trainables)."""
+    both, alone = two_processes("process-train", tmp_path)
+    assert int(alone["processes"]) == 1
+    for i, run in enumerate(both):
+        assert int(run["processes"]) == 2 and int(run["devices"]) == 2
+        assert abs(float(run["loss"]) - float(alone["loss"])) <= TOLERANCE * abs(float(alone["loss"])), (i, run["loss"])
+        rel, max_abs = rel_err(run["trainable"], alone["trainable"])
+        assert rel <= TOLERANCE and max_abs <= 1e-6, f"process {i}: rel {rel:.2e}, max-abs {max_abs:.2e}"
+    # The step moved the trainables (AdamW's first step is about lr = 1e-3 per entry): not two untouched copies.
+    assert np.abs(alone["trainable"] - alone["initial"]).max() > 5e-4
+
+
+@pytest.mark.parametrize("mesh", ["context2", "data2_context2"])
+def test_context_parallel_training_same_loss_and_gradients(programs, mesh):
+    """The stage-1 loss and gradients (tiny, fp32, the trainer's placement with the mesh current) on a
+    context mesh equal one device's: relative L2 <= 1e-5, max-abs <= 1e-5."""
+    rel, _ = rel_err(programs[f"context_train/{mesh}/loss"], programs["context_train/one/loss"])
+    assert rel <= TOLERANCE
+    rel, max_abs = rel_err(programs[f"context_train/{mesh}/grads"], programs["context_train/one/grads"])
+    assert rel <= TOLERANCE and max_abs <= 1e-5, (rel, max_abs)
+
+
+def test_context_parallel_training_step_runs_ulysses(programs):
+    """The trainer's compiled step on context=2 splits attention by all-to-all over heads, forward and backward:
+    q, k, v in and o out per self-attention, and their transposes in the backward (2 layers under a scan)."""
+    hlo = str(programs["context_train/hlo"])
+    assert len(collectives(hlo, "all-to-all")) >= 8, len(collectives(hlo, "all-to-all"))

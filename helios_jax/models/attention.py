@@ -87,11 +87,17 @@ def attention(
             return flash_attention(q, k, v, scale=scale)
         if impl == "xla" and q.dtype == jnp.float16:
             return _xla_float16(q, k, v, bias, mask, scale)
+        if impl == "cudnn" and mask is not None and mask.shape[:3] == (1, 1, 1):
+            # cuDNN takes a mask only as large as the logits; a key-only mask here is the context split's
+            # padding (``context.key_mask``: the real keys first), which its padding mode takes as a length.
+            lengths = jnp.full((q.shape[0],), jnp.sum(mask, dtype=jnp.int32), jnp.int32)
+            return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, implementation=impl,
+                                                key_value_seq_lengths=lengths)
         return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation=impl)
 
     if bias is None and context_parallel.active_mesh() is not None:
         return context_parallel.attention(q, k, v, local, cross=cross, mask=mask)
-    return local(q, k, v, mask)
+    return local(*context_parallel.constrain_heads(q, k, v), mask)
 
 
 def segment_mask(segment_ids: SegmentIds, batch: int, q_tokens: int, k_tokens: int) -> jax.Array:

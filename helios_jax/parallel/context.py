@@ -84,9 +84,29 @@ def split_tokens(x: jax.Array, *tables: jax.Array, heads: int) -> tuple[jax.Arra
 
 
 def constrain_tokens(x: jax.Array) -> jax.Array:
-    """Re-state the token split of (B, L, D) activations (a no-op without a context mesh)."""
+    """Re-state the split of (B, L, D) activations: tokens over ``context``, the batch over ``data``/``fsdp``,
+    the width whole. Without it, weights split over ``fsdp`` on their width (FSDP) lead XLA to split the
+    activations' width too and all-reduce every norm and GEMM over the whole batch, instead of gathering
+    each layer's weights (experiments/mesh_plan.py measured it). A no-op without a mesh that splits either."""
     mesh = active_mesh()
-    return x if mesh is None else jax.lax.with_sharding_constraint(x, token_spec(mesh, x.shape[0]))
+    if mesh is not None:
+        return jax.lax.with_sharding_constraint(x, token_spec(mesh, x.shape[0]))
+    mesh = jax.sharding.get_abstract_mesh()
+    batch = None if mesh.empty else batch_axes(mesh, x.shape[0])
+    return x if batch is None else jax.lax.with_sharding_constraint(x, P(batch, None, None))
+
+
+def constrain_heads(*ts: jax.Array) -> tuple[jax.Array, ...]:
+    """(B, T, N, H) attention inputs with one split, the batch over ``data``/``fsdp`` (heads over ``tensor``),
+    for attention that runs without a context split: cuDNN's partitioner takes q, k and v only alike split.
+    Unchanged without a mesh that splits the batch."""
+    mesh = jax.sharding.get_abstract_mesh()
+    batch = None if mesh.empty else batch_axes(mesh, ts[0].shape[0])
+    if batch is None:
+        return ts
+    tensor = dict(mesh.shape).get("tensor", 1)
+    heads = "tensor" if tensor > 1 and ts[0].shape[2] % tensor == 0 else None
+    return tuple(jax.lax.with_sharding_constraint(t, P(batch, None, heads, None)) for t in ts)
 
 
 def key_mask(padded: int, length: int | None) -> jax.Array | None:

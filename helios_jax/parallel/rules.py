@@ -30,6 +30,7 @@ AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("vocab", "tensor"),
     ("layers", None),
     ("lora_rank", None),
+    ("lora_rank_fsdp", "fsdp"),
 )
 
 DIT_RULES: tuple[Rule, ...] = (
@@ -61,12 +62,14 @@ UMT5_RULES: tuple[Rule, ...] = (
 # Convolutions split their output channels; the VAE is small (the decode is split by activations instead).
 VAE_RULES: tuple[Rule, ...] = ((r"kernel$", (..., "embed")),)
 # A LoRA pair beside each adapted DiT linear: A (in, rank) takes the base input axis, B (rank, out) its output.
+# A B whose output (an A whose input) is not the model width splits its rank over fsdp instead, so that FSDP
+# splits every trainable and its AdamW moments: half of a LoRA would otherwise be whole on every device.
 LORA_RULES: tuple[Rule, ...] = (
     (r"(attn[12]/to_[qkv]|ffn/net_0/proj)/lora_A", (..., "embed", "lora_rank")),
-    (r"attn[12]/to_[qkv]/lora_B", (..., "lora_rank", "heads")),
-    (r"ffn/net_0/proj/lora_B", (..., "lora_rank", "mlp")),
-    (r"attn[12]/to_out_0/lora_A", (..., "heads", "lora_rank")),
-    (r"ffn/net_2/lora_A", (..., "mlp", "lora_rank")),
+    (r"attn[12]/to_[qkv]/lora_B", (..., "lora_rank_fsdp", "heads")),
+    (r"ffn/net_0/proj/lora_B", (..., "lora_rank_fsdp", "mlp")),
+    (r"attn[12]/to_out_0/lora_A", (..., "heads", "lora_rank_fsdp")),
+    (r"ffn/net_2/lora_A", (..., "mlp", "lora_rank_fsdp")),
     (r"(attn[12]/to_out_0|ffn/net_2)/lora_B", (..., "lora_rank", "embed")),
 )
 TABLES: dict[str, tuple[Rule, ...]] = {"transformer": DIT_RULES, "text_encoder": UMT5_RULES, "vae": VAE_RULES,
