@@ -176,10 +176,6 @@ def _timesteps(key: jax.Array, batch: int, step: jax.Array, draw: TimestepDraw, 
                                            alpha=draw.alpha, beta=draw.beta, dynamic_step=draw.dynamic_step)
 
 
-def _x0(flow: jax.Array, x_t: jax.Array, t: jax.Array, table: distill.SigmaTable) -> jax.Array:
-    return distill.flow_to_x0(flow, x_t, t, table)
-
-
 # ----------------------------------------------------------------------------- the two players
 
 
@@ -196,9 +192,9 @@ def generator_loss(nets: DmdNets, settings: DmdSettings, own: Params, critic: Pa
     x_t = distill.add_noise(jax.lax.stop_gradient(x_g), jax.random.normal(k_noise, shape), t, table)
     negative = {**cond_score, "encoder_hidden_states": jnp.broadcast_to(
         frozen["negative_prompt_embeds"].astype(nets.dtype), cond_score["encoder_hidden_states"].shape)}
-    fake = _x0(nets.fake_score(critic, frozen, x_t, t, cond_score), x_t, t, table)
-    real_cond = _x0(nets.real_score(frozen, x_t, t, cond_score), x_t, t, table)
-    real_uncond = _x0(nets.real_score(frozen, x_t, t, negative), x_t, t, table)
+    fake = distill.flow_to_x0(nets.fake_score(critic, frozen, x_t, t, cond_score), x_t, t, table)
+    real_cond = distill.flow_to_x0(nets.real_score(frozen, x_t, t, cond_score), x_t, t, table)
+    real_uncond = distill.flow_to_x0(nets.real_score(frozen, x_t, t, negative), x_t, t, table)
     grad = jax.lax.stop_gradient(distill.dmd_gradient(x_g, fake, real_cond, real_uncond,
                                                       settings.real_guidance_scale))
     loss = distill.dmd_loss(x_g, grad)
