@@ -285,6 +285,14 @@ def negative_prompt_embeds(recipe: Recipe, length: int, dtype: Any) -> jax.Array
     return PromptEncoder(*text, configs.tokenizer).encode(prompt, max_sequence_length=length, dtype=dtype)
 
 
+def make_duel(recipe: Recipe, nets: DmdNets, settings: DmdSettings) -> Duel:
+    """The two players of ``recipe`` over ``nets`` (what ``prepare`` trains and experiments/dmd_plan.py compiles)."""
+    t = recipe.section("training_config")
+    return Duel(functools.partial(generator_loss, nets, settings), functools.partial(critic_loss, nets, settings),
+                recipe.critic_optimizer(), t["dfake_gen_update_ratio"],
+                recipe.ema(), (t["gan_start_step"],) if settings.gan is not None else ())
+
+
 def prepare(recipe: Recipe, *, progress: bool | None = None, validate: bool = True,
             num_threads: int = 2) -> stages.Prepared:
     """Stage 3b's ``Prepared``: checks (paths, resume, data, hooks) before the weights, then one base
@@ -342,10 +350,7 @@ def prepare(recipe: Recipe, *, progress: bool | None = None, validate: bool = Tr
         settings_v = {**stages.validation_settings(recipe), "is_amplify_first_chunk": t["is_amplify_first_chunk"]}
         validator = Validator(pipeline, merge, v["validation_prompts"], settings_v, v["num_validation_videos"],
                               seed=top["seed"])
-    duel = Duel(functools.partial(generator_loss, nets, settings), functools.partial(critic_loss, nets, settings),
-                recipe.critic_optimizer(), t["dfake_gen_update_ratio"],
-                recipe.ema(),
-                (t["gan_start_step"],) if settings.gan is not None else ())
+    duel = make_duel(recipe, nets, settings)
     stage = trainer.Stage(None, recipe.optimizer(), export=functools.partial(stages.export_lora, spec, config),
                           validate=validator, duel=duel)
     return stages.Prepared(run, stage, {"generator": generator, "critic": critic}, frozen,
