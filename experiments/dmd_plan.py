@@ -1,6 +1,6 @@
 """The 14B DMD + GAN training steps of stage 3b planned for H100s, on a CPU with no GPU (issue 12 item 6).
 
-    .venv-gpu-plan/bin/python experiments/dmd_plan.py          # the 14B steps (minutes each), appended to RESULTS.md
+    .venv-gpu-plan/bin/python experiments/dmd_plan.py          # the 14B steps (30-40 min each on 2 cores), to RESULTS.md
     .venv-gpu-plan/bin/python experiments/dmd_plan.py --tiny   # the same steps of a 2-layer model (seconds)
 
 The programs are the ones ``trainer.train`` jits for ``stage_3_post_gan_version.yaml``:

@@ -1,6 +1,8 @@
 """The gpu-plan tier's training steps: the 14B stage-1 step (LoRA r128 + the history patch convs, remat,
 batch 1, 384x640) compiled for an H100 from abstract inputs (experiments/train_plan.py) fits its 80 GB; the
-14B stage-3b DMD + GAN generator step (experiments/dmd_plan.py) does not fit one H100 and fits each of 8 on fsdp.
+14B stage-3b DMD + GAN step's exact state bytes already exceed one H100. Its compiled plans (one H100 and
+fsdp=8) come from experiments/dmd_plan.py (tens of minutes per program on 2 cores, too long for CI; the
+table is in RESULTS.md).
 
 Needs jax's CUDA plugin (``make gpu-plan``); skipped without it. One 14B compile: about 5 minutes on 2 cores.
 """
@@ -48,28 +50,12 @@ def test_the_step_uses_cudnn_attention(stage1):
 
 # --- stage 3b: the DMD + GAN steps (experiments/dmd_plan.py; issue 12 item 6) ----------------------------
 
-# What a real run adds beside XLA's plan: the CUDA context and cuDNN/cuBLAS workspaces (typically 0.5-1 GiB).
-RUNTIME_MARGIN = 2 * GIB
 SIZE = gpu_plan.HELIOS_14B
 
 
 @pytest.fixture(scope="module")
 def dmd_trees():
     return dmd_plan.dmd_trees(SIZE.cfg, (SIZE.height // 8, SIZE.width // 8), SIZE.text_tokens)
-
-
-# The DMD step is the largest program of the project (a 2+2+2 rollout and its amplified twin, three score
-# forwards, the hooked discriminator and its vjp, two LoRA backward passes): its 14B compile took 33 minutes on a
-# loaded 2-core machine, so the compiled checks run only when asked (HELIOS_DMD_PLAN=1).
-needs_dmd_compile = pytest.mark.skipif(not os.environ.get("HELIOS_DMD_PLAN"),
-                                       reason="the 14B DMD step compiles for tens of minutes: set HELIOS_DMD_PLAN=1")
-
-
-@pytest.fixture(scope="module")
-def dmd_fsdp8():
-    """The plan that fits: the generator step (generator + critic updates + EMA, phase 1) on fsdp=8."""
-    case = next(c for c in dmd_plan.CASES if c.update_generator and c.fsdp == 8)
-    return dmd_plan.dmd_plan(case, SIZE)
 
 
 def test_one_h100_cannot_hold_the_dmd_step(dmd_trees):
@@ -79,28 +65,3 @@ def test_one_h100_cannot_hold_the_dmd_step(dmd_trees):
     critic_grads = sizes["critic LoRA"] + sizes["GAN heads"]
     assert sum(sizes.values()) + critic_grads > gpu_plan.GPU_MEMORY_GB * 1e9
 
-
-@needs_dmd_compile
-def test_the_14b_dmd_generator_step_fits_on_fsdp8(dmd_fsdp8):
-    peak = dmd_fsdp8.peak_bytes
-    assert peak + RUNTIME_MARGIN < gpu_plan.GPU_MEMORY_GB * 1e9, f"peak {peak / 1e9:.1f} GB + 2 GiB margin > 80 GB"
-    assert peak + RUNTIME_MARGIN < gpu_plan.device_memory_bytes()
-
-
-@needs_dmd_compile
-def test_the_dmd_step_holds_one_shared_bf16_base(dmd_fsdp8, dmd_trees):
-    """The generator, the real score and the fake score read one base: the step's arguments are the trees'
-    (one 26.7 GiB bf16 base, split 8 ways) and a second base would add 3.3 GiB per device."""
-    assert "critic_params" not in dmd_trees.frozen
-    assert 26 * GIB < dmd_fsdp8.sizes["base (bf16, shared)"] < 28 * GIB
-    base_per_device = dmd_fsdp8.sizes["base (bf16, shared)"] / 8
-    assert abs(dmd_fsdp8.plan.argument_bytes - dmd_fsdp8.per_device) < base_per_device / 2
-
-
-@needs_dmd_compile
-def test_the_dmd_step_has_remat_cudnn_and_the_gan_heads(dmd_fsdp8):
-    assert dmd_fsdp8.remat_barriers > 0  # jax.checkpoint per block (gradient_checkpointing: true)
-    assert dmd_fsdp8.plan.cudnn_attention, dmd_fsdp8.plan.custom_calls
-    assert dmd_fsdp8.sizes["GAN heads"] > 3 * GIB  # five heads of six Conv3d, 768 features
-    # The heads' strided 4x4x4 convolutions (no such window in the DiT) are in the compiled program.
-    assert "size=4x4x4 stride=2x2x2" in dmd_fsdp8.plan.hlo
