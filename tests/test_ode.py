@@ -379,7 +379,7 @@ def test_ode_regression_distills_the_teacher_into_a_2_2_2_student(pairs, tmp_pat
     chunks on each model's own history, as at inference) of the student (base + LoRA) and of the undistilled
     model (the same base alone): the student's latents must be closer to the teacher's, latent MSE over both
     prompts and sections at most DISTILL_MARGIN x the undistilled one's. Measured (CPU, fp32, these seeds): student
-    0.469, undistilled 5.087 (ratio 0.092) after 60 steps; 0.353 against 4.99 after 200. The prompts and noise
+    0.469, undistilled 5.087 (ratio 0.092) after 60 steps; 0.350 against 5.087 after 200. The prompts and noise
     are the distillation's own: this shows the regression works end to end, not that a 2-prompt student
     generalises. About 45 s of CPU beside the module's `pairs` fixture (the training step and the 2+2+2
     chunk program compile once each)."""
