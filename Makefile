@@ -11,7 +11,7 @@ GPU_LOCK := locks/gpu-plan.txt
 # The tier's tests import no torch, so they run in the gpu-plan venv (which has none).
 GPU_TESTS := tests/test_gpu_plan.py tests/test_gpu_plan_fp8.py tests/test_gpu_plan_mesh.py tests/test_train_plan.py
 
-.PHONY: demo test test-latest lock install install-test gpu-plan clean
+.PHONY: demo test test-latest lock install install-test gpu-plan gpu-plan-room clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,12 +19,12 @@ $(BIN)/python:
 
 # Runtime install: no torch, the locked versions.
 $(VENV)/.installed: pyproject.toml $(LOCK) | $(BIN)/python
-	$(BIN)/python -m pip install -q -c $(LOCK) -e .
+	$(BIN)/python -m pip install -q --no-cache-dir -c $(LOCK) -e .
 	touch $@
 
 # Test install: the pinned PyTorch reference as well; prints what it installed.
 $(VENV)/.installed-test: pyproject.toml $(LOCK) | $(BIN)/python
-	$(BIN)/python -m pip install -q -c $(LOCK) -e ".[test]"
+	$(BIN)/python -m pip install -q --no-cache-dir -c $(LOCK) -e ".[test]"
 	@echo "installed from $(LOCK):"; $(BIN)/python -m pip freeze --exclude-editable | grep -iE '^(jax|jaxlib|flax|orbax-checkpoint|optax|torch|diffusers|transformers|peft|safetensors|numpy)==' | tr '\n' ' '; echo
 	touch $@ $(VENV)/.installed
 
@@ -40,17 +40,25 @@ test: install-test
 	@if [ -x $(GPU_BIN)/python ]; then echo "gpu-plan tier (jax's CUDA plugin is in $(GPU_VENV)):"; \
 	  JAX_PLATFORMS=cpu $(GPU_BIN)/python -m pytest -m gpu_plan $(GPU_TESTS) $(PYTEST_ARGS); fi
 
-# The H100 plans compiled on this CPU (no GPU): jax's CUDA plugin of the locked jax (locks/gpu-plan.txt, exact
-# versions, ~3.2 GB of wheels) in a venv of its own, because on a machine without a GPU the plugin makes every
-# jax start-up try cuInit and print its failure (~3 s): the main venv, which runs the CLI and the demo, stays clean.
-# Runtime install only (no torch): the tier compiles the port's own programs.
+# The H100 plans compiled on this CPU (no GPU): jax's CUDA plugin of the locked jax and the nvidia-* wheels the
+# compiler uses (locks/gpu-plan.txt, exact versions, --no-deps: 2.9 GB installed) in a venv of its own, because on a
+# machine without a GPU the plugin makes every jax start-up try cuInit and print its failure (~3 s): the main venv,
+# which runs the CLI and the demo, stays clean. Runtime install only (no torch): the tier compiles the port's own
+# programs. No pip cache (--no-cache-dir), and a disk check first, so that a short disk is one clear message.
+GPU_PLAN_DISK_GB := 4
+gpu-plan-room:
+	@free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); if [ $$free -lt $(GPU_PLAN_DISK_GB) ]; then \
+	  echo "gpu-plan: $$free GB of disk free here, its venv needs $(GPU_PLAN_DISK_GB) GB" >&2; exit 1; fi
+
 $(GPU_VENV)/.installed: pyproject.toml $(LOCK) $(GPU_LOCK)
+	@$(MAKE) -s gpu-plan-room
 	rm -rf $(GPU_VENV)
 	$(PYTHON) -m venv $(GPU_VENV)
-	$(GPU_BIN)/python -m pip install -q --upgrade pip
+	$(GPU_BIN)/python -m pip install -q --no-cache-dir --upgrade pip
 	@start=$$(date +%s); \
-	$(GPU_BIN)/python -m pip install -q -c $(LOCK) -e . pytest -r $(GPU_LOCK) && \
-	echo "installed the gpu-plan tier from $(GPU_LOCK) in $$(( $$(date +%s) - start )) s"
+	$(GPU_BIN)/python -m pip install -q --no-cache-dir -c $(LOCK) -e . pytest && \
+	$(GPU_BIN)/python -m pip install -q --no-cache-dir --no-deps -r $(GPU_LOCK) && \
+	echo "installed the gpu-plan tier from $(GPU_LOCK) in $$(( $$(date +%s) - start )) s ($$(du -sh $(GPU_VENV) | cut -f1))"
 	touch $@
 
 gpu-plan: $(GPU_VENV)/.installed

@@ -18,6 +18,7 @@ from test_transformer import make_inputs, reference_model, run_ours, save
 import helios_jax as hj
 from helios_jax.training import discriminator as disc
 from helios_jax.training import distill
+from helios_jax.training import ema as ema_lib
 
 # ----------------------------------------------------------------------------- 1. GAN heads and hooks
 
@@ -323,15 +324,15 @@ def test_ema_follows_its_closed_form_over_the_warm_up():
     ps = [np.random.default_rng(i).normal(size=(3,)) for i in range(n + 1)]
     ema = {"lora": jnp.asarray(ps[0])}
     for count in range(1, n + 1):
-        ema = distill.ema_update(ema, {"lora": jnp.asarray(ps[count])}, count, decay, after)
+        ema = ema_lib.ema_update(ema, {"lora": jnp.asarray(ps[count])}, count, decay, after)
     s = np.maximum(np.arange(1, n + 1) - after - 1, 0)
     d = np.where(s <= 0, 0.0, np.minimum((1 + s) / (10 + s), decay))
     weights = [(1 - d[i]) * np.prod(d[i + 1:]) for i in range(n)]  # e_N = sum_i (1 - d_i) prod_{j>i} d_j p_i
     want = np.prod(d) * ps[0] + sum(w * p for w, p in zip(weights, ps[1:]))
     np.testing.assert_allclose(np.asarray(ema["lora"]), want, rtol=1e-5)
-    assert float(distill.ema_decay(after + 1, decay, after)) == 0.0
-    assert np.isclose(float(distill.ema_decay(after + 2, decay, after)), 2 / 11)
-    assert float(distill.ema_decay(750 + 1 + 890)) == pytest.approx(0.99) and float(distill.ema_decay(750 + 890)) < 0.99
+    assert float(ema_lib.ema_decay(after + 1, decay, after)) == 0.0
+    assert np.isclose(float(ema_lib.ema_decay(after + 2, decay, after)), 2 / 11)
+    assert float(ema_lib.ema_decay(750 + 1 + 890)) == pytest.approx(0.99) and float(ema_lib.ema_decay(750 + 890)) < 0.99
 
 
 def test_update_plan():

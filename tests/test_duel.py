@@ -3,6 +3,8 @@ over its warm-up in the real loop, separate optimizer states, and a bit-identica
 
 from __future__ import annotations
 
+import os
+
 import grain
 import jax
 import jax.numpy as jnp
@@ -10,7 +12,8 @@ import numpy as np
 import pytest
 
 from helios_jax.training import trainer
-from helios_jax.training.duel import Duel, DuelState, EmaConfig
+from helios_jax.training.duel import Duel, DuelState
+from helios_jax.training.ema import EMA_FOLDER, EmaConfig
 
 RATIO, EMA_START, DECAY = 3, 4, 0.9
 
@@ -68,10 +71,10 @@ def official_ema(generator_history, due_steps, start=EMA_START, decay=DECAY):
 
 def test_schedule_and_ema_closed_form_in_the_loop(tmp_path):
     steps = 16
-    gens = []
+    gens, emas = [], []
 
-    def export(state, folder):
-        gens.append(jax.device_get(state))  # the step donates its state
+    def export(trainable, folder):  # the generator's trainables, then the EMA's into model_ema/
+        (emas if os.path.basename(folder) == EMA_FOLDER else gens).append(jax.device_get(trainable))
 
     cfg = run(tmp_path, "a", steps)
     cfg = trainer.RunConfig(**{**cfg.__dict__, "checkpointing_steps": 1})
@@ -86,10 +89,11 @@ def test_schedule_and_ema_closed_form_in_the_loop(tmp_path):
     assert [r["critic/step"] for r in records] == list(range(steps))
     # EMA: every step before EMA_START, then on generator steps only; the closed form over the warm-up.
     due = {s for s in range(steps) if s < EMA_START or s % RATIO == 0}
-    history = [np.asarray(g.generator.trainable["w"], np.float64) for g in gens]
+    history = [np.asarray(g["w"], np.float64) for g in gens]
     expected, calls = official_ema(history, due)
-    assert int(state.ema_count) == calls
-    np.testing.assert_allclose(np.asarray(state.ema["w"]), expected, rtol=1e-5, atol=1e-6)
+    assert int(state.ema.count) == calls
+    np.testing.assert_allclose(np.asarray(state.ema.params["w"]), expected, rtol=1e-5, atol=1e-6)
+    assert len(emas) == steps and np.array_equal(emas[-1]["w"], np.asarray(state.ema.params["w"]))  # exported
     # Before the start the EMA is a copy (decay 0); the warm-up decays are (1+s)/(10+s) after it.
     decays = [r["ema_decay"] for r in records]
     assert all(decays[s] == 0.0 for s in range(EMA_START))

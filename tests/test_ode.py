@@ -11,12 +11,14 @@ import dataclasses
 import filecmp
 import json
 import os
+import re
 import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 import torch
 from diffusers import HeliosPipeline as TorchHeliosPipeline, HeliosScheduler, HeliosTransformer3DModel
 from reference import rel_err, to_numpy
@@ -34,6 +36,7 @@ from helios_jax.pipeline import HeliosPipeline
 from helios_jax.sampling.pyramid import downsample_to_first_stage
 from helios_jax.sampling.schedule import HeliosSchedulerConfig
 from helios_jax.training import DataError, distill, ode, recipes, stages, trainer
+from helios_jax.training.ema import EMA_FOLDER, EmaConfig
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "fixtures", "training-configs")
 PIXELS, SECTIONS, STEPS = 64, 2, 20  # latents 8 x 8: a three-level pyramid of 2x2, 4x4, 8x8
@@ -328,8 +331,11 @@ def test_official_stage_3_ode_yaml_is_accepted_and_bad_values_refused():
     with pytest.warns(UserWarning, match="keys ignored") as caught:
         recipe = recipes.load(os.path.join(CONFIGS, "stage_3_ode.yaml"))
     assert recipe.stage == "stage3_ode" and recipe.section("training_config")["ode_regression_weight"] == 80.0
-    assert any("EMA is not applied" in str(w.message) for w in caught)
+    assert recipe.ema() == EmaConfig(decay=0.99, start_step=250)  # use_ema: true, the official warm-up start
+    ignored = {key for w in caught for key in re.findall(r"[\w.]+", str(w.message))}
+    assert not ignored & {"training_config.use_ema", "training_config.ema_decay", "training_config.ema_start_step"}
     for change, message in (("training_config.ode_num_latent_sections_min=2", "random section count"),
+                            ("training_config.ema_decay=1.0", r"ema_decay = 1.0 must be in \[0, 1\)"),
                             ("training_config.use_dynamic_shifting=false", "must be true"),
                             ("training_config.is_train_dmd=true", "stage-3")):
         with warnings.catch_warnings():
@@ -347,6 +353,7 @@ def test_train_stage_3_ode_end_to_end_and_the_lora_loads_in_diffusers(pairs, tmp
               "model_config.subfolder": "transformer", "model_config.lora_rank": 4, "model_config.lora_alpha": 4.0,
               "training_config.max_train_steps": 2, "training_config.checkpointing_steps": 2,
               "training_config.learning_rate": 1e-3, "training_config.ode_num_latent_sections_min": SECTIONS,
+              "training_config.ema_start_step": 0,
               "training_config.ode_num_latent_sections_max": SECTIONS, "training_config.mixed_precision": '"no"',
               "validation_config.first_step_valid": "false", "validation_config.validation_steps": 2,
               "validation_config.validation_height": PIXELS, "validation_config.validation_width": PIXELS,
@@ -355,6 +362,7 @@ def test_train_stage_3_ode_end_to_end_and_the_lora_loads_in_diffusers(pairs, tmp
     assert code == 0, capsys.readouterr().err
     records = trainer.read_metrics(run)
     assert [r["step"] for r in records] == [1, 2] and all(np.isfinite(r["loss"]) for r in records)
+    assert [r["ema_decay"] for r in records] == [0.0, pytest.approx(2 / 11)]  # a copy, then the warm-up's 2/11
     assert os.listdir(os.path.join(run, "validation")) == ["step-2-0.mp4"]  # the student's 2+2+2 DMD sampler
     folder = os.path.join(run, "checkpoint-2")
     with safe_open(os.path.join(folder, lora_format.LORA_WEIGHTS), framework="numpy") as f:
@@ -363,6 +371,10 @@ def test_train_stage_3_ode_end_to_end_and_the_lora_loads_in_diffusers(pairs, tmp
     pipe = TorchHeliosPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=None, transformer=fresh)
     pipe.load_lora_weights(folder)
     assert any("lora" in n for n, _ in pipe.transformer.named_parameters())
+    # The EMA's LoRA (what the official merges into transformer_ode) beside it, lagging the trained one.
+    trained = safetensors.numpy.load_file(os.path.join(folder, lora_format.LORA_WEIGHTS))
+    averaged = safetensors.numpy.load_file(os.path.join(folder, EMA_FOLDER, lora_format.LORA_WEIGHTS))
+    assert sorted(trained) == sorted(averaged) and any(not np.allclose(trained[k], averaged[k]) for k in trained)
     assert json.load(open(os.path.join(run, "config.json")))["training_config"]["is_use_ode_regression"]
 
 

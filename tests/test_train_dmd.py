@@ -32,7 +32,7 @@ from helios_jax.demo import TRANSFORMER, build_demo_checkpoint
 from helios_jax.loading import load_transformer
 from helios_jax.models import lora as lora_lib
 from helios_jax.training import data, trainer
-from helios_jax.training.dmd_stage import EMA_FOLDER
+from helios_jax.training.ema import EMA_FOLDER
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "fixtures", "training-configs")
 PIXELS = 128  # latents 16 x 16: the half crop's hooked token grid (4 x 4) survives the heads' strides

@@ -155,6 +155,38 @@ def test_checkpoints_resume_and_config_mismatch(tmp_path):
                 iter(toy_data().to_iter_dataset()))
 
 
+def test_ema_every_step_its_closed_form_export_and_resume(tmp_path):
+    """Stage(ema=...), stage 3a's EMA: one call per step, the official warm-up (EMAModel_Zero3: n-th call,
+    s = n - start - 1, d = 0 while s <= 0 else min((1 + s) / (10 + s), decay)) against a float64 replay of
+    the exported trainables; each checkpoint exports the EMA into model_ema/; a resumed run is bit-identical."""
+    from helios_jax.training.ema import EMA_FOLDER, EmaConfig
+    start, decay, steps = 3, 0.8, 8
+    exported = {"trained": [], "ema": []}
+
+    def export(trainable, folder):
+        exported["ema" if os.path.basename(folder) == EMA_FOLDER else "trained"].append(np.asarray(trainable["w"]))
+
+    stage = T.Stage(toy_loss, T.OptimizerConfig(learning_rate=1e-1), export=export, ema=EmaConfig(decay, start))
+    run = T.RunConfig(output_dir=str(tmp_path / "a"), max_train_steps=steps, checkpointing_steps=1, progress=False)
+    final = T.train(run, stage, *toy_start(), iter(toy_data().to_iter_dataset()))
+    assert isinstance(final, T.EmaTrainState) and int(final.ema.count) == steps
+    ema = np.zeros((4, 1))  # the start value (w = 0)
+    for n, w in enumerate(exported["trained"], start=1):
+        s = n - start - 1
+        d = 0.0 if s <= 0 else min((1 + s) / (10 + s), decay)
+        ema = d * ema + (1 - d) * w.astype(np.float64)
+        np.testing.assert_allclose(exported["ema"][n - 1], ema, rtol=1e-5, atol=1e-7)
+    records = T.read_metrics(run.output_dir)
+    assert [r["ema_decay"] for r in records][:start + 2] == [0.0] * (start + 1) + [pytest.approx(2 / 11)]
+    assert not np.allclose(exported["ema"][-1], exported["trained"][-1])  # it lags after the warm-up
+
+    parts = dataclasses.replace(run, output_dir=str(tmp_path / "b"), max_train_steps=3)
+    T.train(parts, dataclasses.replace(stage, export=None), *toy_start(), iter(toy_data().to_iter_dataset()))
+    resumed = T.train(dataclasses.replace(parts, max_train_steps=steps), dataclasses.replace(stage, export=None),
+                      *toy_start(), iter(toy_data().to_iter_dataset()))
+    assert tree_equal(final, resumed)
+
+
 @pytest.fixture(scope="module")
 def demo_vae(tmp_path_factory):
     folder = demo.build_demo_checkpoint(tmp_path_factory.mktemp("demo") / "ckpt")

@@ -1,5 +1,6 @@
-"""Stage-3 distillation (TRAINING.md 7, 9.3): DMD, the backward-simulated pyramid rollout, EMA and the
-generator/critic update schedule, as pure functions a trainer composes ("a loss plus a config").
+"""Stage-3 distillation (TRAINING.md 7, 9.3): DMD, the backward-simulated pyramid rollout and the
+generator/critic update schedule (the EMA it schedules is ``training.ema``), as pure functions a trainer
+composes ("a loss plus a config").
 
 Conventions: flow matching ``x_t = (1 - sigma) x0 + sigma eps``, the model predicts ``v = eps - x0``,
 ``x0 = x_t - sigma v``; ``t = 1000 sigma``. Latents stay float32 between steps (bf16 latents between
@@ -21,7 +22,6 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from helios_jax.sampling.pyramid import (
     block_noise,
@@ -238,19 +238,7 @@ def rollout(model_fn: ModelFn, params: Any, plan: RolloutPlan, key: jax.Array, *
     return x0, jnp.stack(exits)
 
 
-# ----------------------------------------------------------------------------- 5. EMA and the update schedule
-
-
-def ema_decay(count: int | jax.Array, decay: float = 0.99, update_after: int = 750) -> jax.Array:
-    """The official warm-up (``EMAModel_Zero3.get_decay``) at the ``count``-th EMA update (1-based):
-    ``s = count - update_after - 1``; 0 (a copy) while ``s <= 0``, else ``min((1 + s) / (10 + s), decay)``."""
-    s = jnp.maximum(jnp.asarray(count, jnp.float32) - update_after - 1, 0.0)
-    return jnp.where(s <= 0, 0.0, jnp.minimum((1 + s) / (10 + s), decay))
-
-
-def ema_update(ema: Any, params: Any, count: int | jax.Array, decay: float = 0.99, update_after: int = 750) -> Any:
-    """``e <- d e + (1 - d) p`` over the trainable subtree only (the frozen base is shared, never copied)."""
-    return optax.incremental_update(params, ema, 1.0 - ema_decay(count, decay, update_after))
+# ----------------------------------------------------------------------------- 5. The update schedule (the EMA: training.ema)
 
 
 class UpdatePlan(NamedTuple):

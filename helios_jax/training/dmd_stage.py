@@ -35,7 +35,7 @@ import jax.numpy as jnp
 
 from helios_jax import parallel
 from helios_jax.checkpoint import read_checkpoint_configs
-from helios_jax.config import ConfigError, TransformerConfig
+from helios_jax.config import ConfigError
 from helios_jax.generate import DEFAULT_NEGATIVE_PROMPT
 from helios_jax.loading import COMPONENTS, transformer_component
 from helios_jax.models import lora as lora_lib
@@ -45,7 +45,7 @@ from helios_jax.sampling.schedule import HeliosDMDSchedulerConfig
 from helios_jax.training import distill, history, recipes, stages, trainer
 from helios_jax.training.data import OffloadedDataset
 from helios_jax.training.discriminator import Discriminator, cache_grad_gan_loss, crop_half, critic_gan_loss
-from helios_jax.training.duel import Duel, DuelState, EmaConfig
+from helios_jax.training.duel import Duel
 from helios_jax.training.recipes import Recipe
 from helios_jax.training.validation import Validator
 
@@ -265,9 +265,6 @@ def init_heads(nets: DmdNets, config, key: jax.Array, latent_hw: tuple[int, int]
 
 # ----------------------------------------------------------------------------- a whole run from a recipe
 
-EMA_FOLDER = "model_ema"  # checkpoint-STEP/model_ema/: the EMA generator's LoRA (the official folder name)
-
-
 def settings_from(recipe: Recipe) -> DmdSettings:
     t, v = recipe.section("training_config"), recipe.section("validation_config")
     draw = lambda who: TimestepDraw(t[f"{who}_dynamic_sample_type"], t[f"{who}_dynamic_alpha"],  # noqa: E731
@@ -291,14 +288,6 @@ def critic_folder(recipe: Recipe) -> str:
     if m["real_score_model_name_or_path"] is None:
         return stages.transformer_folder(recipe)
     return os.path.join(m["real_score_model_name_or_path"], m["critic_subfolder"] or "transformer")
-
-
-def export(spec: lora_lib.LoraSpec, config: TransformerConfig, state: DuelState, folder: str) -> None:
-    """``checkpoint-STEP/pytorch_lora_weights.safetensors``: the generator's LoRA; ``model_ema/`` beside it:
-    the EMA generator's (what ``helios-jax convert --merge-lora`` fuses into the released student)."""
-    lora_lib.save_lora(folder, state.generator.trainable["lora"], spec, config)
-    if state.ema:
-        lora_lib.save_lora(os.path.join(folder, EMA_FOLDER), state.ema["lora"], spec, config)
 
 
 def negative_prompt_embeds(recipe: Recipe, length: int, dtype: Any) -> jax.Array:
@@ -369,9 +358,9 @@ def prepare(recipe: Recipe, *, progress: bool | None = None, validate: bool = Tr
                               seed=top["seed"])
     duel = Duel(Player(generator_loss, nets, settings), Player(critic_loss, nets, settings),
                 recipe.critic_optimizer(), t["dfake_gen_update_ratio"],
-                EmaConfig(t["ema_decay"], t["ema_start_step"]) if t["use_ema"] else None,
+                recipe.ema(),
                 (t["gan_start_step"],) if settings.gan is not None else ())
-    stage = trainer.Stage(None, recipe.optimizer(), export=functools.partial(export, spec, config),
+    stage = trainer.Stage(None, recipe.optimizer(), export=functools.partial(stages.export_lora, spec, config),
                           validate=validator, duel=duel)
     return stages.Prepared(run, stage, {"generator": generator, "critic": critic}, frozen,
                            dataset.iterator(num_threads), config, spec, mesh)

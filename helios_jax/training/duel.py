@@ -10,7 +10,7 @@ toggling), ``step`` the global (0-based) step as a traced int32, ``phase`` a sta
 
 One step (``distill.update_plan``): the generator's update when ``step % gen_update_ratio == 0``, then
 the critic's update every step, rolling out with the updated generator, then the EMA of the
-generator's trainables (official warm-up, ``distill.ema_update``: every step before
+generator's trainables (official warm-up, ``ema.EmaState.update``: every step before
 ``ema_start_step``, then on generator steps only, so the warm-up counts generator steps). Each
 player has its own optax AdamW state (optimizer config, clipping). The host picks one jit-compiled
 program per kind of step, (generator updated?, phase), each with the state donated; the EMA inside
@@ -33,6 +33,7 @@ import optax
 
 from helios_jax import parallel
 from helios_jax.training import distill
+from helios_jax.training.ema import EmaConfig, EmaState
 from helios_jax.training.trainer import (
     TRAINING_RULES,
     OptimizerConfig,
@@ -46,14 +47,6 @@ from helios_jax.training.trainer import (
 
 PlayerLoss = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 ITEMS = ("generator", "critic", "ema")
-
-
-@dataclasses.dataclass(frozen=True)
-class EmaConfig:
-    """EMA of the generator's trainables (official ``ema_decay`` / ``ema_start_step``)."""
-
-    decay: float = 0.99
-    start_step: int = 750
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,10 +80,11 @@ class Duel:
 
 
 class DuelState(NamedTuple):
+    """Both players and the generator's EMA (params ``{}`` without one); ``trainer.TrainState``'s protocol."""
+
     generator: TrainState
     critic: TrainState
-    ema: Params  # the generator's trainables' EMA ({} without one)
-    ema_count: jax.Array  # EMA calls so far
+    ema: EmaState
 
     @property
     def step(self) -> jax.Array:
@@ -98,19 +92,26 @@ class DuelState(NamedTuple):
 
     def items(self) -> dict[str, Any]:
         """The checkpoint items."""
-        return {"generator": self.generator, "critic": self.critic,
-                "ema": {"params": self.ema, "count": self.ema_count}}
+        return {"generator": self.generator, "critic": self.critic, "ema": self.ema.items()}
 
     @classmethod
     def from_items(cls, items: dict[str, Any]) -> "DuelState":
-        return cls(items["generator"], items["critic"], items["ema"]["params"], items["ema"]["count"])
+        return cls(items["generator"], items["critic"], EmaState.from_items(items["ema"]))
+
+    @property
+    def exported(self) -> Params:
+        return self.generator.trainable
+
+    @property
+    def averaged(self) -> Params | None:
+        return self.ema.params or None
 
 
 def init_duel(duel: Duel, generator_optimizer: OptimizerConfig, generator: Params, critic: Params) -> DuelState:
     """Step 0: float32 copies of both players' trainables, fresh optimizer states, the EMA = the generator."""
     gen = init_state(generator, make_optimizer(generator_optimizer))
-    ema = jax.tree.map(jnp.copy, gen.trainable) if duel.ema is not None else {}
-    return DuelState(gen, init_state(critic, make_optimizer(duel.critic_optimizer)), ema, jnp.zeros((), jnp.int32))
+    ema = EmaState.start(gen.trainable) if duel.ema is not None else EmaState({}, jnp.zeros((), jnp.int32))
+    return DuelState(gen, init_state(critic, make_optimizer(duel.critic_optimizer)), ema)
 
 
 def _update(loss: PlayerLoss, optimizer: optax.GradientTransformation, player: TrainState, other: Params,
@@ -145,15 +146,11 @@ def make_duel_step(duel: Duel, generator_optimizer: OptimizerConfig, *, update_g
                                           frozen, batch, k_critic, global_step, phase)
         metrics.update({f"critic/{k}": v for k, v in aux.items()}, critic_loss=loss, critic_grad_norm=norm,
                        critic_lr=jnp.asarray(c_lr(state.critic.step), jnp.float32))
-        ema, count = state.ema, state.ema_count
+        ema = state.ema
         if duel.ema is not None:
             due = (global_step < duel.ema.start_step) | update_generator
-            count = count + due.astype(jnp.int32)
-            decay = distill.ema_decay(count, duel.ema.decay, duel.ema.start_step)
-            updated = distill.ema_update(ema, generator.trainable, count, duel.ema.decay, duel.ema.start_step)
-            ema = jax.tree.map(lambda new, old: jnp.where(due, new, old), updated, ema)
-            metrics["ema_decay"] = jnp.where(due, decay, -1.0)
-        return DuelState(generator, critic, ema, count), metrics
+            ema, metrics["ema_decay"] = ema.update(duel.ema, generator.trainable, due)
+        return DuelState(generator, critic, ema), metrics
 
     if state_sharding is None:
         return jax.jit(step, donate_argnums=0)
@@ -196,4 +193,4 @@ def duel_shardings(state: DuelState, mesh: jax.sharding.Mesh) -> DuelState:
                           parallel.shardings(s.opt_state, mesh, TRAINING_RULES))
 
     return DuelState(player(state.generator), player(state.critic),
-                     parallel.shardings(state.ema, mesh, TRAINING_RULES), parallel.replicated(mesh))
+                     EmaState(parallel.shardings(state.ema.params, mesh, TRAINING_RULES), parallel.replicated(mesh)))

@@ -31,6 +31,7 @@ import yaml
 
 from helios_jax.config import ConfigError
 from helios_jax.models.lora import LoraSpec
+from helios_jax.training.ema import EmaConfig
 from helios_jax.training.trainer import SCHEDULES, OptimizerConfig, RunConfig
 
 SECTIONS = ("data_config", "model_config", "validation_config", "training_config")
@@ -367,6 +368,11 @@ class Recipe:
         return dataclasses.replace(self.optimizer(), learning_rate=t["critic_learning_rate"],
                                    max_grad_norm=t["max_grad_norm_critic"])
 
+    def ema(self) -> EmaConfig | None:
+        """Stage 3's EMA of the trained LoRA (``use_ema``, ``ema_decay``, ``ema_start_step``); None without."""
+        t = self.values["training_config"]
+        return EmaConfig(t["ema_decay"], t["ema_start_step"]) if t.get("use_ema") else None
+
     def critic_lora(self) -> LoraSpec:
         """Stage 3b's critic LoRA: every linear layer (no patch convs), ``critic_lora_rank`` / ``_alpha``."""
         m = self.values["model_config"]
@@ -614,7 +620,7 @@ ODE_SCHEMA: dict[str, dict[str, Key]] = {
     "data_config": {"use_stage3_dataset": Key(bool, False), "ode_data_root": Key((list, str), [])},
     "training_config": {
         "is_use_ode_regression": Key(bool, False), "is_only_ode_regression": Key(bool, False),
-        "use_ema": Key(bool, False),
+        "use_ema": Key(bool, False), "ema_decay": Key(float, 0.99), "ema_start_step": Key(int, 750),
         "ode_regression_weight": Key(float, 0.25),
         "ode_num_latent_sections_min": Key(int, 3), "ode_num_latent_sections_max": Key(int, 3),
         "time_shift_type": Key(str, "linear"),
@@ -630,8 +636,8 @@ _ODE_ON = ("data_config.use_stage3_dataset", "training_config.is_use_ode_regress
 
 
 def _ode_switches(on: list[str]) -> list[str]:
-    """The stage-3 switches still refused: in a stage-3a recipe (ODE regression, no DMD) none of its own
-    (its EMA is warned about in ``_check_ode``); any other stage-3 recipe is refused as a whole."""
+    """The stage-3 switches still refused: in a stage-3a recipe (ODE regression, no DMD) none of its own;
+    any other stage-3 recipe is refused as a whole."""
     if "training_config.is_use_ode_regression" not in on or "training_config.is_train_dmd" in on:
         return on
     return [name for name in on if name not in _ODE_ON]
@@ -666,6 +672,5 @@ def _check_ode(values: dict[str, dict[str, Any]]) -> None:
     for ok, message in rules:
         if not ok:
             raise ConfigError(message)
-    if t["use_ema"]:
-        warnings.warn("training_config.use_ema: EMA is not applied by this port's stage 3a; the run trains and "
-                      "exports the LoRA itself (no EMA copy)", stacklevel=3)
+    if t["use_ema"] and not 0.0 <= t["ema_decay"] < 1.0:
+        raise ConfigError(f"training_config.ema_decay = {t['ema_decay']} must be in [0, 1)")

@@ -313,7 +313,7 @@ def prepare(recipe: Recipe, *, progress: bool | None = None,
                               v["validation_prompts"], validation_settings(recipe), v["num_validation_videos"],
                               seed=recipe.section("")["seed"])
     stage = trainer.Stage(make_losses(recipe, net), recipe.optimizer(),
-                          export=functools.partial(export_lora, spec, config), validate=validator)
+                          export=functools.partial(export_lora, spec, config), validate=validator, ema=recipe.ema())
     return Prepared(run, stage, trainable, frozen, dataset.iterator(num_threads), config, spec, mesh)
 
 

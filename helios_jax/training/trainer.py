@@ -52,13 +52,14 @@ from grain import python as grain_python
 from helios_jax import parallel
 from helios_jax.config import ConfigError
 from helios_jax.progress import Progress
+from helios_jax.training.ema import EMA_FOLDER, EmaConfig, EmaState
 
 Params = Any
 Batch = Any
 LossFn = Callable[[Params, Params, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 SCHEDULES = ("constant", "constant_with_warmup")
 CHECKPOINT_PREFIX = "checkpoint-"
-STATE_ITEM, DATA_ITEM = "state", "data"
+STATE_ITEM, DATA_ITEM, EMA_ITEM = "state", "data", "ema"
 METRICS_FILE, CONFIG_FILE = "metrics.jsonl", "config.json"
 # Keys (and sections) that may change between a run and its resumption: they do not change what a step computes.
 RESUMABLE_KEYS = ("training_config.max_train_steps", "training_config.resume_from_checkpoint",
@@ -68,11 +69,58 @@ RESUMABLE_SECTIONS = ("validation_config",)
 
 
 class TrainState(NamedTuple):
-    """What a step updates and a checkpoint holds (besides the data iterator)."""
+    """What a step updates and a checkpoint holds (besides the data iterator).
+
+    Every state ``train`` runs (this one, :class:`EmaTrainState`, ``duel.DuelState``) has the same small
+    protocol: ``step`` (steps so far), ``items()`` / ``from_items()`` (its checkpoint items), ``exported``
+    (the trainables that each checkpoint exports and validation runs) and ``averaged`` (their EMA, exported
+    beside them; None without)."""
 
     step: jax.Array
     trainable: Params
     opt_state: optax.OptState
+
+    def items(self) -> dict[str, Any]:
+        return {STATE_ITEM: self}
+
+    @classmethod
+    def from_items(cls, items: dict[str, Any]) -> "TrainState":
+        return items[STATE_ITEM]
+
+    @property
+    def exported(self) -> Params:
+        return self.trainable
+
+    @property
+    def averaged(self) -> Params | None:
+        return None
+
+
+class EmaTrainState(NamedTuple):
+    """A single-player state with the EMA of its trainables (``Stage(ema=...)``, stage 3a): checkpoint items
+    ``state`` (as without) and ``ema``."""
+
+    train: TrainState
+    ema: EmaState
+
+    @property
+    def step(self) -> jax.Array:
+        return self.train.step
+
+    def items(self) -> dict[str, Any]:
+        return {STATE_ITEM: self.train, EMA_ITEM: self.ema.items()}
+
+    @classmethod
+    def from_items(cls, items: dict[str, Any]) -> "EmaTrainState":
+        return cls(items[STATE_ITEM], EmaState.from_items(items[EMA_ITEM]))
+
+    @property
+    def exported(self) -> Params:
+        return self.train.trainable
+
+    @property
+    def averaged(self) -> Params:
+        return self.ema.params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,15 +192,17 @@ def combine(trainable: Params, frozen: Params) -> Params:
 
 
 def make_step(losses: LossFn | Sequence[LossFn], optimizer: optax.GradientTransformation,
-              schedule: optax.Schedule, state_sharding: TrainState | None = None,
-              ) -> Callable[[TrainState, Params, Batch, jax.Array], tuple[TrainState, dict]]:
+              schedule: optax.Schedule, state_sharding: TrainState | EmaTrainState | None = None,
+              ema: EmaConfig | None = None) -> Callable[[Any, Params, Batch, jax.Array], tuple[Any, dict]]:
     """The jit-compiled step over one loss or the terms of a sequential stage (see the module doc).
-    ``state_sharding`` (a TrainState of shardings, on a mesh) pins the new state to the old one's
-    shardings, so the step compiles once and the donated buffers are reused.
+    ``state_sharding`` (a state of shardings, on a mesh) pins the new state to the old one's
+    shardings, so the step compiles once and the donated buffers are reused. With ``ema`` the step takes
+    and returns an :class:`EmaTrainState` and makes one EMA call after the update, in the same program.
 
     Metrics: ``loss`` (the mean of the terms' losses; each term's as ``loss_i`` when there are several),
     ``grad_norm`` (global norm before clipping, as accelerate reports it), ``lr`` (the rate this update
-    used), and the terms' own metrics (prefixed ``i/`` when there are several)."""
+    used), the terms' own metrics (prefixed ``i/`` when there are several), and with ``ema`` the
+    ``ema_decay`` its call used."""
     terms = (losses,) if callable(losses) else tuple(losses)
 
     def step(state: TrainState, frozen: Params, batch: Batch, key: jax.Array) -> tuple[TrainState, dict]:
@@ -170,17 +220,25 @@ def make_step(losses: LossFn | Sequence[LossFn], optimizer: optax.GradientTransf
                        lr=jnp.asarray(schedule(state.step), jnp.float32))
         return TrainState(state.step + 1, optax.apply_updates(state.trainable, updates), opt_state), metrics
 
+    def averaging_step(state: EmaTrainState, frozen: Params, batch: Batch, key: jax.Array
+                       ) -> tuple[EmaTrainState, dict]:
+        train, metrics = step(state.train, frozen, batch, key)
+        averaged, metrics["ema_decay"] = state.ema.update(ema, train.trainable)
+        return EmaTrainState(train, averaged), metrics
+
+    program = step if ema is None else averaging_step
     if state_sharding is None:
-        return jax.jit(step, donate_argnums=0)
+        return jax.jit(program, donate_argnums=0)
     replicated = parallel.replicated(jax.tree.leaves(state_sharding)[0].mesh)
-    return jax.jit(step, donate_argnums=0, out_shardings=(state_sharding, replicated))
+    return jax.jit(program, donate_argnums=0, out_shardings=(state_sharding, replicated))
 
 
 @functools.lru_cache(maxsize=8)
-def compiled_step(losses: LossFn | tuple[LossFn, ...], cfg: OptimizerConfig) -> Callable:
-    """``make_step`` for a stage, kept per (losses, optimizer config): a run resumed in the same process
+def compiled_step(losses: LossFn | tuple[LossFn, ...], cfg: OptimizerConfig, ema: EmaConfig | None = None
+                  ) -> Callable:
+    """``make_step`` for a stage, kept per (losses, optimizer config, EMA): a run resumed in the same process
     (a notebook, the tests) reuses the compiled step instead of compiling it again."""
-    return make_step(losses, make_optimizer(cfg), learning_rate(cfg))
+    return make_step(losses, make_optimizer(cfg), learning_rate(cfg), ema=ema)
 
 
 TRAINING_RULES = parallel.LORA_RULES + parallel.DIT_RULES  # {"params": DiT, "lora": LoRA} trees and their optimizer state
@@ -192,9 +250,12 @@ def shard_variables(tree: Params, mesh: jax.sharding.Mesh | None) -> Params:
     return tree if mesh is None else parallel.shard_params(tree, mesh, TRAINING_RULES)
 
 
-def state_shardings(state: TrainState, mesh: jax.sharding.Mesh) -> TrainState:
-    """Where a TrainState lives on ``mesh``: trainables and the optimizer state (whose moments mirror the
-    trainables' paths) by the sharding tables, the step counter replicated."""
+def state_shardings(state: TrainState | EmaTrainState, mesh: jax.sharding.Mesh) -> TrainState | EmaTrainState:
+    """Where a state lives on ``mesh``: trainables, the optimizer state (whose moments mirror the
+    trainables' paths) and the EMA by the sharding tables, the counters replicated."""
+    if isinstance(state, EmaTrainState):
+        return EmaTrainState(state_shardings(state.train, mesh), EmaState(
+            parallel.shardings(state.ema.params, mesh, TRAINING_RULES), parallel.replicated(mesh)))
     return TrainState(parallel.replicated(mesh), parallel.shardings(state.trainable, mesh, TRAINING_RULES),
                       parallel.shardings(state.opt_state, mesh, TRAINING_RULES))
 
@@ -248,17 +309,19 @@ class RunConfig:
 class Stage:
     """A stage: its loss terms and optimizer settings. ``export(trainable, folder)`` writes extra
     files into each checkpoint folder (the LoRA as ``pytorch_lora_weights.safetensors``);
-    ``validate(trainable, frozen, step, folder)`` writes validation videos.
+    ``validate(trainable, frozen, step, folder)`` writes validation videos. ``ema``: an EMA of the
+    trainables, one call per step (stage 3a), which ``export`` also writes, into ``checkpoint-STEP/model_ema/``.
 
     With ``duel`` (``helios_jax.training.duel.Duel``: a critic and an EMA, stage 3b) ``losses`` is unused
-    and ``train`` runs the two-player loop; ``export`` then gets a ``duel.DuelState`` instead of the
-    trainables."""
+    and ``train`` runs the two-player loop (``ema`` unused: a duel has its own, ``Duel.ema``); ``export``
+    then gets the generator's trainables and the EMA's."""
 
     losses: LossFn | Sequence[LossFn]
     optimizer: OptimizerConfig
     export: Callable[[Params, str], None] | None = None
     validate: Callable[[Params, Params, int, str], None] | None = None
     duel: Any = None
+    ema: EmaConfig | None = None
 
 
 class _CheckpointNames(ocp.step.NameFormat):
@@ -375,26 +438,25 @@ def _tensorboard(folder: str):
 
 
 def train(run: RunConfig, stage: Stage, trainable: Params, frozen: Params,
-          data: grain_python.DatasetIterator, mesh: jax.sharding.Mesh | None = None) -> TrainState:
+          data: grain_python.DatasetIterator, mesh: jax.sharding.Mesh | None = None) -> Any:
     """Train ``trainable`` for ``run.max_train_steps`` optimizer steps over batches from ``data`` (a grain
     iterator, whose position is checkpointed with the params), resuming from ``output_dir`` if asked;
-    on ``mesh`` if given (see the module doc)."""
+    on ``mesh`` if given (see the module doc). Returns the last state (:class:`TrainState`, or
+    :class:`EmaTrainState` with ``stage.ema``, or ``duel.DuelState`` with ``stage.duel``)."""
     check_resumable(run)
     frozen = shard_variables(frozen, mesh)
     if stage.duel is None:
         state, step_for = _single_player(stage, trainable, mesh)
-        items, from_items, generator_of = (lambda s: {STATE_ITEM: s}), (lambda d: d[STATE_ITEM]), (lambda s: s.trainable)
     else:  # two players (training.duel): trainable = {"generator": ..., "critic": ...}
         state, step_for = stage.duel.setup(stage.optimizer, trainable, mesh)
-        items, from_items, generator_of = type(state).items, type(state).from_items, (lambda s: s.generator.trainable)
-    manager = checkpoint_manager(run, tuple(items(state)))
+    manager = checkpoint_manager(run, tuple(state.items()))
     start = _resume_step(manager, run)
     if start is not None:
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, items(state))
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state.items())
         restored = manager.restore(start, args=ocp.args.Composite(
             **{k: ocp.args.StandardRestore(v) for k, v in abstract.items()},
             **{DATA_ITEM: grain_python.PyGrainCheckpointRestore(data)}))
-        state = from_items({k: restored[k] for k in abstract})
+        state = type(state).from_items({k: restored[k] for k in abstract})
     start = start or 0
     primary = jax.process_index() == 0  # one process writes the config, the metrics, the LoRA and the videos
     os.makedirs(run.output_dir, exist_ok=True)
@@ -406,7 +468,7 @@ def train(run: RunConfig, stage: Stage, trainable: Params, frozen: Params,
     writer = _tensorboard(os.path.join(run.output_dir, "tensorboard")) if primary else None
 
     def validate(step: int) -> None:
-        trainable, frozen_values = host_values(generator_of(state)), host_values(frozen)  # every process gathers
+        trainable, frozen_values = host_values(state.exported), host_values(frozen)  # every process gathers
         if primary:
             stage.validate(trainable, frozen_values, step, run.output_dir)
 
@@ -415,13 +477,16 @@ def train(run: RunConfig, stage: Stage, trainable: Params, frozen: Params,
 
     def save(step: int) -> None:
         manager.save(step, args=ocp.args.Composite(
-            **{k: ocp.args.StandardSave(v) for k, v in items(state).items()},
+            **{k: ocp.args.StandardSave(v) for k, v in state.items().items()},
             **{DATA_ITEM: grain_python.PyGrainCheckpointSave(data)}), force=True)
         manager.wait_until_finished()
         if stage.export:
-            trainable = host_values(state.trainable if stage.duel is None else state)
+            exported, averaged = host_values(state.exported), host_values(state.averaged)
             if primary:
-                stage.export(trainable, os.path.join(run.output_dir, f"{CHECKPOINT_PREFIX}{step}"))
+                folder = os.path.join(run.output_dir, f"{CHECKPOINT_PREFIX}{step}")
+                stage.export(exported, folder)
+                if averaged is not None:
+                    stage.export(averaged, os.path.join(folder, EMA_FOLDER))
 
     log_file = open(metrics_path, "a", encoding="utf-8") if primary else contextlib.nullcontext()
     with log_file as log, Progress(run.max_train_steps - start, "training", enabled=run.progress if primary else False) as bar:
@@ -454,16 +519,19 @@ def train(run: RunConfig, stage: Stage, trainable: Params, frozen: Params,
 
 
 def _single_player(stage: Stage, trainable: Params, mesh: jax.sharding.Mesh | None
-                   ) -> tuple[TrainState, Callable[[int], Callable]]:
+                   ) -> tuple[TrainState | EmaTrainState, Callable[[int], Callable]]:
     """The state and the (one) step program of a stage of loss terms."""
     losses = stage.losses if callable(stage.losses) else tuple(stage.losses)
     state = init_state(shard_variables(trainable, mesh), make_optimizer(stage.optimizer))
+    if stage.ema is not None:
+        state = EmaTrainState(state, EmaState.start(state.trainable))
     if mesh is None:
-        step_fn = compiled_step(losses, stage.optimizer)
+        step_fn = compiled_step(losses, stage.optimizer, stage.ema)
     else:
         placement = state_shardings(state, mesh)
         state = jax.device_put(state, placement)
-        step_fn = make_step(losses, make_optimizer(stage.optimizer), learning_rate(stage.optimizer), placement)
+        step_fn = make_step(losses, make_optimizer(stage.optimizer), learning_rate(stage.optimizer), placement,
+                            stage.ema)
     return state, lambda step: step_fn
 
 
