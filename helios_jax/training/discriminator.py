@@ -19,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from helios_jax.training.history import normal
+
 # (kernel, stride, padding) of the six convolutions of ``Discriminator3DHead``.
 _CONVS = (
     ((3, 3, 3), (1, 1, 1), (1, 1, 1)),
@@ -154,7 +156,7 @@ def critic_gan_loss(
     k_fake, k_real, k_noise = jax.random.split(key, 3)
     inputs = [crop_half(k_fake, fake), crop_half(k_real, real)]
     if r1_weight > 0:
-        perturbed = real + r1_sigma * jax.random.normal(k_noise, real.shape, real.dtype)
+        perturbed = real + r1_sigma * normal(k_noise, real.shape, real.dtype)
         inputs.append(crop_half(k_real, perturbed))
     logits = discriminate(jnp.concatenate(inputs, axis=0)).astype(jnp.float32)
     parts = jnp.split(logits, len(inputs), axis=0)

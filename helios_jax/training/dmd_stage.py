@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -189,7 +189,7 @@ def generator_loss(nets: DmdNets, settings: DmdSettings, own: Params, critic: Pa
                                               settings, nets.dtype)
     x_g = simulate(nets, settings, own, frozen, cond_gen, empty, shape, k_roll)
     t = _timesteps(k_t, shape[0], step, settings.generator_timestep, table)
-    x_t = distill.add_noise(jax.lax.stop_gradient(x_g), jax.random.normal(k_noise, shape), t, table)
+    x_t = distill.add_noise(jax.lax.stop_gradient(x_g), history.normal(k_noise, shape), t, table)
     negative = {**cond_score, "encoder_hidden_states": jnp.broadcast_to(
         frozen["negative_prompt_embeds"].astype(nets.dtype), cond_score["encoder_hidden_states"].shape)}
     fake = distill.flow_to_x0(nets.fake_score(critic, frozen, x_t, t, cond_score), x_t, t, table)
@@ -200,7 +200,7 @@ def generator_loss(nets: DmdNets, settings: DmdSettings, own: Params, critic: Pa
     loss = distill.dmd_loss(x_g, grad)
     metrics = {"dmd_loss": loss, "dmd_grad_mean": jnp.mean(jnp.abs(grad)), "timestep": jnp.mean(t.astype(jnp.float32))}
     if phase and settings.gan is not None:
-        y = crop_half(k_crop, distill.add_noise(x_g, jax.random.normal(k_gan, shape), t, table))
+        y = crop_half(k_crop, distill.add_noise(x_g, history.normal(k_gan, shape), t, table))
         gan = cache_grad_gan_loss(lambda z: nets.discriminate(critic, frozen, z, t, cond_score), y)
         metrics["gan_g_loss"] = gan
         loss = loss + settings.gan.g_weight * gan
@@ -221,7 +221,7 @@ def critic_loss(nets: DmdNets, settings: DmdSettings, own: Params, generator: Pa
                                               settings, nets.dtype)
     x_g = jax.lax.stop_gradient(simulate(nets, settings, generator, frozen, cond_gen, empty, shape, k_roll))
     t = _timesteps(k_t, shape[0], step, settings.critic_timestep, table)
-    noise = jax.random.normal(k_noise, shape)
+    noise = history.normal(k_noise, shape)
     x_t = distill.add_noise(x_g, noise, t, table)
     loss = distill.fake_score_loss(nets.fake_score(own, frozen, x_t, t, cond_score), noise, x_g)
     metrics = {"denoising_loss": loss}
@@ -237,6 +237,20 @@ def critic_loss(nets: DmdNets, settings: DmdSettings, own: Params, generator: Pa
         metrics.update(parts)
         loss = loss + gan
     return loss, metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class Player:
+    """A player's loss bound to the nets and settings (``duel.PlayerLoss``). Unlike a ``functools.partial``
+    it compares by value, so a run prepared again in the same process (a resume) finds its compiled step
+    programs (``duel.compiled_duel_step``)."""
+
+    loss: Callable[..., tuple[jax.Array, dict]]
+    nets: DmdNets
+    settings: DmdSettings
+
+    def __call__(self, *args: Any) -> tuple[jax.Array, dict]:
+        return self.loss(self.nets, self.settings, *args)
 
 
 def init_heads(nets: DmdNets, config, key: jax.Array, latent_hw: tuple[int, int]) -> Params:
@@ -288,7 +302,7 @@ def negative_prompt_embeds(recipe: Recipe, length: int, dtype: Any) -> jax.Array
 def make_duel(recipe: Recipe, nets: DmdNets, settings: DmdSettings) -> Duel:
     """The two players of ``recipe`` over ``nets`` (what ``prepare`` trains and experiments/dmd_plan.py compiles)."""
     t = recipe.section("training_config")
-    return Duel(functools.partial(generator_loss, nets, settings), functools.partial(critic_loss, nets, settings),
+    return Duel(Player(generator_loss, nets, settings), Player(critic_loss, nets, settings),
                 recipe.critic_optimizer(), t["dfake_gen_update_ratio"],
                 recipe.ema(), (t["gan_start_step"],) if settings.gan is not None else ())
 

@@ -24,6 +24,7 @@ is its own optimizer's step (its learning-rate schedule). A checkpoint holds the
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -167,9 +168,21 @@ class DuelSteps:
     def __call__(self, step: int) -> Callable:
         kind = (self.duel.updates_generator(step), self.duel.phase(step))
         if kind not in self.programs:
-            self.programs[kind] = make_duel_step(self.duel, self.optimizer, update_generator=kind[0], phase=kind[1],
-                                                 state_sharding=self.sharding)
+            if self.sharding is None:
+                self.programs[kind] = compiled_duel_step(self.duel, self.optimizer, *kind)
+            else:
+                self.programs[kind] = make_duel_step(self.duel, self.optimizer, update_generator=kind[0],
+                                                     phase=kind[1], state_sharding=self.sharding)
         return self.programs[kind]
+
+
+@functools.lru_cache(maxsize=8)
+def compiled_duel_step(duel: Duel, generator_optimizer: OptimizerConfig, update_generator: bool,
+                       phase: int) -> Callable:
+    """``make_duel_step`` kept per (duel, optimizer, kind), as ``trainer.compiled_step``: a run resumed in
+    the same process (a notebook, the tests) reuses the traced and compiled programs when its players
+    compare equal (``dmd_stage.Player``). A DMD step program takes minutes to compile on a CPU."""
+    return make_duel_step(duel, generator_optimizer, update_generator=update_generator, phase=phase)
 
 
 def duel_shardings(state: DuelState, mesh: jax.sharding.Mesh) -> DuelState:
