@@ -197,8 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{plans[-1].peak_bytes / 1e9:.1f} GB", flush=True)
     rows = table_rows(plans)
     sizes = plans[0].sizes
-    env = common.environment("NVIDIA H100 80GB HBM3, compiled deviceless on the CPU (no GPU)",
-                             common.versions("jax", "jaxlib", "jax-cuda12-plugin", "flax", "optax"))
+    env = gpu_plan.plan_environment("optax")
     body = (f"Stage-3b DMD + GAN steps ({YAML}, phase 1) planned for H100s from abstract inputs "
             f"({'tiny model' if args.tiny else '14B DiT'}, {size.cfg.num_layers} layers; {size.height}x{size.width}, "
             f"history 19 + 9 target latent frames and a second section for the critic, {size.text_tokens} text "

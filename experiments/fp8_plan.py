@@ -184,8 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
         total = ms + decode_ms["bfloat16"]
         lines.append(f"- predicted, {w} weights: chunk {ms:.0f} ms ({1e3 * frames / ms:.1f} FPS sampling), with the "
                      f"bf16 decode {total:.0f} ms per {frames} frames ({1e3 * frames / total:.1f} FPS)")
-    env = common.environment("NVIDIA H100 80GB HBM3, compiled deviceless on the CPU (no GPU)",
-                             common.versions("jax", "jaxlib", "jax-cuda12-plugin", "flax", "qwix"))
+    env = gpu_plan.plan_environment("qwix")
     body = (f"FP8 block linears (float8_e4m3fn, per-output-channel scales, per-token fp8 activations via qwix) in "
             f"the H100 plans ({'tiny model' if args.tiny else '14B DiT'}, {size.height}x{size.width}, "
             f"{size.latent_frames} latent frames; GEMM choices "

@@ -84,6 +84,12 @@ def h100_mesh(**sizes: int) -> jax.sharding.Mesh:
     return parallel.make_mesh(**sizes, devices=devices)
 
 
+def plan_environment(*packages: str) -> dict:
+    """The environment block of a one-H100 plan's report: the target, and jax's versions plus ``packages``."""
+    return common.environment("NVIDIA H100 80GB HBM3, compiled deviceless on the CPU (no GPU)",
+                              common.versions("jax", "jaxlib", "jax-cuda12-plugin", "flax", *packages))
+
+
 def device_memory_bytes() -> int:
     """The H100's memory as the target config states it."""
     with open(H100_TARGET, encoding="utf-8") as f:
@@ -293,8 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
     plans = all_plans(size, h100(args.autotune))
     rows = table_rows(plans)
     both = chunk_with_vae_bytes(plans["distilled chunk 2+2+2"], plans["VAE decode float32"])
-    env = common.environment("NVIDIA H100 80GB HBM3, compiled deviceless on the CPU (no GPU)",
-                             common.versions("jax", "jaxlib", "jax-cuda12-plugin", "flax"))
+    env = plan_environment()
     work = size.work
     noisy, history = common.token_counts(size.cfg, work, 2)
     body = (f"H100 plans compiled on a CPU from abstract inputs ({'tiny model' if args.tiny else '14B DiT'}, "

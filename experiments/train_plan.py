@@ -175,8 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
         plans.append(step_plan(case, size.cfg, gpu_plan.h100(), latent, tokens))
         print(f"{case.name}: compiled in {plans[-1].plan.compile_s:.0f} s", flush=True)
     rows = table_rows(plans)
-    env = common.environment("NVIDIA H100 80GB HBM3, compiled deviceless on the CPU (no GPU)",
-                             common.versions("jax", "jaxlib", "jax-cuda12-plugin", "flax", "optax"))
+    env = gpu_plan.plan_environment("optax")
     body = (f"Training steps planned for one H100 from abstract inputs ({'tiny model' if args.tiny else '14B DiT'}, "
             f"{size.cfg.num_layers} layers; {size.height}x{size.width}, history 19 + 9 target latent frames, "
             f"{tokens} text tokens; bf16 frozen base, fp32 trainables and AdamW moments, remat per block; "
