@@ -81,7 +81,8 @@ def test_bench_dit_and_reference_tiny_then_combined(tmp_path):
     # without the amplified first chunk, 2 base steps with CFG; 2 chunks per stream (the first, one steady).
     chunk_args = ["--tiny", "--measure", "distilled,base", "--pyramid-steps", "1,1,1", "--amplify", "0,1", "--chunks",
                   "2", "--base-steps", "2", "--reps", "1", "--warmup", "0", "--results", f"{out}/results.md"]
-    jax_chunks = bench_dit.main([*chunk_args, "--impls", "xla", "--json", f"{out}/distilled.json"])["tables"]
+    jax_chunks = bench_dit.main([*chunk_args, "--impls", "xla", "--json", f"{out}/distilled.json",
+                                 "--compilation-cache", f"{out}/xla-cache"])["tables"]
     torch_chunks = bench_reference.main([*chunk_args, "--modes", "eager", "--attention", "math",
                                          "--json", f"{out}/reference-distilled.json"])["tables"]
     for tables, setting in ((jax_chunks, ["xla", "fp32"]), (torch_chunks, ["eager", "math", "fp32"])):
