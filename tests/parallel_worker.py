@@ -2,7 +2,7 @@
 DiT programs on one device and on several meshes, results written to an .npz for tests/test_parallel*.py.
 
 ``python parallel_worker.py pipelines OUT.npz``  latents and video per (pipeline, mesh)
-``python parallel_worker.py hlo OUT.npz``        compiled HLO text of a DiT forward, a training gradient, a VAE decode; sharded loads
+``python parallel_worker.py hlo OUT.npz``        compiled HLO text of a DiT forward, a training gradient, a VAE decode; sharded loads and GAN heads
 ``python parallel_worker.py trainer OUT.npz``    the trainer on one device, on a mesh, and resumed on another
 ``python parallel_worker.py process I N PORT OUT.npz``  one chunk as process I of N (jax.distributed)
 ``python parallel_worker.py process-train I N PORT OUT.npz``  one training step as process I of N
@@ -132,6 +132,7 @@ def hlo(out: str) -> None:
     results["train/weight_shapes"] = np.array(sorted({str(tuple(v.shape)) for v in jax.tree.leaves(params)}))
     results.update(context_training())
     results.update(vae_decode_programs())
+    results.update(discriminator_heads())
     results.update(sharded_loads())
     np.savez(out, **results)
 
@@ -208,6 +209,36 @@ def sharded_loads() -> dict[str, np.ndarray]:
                 share = max(int(np.prod(s.data.shape)) for s in leaf.addressable_shards) / max(leaf.size, 1)
                 results[key] = np.asarray(leaf) - np.asarray(ref)
                 results[key + "#spec"] = np.array([str(leaf.sharding.spec), str(target.spec), str(share)])
+    return results
+
+
+def discriminator_heads() -> dict[str, np.ndarray]:
+    """The GAN heads' softplus loss and its gradients on one device and with the heads split by the training
+    table over fsdp=8 (input channels; a batch of 8 over fsdp), and each gradient's share held per device."""
+    from helios_jax.training import discriminator
+    from helios_jax.training.trainer import TRAINING_RULES
+
+    rng = np.random.default_rng(7)
+    flow = rng.standard_normal((8, 16, 9, 8, 8)).astype(np.float32)
+    hooked = [rng.standard_normal((8, 64, 9, 4, 4)).astype(np.float32)]
+    model = discriminator.Discriminator(hooks=(1,), features=32)
+    heads = model.init(jax.random.key(0), flow[:1], [h[:1] for h in hooked])["params"]
+
+    def loss(p, f, h):
+        return jnp.mean(jax.nn.softplus(model.apply({"params": p}, f, h)))
+
+    step = jax.value_and_grad(loss)
+    results = {}
+    results["heads/one/loss"], grads = jax.jit(step)(heads, flow, hooked)
+    results["heads/one/grads"] = flat(grads)
+    mesh = mesh_of({"fsdp": 8})
+    placement = parallel.shardings(heads, mesh, TRAINING_RULES)
+    args = (jax.device_put(heads, placement), parallel.to_mesh(flow, parallel.batch_sharding(mesh, flow.shape)),
+            [parallel.to_mesh(h, parallel.batch_sharding(mesh, h.shape)) for h in hooked])
+    results["heads/mesh/loss"], grads = jax.jit(step, out_shardings=(parallel.replicated(mesh), placement))(*args)
+    results["heads/mesh/grads"] = flat(grads)
+    results["heads/mesh/shares"] = np.array([max(s.data.size for s in g.addressable_shards) / g.size
+                                             for g in jax.tree.leaves(grads) if g.ndim > 1])
     return results
 
 

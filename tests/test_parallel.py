@@ -11,6 +11,7 @@ from parallel_run import run_worker
 
 from helios_jax import cli, demo, parallel
 from helios_jax.models import transformer, umt5
+from helios_jax.training import discriminator, trainer
 
 
 def abstract(**sizes: int) -> AbstractMesh:
@@ -76,6 +77,27 @@ def test_umt5_lora_and_optimizer_state_tables():
               "mu": {"blocks": {"ffn": {"net_2": {"kernel": jax.ShapeDtypeStruct((2, 64, 32), "float32")}}}}},)
     leaves = jax.tree.leaves(parallel.logical_specs(state, parallel.DIT_RULES), is_leaf=lambda x: isinstance(x, P))
     assert leaves == [P(), P(None, "mlp", "embed")]
+
+
+def test_discriminator_heads_split_their_input_channels_over_fsdp():
+    """The GAN heads of the critic's trainable tree ({"lora", "heads"}) and their AdamW moments: every conv and
+    the last Dense split their input channels, which fsdp=8 divides; norms and biases stay whole."""
+    flow, hooked = jax.ShapeDtypeStruct((1, 16, 9, 8, 8), "float32"), [jax.ShapeDtypeStruct((1, 96, 9, 4, 4), "float32")]
+    heads = jax.eval_shape(lambda f, h: discriminator.Discriminator(hooks=(1,), features=32).init(
+        jax.random.key(0), f, h)["params"], flow, hooked)
+    tree = {"heads": heads, "mu": {"heads": heads}}
+    specs = traverse_util.flatten_dict(parallel.logical_specs(tree, trainer.TRAINING_RULES))
+    for root in (("heads",), ("mu", "heads")):
+        assert specs[(*root, "gan_heads_1", "head3d_0", "kernel")] == P(None, None, None, "embed", None)
+        assert specs[(*root, "gan_final_head", "head3d_15", "kernel")] == P(None, None, None, "embed", None)
+        assert specs[(*root, "gan_final_head", "head3d_20", "kernel")] == P("embed", None)
+        assert specs[(*root, "gan_heads_1", "head3d_1", "scale")] == P(None)
+        assert specs[(*root, "gan_heads_1", "head3d_0", "bias")] == P(None)
+    shardings = traverse_util.flatten_dict(parallel.shardings(heads, abstract(fsdp=8), trainer.TRAINING_RULES))
+    assert shardings[("gan_heads_1", "head3d_0", "kernel")].spec == P(None, None, None, "fsdp", None)  # 96 / 8
+    assert shardings[("gan_final_head", "head3d_0", "kernel")].spec == P(None, None, None, "fsdp", None)  # 16 / 8
+    kernels = [k for k in shardings if k[-1] == "kernel"]
+    assert len(kernels) == 14 and all(any(shardings[k].spec) for k in kernels), "a head kernel left whole"
 
 
 def test_mesh_spec_maps_logical_axes_and_replicates_what_does_not_divide():

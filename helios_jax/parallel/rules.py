@@ -72,6 +72,10 @@ LORA_RULES: tuple[Rule, ...] = (
     (r"ffn/net_2/lora_A", (..., "mlp", "lora_rank_fsdp")),
     (r"(attn[12]/to_out_0|ffn/net_2)/lora_B", (..., "lora_rank", "embed")),
 )
+# The stage-3 discriminator heads (helios_jax.training.discriminator): each Conv3d kernel (t, h, w, in, out) and
+# the last Dense (in, 1) split their input channels, so that FSDP splits the heads and their AdamW moments too
+# (11 GiB at 14B, whole on every device otherwise); GroupNorm scales and biases are small and stay whole.
+DISCRIMINATOR_RULES: tuple[Rule, ...] = ((r"gan_(final_head|heads_\d+)/head3d_\d+/kernel", (..., "embed", None)),)
 TABLES: dict[str, tuple[Rule, ...]] = {"transformer": DIT_RULES, "text_encoder": UMT5_RULES, "vae": VAE_RULES,
                                        "lora": LORA_RULES}
 

@@ -187,7 +187,7 @@ def compiled_duel_step(duel: Duel, generator_optimizer: OptimizerConfig, update_
 
 def duel_shardings(state: DuelState, mesh: jax.sharding.Mesh) -> DuelState:
     """Where a DuelState lives on ``mesh``: both players' trainables, optimizer states and the EMA by the
-    DiT's and LoRA's sharding tables (the discriminator heads, unnamed there, replicated); counters replicated."""
+    DiT's, LoRA's and the discriminator heads' sharding tables; counters replicated."""
     def player(s: TrainState) -> TrainState:
         return TrainState(parallel.replicated(mesh), parallel.shardings(s.trainable, mesh, TRAINING_RULES),
                           parallel.shardings(s.opt_state, mesh, TRAINING_RULES))

@@ -241,7 +241,8 @@ def compiled_step(losses: LossFn | tuple[LossFn, ...], cfg: OptimizerConfig, ema
     return make_step(losses, make_optimizer(cfg), learning_rate(cfg), ema=ema)
 
 
-TRAINING_RULES = parallel.LORA_RULES + parallel.DIT_RULES  # {"params": DiT, "lora": LoRA} trees and their optimizer state
+# {"params": DiT, "lora": LoRA, "heads": the GAN heads} trees and their optimizer state
+TRAINING_RULES = parallel.LORA_RULES + parallel.DIT_RULES + parallel.DISCRIMINATOR_RULES
 
 
 def shard_variables(tree: Params, mesh: jax.sharding.Mesh | None) -> Params:
