@@ -1,5 +1,5 @@
 """Test-wide settings: the CPU backend, float32 matmuls at full precision, quiet reference libraries, and no
-persistent compilation cache carried from one test into the next."""
+persistent compilation cache in the test process."""
 
 import os
 
@@ -8,9 +8,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
-from jax.experimental.compilation_cache import compilation_cache  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# Generating through HeliosPipeline.from_pretrained turns jax's persistent cache on for the whole process (the
+# CLI's tests and `offload ode-pairs` do, in this process): every later program compiled in over a second would
+# then be serialized and written there, the DMD steps of test_train_dmd included, and writing one has aborted
+# pytest (XLA's abort in put_executable_and_time, twice, in CI rehearsals). The tests that check the cache run
+# their command in a subprocess, where it stays on.
+jax.config.update("jax_enable_compilation_cache", False)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -21,15 +26,3 @@ def pytest_collection_modifyitems(config, items):
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(skip)
 
-
-@pytest.fixture(autouse=True)
-def _compilation_cache_stays_in_its_test():
-    """A test that generates through ``HeliosPipeline.from_pretrained`` (the CLI's tests) turns jax's persistent
-    cache on for the whole process; without this, every later test would write its programs there. That is not
-    what those tests check, and on the CPU serializing a large training program into the cache has aborted the
-    whole pytest process (XLA's own abort, in ``put_executable_and_time``)."""
-    before = jax.config.jax_compilation_cache_dir
-    yield
-    if jax.config.jax_compilation_cache_dir != before:
-        jax.config.update("jax_compilation_cache_dir", before)
-        compilation_cache.reset_cache()

@@ -108,8 +108,10 @@ def pairs(tmp_path_factory):
     prompts = root / "prompts.txt"
     prompts.write_text("a train speeding through green fields\n\nthe city light on the river\n")
     out = root / "pairs"
-    assert cli.main(["offload", "ode-pairs", ckpt, str(prompts), str(out), "--sections", str(SECTIONS),
-                     "--height", str(PIXELS), "--width", str(PIXELS), "--steps", str(STEPS), "--dtype", "fp32"]) == 0
+    with pytest.MonkeyPatch.context() as patch:  # the command's compilation-cache folder: here, not in ~/.cache
+        patch.setenv("XDG_CACHE_HOME", str(root / "cache"))
+        assert cli.main(["offload", "ode-pairs", ckpt, str(prompts), str(out), "--sections", str(SECTIONS),
+                         "--height", str(PIXELS), "--width", str(PIXELS), "--steps", str(STEPS), "--dtype", "fp32"]) == 0
     return root, ckpt, str(prompts), str(out)
 
 
