@@ -35,8 +35,14 @@ demo: install
 	mkdir -p out
 	$(BIN)/helios-jax generate --output out/demo.mp4
 
+# test_train_dmd.py compiles the suite's largest programs (the DMD steps). Late in one long pytest process XLA's
+# CPU compile of them has aborted the process (4 runs of 4, with and without a persistent cache), while in a process
+# of its own it passes: it runs as a second pytest process (exit 5, no test selected by PYTEST_ARGS, is no failure).
+ISOLATED_TESTS := tests/test_train_dmd.py
+
 test: install-test
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_ARGS) $(addprefix --ignore=,$(ISOLATED_TESTS))
+	$(BIN)/python -m pytest $(PYTEST_ARGS) $(ISOLATED_TESTS) || [ $$? -eq 5 ]
 	@if [ -x $(GPU_BIN)/python ]; then echo "gpu-plan tier (jax's CUDA plugin is in $(GPU_VENV)):"; \
 	  JAX_PLATFORMS=cpu $(GPU_BIN)/python -m pytest -m gpu_plan $(GPU_TESTS) $(PYTEST_ARGS); fi
 
