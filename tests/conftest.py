@@ -12,9 +12,9 @@ import pytest  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 # Generating through HeliosPipeline.from_pretrained turns jax's persistent cache on for the whole process (the
 # CLI's tests and `offload ode-pairs` do, in this process): every later program compiled in over a second would
-# then be serialized and written there, the DMD steps of test_train_dmd included, and writing one has aborted
-# pytest (XLA's abort in put_executable_and_time, twice, in CI rehearsals). The tests that check the cache run
-# their command in a subprocess, where it stays on.
+# then be serialized and written there (into ~/.cache for some), the DMD steps of test_train_dmd included. The
+# tests that check the cache run their command in a subprocess, where it stays on. (One CI-rehearsal abort was in
+# such a write; the abort recurred without any cache, see ISOLATED_TESTS in the Makefile.)
 jax.config.update("jax_enable_compilation_cache", False)
 
 
@@ -25,4 +25,3 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(skip)
-

@@ -233,7 +233,7 @@ def discriminator_heads() -> dict[str, np.ndarray]:
     results["heads/one/grads"] = flat(grads)
     mesh = mesh_of({"fsdp": 8})
     placement = parallel.shardings(heads, mesh, TRAINING_RULES)
-    args = (jax.device_put(heads, placement), parallel.to_mesh(flow, parallel.batch_sharding(mesh, flow.shape)),
+    args = (parallel.shard_params(heads, mesh, TRAINING_RULES), parallel.to_mesh(flow, parallel.batch_sharding(mesh, flow.shape)),
             [parallel.to_mesh(h, parallel.batch_sharding(mesh, h.shape)) for h in hooked])
     results["heads/mesh/loss"], grads = jax.jit(step, out_shardings=(parallel.replicated(mesh), placement))(*args)
     results["heads/mesh/grads"] = flat(grads)

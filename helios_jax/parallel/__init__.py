@@ -24,7 +24,8 @@ from helios_jax.parallel.rules import (
 from helios_jax.parallel.distributed import initialize
 
 __all__ = [
-    "AXES", "AXIS_RULES", "axis_size", "DISCRIMINATOR_RULES", "DIT_RULES", "LORA_RULES", "MeshError", "TABLES", "UMT5_RULES", "VAE_RULES",
+    "AXES", "AXIS_RULES", "axis_size", "DISCRIMINATOR_RULES", "DIT_RULES", "LORA_RULES", "MeshError", "TABLES",
+    "UMT5_RULES", "VAE_RULES",
     "check_mesh", "format_mesh", "logical_specs", "make_mesh", "parse_mesh", "replicated", "shard_params",
     "shardings", "batch_sharding", "initialize", "to_mesh",
 ]
