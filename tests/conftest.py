@@ -17,6 +17,8 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # such a write; the abort recurred without any cache, see ISOLATED_TESTS in the Makefile.)
 jax.config.update("jax_enable_compilation_cache", False)
 
+pytest_plugins = ["compile_time"]
+
 
 def pytest_collection_modifyitems(config, items):
     """GPU tests run only where a GPU is present; elsewhere they are reported as skipped."""
