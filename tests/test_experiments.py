@@ -21,7 +21,8 @@ from helios_jax.models.transformer import HeliosTransformer
 
 
 def test_flop_count_matches_the_documented_workload():
-    """NOTES.md: one 14B forward is ~70 / 119 / 360 TFLOP at the three stages, attention ~29% at the last."""
+    """docs/hardware.md's workload: one 14B forward is ~70 / 119 / 360 TFLOP at the three stages, attention ~29%
+    at the last."""
     cfg = TransformerConfig()
     tokens = [flop_counts.token_counts(cfg, workloads.HELIOS, s) for s in range(3)]
     assert tokens == [(540, 2400), (2160, 2400), (8640, 2400)]
@@ -32,7 +33,7 @@ def test_flop_count_matches_the_documented_workload():
 
 def test_chunk_workload_is_the_documented_one():
     """At 384x640 the chunk's DiT sees the forward benchmark's shapes; a distilled 2+2+2 chunk is ~1.09 PFLOP
-    (NOTES.md's 1.10 less the text K/V of 5 of its 6 forwards, computed once per chunk: 2.2 TFLOP each), a
+    (docs/hardware.md: 1.10 less the text K/V of 5 of its 6 forwards, computed once per chunk: 2.2 TFLOP each), a
     base chunk 50 steps x 2 forwards at the full-size stage, the text's share once per context."""
     cfg = TransformerConfig()
     work = workloads.chunk_workload(384, 640, 3)

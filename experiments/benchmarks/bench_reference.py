@@ -28,7 +28,8 @@ time (the first counted from the call) and its decode time, in the same run. A t
 up, then a call of ``--chunks`` chunks is timed: its first chunk, and the median of the rest (steady
 state, FPS = 33 / steady s). ``output_type="latent"`` leaves out the reference's final whole-video
 conversion to numpy (once per video, after the last chunk). The distilled scheduler's gamma is 1/3
-on a GPU; on a CPU torch's float32 Cholesky of that covariance fails (NOTES.md), so 0.25 is used there.
+on a GPU; on a CPU torch's float32 Cholesky of that covariance (``HeliosPyramidPipeline.sample_block_noise``)
+fails, the matrix being singular after rounding at 1/3, so 0.25 is used there.
 """
 
 from __future__ import annotations
