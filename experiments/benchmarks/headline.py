@@ -14,7 +14,8 @@ Parts, each a fresh process (so that JAX and torch each get the whole GPU), writ
 3. ``torch``: bench_reference.py, diffusers in eager torch, the same measurements.
 
 Then one table: each measurement's JAX and torch time, their ratio and the roofline's lower bound beside
-them, printed and appended to ``<out>/results.md`` (``run_all.py --merge`` adds it to RESULTS.md here).
+them, printed and appended to ``<out>/results.md`` (``python -m experiments.benchmarks.run_all --merge``
+adds it to RESULTS.md here).
 """
 
 from __future__ import annotations
@@ -81,8 +82,8 @@ def plan_child(args: argparse.Namespace) -> None:
     kernels = roofline.analyse(plans)
     predicted = {name: roofline.predicted_ms(ks) for name, ks in kernels.items()}
     shares = {name: roofline.other_share(ks) for name, ks in kernels.items()}
-    reporting.write_json(args.json or os.path.join(args.out, "plan.json"), {"device": device.device_kind, "predicted_ms": predicted,
-                                                            "other_share": shares})
+    reporting.write_json(args.json or os.path.join(args.out, "plan.json"),
+                         {"device": device.device_kind, "predicted_ms": predicted, "other_share": shares})
 
 
 def _load(out: str, part: str) -> dict:
