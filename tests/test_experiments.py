@@ -8,14 +8,20 @@ table is built from the two benchmarks' files.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import flop_counts, model_inputs, reporting, workloads
+from experiments import flop_counts, model_inputs, paths, reporting, workloads
 from experiments.benchmarks import bench_attention, bench_dit, bench_reference, chunk_bench, headline, run_all
 from experiments.studies import compile_study
+from helios_jax import cli
 from helios_jax.config import TransformerConfig
 from helios_jax.models.transformer import HeliosTransformer
 
@@ -158,6 +164,32 @@ def test_run_all_joins_parts_split_by_impl_and_mode(tmp_path):
     assert [c.strip() for c in row.strip("|").split("|")] == [
         "fp32", "2+2+2", "no", "20", "10", "8", "16", "1.65", "2.06", "cudnn / compiled flash", "1.25"]
     assert "WARNING" not in text
+
+
+def test_every_child_command_names_a_module_of_the_package():
+    """run_all's parts, the headline's parts and `helios-jax bench` run ``python -P -m MODULE``: each module exists."""
+    modules = {command[0] for command in run_all.PARTS.values()} - {"pytest"}
+    modules |= {command[0] for command in headline.part_commands(tiny=True).values()} | set(cli.BENCHMARKS.values())
+    for module in sorted(modules):
+        assert importlib.util.find_spec(module) is not None, module
+
+
+def test_importing_the_experiments_changes_nothing():
+    """No module of the package sets an environment variable or a jax config when imported (a fresh process:
+    jax, torch and diffusers first, as they set variables of their own)."""
+    probe = (
+        "import importlib, os, pkgutil, jax, torch, diffusers\n"
+        "before, platforms = dict(os.environ), jax.config.jax_platforms\n"
+        "import experiments\n"
+        "for sub in ('', '.benchmarks', '.plans', '.studies'):\n"
+        "    for m in pkgutil.iter_modules(importlib.import_module('experiments' + sub).__path__):\n"
+        "        if not m.ispkg: importlib.import_module(f'experiments{sub}.{m.name}')\n"
+        "changed = {k for k in set(os.environ) | set(before) if os.environ.get(k) != before.get(k)}\n"
+        "assert not changed and jax.config.jax_platforms == platforms, (changed, jax.config.jax_platforms)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    done = subprocess.run([sys.executable, "-c", probe], cwd=paths.ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 @pytest.mark.parametrize("bad", ["nope", "dit,bogus"])
