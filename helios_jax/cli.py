@@ -37,13 +37,13 @@ from helios_jax.video import PARTIALS_MADE, MediaError
 USER_ERRORS = (PipelineError, MediaError, ConfigError, CheckpointError, MeshError, DataError, OSError)
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 BUG_REPORTS = "the helios-jax issue tracker"  # the project publishes no URL yet
-BENCHMARKS = {
-    "attention": "bench_attention.py",
-    "dit": "bench_dit.py",
-    "reference": "bench_reference.py",
-    "vae": "bench_vae.py",
-    "compile": "compile_study.py",
-    "convert": "convert_memory.py",
+BENCHMARKS = {  # name: the module of the source checkout's experiments package that it runs
+    "attention": "experiments.benchmarks.bench_attention",
+    "dit": "experiments.benchmarks.bench_dit",
+    "reference": "experiments.benchmarks.bench_reference",
+    "vae": "experiments.benchmarks.bench_vae",
+    "compile": "experiments.studies.compile_study",
+    "convert": "experiments.studies.convert_memory",
 }
 
 
@@ -114,15 +114,16 @@ def _convert_component(source: str, destination: str, to: str, dtype, lora=None,
 
 
 def bench(which: list[str], extra: list[str]) -> int:
-    """Run benchmark scripts from the source checkout's experiments/ folder."""
-    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"no experiments/ folder at {folder}: `bench` runs from a source checkout")
+    """Run benchmarks of the source checkout's experiments package, each as ``python -P -m experiments...``: -P
+    keeps the current folder off the child's path, the checkout's root goes last on its PYTHONPATH."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isfile(os.path.join(root, "experiments", "__init__.py")):
+        raise FileNotFoundError(f"no experiments package in {root}: `bench` runs from a source checkout")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in [os.environ.get("PYTHONPATH"), root] if p))
     status = 0
     for name in which or list(BENCHMARKS):
-        script = os.path.join(folder, BENCHMARKS[name])
-        print(f"== {name}: {script} {' '.join(extra)}", flush=True)
-        status |= subprocess.call([sys.executable, script, *extra])
+        print(f"== {name}: python -m {BENCHMARKS[name]} {' '.join(extra)}", flush=True)
+        status |= subprocess.call([sys.executable, "-P", "-m", BENCHMARKS[name], *extra], env=env)
     return status
 
 

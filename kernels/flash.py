@@ -61,7 +61,7 @@ class FlashConfig:
 
 # Starting points for H100 (one warpgroup per 64 q rows, three-deep K/V pipeline; the 64-row K
 # block keeps three stages of K and V in shared memory beside the q tile at head dim 128).
-# `experiments/bench_attention.py --tune` sweeps the neighbours at Helios' shapes.
+# `python -m experiments.benchmarks.bench_attention --tune` sweeps the neighbours at Helios' shapes.
 H100_CONFIGS = {
     64: FlashConfig(block_q=128, block_k=128, num_warps=4, num_stages=3),
     128: FlashConfig(block_q=128, block_k=64, num_warps=8, num_stages=3),

@@ -8,7 +8,9 @@ table is built from the two benchmarks' files.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import subprocess
 import sys
 
 import jax
@@ -16,44 +18,42 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
-sys.path.insert(0, EXPERIMENTS)
-
-import bench_attention  # noqa: E402
-import bench_dit  # noqa: E402
-import bench_reference  # noqa: E402
-import common  # noqa: E402
-import compile_study  # noqa: E402
-import headline  # noqa: E402
-import run_all  # noqa: E402
-from helios_jax.config import TransformerConfig  # noqa: E402
-from helios_jax.models.transformer import HeliosTransformer  # noqa: E402
+from experiments import flop_counts, model_inputs, paths, reporting, workloads
+from experiments.benchmarks import bench_attention, bench_dit, bench_reference, chunk_bench, headline, run_all
+from experiments.studies import compile_study
+from helios_jax import cli
+from helios_jax.config import TransformerConfig
+from helios_jax.models.transformer import HeliosTransformer
 
 
 def test_flop_count_matches_the_documented_workload():
-    """NOTES.md: one 14B forward is ~70 / 119 / 360 TFLOP at the three stages, attention ~29% at the last."""
+    """docs/hardware.md's workload: one 14B forward is ~70 / 119 / 360 TFLOP at the three stages, attention ~29%
+    at the last."""
     cfg = TransformerConfig()
-    assert [common.token_counts(cfg, common.HELIOS, s) for s in range(3)] == [(540, 2400), (2160, 2400), (8640, 2400)]
-    flops = [common.dit_flops(cfg, common.HELIOS, s) for s in range(3)]
+    tokens = [flop_counts.token_counts(cfg, workloads.HELIOS, s) for s in range(3)]
+    assert tokens == [(540, 2400), (2160, 2400), (8640, 2400)]
+    flops = [flop_counts.dit_flops(cfg, workloads.HELIOS, s) for s in range(3)]
     assert [round(f["total"] / 1e12) for f in flops] == [70, 119, 360]
     assert 0.28 < flops[2]["attention"] / flops[2]["total"] < 0.30
 
 
 def test_chunk_workload_is_the_documented_one():
     """At 384x640 the chunk's DiT sees the forward benchmark's shapes; a distilled 2+2+2 chunk is ~1.09 PFLOP
-    (NOTES.md's 1.10 less the text K/V of 5 of its 6 forwards, computed once per chunk: 2.2 TFLOP each), a
+    (docs/hardware.md: 1.10 less the text K/V of 5 of its 6 forwards, computed once per chunk: 2.2 TFLOP each), a
     base chunk 50 steps x 2 forwards at the full-size stage, the text's share once per context."""
     cfg = TransformerConfig()
-    work = common.chunk_workload(384, 640, 3)
+    work = workloads.chunk_workload(384, 640, 3)
+    helios = workloads.HELIOS
     assert (work.stages, work.frames, work.history_hw, work.history_frames, work.text_tokens) == (
-        common.HELIOS.stages, common.HELIOS.frames, common.HELIOS.history_hw, common.HELIOS.history_frames, 512)
-    assert round(common.text_flops(cfg, work) / 1e10) == 220
-    assert round(common.chunk_flops(cfg, work, (2, 2, 2), guided=False) / 1e13) == 109
-    base = common.chunk_workload(384, 640, 1)
+        helios.stages, helios.frames, helios.history_hw, helios.history_frames, 512)
+    assert round(flop_counts.text_flops(cfg, work) / 1e10) == 220
+    assert round(flop_counts.chunk_flops(cfg, work, (2, 2, 2), guided=False) / 1e13) == 109
+    base = workloads.chunk_workload(384, 640, 1)
     assert base.stages == ((48, 80),)
-    assert common.chunk_flops(cfg, base, (50,), guided=True) == pytest.approx(
-        100 * common.dit_flops(cfg, common.HELIOS, 2)["total"] - 98 * common.text_flops(cfg, base), rel=1e-12)
-    assert common.video_frames(common.LATENT_FRAMES) == 33
+    assert flop_counts.chunk_flops(cfg, base, (50,), guided=True) == pytest.approx(
+        100 * flop_counts.dit_flops(cfg, workloads.HELIOS, 2)["total"] - 98 * flop_counts.text_flops(cfg, base),
+        rel=1e-12)
+    assert workloads.video_frames(workloads.LATENT_FRAMES) == 33
 
 
 def test_bench_attention_tiny(tmp_path):
@@ -132,9 +132,9 @@ def test_compile_study_tiny(tmp_path):
 
 def test_unrolled_model_is_the_same_function():
     """``scan_unroll=True`` (the compile study's unrolled variant) changes the HLO, not the numbers."""
-    cfg = TransformerConfig(**common.tiny_config_kwargs())
-    params = bench_dit.random_params(cfg, jax.random.key(0), dtype=jnp.float32, std=0.2)
-    inputs = bench_dit.stage_inputs(cfg, common.TINY, 0, jax.random.key(1))
+    cfg = TransformerConfig(**workloads.tiny_config_kwargs())
+    params = model_inputs.random_params(cfg, jax.random.key(0), dtype=jnp.float32, std=0.2)
+    inputs = model_inputs.stage_inputs(cfg, workloads.TINY, 0, jax.random.key(1))
     inputs = {k: v.astype(jnp.float32) if v.dtype == jnp.bfloat16 else v for k, v in inputs.items()}
     scanned, unrolled = (jax.jit(HeliosTransformer(cfg, scan_unroll=u).apply)({"params": params}, **inputs)
                          for u in (1, True))
@@ -145,10 +145,10 @@ def test_run_all_joins_parts_split_by_impl_and_mode(tmp_path):
     """The chunk parts split to fit the per-command limit (one impl or torch mode per part) are joined
     into one JAX / torch table: the best of each side, wherever it was measured."""
     def part(name: str, measure: str, label_headers: list[str], rows: list[tuple[list, float]]) -> None:
-        headers = [*label_headers, "VAE", "steps", "amplify 1st", *common.CHUNK_HEADERS]
-        table_rows = [common.chunk_row([*label, "fp32", "2+2+2", "no"], 9.0, 2.0, [steady], 0.25, 33, 1e15, 800.0, 40.0)
+        headers = [*label_headers, "VAE", "steps", "amplify 1st", *chunk_bench.CHUNK_HEADERS]
+        table_rows = [chunk_bench.chunk_row([*label, "fp32", "2+2+2", "no"], 9.0, 2.0, [steady], 0.25, 33, 1e15, 800.0, 40.0)
                       for label, steady in rows]
-        common.write_json(str(tmp_path / f"{name}.json"), {
+        reporting.write_json(str(tmp_path / f"{name}.json"), {
             "env": {"device": "NVIDIA H100 (gpu)", "versions": {}, "date": "d", "commit": "c", "host": "h"},
             "tables": {measure: {"title": "t", "headers": headers, "rows": table_rows, "notes": ""}}})
 
@@ -164,6 +164,32 @@ def test_run_all_joins_parts_split_by_impl_and_mode(tmp_path):
     assert [c.strip() for c in row.strip("|").split("|")] == [
         "fp32", "2+2+2", "no", "20", "10", "8", "16", "1.65", "2.06", "cudnn / compiled flash", "1.25"]
     assert "WARNING" not in text
+
+
+def test_every_child_command_names_a_module_of_the_package():
+    """run_all's parts, the headline's parts and `helios-jax bench` run ``python -P -m MODULE``: each module exists."""
+    modules = {command[0] for command in run_all.PARTS.values()} - {"pytest"}
+    modules |= {command[0] for command in headline.part_commands(tiny=True).values()} | set(cli.BENCHMARKS.values())
+    for module in sorted(modules):
+        assert importlib.util.find_spec(module) is not None, module
+
+
+def test_importing_the_experiments_changes_nothing():
+    """No module of the package sets an environment variable or a jax config when imported (a fresh process:
+    jax, torch and diffusers first, as they set variables of their own)."""
+    probe = (
+        "import importlib, os, pkgutil, jax, torch, diffusers\n"
+        "before, platforms = dict(os.environ), jax.config.jax_platforms\n"
+        "import experiments\n"
+        "for sub in ('', '.benchmarks', '.plans', '.studies'):\n"
+        "    for m in pkgutil.iter_modules(importlib.import_module('experiments' + sub).__path__):\n"
+        "        if not m.ispkg: importlib.import_module(f'experiments{sub}.{m.name}')\n"
+        "changed = {k for k in set(os.environ) | set(before) if os.environ.get(k) != before.get(k)}\n"
+        "assert not changed and jax.config.jax_platforms == platforms, (changed, jax.config.jax_platforms)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    done = subprocess.run([sys.executable, "-c", probe], cwd=paths.ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 @pytest.mark.parametrize("bad", ["nope", "dit,bogus"])

@@ -147,7 +147,7 @@ def test_interactive_prompts_switch_the_conditioning(pipe):
 
 
 def test_decode_is_the_decode_stream_runs(pipe):
-    """``pipe.decode`` (the public handle on the compiled chunk decode, timed by experiments/bench_dit.py)
+    """``pipe.decode`` (the public handle on the compiled chunk decode, timed by experiments/benchmarks/bench_dit.py)
     turns a chunk's latent output into exactly the frames the pipeline streams."""
     latents = pipe(**SMALL, num_frames=33, seed=2, output_type="latent")
     frames = pipe(**SMALL, num_frames=33, seed=2)

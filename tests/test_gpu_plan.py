@@ -2,21 +2,17 @@
 
 Needs jax's CUDA plugin (``make gpu-plan`` installs it from locks/gpu-plan.txt); without it every test
 here is skipped with that reason. Nothing runs on a device: inputs are abstract, placed on an H100 of
-``jax.experimental.topologies`` (experiments/gpu_plan.py). The 14B plans take a few minutes on 2 cores.
+``jax.experimental.topologies`` (experiments/plans/gpu_plan.py). The 14B plans take a few minutes on 2 cores.
 """
 
 from __future__ import annotations
-
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
-
-import gpu_plan  # noqa: E402
+from experiments import flop_counts
+from experiments.plans import gpu_plan, roofline
 
 pytestmark = [pytest.mark.gpu_plan,
               pytest.mark.skipif(gpu_plan.plugin_missing() is not None, reason=str(gpu_plan.plugin_missing()))]
@@ -85,10 +81,7 @@ def test_the_float32_copy_check_sees_one(h100):
     assert gpu_plan.compile_plan("upcast", lowered, weights).float32_weight_copies()
 
 
-# --- the roofline (experiments/roofline.py) reads the same plans --------------------------------------------
-
-import common  # noqa: E402
-import roofline  # noqa: E402
+# --- the roofline (experiments/plans/roofline.py) reads the same plans --------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -102,15 +95,15 @@ def tiny_kernels(h100):
 @pytest.mark.parametrize("stage", [0, 2])
 def test_roofline_flops_of_the_dit_forward_equal_dit_flops(tiny_kernels, stage):
     size = gpu_plan.TINY
-    expected = common.dit_flops(size.cfg, size.work, stage)["total"]
+    expected = flop_counts.dit_flops(size.cfg, size.work, stage)["total"]
     assert roofline.matmul_flops(tiny_kernels[f"stage {stage}"]) == pytest.approx(expected, rel=0.01)
     attention = sum(k.count * k.flops for k in tiny_kernels[f"stage {stage}"] if k.kind == "attention")
-    assert attention == pytest.approx(common.dit_flops(size.cfg, size.work, stage)["attention"], rel=0.01)
+    assert attention == pytest.approx(flop_counts.dit_flops(size.cfg, size.work, stage)["attention"], rel=0.01)
 
 
 def test_roofline_counts_every_step_of_the_chunk(tiny_kernels):
     """The chunk's loops (2+2+2 steps around the 2-layer scan) are multiplied out: its FLOPs are the chunk's."""
     size = gpu_plan.TINY
-    expected = common.chunk_flops(size.cfg, size.work, (2, 2, 2), guided=False)
+    expected = flop_counts.chunk_flops(size.cfg, size.work, (2, 2, 2), guided=False)
     assert roofline.matmul_flops(tiny_kernels["chunk"]) == pytest.approx(expected, rel=0.01)
     assert 0 < roofline.other_share(tiny_kernels["chunk"]) < 100

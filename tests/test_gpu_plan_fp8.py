@@ -1,26 +1,19 @@
 """The gpu-plan tier for fp8 weights: the 14B distilled chunk and its VAE decode fit a 24 GB card's 22 GiB.
 
 Needs jax's CUDA plugin (``make gpu-plan``); skipped without it. Nothing runs on a device: the programs are
-compiled for an H100 from abstract inputs (experiments/fp8_plan.py). The two 14B compiles take a few
+compiled for an H100 from abstract inputs (experiments/plans/fp8_plan.py). The two 14B compiles take a few
 minutes on 2 cores.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-
 import jax.numpy as jnp
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
-
-import gpu_plan  # noqa: E402
+from experiments.plans import fp8_plan, gpu_plan
 
 pytestmark = [pytest.mark.gpu_plan, pytest.mark.slow,
               pytest.mark.skipif(gpu_plan.plugin_missing() is not None, reason=str(gpu_plan.plugin_missing()))]
-
-import fp8_plan  # noqa: E402
 
 GIB = 2**30
 

@@ -1,4 +1,4 @@
-"""The gpu-plan tier on 8 H100s (topology 1x1x8): the per-device programs of experiments/mesh_plan.py at a toy
+"""The gpu-plan tier on 8 H100s (topology 1x1x8): the per-device programs of experiments/plans/mesh_plan.py at a toy
 size (8 heads so that context=8 and 4 run Ulysses, 2 layers, 64x64), and the collectives they must hold.
 
 Needs jax's CUDA plugin (``make gpu-plan``); skipped without it. Three compiles of 8-device programs: about
@@ -8,15 +8,11 @@ Needs jax's CUDA plugin (``make gpu-plan``); skipped without it. Three compiles 
 from __future__ import annotations
 
 import dataclasses
-import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
-
-import gpu_plan  # noqa: E402
-import mesh_plan  # noqa: E402
+from experiments import flop_counts
+from experiments.plans import gpu_plan, mesh_plan
 
 pytestmark = [pytest.mark.gpu_plan,
               pytest.mark.skipif(gpu_plan.plugin_missing() is not None, reason=str(gpu_plan.plugin_missing()))]
@@ -36,9 +32,7 @@ def train():
 
 def activation_bytes(stage: int = 2, batch: int = 1) -> int:
     """One block's (B, L, D) bf16 activations over the whole sequence of a pyramid stage."""
-    import common
-
-    noisy, history = common.token_counts(SIZE.cfg, SIZE.work, stage)
+    noisy, history = flop_counts.token_counts(SIZE.cfg, SIZE.work, stage)
     return batch * (noisy + history) * SIZE.cfg.inner_dim * 2
 
 

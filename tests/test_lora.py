@@ -99,7 +99,8 @@ def history_inputs(seed: int = 3) -> dict[str, torch.Tensor]:
 
 
 def test_official_targets_are_406_linears_and_rank_counts_match_the_spec():
-    """TRAINING.md §1.3 at 14B: 406 linear LoRA modules, 4,868,416 params per unit rank; conv LoRA per rank
+    """The official trainer's LoRA at 14B (``lora_layers: all-linear`` in its stage YAMLs; docs/lora.md): 406 linear
+    modules (5 embedder linears, 10 per block x 40, proj_out), 4,868,416 params per unit rank; conv LoRA per rank
     5184 (patch_embedding, short), 5632 (mid), 9216 (long)."""
     cfg = hj.config.read_config(hj.config.TransformerConfig, {
         "num_attention_heads": 40, "attention_head_dim": 128, "in_channels": 16, "out_channels": 16, "text_dim": 4096,

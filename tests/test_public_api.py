@@ -1,4 +1,4 @@
-"""The names DESIGN.md promises users are where it says they are."""
+"""The names docs/design.md promises users (its Contracts) are where it says they are."""
 
 import helios_jax as hj
 

@@ -1,7 +1,7 @@
 """The gpu-plan tier's training steps: the 14B stage-1 step (LoRA r128 + the history patch convs, remat,
-batch 1, 384x640) compiled for an H100 from abstract inputs (experiments/train_plan.py) fits its 80 GB; the
+batch 1, 384x640) compiled for an H100 from abstract inputs (experiments/plans/train_plan.py) fits its 80 GB; the
 14B stage-3b DMD + GAN step's exact state bytes already exceed one H100. Its compiled plans (one H100 and
-fsdp=8) come from experiments/dmd_plan.py (tens of minutes per program on 2 cores, too long for CI; the
+fsdp=8) come from experiments/plans/dmd_plan.py (tens of minutes per program on 2 cores, too long for CI; the
 table is in RESULTS.md).
 
 Needs jax's CUDA plugin (``make gpu-plan``); skipped without it. One 14B compile: about 5 minutes on 2 cores.
@@ -9,16 +9,9 @@ Needs jax's CUDA plugin (``make gpu-plan``); skipped without it. One 14B compile
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
-
-import dmd_plan  # noqa: E402
-import gpu_plan  # noqa: E402
-import train_plan  # noqa: E402
+from experiments.plans import dmd_plan, gpu_plan, train_plan
 
 pytestmark = [pytest.mark.gpu_plan, pytest.mark.slow,
               pytest.mark.skipif(gpu_plan.plugin_missing() is not None, reason=str(gpu_plan.plugin_missing()))]
@@ -48,7 +41,7 @@ def test_the_step_uses_cudnn_attention(stage1):
     assert stage1.plan.cudnn_attention, stage1.plan.custom_calls
 
 
-# --- stage 3b: the DMD + GAN steps (experiments/dmd_plan.py; issue 12 item 6) ----------------------------
+# --- stage 3b: the DMD + GAN steps (experiments/plans/dmd_plan.py; issue 12 item 6) ----------------------------
 
 SIZE = gpu_plan.HELIOS_14B
 

@@ -1,4 +1,5 @@
-"""A tiny training setup for the trainer tests and the step benchmark, on the package's own stages.
+"""A tiny training setup for the trainer tests, on the package's own stages; its model, LoRA and stage-1 loss are
+experiments/tiny_training.py's, the setup the step benchmark times.
 
 Synthetic videos (a coloured square moving over a plain background), each 33-frame section encoded
 independently by the embedded demo checkpoint's VAE (posterior sample, normalised), as the official
@@ -16,18 +17,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from helios_jax.config import TransformerConfig
-from helios_jax.models import lora as lora_lib
-from helios_jax.models import transformer as dit
+from experiments.tiny_training import (  # noqa: F401  (the tests use them as training_fixtures.*)
+    CONFIG,
+    PIXELS,
+    SPEC,
+    SUBSET,
+    TEXT_TOKENS,
+    make_stage1_loss,
+    stage1_variables,
+    stage_model,
+)
 from helios_jax.models import vae as vae_lib
 from helios_jax.training import data, history, losses, stages, trainer
-
-PIXELS = 32  # video height and width: latents of 4 x 4
-TEXT_TOKENS = 8
-CONFIG = TransformerConfig(num_attention_heads=2, attention_head_dim=32, in_channels=16, out_channels=16, text_dim=64,
-                           freq_dim=32, ffn_dim=128, num_layers=2, rope_dim=(12, 10, 10))
-SPEC = lora_lib.LoraSpec(rank=16, patch_embedding=True)  # stage 1: LoRA on every linear and the patch embedding
-SUBSET = "lora+history_patches"
 
 
 def moving_square_videos(clips: int, sections: int, seed: int = 0, pixels: int = PIXELS) -> np.ndarray:
@@ -74,31 +75,11 @@ def dataset(latents: np.ndarray, prompt_embeds: np.ndarray, batch: int, seed: in
     return grain.MapDataset.source(samples).shuffle(seed=seed).repeat().batch(batch, drop_remainder=True)
 
 
-def stage_model(remat: bool = True, dtype=jnp.bfloat16) -> stages.StageModel:
-    return stages.StageModel(dit.HeliosTransformer(CONFIG, remat=remat), dtype, SPEC.scale)
-
-
-def make_stage1_loss(remat: bool = True, dtype=jnp.bfloat16):
-    """The real stage-1 loss with the official context (random drops 0.4 / 0.4, noise corruption)."""
-    return functools.partial(stages.stage1_loss, stage_model(remat, dtype), history.ContextConfig(),
-                             losses.TimestepSampling())
-
-
 def make_stage2_losses(remat: bool = True, dtype=jnp.bfloat16) -> tuple:
     """The real stage 2-post terms: one per pyramid stage (ratios [1, 1, 1]), uniform timesteps."""
     pyramid = stages.PyramidSettings(losses.PyramidSchedule.create(), (1, 1, 1), losses.TimestepSampling("none"))
     return tuple(functools.partial(stages.pyramid_loss, stage_model(remat, dtype), history.ContextConfig(), pyramid, i)
                  for i in range(3))
-
-
-def stage1_variables(seed: int = 0, dtype=jnp.bfloat16) -> tuple[dict, dict]:
-    """(trainable, frozen) of a random tiny DiT with a fresh LoRA: the frozen base in ``dtype`` but the
-    reference's float32 modules, the trainables in float32."""
-    params = dit.init_params(CONFIG, jax.random.key(seed))
-    variables = {"params": params, "lora": lora_lib.init_lora(SPEC, params, jax.random.key(seed + 1))}
-    trainable, frozen = trainer.partition(variables, lora_lib.trainable_mask(variables, SUBSET))
-    frozen = trainer.cast_params(frozen, dtype, dit.keeps_fp32)
-    return trainable, frozen
 
 
 export = functools.partial(stages.export_lora, SPEC, CONFIG)

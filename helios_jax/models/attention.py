@@ -34,7 +34,7 @@ def default_impl(dtype, platform: str | None = None) -> str:
     """cuDNN flash attention where it applies (a GPU, 16-bit inputs), else XLA's.
 
     ``platform`` ("gpu", "cpu", ...) is the device the program is for, by default JAX's default backend;
-    a plan compiled here for a GPU that is not here (experiments/gpu_plan.py) names it.
+    a plan compiled here for a GPU that is not here (experiments/plans/gpu_plan.py) names it.
 
     XLA's attention materialises the (heads, tokens, tokens) logits in float32: 19.5 GB per layer at
     Helios' 11,040-token stage, which is why a GPU run should never default to it.

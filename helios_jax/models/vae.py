@@ -30,7 +30,7 @@ it should be the faster of the two on a GPU: each convolution is one large cuDNN
 plus cache copies, and no call waits on the previous one. Helios decodes every 9-latent chunk afresh
 (the reference clears its cache at each ``decode``), so no state has to cross calls. The price is
 memory: all frames of a chunk are live at once; XLA's CPU plan for 9 latents at 384x640 needs about
-12 GiB of scratch. experiments/bench_vae.py measures both on a GPU.
+12 GiB of scratch. experiments/benchmarks/bench_vae.py measures both on a GPU.
 """
 
 from __future__ import annotations

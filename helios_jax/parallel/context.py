@@ -87,7 +87,7 @@ def constrain_tokens(x: jax.Array) -> jax.Array:
     """Re-state the split of (B, L, D) activations: tokens over ``context``, the batch over ``data``/``fsdp``,
     the width whole. Without it, weights split over ``fsdp`` on their width (FSDP) lead XLA to split the
     activations' width too and all-reduce every norm and GEMM over the whole batch, instead of gathering
-    each layer's weights (experiments/mesh_plan.py measured it). A no-op without a mesh that splits either."""
+    each layer's weights (experiments/plans/mesh_plan.py measured it). A no-op without a mesh that splits either."""
     mesh = active_mesh()
     if mesh is not None:
         return jax.lax.with_sharding_constraint(x, token_spec(mesh, x.shape[0]))

@@ -300,7 +300,7 @@ def negative_prompt_embeds(recipe: Recipe, length: int, dtype: Any) -> jax.Array
 
 
 def make_duel(recipe: Recipe, nets: DmdNets, settings: DmdSettings) -> Duel:
-    """The two players of ``recipe`` over ``nets`` (what ``prepare`` trains and experiments/dmd_plan.py compiles)."""
+    """The two players of ``recipe`` over ``nets`` (what ``prepare`` trains and experiments/plans/dmd_plan.py compiles)."""
     t = recipe.section("training_config")
     return Duel(Player(generator_loss, nets, settings), Player(critic_loss, nets, settings),
                 recipe.critic_optimizer(), t["dfake_gen_update_ratio"],

@@ -1,8 +1,8 @@
 """The 14B Helios DiT on one GPU, random bf16 weights: forwards and whole chunks (FPS) per attention impl.
 
-    python experiments/bench_dit.py                       # every measurement, every impl
-    python experiments/bench_dit.py --measure forward --impls cudnn,pallas --stages 2
-    python experiments/bench_dit.py --measure distilled --impls cudnn --pyramid-steps 2,2,2 --amplify 0
+    python -m experiments.benchmarks.bench_dit                       # every measurement, every impl
+    python -m experiments.benchmarks.bench_dit --measure forward --impls cudnn,pallas --stages 2
+    python -m experiments.benchmarks.bench_dit --measure distilled --impls cudnn --pyramid-steps 2,2,2 --amplify 0
 
 Each measurement is one function of a ``Bench`` (config, weights on the device, the workload, the
 matmul rate measured in this run) returning a ``Table``; ``MEASUREMENTS`` names them, and
@@ -25,7 +25,7 @@ sampling = steady chunk - decode.
 ``base``: the base setting, ``HeliosPipeline`` with a single-stage UniPC HeliosScheduler, 50 steps
 with CFG 5.0 (negative embeddings given), one stream of ``--base-chunks`` chunks (the first compiles).
 
-MFU is model FLOPs (``common.dit_flops``: every matmul, attention included; for a chunk, forwards per
+MFU is model FLOPs (``flop_counts.dit_flops``: every matmul, attention included; for a chunk, forwards per
 stage x FLOPs per forward) per second over the bf16 matmul rate measured in the same process; for a
 chunk it is taken over the sampling time. Memory is XLA's plan for the compiled forward (weights,
 inputs, outputs and temporaries); for chunks, the process peak after each row (monotone within a run:
@@ -43,17 +43,17 @@ import tempfile
 import time
 from typing import Any, Callable
 
-os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")  # 28 GB of weights plus XLA attention's logits
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-import common  # noqa: E402
-from helios_jax.compilation import enable_compilation_cache  # noqa: E402
-from helios_jax.config import TransformerConfig, VAEConfig  # noqa: E402
-from helios_jax.models import vae as vae_lib  # noqa: E402
-from helios_jax.models.transformer import HeliosTransformer, keeps_fp32, param_shapes  # noqa: E402
-from helios_jax.pipeline import HeliosPipeline, PipelineSpec  # noqa: E402
+from experiments import flop_counts, provenance, reporting, timing, workloads
+from experiments.benchmarks import chunk_bench
+from experiments.model_inputs import random_params, stage_inputs
+from helios_jax.compilation import enable_compilation_cache
+from helios_jax.config import TransformerConfig, VAEConfig
+from helios_jax.models import vae as vae_lib
+from helios_jax.models.transformer import HeliosTransformer
+from helios_jax.pipeline import HeliosPipeline, PipelineSpec
 
 VAE_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 
@@ -66,20 +66,20 @@ class Table:
     notes: str = ""
 
     def markdown(self) -> str:
-        return f"{self.title}\n\n{common.markdown_table(self.headers, self.rows)}{self.notes}"
+        return f"{self.title}\n\n{reporting.markdown_table(self.headers, self.rows)}{self.notes}"
 
 
 @dataclasses.dataclass
 class Bench:
     cfg: TransformerConfig
-    work: common.Workload
+    work: workloads.Workload
     params: Any
     impls: list[str]
     stages: list[int]
     reps: int
     warmup: int
     matmul_tflops: float
-    chunk: common.ChunkSettings | None = None  # what the chunk measurements generate
+    chunk: chunk_bench.ChunkSettings | None = None  # what the chunk measurements generate
     vaes: dict[str, tuple[VAEConfig, Any]] = dataclasses.field(default_factory=dict)  # by dtype name, made once
     compilation_cache: str = ""  # the persistent cache the chunk pipelines use, and how full it was at the start
 
@@ -89,29 +89,6 @@ class Bench:
             cfg = VAEConfig(**self.chunk.vae_kwargs)
             self.vaes[dtype_name] = cfg, random_vae_params(cfg, jax.random.key(2), VAE_DTYPES[dtype_name])
         return self.vaes[dtype_name]
-
-
-def leaf_dtype(path: tuple, dtype: Any) -> Any:
-    """A param's dtype after loading in ``dtype``: float32 for the modules the reference keeps so."""
-    return jnp.float32 if keeps_fp32(tuple(getattr(k, "key", str(k)) for k in path)) else dtype
-
-
-def normal(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
-    """Standard normal, drawn flat and reshaped (threefry over 4-D and 5-D shapes compiles very slowly on the CPU)."""
-    return jax.random.normal(key, (math.prod(shape),), dtype).reshape(shape)
-
-
-def random_params(cfg: TransformerConfig, key: jax.Array, dtype: Any = jnp.bfloat16, std: float = 0.02) -> Any:
-    """Random normal weights made on the device by one jitted function (no host copies), in the dtypes
-    ``leaf_dtype`` gives."""
-    flat, tree = jax.tree_util.tree_flatten_with_path(param_shapes(cfg))
-
-    @jax.jit
-    def make(key):
-        return tree.unflatten([std * normal(jax.random.fold_in(key, i), leaf.shape, leaf_dtype(path, dtype))
-                               for i, (path, leaf) in enumerate(flat)])
-
-    return make(key)
 
 
 def random_vae_params(cfg: VAEConfig, key: jax.Array, dtype: Any = jnp.float32) -> Any:
@@ -137,29 +114,10 @@ def random_vae_params(cfg: VAEConfig, key: jax.Array, dtype: Any = jnp.float32) 
     return make(key)
 
 
-def stage_inputs(cfg: TransformerConfig, work: common.Workload, stage: int, key: jax.Array) -> dict[str, jax.Array]:
-    """The DiT's arguments at one pyramid stage: random bf16 latents and text, the pipeline's frame indices."""
-    b, c = work.batch, cfg.in_channels
-    h, w = work.stages[stage]
-    indices = work.frame_indices()
-    keys = iter(jax.random.split(key, 8))
-    normal = lambda shape: jax.random.normal(next(keys), shape, jnp.bfloat16)  # noqa: E731
-    inputs = {
-        "hidden_states": normal((b, c, work.frames, h, w)),
-        "timestep": jnp.full((b,), 999.0, jnp.float32),
-        "encoder_hidden_states": normal((b, work.text_tokens, cfg.text_dim)),
-        "indices_hidden_states": jnp.array([indices["noisy"]], jnp.int32),
-    }
-    for name, frames in work.history_frames:
-        inputs[f"latents_history_{name}"] = normal((b, c, frames, *work.history_hw))
-        inputs[f"indices_latents_history_{name}"] = jnp.array([indices[name]], jnp.int32)
-    return inputs
-
-
 def matmul_tflops(n: int, reps: int) -> float:
     """bf16 matmul rate of this device on random data: the ceiling MFU is measured against."""
     a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.bfloat16) for i in (1, 2))
-    ms = common.median_ms(lambda: jax.jit(jnp.matmul)(a, b), jax.block_until_ready, warmup=2, reps=reps)
+    ms = timing.median_ms(lambda: jax.jit(jnp.matmul)(a, b), jax.block_until_ready, warmup=2, reps=reps)
     return 2 * n**3 / ms / 1e9
 
 
@@ -172,8 +130,8 @@ def measure_forward(bench: Bench) -> Table:
     cfg, work = bench.cfg, bench.work
     rows = []
     for stage in bench.stages:
-        noisy, history = common.token_counts(cfg, work, stage)
-        flops = common.dit_flops(cfg, work, stage)
+        noisy, history = flop_counts.token_counts(cfg, work, stage)
+        flops = flop_counts.dit_flops(cfg, work, stage)
         inputs = stage_inputs(cfg, work, stage, jax.random.key(100 + stage))
         first = None
         for impl in bench.impls:
@@ -184,9 +142,9 @@ def measure_forward(bench: Bench) -> Table:
                 compile_s = time.perf_counter() - start
                 run = lambda: compiled({"params": bench.params}, **inputs)  # noqa: E731
                 out = run()
-                ms = common.median_ms(run, jax.block_until_ready, warmup=bench.warmup, reps=bench.reps)
+                ms = timing.median_ms(run, jax.block_until_ready, warmup=bench.warmup, reps=bench.reps)
             except Exception as e:  # an impl that fails here (no cuDNN, out of memory) must not hide the rest
-                rows.append(common.failed_row([stage, f"{noisy}+{history}", impl], e, 10))
+                rows.append(chunk_bench.failed_row([stage, f"{noisy}+{history}", impl], e, 10))
                 continue
             mem = compiled.memory_analysis()  # XLA's buffer plan; None where a backend gives none
             planned = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
@@ -196,16 +154,16 @@ def measure_forward(bench: Bench) -> Table:
             diff = "" if first is None else rel_diff(out, first[1])
             first = first or (impl, out)
             rows.append([stage, f"{noisy}+{history}", impl, compile_s, ms, tflops,
-                         100 * tflops / bench.matmul_tflops, common.gib(planned), common.gib(temp), diff])
+                         100 * tflops / bench.matmul_tflops, reporting.gib(planned), reporting.gib(temp), diff])
     headers = ["stage", "tokens (noisy+history)", "impl", "compile s", "ms/forward", "TFLOP/s", "MFU %",
                "planned GiB", "temp GiB", f"rel diff vs {bench.impls[0]}"]
     notes = ""
     for stage in bench.stages:
-        flops = common.dit_flops(cfg, work, stage)
+        flops = flop_counts.dit_flops(cfg, work, stage)
         notes += (f"\nstage {stage}: {flops['total'] / 1e12:.1f} TFLOP per forward, "
                   f"{100 * flops['attention'] / flops['total']:.0f}% of it in attention.")
     notes += "\n"
-    title = (f"DiT forward, {cfg.num_layers} layers x {cfg.inner_dim} ({common.workload_label(work)}), bf16 weights, "
+    title = (f"DiT forward, {cfg.num_layers} layers x {cfg.inner_dim} ({workloads.workload_label(work)}), bf16 weights, "
              f"median of {bench.reps} after {bench.warmup} warm-ups; MFU against {bench.matmul_tflops:.4g} TFLOP/s "
              "(bf16 matmul measured in this run).")
     return Table(title, headers, rows, notes)
@@ -214,7 +172,7 @@ def measure_forward(bench: Bench) -> Table:
 def peak_gib() -> Any:
     """The process's peak device memory so far in GiB ('' where the backend keeps no statistics)."""
     peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
-    return common.gib(peak) if peak else ""
+    return reporting.gib(peak) if peak else ""
 
 
 def chunk_seconds(pipe: HeliosPipeline, chunks: int, **settings: Any) -> list[float]:
@@ -222,7 +180,7 @@ def chunk_seconds(pipe: HeliosPipeline, chunks: int, **settings: Any) -> list[fl
     preparation and any compilation); a chunk counts when its frames are on the host."""
     times = []
     start = time.perf_counter()
-    frames = common.video_frames(settings["num_latent_frames_per_chunk"])
+    frames = workloads.video_frames(settings["num_latent_frames_per_chunk"])
     for _ in pipe.stream(num_frames=chunks * frames, seed=0, progress=False, **settings):
         now = time.perf_counter()
         times.append(now - start)
@@ -235,12 +193,13 @@ def chunk_seconds(pipe: HeliosPipeline, chunks: int, **settings: Any) -> list[fl
 def decode_seconds(pipe: HeliosPipeline, bench: Bench, key: jax.Array) -> tuple[float, float]:
     """(first call s, median s) of the pipeline's compiled decode of one chunk's latents."""
     s = bench.chunk
-    shape = (1, bench.cfg.in_channels, s.latent_frames, s.height // common.VAE_FACTOR, s.width // common.VAE_FACTOR)
+    factor = workloads.VAE_FACTOR
+    shape = (1, bench.cfg.in_channels, s.latent_frames, s.height // factor, s.width // factor)
     latents = jax.random.normal(key, shape, jnp.float32)
     start = time.perf_counter()
     jax.block_until_ready(pipe.decode(latents))
     first_s = time.perf_counter() - start
-    ms = common.median_ms(lambda: pipe.decode(latents), jax.block_until_ready, warmup=bench.warmup, reps=bench.reps)
+    ms = timing.median_ms(lambda: pipe.decode(latents), jax.block_until_ready, warmup=bench.warmup, reps=bench.reps)
     return first_s, ms / 1e3
 
 
@@ -250,23 +209,23 @@ def text_embeddings(bench: Bench, seed: int) -> jax.Array:
     return jax.random.normal(jax.random.key(seed), shape, jnp.bfloat16)
 
 
-def chunk_title(what: str, bench: Bench, work: common.Workload) -> str:
+def chunk_title(what: str, bench: Bench, work: workloads.Workload) -> str:
     s = bench.chunk
     return (f"{what}, {bench.cfg.num_layers} layers x {bench.cfg.inner_dim} bf16 DiT + VAE "
             f"(base_dim {VAEConfig(**s.vae_kwargs).base_dim}), {s.height}x{s.width}, "
-            f"{common.video_frames(s.latent_frames)} frames "
-            f"per chunk ({common.workload_label(work)}); decode: median of {bench.reps} after {bench.warmup} "
+            f"{workloads.video_frames(s.latent_frames)} frames "
+            f"per chunk ({workloads.workload_label(work)}); decode: median of {bench.reps} after {bench.warmup} "
             f"warm-ups; MFU of the sampling against {bench.matmul_tflops:.4g} TFLOP/s (bf16 matmul measured in "
             f"this run). XLA compilation cache: {bench.compilation_cache}.")
 
 
 def measure_distilled(bench: Bench) -> Table:
     s = bench.chunk
-    work = common.chunk_workload(s.height, s.width, 3, s.text_tokens, s.latent_frames)
-    scheduler = common.distilled_scheduler()
-    work_frames = common.video_frames(s.latent_frames)
+    work = workloads.chunk_workload(s.height, s.width, 3, s.text_tokens, s.latent_frames)
+    scheduler = workloads.distilled_scheduler()
+    work_frames = workloads.video_frames(s.latent_frames)
     context = text_embeddings(bench, 1)
-    headers = ["impl", "VAE", "steps", "amplify 1st", "decode compile s", *common.CHUNK_HEADERS]
+    headers = ["impl", "VAE", "steps", "amplify 1st", "decode compile s", *chunk_bench.CHUNK_HEADERS]
     rows = []
     for vae_name in s.vae_dtypes:
         for impl in bench.impls:
@@ -275,10 +234,10 @@ def measure_distilled(bench: Bench) -> Table:
                                       PipelineSpec(pyramid=True, is_distilled=True), attention_impl=impl)
                 decode_compile_s, decode_s = decode_seconds(pipe, bench, jax.random.key(3))
             except Exception as e:  # an impl that fails here must not hide the rest
-                rows.append(common.failed_row([impl, vae_name], e, len(headers)))
+                rows.append(chunk_bench.failed_row([impl, vae_name], e, len(headers)))
                 continue
             for steps in s.pyramid_steps:
-                flops = common.chunk_flops(bench.cfg, work, steps, guided=False)
+                flops = flop_counts.chunk_flops(bench.cfg, work, steps, guided=False)
                 for amplify in s.amplify:
                     label = [impl, vae_name, "+".join(map(str, steps)), "yes" if amplify else "no"]
                     settings = dict(prompt_embeds=context, height=s.height, width=s.width, guidance_scale=1.0,
@@ -288,14 +247,14 @@ def measure_distilled(bench: Bench) -> Table:
                         cold = chunk_seconds(pipe, 2, **settings)
                         timed = chunk_seconds(pipe, s.chunks, **settings)
                     except Exception as e:
-                        rows.append(common.failed_row(label, e, len(headers)))
+                        rows.append(chunk_bench.failed_row(label, e, len(headers)))
                         continue
-                    rows.append(common.chunk_row([*label, decode_compile_s], cold[0], timed[0], timed[1:], decode_s,
+                    rows.append(chunk_bench.chunk_row([*label, decode_compile_s], cold[0], timed[0], timed[1:], decode_s,
                                                  work_frames, flops, bench.matmul_tflops, peak_gib()))
-                    print(common.markdown_table(headers, rows[-1:]).splitlines()[-1], flush=True)
+                    print(reporting.markdown_table(headers, rows[-1:]).splitlines()[-1], flush=True)
             del pipe
     notes = "".join(
-        f"\n{'+'.join(map(str, steps))} steps: {common.chunk_flops(bench.cfg, work, steps, False) / 1e15:.3g} PFLOP "
+        f"\n{'+'.join(map(str, steps))} steps: {flop_counts.chunk_flops(bench.cfg, work, steps, False) / 1e15:.3g} PFLOP "
         "of DiT per steady chunk." for steps in s.pyramid_steps)
     notes += (f"\nA stream of {s.chunks} chunks per row after a 2-chunk warm-up stream; steady = median of its "
               f"chunks 2..{s.chunks}; FPS = {work_frames} / steady chunk s. The amplified first chunk runs "
@@ -306,12 +265,12 @@ def measure_distilled(bench: Bench) -> Table:
 
 def measure_base(bench: Bench) -> Table:
     s = bench.chunk
-    work = common.chunk_workload(s.height, s.width, 1, s.text_tokens, s.latent_frames)
-    scheduler = common.base_scheduler(s.base_shift)
+    work = workloads.chunk_workload(s.height, s.width, 1, s.text_tokens, s.latent_frames)
+    scheduler = workloads.base_scheduler(s.base_shift)
     context, negative = text_embeddings(bench, 1), text_embeddings(bench, 4)
     vae_name = s.vae_dtypes[0]
-    flops = common.chunk_flops(bench.cfg, work, (s.base_steps,), guided=True)
-    headers = ["impl", "VAE", "steps", "guidance", "decode compile s", *common.CHUNK_HEADERS]
+    flops = flop_counts.chunk_flops(bench.cfg, work, (s.base_steps,), guided=True)
+    headers = ["impl", "VAE", "steps", "guidance", "decode compile s", *chunk_bench.CHUNK_HEADERS]
     rows = []
     for impl in bench.impls:
         label = [impl, vae_name, s.base_steps, f"CFG {s.guidance_scale:g}"]
@@ -325,11 +284,11 @@ def measure_base(bench: Bench) -> Table:
                                   guidance_scale=s.guidance_scale)
             del pipe
         except Exception as e:
-            rows.append(common.failed_row(label, e, len(headers)))
+            rows.append(chunk_bench.failed_row(label, e, len(headers)))
             continue
-        rows.append(common.chunk_row([*label, decode_compile_s], timed[0], "", timed[1:], decode_s,
-                                     common.video_frames(s.latent_frames), flops, bench.matmul_tflops, peak_gib()))
-        print(common.markdown_table(headers, rows[-1:]).splitlines()[-1], flush=True)
+        rows.append(chunk_bench.chunk_row([*label, decode_compile_s], timed[0], "", timed[1:], decode_s,
+                                     workloads.video_frames(s.latent_frames), flops, bench.matmul_tflops, peak_gib()))
+        print(reporting.markdown_table(headers, rows[-1:]).splitlines()[-1], flush=True)
     notes = (f"\n{flops / 1e15:.3g} PFLOP of DiT per chunk ({s.base_steps} steps x 2 forwards at "
              f"{work.stages[0][0]}x{work.stages[0][1]}). One stream of {s.base_chunks} chunks per impl: the first "
              f"compiles (cold), steady = median of the rest. Scheduler: single-stage UniPC, shift {s.base_shift:g} "
@@ -347,24 +306,24 @@ MEASUREMENTS: dict[str, Callable[[Bench], Table]] = {
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.bench_arguments(parser, list(MEASUREMENTS))
+    chunk_bench.bench_arguments(parser, list(MEASUREMENTS))
     parser.add_argument("--impls", default=None,
                         help="attention impls (default: cudnn,pallas,xla on a GPU; xla,pallas on a CPU)")
     parser.add_argument("--compilation-cache", default=None,
                         help="persistent XLA cache folder (default: a fresh one per run, so first chunks compile "
                              "cold; pipelines of one run share the programs they have in common, e.g. the decoder)")
     args = parser.parse_args(argv)
-    measures = common.selected_measures(parser, args, list(MEASUREMENTS))
+    measures = chunk_bench.selected_measures(parser, args, list(MEASUREMENTS))
 
     device = jax.devices()[0]
     on_gpu = device.platform == "gpu"
-    cfg = TransformerConfig(**common.tiny_config_kwargs()) if args.tiny else TransformerConfig()
-    work = common.TINY if args.tiny else common.HELIOS
+    cfg = TransformerConfig(**workloads.tiny_config_kwargs()) if args.tiny else TransformerConfig()
+    work = workloads.TINY if args.tiny else workloads.HELIOS
     impls = (args.impls or ("cudnn,pallas,xla" if on_gpu else "xla,pallas")).split(",")
     stages = [int(s) for s in args.stages.split(",")] if args.stages else list(range(len(work.stages)))
-    env = common.jax_environment("flax", "numpy")
-    print(common.describe(env), flush=True)
-    chunk = common.chunk_settings(args, work.text_tokens)
+    env = provenance.jax_environment("flax", "numpy")
+    print(provenance.describe(env), flush=True)
+    chunk = chunk_bench.chunk_settings(args, work.text_tokens)
     cache_note = ""
     if set(measures) - {"forward"}:
         cache = enable_compilation_cache(args.compilation_cache or tempfile.mkdtemp(prefix="bench-dit-xla-"))
@@ -382,12 +341,13 @@ def main(argv: list[str] | None = None) -> dict:
     tables = [MEASUREMENTS[name](bench) for name in measures]
     stats = device.memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
-    peak = f"\nProcess peak device memory: {common.gib(peak):.1f} GiB.\n" if peak else ""
+    peak = f"\nProcess peak device memory: {reporting.gib(peak):.1f} GiB.\n" if peak else ""
     body = "\n\n".join(t.markdown() for t in tables) + peak
     result = {"env": env, "matmul_tflops": rate, "params": n_params,
               "tables": {name: dataclasses.asdict(t) for name, t in zip(measures, tables)}}
-    return common.report("bench_dit", env, body, result, args)
+    return reporting.report("bench_dit", env, body, result, args)
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")  # 28 GB of weights plus XLA attention's logits
     main()

@@ -1,9 +1,9 @@
 """Every GPU measurement of the project in one command, and the JAX / PyTorch table from them.
 
-    python3 experiments/run_all.py --setup                 # on the GPU machine: everything
-    python3 experiments/run_all.py --setup --parts distilled-cudnn,reference-distilled-eager
-    python experiments/run_all.py --merge results.md       # here: add a run's sections to RESULTS.md
-    python experiments/run_all.py --combine out/bench      # here: JAX / torch tables from several calls' JSON
+    python3 -m experiments.benchmarks.run_all --setup            # on the GPU machine: everything
+    python3 -m experiments.benchmarks.run_all --setup --parts distilled-cudnn,reference-distilled-eager
+    python -m experiments.benchmarks.run_all --merge results.md  # here: add a run's sections to RESULTS.md
+    python -m experiments.benchmarks.run_all --combine out/bench # here: JAX / torch tables from several calls' JSON
 
 Parts, in this order (each one a fresh process, so that JAX and torch each get the whole GPU):
 ``dit`` (bench_dit.py: DiT forwards), ``reference`` (bench_reference.py: the same in torch),
@@ -34,9 +34,9 @@ import sys
 import time
 import tomllib
 
-import common
+from experiments import paths, processes, reporting
 
-DIT, REFERENCE = "experiments/bench_dit.py", "experiments/bench_reference.py"
+DIT, REFERENCE = "experiments.benchmarks.bench_dit", "experiments.benchmarks.bench_reference"
 # Where the chunk parts keep XLA's compiled programs: it lives as long as the device machine stays warm, so a
 # part cut off by the 10-minute limit and run again, or the next impl's decoder, does not compile again.
 XLA_CACHE = "/tmp/helios-bench-xla-cache"
@@ -45,10 +45,11 @@ PARTS = {
     "reference": [REFERENCE, "--measure", "forward"],
     "distilled": [DIT, "--measure", "distilled", "--compilation-cache", XLA_CACHE],
     "reference-distilled": [REFERENCE, "--measure", "distilled"],
-    "attention": ["experiments/bench_attention.py", "--tune", "--mosaic"],
-    # -P: the checkout's root stays off sys.path, so tests import the installed package (kernels/ maps into it).
-    "tests": ["-P", "-m", "pytest", "tests/test_kernels.py", "-q", "-rs", "--durations=10"],
-    "compile": ["experiments/compile_study.py", "--run"],
+    "attention": ["experiments.benchmarks.bench_attention", "--tune", "--mosaic"],
+    # pytest puts pyproject's pythonpath (tests and the checkout's root, for experiments) first on sys.path; here
+    # only tests/, so that the tests import the installed package (kernels/ maps into it), not helios_jax/.
+    "tests": ["pytest", "-o", "pythonpath=tests", "tests/test_kernels.py", "-q", "-rs", "--durations=10"],
+    "compile": ["experiments.studies.compile_study", "--run"],
     "base": [DIT, "--measure", "base", "--compilation-cache", XLA_CACHE],
     "reference-base": [REFERENCE, "--measure", "base"],
 }
@@ -70,12 +71,12 @@ def setup(env: dict[str, str]) -> None:
     The package is copied as pyproject's ``package-dir`` maps it (kernels/ and convert/ inside
     helios_jax), which needs no build backend; wheels (pure Python: diffusers) are unpacked by pip.
     """
-    with open(os.path.join(common.ROOT, "pyproject.toml"), "rb") as f:
+    with open(os.path.join(paths.ROOT, "pyproject.toml"), "rb") as f:
         package_dirs = tomllib.load(f)["tool"]["setuptools"]["package-dir"]
     for package, folder in sorted(package_dirs.items()):  # parents before their subpackages
-        shutil.copytree(os.path.join(common.ROOT, folder), os.path.join(SITE, *package.split(".")),
+        shutil.copytree(os.path.join(paths.ROOT, folder), os.path.join(SITE, *package.split(".")),
                         dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
-    wheel_dir = os.path.join(common.ROOT, ".whl")
+    wheel_dir = os.path.join(paths.ROOT, ".whl")
     wheels = sorted(os.path.join(wheel_dir, f) for f in os.listdir(wheel_dir) if f.endswith(".whl")) \
         if os.path.isdir(wheel_dir) else []
     if wheels:
@@ -86,16 +87,19 @@ def setup(env: dict[str, str]) -> None:
 
 
 def run_part(name: str, out: str, env: dict[str, str], extra: list[str], log) -> bool:
-    """Run one part in its own process, tee its output into the log; True if it succeeded."""
-    command = [sys.executable, *PARTS[name], *extra]
+    """Run one part in its own process (``python -P -m`` its module), tee its output into the log; True if it
+    succeeded."""
+    command = processes.command(*PARTS[name], *extra)
     if name != "tests":
         command += ["--json", os.path.join(out, f"{name}.json"), "--results", os.path.join(out, "results.md")]
-    banner = f"\n=== {name}: {' '.join(command[1:])}\n"
+    banner = f"\n=== {name}: {' '.join(command[3:])}\n"
     print(banner, end="", flush=True)
     log.write(banner)
     start = time.perf_counter()
-    child_env = dict(env, JAX_PLATFORMS=env.get("JAX_PLATFORMS", "cuda")) if name == "tests" else env
-    with subprocess.Popen(command, cwd=common.ROOT, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    child_env = processes.environment(env)
+    if name == "tests":
+        child_env.setdefault("JAX_PLATFORMS", "cuda")
+    with subprocess.Popen(command, cwd=paths.ROOT, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, bufsize=1) as child:
         for line in child.stdout:
             print(line, end="", flush=True)
@@ -130,7 +134,7 @@ def forward_ratio(jax_table: dict, torch_table: dict) -> str:
                "torch eager cudnn ms", "torch compiled flash ms", "best JAX / best torch", "torch ms / JAX ms"]
     return ("DiT forward, JAX (bench_dit) against diffusers + torch (bench_reference), same weights' shapes and "
             "inputs; > 1 in the last column: JAX is faster (the aim is >= 1.1).\n\n"
-            + common.markdown_table(headers, rows))
+            + reporting.markdown_table(headers, rows))
 
 
 def chunk_ratio(jax_table: dict, torch_table: dict, what: str) -> str:
@@ -164,7 +168,7 @@ def chunk_ratio(jax_table: dict, torch_table: dict, what: str) -> str:
                "best JAX s/chunk", "best torch s/chunk", "best JAX / best torch", "JAX FPS / torch FPS"]
     return (f"{what}, JAX (bench_dit) against diffusers + torch (bench_reference): steady-state FPS per setting "
             "(frames per chunk over the median steady chunk); > 1 in the last column: JAX is faster.\n\n"
-            + common.markdown_table(headers, rows))
+            + reporting.markdown_table(headers, rows))
 
 
 RATIOS = {
@@ -207,18 +211,18 @@ def combine(out: str, log=None, results: str | None = None) -> bool:
     print("\n" + body, flush=True)
     if log is not None:
         log.write("\n" + body)
-    common.append_results("run_all: JAX vs PyTorch", env, body, results or os.path.join(out, "results.md"))
+    reporting.append_results("run_all: JAX vs PyTorch", env, body, results or os.path.join(out, "results.md"))
     return True
 
 
-def merge(path: str, results: str = common.RESULTS) -> None:
+def merge(path: str, results: str = paths.RESULTS) -> None:
     """Append the sections of a run's results.md (everything after its header) to RESULTS.md."""
     text = open(path, encoding="utf-8").read()
     sections = text[text.index("\n## "):] if "\n## " in text else ""
     if not sections:
         raise SystemExit(f"{path}: no '## ' sections to merge")
-    old = open(results, encoding="utf-8").read() if os.path.exists(results) else common.RESULTS_HEADER
-    common.write_atomic(results, old.rstrip("\n") + "\n" + sections.rstrip("\n") + "\n")
+    old = open(results, encoding="utf-8").read() if os.path.exists(results) else reporting.RESULTS_HEADER
+    reporting.write_atomic(results, old.rstrip("\n") + "\n" + sections.rstrip("\n") + "\n")
     print(f"appended {sections.count(chr(10) + '## ')} section(s) of {path} to {results}")
 
 
@@ -226,9 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default=",".join(DEFAULT_PARTS),
                         help=f"comma-separated, in the order given, among {list(PARTS)} (default: {DEFAULT_PARTS})")
-    parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join(common.ROOT, "out", "bench"),
+    parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join(paths.ROOT, "out", "bench"),
                         help="where JSON, logs and results.md go (default: $OUT if set, else out/bench)")
-    parser.add_argument("--carried", default=os.path.join(common.ROOT, "out", "bench"),
+    parser.add_argument("--carried", default=os.path.join(paths.ROOT, "out", "bench"),
                         help="earlier runs' JSON files to combine with (copied into --out if missing there)")
     parser.add_argument("--setup", action="store_true", help="put helios-jax and .whl/*.whl into /tmp/site first")
     parser.add_argument("--extra", action="append", default=[], metavar="PART:ARGS",
@@ -242,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         merge(args.merge)
         return 0
     if args.combine:
-        if not combine(args.combine, results=common.RESULTS):
+        if not combine(args.combine, results=paths.RESULTS):
             raise SystemExit(f"{args.combine}: no measurement has both a JAX part's and a torch part's JSON "
                              f"(JAX parts {list(JAX_PARTS)}, torch parts {list(TORCH_PARTS)})")
         return 0

@@ -1,8 +1,8 @@
 """Attention alone at Helios' shapes: TFLOP/s of each backend, and its error against float32.
 
-    python experiments/bench_attention.py            # the table; appends it to experiments/RESULTS.md
-    python experiments/bench_attention.py --tune     # also sweep the Pallas kernel's tiles and warps
-    python experiments/bench_attention.py --mosaic   # also time JAX's bundled Mosaic GPU kernel
+    python -m experiments.benchmarks.bench_attention            # the table; appends it to experiments/RESULTS.md
+    python -m experiments.benchmarks.bench_attention --tune     # also sweep the Pallas kernel's tiles and warps
+    python -m experiments.benchmarks.bench_attention --mosaic   # also time JAX's bundled Mosaic GPU kernel
 
 Shapes: batch 1, 40 heads x 128, bf16; self-attention over the three stages' 2,940 / 4,560 / 11,040
 tokens, and cross-attention of the stage-2 queries to the 512 text tokens (8,640 x 512, the noisy
@@ -22,21 +22,17 @@ import itertools
 import jax
 import jax.numpy as jnp
 
-import common
+from experiments import paths, provenance, reporting, timing
+from experiments.workloads import ATTENTION_SHAPES, TUNE_GRID, TUNE_SHAPES
 from helios_jax.kernels import FlashConfig, attention_reference, default_config, flash_attention
 from helios_jax.models.attention import IMPLS, attention
-
-SHAPES = (("self 2940", 2940, 2940), ("self 4560", 4560, 4560), ("self 11040", 11040, 11040),
-          ("cross 8640x512", 8640, 512), ("cross 11040x512", 11040, 512))
-TUNE_SHAPES = ("self 11040", "cross 8640x512")
-TUNE_GRID = dict(block_q=(64, 128), block_k=(32, 64, 128), num_warps=(4, 8), num_stages=(2, 3, 4))
 
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
     """What one run measures: the shapes, heads x head_dim, samples per timing, Pallas mode."""
 
-    shapes: tuple[tuple[str, int, int], ...] = SHAPES
+    shapes: tuple[tuple[str, int, int], ...] = ATTENTION_SHAPES
     heads: int = 40
     head_dim: int = 128
     reps: int = 20
@@ -53,7 +49,7 @@ class Setup:
                 jax.random.normal(kv, (1, kv_len, self.heads, self.head_dim), jnp.bfloat16))
 
     def time_ms(self, fn, *args) -> float:
-        return common.median_ms(lambda: fn(*args), jax.block_until_ready, warmup=2, reps=self.reps)
+        return timing.median_ms(lambda: fn(*args), jax.block_until_ready, warmup=2, reps=self.reps)
 
 
 TINY = Setup(shapes=(("self 37", 37, 37), ("cross 20x7", 20, 7)), heads=2, head_dim=64, reps=3, interpret=True)
@@ -152,33 +148,33 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--mosaic", action="store_true", help="time JAX's bundled Mosaic GPU attention")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes, Pallas interpreted (CPU smoke run)")
     parser.add_argument("--json", help="also write the results to this JSON file")
-    parser.add_argument("--results", default=common.RESULTS, help="markdown file to append to ('' = none)")
+    parser.add_argument("--results", default=paths.RESULTS, help="markdown file to append to ('' = none)")
     args = parser.parse_args(argv)
 
     setup = dataclasses.replace(TINY if args.tiny else Setup(), reps=args.reps if not args.tiny else TINY.reps)
     impls = [i for i in args.impls.split(",") if i]
-    env = common.jax_environment("numpy")
+    env = provenance.jax_environment("numpy")
     size, nbytes = (512, 2**22) if args.tiny else (8192, 2**31)
     ceilings = (matmul_tflops(setup, size), copy_gbs(setup, nbytes))
-    print(common.describe(env), flush=True)
+    print(provenance.describe(env), flush=True)
 
     rows = measure_impls(setup, impls, ceilings)
     headers = ["shape", "impl", "ms", "TFLOP/s", "floor ms", "rel err vs f32", "max abs err"]
     body = (f"Attention, batch 1, {setup.heads} heads x {setup.head_dim}, bf16, median of {setup.reps}. "
             f"pallas: {default_config(setup.head_dim)}. Measured ceilings: bf16 matmul {size}^3 "
-            f"{ceilings[0]:.4g} TFLOP/s, copy {ceilings[1]:.4g} GB/s.\n\n" + common.markdown_table(headers, rows))
+            f"{ceilings[0]:.4g} TFLOP/s, copy {ceilings[1]:.4g} GB/s.\n\n" + reporting.markdown_table(headers, rows))
     result = {"env": env, "ceilings": ceilings, "headers": headers, "rows": rows}
     if args.tune:
         tune_rows, best = tune(setup)
         tune_headers = ["shape", "block_q", "block_k", "num_warps", "num_stages", "ms", "TFLOP/s", "rel err"]
-        body += "\nPallas FlashConfig sweep, fastest first:\n\n" + common.markdown_table(tune_headers, tune_rows)
+        body += "\nPallas FlashConfig sweep, fastest first:\n\n" + reporting.markdown_table(tune_headers, tune_rows)
         body += "\nBest: " + "; ".join(f"{k}: {v[0]} at {v[1]:.3g} ms" for k, v in best.items()) + "\n"
         result["tune"] = {"headers": tune_headers, "rows": tune_rows, "best": best}
     if args.mosaic:
         mosaic_headers = ["shape", "padded to", "ms", "TFLOP/s (unpadded FLOPs)"]
         body += ("\nJAX's bundled Mosaic GPU attention (block_q 64 per warpgroup x 2, block_kv 128) on inputs padded "
-                 "to multiples of 128, timing only:\n\n" + common.markdown_table(mosaic_headers, mosaic_bundled(setup)))
-    return common.report("bench_attention", env, body, result, args)
+                 "to multiples of 128, timing only:\n\n" + reporting.markdown_table(mosaic_headers, mosaic_bundled(setup)))
+    return reporting.report("bench_attention", env, body, result, args)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,15 @@
 """FP8 weights in the H100's compiled plans: memory, the GEMM kernels XLA picks, and the roofline's time.
 
-    .venv-gpu-plan/bin/python experiments/fp8_plan.py          # 14B: minutes on 2 cores, appended to RESULTS.md
-    .venv-gpu-plan/bin/python experiments/fp8_plan.py --tiny   # the same programs at a toy size
+    .venv-gpu-plan/bin/python -m experiments.plans.fp8_plan          # 14B: minutes on 2 cores, appended to RESULTS.md
+    .venv-gpu-plan/bin/python -m experiments.plans.fp8_plan --tiny   # the same programs at a toy size
 
-The programs of experiments/gpu_plan.py (deviceless, abstract inputs) with the DiT's block linears in fp8
+The programs of experiments/plans/gpu_plan.py (deviceless, abstract inputs) with the DiT's block linears in fp8
 (``helios_jax.models.fp8``: float8_e4m3fn kernels, per-output-channel scales, per-token fp8 activations):
 the DiT forward at stage 2 and the pipeline's distilled chunk (2+2+2), each beside its bf16 twin, and the
 Wan VAE chunk decode in bf16 and fp32. Memory: XLA's plan (arguments + temporaries + outputs) of the chunk
 and of its decode resident at once, against the 22 GiB that a 24 GB card leaves. GEMMs: every GEMM launch
 of the optimised HLO, by kernel (cuBLAS or cuBLASLt custom call, Triton GEMM fusion) and operand types.
-Roofline: experiments/roofline.py's lower bounds, with the fp8 GEMMs at FP8_MATMUL_FLOPS (the H100's fp8
+Roofline: experiments/plans/roofline.py's lower bounds, with the fp8 GEMMs at FP8_MATMUL_FLOPS (the H100's fp8
 dense peak is twice its bf16 peak; the same 80% of it as roofline.py's measured bf16 rate is assumed).
 """
 
@@ -21,19 +21,18 @@ import re
 import sys
 from typing import Any
 
-import gpu_plan  # sets JAX_PLATFORMS=cpu before jax is imported
+import jax
+import jax.numpy as jnp
 
-import common  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import roofline  # noqa: E402
-from helios_jax import demo  # noqa: E402
-from helios_jax.models import fp8  # noqa: E402
-from helios_jax.models import transformer as transformer_lib  # noqa: E402
-from helios_jax.models import vae as vae_lib  # noqa: E402
-from helios_jax.models.attention import default_impl  # noqa: E402
-from helios_jax.pipeline import HeliosPipeline  # noqa: E402
-from compile_study import abstract_inputs  # noqa: E402
+from experiments import reporting, workloads
+from experiments.model_inputs import abstract_inputs, abstract_params
+from experiments.plans import gpu_plan, roofline
+from helios_jax import demo
+from helios_jax.models import fp8
+from helios_jax.models import transformer as transformer_lib
+from helios_jax.models import vae as vae_lib
+from helios_jax.models.attention import default_impl
+from helios_jax.pipeline import HeliosPipeline
 
 FP8_MATMUL_FLOPS = 2 * roofline.MATMUL_FLOPS
 CARD_LIMIT_GIB = 22.0  # what a 24 GB card (22.5 GiB) leaves after the CUDA context and allocator slack
@@ -41,7 +40,7 @@ F8 = "f8e4m3fn"
 
 
 def dit_params(cfg, weight_dtype: str) -> Any:
-    params = gpu_plan.abstract_params(transformer_lib.param_shapes(cfg), jnp.bfloat16)
+    params = abstract_params(transformer_lib.param_shapes(cfg), jnp.bfloat16)
     return fp8.quantized_shapes(params) if weight_dtype == "fp8" else params
 
 
@@ -55,7 +54,7 @@ def dit_forward(size: gpu_plan.Size, weight_dtype: str, sharding) -> gpu_plan.Pl
 
 
 def distilled_chunk(size: gpu_plan.Size, weight_dtype: str, sharding) -> gpu_plan.Plan:
-    vae = gpu_plan.abstract_params(vae_lib.param_shapes(size.vae), jnp.bfloat16, keep_fp32=False)
+    vae = abstract_params(vae_lib.param_shapes(size.vae), jnp.bfloat16, keep_fp32=False)
     pipe = HeliosPipeline((size.cfg, dit_params(size.cfg, weight_dtype)), (size.vae, vae), None, dict(demo.SCHEDULER),
                           gpu_plan.DISTILLED, attention_impl=default_impl(jnp.bfloat16, "gpu"))
     lowered = pipe.lower_chunk(**size.settings(), guidance_scale=1.0, pyramid_num_inference_steps_list=[2, 2, 2],
@@ -155,15 +154,16 @@ TIME_HEADERS = ["program", "predicted ms", "GEMM ms", "fp8 GEMM launches", "not 
 
 def resident_gib(plans: dict[str, gpu_plan.Plan], weights: str, vae: str) -> float:
     chunk, decode = plans[f"distilled chunk 2+2+2, {weights}"], plans[f"VAE decode {vae}"]
-    return common.gib(gpu_plan.chunk_with_vae_bytes(chunk, decode))
+    return reporting.gib(gpu_plan.chunk_with_vae_bytes(chunk, decode))
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = gpu_plan.plan_parser(__doc__).parse_args(argv)
     size = gpu_plan.plan_size(args)
     plans = programs(size, gpu_plan.h100(args.autotune))
-    memory = [[p.name, p.compile_s, common.gib(p.argument_bytes), common.gib(p.temp_bytes), common.gib(p.output_bytes),
-               common.gib(p.total_bytes)] for p in plans.values()]
+    gib = reporting.gib
+    memory = [[p.name, p.compile_s, gib(p.argument_bytes), gib(p.temp_bytes), gib(p.output_bytes), gib(p.total_bytes)]
+              for p in plans.values()]
     gemm_rows, time_rows, chunk_ms = [], [], {}
     for name, plan in plans.items():
         if name.startswith("VAE"):
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
             chunk_ms[name.rsplit(", ", 1)[1]] = roofline.predicted_ms(ks)
     decode_ms = {v: roofline.predicted_ms(kernels_of(plans[f"VAE decode {v}"])) for v in ("bfloat16", "float32")}
     fits = {(w, v): resident_gib(plans, w, v) for w in ("bf16", "fp8") for v in ("bfloat16", "float32")}
-    frames = common.video_frames(size.latent_frames)
+    frames = workloads.video_frames(size.latent_frames)
     lines = [f"- distilled chunk 2+2+2 ({w} weights) with its {v} VAE decode resident at once: {gib:.1f} GiB"
              f"{' (fits 22 GiB)' if gib <= CARD_LIMIT_GIB else ''}" for (w, v), gib in fits.items()]
     for w, ms in chunk_ms.items():
@@ -191,12 +191,14 @@ def main(argv: list[str] | None = None) -> dict:
             f"{'from ' + args.autotune if args.autotune else 'default (not autotuned)'}). Roofline: bf16 GEMMs at "
             f"{roofline.MATMUL_FLOPS / 1e12:.0f} TFLOP/s, fp8 GEMMs at {FP8_MATMUL_FLOPS / 1e12:.0f} TFLOP/s "
             f"(assumed: 2x, as the fp8 dense peak is 2x the bf16 one), {roofline.HBM_BYTES / 1e12:.2f} TB/s.\n\n"
-            + common.markdown_table(MEMORY_HEADERS, memory) + "\n" + common.markdown_table(GEMM_HEADERS, gemm_rows)
-            + "\n" + common.markdown_table(TIME_HEADERS, time_rows) + "\n" + "\n".join(lines) + "\n")
+            + reporting.markdown_table(MEMORY_HEADERS, memory) + "\n"
+            + reporting.markdown_table(GEMM_HEADERS, gemm_rows)
+            + "\n" + reporting.markdown_table(TIME_HEADERS, time_rows) + "\n" + "\n".join(lines) + "\n")
     result = {"env": env, "memory": memory, "gemms": gemm_rows, "times": time_rows, "chunk_ms": chunk_ms,
               "decode_ms": decode_ms, "resident_gib": {f"{w} weights, {v} VAE": g for (w, v), g in fits.items()}}
-    return common.report("fp8_plan", env, body, result, args)
+    return reporting.report("fp8_plan", env, body, result, args)
 
 
 if __name__ == "__main__":
+    gpu_plan.compile_on_cpu()
     sys.exit(main() and 0)

@@ -1,19 +1,18 @@
 """Time the Wan VAE decoding one Helios chunk: 9 latent frames -> 33 frames at 384x640 (latent 48x80).
 
-    python experiments/bench_vae.py                 # real Wan2.1 config, random weights, fp32 and bf16
-    python experiments/bench_vae.py --reference     # also diffusers' AutoencoderKLWan, if importable
-    python experiments/bench_vae.py --small         # a tiny config and size: a smoke run, never appended
+    python -m experiments.benchmarks.bench_vae                 # real Wan2.1 config, random weights, fp32 and bf16
+    python -m experiments.benchmarks.bench_vae --reference     # also diffusers' AutoencoderKLWan, if importable
+    python -m experiments.benchmarks.bench_vae --small         # a tiny config and size: a smoke run, never appended
 
 What is timed is ``helios_jax.models.vae.chunk_decoder``, the step Helios runs after every chunk:
 denormalise the latents, decode, convert to uint8 on the device. The table (device, versions and date
-included) is printed and appended to experiments/RESULTS.md (``common.append_results``). Weights are
+included) is printed and appended to experiments/RESULTS.md (``reporting.append_results``). Weights are
 random (fan-in scaled, so activations stay finite); the timing does not depend on their values.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -22,13 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import provenance, reporting
 import helios_jax as hj
 from helios_jax import demo
 from helios_jax.config import to_dict
 from helios_jax.models import vae as vae_lib
-
-sys.path.insert(0, os.path.dirname(__file__))
-import common  # noqa: E402
 
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 # A tiny configuration with the real block structure, for a CPU smoke run.
@@ -131,13 +128,13 @@ def main(argv: list[str] | None = None) -> None:
     latents = np.random.default_rng(1).standard_normal(
         (args.batch, cfg.z_dim, args.latent_frames, height // ratio, width // ratio), np.float32)
     out_frames = cfg.video_frames(args.latent_frames)
-    title = f"Wan VAE chunk decode (experiments/bench_vae.py){' --small smoke run' if args.small else ''}"
+    title = f"Wan VAE chunk decode (experiments/benchmarks/bench_vae.py){' --small smoke run' if args.small else ''}"
     what = (f"{'A tiny config (base_dim 4) with' if args.small else 'The Wan2.1 VAE (base_dim 96), random weights,'} "
             f"the real block structure: latents {tuple(latents.shape)} -> uint8 {args.batch} x {out_frames} x "
             f"{height} x {width} x 3 (denormalise, decode, convert on the device); median and min of "
             f"{args.iters} calls after the first. XLA temp: the compiled program's scratch memory.")
-    env = common.jax_environment("flax", "diffusers", "torch")
-    print(f"{title}\n{common.describe(env)}\n{what}\n", flush=True)
+    env = provenance.jax_environment("flax", "diffusers", "torch")
+    print(f"{title}\n{provenance.describe(env)}\n{what}\n", flush=True)
 
     rows = []
     for name in args.dtypes.split(","):
@@ -151,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     result = f"{what}\n\n{table(rows, args.batch * out_frames)}"
     print("\n" + result)
     if not (args.no_append or args.small):
-        common.append_results(title, env, result)
+        reporting.append_results(title, env, result)
         print("appended to experiments/RESULTS.md", file=sys.stderr)
 
 

@@ -1,7 +1,7 @@
 """How long the DiT takes to compile, scanned vs unrolled layers, and cold vs warm persistent cache.
 
-    python experiments/compile_study.py                            # 14B, stage 2, all parts
-    python experiments/compile_study.py --layers 2,4,8 --stage 0    # smaller, e.g. on a CPU
+    python -m experiments.studies.compile_study                            # 14B, stage 2, all parts
+    python -m experiments.studies.compile_study --layers 2,4,8 --stage 0    # smaller, e.g. on a CPU
 
 Everything is lowered from ``jax.ShapeDtypeStruct``s (bf16 weights, the float32-kept modules in
 float32), so the study needs no memory for weights unless ``--run`` times the compiled forwards.
@@ -22,54 +22,26 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 
-# The cache part compiles in child processes on the same GPU: this process must not hold its memory.
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-import common  # noqa: E402
-from helios_jax.config import TransformerConfig  # noqa: E402
-from bench_dit import leaf_dtype, random_params, stage_inputs  # noqa: E402
-from helios_jax.models.transformer import HeliosTransformer, param_shapes  # noqa: E402
+from experiments import flop_counts, paths, processes, provenance, reporting, timing, workloads
+from experiments.model_inputs import abstract_inputs, abstract_params, random_params, stage_inputs
+from helios_jax.config import TransformerConfig
+from helios_jax.models.transformer import HeliosTransformer, param_shapes
 
 VARIANTS = {"scanned": 1, "unrolled": True}
 
 
-def abstract_params(cfg: TransformerConfig) -> dict:
-    """The params as bf16 shapes (float32 where the reference keeps float32), no memory."""
-    def leaf(path, x):
-        return jax.ShapeDtypeStruct(x.shape, leaf_dtype(path, jnp.bfloat16))
-
-    return jax.tree_util.tree_map_with_path(leaf, param_shapes(cfg))
-
-
-def abstract_inputs(cfg: TransformerConfig, work: common.Workload, stage: int) -> dict:
-    """The forward's arguments at ``stage`` as shapes only (see bench_dit.stage_inputs for values)."""
-    b, c = work.batch, cfg.in_channels
-    h, w = work.stages[stage]
-    sds, indices = jax.ShapeDtypeStruct, work.frame_indices()
-    inputs = {
-        "hidden_states": sds((b, c, work.frames, h, w), jnp.bfloat16),
-        "timestep": sds((b,), jnp.float32),
-        "encoder_hidden_states": sds((b, work.text_tokens, cfg.text_dim), jnp.bfloat16),
-        "indices_hidden_states": sds((1, len(indices["noisy"])), jnp.int32),
-    }
-    for name, frames in work.history_frames:
-        inputs[f"latents_history_{name}"] = sds((b, c, frames, *work.history_hw), jnp.bfloat16)
-        inputs[f"indices_latents_history_{name}"] = sds((1, len(indices[name])), jnp.int32)
-    return inputs
-
-
-def compile_forward(cfg: TransformerConfig, work: common.Workload, stage: int, impl: str, unroll: int | bool):
+def compile_forward(cfg: TransformerConfig, work: workloads.Workload, stage: int, impl: str, unroll: int | bool):
     """Lower and compile one forward; returns the executable and what it cost."""
     model = HeliosTransformer(cfg, attention_impl=impl, scan_unroll=unroll)
     start = time.perf_counter()
-    lowered = jax.jit(model.apply).lower({"params": abstract_params(cfg)}, **abstract_inputs(cfg, work, stage))
+    params = abstract_params(param_shapes(cfg), jnp.bfloat16)
+    lowered = jax.jit(model.apply).lower({"params": params}, **abstract_inputs(cfg, work, stage))
     lower_s = time.perf_counter() - start
     stablehlo = lowered.as_text()
     start = time.perf_counter()
@@ -84,13 +56,13 @@ def compile_forward(cfg: TransformerConfig, work: common.Workload, stage: int, i
         "hlo_kchars": len(hlo) / 1e3,
         "hlo_instructions": sum(1 for line in hlo.splitlines() if " = " in line),
         "code_mib": getattr(mem, "generated_code_size_in_bytes", 0) / 2**20,
-        "temp_gib": common.gib(mem.temp_size_in_bytes) if mem else float("nan"),
+        "temp_gib": reporting.gib(mem.temp_size_in_bytes) if mem else float("nan"),
     }
 
 
-def run_forward_ms(compiled, cfg: TransformerConfig, work: common.Workload, stage: int, params, reps: int) -> float:
+def run_forward_ms(compiled, cfg: TransformerConfig, work: workloads.Workload, stage: int, params, reps: int) -> float:
     inputs = stage_inputs(cfg, work, stage, jax.random.key(100 + stage))
-    return common.median_ms(lambda: compiled({"params": params}, **inputs), jax.block_until_ready, warmup=1, reps=reps)
+    return timing.median_ms(lambda: compiled({"params": params}, **inputs), jax.block_until_ready, warmup=1, reps=reps)
 
 
 def cache_child(args: argparse.Namespace) -> None:
@@ -107,12 +79,12 @@ def cache_child(args: argparse.Namespace) -> None:
 def cold_warm(args: argparse.Namespace) -> list[list]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="jax-cache-") as cache:
-        command = [sys.executable, os.path.abspath(__file__), "--cache-child", "--cache-dir", cache,
-                   "--layers", args.layers, "--stage", str(args.stage), "--impl", impl_for(args)]
+        command = processes.command("experiments.studies.compile_study", "--cache-child", "--cache-dir", cache,
+                                    "--layers", args.layers, "--stage", str(args.stage), "--impl", impl_for(args))
         command += ["--tiny"] if args.tiny else []
         for label in ("cold (empty cache)", "warm (cache from the cold run)"):
             start = time.perf_counter()
-            done = subprocess.run(command, capture_output=True, text=True)
+            done = subprocess.run(command, capture_output=True, text=True, env=processes.environment())
             wall = time.perf_counter() - start
             if done.returncode:
                 raise RuntimeError(f"cache child failed:\n{done.stderr[-3000:]}")
@@ -123,9 +95,9 @@ def cold_warm(args: argparse.Namespace) -> list[list]:
     return rows
 
 
-def config_for(args: argparse.Namespace, layers: int) -> tuple[TransformerConfig, common.Workload]:
-    base = common.tiny_config_kwargs() if args.tiny else {}
-    return TransformerConfig(**{**base, "num_layers": layers}), common.TINY if args.tiny else common.HELIOS
+def config_for(args: argparse.Namespace, layers: int) -> tuple[TransformerConfig, workloads.Workload]:
+    base = workloads.tiny_config_kwargs() if args.tiny else {}
+    return TransformerConfig(**{**base, "num_layers": layers}), workloads.TINY if args.tiny else workloads.HELIOS
 
 
 def impl_for(args: argparse.Namespace) -> str:
@@ -145,15 +117,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cache-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the results to this JSON file")
-    parser.add_argument("--results", default=common.RESULTS, help="markdown file to append to ('' = none)")
+    parser.add_argument("--results", default=paths.RESULTS, help="markdown file to append to ('' = none)")
     args = parser.parse_args(argv)
     if args.cache_child:
         cache_child(args)
         return {}
 
     device = jax.devices()[0]
-    env = common.jax_environment("flax")
-    print(common.describe(env), flush=True)
+    env = provenance.jax_environment("flax")
+    print(provenance.describe(env), flush=True)
     impl = impl_for(args)
     rows = []
     for layers in (int(n) for n in args.layers.split(",")):
@@ -170,19 +142,21 @@ def main(argv: list[str] | None = None) -> dict:
         del params
     headers = ["layers", "variant", "trace+lower s", "StableHLO kchars", "compile s", "HLO kchars",
                "HLO instructions", "code MiB", "temp GiB", "ms/forward"]
-    noisy, history = common.token_counts(cfg, work, args.stage)
+    noisy, history = flop_counts.token_counts(cfg, work, args.stage)
     body = (f"Compile study: HeliosTransformer (inner dim {cfg.inner_dim}, attention {impl!r}) at stage {args.stage} "
             f"({noisy}+{history} tokens, {work.name}), lowered from ShapeDtypeStructs on {device.platform}.\n\n"
-            + common.markdown_table(headers, rows))
+            + reporting.markdown_table(headers, rows))
     result = {"env": env, "headers": headers, "rows": rows}
     if not args.no_cache:
         cache_rows = cold_warm(args)
         cache_headers = ["start", "lower+compile s (in process)", "process wall s", "cache files", "cache MiB"]
         body += (f"\nPersistent compilation cache, scanned, {args.layers.split(',')[-1]} layers, each a fresh "
-                 "process:\n\n" + common.markdown_table(cache_headers, cache_rows))
+                 "process:\n\n" + reporting.markdown_table(cache_headers, cache_rows))
         result["cache"] = {"headers": cache_headers, "rows": cache_rows}
-    return common.report("compile_study", env, body, result, args)
+    return reporting.report("compile_study", env, body, result, args)
 
 
 if __name__ == "__main__":
+    # The cache part compiles in child processes on the same GPU: this process must not hold its memory.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     main()

@@ -1,12 +1,12 @@
 """The PyTorch reference (diffusers' Helios) on the same GPU, shapes and chunks as bench_dit.
 
-    python experiments/bench_reference.py                      # eager (SDPA flash, SDPA cuDNN) and compiled
-    python experiments/bench_reference.py --modes eager --attention flash
-    python experiments/bench_reference.py --measure distilled --modes compiled
+    python -m experiments.benchmarks.bench_reference                      # eager (SDPA flash, SDPA cuDNN) and compiled
+    python -m experiments.benchmarks.bench_reference --modes eager --attention flash
+    python -m experiments.benchmarks.bench_reference --measure distilled --modes compiled
 
 Random bf16 weights made on the GPU (the modules diffusers keeps in float32 in float32, as after
 ``from_pretrained(torch_dtype=bfloat16)``), the config of ``helios_jax.config.TransformerConfig()``
-so both sides run the same model, and the inputs of ``common.Workload`` at each pyramid stage.
+so both sides run the same model, and the inputs of ``workloads.Workload`` at each pyramid stage.
 
 Modes: ``eager``; ``compiled`` = ``torch.compile(model, mode="max-autotune-no-cudagraphs",
 dynamic=False)`` with ``cudnn.benchmark``, as the official ``infer_helios.py --enable_compile``
@@ -28,7 +28,8 @@ time (the first counted from the call) and its decode time, in the same run. A t
 up, then a call of ``--chunks`` chunks is timed: its first chunk, and the median of the rest (steady
 state, FPS = 33 / steady s). ``output_type="latent"`` leaves out the reference's final whole-video
 conversion to numpy (once per video, after the last chunk). The distilled scheduler's gamma is 1/3
-on a GPU; on a CPU torch's float32 Cholesky of that covariance fails (NOTES.md), so 0.25 is used there.
+on a GPU; on a CPU torch's float32 Cholesky of that covariance (``HeliosPyramidPipeline.sample_block_noise``)
+fails, the matrix being singular after rounding at 1/3, so 0.25 is used there.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ from typing import Any, Callable
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import common
+from experiments import flop_counts, provenance, reporting, workloads
+from experiments.benchmarks import chunk_bench
 from helios_jax.config import TransformerConfig, VAEConfig, to_dict
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -57,7 +59,7 @@ CPU_GAMMA = 0.25  # torch's float32 Cholesky of the gamma = 1/3 block covariance
 class Bench:
     model: torch.nn.Module
     cfg: TransformerConfig
-    work: common.Workload
+    work: workloads.Workload
     device: torch.device
     modes: list[str]
     attention: list[str]
@@ -66,7 +68,7 @@ class Bench:
     warmup: int
     compile_mode: str
     matmul_tflops: float
-    chunk: common.ChunkSettings | None = None  # what the chunk measurements generate
+    chunk: chunk_bench.ChunkSettings | None = None  # what the chunk measurements generate
     gamma: float = 1 / 3  # the distilled scheduler's block-noise correlation
 
 
@@ -91,7 +93,7 @@ def build_model(cfg: TransformerConfig, device: torch.device, std: float = 0.02)
     return model.eval().requires_grad_(False)
 
 
-def stage_inputs(cfg: TransformerConfig, work: common.Workload, stage: int, device: torch.device) -> dict[str, Any]:
+def stage_inputs(cfg: TransformerConfig, work: workloads.Workload, stage: int, device: torch.device) -> dict[str, Any]:
     """The same arguments as bench_dit's: random bf16 latents and text, the pipeline's frame indices."""
     generator = torch.Generator(device).manual_seed(100 + stage)
     b, c = work.batch, cfg.in_channels
@@ -152,8 +154,8 @@ def measure_forward(bench: Bench) -> dict[str, Any]:
         # Compiled graphs are specialised to the attention backend they were traced with: one is enough.
         backends = bench.attention[:1] if mode == "compiled" else bench.attention
         for stage in bench.stages:
-            noisy, history = common.token_counts(cfg, work, stage)
-            flops = common.dit_flops(cfg, work, stage)["total"]
+            noisy, history = flop_counts.token_counts(cfg, work, stage)
+            flops = flop_counts.dit_flops(cfg, work, stage)["total"]
             inputs = stage_inputs(cfg, work, stage, device)
             for backend in backends:
 
@@ -171,22 +173,22 @@ def measure_forward(bench: Bench) -> dict[str, Any]:
                             torch.cuda.reset_peak_memory_stats(device)
                         ms = median_ms(run, device, bench.warmup, bench.reps)
                 except Exception as e:  # one backend unavailable must not hide the others
-                    rows.append(common.failed_row([stage, f"{noisy}+{history}", mode, backend], e, 9))
+                    rows.append(chunk_bench.failed_row([stage, f"{noisy}+{history}", mode, backend], e, 9))
                     continue
-                peak = common.gib(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else ""
+                peak = reporting.gib(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else ""
                 tflops = flops / ms / 1e9
                 rows.append([stage, f"{noisy}+{history}", mode, backend, first_s, ms, tflops,
                              100 * tflops / bench.matmul_tflops, peak])
     headers = ["stage", "tokens (noisy+history)", "mode", "attention", "first call s", "ms/forward", "TFLOP/s",
                "MFU %", "peak GiB"]
     title = (f"diffusers HeliosTransformer3DModel forward, {cfg.num_layers} layers x {cfg.inner_dim} "
-             f"({common.workload_label(work)}), bf16, median of {bench.reps} after {bench.warmup} warm-ups; "
+             f"({workloads.workload_label(work)}), bf16, median of {bench.reps} after {bench.warmup} warm-ups; "
              f"compiled = torch.compile(mode={bench.compile_mode!r}, dynamic=False); MFU against "
              f"{bench.matmul_tflops:.4g} TFLOP/s (bf16 matmul measured in this run).")
     return {"title": title, "headers": headers, "rows": rows, "notes": ""}
 
 
-def build_vae(settings: common.ChunkSettings, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+def build_vae(settings: chunk_bench.ChunkSettings, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """diffusers' AutoencoderKLWan of ``settings.vae_kwargs`` (the Wan2.1 VAE by default), made on
     ``device`` with its own random initialisation."""
     from diffusers import AutoencoderKLWan
@@ -252,7 +254,7 @@ class ChunkClock:
 def chunk_seconds(pipe: Any, bench: Bench, chunks: int, backend: str,
                   **settings: Any) -> tuple[list[float], list[float]]:
     """Wall seconds of each chunk of one pipeline call (the first counted from the call) and of each decode."""
-    frames = common.video_frames(settings["num_latent_frames_per_chunk"])
+    frames = workloads.video_frames(settings["num_latent_frames_per_chunk"])
     generator = torch.Generator(bench.device).manual_seed(0)
     with ChunkClock(pipe, bench.device) as clock, sdpa_kernel([BACKENDS[backend]]):
         start = time.perf_counter()
@@ -269,7 +271,7 @@ def reset_peak(device: torch.device) -> None:
 
 
 def peak_gib(device: torch.device) -> Any:
-    return common.gib(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else ""
+    return reporting.gib(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else ""
 
 
 def text_embeddings(bench: Bench, seed: int) -> torch.Tensor:
@@ -288,11 +290,11 @@ def mode_settings(bench: Bench):
             yield mode, bench.attention, contextlib.nullcontext()
 
 
-def chunk_title(what: str, bench: Bench, work: common.Workload) -> str:
+def chunk_title(what: str, bench: Bench, work: workloads.Workload) -> str:
     s = bench.chunk
     return (f"{what}, diffusers + torch, {bench.cfg.num_layers} layers x {bench.cfg.inner_dim} bf16 transformer + "
             f"AutoencoderKLWan (base_dim {VAEConfig(**s.vae_kwargs).base_dim}), {s.height}x{s.width}, "
-            f"{common.video_frames(s.latent_frames)} frames per chunk ({common.workload_label(work)}); compiled = "
+            f"{workloads.video_frames(s.latent_frames)} frames per chunk ({workloads.workload_label(work)}); compiled = "
             f"transformer.compile(mode={bench.compile_mode!r}, "
             f"dynamic=False); MFU of the sampling against {bench.matmul_tflops:.4g} TFLOP/s (bf16 matmul measured "
             "in this run).")
@@ -300,11 +302,11 @@ def chunk_title(what: str, bench: Bench, work: common.Workload) -> str:
 
 def measure_distilled(bench: Bench) -> dict[str, Any]:
     s = bench.chunk
-    work = common.chunk_workload(s.height, s.width, 3, s.text_tokens, s.latent_frames)
-    frames = common.video_frames(s.latent_frames)
-    scheduler = {**common.distilled_scheduler(), "gamma": bench.gamma}
+    work = workloads.chunk_workload(s.height, s.width, 3, s.text_tokens, s.latent_frames)
+    frames = workloads.video_frames(s.latent_frames)
+    scheduler = {**workloads.distilled_scheduler(), "gamma": bench.gamma}
     context = text_embeddings(bench, 1)
-    headers = ["mode", "attention", "VAE", "steps", "amplify 1st", *common.CHUNK_HEADERS]
+    headers = ["mode", "attention", "VAE", "steps", "amplify 1st", *chunk_bench.CHUNK_HEADERS]
     rows = []
     for vae_name in s.vae_dtypes:
         vae = build_vae(s, bench.device, VAE_DTYPES[vae_name])
@@ -313,7 +315,7 @@ def measure_distilled(bench: Bench) -> dict[str, Any]:
             with context_manager:
                 for backend in backends:
                     for steps in s.pyramid_steps:
-                        flops = common.chunk_flops(bench.cfg, work, steps, guided=False)
+                        flops = flop_counts.chunk_flops(bench.cfg, work, steps, guided=False)
                         for amplify in s.amplify:
                             label = [mode, backend, vae_name, "+".join(map(str, steps)), "yes" if amplify else "no"]
                             settings = dict(prompt_embeds=context, height=s.height, width=s.width, guidance_scale=1.0,
@@ -325,12 +327,12 @@ def measure_distilled(bench: Bench) -> dict[str, Any]:
                                 reset_peak(bench.device)
                                 timed, decodes = chunk_seconds(pipe, bench, s.chunks, backend, **settings)
                             except Exception as e:  # one backend unavailable must not hide the others
-                                rows.append(common.failed_row(label, e, len(headers)))
+                                rows.append(chunk_bench.failed_row(label, e, len(headers)))
                                 continue
-                            rows.append(common.chunk_row(label, cold[0], timed[0], timed[1:],
+                            rows.append(chunk_bench.chunk_row(label, cold[0], timed[0], timed[1:],
                                                          statistics.median(decodes[1:]), frames, flops,
                                                          bench.matmul_tflops, peak_gib(bench.device)))
-                            print(common.markdown_table(headers, rows[-1:]).splitlines()[-1], flush=True)
+                            print(reporting.markdown_table(headers, rows[-1:]).splitlines()[-1], flush=True)
         del pipe, vae
     notes = (f"\nGamma {bench.gamma:.4g}. A call of {s.chunks} chunks per row after a 2-chunk warm-up call; steady = "
              f"median of its chunks 2..{s.chunks}, decode = median of their decodes; FPS = {frames} / steady chunk "
@@ -341,14 +343,14 @@ def measure_distilled(bench: Bench) -> dict[str, Any]:
 
 def measure_base(bench: Bench) -> dict[str, Any]:
     s = bench.chunk
-    work = common.chunk_workload(s.height, s.width, 1, s.text_tokens, s.latent_frames)
-    frames = common.video_frames(s.latent_frames)
-    flops = common.chunk_flops(bench.cfg, work, (s.base_steps,), guided=True)
+    work = workloads.chunk_workload(s.height, s.width, 1, s.text_tokens, s.latent_frames)
+    frames = workloads.video_frames(s.latent_frames)
+    flops = flop_counts.chunk_flops(bench.cfg, work, (s.base_steps,), guided=True)
     context, negative = text_embeddings(bench, 1), text_embeddings(bench, 4)
     vae_name = s.vae_dtypes[0]
     vae = build_vae(s, bench.device, VAE_DTYPES[vae_name])
-    pipe = build_pipeline(bench, vae, common.base_scheduler(s.base_shift), distilled=False)
-    headers = ["mode", "attention", "VAE", "steps", "guidance", *common.CHUNK_HEADERS]
+    pipe = build_pipeline(bench, vae, workloads.base_scheduler(s.base_shift), distilled=False)
+    headers = ["mode", "attention", "VAE", "steps", "guidance", *chunk_bench.CHUNK_HEADERS]
     rows = []
     for mode, backends, context_manager in mode_settings(bench):
         with context_manager:
@@ -361,11 +363,11 @@ def measure_base(bench: Bench) -> dict[str, Any]:
                         height=s.height, width=s.width, num_inference_steps=s.base_steps,
                         guidance_scale=s.guidance_scale, num_latent_frames_per_chunk=s.latent_frames)
                 except Exception as e:
-                    rows.append(common.failed_row(label, e, len(headers)))
+                    rows.append(chunk_bench.failed_row(label, e, len(headers)))
                     continue
-                rows.append(common.chunk_row(label, timed[0], "", timed[1:], statistics.median(decodes[1:]), frames,
+                rows.append(chunk_bench.chunk_row(label, timed[0], "", timed[1:], statistics.median(decodes[1:]), frames,
                                              flops, bench.matmul_tflops, peak_gib(bench.device)))
-                print(common.markdown_table(headers, rows[-1:]).splitlines()[-1], flush=True)
+                print(reporting.markdown_table(headers, rows[-1:]).splitlines()[-1], flush=True)
     notes = (f"\nOne call of {s.base_chunks} chunks per row: the first (cold) warms up and compiles, steady = "
              f"median of the rest. Scheduler: single-stage UniPC, shift {s.base_shift:g}.\n")
     return {"title": chunk_title(f"Base chunk (HeliosPipeline, {s.base_steps} UniPC steps, CFG)", bench, work),
@@ -381,33 +383,33 @@ MEASUREMENTS: dict[str, Callable[[Bench], dict[str, Any]]] = {
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.bench_arguments(parser, list(MEASUREMENTS))
+    chunk_bench.bench_arguments(parser, list(MEASUREMENTS))
     parser.add_argument("--modes", default="eager,compiled", help="eager and/or compiled")
     parser.add_argument("--attention", default=None, help=f"SDPA backends among {list(BACKENDS)} (default flash,cudnn)")
     parser.add_argument("--compile-mode", default=COMPILE_MODE, help="torch.compile mode")
     parser.add_argument("--gamma", type=float, default=None,
                         help=f"the distilled scheduler's gamma (default 1/3; {CPU_GAMMA} on a CPU)")
     args = parser.parse_args(argv)
-    measures = common.selected_measures(parser, args, list(MEASUREMENTS))
+    measures = chunk_bench.selected_measures(parser, args, list(MEASUREMENTS))
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = TransformerConfig(**common.tiny_config_kwargs()) if args.tiny else TransformerConfig()
-    work = common.TINY if args.tiny else common.HELIOS
+    cfg = TransformerConfig(**workloads.tiny_config_kwargs()) if args.tiny else TransformerConfig()
+    work = workloads.TINY if args.tiny else workloads.HELIOS
     stages = [int(s) for s in args.stages.split(",")] if args.stages else list(range(len(work.stages)))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    env = common.environment(f"{name} ({device.type})", common.versions("torch", "diffusers", "triton", "numpy"))
-    print(common.describe(env), flush=True)
+    env = provenance.environment(f"{name} ({device.type})", provenance.versions("torch", "diffusers", "triton", "numpy"))
+    print(provenance.describe(env), flush=True)
 
     model = build_model(cfg, device)
     rate = matmul_tflops(device, 512 if args.tiny else 8192, args.reps)
     gamma = args.gamma if args.gamma is not None else (1 / 3 if device.type == "cuda" else CPU_GAMMA)
-    chunk = common.chunk_settings(args, work.text_tokens)
+    chunk = chunk_bench.chunk_settings(args, work.text_tokens)
     bench = Bench(model, cfg, work, device, args.modes.split(","), (args.attention or "flash,cudnn").split(","),
                   stages, args.reps, args.warmup, args.compile_mode, rate, chunk, gamma)
     tables = {name: MEASUREMENTS[name](bench) for name in measures}
-    body = "\n\n".join(f"{t['title']}\n\n{common.markdown_table(t['headers'], t['rows'])}{t['notes']}"
+    body = "\n\n".join(f"{t['title']}\n\n{reporting.markdown_table(t['headers'], t['rows'])}{t['notes']}"
                        for t in tables.values())
-    return common.report("bench_reference", env, body, {"env": env, "matmul_tflops": rate, "tables": tables}, args)
+    return reporting.report("bench_reference", env, body, {"env": env, "matmul_tflops": rate, "tables": tables}, args)
 
 
 if __name__ == "__main__":

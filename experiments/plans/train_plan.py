@@ -1,7 +1,7 @@
 """The 14B training steps of stages 1 and 2 planned for one H100, on a CPU with no GPU (issue 11 item 6).
 
-    .venv-gpu-plan/bin/python experiments/train_plan.py          # the 14B steps (minutes each), appended to RESULTS.md
-    .venv-gpu-plan/bin/python experiments/train_plan.py --tiny   # the same steps of a 2-layer model (seconds)
+    .venv-gpu-plan/bin/python -m experiments.plans.train_plan         # the 14B steps (minutes each), to RESULTS.md
+    .venv-gpu-plan/bin/python -m experiments.plans.train_plan --tiny  # the same steps of a 2-layer model (seconds)
 
 Each step is the trainer's own (``trainer.make_step`` over ``stages.make_losses`` of the official YAML,
 ``trainer.make_optimizer``: AdamW with clipping, fp32 trainables and their two Adam moments, the bf16
@@ -29,20 +29,20 @@ import os
 import sys
 from typing import Any
 
-import gpu_plan  # noqa: E402  (sets JAX_PLATFORMS=cpu before jax is imported)
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+from experiments import paths, reporting
+from experiments.model_inputs import abstract_params
+from experiments.plans import gpu_plan
+from helios_jax import parallel
+from helios_jax.config import TransformerConfig
+from helios_jax.models import lora as lora_lib
+from helios_jax.models import transformer as transformer_lib
+from helios_jax.models.attention import default_impl
+from helios_jax.training import recipes, stages, trainer
 
-import common  # noqa: E402
-from helios_jax import parallel  # noqa: E402
-from helios_jax.config import TransformerConfig  # noqa: E402
-from helios_jax.models import lora as lora_lib  # noqa: E402
-from helios_jax.models import transformer as transformer_lib  # noqa: E402
-from helios_jax.models.attention import default_impl  # noqa: E402
-from helios_jax.training import recipes, stages, trainer  # noqa: E402
-
-CONFIGS = os.path.join(os.path.dirname(common.EXPERIMENTS), "tests", "fixtures", "training-configs")
+CONFIGS = os.path.join(paths.ROOT, "tests", "fixtures", "training-configs")  # the official YAMLs, as data
 # benchmark_triton_results_helios.json, "Baseline": training_memory_peak_gb 60.792, which is torch's
 # max_memory_allocated() / 1024**3, so GiB: one forward + backward of the bf16 DiT with every weight's gradient
 # (no LoRA, no optimizer), batch 1, 13 latent frames (12,480 tokens) at 384x640 without history, remat on.
@@ -107,7 +107,7 @@ def step_plan(case: StepCase, cfg: TransformerConfig, sharding: jax.sharding.Sha
     dtype = stages.DTYPES[recipe.section("training_config")["mixed_precision"]]
     spec, subset = recipe.lora()
     shapes = transformer_lib.param_shapes(cfg)
-    variables = {"params": gpu_plan.abstract_params(shapes, dtype), "lora": lora_lib.lora_shapes(spec, shapes)}
+    variables = {"params": abstract_params(shapes, dtype), "lora": lora_lib.lora_shapes(spec, shapes)}
     trainable, frozen = trainer.partition(variables, lora_lib.trainable_mask(variables, subset))
     optimizer_cfg = recipe.optimizer()
     optimizer = trainer.make_optimizer(optimizer_cfg)
@@ -152,7 +152,7 @@ HEADERS = ["step", "compile s", "frozen params GiB", "trainable GiB", "optimizer
 def table_rows(plans: list[StepPlan]) -> list[list[Any]]:
     rows = []
     for p in plans:
-        g = common.gib
+        g = reporting.gib
         rows.append([p.case.name, p.plan.compile_s, g(p.sizes["frozen params"]), g(p.sizes["trainable params"]),
                      g(p.sizes["optimizer state"]), g(p.sizes["batch"]), g(p.plan.argument_bytes),
                      g(p.plan.temp_bytes), g(p.peak_bytes), p.peak_bytes / 1e9,
@@ -182,9 +182,10 @@ def main(argv: list[str] | None = None) -> dict:
             "trainer.make_step over stages.make_losses of the official YAMLs; GEMMs not autotuned). "
             "Peak: XLA's memory analysis of the compiled executable (arguments included); "
             f"official benchmark: {OFFICIAL_PEAK_GIB} GiB peak (a full-gradient forward and backward, batch 1, "
-            "no history, no optimizer).\n\n" + common.markdown_table(HEADERS, rows))
-    return common.report("train_plan", env, body, {"env": env, "headers": HEADERS, "rows": rows}, args)
+            "no history, no optimizer).\n\n" + reporting.markdown_table(HEADERS, rows))
+    return reporting.report("train_plan", env, body, {"env": env, "headers": HEADERS, "rows": rows}, args)
 
 
 if __name__ == "__main__":
+    gpu_plan.compile_on_cpu()
     sys.exit(main() and 0)

@@ -1,10 +1,10 @@
 """A roofline of the H100's compiled programs, read from their optimised GPU HLO on a CPU.
 
-    .venv-gpu-plan/bin/python experiments/roofline.py           # 14B: DiT per stage, distilled chunk, VAE decode
-    .venv-gpu-plan/bin/python experiments/roofline.py --tiny
-    .venv-gpu-plan/bin/python experiments/roofline.py --only stage2 --top 30 --results ''   # iterate on one program
+    .venv-gpu-plan/bin/python -m experiments.plans.roofline           # 14B: DiT per stage, distilled chunk, VAE decode
+    .venv-gpu-plan/bin/python -m experiments.plans.roofline --tiny
+    .venv-gpu-plan/bin/python -m experiments.plans.roofline --only stage2 --top 30 --results ''  # one program
 
-The programs are experiments/gpu_plan.py's (deviceless, abstract inputs). Each kernel the program launches
+The programs are experiments/plans/gpu_plan.py's (deviceless, abstract inputs). Each kernel the program launches
 (a fusion, a custom call such as cuBLAS or cuDNN attention, an unfused copy) is one row with its FLOPs and the
 bytes it moves, times the trip count of every loop around it (the 40-layer scan, the step scans). FLOPs: the
 dots and convolutions in the kernel (2 x output elements x contraction), cuDNN attention analytically
@@ -23,9 +23,10 @@ import re
 import sys
 from typing import Any, Iterator
 
-import common
-import gpu_plan
 import jax
+
+from experiments import flop_counts, provenance, reporting, workloads
+from experiments.plans import gpu_plan
 
 MATMUL_FLOPS = 790e12
 HBM_BYTES = 3.35e12
@@ -212,7 +213,7 @@ def summary(kernels: list[Kernel]) -> dict[str, dict[str, float]]:
 
 
 def matmul_flops(kernels: list[Kernel]) -> float:
-    """The FLOPs that experiments/common.dit_flops counts: GEMMs and attention."""
+    """The FLOPs that experiments/flop_counts.dit_flops counts: GEMMs and attention."""
     return sum(k.count * k.flops for k in kernels if k.kind in ("GEMM", "attention"))
 
 
@@ -277,7 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, ks in kernels.items() if args.top else ():
         print(f"{name}: the {args.top} costliest kernels\n{top(ks, args.top)}\n", flush=True)
     rows = [row for name, ks in kernels.items() for row in rows_for(name, ks)]
-    frames = common.video_frames(size.latent_frames)
+    frames = workloads.video_frames(size.latent_frames)
     chunk = kernels.get("distilled chunk 2+2+2")
     chunk_ms = predicted_ms(chunk) if chunk else None
     lines = []
@@ -287,16 +288,17 @@ def main(argv: list[str] | None = None) -> dict:
                      f"{1e3 * frames / total:.1f} FPS (sampling alone {1e3 * frames / chunk_ms:.1f} FPS)")
     shares = [f"{other_share(ks):.1f}% of the {name}" for name, ks in kernels.items() if not name.startswith("VAE")]
     lines.append("- not GEMM or attention: " + ", ".join(shares))
-    env = common.environment("NVIDIA H100 80GB HBM3 roofline (790 TFLOP/s, 3.35 TB/s), compiled deviceless on the CPU",
-                             common.versions("jax", "jaxlib", "jax-cuda12-plugin", "flax"))
+    env = provenance.environment("NVIDIA H100 80GB HBM3 roofline (790 TFLOP/s, 3.35 TB/s), compiled deviceless on the CPU",
+                             provenance.versions("jax", "jaxlib", "jax-cuda12-plugin", "flax"))
     body = (f"Roofline of the H100 plans ({'tiny model' if args.tiny else '14B DiT'}, {size.height}x{size.width}, "
             f"bf16 DiT, GEMM choices {'from ' + args.autotune if args.autotune else 'default'}): per kind, every "
             f"launch's max(FLOPs / 790 TFLOP/s, bytes / 3.35 TB/s), loops unrolled by their trip counts. The "
-            "'total' row's TFLOP are GEMM + attention only.\n\n" + common.markdown_table(HEADERS, rows)
+            "'total' row's TFLOP are GEMM + attention only.\n\n" + reporting.markdown_table(HEADERS, rows)
             + "\n" + "\n".join(lines) + "\n")
     result = {"env": env, "headers": HEADERS, "rows": rows, "chunk_ms": chunk_ms}
-    return common.report("roofline", env, body, result, args)
+    return reporting.report("roofline", env, body, result, args)
 
 
 if __name__ == "__main__":
+    gpu_plan.compile_on_cpu()
     sys.exit(main() and 0)

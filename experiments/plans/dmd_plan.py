@@ -1,7 +1,7 @@
 """The 14B DMD + GAN training steps of stage 3b planned for H100s, on a CPU with no GPU (issue 12 item 6).
 
-    .venv-gpu-plan/bin/python experiments/dmd_plan.py          # the 14B steps (30-40 min each on 2 cores), to RESULTS.md
-    .venv-gpu-plan/bin/python experiments/dmd_plan.py --tiny   # the same steps of a 2-layer model (seconds)
+    .venv-gpu-plan/bin/python -m experiments.plans.dmd_plan         # the 14B steps (30-40 min each, 2 cores)
+    .venv-gpu-plan/bin/python -m experiments.plans.dmd_plan --tiny  # the same steps of a 2-layer model (seconds)
 
 The programs are the ones ``trainer.train`` jits for ``stage_3_post_gan_version.yaml``:
 ``duel.make_duel_step`` over ``dmd_stage.make_duel`` of the recipe, in phase 1 (from ``gan_start_step``:
@@ -32,18 +32,17 @@ import os
 import sys
 from typing import Any
 
-import gpu_plan  # noqa: E402  (sets JAX_PLATFORMS=cpu before jax is imported)
+import jax
 
-import jax  # noqa: E402
-
-import common  # noqa: E402
-import train_plan  # noqa: E402
-from helios_jax import parallel  # noqa: E402
-from helios_jax.config import TransformerConfig  # noqa: E402
-from helios_jax.models import lora as lora_lib  # noqa: E402
-from helios_jax.models import transformer as transformer_lib  # noqa: E402
-from helios_jax.models.attention import default_impl  # noqa: E402
-from helios_jax.training import dmd_stage, duel, recipes, stages, trainer  # noqa: E402
+from experiments import reporting
+from experiments.model_inputs import abstract_params
+from experiments.plans import gpu_plan, train_plan
+from helios_jax import parallel
+from helios_jax.config import TransformerConfig
+from helios_jax.models import lora as lora_lib
+from helios_jax.models import transformer as transformer_lib
+from helios_jax.models.attention import default_impl
+from helios_jax.training import dmd_stage, duel, recipes, stages, trainer
 
 YAML = "stage_3_post_gan_version.yaml"
 GAN_PHASE = 1  # the phase number from gan_start_step on (duel.Duel.phase)
@@ -96,7 +95,7 @@ def dmd_trees(cfg: TransformerConfig, latent: tuple[int, int], text_tokens: int,
     spec, _ = recipe.lora()
     critic_spec = recipe.critic_lora()
     shapes = transformer_lib.param_shapes(cfg)
-    params = gpu_plan.abstract_params(shapes, dtype)
+    params = abstract_params(shapes, dtype)
     model = transformer_lib.HeliosTransformer(cfg, attention_impl=default_impl(dtype, "gpu"),
                                               remat=t["gradient_checkpointing"])
     nets = dmd_stage.DmdNets(model, dtype, spec.scale, critic_spec.scale, settings.gan)
@@ -173,7 +172,7 @@ HEADERS = ["step", "compile s", "base GiB", "generator LoRA + AdamW + EMA GiB", 
 
 
 def table_rows(plans: list[DmdPlan]) -> list[list[Any]]:
-    g, rows = common.gib, []
+    g, rows = reporting.gib, []
     for p in plans:
         s = p.sizes
         rows.append([p.case.name, p.plan.compile_s, g(s["base (bf16, shared)"]),
@@ -204,11 +203,12 @@ def main(argv: list[str] | None = None) -> dict:
             "tokens, batch 1 per GPU; one shared bf16 base; generator LoRA r256 + history-patch LoRA, critic LoRA "
             "r256 + GAN heads, fp32 trainables, AdamW moments and EMA; remat per block; duel.make_duel_step; "
             "GEMMs not autotuned). Peak: XLA's memory analysis of the compiled executable, per device, arguments "
-            f"included. Paper: {PAPER_CLAIM}.\n\n" + common.markdown_table(HEADERS, rows)
+            f"included. Paper: {PAPER_CLAIM}.\n\n" + reporting.markdown_table(HEADERS, rows)
             + "\nArguments by role (exact, whole trees): "
-            + ", ".join(f"{k} {common.gib(v):.2f} GiB" for k, v in sizes.items()) + ".\n")
-    return common.report("dmd_plan", env, body, {"env": env, "headers": HEADERS, "rows": rows}, args)
+            + ", ".join(f"{k} {reporting.gib(v):.2f} GiB" for k, v in sizes.items()) + ".\n")
+    return reporting.report("dmd_plan", env, body, {"env": env, "headers": HEADERS, "rows": rows}, args)
 
 
 if __name__ == "__main__":
+    gpu_plan.compile_on_cpu()
     sys.exit(main() and 0)

@@ -1,7 +1,7 @@
 """Per-device plans of Helios on one host of 8 H100s, compiled on a CPU with no GPU (issue 13).
 
-    .venv-gpu-plan/bin/python experiments/mesh_plan.py          # the 14B plans (minutes), appended to RESULTS.md
-    .venv-gpu-plan/bin/python experiments/mesh_plan.py --tiny   # the same programs of an 8-head toy (seconds)
+    .venv-gpu-plan/bin/python -m experiments.plans.mesh_plan          # the 14B plans (minutes), appended to RESULTS.md
+    .venv-gpu-plan/bin/python -m experiments.plans.mesh_plan --tiny   # the same programs of an 8-head toy (seconds)
 
 The programs are the project's own on ``parallel.make_mesh`` over the 8 H100s of ``jax.experimental.topologies``
 (topology ``1x1x8``, gpu_plan's target config): the distilled chunk (2+2+2) on ``context=8``, the base chunk
@@ -15,7 +15,7 @@ Bytes per collective kind are what one device sends in a step, for ring algorith
 all-gather (n-1)/n of its result, reduce-scatter (n-1)/n of its operand, all-reduce 2(n-1)/n of it, all-to-all
 (n-1)/n of it, collective-permute all of it. Communication time: those bytes at 450 GB/s (NVLink 4, one
 direction per H100 SXM). Compute time: the per-device GEMM and attention FLOPs of the same HLO at 790 TFLOP/s;
-one device's: the program's model FLOPs (common.dit_flops) at that rate. Predicted speed-up over one device:
+one device's: the program's model FLOPs (flop_counts.dit_flops) at that rate. Predicted speed-up over one device:
 without overlap (compute + communication) and with perfect overlap (the larger of the two).
 """
 
@@ -25,21 +25,16 @@ import collections
 import dataclasses
 import functools
 import math
-import os
 import re
 import sys
 from typing import Any
 
-import gpu_plan  # noqa: E402  (sets JAX_PLATFORMS=cpu before jax is imported)
+import jax
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-import common  # noqa: E402
-import roofline  # noqa: E402
-import train_plan  # noqa: E402
-from helios_jax import demo  # noqa: E402
-from helios_jax.config import TransformerConfig, VAEConfig  # noqa: E402
+from experiments import flop_counts, provenance, reporting, workloads
+from experiments.plans import gpu_plan, roofline, train_plan
+from helios_jax import demo
+from helios_jax.config import TransformerConfig, VAEConfig
 
 NVLINK_BYTES = 450e9  # per direction per H100 SXM (NVLink 4: 900 GB/s both ways)
 KINDS = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective-permute")
@@ -48,7 +43,7 @@ RING_SHARE = {"all-gather": "result", "reduce-scatter": "operand", "all-reduce":
 BASE_STEPS = 50
 DISTILLED_STEPS = (2, 2, 2)
 # The toy: 8 heads (so context=8 and 4 run Ulysses), 2 layers, at 128x128.
-TINY = dataclasses.replace(gpu_plan.TINY, cfg=TransformerConfig(**{**common.tiny_config_kwargs(),
+TINY = dataclasses.replace(gpu_plan.TINY, cfg=TransformerConfig(**{**workloads.tiny_config_kwargs(),
                                                                    "num_attention_heads": 8}))
 
 
@@ -153,7 +148,7 @@ def chunk_plans(size: gpu_plan.Size) -> list[MeshPlan]:
     """The distilled chunk on context=8 and the base chunk with CFG on data=2 x context=4."""
     runs = [("distilled chunk 2+2+2", {"context": 8}, gpu_plan.DISTILLED, dict(demo.SCHEDULER),
              dict(guidance_scale=1.0, pyramid_num_inference_steps_list=list(DISTILLED_STEPS))),
-            (f"base chunk {BASE_STEPS} steps CFG", {"data": 2, "context": 4}, gpu_plan.BASE, common.base_scheduler(1.0),
+            (f"base chunk {BASE_STEPS} steps CFG", {"data": 2, "context": 4}, gpu_plan.BASE, workloads.base_scheduler(1.0),
              dict(guidance_scale=5.0, num_inference_steps=BASE_STEPS))]
     plans = []
     for name, sizes, spec, scheduler, settings in runs:
@@ -161,7 +156,7 @@ def chunk_plans(size: gpu_plan.Size) -> list[MeshPlan]:
         plan = gpu_plan.compile_plan(name, pipe.lower_chunk(**size.settings(), **settings), pipe.transformer_params)
         steps = DISTILLED_STEPS if spec.pyramid else (BASE_STEPS,)
         work = size.work if spec.pyramid else dataclasses.replace(size.work, stages=size.work.stages[-1:])
-        flops = common.chunk_flops(size.cfg, work, steps, guided=not spec.pyramid)
+        flops = flop_counts.chunk_flops(size.cfg, work, steps, guided=not spec.pyramid)
         plans.append(MeshPlan(name, sizes, plan, flops))
         print(f"{name} on {sizes}: compiled in {plan.compile_s:.0f} s", flush=True)
     return plans
@@ -200,7 +195,7 @@ def table_rows(plans: list[MeshPlan]) -> list[list[Any]]:
     for p in plans:
         sent, t = sent_by_kind(p.ops), p.times()
         rows.append([p.name, " x ".join(f"{a}={n}" for a, n in p.mesh.items()), p.plan.compile_s,
-                     common.gib(p.plan.argument_bytes), common.gib(p.plan.temp_bytes),
+                     reporting.gib(p.plan.argument_bytes), reporting.gib(p.plan.temp_bytes),
                      *[sent[k] / 1e9 for k in KINDS], 1e3 * t["comm"], 1e3 * t["compute"], 1e3 * t["one"],
                      t["speedup_serial"], t["speedup_overlap"]])
     return rows
@@ -212,17 +207,19 @@ def main(argv: list[str] | None = None) -> dict:
     size = TINY if args.tiny else size
     plans = chunk_plans(size) + [train_step_plan(size)]
     rows = table_rows(plans)
-    env = common.environment("8 x NVIDIA H100 80GB HBM3 (one host, topology 1x1x8), compiled deviceless on the CPU",
-                             common.versions("jax", "jaxlib", "jax-cuda12-plugin", "flax"))
+    env = provenance.environment("8 x NVIDIA H100 80GB HBM3 (one host, topology 1x1x8), compiled deviceless on the CPU",
+                             provenance.versions("jax", "jaxlib", "jax-cuda12-plugin", "flax"))
     body = (f"Per-device plans on 8 H100s from abstract inputs ({'8-head toy' if args.tiny else '14B DiT'}, "
             f"{size.cfg.num_layers} layers; {size.height}x{size.width}, {size.latent_frames} latent frames, "
             f"{size.text_tokens} text tokens; bf16 DiT; GEMMs not autotuned). Collective GB: what one device sends "
-            "per chunk or step (ring algorithms; see experiments/mesh_plan.py), comm ms at 450 GB/s NVLink, compute "
+            "per chunk or step (ring algorithms; see experiments/plans/mesh_plan.py), comm ms at 450 GB/s NVLink, "
+            "compute "
             "ms: the per-device HLO's GEMM+attention FLOPs at 790 TFLOP/s; 1 device ms: the same work on one H100 "
             "(training: 8 samples, one H100 doing them in turn); speed-up over one device without overlap "
-            "(compute + comm) and with perfect overlap.\n\n" + common.markdown_table(HEADERS, rows))
-    return common.report("mesh_plan", env, body, {"env": env, "headers": HEADERS, "rows": rows}, args)
+            "(compute + comm) and with perfect overlap.\n\n" + reporting.markdown_table(HEADERS, rows))
+    return reporting.report("mesh_plan", env, body, {"env": env, "headers": HEADERS, "rows": rows}, args)
 
 
 if __name__ == "__main__":
+    gpu_plan.compile_on_cpu()
     sys.exit(main() and 0)

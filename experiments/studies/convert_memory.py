@@ -5,7 +5,7 @@ the requested size; random values, diffusers' key names and layouts), then loads
 ``hj.load_transformer`` in a fresh process and reports that process's peak RSS against the size of the
 weights. The promise under test: peak = one copy of the weights + one tensor (+ the runtime's baseline).
 
-    python experiments/convert_memory.py --gigabytes 2.2 [--keep DIR] [--no-append]
+    python -m experiments.studies.convert_memory --gigabytes 2.2 [--keep DIR] [--no-append]
 """
 
 from __future__ import annotations
@@ -17,14 +17,12 @@ import math
 import os
 import resource
 import subprocess
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(__file__))
-import common  # noqa: E402
+from experiments import processes, provenance, reporting
 
 WIDTH = dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, text_dim=4096, freq_dim=256)
 SHARD_BYTES = 512 * 2**20
@@ -109,7 +107,8 @@ def main() -> None:
     folder = args.keep or tempfile.mkdtemp(prefix="helios-convert-")
     os.makedirs(folder, exist_ok=True)
     config, total, largest = write_checkpoint(folder, args.gigabytes)
-    run = subprocess.run([sys.executable, __file__, "--measure", folder], check=True, capture_output=True, text=True)
+    run = subprocess.run(processes.command("experiments.studies.convert_memory", "--measure", folder), check=True,
+                         capture_output=True, text=True, env=processes.environment())
     m = json.loads(run.stdout.strip().splitlines()[-1])
     gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
     rows = [
@@ -122,11 +121,11 @@ def main() -> None:
         ("bound: weights + largest tensor", gib(total + largest)),
         ("conversion time", f"{m['seconds']:.1f} s"),
     ]
-    table = common.markdown_table(("quantity", "value"), rows)
-    env = common.jax_environment("flax")
-    print(common.describe(env) + "\n" + table)
+    table = reporting.markdown_table(("quantity", "value"), rows)
+    env = provenance.jax_environment("flax")
+    print(provenance.describe(env) + "\n" + table)
     if not args.no_append:
-        common.append_results("convert_memory: peak host memory while converting", env, table)
+        reporting.append_results("convert_memory: peak host memory while converting", env, table)
     if not args.keep:
         import shutil
 

@@ -1,12 +1,12 @@
 """The headline numbers from one GPU call: JAX against diffusers on one device, beside the roofline.
 
-    python3 experiments/headline.py --setup                # on a bare GPU machine (the device tool), ~8 minutes
-    python experiments/headline.py --tiny --out /tmp/h     # the CPU rehearsal (tests/test_experiments.py runs it)
+    python3 -m experiments.benchmarks.headline --setup             # on a bare GPU machine (the device tool), ~8 min
+    python -m experiments.benchmarks.headline --tiny --out /tmp/h  # the CPU rehearsal (tests/test_experiments.py)
 
 Parts, each a fresh process (so that JAX and torch each get the whole GPU), writing into ``--out`` ($OUT):
 
 1. ``plan``: the device's target config (``target_config.txtpb``: commit it to experiments/targets/) and the
-   roofline of the programs compiled for this very device (experiments/roofline.py on the DiT forward at
+   roofline of the programs compiled for this very device (experiments/plans/roofline.py on the DiT forward at
    stage 2 and the distilled chunks 2+2+2 and 1+1+1);
 2. ``jax``: bench_dit.py, cuDNN attention: the DiT forward at stage 2 and the distilled chunk's steady FPS at
    2+2+2 and 1+1+1, with XLA's GEMM autotune results dumped to ``autotune.txt`` (commit it too: the gpu-plan
@@ -14,7 +14,8 @@ Parts, each a fresh process (so that JAX and torch each get the whole GPU), writ
 3. ``torch``: bench_reference.py, diffusers in eager torch, the same measurements.
 
 Then one table: each measurement's JAX and torch time, their ratio and the roofline's lower bound beside
-them, printed and appended to ``<out>/results.md`` (``run_all.py --merge`` adds it to RESULTS.md here).
+them, printed and appended to ``<out>/results.md`` (``python -m experiments.benchmarks.run_all --merge``
+adds it to RESULTS.md here).
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ import sys
 import time
 from typing import Any
 
-import common
-import run_all
+from experiments import paths, provenance, reporting, workloads
+from experiments.benchmarks import run_all
 
 STEPS = ("2,2,2", "1,1,1")
 TINY_STEPS = ("1,1,1",)  # the rehearsal compiles one chunk program (a chunk compiles slowly on a CPU)
@@ -38,8 +39,8 @@ def steps_for(tiny: bool) -> tuple[str, ...]:
 
 
 def forward_stage(tiny: bool) -> int:
-    """The full-size stage of the benchmarks' forward workload (common.TINY has two stages, HELIOS three)."""
-    return len((common.TINY if tiny else common.HELIOS).stages) - 1
+    """The full-size stage of the benchmarks' forward workload (workloads.TINY has two stages, HELIOS three)."""
+    return len((workloads.TINY if tiny else workloads.HELIOS).stages) - 1
 
 
 def part_commands(tiny: bool) -> dict[str, list[str]]:
@@ -48,7 +49,7 @@ def part_commands(tiny: bool) -> dict[str, list[str]]:
     shared = ["--measure", "forward,distilled", "--stages", str(forward_stage(tiny)),
               "--pyramid-steps", "/".join(steps_for(tiny)), "--amplify", "0", *size]
     return {
-        "plan": [os.path.abspath(__file__), "--plan-child", *(["--tiny"] if tiny else [])],
+        "plan": ["experiments.benchmarks.headline", "--plan-child", *(["--tiny"] if tiny else [])],
         "jax": [run_all.DIT, *shared, "--impls", "xla" if tiny else "cudnn"],
         "torch": [run_all.REFERENCE, *shared, "--modes", "eager", *(["--attention", "math"] if tiny else [])],
     }
@@ -58,17 +59,16 @@ def plan_child(args: argparse.Namespace) -> None:
     """In a fresh JAX process on the device: its target config and the roofline of its compiled programs."""
     import jax
 
-    import gpu_plan
-    import roofline
+    from jax._src.lib import xla_client  # jax.lib.xla_client before jax 0.10, which no longer exports it
 
-    from jax._src.lib import xla_client  # NOTES.md's jax.lib.xla_client, no longer exported by jax 0.10
+    from experiments.plans import gpu_plan, roofline
 
     device = jax.devices()[0]
     try:
         target = xla_client.get_topology_for_devices([device]).target_config
     except Exception as err:  # a CPU has no GPU target config: the rehearsal says so instead
         target = f"# no GPU target config on {device.platform}: {type(err).__name__}: {err}\n"
-    common.write_atomic(os.path.join(args.out, "target_config.txtpb"), target)
+    reporting.write_atomic(os.path.join(args.out, "target_config.txtpb"), target)
     size = gpu_plan.TINY if args.tiny else gpu_plan.HELIOS_14B
     sharding = jax.sharding.SingleDeviceSharding(device)
     plans = {"forward stage 2": gpu_plan.dit_forward(size.cfg, size.work, 2, sharding, platform=device.platform)}
@@ -82,8 +82,8 @@ def plan_child(args: argparse.Namespace) -> None:
     kernels = roofline.analyse(plans)
     predicted = {name: roofline.predicted_ms(ks) for name, ks in kernels.items()}
     shares = {name: roofline.other_share(ks) for name, ks in kernels.items()}
-    common.write_json(args.json or os.path.join(args.out, "plan.json"), {"device": device.device_kind, "predicted_ms": predicted,
-                                                            "other_share": shares})
+    reporting.write_json(args.json or os.path.join(args.out, "plan.json"),
+                         {"device": device.device_kind, "predicted_ms": predicted, "other_share": shares})
 
 
 def _load(out: str, part: str) -> dict:
@@ -110,7 +110,7 @@ def headline_table(out: str, frames: int, steps_lists: tuple[str, ...] = STEPS) 
     plan = _load(out, "plan").get("predicted_ms", {})
     jax_tables, torch_tables = _load(out, "jax").get("tables", {}), _load(out, "torch").get("tables", {})
     rows = []
-    stage = forward_stage(frames != common.LATENT_FRAMES)
+    stage = forward_stage(frames != workloads.LATENT_FRAMES)
     jax_ms = _cell(jax_tables.get("forward"), "ms/forward", {"stage": stage})
     torch_ms = _cell(torch_tables.get("forward"), "ms/forward", {"stage": stage})
     rows.append(["DiT forward, stage 2 (ms)", jax_ms, torch_ms, _ratio(torch_ms, jax_ms), plan.get("forward stage 2", ""),
@@ -123,14 +123,15 @@ def headline_table(out: str, frames: int, steps_lists: tuple[str, ...] = STEPS) 
         bound_s = (bound + plan.get("decode", 0.0)) / 1e3 if bound is not None else ""
         rows.append([f"distilled chunk {label} + decode (s)", jax_s, torch_s, _ratio(torch_s, jax_s), bound_s,
                      _ratio(bound_s, jax_s)])
-        fps = [common.video_frames(frames) / v if run_all.timed(v) and v else "" for v in (jax_s, torch_s, bound_s)]
+        fps = [workloads.video_frames(frames) / v if run_all.timed(v) and v else "" for v in (jax_s, torch_s, bound_s)]
         rows.append([f"distilled chunk {label} FPS", fps[0], fps[1], _ratio(fps[0], fps[1]), fps[2],
                      _ratio(fps[0], fps[2])])
     headers = ["measurement", "JAX (cuDNN)", "torch eager", "JAX speed-up over torch", "roofline bound",
                "roofline / JAX (time) or JAX / roofline (FPS)"]
-    return ("Headline: one device, one call (experiments/headline.py). Roofline bound: the programs compiled for "
-            "this device, max(FLOPs / 790 TFLOP/s, bytes / 3.35 TB/s) per kernel (experiments/roofline.py).\n\n"
-            + common.markdown_table(headers, rows))
+    return ("Headline: one device, one call (experiments/benchmarks/headline.py). Roofline bound: the programs "
+            "compiled for this device, max(FLOPs / 790 TFLOP/s, bytes / 3.35 TB/s) per kernel "
+            "(experiments/plans/roofline.py).\n\n"
+            + reporting.markdown_table(headers, rows))
 
 
 def _ratio(a: Any, b: Any) -> float | str:
@@ -139,7 +140,7 @@ def _ratio(a: Any, b: Any) -> float | str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join(common.ROOT, "out", "headline"))
+    parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join(paths.ROOT, "out", "headline"))
     parser.add_argument("--tiny", action="store_true", help="the CPU rehearsal: tiny model, tiny chunks")
     parser.add_argument("--setup", action="store_true", help="put helios-jax and .whl/*.whl into /tmp/site first")
     parser.add_argument("--parts", default="plan,jax,torch")
@@ -169,12 +170,12 @@ def main(argv: list[str] | None = None) -> int:
             path = os.path.join(args.out, f"headline-{name}.json")
             if os.path.exists(path):
                 os.replace(path, os.path.join(args.out, f"{name}.json"))
-        body = headline_table(args.out, 2 if args.tiny else common.LATENT_FRAMES, steps_for(args.tiny))
+        body = headline_table(args.out, 2 if args.tiny else workloads.LATENT_FRAMES, steps_for(args.tiny))
         body += f"\nWhole call: {time.perf_counter() - start:.0f} s.\n"
         print("\n" + body, flush=True)
         log.write(body)
-    jax_env = _load(args.out, "jax").get("env") or common.environment("unknown", {})
-    common.append_results("headline", jax_env, body, os.path.join(args.out, "results.md"))
+    jax_env = _load(args.out, "jax").get("env") or provenance.environment("unknown", {})
+    reporting.append_results("headline", jax_env, body, os.path.join(args.out, "results.md"))
     return 0 if ok else 1
 
 

@@ -1,8 +1,8 @@
 """The H100's compiled plans of Helios' programs, read on a CPU with no GPU (deviceless AOT compilation).
 
     make gpu-plan                                    # installs jax's CUDA plugin (locks/gpu-plan.txt), runs the tier
-    .venv/bin/python experiments/gpu_plan.py         # the 14B plans as a table, appended to RESULTS.md
-    .venv/bin/python experiments/gpu_plan.py --tiny  # the same programs at a toy size (seconds)
+    .venv/bin/python -m experiments.plans.gpu_plan         # the 14B plans as a table, appended to RESULTS.md
+    .venv/bin/python -m experiments.plans.gpu_plan --tiny  # the same programs at a toy size (seconds)
 
 Every input is a ``jax.ShapeDtypeStruct`` placed on an H100 of ``jax.experimental.topologies`` built from
 XLA's own H100 target config (``experiments/targets/h100_sxm.txtpb``), so nothing is allocated; jax's CUDA
@@ -11,7 +11,7 @@ pyramid stage (bf16, the attention the pipeline picks for a GPU), the pipeline's
 program (``HeliosPipeline.lower_chunk``: 2+2+2, and 1+1+1 amplified, which runs 2+2+2 steps), the base
 chunk (50 UniPC steps with CFG), and the Wan VAE chunk decode in fp32 and bf16. GEMM tiling and the
 cuBLAS/Triton choice are XLA's defaults (no autotuning without a device) unless ``--autotune FILE``
-replays results dumped on a real H100 (``experiments/headline.py`` writes them).
+replays results dumped on a real H100 (``experiments/benchmarks/headline.py`` writes them).
 """
 
 from __future__ import annotations
@@ -27,27 +27,32 @@ import sys
 import time
 from typing import Any
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the CUDA plugin would otherwise look for a GPU (cuInit)
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from flax import traverse_util  # noqa: E402
+from experiments import flop_counts, paths, provenance, reporting, workloads
+from experiments.model_inputs import abstract_inputs, abstract_params
+from helios_jax import demo
+from helios_jax.config import TransformerConfig, VAEConfig
+from helios_jax.models import transformer as transformer_lib
+from helios_jax.models import vae as vae_lib
+from helios_jax.models.attention import default_impl
+from helios_jax.pipeline import HeliosPipeline, PipelineSpec
 
-import common  # noqa: E402
-from bench_dit import leaf_dtype  # noqa: E402
-from compile_study import abstract_inputs  # noqa: E402
-from helios_jax import demo  # noqa: E402
-from helios_jax.config import TransformerConfig, VAEConfig  # noqa: E402
-from helios_jax.models import transformer as transformer_lib  # noqa: E402
-from helios_jax.models import vae as vae_lib  # noqa: E402
-from helios_jax.models.attention import default_impl  # noqa: E402
-from helios_jax.pipeline import HeliosPipeline, PipelineSpec  # noqa: E402
-
-TARGETS = os.path.join(common.EXPERIMENTS, "targets")
-H100_TARGET = os.path.join(TARGETS, "h100_sxm.txtpb")
+H100_TARGET = os.path.join(paths.TARGETS, "h100_sxm.txtpb")
 GPU_MEMORY_GB = 80  # the H100 SXM's HBM3, as sold (the target config's device_memory_size: 79.1 GiB)
 DIT_TEMP_LIMIT_GIB = 2.0
 CUDNN_ATTENTION = "__cudnn$fmha"
+
+
+def compile_on_cpu() -> None:
+    """Run this process's JAX on the CPU unless ``JAX_PLATFORMS`` already names a platform: the plans are compiled
+    here for a GPU that is not here, and jax's CUDA plugin would otherwise look for one (cuInit) and print its
+    failure. Each plan script calls it as it starts, before anything starts a backend; importing a plan
+    module changes nothing (the gpu-plan tests run with ``JAX_PLATFORMS=cpu``)."""
+    if not os.environ.get("JAX_PLATFORMS"):
+        jax.config.update("jax_platforms", "cpu")
 
 
 def plugin_missing() -> str | None:
@@ -86,8 +91,8 @@ def h100_mesh(**sizes: int) -> jax.sharding.Mesh:
 
 def plan_environment(*packages: str) -> dict:
     """The environment block of a one-H100 plan's report: the target, and jax's versions plus ``packages``."""
-    return common.environment("NVIDIA H100 80GB HBM3, compiled deviceless on the CPU (no GPU)",
-                              common.versions("jax", "jaxlib", "jax-cuda12-plugin", "flax", *packages))
+    return provenance.environment("NVIDIA H100 80GB HBM3, compiled deviceless on the CPU (no GPU)",
+                              provenance.versions("jax", "jaxlib", "jax-cuda12-plugin", "flax", *packages))
 
 
 def device_memory_bytes() -> int:
@@ -98,14 +103,6 @@ def device_memory_bytes() -> int:
 
 def on_device(tree: Any, sharding: jax.sharding.Sharding) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
-
-
-def abstract_params(shapes: Any, dtype: Any, keep_fp32: bool = True) -> Any:
-    """Params as shapes in ``dtype`` (the transformer's float32-kept modules in float32)."""
-    def leaf(path, x):
-        return jax.ShapeDtypeStruct(x.shape, leaf_dtype(path, dtype) if keep_fp32 else dtype)
-
-    return jax.tree_util.tree_map_with_path(leaf, shapes)
 
 
 @dataclasses.dataclass
@@ -175,7 +172,7 @@ def compile_plan(name: str, lowered: jax.stages.Lowered, weights: Any = None) ->
 # --- the programs --------------------------------------------------------------------------------------
 
 
-def dit_forward(cfg: TransformerConfig, work: common.Workload, stage: int, sharding: jax.sharding.Sharding,
+def dit_forward(cfg: TransformerConfig, work: workloads.Workload, stage: int, sharding: jax.sharding.Sharding,
                 dtype: Any = jnp.bfloat16, platform: str = "gpu") -> Plan:
     """One DiT forward at ``stage`` with the attention the pipeline picks in ``dtype`` on ``platform``."""
     model = transformer_lib.HeliosTransformer(cfg, attention_impl=default_impl(dtype, platform))
@@ -211,16 +208,17 @@ class Size:
     text_tokens: int
 
     @property
-    def work(self) -> common.Workload:
-        return common.chunk_workload(self.height, self.width, 3, self.text_tokens, self.latent_frames)
+    def work(self) -> workloads.Workload:
+        return workloads.chunk_workload(self.height, self.width, 3, self.text_tokens, self.latent_frames)
 
     def settings(self) -> dict[str, Any]:
         return dict(height=self.height, width=self.width, num_latent_frames_per_chunk=self.latent_frames,
                     max_sequence_length=self.text_tokens)
 
 
-HELIOS_14B = Size(TransformerConfig(), VAEConfig(), 384, 640, common.LATENT_FRAMES, 512)
-TINY = Size(TransformerConfig(**common.tiny_config_kwargs()), VAEConfig(**common.tiny_vae_kwargs()), 128, 128, 3, 16)
+HELIOS_14B = Size(TransformerConfig(), VAEConfig(), 384, 640, workloads.LATENT_FRAMES, 512)
+TINY = Size(TransformerConfig(**workloads.tiny_config_kwargs()), VAEConfig(**workloads.tiny_vae_kwargs()),
+            128, 128, 3, 16)
 
 
 def plan_parser(description: str | None, *, autotune: bool = True) -> argparse.ArgumentParser:
@@ -230,7 +228,7 @@ def plan_parser(description: str | None, *, autotune: bool = True) -> argparse.A
     if autotune:
         parser.add_argument("--autotune", default=None, help="replay GEMM autotune results dumped on a real H100")
     parser.add_argument("--json", help="also write the results to this JSON file")
-    parser.add_argument("--results", default=common.RESULTS, help="markdown file to append to ('' = none)")
+    parser.add_argument("--results", default=paths.RESULTS, help="markdown file to append to ('' = none)")
     return parser
 
 
@@ -245,7 +243,7 @@ def plan_size(args: argparse.Namespace) -> Size:
 def chunk_programs(size: Size, sharding: jax.sharding.Sharding, base_steps: int = 50) -> list[Plan]:
     """The pipeline's own chunk programs: distilled 2+2+2, 1+1+1 amplified (its first chunk), base with CFG."""
     distilled = abstract_pipeline(size.cfg, size.vae, dict(demo.SCHEDULER), DISTILLED)
-    base = abstract_pipeline(size.cfg, size.vae, common.base_scheduler(1.0), BASE)
+    base = abstract_pipeline(size.cfg, size.vae, workloads.base_scheduler(1.0), BASE)
     weights = distilled.transformer_params
     runs = [
         ("distilled chunk 2+2+2", distilled, dict(guidance_scale=1.0, pyramid_num_inference_steps_list=[2, 2, 2])),
@@ -287,8 +285,8 @@ def table_rows(plans: dict[str, Plan]) -> list[list[Any]]:
     rows = []
     for p in plans.values():
         calls = ", ".join(c for c in p.custom_calls if not c.startswith(CUDNN_ATTENTION)) or "-"
-        rows.append([p.name, p.compile_s, common.gib(p.argument_bytes), common.gib(p.temp_bytes),
-                     common.gib(p.output_bytes), common.gib(p.total_bytes), "yes" if p.cudnn_attention else "no",
+        rows.append([p.name, p.compile_s, reporting.gib(p.argument_bytes), reporting.gib(p.temp_bytes),
+                     reporting.gib(p.output_bytes), reporting.gib(p.total_bytes), "yes" if p.cudnn_attention else "no",
                      len(p.float32_weight_copies()), calls])
     return rows
 
@@ -301,17 +299,18 @@ def main(argv: list[str] | None = None) -> dict:
     both = chunk_with_vae_bytes(plans["distilled chunk 2+2+2"], plans["VAE decode float32"])
     env = plan_environment()
     work = size.work
-    noisy, history = common.token_counts(size.cfg, work, 2)
+    noisy, history = flop_counts.token_counts(size.cfg, work, 2)
     body = (f"H100 plans compiled on a CPU from abstract inputs ({'tiny model' if args.tiny else '14B DiT'}, "
             f"inner dim {size.cfg.inner_dim}, {size.cfg.num_layers} layers; {size.height}x{size.width}, "
             f"{size.latent_frames} latent frames, {noisy}+{history} tokens at stage 2; bf16 DiT; target config "
             f"experiments/targets/h100_sxm.txtpb; GEMM choices "
             f"{'from ' + args.autotune if args.autotune else 'default (not autotuned)'}).\n\n"
-            + common.markdown_table(HEADERS, rows)
-            + f"\nDistilled chunk 2+2+2 with the fp32 VAE decode resident at once: {common.gib(both):.1f} GiB "
-              f"(H100: {common.gib(device_memory_bytes()):.1f} GiB).\n")
-    return common.report("gpu_plan", env, body, {"env": env, "headers": HEADERS, "rows": rows}, args)
+            + reporting.markdown_table(HEADERS, rows)
+            + f"\nDistilled chunk 2+2+2 with the fp32 VAE decode resident at once: {reporting.gib(both):.1f} GiB "
+              f"(H100: {reporting.gib(device_memory_bytes()):.1f} GiB).\n")
+    return reporting.report("gpu_plan", env, body, {"env": env, "headers": HEADERS, "rows": rows}, args)
 
 
 if __name__ == "__main__":
+    compile_on_cpu()
     sys.exit(main() and 0)

@@ -1,7 +1,7 @@
 """What the Pallas flash-attention kernel compiles to on Hopper, without a GPU.
 
     pip install triton==3.6.0                      # the GPU image's version; any machine, no GPU needed
-    python experiments/kernel_report.py            # default tiles and the bench_attention --tune grid
+    python -m experiments.plans.kernel_report            # default tiles and the bench_attention --tune grid
 
 For each config and shape the kernel is lowered for CUDA (``jax.export`` with ``platforms=["cuda"]``),
 the Triton IR that XLA would compile is taken out of the custom call, and pip's Triton compiles it
@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax import export
 
-import common
-from bench_attention import SHAPES, TUNE_GRID, TUNE_SHAPES
+from experiments import paths, provenance, reporting
+from experiments.workloads import ATTENTION_SHAPES, TUNE_GRID, TUNE_SHAPES
 from helios_jax.kernels import FlashConfig, default_config, flash_attention
 
 SM90 = dict(shared_kib=227, registers=65536, threads=2048)  # per SM on H100/H200
@@ -88,14 +88,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--grid", action="store_true", help="every config of bench_attention's tune grid")
     parser.add_argument("--json", help="also write the results to this JSON file")
-    parser.add_argument("--results", default=common.RESULTS, help="markdown file to append to ('' = none)")
+    parser.add_argument("--results", default=paths.RESULTS, help="markdown file to append to ('' = none)")
     args = parser.parse_args(argv)
 
     configs = [default_config(128)]
     if args.grid:
         configs += [c for c in (FlashConfig(*v) for v in itertools.product(*TUNE_GRID.values()))
                     if c != configs[0]]
-    shapes = [s for s in SHAPES if s[0] in TUNE_SHAPES]
+    shapes = [s for s in ATTENTION_SHAPES if s[0] in TUNE_SHAPES]
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for name, q_len, kv_len in shapes:
@@ -111,15 +111,15 @@ def main(argv: list[str] | None = None) -> dict:
                 print(rows[-1], flush=True)
     headers = ["shape", "block_q", "block_k", "num_warps", "num_stages", "shared KiB", "regs/thread", "spill bytes",
                "HGMMA", "HMMA", "MUFU.EX2", "LDGSTS", "programs/SM"]
-    env = common.environment("none: compiled offline for sm_90", common.versions("jax", "jaxlib", "triton"))
+    env = provenance.environment("none: compiled offline for sm_90", provenance.versions("jax", "jaxlib", "triton"))
     body = ("Pallas flash attention compiled offline for sm_90 (pip Triton on the IR XLA receives; 227 KiB shared "
             "memory and 64K registers per SM). First row per shape: the default config.\n\n"
-            + common.markdown_table(headers, rows))
+            + reporting.markdown_table(headers, rows))
     print(body)
     if args.results:
-        common.append_results("kernel_report", env, body, args.results)
+        reporting.append_results("kernel_report", env, body, args.results)
     if args.json:
-        common.write_json(args.json, {"env": env, "headers": headers, "rows": rows})
+        reporting.write_json(args.json, {"env": env, "headers": headers, "rows": rows})
     return {"headers": headers, "rows": rows}
 
 

@@ -1,8 +1,8 @@
 """CPU benchmark of the tiny stage-1 training step: steps/s and peak RSS.
 
-    python experiments/bench_train_step.py [--steps 50] [--batch 2] [--no-append]
+    python -m experiments.benchmarks.bench_train_step [--steps 50] [--batch 2] [--no-append]
 
-The tiny DiT and stage-1 setup of tests/training_fixtures.py (2 layers, 2 heads x 32, LoRA r16 plus
+The tiny DiT and stage-1 setup of experiments/tiny_training.py (2 layers, 2 heads x 32, LoRA r16 plus
 the full history patch convs, 4 x 4 latents: 36 noisy + 13 history tokens), random latents: the jit
 step of helios_jax.training.trainer (loss, grads, clip, AdamW) timed after its compile, with the
 official mixed precision (bf16 frozen base, remat) and in plain float32. Peak RSS is the process's
@@ -12,7 +12,6 @@ high-water mark after each variant (so it only grows). Printed and appended to R
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import statistics
 import sys
@@ -22,12 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-import common  # noqa: E402
-import training_fixtures as tf  # noqa: E402
-
-from helios_jax.training import trainer  # noqa: E402
+from experiments import provenance, reporting
+from experiments import tiny_training as tf
+from helios_jax.training import trainer
 
 
 def batch(size: int) -> dict[str, np.ndarray]:
@@ -66,18 +62,19 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args()
-    env = common.jax_environment("flax", "optax", "orbax-checkpoint")
-    title = "Tiny stage-1 training step on the CPU (experiments/bench_train_step.py)"
-    print(f"{title}\n{common.describe(env)}", flush=True)
+    env = provenance.jax_environment("flax", "optax", "orbax-checkpoint")
+    title = "Tiny stage-1 training step on the CPU (experiments/benchmarks/bench_train_step.py)"
+    print(f"{title}\n{provenance.describe(env)}", flush=True)
     rows = [measure("bf16 frozen, fp32 LoRA, remat", jnp.bfloat16, True, args.steps, args.batch),
             measure("float32, no remat", jnp.float32, False, args.steps, args.batch)]
-    what = (f"The tiny stage-1 step of tests/training_fixtures.py (2 layers, 2 x 32 heads, LoRA r16 + full "
+    what = (f"The tiny stage-1 step of experiments/tiny_training.py (2 layers, 2 x 32 heads, LoRA r16 + full "
             f"history patches, 36 noisy + 13 history tokens), {args.steps} steps after the first; median step time. "
             f"'first' includes the compile. Peak RSS: the process's high-water mark so far.")
-    table = common.markdown_table(["variant", "batch", "first step (s)", "step (ms)", "steps/s", "peak RSS (MiB)"], rows)
+    headers = ["variant", "batch", "first step (s)", "step (ms)", "steps/s", "peak RSS (MiB)"]
+    table = reporting.markdown_table(headers, rows)
     print(f"{what}\n\n{table}")
     if not args.no_append:
-        common.append_results(title, env, f"{what}\n\n{table}")
+        reporting.append_results(title, env, f"{what}\n\n{table}")
         print("appended to experiments/RESULTS.md", file=sys.stderr)
 
 

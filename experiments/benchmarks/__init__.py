@@ -1,0 +1,1 @@
+"""Timed on a device: JAX against the PyTorch reference, and the orchestrators of a GPU session (run_all, headline)."""
