@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -91,11 +92,15 @@ def _write_json(path: str, value: dict) -> None:
 def build_demo_checkpoint(folder: str | os.PathLike, *, transformer: TransformerConfig = TRANSFORMER,
                           scheduler: dict = SCHEDULER, model_index: dict = MODEL_INDEX) -> str:
     """Write the embedded checkpoint to a new ``folder`` (staged, then renamed); returns its path.
-    ``transformer``, ``scheduler`` and ``model_index`` replace the embedded ones (tests build variants)."""
+    ``transformer``, ``scheduler`` and ``model_index`` replace the embedded ones (tests build variants).
+
+    The staging folder is private to this call, so two processes building the same folder at once (two
+    ``make demo`` runs, or test workers) never write into each other's files: the first rename wins, and the
+    other's identical build is dropped."""
     folder = os.path.abspath(os.fspath(folder))
-    staging = folder + ".partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".partial-", dir=os.path.dirname(folder))
+    os.chmod(staging, 0o755)  # mkdtemp's 0700 would make the final folder private
     try:
         rng = np.random.default_rng(SEED)
         for name, config in (("transformer", transformer), ("vae", VAE), ("text_encoder", TEXT_ENCODER)):
@@ -108,7 +113,12 @@ def build_demo_checkpoint(folder: str | os.PathLike, *, transformer: Transformer
         os.makedirs(os.path.join(staging, "scheduler"))
         _write_json(os.path.join(staging, "scheduler", "scheduler_config.json"), scheduler)
         _write_json(os.path.join(staging, "model_index.json"), model_index)
-        os.rename(staging, folder)
+        try:
+            os.rename(staging, folder)
+        except OSError:
+            if not os.path.isdir(folder):
+                raise
+            shutil.rmtree(staging, ignore_errors=True)  # another process finished the same build first
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
