@@ -1,6 +1,7 @@
-"""Test-wide settings: the CPU backend, float32 matmuls at full precision, quiet reference libraries, and no
-persistent compilation cache in the test process."""
+"""Test-wide settings: the CPU backend, float32 matmuls at full precision, quiet reference libraries, no
+persistent compilation cache in the test process, and every compiled program released after each test file."""
 
+import gc
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -14,10 +15,25 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # CLI's tests and `offload ode-pairs` do, in this process): every later program compiled in over a second would
 # then be serialized and written there (into ~/.cache for some), the DMD steps of test_train_dmd included. The
 # tests that check the cache run their command in a subprocess, where it stays on. (One CI-rehearsal abort was in
-# such a write; the abort recurred without any cache, see ISOLATED_TESTS in the Makefile.)
+# such a write; the abort recurred without any cache: the cause was the map count, below.)
 jax.config.update("jax_enable_compilation_cache", False)
 
 pytest_plugins = ["compile_time"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def release_compiled_programs():
+    """Drop every compiled program when a test file ends.
+
+    Each XLA:CPU executable holds about six memory mappings (its JIT-compiled code and data) for as long as a
+    cache keeps it, and jax's caches (and the library's per-process program caches built on them) keep every one.
+    A process may hold at most ``vm.max_map_count`` (65530) mappings: one long pytest process reached it late in
+    the suite, and the next compile failed inside LLVM ("LLVM compilation error: Cannot allocate memory") and
+    killed the process. ``jax.clear_caches()`` releases the executables; a program used by two files is compiled
+    twice, which costs far less than one process per file."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 def pytest_collection_modifyitems(config, items):
