@@ -7,8 +7,11 @@ from abstract inputs (the pipeline's own ``lower_chunk`` / ``lower_decode``), so
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from helios_jax import demo
@@ -62,3 +65,70 @@ def test_the_check_sees_a_callback():
         return x + 1
 
     assert _callbacks(jax.jit(f).lower(jax.ShapeDtypeStruct((2,), jnp.float32)).as_text())
+
+
+# ------------------------------------------------------------------------------ programs reused across pipelines
+
+
+@contextlib.contextmanager
+def counting_compiles():
+    """The names of the XLA programs compiled inside the block (a list, filled as they compile).
+
+    Counted with jax's public monitoring hook, ``jax.monitoring.register_event_duration_secs_listener``, on
+    the event ``/jax/core/compile/backend_compile_duration``: jax records it once per program handed to XLA,
+    that is once per miss of its in-memory cache of compiled programs, whatever the persistent compilation
+    cache then does (the event wraps ``compile_or_get_cached``, so a hit on disk is still counted: what this
+    test asks is that nothing is traced, lowered and handed to the compiler again). The event name is one
+    of jax's documented monitoring events and the hook is public, unlike counting calls of
+    ``jax._src.interpreters.pxla`` internals, which move between releases; ``jax.log_compiles`` says the
+    same thing as log lines meant for people, not for a test.
+    """
+    names: list[str] = []
+
+    def listener(event: str, duration: float, **kwargs) -> None:
+        if event == BACKEND_COMPILE_EVENT:
+            names.append(str(kwargs.get("fun_name", "?")))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield names
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+# The demo checkpoint (3-stage distilled pyramid) at its smallest: one chunk of 64x64, one step per stage.
+REQUEST = dict(prompt="a train in the fields", height=64, width=64, num_frames=33, seed=0, guidance_scale=1.0,
+               pyramid_num_inference_steps_list=[1, 1, 1], max_sequence_length=16, progress=False)
+
+
+def _load(folder: str) -> HeliosPipeline:
+    return HeliosPipeline.from_pretrained(folder, dtype=jnp.float32, compilation_cache=False)
+
+
+def _has(names: list[str], *parts: str) -> bool:
+    return all(any(part in name for name in names) for part in parts)
+
+
+def test_a_second_pipeline_of_the_same_folder_compiles_nothing():
+    """A second ``from_pretrained`` of the same folder in the same process, asked the same request, runs
+    the programs the first one compiled: the chunk (its model and text-K/V functions are static arguments
+    that compare by value), the VAE decode and the text encoder. ``stream`` on it reuses them too, and a
+    request of another shape does compile (so the counter can fail)."""
+    folder = demo.demo_checkpoint()
+    jax.clear_caches()  # the first count must not depend on what ran earlier in this process
+    with counting_compiles() as first:
+        video = _load(folder)(**REQUEST)
+    assert _has(first, "denoise_chunk", "decode_chunk", "encode"), first
+
+    with counting_compiles() as second:
+        pipe = _load(folder)
+        again = pipe(**REQUEST)
+        streamed = np.concatenate([frames[0] for frames in pipe.stream(**REQUEST)])
+    assert second == [], f"a second pipeline of the same folder compiled {len(second)} programs: {second}"
+    np.testing.assert_array_equal(again, video)
+    np.testing.assert_array_equal(streamed, video)
+
+    with counting_compiles() as other:
+        pipe(**{**REQUEST, "width": 128, "max_sequence_length": 8})
+    assert _has(other, "denoise_chunk", "decode_chunk", "encode"), other
