@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import importlib
 import json
 import os
@@ -85,12 +84,9 @@ def _rows(component: str, ours32: Any, ours16: Any, ref32: Any, ref16: Any) -> l
             Row(component, "bf16", rel16, abs16, BF16_FACTOR * ref_rel16)]
 
 
-@functools.partial(jax.jit, static_argnames=("model", "method"))
-def _apply(model: Any, params: Any, *args: Any, method: str | None = None, **kwargs: Any) -> Any:
-    """``model.apply`` jit-compiled; the unbound flax module and the method name are static and compare by value."""
-    return model.apply({"params": params}, *args, method=method, **kwargs)
-
-
+# The checks below jit a new function each time on purpose (and have no static callables): verify checks the
+# code as it is when it runs, so it traces it afresh instead of reusing a program that a cache keyed by value
+# could hold from before a change (tests/test_cli.py patches a function in between and expects a failure).
 def check_transformer(torch: Any, diffusers: Any, transformers: Any, folder: str) -> list[Row]:
     """The DiT over a chunk with short, mid and long history (float32 and bf16)."""
     model = _randomize(torch, diffusers.HeliosTransformer3DModel(
@@ -114,7 +110,7 @@ def check_transformer(torch: Any, diffusers: Any, transformers: Any, folder: str
         cfg, params = hj.load_transformer(folder, dtype)
         args = {k: jnp.asarray(v.numpy(), dtype if v.is_floating_point() and k != "timestep" else None)
                 for k, v in inputs.items()}
-        outs.append(_apply(hj.HeliosTransformer(cfg), params, **args).astype(jnp.float32))
+        outs.append(jax.jit(hj.HeliosTransformer(cfg).apply)({"params": params}, **args).astype(jnp.float32))
     return _rows("transformer", *outs, ref32, ref16)
 
 
@@ -131,8 +127,8 @@ def check_vae(torch: Any, diffusers: Any, transformers: Any, folder: str) -> lis
     outs = []
     for dtype in (jnp.float32, jnp.bfloat16):
         cfg, params = hj.load_vae(folder, dtype)
-        outs.append(_apply(vae_lib.WanVAE(cfg, dtype), params, jnp.asarray(latents.numpy(), dtype),
-                           method="decode").astype(jnp.float32))
+        decode = jax.jit(lambda p, z: vae_lib.WanVAE(cfg, dtype).apply({"params": p}, z, method="decode"))
+        outs.append(decode(params, jnp.asarray(latents.numpy(), dtype)).astype(jnp.float32))
     return _rows("vae", *outs, ref32, ref16)
 
 
@@ -151,8 +147,8 @@ def check_text_encoder(torch: Any, diffusers: Any, transformers: Any, folder: st
     outs = []
     for dtype in (jnp.float32, jnp.bfloat16):
         cfg, params = hj.load_text_encoder(folder, dtype)
-        outs.append(_apply(hj.UMT5Encoder(cfg), params, jnp.asarray(ids.numpy()),
-                           jnp.asarray(mask.numpy())).astype(jnp.float32))
+        encode = jax.jit(hj.UMT5Encoder(cfg).apply)
+        outs.append(encode({"params": params}, jnp.asarray(ids.numpy()), jnp.asarray(mask.numpy())).astype(jnp.float32))
     return _rows("text_encoder", *outs, ref32, ref16)
 
 
