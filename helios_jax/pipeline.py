@@ -15,7 +15,7 @@ first chunk, the second) nothing compiles again.
 from __future__ import annotations
 
 import contextlib
-import functools
+import dataclasses
 import os
 from typing import Any, Iterator, Sequence
 
@@ -70,10 +70,17 @@ def _abstract(tree: Any, sharding: jax.sharding.Sharding | None) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), tree)
 
 
-def _text_context(cfg: TransformerConfig, args: tuple[Params, dict[str, jax.Array]],
-                  context: jax.Array) -> tuple[jax.Array, TextKV]:
-    """The ``context_fn`` of ``denoise_chunk``: the text embeddings with every block's text K/V, once per chunk."""
-    return context, text_kv(cfg, {"params": args[0]}, context)
+@dataclasses.dataclass(frozen=True)
+class TextContext:
+    """The ``context_fn`` of ``denoise_chunk``: the text embeddings with every block's text K/V, once per chunk.
+
+    A static argument of the jitted chunk, so it hashes and compares by value (the DiT's config): every
+    pipeline of the same model shares the compiled chunk (docs/design.md, Conventions)."""
+
+    config: TransformerConfig
+
+    def __call__(self, args: tuple[Params, dict[str, jax.Array]], context: jax.Array) -> tuple[jax.Array, TextKV]:
+        return context, text_kv(self.config, {"params": args[0]}, context)
 
 
 def _check_weight_dtype(weight_dtype: str | None, transformer_folder: str, lora: Any) -> str | None:
@@ -86,20 +93,28 @@ def _check_weight_dtype(weight_dtype: str | None, transformer_folder: str, lora:
     return weight_dtype
 
 
-def _denoiser(model: HeliosTransformer, args: tuple[Params, dict[str, jax.Array]], latents: jax.Array,
-              timestep: jax.Array, context: tuple[jax.Array, TextKV]) -> jax.Array:
+@dataclasses.dataclass(frozen=True)
+class Denoiser:
     """The ``model_fn`` of ``denoise_chunk``: the DiT with the chunk's history (tiled for a doubled batch)
-    and the text K/V of ``_text_context``.
+    and the text K/V of :class:`TextContext`.
 
-    Nothing in it talks to the host: progress is reported per chunk by the host loop, so the compiled
-    chunk runs without a round trip per step and compiles ahead of time for a GPU."""
-    params, history = args
-    context, kv = context
-    inputs = {}
-    for name, value in history.items():
-        reps = latents.shape[0] // value.shape[0] if name.startswith("latents_") else 1
-        inputs[name] = jnp.tile(value, (reps,) + (1,) * (value.ndim - 1)) if reps > 1 else value
-    return model.apply({"params": params}, latents, timestep, context, **inputs, text_kv=kv)
+    A static argument of the jitted chunk, so it hashes and compares by value: ``model`` is the unbound
+    flax module, a dataclass of the DiT's frozen config and the attention implementation, and the weights
+    come in ``args``. A second pipeline of the same model therefore runs the chunk programs the first one
+    compiled. Nothing in it talks to the host: progress is reported per chunk by the host loop, so the
+    compiled chunk runs without a round trip per step and compiles ahead of time for a GPU."""
+
+    model: HeliosTransformer
+
+    def __call__(self, args: tuple[Params, dict[str, jax.Array]], latents: jax.Array, timestep: jax.Array,
+                 context: tuple[jax.Array, TextKV]) -> jax.Array:
+        params, history = args
+        context, kv = context
+        inputs = {}
+        for name, value in history.items():
+            reps = latents.shape[0] // value.shape[0] if name.startswith("latents_") else 1
+            inputs[name] = jnp.tile(value, (reps,) + (1,) * (value.ndim - 1)) if reps > 1 else value
+        return self.model.apply({"params": params}, latents, timestep, context, **inputs, text_kv=kv)
 
 
 class HeliosPipeline:
@@ -136,10 +151,12 @@ class HeliosPipeline:
             self.transformer_params = parallel.shard_params(self.transformer_params, mesh, parallel.DIT_RULES)
             self.vae_params = parallel.shard_params(self.vae_params, mesh, ())  # no rule: every leaf replicated
         self.attention_impl = attention_impl or default_impl(self.model_dtype)
-        self._model_fn = functools.partial(_denoiser, HeliosTransformer(self.transformer_config, self.attention_impl))
-        self._context_fn = functools.partial(_text_context, self.transformer_config)
+        # Every compiled program is keyed on values (configs, dtypes, shapes), never on this object: a second
+        # pipeline of the same model reuses the programs of the first (tests/test_compiled_programs.py).
+        self._model_fn = Denoiser(HeliosTransformer(self.transformer_config, self.attention_impl))
+        self._context_fn = TextContext(self.transformer_config)
         self._decoders = {out: vae_lib.chunk_decoder(self.vae_config, self.vae_dtype, out) for out in ("uint8", "float")}
-        self._encode = jax.jit(lambda p, v: vae_lib.WanVAE(self.vae_config).apply({"params": p}, v, method="encode"))
+        self._encode = vae_lib.video_encoder(self.vae_config)
         self._plans: dict[tuple, ChunkPlan] = {}
 
     @classmethod

@@ -36,8 +36,11 @@ def _prompt_list(prompts: Prompts, name: str) -> list[str]:
     return list(items)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _encode(model: UMT5Encoder, params: Any, ids: jax.Array, mask: jax.Array) -> jax.Array:
-    """Last hidden states with every position past a prompt's length set to zero."""
+    """Last hidden states with every position past a prompt's length set to zero. ``model``, the static
+    argument, is the unbound flax module (its frozen config and attention implementation), so it hashes by
+    value: every encoder of the same model shares the compiled program of a shape."""
     hidden = model.apply({"params": params}, ids, mask)
     return jnp.where(mask[..., None] > 0, hidden, jnp.zeros((), hidden.dtype))
 
@@ -46,14 +49,14 @@ class PromptEncoder:
     """The UMT5 encoder and its tokenizer: prompts in, (batch, max_sequence_length, d_model) embeddings out.
 
     ``PromptEncoder.from_pretrained(ckpt)`` reads ``ckpt/text_encoder`` and ``ckpt/tokenizer``. The
-    encoder runs jit-compiled, once per (batch, length) shape.
+    encoder runs jit-compiled, once per (batch, length) shape and process.
     """
 
     def __init__(self, config: UMT5Config, params: Any, tokenizer: PromptTokenizer, *, attention_impl: str = "xla"):
         self.config = config
         self.params = params
         self.tokenizer = tokenizer
-        self._encode = jax.jit(functools.partial(_encode, UMT5Encoder(config, attention_impl)))
+        self._encode = functools.partial(_encode, UMT5Encoder(config, attention_impl))
 
     @classmethod
     def from_pretrained(

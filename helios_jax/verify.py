@@ -84,6 +84,9 @@ def _rows(component: str, ours32: Any, ours16: Any, ref32: Any, ref16: Any) -> l
             Row(component, "bf16", rel16, abs16, BF16_FACTOR * ref_rel16)]
 
 
+# The checks below jit a new function each time on purpose (and have no static callables): verify checks the
+# code as it is when it runs, so it traces it afresh instead of reusing a program that a cache keyed by value
+# could hold from before a change (tests/test_cli.py patches a function in between and expects a failure).
 def check_transformer(torch: Any, diffusers: Any, transformers: Any, folder: str) -> list[Row]:
     """The DiT over a chunk with short, mid and long history (float32 and bf16)."""
     model = _randomize(torch, diffusers.HeliosTransformer3DModel(

@@ -64,6 +64,7 @@ class CompileCounter:
 def test_no_recompilation_from_chunk_to_chunk(checkpoint, amplify, settled_after):
     """After the first chunk (the second with the distilled model's amplified first chunk) every
     chunk reuses the compiled programs."""
+    jax.clear_caches()  # as a fresh process: every pipeline of this checkpoint shares the programs it compiled
     pipe = HeliosPipeline.from_pretrained(checkpoint, dtype=jnp.float32, compilation_cache=False)
     counter = CompileCounter()
     counts = []

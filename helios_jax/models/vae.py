@@ -35,8 +35,9 @@ memory: all frames of a chunk are live at once; XLA's CPU plan for 9 latents at 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -279,26 +280,75 @@ def frames_to_uint8(frames: jax.Array) -> jax.Array:
 FRAME_OUTPUTS = {"uint8": frames_to_uint8, "float": frames_to_unit}
 
 
-def chunk_decoder(cfg: VAEConfig, dtype: Any = jnp.float32, output: str = "uint8") -> Callable[[Params, jax.Array], jax.Array]:
+@dataclasses.dataclass(frozen=True)
+class ChunkDecoder:
+    """The jit-compiled ``(params, normalized latents) -> frames`` Helios runs after each chunk (see
+    :func:`chunk_decoder`); ``decoder(params, latents)`` runs it, ``decoder.lower(params, latents)`` lowers it.
+
+    It is the static argument of one module-level jitted function, so it hashes and compares by value
+    (config, dtype, output): two decoders of the same VAE share their compiled programs."""
+
+    config: VAEConfig
+    dtype: Any = jnp.float32
+    output: str = "uint8"
+
+    def __post_init__(self) -> None:
+        if self.output not in FRAME_OUTPUTS:
+            raise ValueError(f"output = {self.output!r}: expected one of {tuple(FRAME_OUTPUTS)}")
+        object.__setattr__(self, "dtype", jnp.dtype(self.dtype))  # jnp.float32 and np.dtype("float32") hash apart
+
+    def __call__(self, params: Params, latents: jax.Array) -> jax.Array:
+        return _decode_chunk(self, params, latents)
+
+    def lower(self, params: Params, latents: jax.Array) -> jax.stages.Lowered:
+        return _decode_chunk.lower(self, params, latents)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode_chunk(decoder: ChunkDecoder, params: Params, latents: jax.Array) -> jax.Array:
+    latents = split_rows(denormalize_latents(decoder.config, latents.astype(decoder.dtype)), axis=3)
+    frames = WanVAE(decoder.config, decoder.dtype).apply({"params": params}, latents, method=WanVAE.decode)
+    return FRAME_OUTPUTS[decoder.output](frames)
+
+
+def chunk_decoder(cfg: VAEConfig, dtype: Any = jnp.float32, output: str = "uint8") -> ChunkDecoder:
     """The jit-compiled ``(params, normalized latents) -> frames`` Helios runs after each chunk.
 
     Undoes the latent normalisation, decodes and converts to (B, 1 + 4(T - 1), H, W, C) frames in one
     compiled program, so only the finished frames leave the device: ``output`` "uint8", or "float" for
-    float32 in [0, 1]. It compiles once per latent shape (9 frames for every Helios chunk); converting
-    chunk by chunk equals the reference's conversion of the concatenated video, as it is elementwise.
-    Under a mesh with ``context > 1`` (``jax.set_mesh``) the decode is split by rows over ``context``
+    float32 in [0, 1]. It compiles once per latent shape (9 frames for every Helios chunk), and once per
+    process: decoders of the same ``(cfg, dtype, output)`` are equal and share it. Converting chunk by
+    chunk equals the reference's conversion of the concatenated video, as it is elementwise. Under a
+    mesh with ``context > 1`` (``jax.set_mesh``) the decode is split by rows over ``context``
     (``parallel.context.split_rows``).
     """
-    if output not in FRAME_OUTPUTS:
-        raise ValueError(f"output = {output!r}: expected one of {tuple(FRAME_OUTPUTS)}")
-    model, convert = WanVAE(cfg, dtype), FRAME_OUTPUTS[output]
+    return ChunkDecoder(cfg, dtype, output)
 
-    @jax.jit
-    def decode_chunk(params: Params, latents: jax.Array) -> jax.Array:
-        latents = split_rows(denormalize_latents(cfg, latents.astype(dtype)), axis=3)
-        return convert(model.apply({"params": params}, latents, method=WanVAE.decode))
 
-    return decode_chunk
+@dataclasses.dataclass(frozen=True)
+class VideoEncoder:
+    """The jit-compiled ``(params, video) -> Posterior`` of ``WanVAE(config, dtype)`` (see :func:`video_encoder`);
+    like :class:`ChunkDecoder`, the static argument of a module-level jitted function, compared by value."""
+
+    config: VAEConfig
+    dtype: Any = jnp.float32
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
+
+    def __call__(self, params: Params, video: jax.Array) -> Posterior:
+        return _encode_video(self, params, video)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_video(encoder: VideoEncoder, params: Params, video: jax.Array) -> Posterior:
+    return WanVAE(encoder.config, encoder.dtype).apply({"params": params}, video, method=WanVAE.encode)
+
+
+def video_encoder(cfg: VAEConfig, dtype: Any = jnp.float32) -> VideoEncoder:
+    """The jit-compiled ``(params, video) -> Posterior`` the pipeline encodes images and videos with, compiled
+    once per video shape and process: encoders of the same ``(cfg, dtype)`` are equal and share it."""
+    return VideoEncoder(cfg, dtype)
 
 
 # --- Params ---------------------------------------------------------------------------------------

@@ -10,7 +10,10 @@ layout, hence its own program, with no branch inside the loop.
 
 The model is a static callable ``model_fn(model_args, latents, timestep, context) -> flow`` with
 ``model_args`` a traced pytree (weights, history latents and indices), so weights are never baked
-into the program. All randomness is the explicit :class:`ChunkNoise`; ``noise_shapes`` tells a
+into the program. ``model_fn`` and ``context_fn`` key the compiled program, so give callables that hash
+and compare by value (a module-level function, or a frozen dataclass of configs with ``__call__``, as the
+pipeline's ``Denoiser`` and ``TextContext``): a new ``functools.partial`` or closure per call is a new key,
+and compiles the chunk again. All randomness is the explicit :class:`ChunkNoise`; ``noise_shapes`` tells a
 caller exactly what to draw and ``draw_chunk_noise`` draws it from a ``jax.random`` key.
 """
 
