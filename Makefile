@@ -35,16 +35,15 @@ demo: install
 	mkdir -p out
 	$(BIN)/helios-jax generate --output out/demo.mp4
 
-# test_train_dmd.py compiles the suite's largest programs (the DMD steps). Late in one long pytest process XLA's
-# CPU compile of them has aborted the process (4 runs of 4, with and without a persistent cache), while in a process
-# of its own it passes: it runs as a second pytest process (exit 5, no test selected by PYTEST_ARGS, is no failure).
-ISOLATED_TESTS := tests/test_train_dmd.py
+# The suite on two pytest-xdist workers, a test file each at a time (--dist loadfile: a file's module fixtures are built
+# once). Nearly all of its time is XLA's compile, one core a program: two workers use CI's two cores.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 test: install-test
-	$(BIN)/python -m pytest $(PYTEST_ARGS) $(addprefix --ignore=,$(ISOLATED_TESTS))
-	$(BIN)/python -m pytest $(PYTEST_ARGS) $(ISOLATED_TESTS) || [ $$? -eq 5 ]
+	$(PYTEST) $(PYTEST_ARGS)
 	@if [ -x $(GPU_BIN)/python ]; then echo "gpu-plan tier (jax's CUDA plugin is in $(GPU_VENV)):"; \
-	  JAX_PLATFORMS=cpu $(GPU_BIN)/python -m pytest -m gpu_plan $(GPU_TESTS) $(PYTEST_ARGS); fi
+	  HELIOS_TEST_XLA_FLAGS= JAX_PLATFORMS=cpu $(GPU_BIN)/python -m pytest -m gpu_plan $(GPU_TESTS) $(PYTEST_ARGS); fi
 
 # The H100 plans compiled on this CPU (no GPU): jax's CUDA plugin of the locked jax and the nvidia-* wheels the
 # compiler uses (locks/gpu-plan.txt, exact versions, --no-deps: 2.9 GB installed) in a venv of its own, because on a
@@ -68,7 +67,7 @@ $(GPU_VENV)/.installed: pyproject.toml $(LOCK) $(GPU_LOCK)
 	touch $@
 
 gpu-plan: $(GPU_VENV)/.installed
-	JAX_PLATFORMS=cpu $(GPU_BIN)/python -m pytest -m gpu_plan $(GPU_TESTS) $(PYTEST_ARGS)
+	HELIOS_TEST_XLA_FLAGS= JAX_PLATFORMS=cpu $(GPU_BIN)/python -m pytest -m gpu_plan $(GPU_TESTS) $(PYTEST_ARGS)
 
 # Not in CI: the newest releases the ranges in pyproject.toml allow, in a separate venv, to find drift early.
 test-latest:
@@ -77,7 +76,7 @@ test-latest:
 	.venv-latest/bin/python -m pip install -q --upgrade pip
 	.venv-latest/bin/python -m pip install -q -e ".[test]"
 	.venv-latest/bin/python -m pip freeze --exclude-editable | grep -iE '^(jax|flax|torch|diffusers|transformers)=='
-	.venv-latest/bin/python -m pytest $(PYTEST_ARGS)
+	.venv-latest/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Rewrite the lock from a fresh resolution of pyproject.toml's ranges (then run `make test` before committing it).
 lock:

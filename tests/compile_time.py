@@ -43,16 +43,27 @@ class CompileTime:
         self.current["wall"] += time.perf_counter() - start
         self.current = None
 
+    def pytest_sessionfinish(self, session) -> None:
+        """On a pytest-xdist worker: hand this worker's counters to the controller, which prints the table."""
+        if hasattr(session.config, "workeroutput"):
+            session.config.workeroutput["compile_time"] = {k: dict(v) for k, v in self.per_file.items()}
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node, error) -> None:
+        for name, counts in getattr(node, "workeroutput", {}).get("compile_time", {}).items():
+            self.per_file[name].update(counts)
+
     def pytest_terminal_summary(self, terminalreporter) -> None:
         if not self.per_file:
             return
         rows = sorted(self.per_file.items(), key=lambda kv: -kv[1]["wall"])
         total = sum((c for _, c in rows), collections.Counter())
         write = terminalreporter.write_line
-        terminalreporter.section("time per test file (s): wall, and jax's trace / lower / XLA compile within it")
+        terminalreporter.section("time per test file (s): wall, and jax's trace / lower / XLA compile within it "
+                                 "(summed over pytest-xdist workers)")
         write(f"{'file':<44}" + "".join(f"{c:>10}" for c in COLUMNS))
         for name, c in [*rows, ("total", total)]:
-            write(f"{name:<44}" + "".join(f"{c[k]:>10.1f}" for k in COLUMNS[:-1]) + f"{c['programs']:>10d}")
+            write(f"{name:<44}" + "".join(f"{c[k]:>10.1f}" for k in COLUMNS[:-1]) + f"{int(c['programs']):>10d}")
 
 
 def pytest_configure(config) -> None:
