@@ -46,6 +46,7 @@ from helios_jax.checkpoint import PipelineSpec, read_checkpoint_configs
 from helios_jax.convert.export import save_safetensors
 from helios_jax.history import video_frames_per_chunk
 from helios_jax.pipeline import HeliosPipeline
+from helios_jax.prompts import DEFAULT_NEGATIVE_PROMPT
 from helios_jax.request import check_request
 from helios_jax.sampling import ChunkNoise, ChunkPlan, denoise_chunk_trajectory, plan_from_schedules
 from helios_jax.sampling.pyramid import stage_sizes
@@ -217,8 +218,6 @@ def offload_ode_pairs(teacher: str, prompts_path: str, output: str, *, sections:
                       progress: bool | None = None) -> list[str]:
     """Write one ODE-pair file per prompt of ``prompts_path`` into ``output`` (existing files kept); returns
     their paths. Every argument is checked before any weight is read."""
-    from helios_jax.generate import DEFAULT_NEGATIVE_PROMPT
-
     count = _sections(sections, num_frames)
     if not os.path.isdir(teacher):
         raise DataError(f"no teacher folder at {teacher!r}: give a diffusers pyramid checkpoint folder (Helios-Mid)")
