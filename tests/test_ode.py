@@ -292,7 +292,7 @@ def test_fake_score_loss_and_lora_gradients_match_torch(reference):
     table = distill.dmd_sigma_table((2, TINY["in_channels"], 9, 8, 8))
 
     net = stages.StageModel(hj.HeliosTransformer(cfg), jnp.float32, loaded.spec.scale)
-    from helios_jax.training.history import history_inputs
+    from helios_jax.training.samples import history_inputs
 
     cond = {"encoder_hidden_states": jnp.asarray(embeds), **history_inputs(jnp.asarray(anchor), jnp.asarray(hist))}
 

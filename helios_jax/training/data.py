@@ -41,7 +41,7 @@ from safetensors import safe_open
 from helios_jax.convert.export import save_safetensors
 from helios_jax.convert.sources import CheckpointError, read_torch_pickle
 from helios_jax.training import DataError
-from helios_jax.training.history import HISTORY_SIZES, LATENT_WINDOW
+from helios_jax.training.samples import HISTORY_SIZES, LATENT_WINDOW
 
 MIN_FRAMES = 121  # the official loaders drop clips shorter than this
 EXTENSIONS = (".safetensors", ".pt")

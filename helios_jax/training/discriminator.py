@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from helios_jax.training.history import normal
+from helios_jax.training.samples import normal
 
 # (kernel, stride, padding) of the six convolutions of ``Discriminator3DHead``.
 _CONVS = (

@@ -34,6 +34,7 @@ from helios_jax.sampling.pyramid import (
     upsample_nearest,
 )
 from helios_jax.sampling.schedule import HeliosDMDSchedulerConfig, calculate_shift, make_schedule, shift_for
+from helios_jax.training import samples
 
 # ----------------------------------------------------------------------------- 3. DMD
 
@@ -265,3 +266,43 @@ def update_plan(step: int | jax.Array, *, gen_update_ratio: int = 5, ema_start_s
     ema = (step < ema_start_step) | generator
     gan = step >= gan_start_step if gan_start_step is not None else False
     return UpdatePlan(generator, True, ema, gan)
+
+
+# ----------------------------------------------------------------------------- stage 3b's settings
+
+
+@dataclasses.dataclass(frozen=True)
+class TimestepDraw:
+    """``sample_dynamic_timestep``'s settings of one player (``{generator,critic}_dynamic_*``)."""
+
+    kind: str = "uniform"
+    alpha: float = 4.0
+    beta: float = 1.5
+    dynamic_step: int = 500
+
+
+@dataclasses.dataclass(frozen=True)
+class GanSettings:
+    """The GAN terms (``gan_*``, ``r1_*``); hooks are the backbone's (empty: the final head only)."""
+
+    hooks: tuple[int, ...] = (5, 15, 25, 35)
+    features: int = 768
+    g_weight: float = 0.05
+    d_weight: float = 0.01
+    r1_weight: float = 100.0
+    r1_sigma: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class DmdSettings:
+    """Stage 3b's losses' settings: the rollout's steps per pyramid stage, the scores' CFG, both players'
+    timestep draws, the context (drop, corruption, saturation) and the GAN (None: DMD alone)."""
+
+    stage_steps: tuple[int, ...] = (2, 2, 2)
+    amplify_first_chunk: bool = True
+    real_guidance_scale: float = 3.0
+    generator_timestep: TimestepDraw = TimestepDraw("beta")
+    critic_timestep: TimestepDraw = TimestepDraw("uniform")
+    context: samples.ContextConfig = samples.ContextConfig(t2v_ratio=0.4, v2v_ratio=0.5)  # drop + corruption
+    saturation: samples.SaturationConfig | None = samples.SaturationConfig()
+    gan: GanSettings | None = None

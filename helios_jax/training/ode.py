@@ -18,7 +18,7 @@ replacement; per chosen section and stage one recorded state ``x`` at timestep `
 ``x0 = x - sigma'(t) f(x, t, prompt, history)`` regressed on the stage's end latent with 0.5 MSE, the
 mean of the terms times ``weight``. The history of section k is teacher-forced: the 19 frames before it
 in the teacher's final full-resolution chunks (zeros before the video), the anchor = section 0's first
-frame (zero for k = 0), laid out as inference (``training.history.history_inputs``). ``sigma'`` is the
+frame (zero for k = 0), laid out as inference (``training.samples.history_inputs``). ``sigma'`` is the
 sigma the teacher stepped from at ``t`` (the official looks it up in a 1000-point table).
 
 Deviations from the official, on purpose (TRAINING.md 13.7, 13.15): every draw is per sample from the
@@ -60,7 +60,7 @@ from helios_jax.sampling.schedule import (
     stage_sigmas,
 )
 from helios_jax.training import DataError
-from helios_jax.training.history import HISTORY_SIZES, LATENT_WINDOW, history_inputs
+from helios_jax.training.samples import HISTORY_SIZES, LATENT_WINDOW, history_inputs
 
 FORMAT = "helios-jax ode-pairs 1"
 STUDENT_STEPS = (2, 2, 2)  # the distilled model's 2 + 2 + 2 steps (doubled for the first section)
@@ -439,7 +439,7 @@ def stage_sigma(settings: ODESettings, stage: int, timestep: jax.Array) -> jax.A
 def ode_terms(net: Any, variables: Any, batch: Mapping[str, jax.Array], draws: ODEDraws,
               settings: ODESettings) -> jax.Array:
     """The 0.5 MSE of every (chosen section, stage), (n, S) averaged over the batch (``net`` as
-    ``stages.StageModel``: ``net(variables, x, t, conditioning)`` and ``net.dtype``). The chosen sections
+    ``parts.StageModel``: ``net(variables, x, t, conditioning)`` and ``net.dtype``). The chosen sections
     run under ``lax.scan``, so the DiT is traced once per pyramid stage, not once per term."""
     stages = settings.scheduler.stages
     full = batch[f"targets_{stages - 1}"].astype(jnp.float32)
