@@ -232,7 +232,7 @@ def history_patches_from(patch_embedding: Params) -> Params:
     the kernel (its ``[:, :16]`` is the whole kernel of the 16-channel text-to-video model) repeated 1, 2 and
     4 times along t, h and w and divided by the repeat count (a constant block then gives the patch
     embedding's response), biases copied. The official code runs it on the random init before the Wan
-    weights load (TRAINING.md section 13 item 2); here it runs on the loaded weights."""
+    weights load (docs/training.md §13, item 2); here it runs on the loaded weights."""
     kernel = patch_embedding["kernel"]  # flax layout (t, h, w, in, out)
     out = {}
     for name, factor in HISTORY_TERMS:

@@ -41,7 +41,7 @@ from helios_jax.training.ema import EMA_FOLDER, EmaConfig
 CONFIGS = os.path.join(os.path.dirname(__file__), "fixtures", "training-configs")
 PIXELS, SECTIONS, STEPS = 64, 2, 20  # latents 8 x 8: a three-level pyramid of 2x2, 4x4, 8x8
 
-# TRAINING.md 3.3 (two decimals) and the official get_ode-pairs targets (four): the student's shifted
+# docs/training.md §3.3 (two decimals) and the official get_ode-pairs targets (four): the student's shifted
 # timesteps at 384 x 640 per stage, 2 steps per stage and 4 for the amplified first section.
 SPEC_4 = ([998.5342, 902.2183, 833.9636, 783.0660], [742.8216, 640.0038, 547.1926, 462.9951],
           [385.4137, 328.6249, 253.9905, 151.5308])
@@ -208,7 +208,7 @@ def synthetic_pairs(seed: int, sections: int = 3, channels: int = TINY["in_chann
 
 
 def torch_ode_loss(model, data, chosen, picks, weight) -> torch.Tensor:
-    """TRAINING.md 6.2 written out in torch: teacher-forced history, anchor, the stage's sigma from
+    """docs/training.md §6.2 written out in torch: teacher-forced history, anchor, the stage's sigma from
     diffusers' HeliosScheduler tables (t = t_min + sigma' (t_max - t_min))."""
     sched = HeliosScheduler()
     embeds = torch.from_numpy(data["prompt_embed"])[None]
@@ -303,7 +303,7 @@ def test_fake_score_loss_and_lora_gradients_match_torch(reference):
 
     value, grads = jax.jit(jax.value_and_grad(fn))(loaded.lora)
 
-    # The reference: TRAINING.md 7.2's table in float64 numpy, nearest timestep; the target eps - x.
+    # The reference: the table of docs/training.md §7.2 in float64 numpy, nearest timestep; the target eps - x.
     mu = 9 * 8 * 8 / 4 * (1.15 - 0.5) / (4096 - 256) + 0.5 - 256 * (1.15 - 0.5) / (4096 - 256)
     base = np.linspace(1, 0.001, 1000)
     sigmas = mu * base / (1 + (mu - 1) * base)

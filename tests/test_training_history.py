@@ -1,5 +1,5 @@
 """Sample assembly and anti-drifting (helios_jax.training.samples) against hand-computed cases and
-their stated distributions (TRAINING.md sections 2.5 and 8). Tiny arrays; the file runs in well under a minute."""
+their stated distributions (docs/training.md §2.5 and §8). Tiny arrays; the file runs in well under a minute."""
 
 from __future__ import annotations
 

@@ -38,7 +38,7 @@ HISTORY_PATCHES = ("patch_short", "patch_mid", "patch_long")
 PATCH_EMBEDDING = "patch_embedding"
 # The official exclusions of "all-linear": names containing "norm", and modules ``down``/``up``.
 EXCLUDE_MODULES = ("down", "up")
-# Trainable subsets for optax: params subtrees trained in full beside the LoRA (TRAINING.md §1.3).
+# Trainable subsets for optax: params subtrees trained in full beside the LoRA (docs/training.md §1.3).
 SUBSETS: dict[str, tuple[str, ...]] = {"lora": (), "lora+history_patches": HISTORY_PATCHES}
 
 

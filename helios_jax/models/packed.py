@@ -1,6 +1,6 @@
 """The packed (NaViT) forward of the Helios DiT: several noisy segments, one shared history, one block stack.
 
-Stage 2-init (TRAINING.md sections 1.2.2 and 5) runs every pyramid example of a sample in one transformer
+Stage 2-init (docs/training.md §5) runs every pyramid example of a sample in one transformer
 forward, as the official training class does with a list input: per sample the token sequence is
 ``sum_i [history || segment_i]`` (the history duplicated per segment), self-attention is block-diagonal per
 segment (segment ids through ``helios_jax.models.attention.attention``), cross-attention is per segment with

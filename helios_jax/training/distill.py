@@ -1,4 +1,4 @@
-"""Stage-3 distillation (TRAINING.md 7, 9.3): DMD, the backward-simulated pyramid rollout and the
+"""Stage-3 distillation (docs/training.md §7, §9.3): DMD, the backward-simulated pyramid rollout and the
 generator/critic update schedule (the EMA it schedules is ``training.ema``), as pure functions a trainer
 composes ("a loss plus a config").
 
@@ -6,7 +6,7 @@ Conventions: flow matching ``x_t = (1 - sigma) x0 + sigma eps``, the model predi
 ``x0 = x_t - sigma v``; ``t = 1000 sigma``. Latents stay float32 between steps (bf16 latents between
 DMD steps drift visibly; the official converts through float64).
 
-Official bug 7 (TRAINING.md 13: identical random streams on every rank): every draw here comes from an
+Official bug 7 (docs/training.md §13: identical random streams on every rank): every draw here comes from an
 explicit key and per-sample draws are made over the whole (global) batch, so under ``jit`` on a
 sharded batch every sample, hence every device, gets its own noise, timestep and crop. The rollout's
 exit steps are one draw per stage for the whole batch, which is what the official's rank-0 broadcast
@@ -40,7 +40,7 @@ from helios_jax.training import samples
 
 
 class SigmaTable(NamedTuple):
-    """The global DMD/critic sigma table (TRAINING.md 7.2): ``sigmas[i]`` at ``timesteps[i] = 1000 sigmas[i]``."""
+    """The global DMD/critic sigma table (docs/training.md §7.2): ``sigmas[i]`` at ``timesteps[i] = 1000 sigmas[i]``."""
 
     sigmas: jax.Array
     timesteps: jax.Array
@@ -154,7 +154,7 @@ class RolloutPlan:
 def rollout_plan(latent_shape: tuple[int, ...], stage_steps: tuple[int, ...] = (2, 2, 2), *,
                  amplify_first_chunk: bool = False, scheduler_config: HeliosDMDSchedulerConfig | None = None,
                  patch: tuple[int, int] = (2, 2)) -> RolloutPlan:
-    """The student's schedule (TRAINING.md 3.3, 7.3), built on the host from the DMD scheduler.
+    """The student's schedule (docs/training.md §3.3, §7.3), built on the host from the DMD scheduler.
 
     ``amplify_first_chunk`` doubles every stage's steps (the history-free first chunk). Each stage is
     shifted with ``mu`` of its *own* resolution, as the official rollout and ODE pairs do; note that

@@ -1,4 +1,4 @@
-"""Flow-matching objectives of stages 1 and 2 (TRAINING.md sections 3-5), as functions the trainer composes.
+"""Flow-matching objectives of stages 1 and 2 (docs/training.md §3-5), as functions the trainer composes.
 
 Convention: ``x_sigma = (1 - sigma) x0 + sigma eps``, the model predicts the velocity ``eps - x0``,
 sigma = 1 is pure noise, the model's timestep is ``1000 sigma`` (stage 1) or the stage's global

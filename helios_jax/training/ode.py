@@ -1,4 +1,4 @@
-"""Stage 3a (TRAINING.md 6): ODE pairs from a pyramid teacher, their grain dataset, the ODE-regression loss.
+"""Stage 3a (docs/training.md §6): ODE pairs from a pyramid teacher, their grain dataset, the ODE-regression loss.
 
 **ODE pairs** (``offload_ode_pairs``, ``helios-jax offload ode-pairs``): the teacher pipeline runs a prompt
 over ``sections`` chunks as at inference (its own outputs are its history, first-frame anchor kept),
@@ -21,7 +21,7 @@ in the teacher's final full-resolution chunks (zeros before the video), the anch
 frame (zero for k = 0), laid out as inference (``training.samples.history_inputs``). ``sigma'`` is the
 sigma the teacher stepped from at ``t`` (the official looks it up in a 1000-point table).
 
-Deviations from the official, on purpose (TRAINING.md 13.7, 13.15): every draw is per sample from the
+Deviations from the official, on purpose (docs/training.md §13, items 7 and 15): every draw is per sample from the
 step's explicit key (the official draws the sections with Python's ``random`` and the states unsynced,
 identical streams on every rank); no EMA here (stage 3's EMA is the distillation trainer's).
 """

@@ -270,8 +270,8 @@ ODE_SCHEMA: dict[str, dict[str, Key]] = {
 }
 
 _DMD = "stage 3b (DMD)"
-_OFF = f"is {_NOT_HERE} (off in every official config; TRAINING.md 7.6)"
-# Stage 3b's keys (TRAINING.md 7): typed and checked like SCHEMA's; read only when is_train_dmd is on.
+_OFF = f"is {_NOT_HERE} (off in every official config; docs/training.md §7.6)"
+# Stage 3b's keys (docs/training.md §7): typed and checked like SCHEMA's; read only when is_train_dmd is on.
 DMD_SCHEMA: dict[str, dict[str, Key]] = {
     "data_config": {
         "use_stage1_dataset": Key(bool, False, (False,), f"{_DMD} reads the stage-3 dataset (use_stage3_dataset)"),
@@ -537,7 +537,7 @@ class Recipe:
 
     def critic_optimizer(self) -> OptimizerConfig:
         """Stage 3b's critic: the generator's AdamW settings with ``critic_learning_rate`` and
-        ``max_grad_norm_critic`` (the official DeepSpeed run clipped both at 1.0 instead: TRAINING.md 10)."""
+        ``max_grad_norm_critic`` (the official DeepSpeed run clipped both at 1.0 instead: docs/training.md §10)."""
         t = self.values["training_config"]
         return dataclasses.replace(self.optimizer(), learning_rate=t["critic_learning_rate"],
                                    max_grad_norm=t["max_grad_norm_critic"])

@@ -5,7 +5,7 @@ A training example conditions one 9-latent chunk (``target``) on the 19 latents 
 its 29 fixed RoPE slots are the inference ones (:class:`helios_jax.history.HistoryLayout`):
 x0 -> 0, long -> 1..16, mid -> 17..18, newest -> 19, chunk -> 20..28, short = [anchor, newest].
 
-What the official trainer does to that context (TRAINING.md section 2.5 and 8), reproduced here:
+What the official trainer does to that context (docs/training.md §2.5 and §8), reproduced here:
 
 * ``random_drop``: one batch-global decision per step to train the t2v / i2v / v2v formats;
 * ``corrupt_history``: frame-aware corruption (noise or blur) in parts aligned with the

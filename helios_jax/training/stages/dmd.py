@@ -1,5 +1,5 @@
 """Stage 3b (``stage_3_post.yaml``, ``stage_3_post_gan_version.yaml``): DMD (+ the multi-head GAN) bound to
-the Helios DiT, as the two players of ``training.duel`` (TRAINING.md 7).
+the Helios DiT, as the two players of ``training.duel`` (docs/training.md §7).
 
 Trees: the generator's trainables ``{"lora": ...}`` (LoRA on every linear and the history patch convs);
 the critic's ``{"lora": ..., "heads": ...}`` (its own LoRA and, in the GAN version, the discriminator
@@ -19,7 +19,7 @@ secondary sample's context (``x0_2``, ``history_2``: another section of the same
 ``gan_start_step`` ``+ discriminator.critic_gan_loss`` with the primary sample's real chunk, noised with
 the fake's noise and timestep, and its R1 twin, all in ONE discriminator forward.
 
-Context (TRAINING.md 7.3): the random drop, then frame-aware corruption always; saturation jitter only
+Context (docs/training.md §7.3): the random drop, then frame-aware corruption always; saturation jitter only
 on the generator's conditioning (the scores see the corrupted, unsaturated history).
 """
 
