@@ -178,7 +178,14 @@ _STAGES_1_2: dict[str, dict[str, Key]] = {
         "saturation_ratio_min": Key(float, 0.3),
         "saturation_ratio_max": Key(float, 1.7),
         "saturation_ratio_clean_prob": Key(float, 0.1),
-        "use_error_recycling": Key(bool, False, (False,), "error recycling is not wired into the trainer (off everywhere)"),
+        # Error recycling (samples.RecycleBuffers, push_errors, inject_errors) stays a library, not a YAML switch:
+        # its buffers are state carried from step to step, and at the official sizes (500 errors x 50 timestep
+        # cells of one (16, 9, 48, 80) latent, two buffers) they are 110 GB of float32 per resolution, more than
+        # a GPU holds; and the original refuses it beside history corruption, which every released config uses
+        # (docs/training.md §8.3).
+        "use_error_recycling": Key(bool, False, (False,), "error recycling is not a training switch here (its buffers "
+                                   "would be 110 GB of step-to-step state at the official sizes; off in every "
+                                   "official config); helios_jax.training.samples has its pieces"),
         # Stage 2: the pyramid.
         "is_enable_stage2": Key(bool, False),
         "is_navit_pyramid": Key(bool, False),
