@@ -29,13 +29,11 @@ identical streams on every rank); no EMA here (stage 3's EMA is the distillation
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 import sys
 from typing import Any, Mapping, NamedTuple, Sequence
 
-import grain
 import jax
 import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy for safetensors)
@@ -60,6 +58,7 @@ from helios_jax.sampling.schedule import (
     stage_sigmas,
 )
 from helios_jax.training import DataError
+from helios_jax.training.data import EpochDataset, shard
 from helios_jax.training.samples import HISTORY_SIZES, LATENT_WINDOW, history_inputs
 
 FORMAT = "helios-jax ode-pairs 1"
@@ -320,7 +319,7 @@ def _shape_signature(path: str) -> tuple:
         return tuple(sorted((k, tuple(f.get_slice(k).get_shape())) for k in f.keys()))
 
 
-class ODEPairDataset:
+class ODEPairDataset(EpochDataset):
     """Batches of ODE-pair files (``stack_sample`` arrays with a batch axis, plus ``index`` and ``epoch``):
     shuffled per epoch from ``seed + epoch``, this process's shard ``order[process_index::process_count]``,
     full batches only. ``iterator()`` is a checkpointable grain iterator (``get_state``/``set_state``)."""
@@ -354,32 +353,13 @@ class ODEPairDataset:
         """This process's file indices of ``epoch``, in order (whole batches only)."""
         order = np.random.default_rng(self.seed + epoch).permutation(len(self.files)) if self.shuffle \
             else np.arange(len(self.files))
-        usable = len(order) // self.process_count * self.process_count
-        shard = [int(i) for i in order[:usable][self.process_index::self.process_count]]
-        return shard[:self.batches_per_epoch * self.batch_size]
+        return shard(order, self.process_index, self.process_count)[:self.batches_per_epoch * self.batch_size]
 
-    def __len__(self) -> int:
-        epochs = self.num_epochs if self.num_epochs is not None else max(1, (1 << 40) // self.batches_per_epoch)
-        return epochs * self.batches_per_epoch * self.batch_size
-
-    def __getitem__(self, position: int) -> tuple[int, int]:
-        epoch, offset = divmod(int(position), self.batches_per_epoch * self.batch_size)
-        return epoch, self._order(epoch)[offset]
-
-    @functools.lru_cache(maxsize=4)
-    def _order(self, epoch: int) -> tuple[int, ...]:
-        return tuple(self.epoch_order(epoch))
+    epoch_items = epoch_order
 
     def load(self, item: tuple[int, int]) -> dict[str, np.ndarray]:
         epoch, index = item
         return {**stack_sample(read_ode_pairs(self.files[index])), "index": np.int64(index), "epoch": np.int64(epoch)}
-
-    def map_dataset(self) -> grain.MapDataset:
-        return grain.MapDataset.source(self).map(self.load).batch(self.batch_size, drop_remainder=True)
-
-    def iterator(self, num_threads: int = 2, prefetch: int = 2) -> grain.DatasetIterator:
-        read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
-        return iter(self.map_dataset().to_iter_dataset(read))
 
 
 # ----------------------------------------------------------------------------- the loss
