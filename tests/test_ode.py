@@ -12,6 +12,7 @@ import filecmp
 import json
 import os
 import re
+import types
 import warnings
 
 import jax
@@ -139,14 +140,15 @@ def test_recorded_states_are_the_plain_pipelines(pairs):
     file = ode.read_ode_pairs(os.path.join(out, "prompts_00000.safetensors"))
     settings = dict(height=PIXELS, width=PIXELS, num_frames=SECTIONS * 33, guidance_scale=5.0,
                     pyramid_num_inference_steps_list=(STEPS,) * 3, is_amplify_first_chunk=True, max_sequence_length=512)
-    pipe = ode._RecordingTeacher.load(ckpt, jnp.float32, STEPS, compilation_cache=False)
+    pipe = ode.load_teacher(ckpt, jnp.float32, STEPS, compilation_cache=False)
     embeds = jnp.asarray(file["prompt_embed"])[None]
     negative = pipe.prompt_encoder.encode([hj.generate.DEFAULT_NEGATIVE_PROMPT], max_sequence_length=512,
                                           dtype=jnp.float32)
-    pipe._denoise = lambda *a: HeliosPipeline._denoise(pipe, *a)  # the inference program, no recording
+    recorder = pipe.sampler  # the teacher's plans with the inference program, no recording:
+    pipe.sampler = types.SimpleNamespace(plan=recorder.plan, denoise=hj.sampling.denoise_chunk)
     video = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, seed=42, output_type="latent", progress=False,
                  **settings)
-    assert pipe.sections == [] and video.shape == (1, 16, 9 * SECTIONS, 8, 8)
+    assert recorder.sections == [] and video.shape == (1, 16, 9 * SECTIONS, 8, 8)
     for k in range(SECTIONS):
         chunk, final = video[:, :, 9 * k:9 * (k + 1)], file["sections"][k][2]["latents"][-1]
         assert np.abs(chunk - final).max() <= 1e-6 * np.abs(final).max(), k

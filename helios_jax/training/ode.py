@@ -129,53 +129,65 @@ def ode_schedule(config: HeliosSchedulerConfig, steps: int, stage: int, student:
 # ----------------------------------------------------------------------------- generation
 
 
-class _RecordingTeacher(HeliosPipeline):
-    """The pyramid pipeline with the ODE schedules and the sampler's recording program: its chunk loop
-    (history, anchor, noise order) is the pipeline's own; only the plan and the sampling call differ."""
+@dataclasses.dataclass
+class TrajectoryRecorder:
+    """The teacher's chunk sampler (a ``pipeline.ChunkSampler``): plans with the ODE schedules (the student's
+    timesteps inserted into the teacher's ``steps``-step stages) and the sampler's recording program; the
+    chunk loop (history, anchor, noise order) is the pipeline's own. ``sections`` collects, per chunk, the
+    states at the student's timesteps and each stage's output."""
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.steps, self.student_steps = 20, STUDENT_STEPS
-        self._keeps: dict[int, tuple] = {}  # id(plan) -> (kept step positions, timesteps) per stage
-        self.sections: list[list[dict[str, np.ndarray]]] = []  # the current prompt's records
+    scheduler_config: HeliosSchedulerConfig
+    patch: tuple[int, int, int]
+    model_dtype: Any
+    steps: int = 20
+    student_steps: tuple[int, ...] = STUDENT_STEPS
+    sections: list[list[dict[str, np.ndarray]]] = dataclasses.field(default_factory=list)
+    # Per plan (its layout and step timesteps, by value): the kept step positions and timesteps, per stage.
+    _keeps: dict[tuple, tuple] = dataclasses.field(default_factory=dict)
 
-    @classmethod
-    def load(cls, folder: str, dtype: Any = jnp.bfloat16, steps: int = 20,
-             student_steps: Sequence[int] = STUDENT_STEPS, compilation_cache: bool = True) -> "_RecordingTeacher":
-        """A pyramid checkpoint as the official teacher: UniPC (``teacher_scheduler``) and plain CFG."""
-        pipe = cls.from_pretrained(folder, dtype=dtype, compilation_cache=compilation_cache)
-        pipe.scheduler_config, pipe.spec = teacher_scheduler(pipe.scheduler_config), PipelineSpec(pyramid=True)
-        pipe.steps, pipe.student_steps = steps, tuple(student_steps)
-        return pipe
+    @staticmethod
+    def _key(plan: ChunkPlan) -> tuple:
+        return plan.layout, tuple(np.asarray(stage.model_timesteps).tobytes() for stage in plan.stages)
 
-    def _plan(self, request: Any, latent_shape: tuple[int, ...], guidance: str, amplify: bool) -> ChunkPlan:
-        key = (latent_shape, guidance, amplify, request)
-        if key not in self._plans:
-            patch = self.transformer_config.patch_size
-            schedules, keeps = [], []
-            for s, (h, w) in enumerate(stage_sizes(latent_shape[-2], latent_shape[-1], self.scheduler_config.stages)):
-                student = student_schedule(self.scheduler_config, s, amplify, self.student_steps)
-                schedule, keep = ode_schedule(self.scheduler_config, self.steps, s, student,
-                                              (*latent_shape[:3], h, w), patch)
-                schedules.append(schedule)
-                keeps.append(keep)
-            plan = plan_from_schedules(self.scheduler_config, schedules, latent_shape, patch_size=patch,
-                                       guidance=guidance, model_dtype=self.model_dtype)
-            self._plans[key] = plan
-            self._keeps[id(plan)] = (tuple(keeps), tuple(s.timesteps for s in schedules))
-        return self._plans[key]
+    def plan(self, latent_shape: tuple[int, ...], guidance: str, amplify: bool) -> ChunkPlan:
+        schedules, keeps = [], []
+        for s, (h, w) in enumerate(stage_sizes(latent_shape[-2], latent_shape[-1], self.scheduler_config.stages)):
+            student = student_schedule(self.scheduler_config, s, amplify, self.student_steps)
+            schedule, keep = ode_schedule(self.scheduler_config, self.steps, s, student, (*latent_shape[:3], h, w),
+                                          self.patch)
+            schedules.append(schedule)
+            keeps.append(keep)
+        plan = plan_from_schedules(self.scheduler_config, schedules, latent_shape, patch_size=self.patch,
+                                   guidance=guidance, model_dtype=self.model_dtype)
+        kept = (tuple(keeps), tuple(s.timesteps for s in schedules))
+        known = self._keeps.setdefault(self._key(plan), kept)
+        if any(not np.array_equal(a, b) for a, b in zip((*known[0], *known[1]), (*kept[0], *kept[1]))):
+            raise ValueError(f"two ODE plans sample the same steps but keep different ones ({self.steps} teacher "
+                             f"steps absorb the student's {self.student_steps}); choose another teacher step count")
+        return plan
 
-    def _denoise(self, plan: ChunkPlan, history: dict[str, jax.Array], noise: ChunkNoise, context: jax.Array,
-                 negative: jax.Array | None, guidance_scale: float) -> jax.Array:
-        latents, trajectory = denoise_chunk_trajectory(self._model_fn, (self.transformer_params, history), plan,
-                                                       noise, context, negative, guidance_scale, self._context_fn)
-        keeps, timesteps = self._keeps[id(plan)]
+    def denoise(self, model_fn: Any, model_args: Any, plan: ChunkPlan, noise: ChunkNoise, context: jax.Array,
+                negative: jax.Array | None, guidance_scale: float, context_fn: Any) -> jax.Array:
+        latents, trajectory = denoise_chunk_trajectory(model_fn, model_args, plan, noise, context, negative,
+                                                       guidance_scale, context_fn)
+        keeps, timesteps = self._keeps[self._key(plan)]
         section = []
         for states, keep, t in zip(trajectory, keeps, timesteps):
             rows = np.concatenate([keep, [states.shape[0] - 1]])
             section.append({"latents": np.asarray(states)[rows], "timesteps": t[keep].astype(np.float32)})
         self.sections.append(section)
         return latents
+
+
+def load_teacher(folder: str, dtype: Any = jnp.bfloat16, steps: int = 20,
+                 student_steps: Sequence[int] = STUDENT_STEPS, compilation_cache: bool = True) -> HeliosPipeline:
+    """A pyramid checkpoint as the official teacher: UniPC (``teacher_scheduler``), plain CFG, and a
+    :class:`TrajectoryRecorder` as its chunk sampler (``pipe.sampler``)."""
+    pipe = HeliosPipeline.from_pretrained(folder, dtype=dtype, compilation_cache=compilation_cache)
+    pipe.scheduler_config, pipe.spec = teacher_scheduler(pipe.scheduler_config), PipelineSpec(pyramid=True)
+    pipe.sampler = TrajectoryRecorder(pipe.scheduler_config, tuple(pipe.transformer_config.patch_size),
+                                      pipe.model_dtype, steps, tuple(student_steps))
+    return pipe
 
 
 def read_prompts(path: str) -> list[tuple[int, str]]:
@@ -235,7 +247,7 @@ def offload_ode_pairs(teacher: str, prompts_path: str, output: str, *, sections:
     if os.path.exists(output) and not os.path.isdir(output):
         raise DataError(f"output {output!r} exists and is not a folder")
 
-    pipe = _RecordingTeacher.load(teacher, dtype, steps, student_steps)
+    pipe = load_teacher(teacher, dtype, steps, student_steps)
     negative = pipe.prompt_encoder.encode([negative_prompt or DEFAULT_NEGATIVE_PROMPT],
                                           max_sequence_length=MAX_SEQUENCE_LENGTH, dtype=pipe.model_dtype)
     os.makedirs(output, exist_ok=True)
@@ -247,10 +259,10 @@ def offload_ode_pairs(teacher: str, prompts_path: str, output: str, *, sections:
         if os.path.exists(path):
             continue
         embeds = pipe.prompt_encoder.encode([prompt], max_sequence_length=MAX_SEQUENCE_LENGTH, dtype=pipe.model_dtype)
-        pipe.sections = []
+        pipe.sampler.sections.clear()
         pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, seed=seed, output_type="latent", progress=False,
              **settings)
-        write_ode_pairs(path, pipe.sections, np.asarray(embeds[0]), prompt)
+        write_ode_pairs(path, pipe.sampler.sections, np.asarray(embeds[0]), prompt)
         if show:
             print(f"ode-pairs {n + 1}/{len(prompts)}: {os.path.basename(path)}", file=sys.stderr, flush=True)
     return written
