@@ -48,7 +48,6 @@ from helios_jax.training.trainer import (
 )
 
 PlayerLoss = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
-ITEMS = ("generator", "critic", "ema")
 
 
 @dataclasses.dataclass(frozen=True)
