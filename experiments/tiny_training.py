@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from helios_jax.config import TransformerConfig
 from helios_jax.models import lora as lora_lib
 from helios_jax.models import transformer as dit
-from helios_jax.training import history, losses, stages, trainer
+from helios_jax.training import losses, samples, stages, trainer
 
 PIXELS = 32  # video height and width: latents of 4 x 4
 TEXT_TOKENS = 8
@@ -29,7 +29,7 @@ def stage_model(remat: bool = True, dtype=jnp.bfloat16) -> stages.StageModel:
 
 def make_stage1_loss(remat: bool = True, dtype=jnp.bfloat16):
     """The real stage-1 loss with the official context (random drops 0.4 / 0.4, noise corruption)."""
-    return functools.partial(stages.stage1_loss, stage_model(remat, dtype), history.ContextConfig(),
+    return functools.partial(stages.stage1_loss, stage_model(remat, dtype), samples.ContextConfig(),
                              losses.TimestepSampling())
 
 

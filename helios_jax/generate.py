@@ -25,6 +25,7 @@ from helios_jax.checkpoint import PipelineError, read_checkpoint_configs
 from helios_jax.models import fp8
 from helios_jax.models.attention import IMPLS
 from helios_jax.pipeline import HeliosPipeline
+from helios_jax.prompts import DEFAULT_NEGATIVE_PROMPT
 from helios_jax.request import Request, check_request, check_seed, check_video_length
 from helios_jax.video import Mp4Writer, check_writable, contact_sheet, fit_image, fit_video, write_png
 
@@ -35,12 +36,6 @@ DEFAULT_PROMPT = (
     "A dynamic time-lapse video showing the rapidly moving scenery from the window of a speeding train. The camera "
     "captures various elements such as lush green fields, towering trees, quaint countryside houses, and distant "
     "mountain ranges passing by quickly."
-)
-DEFAULT_NEGATIVE_PROMPT = (
-    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, overall "
-    "gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, poorly drawn hands, "
-    "poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy background, three "
-    "legs, many people in the background, walking backwards"
 )
 # Settings whose default depends on the checkpoint: (official inference default, embedded demo default).
 CHECKPOINT_DEFAULTS = {

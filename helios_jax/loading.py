@@ -231,9 +231,8 @@ def history_patches_from(patch_embedding: Params) -> Params:
     """``patch_short/mid/long`` from a patch embedding, as the official ``initialize_weight_from_another_conv3d``:
     the kernel (its ``[:, :16]`` is the whole kernel of the 16-channel text-to-video model) repeated 1, 2 and
     4 times along t, h and w and divided by the repeat count (a constant block then gives the patch
-    embedding's response), biases copied. The official transformer (``helios/modules/transformer_helios.py``)
-    runs it in ``__init__`` on the random init, before the Wan weights load, so its stage 1 starts these convs
-    from random-derived values; here it runs on the loaded weights, the evident intent."""
+    embedding's response), biases copied. The official code runs it on the random init before the Wan
+    weights load (docs/training.md §13, item 2); here it runs on the loaded weights."""
     kernel = patch_embedding["kernel"]  # flax layout (t, h, w, in, out)
     out = {}
     for name, factor in HISTORY_TERMS:

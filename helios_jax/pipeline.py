@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -117,6 +117,18 @@ class Denoiser:
         return self.model.apply({"params": params}, latents, timestep, context, **inputs, text_kv=kv)
 
 
+class ChunkSampler(Protocol):
+    """A replacement of how the pipeline samples each chunk (``HeliosPipeline.sampler``, set before the first
+    chunk): ``plan`` makes the chunk's plan for its layout, ``denoise`` runs it, with the arguments and the
+    result of ``sampling.denoise_chunk``. The chunk loop (history, anchor, noise order) stays the pipeline's.
+    Stage 3a's teacher (``training.ode.TrajectoryRecorder``) records the sampler's states so."""
+
+    def plan(self, latent_shape: tuple[int, ...], guidance: str, amplify: bool) -> ChunkPlan: ...
+
+    def denoise(self, model_fn: Any, model_args: Any, plan: ChunkPlan, noise: ChunkNoise, context: jax.Array,
+                negative: jax.Array | None, guidance_scale: float, context_fn: Any) -> jax.Array: ...
+
+
 class HeliosPipeline:
     """Helios text/image/video-to-video generation in JAX (see the module docstring)."""
 
@@ -158,6 +170,7 @@ class HeliosPipeline:
         self._decoders = {out: vae_lib.chunk_decoder(self.vae_config, self.vae_dtype, out) for out in ("uint8", "float")}
         self._encode = vae_lib.video_encoder(self.vae_config)
         self._plans: dict[tuple, ChunkPlan] = {}
+        self.sampler: ChunkSampler | None = None  # None: the plans and the sampling call below
 
     @classmethod
     def from_pretrained(
@@ -400,9 +413,10 @@ class HeliosPipeline:
 
     def _denoise(self, plan: ChunkPlan, history: dict[str, jax.Array], noise: ChunkNoise, context: jax.Array,
                  negative: jax.Array | None, guidance_scale: float) -> jax.Array:
-        """One chunk's sampling program (the hook a recording subclass replaces: ``training.ode``)."""
-        return denoise_chunk(self._model_fn, (self.transformer_params, history), plan, noise, context, negative,
-                             guidance_scale, self._context_fn)
+        """One chunk's sampling program (``self.sampler``'s, when one is set)."""
+        sample = denoise_chunk if self.sampler is None else self.sampler.denoise
+        return sample(self._model_fn, (self.transformer_params, history), plan, noise, context, negative,
+                      guidance_scale, self._context_fn)
 
     def _history(self, layout: HistoryLayout, indices: dict[str, jax.Array], window: jax.Array,
                  prefix: jax.Array | None) -> dict[str, jax.Array]:
@@ -413,6 +427,8 @@ class HeliosPipeline:
     def _plan(self, request: Request, latent_shape: tuple[int, ...], guidance: str, amplify: bool) -> ChunkPlan:
         """The chunk plan (cached: one per distinct layout, so programs are reused across chunks)."""
         key = (latent_shape, guidance, amplify, request)
+        if key not in self._plans and self.sampler is not None:
+            self._plans[key] = self.sampler.plan(latent_shape, guidance, amplify)
         if key not in self._plans:
             patch = self.transformer_config.patch_size
             # On a mesh with a data axis, CFG's two passes run as one batch split over it.

@@ -24,6 +24,15 @@ from helios_jax.loading import load_text_encoder
 from helios_jax.models.umt5 import UMT5Encoder
 from helios_jax.tokenizer import PromptTokenizer, clean_prompt
 
+# The official inference's negative prompt: the default of generation, ODE-pair recording and the
+# training YAMLs' empty data_config.negative_prompt.
+DEFAULT_NEGATIVE_PROMPT = (
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, overall "
+    "gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, poorly drawn hands, "
+    "poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy background, three "
+    "legs, many people in the background, walking backwards"
+)
+
 DEFAULT_MAX_SEQUENCE_LENGTH = 512  # the reference pipelines' ``__call__`` default
 Prompts = str | Sequence[str]
 

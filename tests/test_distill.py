@@ -1,8 +1,8 @@
-"""Stage-3 distillation building blocks (TRAINING.md 1.2, 3.3, 7, 9): GAN heads, Cache Grad, DMD,
+"""Stage-3 distillation building blocks (docs/training.md §1.2, §3.3, §7, §9): GAN heads, Cache Grad, DMD,
 the backward-simulated rollout, EMA and the update schedule. Tiny configs; runs in well under a minute.
 
 Tolerances: float32 parity <= 1e-5 (relative L2 and max-abs / max|ref|) against torch modules built
-here from TRAINING.md's description, gradients <= 1e-6, float64 numpy formulas <= 1e-6.
+here from docs/training.md's description, gradients <= 1e-6, float64 numpy formulas <= 1e-6.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from helios_jax.training import ema as ema_lib
 
 
 def torch_head(in_channels: int, c: int) -> torch.nn.Sequential:
-    """Discriminator3DHead as TRAINING.md 1.2 describes it, in torch."""
+    """Discriminator3DHead as docs/training.md §1.2 describes it, in torch."""
     layers = []
     specs = [(in_channels, 3, 1, 1), (c, 4, 2, 1), (c, 4, 2, 1), (c, 3, (2, 1, 1), 1), (c, 3, (2, 1, 1), 1),
              (c, (1, 3, 3), 1, (0, 1, 1))]
@@ -71,7 +71,7 @@ def test_param_counts_equal_the_formula():
         x = jax.ShapeDtypeStruct((1, in_channels, 9, 12, 20), jnp.bfloat16)
         return _count(jax.eval_shape(disc.DiscriminatorHead(768).init, jax.random.key(0), x))
 
-    def formula(i: int, c: int = 768) -> int:  # TRAINING.md 1.2
+    def formula(i: int, c: int = 768) -> int:  # docs/training.md §1.2
         return c * (27 * i + 2 * 64 * c + 2 * 27 * c + 9 * c) + 6 * c + 12 * c + c + 1
 
     assert count(5120) == formula(5120) and round(formula(5120) / 1e6, 2) == 218.84

@@ -31,14 +31,10 @@ def critic_loss(own, other, frozen, batch, key, step, phase):
     return loss, {"step": step.astype(jnp.float32)}
 
 
-def duel(phase_steps=()) -> Duel:
+def duel(phase_steps=(), export=None) -> Duel:
     return Duel(generator_loss, critic_loss, trainer.OptimizerConfig(learning_rate=0.05, adam_beta1=0.0),
-                gen_update_ratio=RATIO, ema=EmaConfig(DECAY, EMA_START), phase_steps=phase_steps)
-
-
-def stage(phase_steps=(), export=None) -> trainer.Stage:
-    return trainer.Stage(None, trainer.OptimizerConfig(learning_rate=0.1, adam_beta1=0.0), export=export,
-                         duel=duel(phase_steps))
+                gen_update_ratio=RATIO, ema=EmaConfig(DECAY, EMA_START), phase_steps=phase_steps,
+                optimizer=trainer.OptimizerConfig(learning_rate=0.1, adam_beta1=0.0), export=export)
 
 
 def data():
@@ -78,7 +74,7 @@ def test_schedule_and_ema_closed_form_in_the_loop(tmp_path):
 
     cfg = run(tmp_path, "a", steps)
     cfg = trainer.RunConfig(**{**cfg.__dict__, "checkpointing_steps": 1})
-    state = trainer.train(cfg, stage(export=export), TRAINABLE, FROZEN, data())
+    state = trainer.train(cfg, duel(export=export), TRAINABLE, FROZEN, data())
     records = trainer.read_metrics(cfg.output_dir)
     assert [r["step"] for r in records] == list(range(1, steps + 1))
     gen_steps = [r["step"] - 1 for r in records if "generator_loss" in r]
@@ -111,9 +107,9 @@ def test_phases_are_separate_programs():
 
 
 def test_resume_is_bit_identical(tmp_path):
-    whole = trainer.train(run(tmp_path, "whole", 10), stage(), TRAINABLE, FROZEN, data())
-    trainer.train(run(tmp_path, "parts", 6), stage(), TRAINABLE, FROZEN, data())
-    resumed = trainer.train(run(tmp_path, "parts", 10), stage(), TRAINABLE, FROZEN, data())
+    whole = trainer.train(run(tmp_path, "whole", 10), duel(), TRAINABLE, FROZEN, data())
+    trainer.train(run(tmp_path, "parts", 6), duel(), TRAINABLE, FROZEN, data())
+    resumed = trainer.train(run(tmp_path, "parts", 10), duel(), TRAINABLE, FROZEN, data())
     assert isinstance(resumed, DuelState)
     for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(resumed)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -127,8 +123,8 @@ def test_runs_on_a_mesh_like_without(tmp_path):
     from helios_jax import parallel
 
     mesh = parallel.make_mesh(data=1, fsdp=1, context=1, tensor=1)
-    plain = trainer.train(run(tmp_path, "plain", 5), stage(), TRAINABLE, FROZEN, data())
-    meshed = trainer.train(run(tmp_path, "mesh", 5), stage(), TRAINABLE, FROZEN, data(), mesh=mesh)
+    plain = trainer.train(run(tmp_path, "plain", 5), duel(), TRAINABLE, FROZEN, data())
+    meshed = trainer.train(run(tmp_path, "mesh", 5), duel(), TRAINABLE, FROZEN, data(), mesh=mesh)
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(meshed)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
     assert all(getattr(x, "sharding", None) is not None and x.sharding.mesh == mesh for x in jax.tree.leaves(meshed))

@@ -12,6 +12,7 @@ import filecmp
 import json
 import os
 import re
+import types
 import warnings
 
 import jax
@@ -41,7 +42,7 @@ from helios_jax.training.ema import EMA_FOLDER, EmaConfig
 CONFIGS = os.path.join(os.path.dirname(__file__), "fixtures", "training-configs")
 PIXELS, SECTIONS, STEPS = 64, 2, 20  # latents 8 x 8: a three-level pyramid of 2x2, 4x4, 8x8
 
-# TRAINING.md 3.3 (two decimals) and the official get_ode-pairs targets (four): the student's shifted
+# docs/training.md §3.3 (two decimals) and the official get_ode-pairs targets (four): the student's shifted
 # timesteps at 384 x 640 per stage, 2 steps per stage and 4 for the amplified first section.
 SPEC_4 = ([998.5342, 902.2183, 833.9636, 783.0660], [742.8216, 640.0038, 547.1926, 462.9951],
           [385.4137, 328.6249, 253.9905, 151.5308])
@@ -139,14 +140,15 @@ def test_recorded_states_are_the_plain_pipelines(pairs):
     file = ode.read_ode_pairs(os.path.join(out, "prompts_00000.safetensors"))
     settings = dict(height=PIXELS, width=PIXELS, num_frames=SECTIONS * 33, guidance_scale=5.0,
                     pyramid_num_inference_steps_list=(STEPS,) * 3, is_amplify_first_chunk=True, max_sequence_length=512)
-    pipe = ode._RecordingTeacher.load(ckpt, jnp.float32, STEPS, compilation_cache=False)
+    pipe = ode.load_teacher(ckpt, jnp.float32, STEPS, compilation_cache=False)
     embeds = jnp.asarray(file["prompt_embed"])[None]
     negative = pipe.prompt_encoder.encode([hj.generate.DEFAULT_NEGATIVE_PROMPT], max_sequence_length=512,
                                           dtype=jnp.float32)
-    pipe._denoise = lambda *a: HeliosPipeline._denoise(pipe, *a)  # the inference program, no recording
+    recorder = pipe.sampler  # the teacher's plans with the inference program, no recording:
+    pipe.sampler = types.SimpleNamespace(plan=recorder.plan, denoise=hj.sampling.denoise_chunk)
     video = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, seed=42, output_type="latent", progress=False,
                  **settings)
-    assert pipe.sections == [] and video.shape == (1, 16, 9 * SECTIONS, 8, 8)
+    assert recorder.sections == [] and video.shape == (1, 16, 9 * SECTIONS, 8, 8)
     for k in range(SECTIONS):
         chunk, final = video[:, :, 9 * k:9 * (k + 1)], file["sections"][k][2]["latents"][-1]
         assert np.abs(chunk - final).max() <= 1e-6 * np.abs(final).max(), k
@@ -208,7 +210,7 @@ def synthetic_pairs(seed: int, sections: int = 3, channels: int = TINY["in_chann
 
 
 def torch_ode_loss(model, data, chosen, picks, weight) -> torch.Tensor:
-    """TRAINING.md 6.2 written out in torch: teacher-forced history, anchor, the stage's sigma from
+    """docs/training.md §6.2 written out in torch: teacher-forced history, anchor, the stage's sigma from
     diffusers' HeliosScheduler tables (t = t_min + sigma' (t_max - t_min))."""
     sched = HeliosScheduler()
     embeds = torch.from_numpy(data["prompt_embed"])[None]
@@ -292,7 +294,7 @@ def test_fake_score_loss_and_lora_gradients_match_torch(reference):
     table = distill.dmd_sigma_table((2, TINY["in_channels"], 9, 8, 8))
 
     net = stages.StageModel(hj.HeliosTransformer(cfg), jnp.float32, loaded.spec.scale)
-    from helios_jax.training.history import history_inputs
+    from helios_jax.training.samples import history_inputs
 
     cond = {"encoder_hidden_states": jnp.asarray(embeds), **history_inputs(jnp.asarray(anchor), jnp.asarray(hist))}
 
@@ -303,7 +305,7 @@ def test_fake_score_loss_and_lora_gradients_match_torch(reference):
 
     value, grads = jax.jit(jax.value_and_grad(fn))(loaded.lora)
 
-    # The reference: TRAINING.md 7.2's table in float64 numpy, nearest timestep; the target eps - x.
+    # The reference: the table of docs/training.md §7.2 in float64 numpy, nearest timestep; the target eps - x.
     mu = 9 * 8 * 8 / 4 * (1.15 - 0.5) / (4096 - 256) + 0.5 - 256 * (1.15 - 0.5) / (4096 - 256)
     base = np.linspace(1, 0.001, 1000)
     sigmas = mu * base / (1 + (mu - 1) * base)

@@ -59,7 +59,7 @@ def test_official_stage_1_2_yamls_parse_with_one_warning(name):
 
 
 def test_official_values_are_typed():
-    """The numbers of TRAINING.md section 11; YAML 1.1 reads 5e-5 and 1e-04 as strings, typed to floats here."""
+    """The numbers of docs/training.md §11; YAML 1.1 reads 5e-5 and 1e-04 as strings, typed to floats here."""
     s1, _ = load(path("stage_1_init"))
     opt = s1.optimizer()
     assert (opt.learning_rate, opt.lr_scheduler, opt.adam_weight_decay, opt.adam_epsilon, opt.max_grad_norm) == (
@@ -86,7 +86,7 @@ def test_official_values_are_typed():
 
 @pytest.mark.parametrize("name", STAGE_3_POST)
 def test_stage_3_post_yamls_parse_with_one_warning(name):
-    """TRAINING.md sections 7 and 11: the stage-3b values, typed; the two files differ in the GAN and the
+    """docs/training.md §7 and §11: the stage-3b values, typed; the two files differ in the GAN and the
     corruption mode only; memory/DeepSpeed/logging knobs and the vestigial DMD step list are warned."""
     recipe, messages = load(path(name))
     assert len(messages) == 1 and "unknown" not in messages[0], messages
@@ -211,7 +211,7 @@ def test_missing_folders_are_one_error(tmp_path):
 
 
 def test_lora_setup_per_stage():
-    """TRAINING.md section 11: LoRA on patch_embedding in stage 1 and 2-post, full patch convs in stage 1,
+    """docs/training.md §11: LoRA on patch_embedding in stage 1 and 2-post, full patch convs in stage 1,
     patch-conv LoRA in stage 2-post, nothing extra in stage 2-init."""
     expected = {"stage_1_init": (128, True, False, "lora+history_patches"),
                 "stage_2_init": (256, False, False, "lora"),

@@ -9,7 +9,7 @@ What keeps it down, and what each choice costs:
 * the programs are compiled once per process: `duel.compiled_duel_step` keeps them per (players, optimizer,
   kind), so the two resumed runs of the GAN test reuse the uninterrupted run's programs (no trace, no
   compile); no persistent XLA cache (writing the DMD executables to it aborted the process in a CI rehearsal);
-* random draws of 5-D shapes are drawn flat (`training.history.normal`/`uniform`, same values): threefry
+* random draws of 5-D shapes are drawn flat (`training.samples.normal`/`uniform`, same values): threefry
   over a (1, 16, 9, 16, 16) shape alone took ~17x longer to compile than the flat draw;
 * a demo DiT of 2 blocks (the blocks run under `nn.scan`: compile time does not depend on their number,
   run time does) and one GAN hook (block 1: the hooked path and its head, one head fewer to compile;

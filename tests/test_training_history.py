@@ -1,5 +1,5 @@
-"""Sample assembly and anti-drifting (helios_jax.training.history) against hand-computed cases and
-their stated distributions (TRAINING.md sections 2.5 and 8). Tiny arrays; the file runs in well under a minute."""
+"""Sample assembly and anti-drifting (helios_jax.training.samples) against hand-computed cases and
+their stated distributions (docs/training.md §2.5 and §8). Tiny arrays; the file runs in well under a minute."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helios_jax.training import history as H
+from helios_jax.training import samples as H
 
 B, C, HGT, WID = 2, 4, 6, 10
 DRAWS = 2000

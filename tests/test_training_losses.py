@@ -1,5 +1,5 @@
-"""Stage-1 and pyramid objectives (helios_jax.training.losses): the schedule constants of TRAINING.md
-section 3 against diffusers' own schedulers and the spec's table, the examples against torch re-computations,
+"""Stage-1 and pyramid objectives (helios_jax.training.losses): the schedule constants of docs/training.md
+§3 against diffusers' own schedulers and the spec's table, the examples against torch re-computations,
 the timestep distributions over many draws. Tiny arrays; well under a minute."""
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def test_pyramid_schedule_equals_diffusers_helios_scheduler():
 
 
 def test_schedule_constants_of_the_spec():
-    """TRAINING.md 3.2: start (corrected) / end sigmas, global t ranges, renoise alpha / beta; 3.3: shifted steps."""
+    """docs/training.md §3.2: start (corrected) / end sigmas, global t ranges, renoise alpha / beta; 3.3: shifted steps."""
     sched = L.PyramidSchedule.create()
     np.testing.assert_allclose(sched.start_sigmas, [0.999, 0.799760, 0.500374], atol=5e-7)
     np.testing.assert_allclose(sched.end_sigmas, [0.666333, 0.333666, 0.0], atol=5e-7)

@@ -28,7 +28,7 @@ from experiments.tiny_training import (  # noqa: F401  (the tests use them as tr
     stage_model,
 )
 from helios_jax.models import vae as vae_lib
-from helios_jax.training import data, history, losses, stages, trainer
+from helios_jax.training import data, losses, samples, stages, trainer
 
 
 def moving_square_videos(clips: int, sections: int, seed: int = 0, pixels: int = PIXELS) -> np.ndarray:
@@ -70,15 +70,15 @@ def encode_sections(vae_config, vae_params, videos: np.ndarray, seed: int = 0) -
 def dataset(latents: np.ndarray, prompt_embeds: np.ndarray, batch: int, seed: int = 0) -> grain.MapDataset:
     """Every (clip, section) sample as the official loader assembles it (``training.data.assemble``),
     shuffled per epoch, repeated, batched: a grain dataset."""
-    samples = [{**data.assemble(latents[c], s), "prompt_embeds": prompt_embeds[c]}
-               for c in range(latents.shape[0]) for s in range(latents.shape[1])]
-    return grain.MapDataset.source(samples).shuffle(seed=seed).repeat().batch(batch, drop_remainder=True)
+    items = [{**data.assemble(latents[c], s), "prompt_embeds": prompt_embeds[c]}
+             for c in range(latents.shape[0]) for s in range(latents.shape[1])]
+    return grain.MapDataset.source(items).shuffle(seed=seed).repeat().batch(batch, drop_remainder=True)
 
 
 def make_stage2_losses(remat: bool = True, dtype=jnp.bfloat16) -> tuple:
     """The real stage 2-post terms: one per pyramid stage (ratios [1, 1, 1]), uniform timesteps."""
     pyramid = stages.PyramidSettings(losses.PyramidSchedule.create(), (1, 1, 1), losses.TimestepSampling("none"))
-    return tuple(functools.partial(stages.pyramid_loss, stage_model(remat, dtype), history.ContextConfig(), pyramid, i)
+    return tuple(functools.partial(stages.pyramid_loss, stage_model(remat, dtype), samples.ContextConfig(), pyramid, i)
                  for i in range(3))
 
 

@@ -4,14 +4,14 @@
     .venv-gpu-plan/bin/python -m experiments.plans.dmd_plan --tiny  # the same steps of a 2-layer model (seconds)
 
 The programs are the ones ``trainer.train`` jits for ``stage_3_post_gan_version.yaml``:
-``duel.make_duel_step`` over ``dmd_stage.make_duel`` of the recipe, in phase 1 (from ``gan_start_step``:
+``duel.make_duel_step`` over ``stages.dmd.make_duel`` of the recipe, in phase 1 (from ``gan_start_step``:
 DMD + the Cache-Grad GAN term, the critic's denoising + discriminator + approximate R1 loss):
 
 * the generator step (``update_generator=True``, every ``dfake_gen_update_ratio``-th step): the generator's
   rollout and update, then the critic's update and the EMA, in ONE program;
 * the critic step (``update_generator=False``, the other steps).
 
-Trees as ``dmd_stage.prepare`` builds them, with one shared bf16 base (the critic's folder = the
+Trees as ``stages.dmd.prepare`` builds them, with one shared bf16 base (the critic's folder = the
 generator's: the generator, the real score and the fake score are the base with the generator LoRA, without
 a LoRA, and with the critic LoRA): LoRA r256 on every linear + the history patch convs (generator), r256 on
 every linear (critic), the GAN heads on blocks 5/15/25/35 and the output, fp32 trainables, AdamW's two fp32
@@ -42,7 +42,8 @@ from helios_jax.config import TransformerConfig
 from helios_jax.models import lora as lora_lib
 from helios_jax.models import transformer as transformer_lib
 from helios_jax.models.attention import default_impl
-from helios_jax.training import dmd_stage, duel, recipes, stages, trainer
+from helios_jax.training import duel, recipes, stages, trainer
+from helios_jax.training.stages import dmd
 
 YAML = "stage_3_post_gan_version.yaml"
 GAN_PHASE = 1  # the phase number from gan_start_step on (duel.Duel.phase)
@@ -80,15 +81,15 @@ class DmdTrees:
     state: duel.DuelState
     frozen: dict
     batch: dict
-    nets: dmd_stage.DmdNets
+    nets: dmd.DmdNets
 
 
 def dmd_trees(cfg: TransformerConfig, latent: tuple[int, int], text_tokens: int, batch: int = 1) -> DmdTrees:
-    """``dmd_stage.prepare``'s trees for the official GAN-version YAML, as shapes (one shared base)."""
+    """``stages.dmd.prepare``'s trees for the official GAN-version YAML, as shapes (one shared base)."""
     recipe = recipes.load(os.path.join(train_plan.CONFIGS, YAML))
     t = recipe.section("training_config")
     dtype = stages.DTYPES[t["mixed_precision"]]
-    settings = dmd_stage.settings_from(recipe)
+    settings = recipe.dmd()
     if any(k >= cfg.num_layers for k in settings.gan.hooks):  # the tiny model: hook its blocks instead
         settings = dataclasses.replace(settings, gan=dataclasses.replace(
             settings.gan, hooks=tuple(range(cfg.num_layers))[-len(settings.gan.hooks):]))
@@ -98,11 +99,11 @@ def dmd_trees(cfg: TransformerConfig, latent: tuple[int, int], text_tokens: int,
     params = abstract_params(shapes, dtype)
     model = transformer_lib.HeliosTransformer(cfg, attention_impl=default_impl(dtype, "gpu"),
                                               remat=t["gradient_checkpointing"])
-    nets = dmd_stage.DmdNets(model, dtype, spec.scale, critic_spec.scale, settings.gan)
-    heads = jax.eval_shape(lambda k: dmd_stage.init_heads(nets, cfg, k, latent), jax.random.key(0))
+    nets = dmd.DmdNets(model, dtype, spec.scale, critic_spec.scale, settings.gan)
+    heads = jax.eval_shape(lambda k: dmd.init_heads(nets, cfg, k, latent), jax.random.key(0))
     generator = {"lora": lora_lib.lora_shapes(spec, shapes)}
     critic = {"lora": lora_lib.lora_shapes(critic_spec, shapes), "heads": heads}
-    the_duel = dmd_stage.make_duel(recipe, nets, settings)
+    the_duel = dmd.make_duel(recipe, nets, settings)
     optimizer = recipe.optimizer()
     state = jax.eval_shape(lambda g, c: duel.init_duel(the_duel, optimizer, g, c), generator, critic)
     frozen = {"params": params,

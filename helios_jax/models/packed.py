@@ -1,8 +1,7 @@
 """The packed (NaViT) forward of the Helios DiT: several noisy segments, one shared history, one block stack.
 
-Stage 2-init (the official `stage_2_init.yaml`, `is_navit_pyramid: true`) runs every pyramid example of a sample in
-one transformer forward, as the official training transformer (`helios/modules/transformer_helios.py`) does with a
-list input: per sample the token sequence is
+Stage 2-init (docs/training.md §5) runs every pyramid example of a sample in one transformer
+forward, as the official training class does with a list input: per sample the token sequence is
 ``sum_i [history || segment_i]`` (the history duplicated per segment), self-attention is block-diagonal per
 segment (segment ids through ``helios_jax.models.attention.attention``), cross-attention is per segment with
 the sample's text, and the output is one velocity per segment, in the order given. Since every segment

@@ -1,7 +1,9 @@
-"""Training: offloaded data (``data``, ``offload``), sample assembly and anti-drifting (``history``), losses,
-the generic step and loop (``trainer``) and the official YAMLs mapped onto it (``recipes``); the stage-3 GAN heads and losses (``discriminator``) and
-DMD, the backward-simulated rollout and the update schedule (``distill``), the EMA of the trainables (``ema``); stage 3a's ODE pairs, their
-dataset and the ODE-regression loss (``ode``)."""
+"""Training: offloaded data (``data``, ``offload``), sample assembly and anti-drifting (``samples``), the
+objectives (``losses``), the generic step and loop with its step-program protocol (``trainer``), the
+two-player loop (``duel``), the EMA (``ema``), the official YAMLs read and typed (``recipes``); stage 3's
+pieces: DMD, the rollout and the update schedule (``distill``), the GAN heads (``discriminator``), the ODE
+pairs, their dataset and the ODE-regression loss (``ode``). ``stages`` builds a run of each official stage
+from a recipe, with the pieces every stage shares (``parts``)."""
 
 
 class DataError(ValueError):

@@ -41,7 +41,7 @@ from safetensors import safe_open
 from helios_jax.convert.export import save_safetensors
 from helios_jax.convert.sources import CheckpointError, read_torch_pickle
 from helios_jax.training import DataError
-from helios_jax.training.history import HISTORY_SIZES, LATENT_WINDOW
+from helios_jax.training.samples import HISTORY_SIZES, LATENT_WINDOW
 
 MIN_FRAMES = 121  # the official loaders drop clips shorter than this
 EXTENSIONS = (".safetensors", ".pt")
@@ -167,7 +167,55 @@ def sample_choice(seed: int, epoch: int, index: int, sections: int) -> int:
     return int(np.random.default_rng(seed + epoch * _EPOCH_STRIDE + index).integers(0, sections))
 
 
-class OffloadedDataset:
+def shard(order: Sequence[int], process_index: int, process_count: int) -> list[int]:
+    """This process's part of a global ``order``: the whole multiples of ``process_count`` first, then every
+    ``process_count``-th item from ``process_index`` (every process gets as many)."""
+    usable = len(order) // process_count * process_count
+    return [int(i) for i in order[:usable][process_index::process_count]]
+
+
+class EpochDataset:
+    """The epoch, shard and grain plumbing every training dataset shares. A subclass sets ``batch_size``,
+    ``batches_per_epoch`` and ``num_epochs`` and gives :meth:`epoch_items` (this process's dataset indices of
+    an epoch, whole batches, in order) and :meth:`load` of one ``(epoch, index)`` item. Position ``p`` of
+    this process's stream is item ``p`` of the epochs laid end to end, so grain's iterator state (one
+    position) checkpoints and resumes it exactly."""
+
+    batch_size: int
+    batches_per_epoch: int
+    num_epochs: int | None
+
+    def epoch_items(self, epoch: int) -> Sequence[int]:
+        raise NotImplementedError
+
+    def load(self, item: tuple[int, int]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    @functools.lru_cache(maxsize=4)
+    def _items(self, epoch: int) -> tuple[int, ...]:
+        return tuple(self.epoch_items(epoch))
+
+    def __len__(self) -> int:
+        """Samples this process reads (all epochs; a very large number when ``num_epochs`` is None)."""
+        epochs = self.num_epochs if self.num_epochs is not None else max(1, (1 << 40) // self.batches_per_epoch)
+        return epochs * self.batches_per_epoch * self.batch_size
+
+    def __getitem__(self, position: int) -> tuple[int, int]:
+        """(epoch, dataset index) of the sample at ``position`` of this process's stream."""
+        epoch, offset = divmod(int(position), self.batches_per_epoch * self.batch_size)
+        return epoch, self._items(epoch)[offset]
+
+    def map_dataset(self) -> grain.MapDataset:
+        """The whole stream as a grain ``MapDataset`` of batches (random access)."""
+        return grain.MapDataset.source(self).map(self.load).batch(self.batch_size, drop_remainder=True)
+
+    def iterator(self, num_threads: int = 2, prefetch: int = 2) -> grain.DatasetIterator:
+        """A checkpointable iterator over :meth:`map_dataset`, reading ahead with ``num_threads`` threads."""
+        read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+        return iter(self.map_dataset().to_iter_dataset(read))
+
+
+class OffloadedDataset(EpochDataset):
     """Batches of stage-1/2 samples from offload folders, bucketed, sharded by process, resumable.
 
     ``iterator()`` gives a grain ``DatasetIterator`` of dicts: ``x0`` (B, C, 1, h, w), ``history``
@@ -208,9 +256,8 @@ class OffloadedDataset:
         queues = {}
         for key, indices in self.buckets.items():
             order = [indices[i] for i in rng.permutation(len(indices))] if self.shuffle else list(indices)
-            usable = len(order) // self.process_count * self.process_count
-            shard = order[:usable][self.process_index::self.process_count]
-            batches = [shard[i:i + self.batch_size] for i in range(0, len(shard) - self.batch_size + 1, self.batch_size)]
+            mine = shard(order, self.process_index, self.process_count)
+            batches = [mine[i:i + self.batch_size] for i in range(0, len(mine) - self.batch_size + 1, self.batch_size)]
             if batches:
                 queues[key] = batches
         plan, remaining = [], list(queues)
@@ -224,20 +271,8 @@ class OffloadedDataset:
             cursors[key] += 1
         return plan
 
-    @functools.lru_cache(maxsize=4)
-    def _flat_plan(self, epoch: int) -> tuple[int, ...]:
-        return tuple(i for _, batch in self.epoch_plan(epoch) for i in batch)
-
-    def __len__(self) -> int:
-        """Samples this process reads (all epochs; a very large number when ``num_epochs`` is None)."""
-        epochs = self.num_epochs if self.num_epochs is not None else max(1, (1 << 40) // self.batches_per_epoch)
-        return epochs * self.batches_per_epoch * self.batch_size
-
-    def __getitem__(self, position: int) -> tuple[int, int]:
-        """(epoch, dataset index) of the sample at ``position`` of this process's stream."""
-        per_epoch = self.batches_per_epoch * self.batch_size
-        epoch, offset = divmod(int(position), per_epoch)
-        return epoch, self._flat_plan(epoch)[offset]
+    def epoch_items(self, epoch: int) -> list[int]:
+        return [i for _, batch in self.epoch_plan(epoch) for i in batch]
 
     def load(self, item: tuple[int, int]) -> dict[str, np.ndarray]:
         """The sample of dataset item ``index`` in ``epoch``."""
@@ -250,16 +285,6 @@ class OffloadedDataset:
             other = sample_choice(self.seed + SECONDARY_OFFSET, epoch, index, data["vae_latent"].shape[0])
             sample.update({f"{k}_2": v for k, v in assemble(data["vae_latent"], other).items()})
         return sample
-
-    def map_dataset(self) -> grain.MapDataset:
-        """The whole stream as a grain ``MapDataset`` of batches (random access)."""
-        return grain.MapDataset.source(self).map(self.load).batch(self.batch_size, drop_remainder=True)
-
-    def iterator(self, num_threads: int = 2, prefetch: int = 2) -> grain.DatasetIterator:
-        """A checkpointable iterator over :meth:`map_dataset`, reading ahead with ``num_threads`` threads."""
-        read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
-        return iter(self.map_dataset().to_iter_dataset(read))
-
 
 def save_iterator_state(iterator: grain.DatasetIterator, path: str) -> None:
     """The iterator's position as JSON, written atomically (for a trainer that does not use orbax's handler)."""

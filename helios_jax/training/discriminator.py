@@ -1,4 +1,4 @@
-"""The stage-3 critic's multi-head GAN: 3D conv heads, crops, losses and Cache Grad (TRAINING.md 1.2, 7.4, 7.5, 9.1).
+"""The stage-3 critic's multi-head GAN: 3D conv heads, crops, losses and Cache Grad (docs/training.md §1.2, §7.4, §7.5, §9.1).
 
 The discriminator is the fake-score backbone called with ``HeliosTransformer(hooks=...)`` plus these
 heads: ``Discriminator`` maps the backbone's flow output and hooked block features to logits
@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from helios_jax.training.history import normal
+from helios_jax.training.samples import normal
 
 # (kernel, stride, padding) of the six convolutions of ``Discriminator3DHead``.
 _CONVS = (
@@ -135,14 +135,14 @@ def critic_gan_loss(
     r1_weight: float = 100.0,
     r1_sigma: float = 0.1,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The critic's GAN loss ``d_weight * D + r1_weight * approximate R1`` (TRAINING.md 7.5.4).
+    """The critic's GAN loss ``d_weight * D + r1_weight * approximate R1`` (docs/training.md §7.5.4).
 
     ``fake``, ``real``: the noisy fake and real chunks (same noise and timestep), full size.
     ``discriminate`` maps a batch to logits and is called ONCE on ``[fake, real, real + r1_sigma
     * noise]`` (3B), so its conditioning (timesteps, text, history) must be tiled by the caller
     in that order. Each input gets its own crop, except the R1 input, which takes the real's crop.
 
-    Official bugs fixed here (TRAINING.md 13):
+    Official bugs fixed here (docs/training.md §13):
     * 4: the official crops the real and perturbed-real tensors independently, so its "R1"
       measures a random spatial shift too; here both share one crop, so the penalty is the
       logit change under the sigma = 0.1 input noise alone.

@@ -1,4 +1,4 @@
-"""Stage-3 distillation (TRAINING.md 7, 9.3): DMD, the backward-simulated pyramid rollout and the
+"""Stage-3 distillation (docs/training.md §7, §9.3): DMD, the backward-simulated pyramid rollout and the
 generator/critic update schedule (the EMA it schedules is ``training.ema``), as pure functions a trainer
 composes ("a loss plus a config").
 
@@ -6,7 +6,7 @@ Conventions: flow matching ``x_t = (1 - sigma) x0 + sigma eps``, the model predi
 ``x0 = x_t - sigma v``; ``t = 1000 sigma``. Latents stay float32 between steps (bf16 latents between
 DMD steps drift visibly; the official converts through float64).
 
-Official bug 7 (TRAINING.md 13: identical random streams on every rank): every draw here comes from an
+Official bug 7 (docs/training.md §13: identical random streams on every rank): every draw here comes from an
 explicit key and per-sample draws are made over the whole (global) batch, so under ``jit`` on a
 sharded batch every sample, hence every device, gets its own noise, timestep and crop. The rollout's
 exit steps are one draw per stage for the whole batch, which is what the official's rank-0 broadcast
@@ -34,12 +34,13 @@ from helios_jax.sampling.pyramid import (
     upsample_nearest,
 )
 from helios_jax.sampling.schedule import HeliosDMDSchedulerConfig, calculate_shift, make_schedule, shift_for
+from helios_jax.training import samples
 
 # ----------------------------------------------------------------------------- 3. DMD
 
 
 class SigmaTable(NamedTuple):
-    """The global DMD/critic sigma table (TRAINING.md 7.2): ``sigmas[i]`` at ``timesteps[i] = 1000 sigmas[i]``."""
+    """The global DMD/critic sigma table (docs/training.md §7.2): ``sigmas[i]`` at ``timesteps[i] = 1000 sigmas[i]``."""
 
     sigmas: jax.Array
     timesteps: jax.Array
@@ -153,7 +154,7 @@ class RolloutPlan:
 def rollout_plan(latent_shape: tuple[int, ...], stage_steps: tuple[int, ...] = (2, 2, 2), *,
                  amplify_first_chunk: bool = False, scheduler_config: HeliosDMDSchedulerConfig | None = None,
                  patch: tuple[int, int] = (2, 2)) -> RolloutPlan:
-    """The student's schedule (TRAINING.md 3.3, 7.3), built on the host from the DMD scheduler.
+    """The student's schedule (docs/training.md §3.3, §7.3), built on the host from the DMD scheduler.
 
     ``amplify_first_chunk`` doubles every stage's steps (the history-free first chunk). Each stage is
     shifted with ``mu`` of its *own* resolution, as the official rollout and ODE pairs do; note that
@@ -265,3 +266,43 @@ def update_plan(step: int | jax.Array, *, gen_update_ratio: int = 5, ema_start_s
     ema = (step < ema_start_step) | generator
     gan = step >= gan_start_step if gan_start_step is not None else False
     return UpdatePlan(generator, True, ema, gan)
+
+
+# ----------------------------------------------------------------------------- stage 3b's settings
+
+
+@dataclasses.dataclass(frozen=True)
+class TimestepDraw:
+    """``sample_dynamic_timestep``'s settings of one player (``{generator,critic}_dynamic_*``)."""
+
+    kind: str = "uniform"
+    alpha: float = 4.0
+    beta: float = 1.5
+    dynamic_step: int = 500
+
+
+@dataclasses.dataclass(frozen=True)
+class GanSettings:
+    """The GAN terms (``gan_*``, ``r1_*``); hooks are the backbone's (empty: the final head only)."""
+
+    hooks: tuple[int, ...] = (5, 15, 25, 35)
+    features: int = 768
+    g_weight: float = 0.05
+    d_weight: float = 0.01
+    r1_weight: float = 100.0
+    r1_sigma: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class DmdSettings:
+    """Stage 3b's losses' settings: the rollout's steps per pyramid stage, the scores' CFG, both players'
+    timestep draws, the context (drop, corruption, saturation) and the GAN (None: DMD alone)."""
+
+    stage_steps: tuple[int, ...] = (2, 2, 2)
+    amplify_first_chunk: bool = True
+    real_guidance_scale: float = 3.0
+    generator_timestep: TimestepDraw = TimestepDraw("beta")
+    critic_timestep: TimestepDraw = TimestepDraw("uniform")
+    context: samples.ContextConfig = samples.ContextConfig(t2v_ratio=0.4, v2v_ratio=0.5)  # drop + corruption
+    saturation: samples.SaturationConfig | None = samples.SaturationConfig()
+    gan: GanSettings | None = None

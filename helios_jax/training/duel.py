@@ -36,9 +36,11 @@ from helios_jax.training import distill
 from helios_jax.training.ema import EmaConfig, EmaState
 from helios_jax.training.trainer import (
     TRAINING_RULES,
+    Export,
     OptimizerConfig,
     Params,
     TrainState,
+    Validate,
     init_state,
     learning_rate,
     make_optimizer,
@@ -46,13 +48,14 @@ from helios_jax.training.trainer import (
 )
 
 PlayerLoss = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
-ITEMS = ("generator", "critic", "ema")
 
 
 @dataclasses.dataclass(frozen=True)
 class Duel:
-    """The second player and the EMA of a stage (``trainer.Stage(duel=...)``); ``Stage.optimizer`` is the
-    generator's. ``ema=None``: no EMA. ``phase_steps``: steps from which the phase number rises."""
+    """A two-player stage (a ``trainer.StepProgram``): the players' losses, their optimizers (``optimizer``
+    the generator's), the update ratio and the EMA of the generator (``ema=None``: none). ``phase_steps``:
+    steps from which the phase number rises. ``export`` gets the generator's trainables and the EMA's.
+    The progress bar shows ``critic_loss``: the critic updates every step."""
 
     generator_loss: PlayerLoss
     critic_loss: PlayerLoss
@@ -60,6 +63,10 @@ class Duel:
     gen_update_ratio: int = 5
     ema: EmaConfig | None = EmaConfig()
     phase_steps: tuple[int, ...] = ()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    export: Export | None = dataclasses.field(default=None, compare=False)
+    validate: Validate | None = dataclasses.field(default=None, compare=False)
+    headline = "critic_loss"
 
     def phase(self, step: int) -> int:
         return sum(step >= s for s in self.phase_steps)
@@ -67,16 +74,16 @@ class Duel:
     def updates_generator(self, step: int) -> bool:
         return bool(distill.update_plan(step, gen_update_ratio=self.gen_update_ratio).generator)
 
-    def setup(self, generator_optimizer: OptimizerConfig, trainable: dict[str, Params],
-              mesh: jax.sharding.Mesh | None) -> tuple["DuelState", "DuelSteps"]:
-        """What ``trainer.train`` runs: the initial state (on ``mesh``, if any) and the step programs."""
-        state = init_duel(self, generator_optimizer, shard_variables(trainable["generator"], mesh),
+    def setup(self, trainable: dict[str, Params], mesh: jax.sharding.Mesh | None) -> tuple["DuelState", "DuelSteps"]:
+        """What ``trainer.train`` runs: the initial state of ``{"generator": ..., "critic": ...}`` (on
+        ``mesh``, if any) and the step programs."""
+        state = init_duel(self, self.optimizer, shard_variables(trainable["generator"], mesh),
                           shard_variables(trainable["critic"], mesh))
         placement = None
         if mesh is not None:
             placement = duel_shardings(state, mesh)
             state = jax.device_put(state, placement)
-        return state, DuelSteps(self, generator_optimizer, placement)
+        return state, DuelSteps(self, self.optimizer, placement)
 
 
 class DuelState(NamedTuple):
@@ -181,7 +188,7 @@ def compiled_duel_step(duel: Duel, generator_optimizer: OptimizerConfig, update_
                        phase: int) -> Callable:
     """``make_duel_step`` kept per (duel, optimizer, kind), as ``trainer.compiled_step``: a run resumed in
     the same process (a notebook, the tests) reuses the traced and compiled programs when its players
-    compare equal (``dmd_stage.Player``). A DMD step program takes minutes to compile on a CPU."""
+    compare equal (``trainer.Bound``). A DMD step program takes minutes to compile on a CPU."""
     return make_duel_step(duel, generator_optimizer, update_generator=update_generator, phase=phase)
 
 

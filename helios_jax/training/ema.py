@@ -1,4 +1,4 @@
-"""The EMA of a stage's trainables (TRAINING.md 9.3, the official ``EMAModel_Zero3``), shared by the
+"""The EMA of a stage's trainables (docs/training.md §9.3, the official ``EMAModel_Zero3``), shared by the
 single-player loop (stage 3a: an EMA call every step) and the two-player one (stage 3b: every step before
 ``start_step``, then on generator steps only, so the warm-up counts generator steps).
 

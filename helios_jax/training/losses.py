@@ -1,4 +1,4 @@
-"""Flow-matching objectives of stages 1 and 2 (TRAINING.md sections 3-5), as functions the trainer composes.
+"""Flow-matching objectives of stages 1 and 2 (docs/training.md §3-5), as functions the trainer composes.
 
 Convention: ``x_sigma = (1 - sigma) x0 + sigma eps``, the model predicts the velocity ``eps - x0``,
 sigma = 1 is pure noise, the model's timestep is ``1000 sigma`` (stage 1) or the stage's global
@@ -18,7 +18,7 @@ timestep (stage 2).
 
 ``model_fn(params, hidden_states, timestep, conditioning) -> velocity`` is any callable with the
 transformer's layout; ``conditioning`` is a dict of its keyword arguments (text embeddings and the
-history inputs of :func:`helios_jax.training.history.prepare_context`), shared by every stage: the
+history inputs of :func:`helios_jax.training.samples.prepare_context`), shared by every stage: the
 history stays at full resolution at every pyramid level.
 """
 
@@ -34,7 +34,7 @@ import numpy as np
 
 from helios_jax.sampling.pyramid import resize_bilinear, upsample_nearest
 from helios_jax.sampling.schedule import HeliosSchedulerConfig, stage_sigmas
-from helios_jax.training.history import normal
+from helios_jax.training.samples import normal
 
 NUM_TRAIN_TIMESTEPS = 1000
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "none", "uniform")
@@ -138,11 +138,13 @@ class PyramidSchedule:
     gamma)``): start (corrected) and end sigmas, and the dense (1000,) local sigma and global timestep
     tables of every stage, float64."""
 
+    config: HeliosSchedulerConfig  # the tables' source: a schedule compares and hashes by it (a static jit key)
     start_sigmas: tuple[float, ...]
     end_sigmas: tuple[float, ...]
     ori_start_sigmas: tuple[float, ...]
-    sigmas: np.ndarray  # (1000,) local sigma, the same for every stage: linspace(0.999, 0, 1001)[:-1]
-    timesteps: tuple[np.ndarray, ...]  # per stage (1000,) global timesteps
+    # (1000,) local sigma, the same for every stage: linspace(0.999, 0, 1001)[:-1]
+    sigmas: np.ndarray = dataclasses.field(compare=False)
+    timesteps: tuple[np.ndarray, ...] = dataclasses.field(compare=False)  # per stage (1000,) global timesteps
 
     @classmethod
     def create(cls, shift: float = 1.0, stages: int = 3, stage_range: tuple[float, ...] = (0, 1 / 3, 2 / 3, 1),
@@ -152,12 +154,21 @@ class PyramidSchedule:
         config = HeliosSchedulerConfig(shift=shift, stages=stages, stage_range=tuple(stage_range), gamma=gamma)
         bounds = stage_sigmas(config)
         n = config.num_train_timesteps
-        return cls(bounds.start_sigmas, bounds.end_sigmas, bounds.ori_start_sigmas,
+        return cls(config, bounds.start_sigmas, bounds.end_sigmas, bounds.ori_start_sigmas,
                    np.linspace(0.999, 0, n + 1)[:-1], bounds.timesteps)
 
     @property
     def stages(self) -> int:
         return len(self.start_sigmas)
+
+
+@dataclasses.dataclass(frozen=True)
+class PyramidSettings:
+    """Stage 2's training scheduler and sampling (``stage2_*`` keys and ``weighting_scheme``)."""
+
+    schedule: PyramidSchedule
+    sample_ratios: tuple[int, ...]
+    sampling: TimestepSampling
 
 
 def clean_pyramid(target: jax.Array, stages: int) -> list[jax.Array]:

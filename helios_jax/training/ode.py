@@ -1,4 +1,4 @@
-"""Stage 3a (TRAINING.md 6): ODE pairs from a pyramid teacher, their grain dataset, the ODE-regression loss.
+"""Stage 3a (docs/training.md §6): ODE pairs from a pyramid teacher, their grain dataset, the ODE-regression loss.
 
 **ODE pairs** (``offload_ode_pairs``, ``helios-jax offload ode-pairs``): the teacher pipeline runs a prompt
 over ``sections`` chunks as at inference (its own outputs are its history, first-frame anchor kept),
@@ -18,10 +18,10 @@ replacement; per chosen section and stage one recorded state ``x`` at timestep `
 ``x0 = x - sigma'(t) f(x, t, prompt, history)`` regressed on the stage's end latent with 0.5 MSE, the
 mean of the terms times ``weight``. The history of section k is teacher-forced: the 19 frames before it
 in the teacher's final full-resolution chunks (zeros before the video), the anchor = section 0's first
-frame (zero for k = 0), laid out as inference (``training.history.history_inputs``). ``sigma'`` is the
+frame (zero for k = 0), laid out as inference (``training.samples.history_inputs``). ``sigma'`` is the
 sigma the teacher stepped from at ``t`` (the official looks it up in a 1000-point table).
 
-Deviations from the official, on purpose (TRAINING.md 13.7, 13.15): every draw is per sample from the
+Deviations from the official, on purpose (docs/training.md §13, items 7 and 15): every draw is per sample from the
 step's explicit key (the official draws the sections with Python's ``random`` and the states unsynced,
 identical streams on every rank); no EMA here (stage 3's EMA is the distillation trainer's).
 """
@@ -29,13 +29,11 @@ identical streams on every rank); no EMA here (stage 3's EMA is the distillation
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 import sys
 from typing import Any, Mapping, NamedTuple, Sequence
 
-import grain
 import jax
 import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy for safetensors)
@@ -46,6 +44,7 @@ from helios_jax.checkpoint import PipelineSpec, read_checkpoint_configs
 from helios_jax.convert.export import save_safetensors
 from helios_jax.history import video_frames_per_chunk
 from helios_jax.pipeline import HeliosPipeline
+from helios_jax.prompts import DEFAULT_NEGATIVE_PROMPT
 from helios_jax.request import check_request
 from helios_jax.sampling import ChunkNoise, ChunkPlan, denoise_chunk_trajectory, plan_from_schedules
 from helios_jax.sampling.pyramid import stage_sizes
@@ -59,7 +58,8 @@ from helios_jax.sampling.schedule import (
     stage_sigmas,
 )
 from helios_jax.training import DataError
-from helios_jax.training.history import HISTORY_SIZES, LATENT_WINDOW, history_inputs
+from helios_jax.training.data import EpochDataset, shard
+from helios_jax.training.samples import HISTORY_SIZES, LATENT_WINDOW, history_inputs
 
 FORMAT = "helios-jax ode-pairs 1"
 STUDENT_STEPS = (2, 2, 2)  # the distilled model's 2 + 2 + 2 steps (doubled for the first section)
@@ -129,53 +129,65 @@ def ode_schedule(config: HeliosSchedulerConfig, steps: int, stage: int, student:
 # ----------------------------------------------------------------------------- generation
 
 
-class _RecordingTeacher(HeliosPipeline):
-    """The pyramid pipeline with the ODE schedules and the sampler's recording program: its chunk loop
-    (history, anchor, noise order) is the pipeline's own; only the plan and the sampling call differ."""
+@dataclasses.dataclass
+class TrajectoryRecorder:
+    """The teacher's chunk sampler (a ``pipeline.ChunkSampler``): plans with the ODE schedules (the student's
+    timesteps inserted into the teacher's ``steps``-step stages) and the sampler's recording program; the
+    chunk loop (history, anchor, noise order) is the pipeline's own. ``sections`` collects, per chunk, the
+    states at the student's timesteps and each stage's output."""
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.steps, self.student_steps = 20, STUDENT_STEPS
-        self._keeps: dict[int, tuple] = {}  # id(plan) -> (kept step positions, timesteps) per stage
-        self.sections: list[list[dict[str, np.ndarray]]] = []  # the current prompt's records
+    scheduler_config: HeliosSchedulerConfig
+    patch: tuple[int, int, int]
+    model_dtype: Any
+    steps: int = 20
+    student_steps: tuple[int, ...] = STUDENT_STEPS
+    sections: list[list[dict[str, np.ndarray]]] = dataclasses.field(default_factory=list)
+    # Per plan (its layout and step timesteps, by value): the kept step positions and timesteps, per stage.
+    _keeps: dict[tuple, tuple] = dataclasses.field(default_factory=dict)
 
-    @classmethod
-    def load(cls, folder: str, dtype: Any = jnp.bfloat16, steps: int = 20,
-             student_steps: Sequence[int] = STUDENT_STEPS, compilation_cache: bool = True) -> "_RecordingTeacher":
-        """A pyramid checkpoint as the official teacher: UniPC (``teacher_scheduler``) and plain CFG."""
-        pipe = cls.from_pretrained(folder, dtype=dtype, compilation_cache=compilation_cache)
-        pipe.scheduler_config, pipe.spec = teacher_scheduler(pipe.scheduler_config), PipelineSpec(pyramid=True)
-        pipe.steps, pipe.student_steps = steps, tuple(student_steps)
-        return pipe
+    @staticmethod
+    def _key(plan: ChunkPlan) -> tuple:
+        return plan.layout, tuple(np.asarray(stage.model_timesteps).tobytes() for stage in plan.stages)
 
-    def _plan(self, request: Any, latent_shape: tuple[int, ...], guidance: str, amplify: bool) -> ChunkPlan:
-        key = (latent_shape, guidance, amplify, request)
-        if key not in self._plans:
-            patch = self.transformer_config.patch_size
-            schedules, keeps = [], []
-            for s, (h, w) in enumerate(stage_sizes(latent_shape[-2], latent_shape[-1], self.scheduler_config.stages)):
-                student = student_schedule(self.scheduler_config, s, amplify, self.student_steps)
-                schedule, keep = ode_schedule(self.scheduler_config, self.steps, s, student,
-                                              (*latent_shape[:3], h, w), patch)
-                schedules.append(schedule)
-                keeps.append(keep)
-            plan = plan_from_schedules(self.scheduler_config, schedules, latent_shape, patch_size=patch,
-                                       guidance=guidance, model_dtype=self.model_dtype)
-            self._plans[key] = plan
-            self._keeps[id(plan)] = (tuple(keeps), tuple(s.timesteps for s in schedules))
-        return self._plans[key]
+    def plan(self, latent_shape: tuple[int, ...], guidance: str, amplify: bool) -> ChunkPlan:
+        schedules, keeps = [], []
+        for s, (h, w) in enumerate(stage_sizes(latent_shape[-2], latent_shape[-1], self.scheduler_config.stages)):
+            student = student_schedule(self.scheduler_config, s, amplify, self.student_steps)
+            schedule, keep = ode_schedule(self.scheduler_config, self.steps, s, student, (*latent_shape[:3], h, w),
+                                          self.patch)
+            schedules.append(schedule)
+            keeps.append(keep)
+        plan = plan_from_schedules(self.scheduler_config, schedules, latent_shape, patch_size=self.patch,
+                                   guidance=guidance, model_dtype=self.model_dtype)
+        kept = (tuple(keeps), tuple(s.timesteps for s in schedules))
+        known = self._keeps.setdefault(self._key(plan), kept)
+        if any(not np.array_equal(a, b) for a, b in zip((*known[0], *known[1]), (*kept[0], *kept[1]))):
+            raise ValueError(f"two ODE plans sample the same steps but keep different ones ({self.steps} teacher "
+                             f"steps absorb the student's {self.student_steps}); choose another teacher step count")
+        return plan
 
-    def _denoise(self, plan: ChunkPlan, history: dict[str, jax.Array], noise: ChunkNoise, context: jax.Array,
-                 negative: jax.Array | None, guidance_scale: float) -> jax.Array:
-        latents, trajectory = denoise_chunk_trajectory(self._model_fn, (self.transformer_params, history), plan,
-                                                       noise, context, negative, guidance_scale, self._context_fn)
-        keeps, timesteps = self._keeps[id(plan)]
+    def denoise(self, model_fn: Any, model_args: Any, plan: ChunkPlan, noise: ChunkNoise, context: jax.Array,
+                negative: jax.Array | None, guidance_scale: float, context_fn: Any) -> jax.Array:
+        latents, trajectory = denoise_chunk_trajectory(model_fn, model_args, plan, noise, context, negative,
+                                                       guidance_scale, context_fn)
+        keeps, timesteps = self._keeps[self._key(plan)]
         section = []
         for states, keep, t in zip(trajectory, keeps, timesteps):
             rows = np.concatenate([keep, [states.shape[0] - 1]])
             section.append({"latents": np.asarray(states)[rows], "timesteps": t[keep].astype(np.float32)})
         self.sections.append(section)
         return latents
+
+
+def load_teacher(folder: str, dtype: Any = jnp.bfloat16, steps: int = 20,
+                 student_steps: Sequence[int] = STUDENT_STEPS, compilation_cache: bool = True) -> HeliosPipeline:
+    """A pyramid checkpoint as the official teacher: UniPC (``teacher_scheduler``), plain CFG, and a
+    :class:`TrajectoryRecorder` as its chunk sampler (``pipe.sampler``)."""
+    pipe = HeliosPipeline.from_pretrained(folder, dtype=dtype, compilation_cache=compilation_cache)
+    pipe.scheduler_config, pipe.spec = teacher_scheduler(pipe.scheduler_config), PipelineSpec(pyramid=True)
+    pipe.sampler = TrajectoryRecorder(pipe.scheduler_config, tuple(pipe.transformer_config.patch_size),
+                                      pipe.model_dtype, steps, tuple(student_steps))
+    return pipe
 
 
 def read_prompts(path: str) -> list[tuple[int, str]]:
@@ -217,8 +229,6 @@ def offload_ode_pairs(teacher: str, prompts_path: str, output: str, *, sections:
                       progress: bool | None = None) -> list[str]:
     """Write one ODE-pair file per prompt of ``prompts_path`` into ``output`` (existing files kept); returns
     their paths. Every argument is checked before any weight is read."""
-    from helios_jax.generate import DEFAULT_NEGATIVE_PROMPT
-
     count = _sections(sections, num_frames)
     if not os.path.isdir(teacher):
         raise DataError(f"no teacher folder at {teacher!r}: give a diffusers pyramid checkpoint folder (Helios-Mid)")
@@ -237,7 +247,7 @@ def offload_ode_pairs(teacher: str, prompts_path: str, output: str, *, sections:
     if os.path.exists(output) and not os.path.isdir(output):
         raise DataError(f"output {output!r} exists and is not a folder")
 
-    pipe = _RecordingTeacher.load(teacher, dtype, steps, student_steps)
+    pipe = load_teacher(teacher, dtype, steps, student_steps)
     negative = pipe.prompt_encoder.encode([negative_prompt or DEFAULT_NEGATIVE_PROMPT],
                                           max_sequence_length=MAX_SEQUENCE_LENGTH, dtype=pipe.model_dtype)
     os.makedirs(output, exist_ok=True)
@@ -249,10 +259,10 @@ def offload_ode_pairs(teacher: str, prompts_path: str, output: str, *, sections:
         if os.path.exists(path):
             continue
         embeds = pipe.prompt_encoder.encode([prompt], max_sequence_length=MAX_SEQUENCE_LENGTH, dtype=pipe.model_dtype)
-        pipe.sections = []
+        pipe.sampler.sections.clear()
         pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, seed=seed, output_type="latent", progress=False,
              **settings)
-        write_ode_pairs(path, pipe.sections, np.asarray(embeds[0]), prompt)
+        write_ode_pairs(path, pipe.sampler.sections, np.asarray(embeds[0]), prompt)
         if show:
             print(f"ode-pairs {n + 1}/{len(prompts)}: {os.path.basename(path)}", file=sys.stderr, flush=True)
     return written
@@ -321,7 +331,7 @@ def _shape_signature(path: str) -> tuple:
         return tuple(sorted((k, tuple(f.get_slice(k).get_shape())) for k in f.keys()))
 
 
-class ODEPairDataset:
+class ODEPairDataset(EpochDataset):
     """Batches of ODE-pair files (``stack_sample`` arrays with a batch axis, plus ``index`` and ``epoch``):
     shuffled per epoch from ``seed + epoch``, this process's shard ``order[process_index::process_count]``,
     full batches only. ``iterator()`` is a checkpointable grain iterator (``get_state``/``set_state``)."""
@@ -355,32 +365,13 @@ class ODEPairDataset:
         """This process's file indices of ``epoch``, in order (whole batches only)."""
         order = np.random.default_rng(self.seed + epoch).permutation(len(self.files)) if self.shuffle \
             else np.arange(len(self.files))
-        usable = len(order) // self.process_count * self.process_count
-        shard = [int(i) for i in order[:usable][self.process_index::self.process_count]]
-        return shard[:self.batches_per_epoch * self.batch_size]
+        return shard(order, self.process_index, self.process_count)[:self.batches_per_epoch * self.batch_size]
 
-    def __len__(self) -> int:
-        epochs = self.num_epochs if self.num_epochs is not None else max(1, (1 << 40) // self.batches_per_epoch)
-        return epochs * self.batches_per_epoch * self.batch_size
-
-    def __getitem__(self, position: int) -> tuple[int, int]:
-        epoch, offset = divmod(int(position), self.batches_per_epoch * self.batch_size)
-        return epoch, self._order(epoch)[offset]
-
-    @functools.lru_cache(maxsize=4)
-    def _order(self, epoch: int) -> tuple[int, ...]:
-        return tuple(self.epoch_order(epoch))
+    epoch_items = epoch_order
 
     def load(self, item: tuple[int, int]) -> dict[str, np.ndarray]:
         epoch, index = item
         return {**stack_sample(read_ode_pairs(self.files[index])), "index": np.int64(index), "epoch": np.int64(epoch)}
-
-    def map_dataset(self) -> grain.MapDataset:
-        return grain.MapDataset.source(self).map(self.load).batch(self.batch_size, drop_remainder=True)
-
-    def iterator(self, num_threads: int = 2, prefetch: int = 2) -> grain.DatasetIterator:
-        read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
-        return iter(self.map_dataset().to_iter_dataset(read))
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -440,7 +431,7 @@ def stage_sigma(settings: ODESettings, stage: int, timestep: jax.Array) -> jax.A
 def ode_terms(net: Any, variables: Any, batch: Mapping[str, jax.Array], draws: ODEDraws,
               settings: ODESettings) -> jax.Array:
     """The 0.5 MSE of every (chosen section, stage), (n, S) averaged over the batch (``net`` as
-    ``stages.StageModel``: ``net(variables, x, t, conditioning)`` and ``net.dtype``). The chosen sections
+    ``parts.StageModel``: ``net(variables, x, t, conditioning)`` and ``net.dtype``). The chosen sections
     run under ``lax.scan``, so the DiT is traced once per pyramid stage, not once per term."""
     stages = settings.scheduler.stages
     full = batch[f"targets_{stages - 1}"].astype(jnp.float32)

@@ -23,14 +23,14 @@ import json
 import os
 import sys
 import warnings
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from helios_jax.history import video_frames_per_chunk
 from helios_jax.training import DataError
 from helios_jax.training.data import MIN_FRAMES, offload_name, write_offload
-from helios_jax.training.history import LATENT_WINDOW
+from helios_jax.training.samples import LATENT_WINDOW
 
 # The official length buckets (stride 1; 193 sits where 201 would, as in the original) and the
 # resolution buckets of its 640 family, used to decide which clips fit the target aspect.

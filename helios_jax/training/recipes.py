@@ -1,22 +1,27 @@
-"""The official training YAMLs (``scripts/training/configs/*.yaml``) read, typed and checked.
+"""The official training YAMLs (``scripts/training/configs/*.yaml``) read, typed and checked: the one
+place that knows the YAML.
 
 A YAML has the sections ``data_config``, ``model_config``, ``validation_config`` and
 ``training_config`` plus a few top-level keys, with the names of the official ``train_config.py``.
-Every key falls in one of three groups:
+Every key falls in one of four groups:
 
-* keys this port uses (``SCHEMA``): typed against the official type and default; some only run at
-  certain values (``Key.allowed``): any other value is a :class:`ConfigError`;
+* keys this port uses (``SCHEMA``, stage 3a's ODE-regression keys included): typed against the official
+  type and default; some only run at certain values (``Key.allowed``): any other value is a
+  :class:`ConfigError`;
 * keys of the official schema that do not apply here (``NOT_APPLICABLE``: DeepSpeed, wandb, NPU,
-  torch data-loader workers, offload-time settings, the stage-3 machinery's knobs): named in one
-  warning per file together with any key the official schema does not have either;
+  torch data-loader workers, offload-time settings, the knobs of the stage-3 features not run here):
+  named in one warning per file together with any key the official schema does not have either;
 * stage 3b's keys (``DMD_SCHEMA``: DMD, GAN, EMA, the critic): typed and checked like ``SCHEMA``'s when
   ``is_train_dmd`` is on (``stage_3_post*.yaml``), warned as not used otherwise;
-* the stage-3 switches (``STAGE3_SWITCHES``): those stage 3b does not run (ODE regression, the reward
-  model, any of them without ``is_train_dmd``) are refused with one error naming the switches that are on.
+* the stage-3 switches (``STAGE3_SWITCHES``): stage 3a (ODE regression alone) and stage 3b (DMD, with
+  GAN and EMA) run; any other switch that is on (the reward model, ODE regression beside DMD) is refused
+  with one error naming the switches.
 
 Several files merge in order (``stage_1_init.yaml correct.yaml``: the second overrides the first), then
 ``section.key=value`` overrides (values read as YAML, typed like the file's). Everything is checked
-before any compute.
+before any compute. A checked :class:`Recipe` then gives the stages typed, frozen configs
+(:class:`DataConfig`, :class:`ModelConfig`, :class:`ValidationConfig`, the context, the pyramid, the ODE
+and DMD settings): no other module reads a YAML key.
 """
 
 from __future__ import annotations
@@ -31,7 +36,13 @@ import yaml
 
 from helios_jax.config import ConfigError
 from helios_jax.models.lora import LoraSpec
+from helios_jax.prompts import DEFAULT_NEGATIVE_PROMPT
+from helios_jax.sampling.schedule import HeliosSchedulerConfig
+from helios_jax.training.distill import DmdSettings, GanSettings, TimestepDraw
 from helios_jax.training.ema import EmaConfig
+from helios_jax.training.losses import PyramidSchedule, PyramidSettings, TimestepSampling
+from helios_jax.training.ode import ODESettings
+from helios_jax.training.samples import ContextConfig, CorruptionConfig, SaturationConfig
 from helios_jax.training.trainer import SCHEDULES, OptimizerConfig, RunConfig
 
 SECTIONS = ("data_config", "model_config", "validation_config", "training_config")
@@ -52,7 +63,7 @@ class Key:
 _NOT_HERE = "not implemented in this port"
 _LAYOUT = "the fixed 29-frame index layout (history 16/2/1, chunks of 9 latent frames) is what the model is built for"
 
-SCHEMA: dict[str, dict[str, Key]] = {
+_STAGES_1_2: dict[str, dict[str, Key]] = {
     TOP: {
         "output_dir": Key(str, "Helios"),
         "seed": Key(int, 42),
@@ -146,7 +157,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "is_train_lora_patch_embedding": Key(bool, False),
         "is_train_full_multi_term_memory_patchg": Key(bool, False),
         "is_train_lora_multi_term_memory_patchg": Key(bool, False),
-        # Sample assembly and anti-drifting (helios_jax.training.history).
+        # Sample assembly and anti-drifting (helios_jax.training.samples).
         "is_random_drop": Key(bool, False),
         "random_drop_i2v_ratio": Key(float, 0.0),
         "random_drop_v2v_ratio": Key(float, 0.0),
@@ -167,7 +178,14 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "saturation_ratio_min": Key(float, 0.3),
         "saturation_ratio_max": Key(float, 1.7),
         "saturation_ratio_clean_prob": Key(float, 0.1),
-        "use_error_recycling": Key(bool, False, (False,), "error recycling is not wired into the trainer (off everywhere)"),
+        # Error recycling (samples.RecycleBuffers, push_errors, inject_errors) stays a library, not a YAML switch:
+        # its buffers are state carried from step to step, and at the official sizes (500 errors x 50 timestep
+        # cells of one (16, 9, 48, 80) latent, two buffers) they are 110 GB of float32 per resolution, more than
+        # a GPU holds; and the original refuses it beside history corruption, which every released config uses
+        # (docs/training.md §8.3).
+        "use_error_recycling": Key(bool, False, (False,), "error recycling is not a training switch here (its buffers "
+                                   "would be 110 GB of step-to-step state at the official sizes; off in every "
+                                   "official config); helios_jax.training.samples has its pieces"),
         # Stage 2: the pyramid.
         "is_enable_stage2": Key(bool, False),
         "is_navit_pyramid": Key(bool, False),
@@ -180,8 +198,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
 }
 
-# Keys of the official schema that change nothing here (runtime, logging, hardware, offload-time and stage-3 knobs).
-NOT_APPLICABLE: dict[str, frozenset[str]] = {
+# Keys of the official schema that change nothing here (runtime, logging, hardware, offload-time and stage-3 knobs);
+# NOT_APPLICABLE is this less the keys stage 3a and 3b read.
+_OFFICIAL_ONLY: dict[str, frozenset[str]] = {
     TOP: frozenset({"logging_dir", "report_to"}),
     "data_config": frozenset({
         "pin_memory", "persistent_workers", "dataloader_num_workers", "prefetch_factor", "force_rebuild",
@@ -243,9 +262,23 @@ STAGE3_SWITCHES: dict[str, tuple[str, ...]] = {
 }
 DMD_SWITCHES = frozenset({"use_stage3_dataset", "is_train_dmd", "use_ema", "is_use_gan", "is_use_gt_history"})
 
+# Stage 3a's keys (ODE regression, helios_jax.training.ode): part of SCHEMA.
+ODE_SCHEMA: dict[str, dict[str, Key]] = {
+    "data_config": {"use_stage3_dataset": Key(bool, False), "ode_data_root": Key((list, str), [])},
+    "training_config": {
+        "is_use_ode_regression": Key(bool, False), "is_only_ode_regression": Key(bool, False),
+        "use_ema": Key(bool, False), "ema_decay": Key(float, 0.99), "ema_start_step": Key(int, 750),
+        "ode_regression_weight": Key(float, 0.25),
+        "ode_num_latent_sections_min": Key(int, 3), "ode_num_latent_sections_max": Key(int, 3),
+        "time_shift_type": Key(str, "linear"),
+        "base_seq_len": Key(int, 256), "max_seq_len": Key(int, 4096),
+        "base_shift": Key(float, 0.5), "max_shift": Key(float, 1.15),
+    },
+}
+
 _DMD = "stage 3b (DMD)"
-_OFF = f"is {_NOT_HERE} (off in every official config; TRAINING.md 7.6)"
-# Stage 3b's keys (TRAINING.md 7): typed and checked like SCHEMA's; read only when is_train_dmd is on.
+_OFF = f"is {_NOT_HERE} (off in every official config; docs/training.md §7.6)"
+# Stage 3b's keys (docs/training.md §7): typed and checked like SCHEMA's; read only when is_train_dmd is on.
 DMD_SCHEMA: dict[str, dict[str, Key]] = {
     "data_config": {
         "use_stage1_dataset": Key(bool, False, (False,), f"{_DMD} reads the stage-3 dataset (use_stage3_dataset)"),
@@ -320,8 +353,68 @@ DMD_SCHEMA: dict[str, dict[str, Key]] = {
         "generator_is_forcing_low_renoise": Key(bool, False, (False,), f"forced low renoise {_OFF}"),
     },
 }
-for _section, _keys in DMD_SCHEMA.items():
-    NOT_APPLICABLE[_section] = NOT_APPLICABLE[_section] - frozenset(_keys)
+SCHEMA: dict[str, dict[str, Key]] = {s: {**keys, **ODE_SCHEMA.get(s, {})} for s, keys in _STAGES_1_2.items()}
+NOT_APPLICABLE: dict[str, frozenset[str]] = {
+    s: keys - frozenset(ODE_SCHEMA.get(s, {})) - frozenset(DMD_SCHEMA.get(s, {})) for s, keys in _OFFICIAL_ONLY.items()}
+
+
+# ------------------------------------------------------------------------------------------ typed configs
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """What a run reads (``data_config``): the stage's folders (:func:`data_roots`), ``train_batch_size`` per
+    batch shard, the shuffle and seed, the one resolution of ``single_res`` (None: every bucket) and the
+    negative prompt (the official default when the YAML's is empty)."""
+
+    roots: tuple[str, ...]
+    batch_size: int
+    seed: int
+    shuffle: bool
+    resolutions: tuple[tuple[int, int], ...] | None
+    negative_prompt: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The folders a run loads (``model_config``) and how: ``pipeline`` holds the VAE and text encoder,
+    ``transformer`` the trained DiT (with its ``subfolder``), ``critic`` stage 3b's scores' DiT (the
+    generator's when ``real_score_model_name_or_path`` is unset); ``mixed_precision`` ("bf16" or "no") and
+    ``remat`` (``gradient_checkpointing``)."""
+
+    pipeline: str | None
+    transformer: str | None
+    critic: str | None
+    mixed_precision: str
+    remat: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidationConfig:
+    """The validation videos (``validation_config``): prompts, count, size, guidance and steps (stage 1's
+    ``num_inference_steps``, the pyramid's ``stage2_simulated_inference_steps``), the sampler's shifting."""
+
+    prompts: tuple[str, ...]
+    videos: int
+    height: int
+    width: int
+    num_frames: int
+    guidance_scale: float
+    num_inference_steps: int
+    pyramid_steps: tuple[int, ...]
+    use_dynamic_shifting: bool
+    time_shift_type: str
+
+
+def _corruption(t: dict[str, Any]) -> CorruptionConfig:
+    """The history corruption of ``training_config`` (``corrupt_*_history`` and its ratios)."""
+    return CorruptionConfig(
+        mode=t["corrupt_mode_history"], noise_mode_prob=t["corrupt_mode_prob_history"],
+        frame_independent=t["is_frame_independent_corrupt_history"],
+        ratio_short=t["noise_corrupt_ratio_history_short"], ratio_mid=t["noise_corrupt_ratio_history_mid"],
+        ratio_long=t["noise_corrupt_ratio_history_long"], clean_prob=t["noise_corrupt_clean_prob_history"],
+        downsample_min=t["downsample_min_corrupt_ratio_history"],
+        downsample_max=t["downsample_max_corrupt_ratio_history"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -347,6 +440,94 @@ class Recipe:
             return "stage2_packed" if training["is_navit_pyramid"] else "stage2_sequential"
         return "stage1"
 
+    @property
+    def seed(self) -> int:
+        return self.values[TOP]["seed"]
+
+    @property
+    def mesh(self) -> str | None:
+        """The device mesh, e.g. "data=2,fsdp=4" (None: one device)."""
+        return self.values[TOP]["mesh"]
+
+    def data(self) -> DataConfig:
+        d, t = self.values["data_config"], self.values["training_config"]
+        return DataConfig(tuple(data_roots(self.values)), t["train_batch_size"], self.seed, d["use_shuffle"],
+                          ((d["single_height"], d["single_width"]),) if d["single_res"] else None,
+                          d["negative_prompt"] or DEFAULT_NEGATIVE_PROMPT)
+
+    def model(self) -> ModelConfig:
+        m, t = self.values["model_config"], self.values["training_config"]
+        path = m["transformer_model_name_or_path"]
+        transformer = os.path.join(path, m["subfolder"]) if path is not None and m["subfolder"] else path
+        critic = transformer
+        if m.get("real_score_model_name_or_path") is not None:
+            critic = os.path.join(m["real_score_model_name_or_path"], m["critic_subfolder"] or "transformer")
+        return ModelConfig(m["pretrained_model_name_or_path"], transformer, critic, t["mixed_precision"],
+                           t["gradient_checkpointing"])
+
+    def validation(self) -> ValidationConfig:
+        v = self.values["validation_config"]
+        return ValidationConfig(
+            tuple(v["validation_prompts"]), v["num_validation_videos"], v["validation_height"], v["validation_width"],
+            v["validation_max_num_frames"], v["validation_guidance_scale"], v["num_inference_steps"],
+            tuple(v["stage2_simulated_inference_steps"]), v["use_dynamic_shifting"], v["time_shift_type"])
+
+    def context(self) -> ContextConfig:
+        """Stages 1, 2 and 3b's random drops and history corruption (no saturation: the DMD settings hold
+        the rollouts')."""
+        t = self.values["training_config"]
+        return ContextConfig(random_drop=t["is_random_drop"], t2v_ratio=t["random_drop_t2v_ratio"],
+                             v2v_ratio=t["random_drop_v2v_ratio"], i2v_ratio=t["random_drop_i2v_ratio"],
+                             corruption=_corruption(t) if t["corrupt_history"] else None)
+
+    def timestep_sampling(self) -> TimestepSampling:
+        t = self.values["training_config"]
+        return TimestepSampling(t["weighting_scheme"], t["logit_mean"], t["logit_std"])
+
+    def pyramid(self) -> PyramidSettings:
+        """Stage 2's training pyramid scheduler, sample ratios and timestep sampling (``stage2_*``)."""
+        t = self.values["training_config"]
+        schedule = PyramidSchedule.create(t["stage2_timestep_shift"], t["stage2_num_stages"],
+                                          tuple(t["stage2_stage_range"]), t["stage2_scheduler_gamma"])
+        return PyramidSettings(schedule, tuple(t["stage2_sample_ratios"]), self.timestep_sampling())
+
+    def pyramid_scheduler(self, **extra: Any) -> HeliosSchedulerConfig:
+        """The training pyramid as a sampler's scheduler config (``stage2_*``), with ``extra`` fields."""
+        t = self.values["training_config"]
+        return HeliosSchedulerConfig(shift=t["stage2_timestep_shift"], stages=t["stage2_num_stages"],
+                                     stage_range=tuple(t["stage2_stage_range"]), gamma=t["stage2_scheduler_gamma"],
+                                     **extra)
+
+    def ode(self, patch: tuple[int, int, int]) -> ODESettings:
+        """Stage 3a's loss settings for a DiT of ``patch``: the training pyramid with the shift's ``base_*``
+        keys, ``ode_regression_weight`` and the section count."""
+        t = self.values["training_config"]
+        scheduler = self.pyramid_scheduler(base_image_seq_len=t["base_seq_len"], max_image_seq_len=t["max_seq_len"],
+                                           base_shift=t["base_shift"], max_shift=t["max_shift"])
+        return ODESettings(scheduler, t["ode_regression_weight"], t["ode_num_latent_sections_max"], tuple(patch))
+
+    def dmd(self) -> DmdSettings:
+        """Stage 3b's loss settings: the rollout steps, the scores' CFG, the timestep draws, the context (the
+        corruption always on the GT history, the saturation jitter with ``is_add_saturation``), the GAN."""
+        t, v = self.values["training_config"], self.values["validation_config"]
+        draw = lambda who: TimestepDraw(t[f"{who}_dynamic_sample_type"], t[f"{who}_dynamic_alpha"],  # noqa: E731
+                                        t[f"{who}_dynamic_beta"], t[f"{who}_dynamic_step"])
+        context = dataclasses.replace(self.context(), corruption=_corruption(t))
+        saturation = SaturationConfig(t["saturation_ratio_min"], t["saturation_ratio_max"],
+                                      t["saturation_ratio_clean_prob"]) if t["is_add_saturation"] else None
+        gan = None
+        if t["is_use_gan"]:
+            gan = GanSettings(tuple(t["gan_hooks"]) if t["is_use_gan_hooks"] else (), t["gan_cond_map_dim"],
+                              t["gan_g_weight"], t["gan_d_weight"], t["r1_weight"], t["r1_sigma"])
+        return DmdSettings(tuple(v["stage2_simulated_inference_steps"]), t["is_amplify_first_chunk"],
+                           t["real_guidance_scale"], draw("generator"), draw("critic"), context, saturation, gan)
+
+    def duel_schedule(self) -> tuple[int, tuple[int, ...]]:
+        """Stage 3b's generator update ratio (``dfake_gen_update_ratio``) and phase steps (the GAN terms from
+        ``gan_start_step``, when on)."""
+        t = self.values["training_config"]
+        return t["dfake_gen_update_ratio"], (t["gan_start_step"],) if t["is_use_gan"] else ()
+
     def as_json(self) -> dict[str, Any]:
         """The whole config as plain JSON (what ``output_dir/config.json`` holds and resume compares)."""
         out = {k: v for k, v in self.values[TOP].items()}
@@ -363,7 +544,7 @@ class Recipe:
 
     def critic_optimizer(self) -> OptimizerConfig:
         """Stage 3b's critic: the generator's AdamW settings with ``critic_learning_rate`` and
-        ``max_grad_norm_critic`` (the official DeepSpeed run clipped both at 1.0 instead: TRAINING.md 10)."""
+        ``max_grad_norm_critic`` (the official DeepSpeed run clipped both at 1.0 instead: docs/training.md §10)."""
         t = self.values["training_config"]
         return dataclasses.replace(self.optimizer(), learning_rate=t["critic_learning_rate"],
                                    max_grad_norm=t["max_grad_norm_critic"])
@@ -528,8 +709,10 @@ def _refuse_stage3(merged: dict[tuple[str, str], Any]) -> None:
     on = [name for name in on if name.split(".")[1] not in DMD_SWITCHES] if dmd else _ode_switches(on)
     if on:
         raise ConfigError(
-            f"this is a stage-3 (distillation) config: {', '.join(on)} on; ODE regression, DMD, GAN and EMA "
-            f"training are not implemented yet (the distillation issue); stages 1 and 2 run"
+            f"this is a stage-3 (distillation) config: {', '.join(on)} on, which this port does not run; it runs "
+            f"stage 3a (is_use_ode_regression with is_only_ode_regression, use_stage3_dataset, use_ema) and stage "
+            f"3b (is_train_dmd with use_stage3_dataset, use_ema, is_use_gan, is_use_gt_history); the reward "
+            f"model and ODE regression beside DMD are not implemented"
         )
 
 
@@ -615,22 +798,6 @@ def check_paths(recipe: Recipe) -> None:
                               f"download the checkpoint and give its folder)")
 
 
-# ---- Stage 3a, ODE regression (helios_jax.training.ode): its keys, and the switches it turns on ----
-ODE_SCHEMA: dict[str, dict[str, Key]] = {
-    "data_config": {"use_stage3_dataset": Key(bool, False), "ode_data_root": Key((list, str), [])},
-    "training_config": {
-        "is_use_ode_regression": Key(bool, False), "is_only_ode_regression": Key(bool, False),
-        "use_ema": Key(bool, False), "ema_decay": Key(float, 0.99), "ema_start_step": Key(int, 750),
-        "ode_regression_weight": Key(float, 0.25),
-        "ode_num_latent_sections_min": Key(int, 3), "ode_num_latent_sections_max": Key(int, 3),
-        "time_shift_type": Key(str, "linear"),
-        "base_seq_len": Key(int, 256), "max_seq_len": Key(int, 4096),
-        "base_shift": Key(float, 0.5), "max_shift": Key(float, 1.15),
-    },
-}
-for _section, _keys in ODE_SCHEMA.items():
-    SCHEMA[_section].update(_keys)
-    NOT_APPLICABLE[_section] = NOT_APPLICABLE[_section] - set(_keys)
 _ODE_ON = ("data_config.use_stage3_dataset", "training_config.is_use_ode_regression",
            "training_config.is_only_ode_regression", "training_config.use_ema")
 

@@ -37,7 +37,7 @@ import os
 import re
 import time
 import warnings
-from typing import Any, Callable, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -306,23 +306,77 @@ class RunConfig:
                 raise ConfigError(f"{key} = {getattr(self, key)} must be a positive number of steps")
 
 
+StepFn = Callable[[Any, Params, Batch, jax.Array], tuple[Any, dict]]
+Export = Callable[[Params, str], None]
+Validate = Callable[[Params, Params, int, str], None]
+
+
+class StepProgram(Protocol):
+    """What :func:`train` runs: a one-player :class:`Stage` or a two-player ``duel.Duel``, the loop knowing
+    neither. ``setup`` places the first state (on ``mesh``, if any) and returns it with the host's choice of
+    compiled ``step(state, frozen, batch, key) -> (state, metrics)`` for each global step; ``headline``
+    names the metric the progress bar shows; ``export(trainable, folder)`` writes extra files into each
+    checkpoint folder (the LoRA), ``validate(trainable, frozen, step, folder)`` writes validation videos."""
+
+    headline: str
+    export: Export | None
+    validate: Validate | None
+
+    def setup(self, trainable: Params, mesh: jax.sharding.Mesh | None) -> tuple[Any, Callable[[int], StepFn]]: ...
+
+
+def _hook() -> Any:
+    """A hook field: not part of a program's value, so a program prepared again compares equal (a cache key)."""
+    return dataclasses.field(default=None, compare=False)
+
+
 @dataclasses.dataclass(frozen=True)
 class Stage:
-    """A stage: its loss terms and optimizer settings. ``export(trainable, folder)`` writes extra
-    files into each checkpoint folder (the LoRA as ``pytorch_lora_weights.safetensors``);
-    ``validate(trainable, frozen, step, folder)`` writes validation videos. ``ema``: an EMA of the
-    trainables, one call per step (stage 3a), which ``export`` also writes, into ``checkpoint-STEP/model_ema/``.
-
-    With ``duel`` (``helios_jax.training.duel.Duel``: a critic and an EMA, stage 3b) ``losses`` is unused
-    and ``train`` runs the two-player loop (``ema`` unused: a duel has its own, ``Duel.ema``); ``export``
-    then gets the generator's trainables and the EMA's."""
+    """A one-player stage: its loss terms and optimizer settings (a :class:`StepProgram`). ``ema``: an EMA
+    of the trainables, one call per step in the same program (stage 3a), which ``export`` also writes, into
+    ``checkpoint-STEP/model_ema/``. The losses should compare by value (:class:`Bound`, frozen dataclasses)
+    so that a stage prepared again finds its compiled step (:func:`compiled_step`)."""
 
     losses: LossFn | Sequence[LossFn]
     optimizer: OptimizerConfig
-    export: Callable[[Params, str], None] | None = None
-    validate: Callable[[Params, Params, int, str], None] | None = None
-    duel: Any = None
+    export: Export | None = _hook()
+    validate: Validate | None = _hook()
     ema: EmaConfig | None = None
+    headline = "loss"
+
+    def setup(self, trainable: Params, mesh: jax.sharding.Mesh | None
+              ) -> tuple[TrainState | EmaTrainState, Callable[[int], StepFn]]:
+        """The state and the (one) step program of the loss terms."""
+        losses = self.losses if callable(self.losses) else tuple(self.losses)
+        state = init_state(shard_variables(trainable, mesh), make_optimizer(self.optimizer))
+        if self.ema is not None:
+            state = EmaTrainState(state, EmaState.start(state.trainable))
+        if mesh is None:
+            step_fn = compiled_step(losses, self.optimizer, self.ema)
+        else:
+            placement = state_shardings(state, mesh)
+            state = jax.device_put(state, placement)
+            step_fn = make_step(losses, make_optimizer(self.optimizer), learning_rate(self.optimizer), placement,
+                                self.ema)
+        return state, lambda step: step_fn
+
+
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    """``fn`` with its leading (static) arguments bound: a ``functools.partial`` that compares and hashes by
+    value, so that the step programs built from a recipe prepared again in the same process are found in
+    the compile caches (the bound arguments must compare by value too: frozen dataclasses, flax modules)."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+
+    def __call__(self, *rest: Any) -> Any:
+        return self.fn(*self.args, *rest)
+
+
+def bind(fn: Callable[..., Any], *args: Any) -> Bound:
+    """``Bound(fn, args)``: ``bind(f, a, b)(x) == f(a, b, x)``."""
+    return Bound(fn, args)
 
 
 class _CheckpointNames(ocp.step.NameFormat):
@@ -438,18 +492,15 @@ def _tensorboard(folder: str):
         return None
 
 
-def train(run: RunConfig, stage: Stage, trainable: Params, frozen: Params,
+def train(run: RunConfig, stage: StepProgram, trainable: Params, frozen: Params,
           data: grain_python.DatasetIterator, mesh: jax.sharding.Mesh | None = None) -> Any:
-    """Train ``trainable`` for ``run.max_train_steps`` optimizer steps over batches from ``data`` (a grain
-    iterator, whose position is checkpointed with the params), resuming from ``output_dir`` if asked;
-    on ``mesh`` if given (see the module doc). Returns the last state (:class:`TrainState`, or
-    :class:`EmaTrainState` with ``stage.ema``, or ``duel.DuelState`` with ``stage.duel``)."""
+    """Train ``trainable`` for ``run.max_train_steps`` steps of ``stage``'s program over batches from ``data``
+    (a grain iterator, whose position is checkpointed with the params), resuming from ``output_dir`` if
+    asked; on ``mesh`` if given (see the module doc). Returns the last state (:class:`TrainState`, or
+    :class:`EmaTrainState` with ``Stage.ema``, or the program's own, ``duel.DuelState`` for a duel)."""
     check_resumable(run)
     frozen = shard_variables(frozen, mesh)
-    if stage.duel is None:
-        state, step_for = _single_player(stage, trainable, mesh)
-    else:  # two players (training.duel): trainable = {"generator": ..., "critic": ...}
-        state, step_for = stage.duel.setup(stage.optimizer, trainable, mesh)
+    state, step_for = stage.setup(trainable, mesh)
     manager = checkpoint_manager(run, tuple(state.items()))
     start = _resume_step(manager, run)
     if start is not None:
@@ -509,31 +560,13 @@ def train(run: RunConfig, stage: Stage, trainable: Params, frozen: Params,
                 for name, value in record.items():
                     if name != "step":
                         writer.scalar(name, value, step + 1)
-            loss = record.get("loss", record.get("critic_loss"))
-            bar.advance(note=f"loss {loss:.4f}")
+            bar.advance(note=f"{stage.headline} {record[stage.headline]:.4f}")
             if (step + 1) % run.checkpointing_steps == 0 or step + 1 == run.max_train_steps:
                 save(step + 1)
             if stage.validate and run.validation_steps and (step + 1) % run.validation_steps == 0:
                 validate(step + 1)
     manager.close()
     return state
-
-
-def _single_player(stage: Stage, trainable: Params, mesh: jax.sharding.Mesh | None
-                   ) -> tuple[TrainState | EmaTrainState, Callable[[int], Callable]]:
-    """The state and the (one) step program of a stage of loss terms."""
-    losses = stage.losses if callable(stage.losses) else tuple(stage.losses)
-    state = init_state(shard_variables(trainable, mesh), make_optimizer(stage.optimizer))
-    if stage.ema is not None:
-        state = EmaTrainState(state, EmaState.start(state.trainable))
-    if mesh is None:
-        step_fn = compiled_step(losses, stage.optimizer, stage.ema)
-    else:
-        placement = state_shardings(state, mesh)
-        state = jax.device_put(state, placement)
-        step_fn = make_step(losses, make_optimizer(stage.optimizer), learning_rate(stage.optimizer), placement,
-                            stage.ema)
-    return state, lambda step: step_fn
 
 
 def host_values(tree: Params) -> Params:
