@@ -11,7 +11,7 @@ GPU_LOCK := locks/gpu-plan.txt
 # The tier's tests import no torch, so they run in the gpu-plan venv (which has none).
 GPU_TESTS := tests/test_gpu_plan.py tests/test_gpu_plan_fp8.py tests/test_gpu_plan_mesh.py tests/test_train_plan.py
 
-.PHONY: demo test test-latest lock install install-test gpu-plan gpu-plan-room clean
+.PHONY: demo test check test-latest lock install install-test gpu-plan gpu-plan-room clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,11 @@ test: install-test
 	$(PYTEST) $(PYTEST_ARGS)
 	@if [ -x $(GPU_BIN)/python ]; then echo "gpu-plan tier (jax's CUDA plugin is in $(GPU_VENV)):"; \
 	  HELIOS_TEST_XLA_FLAGS= JAX_PLATFORMS=cpu $(GPU_BIN)/python -m pytest -m gpu_plan $(GPU_TESTS) $(PYTEST_ARGS); fi
+
+# The edit loop, in under five minutes: the unit tests and one parity test per component (tests/check.txt, a pytest
+# argument file).
+check: install-test
+	$(PYTEST) $(PYTEST_ARGS) @tests/check.txt
 
 # The H100 plans compiled on this CPU (no GPU): jax's CUDA plugin of the locked jax and the nvidia-* wheels the
 # compiler uses (locks/gpu-plan.txt, exact versions, --no-deps: 2.9 GB installed) in a venv of its own, because on a
