@@ -50,38 +50,58 @@ MAX_FPS = 240
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``helios-jax generate``: the official ``infer_helios.py``'s, with its spellings and defaults;
+    those whose default depends on the checkpoint say both (the embedded demo model runs at its own small size)."""
+    def both(name: str, unit: str = "") -> str:
+        official, embedded = CHECKPOINT_DEFAULTS[name]
+        show = lambda v: " ".join(map(str, v)) if isinstance(v, list) else v  # noqa: E731
+        return f"default: {show(official)}{unit} with --checkpoint, {show(embedded)}{unit} for the embedded model"
+
     parser.add_argument("--checkpoint", help="a diffusers Helios folder; default: the embedded random-weight model")
     parser.add_argument("--output", default="helios.mp4", help="the mp4 to write (a contact-sheet PNG goes beside it)")
-    parser.add_argument("--sample_type", choices=("t2v", "i2v", "v2v"), default="t2v")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT)
-    parser.add_argument("--negative_prompt", default=DEFAULT_NEGATIVE_PROMPT)
-    parser.add_argument("--image_path")
-    parser.add_argument("--video_path")
+    parser.add_argument("--sample_type", choices=("t2v", "i2v", "v2v"), default="t2v",
+                        help="text-, image- or video-to-video (i2v needs --image_path, v2v --video_path)")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="what the video shows; default: the official "
+                                                                 "example (a time-lapse from a speeding train)")
+    parser.add_argument("--negative_prompt", default=DEFAULT_NEGATIVE_PROMPT,
+                        help="what to steer away from (with guidance); default: the Wan negative prompt")
+    parser.add_argument("--image_path", help="i2v: the image the video starts from (resized and cropped to fit)")
+    parser.add_argument("--video_path", help="v2v: the video to continue (resized and cropped to fit)")
     parser.add_argument("--interactive_prompt_csv_path",
                         help="CSV with columns prompt_index, prompt (and optionally id, refined_prompt): one prompt "
                              "per segment of --interpolate_time chunks")
     parser.add_argument("--use_interpolate_prompt", action="store_true", help="blend embeddings at each switch")
     parser.add_argument("--interpolation_steps", type=int, default=3, help="chunks to blend over at each switch")
     parser.add_argument("--interpolate_time", type=int, default=7, help="chunks per interactive prompt")
-    parser.add_argument("--height", type=int)
-    parser.add_argument("--width", type=int)
-    parser.add_argument("--num_frames", type=int, default=99)
-    parser.add_argument("--num_inference_steps", type=int, default=50)
-    parser.add_argument("--pyramid_num_inference_steps_list", type=int, nargs="+")
-    parser.add_argument("--num_latent_frames_per_chunk", type=int, default=9)
-    parser.add_argument("--guidance_scale", type=float)
-    parser.add_argument("--use_zero_init", action="store_true")
-    parser.add_argument("--zero_steps", type=int, default=1)
-    parser.add_argument("--is_amplify_first_chunk", action="store_true")
-    parser.add_argument("--is_skip_first_chunk", action="store_true")
+    parser.add_argument("--height", type=int, help=f"in pixels, a multiple of 64; {both('height')}")
+    parser.add_argument("--width", type=int, help=f"in pixels, a multiple of 64; {both('width')}")
+    parser.add_argument("--num_frames", type=int, default=99,
+                        help="the video's length in frames (made in whole chunks, so it may come out longer)")
+    parser.add_argument("--num_inference_steps", type=int, default=50,
+                        help="denoising steps per chunk (checkpoints without a pyramid)")
+    parser.add_argument("--pyramid_num_inference_steps_list", type=int, nargs="+", metavar="STEPS",
+                        help=f"denoising steps per pyramid stage, one number per stage; "
+                             f"{both('pyramid_num_inference_steps_list')}")
+    parser.add_argument("--num_latent_frames_per_chunk", type=int, default=9,
+                        help="latent frames per chunk (9: 33 video frames)")
+    parser.add_argument("--guidance_scale", type=float,
+                        help=f"classifier-free guidance scale (1: none); {both('guidance_scale')}")
+    parser.add_argument("--use_zero_init", action="store_true", help="CFG-Zero*: the first --zero_steps steps predict zero")
+    parser.add_argument("--zero_steps", type=int, default=1, help="steps zeroed by --use_zero_init")
+    parser.add_argument("--is_amplify_first_chunk", action="store_true",
+                        help="double the first chunk's DMD steps (the distilled model)")
+    parser.add_argument("--is_skip_first_chunk", action="store_true", help="official infer_helios.py's flag: the second chunk's first frame anchors the video")
     for name in ("image_noise_sigma_min", "video_noise_sigma_min"):
-        parser.add_argument(f"--{name}", type=float, default=0.111)
+        parser.add_argument(f"--{name}", type=float, default=0.111,
+                            help=f"i2v/v2v: the least noise sigma added to the conditioning {name.split('_')[0]}'s latents")
     for name in ("image_noise_sigma_max", "video_noise_sigma_max"):
-        parser.add_argument(f"--{name}", type=float, default=0.135)
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--fps", type=int, default=24)
+        parser.add_argument(f"--{name}", type=float, default=0.135,
+                            help=f"i2v/v2v: the most noise sigma added to the conditioning {name.split('_')[0]}'s latents")
+    parser.add_argument("--seed", type=int, default=42, help="the random seed of the noise")
+    parser.add_argument("--fps", type=int, default=24, help=f"frame rate of the mp4 (1 to {MAX_FPS})")
     parser.add_argument("--weight_dtype", choices=WEIGHT_DTYPES,
-                        help="fp8: the DiT's block linears as float8 with per-channel scales (FP8 GEMMs), the rest bf16")
+                        help=f"the weights' dtype; fp8: the DiT's block linears as float8 with per-channel scales "
+                             f"(FP8 GEMMs), the rest bf16; {both('weight_dtype')}")
     parser.add_argument("--attention", choices=("auto", *IMPLS), default="auto",
                         help="the DiT's attention backend; auto: cudnn on a GPU in bf16/fp16, else xla")
     parser.add_argument("--no_compilation_cache", action="store_true", help="do not use the persistent XLA cache")

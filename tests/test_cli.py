@@ -127,3 +127,62 @@ def test_verify_passes_and_fails_when_a_component_is_broken(monkeypatch, capsys)
 
 def test_bench_runs_a_benchmark_script(tmp_path):
     assert cli.main(["bench", "convert", "--args", "--gigabytes", "0.01", "--no-append"]) == 0
+
+
+def _subcommands() -> dict:
+    """Every subcommand's parser, read from the parser itself (a new subcommand is covered without a new test)."""
+    root = cli.parser()
+    return next(a.choices for a in root._actions if isinstance(a, cli.argparse._SubParsersAction))
+
+
+def _required(sub) -> list[str]:
+    """Placeholder values for a subcommand's required arguments, so that only the flag under test is wrong."""
+    argv = []
+    for action in sub._actions:
+        if action.option_strings and action.required:
+            argv += [action.option_strings[0], "x"]
+        elif not action.option_strings and action.nargs not in ("*", "?", cli.argparse.REMAINDER):
+            argv += ["x"]
+    return argv
+
+
+def _exit(argv: list[str], capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    out = capsys.readouterr()
+    return exit_.value.code, out.out, out.err
+
+
+@pytest.mark.parametrize("name", sorted(_subcommands()))
+def test_every_subcommand_explains_itself_and_refuses_an_unknown_flag_with_its_own_usage(name, capsys):
+    sub = _subcommands()[name]
+    code, out, _ = _exit([name, "--help"], capsys)
+    assert code == 0 and f"usage: helios-jax {name}" in out
+    undocumented = [a.dest for a in sub._actions if not a.help or a.help == cli.argparse.SUPPRESS]
+    assert not undocumented, f"{name}: flags without help text: {undocumented}"
+    code, _, err = _exit([name, *_required(sub), "--no_such_flag"], capsys)
+    assert code == 2, err
+    assert err.startswith(f"usage: helios-jax {name}") and "unrecognized arguments: --no_such_flag" in err, err
+    assert "Traceback" not in err
+
+
+def test_version_and_both_spellings_of_a_flag(capsys):
+    code, out, _ = _exit(["--version"], capsys)
+    assert code == 0 and out.strip() == f"helios-jax {cli.version()}"
+    parser = cli.parser()
+    for spelling in ("--num_frames", "--num-frames"):
+        assert parser.parse_args(["generate", spelling, "33"]).num_frames == 33
+    for spelling in ("--min_frames", "--min-frames"):
+        assert parser.parse_args(["offload", "m.json", "--checkpoint", "c", "--output", "o", spelling, "9"]).min_frames == 9
+    _, out, _ = _exit(["generate", "--help"], capsys)  # the help lists one spelling of each flag
+    assert "--num_frames" in out and "--num-frames" not in out and "(default: 99)" in out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["verify", "--only", "foo"], "invalid choice: 'foo'"),
+    (["bench", "nope"], "invalid choice: 'nope'"),
+    (["generate", "--num_frames", "ten"], "invalid int value"),
+])
+def test_user_errors_in_arguments_exit_2_with_the_subcommand_usage(argv, message, capsys):
+    code, _, err = _exit(argv, capsys)
+    assert code == 2 and err.startswith(f"usage: helios-jax {argv[0]}") and message in err, err
