@@ -1,7 +1,8 @@
 """``helios-jax generate``: a video file from a Helios checkpoint (or the embedded random one).
 
 The flags are those of the official ``infer_helios.py`` (plus ``--checkpoint``, ``--output`` and
-``--attention``). Every input is checked before any weight is read (:func:`prepare`): the output path,
+``--attention``). Without ``--output`` the video goes to ``outputs/``, named from the prompt and the time
+(:func:`default_output`), never over an existing file. Every input is checked before any weight is read (:func:`prepare`): the output path,
 every number against the checkpoint's configs, the image or video, the interactive prompt CSV. The mp4
 is written chunk by chunk into a temporary file that is renamed into place when the video is complete,
 with a contact sheet (PNG) beside it, named as the mp4 with ``.png`` (never a file given as an input).
@@ -14,6 +15,8 @@ import csv
 import dataclasses
 import math
 import os
+import re
+import time
 from typing import Any
 
 import jax
@@ -47,6 +50,8 @@ CHECKPOINT_DEFAULTS = {
 }
 SHEET_FRAMES = 8
 MAX_FPS = 240
+OUTPUTS = "outputs"  # the folder (under the working folder) of runs without --output
+SLUG_WORDS, SLUG_CHARS = 6, 48
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,7 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         return f"default: {show(official)}{unit} with --checkpoint, {show(embedded)}{unit} for the embedded model"
 
     parser.add_argument("--checkpoint", help="a diffusers Helios folder; default: the embedded random-weight model")
-    parser.add_argument("--output", default="helios.mp4", help="the mp4 to write (a contact-sheet PNG goes beside it)")
+    parser.add_argument("--output", help=f"the mp4 to write (a contact-sheet PNG goes beside it); default: "
+                                         f"{OUTPUTS}/PROMPT-WORDS-YYYYMMDD-HHMMSS.mp4, never over an existing file")
     parser.add_argument("--sample_type", choices=("t2v", "i2v", "v2v"), default="t2v",
                         help="text-, image- or video-to-video (i2v needs --image_path, v2v --video_path)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="what the video shows; default: the official "
@@ -151,6 +157,38 @@ def read_interactive_csv(path: str, interpolate_time: int) -> list[tuple[int, st
     return [(i * interpolate_time, text) for i, text in enumerate(texts)]
 
 
+def slug(text: str) -> str:
+    """A short file-name part from a prompt: its first words, lower case, ASCII letters and digits only."""
+    words = re.findall(r"[a-z0-9]+", text.lower())[:SLUG_WORDS]
+    return "-".join(words)[:SLUG_CHARS].strip("-") or "video"
+
+
+def _timestamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+def default_output(prompt: str, folder: str = OUTPUTS) -> str:
+    """``folder/SLUG-TIMESTAMP.mp4`` (``-2``, ``-3``, ... added if that mp4 or its PNG exists): a new name each run."""
+    stem = os.path.join(folder, f"{slug(prompt)}-{_timestamp()}")
+    name, n = stem, 1
+    while os.path.lexists(name + ".mp4") or os.path.lexists(name + ".png"):
+        n += 1
+        name = f"{stem}-{n}"
+    return name + ".mp4"
+
+
+def _check_output_folder(folder: str) -> bool:
+    """Whether the default output folder exists; if not, that it can be made."""
+    if os.path.lexists(folder) and not os.path.isdir(folder):
+        raise PipelineError(f"cannot write to {folder}/: it exists and is not a folder; give --output")
+    if os.path.isdir(folder):
+        return True
+    parent = os.path.dirname(folder)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PipelineError(f"cannot make {folder}/: the folder {parent} is not writable; give --output")
+    return False
+
+
 def _resolve_defaults(args: argparse.Namespace) -> dict[str, Any]:
     """Flags left unset take the embedded model's defaults without --checkpoint, the official ones with it."""
     embedded = args.checkpoint is None
@@ -234,9 +272,18 @@ def _check_collisions(args: argparse.Namespace, output: str, sheet: str) -> None
 def prepare(args: argparse.Namespace) -> Job:
     """Check every flag, path and input against the checkpoint's configs, reading no weight."""
     settings = _resolve_defaults(args)
-    output = check_writable(args.output, ".mp4")
-    sheet = os.path.splitext(output)[0] + ".png"
-    check_writable(sheet, ".png")
+    if args.output is None:
+        csv_path = args.interactive_prompt_csv_path
+        output = os.path.abspath(default_output(os.path.splitext(os.path.basename(csv_path))[0] if csv_path
+                                                else args.prompt))
+        sheet = os.path.splitext(output)[0] + ".png"
+        if _check_output_folder(os.path.dirname(output)):  # else it is made when the video is written
+            check_writable(output, ".mp4")
+            check_writable(sheet, ".png")
+    else:
+        output = check_writable(args.output, ".mp4")
+        sheet = os.path.splitext(output)[0] + ".png"
+        check_writable(sheet, ".png")
     _check_collisions(args, output, sheet)
     _check_flags(args, settings)
     _check_sample_type(args)
@@ -284,6 +331,7 @@ def run(args: argparse.Namespace) -> int:
             pass
         return 0
     sheet = []
+    os.makedirs(os.path.dirname(job.output), exist_ok=True)  # outputs/ of a run without --output
     with Mp4Writer(job.output, args.fps) as writer:
         for frames in chunks:
             start = writer.frames_written

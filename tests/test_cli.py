@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helios_jax import cli, demo
+from helios_jax import cli, demo, generate
 from helios_jax.convert import open_source
 from helios_jax.pipeline import HeliosPipeline
 from helios_jax.video import read_mp4
@@ -186,3 +186,24 @@ def test_version_and_both_spellings_of_a_flag(capsys):
 def test_user_errors_in_arguments_exit_2_with_the_subcommand_usage(argv, message, capsys):
     code, _, err = _exit(argv, capsys)
     assert code == 2 and err.startswith(f"usage: helios-jax {argv[0]}") and message in err, err
+
+
+def test_slug_of_a_prompt():
+    assert generate.slug("A cat, on a TRAIN! Through green fields at dusk") == "a-cat-on-a-train-through"
+    assert generate.slug("一只猫") == "video"
+
+
+def test_without_output_the_video_goes_to_outputs_named_from_the_prompt_and_never_over_a_file(
+        tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(generate, "_timestamp", lambda: "20260101-000000")
+    taken = tmp_path / "outputs" / "a-cat-on-a-train-20260101-000000.mp4"
+    taken.parent.mkdir()
+    taken.write_bytes(b"an earlier run")
+    assert cli.main(["generate", *SMALL, "--prompt", "A cat on a train", "--num_frames", "33"]) == 0
+    new = "a-cat-on-a-train-20260101-000000-2"
+    assert sorted(os.listdir(tmp_path / "outputs")) == sorted([taken.name, f"{new}.mp4", f"{new}.png"])
+    assert taken.read_bytes() == b"an earlier run"
+    assert read_mp4(tmp_path / "outputs" / f"{new}.mp4").shape[0] == 33
+    assert "outputs/a-cat-on-a-train-20260101-000000-2.mp4" in capsys.readouterr().out
+    assert os.listdir(tmp_path) == ["outputs"]
