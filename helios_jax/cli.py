@@ -157,7 +157,8 @@ def convert(source: str, destination: str, to: str, dtype: str | None, merge_lor
 def _read_lora(transformer_folder: str, path: str):
     """The LoRA checked against the transformer's config, before any weight is read."""
     if component_of(transformer_folder).folder != "transformer":
-        raise PipelineError(f"--merge_lora needs a transformer (or whole checkpoint) folder; {transformer_folder} is not one")
+        raise PipelineError(f"--merge_lora needs a transformer (or whole checkpoint) folder; "
+                            f"{transformer_folder} is not one")
     return load_lora(path, COMPONENTS["transformer"].read_config(transformer_folder))
 
 

@@ -2,8 +2,9 @@
 
 The flags are those of the official ``infer_helios.py`` (plus ``--checkpoint``, ``--output`` and
 ``--attention``). Without ``--output`` the video goes to ``outputs/``, named from the prompt and the time
-(:func:`default_output`), never over an existing file. Every input is checked before any weight is read (:func:`prepare`): the output path,
-every number against the checkpoint's configs, the image or video, the interactive prompt CSV. The mp4
+(:func:`default_output`), never over an existing file. Every input is checked before any weight is read
+(:func:`prepare`): the output path, every number against the checkpoint's configs, the image or video, the
+interactive prompt CSV. The mp4
 is written chunk by chunk into a temporary file that is renamed into place when the video is complete,
 with a contact sheet (PNG) beside it, named as the mp4 with ``.png`` (never a file given as an input).
 """
@@ -92,17 +93,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="latent frames per chunk (9: 33 video frames)")
     parser.add_argument("--guidance_scale", type=float,
                         help=f"classifier-free guidance scale (1: none); {both('guidance_scale')}")
-    parser.add_argument("--use_zero_init", action="store_true", help="CFG-Zero*: the first --zero_steps steps predict zero")
+    parser.add_argument("--use_zero_init", action="store_true",
+                        help="CFG-Zero*: the first --zero_steps steps predict zero")
     parser.add_argument("--zero_steps", type=int, default=1, help="steps zeroed by --use_zero_init")
     parser.add_argument("--is_amplify_first_chunk", action="store_true",
                         help="double the first chunk's DMD steps (the distilled model)")
-    parser.add_argument("--is_skip_first_chunk", action="store_true", help="official infer_helios.py's flag: the second chunk's first frame anchors the video")
+    parser.add_argument("--is_skip_first_chunk", action="store_true",
+                        help="official infer_helios.py's flag: the second chunk's first frame anchors the video")
     for name in ("image_noise_sigma_min", "video_noise_sigma_min"):
         parser.add_argument(f"--{name}", type=float, default=0.111,
-                            help=f"i2v/v2v: the least noise sigma added to the conditioning {name.split('_')[0]}'s latents")
+                            help=f"i2v/v2v: the least noise sigma added to the conditioning "
+                                 f"{name.split('_')[0]}'s latents")
     for name in ("image_noise_sigma_max", "video_noise_sigma_max"):
         parser.add_argument(f"--{name}", type=float, default=0.135,
-                            help=f"i2v/v2v: the most noise sigma added to the conditioning {name.split('_')[0]}'s latents")
+                            help=f"i2v/v2v: the most noise sigma added to the conditioning "
+                                 f"{name.split('_')[0]}'s latents")
     parser.add_argument("--seed", type=int, default=42, help="the random seed of the noise")
     parser.add_argument("--fps", type=int, default=24, help=f"frame rate of the mp4 (1 to {MAX_FPS})")
     parser.add_argument("--weight_dtype", choices=WEIGHT_DTYPES,
@@ -142,7 +147,8 @@ def read_interactive_csv(path: str, interpolate_time: int) -> list[tuple[int, st
         raise PipelineError(f"{path}: expected a header with the columns prompt_index and prompt (and optionally id)")
     ids = {row.get("id") for row in rows}
     if len(ids) > 1:
-        raise PipelineError(f"{path} holds prompts for {len(ids)} videos (ids {sorted(map(str, ids))}); give one video per CSV")
+        raise PipelineError(f"{path} holds prompts for {len(ids)} videos (ids {sorted(map(str, ids))}); "
+                            "give one video per CSV")
     try:
         rows.sort(key=lambda row: int(row["prompt_index"]))
         indices = [int(row["prompt_index"]) for row in rows]

@@ -49,7 +49,8 @@ class Row:
 def _reference() -> tuple[Any, Any, Any]:
     """torch, diffusers and transformers, with their own logging and warnings quiet (the table speaks)."""
     try:
-        torch, diffusers, transformers = (importlib.import_module(name) for name in ("torch", "diffusers", "transformers"))
+        torch, diffusers, transformers = (importlib.import_module(name)
+                                          for name in ("torch", "diffusers", "transformers"))
     except ImportError as err:
         raise PipelineError(f"verify runs the PyTorch reference, which is not installed ({err.name}): in the "
                             "source checkout, pip install -e '.[test]' (or make install-test)") from err

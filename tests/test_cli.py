@@ -173,7 +173,8 @@ def test_version_and_both_spellings_of_a_flag(capsys):
     for spelling in ("--num_frames", "--num-frames"):
         assert parser.parse_args(["generate", spelling, "33"]).num_frames == 33
     for spelling in ("--min_frames", "--min-frames"):
-        assert parser.parse_args(["offload", "m.json", "--checkpoint", "c", "--output", "o", spelling, "9"]).min_frames == 9
+        args = parser.parse_args(["offload", "m.json", "--checkpoint", "c", "--output", "o", spelling, "9"])
+        assert args.min_frames == 9
     _, out, _ = _exit(["generate", "--help"], capsys)  # the help lists one spelling of each flag
     assert "--num_frames" in out and "--num-frames" not in out and "(default: 99)" in out
 
