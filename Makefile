@@ -11,7 +11,7 @@ GPU_LOCK := locks/gpu-plan.txt
 # The tier's tests import no torch, so they run in the gpu-plan venv (which has none).
 GPU_TESTS := tests/test_gpu_plan.py tests/test_gpu_plan_fp8.py tests/test_gpu_plan_mesh.py tests/test_train_plan.py
 
-.PHONY: demo test check test-latest lock install install-test gpu-plan gpu-plan-room clean
+.PHONY: demo lint test check test-latest lock install install-test gpu-plan gpu-plan-room clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,7 +40,11 @@ demo: install
 TEST_WORKERS ?= 2
 PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
-test: install-test
+# ruff (pinned in the test extra and the lock; configured in pyproject.toml), about a second: run first by `make test`.
+lint: install-test
+	$(BIN)/python -m ruff check .
+
+test: install-test lint
 	$(PYTEST) $(PYTEST_ARGS)
 	@if [ -x $(GPU_BIN)/python ]; then echo "gpu-plan tier (jax's CUDA plugin is in $(GPU_VENV)):"; \
 	  HELIOS_TEST_XLA_FLAGS= JAX_PLATFORMS=cpu $(GPU_BIN)/python -m pytest -m gpu_plan $(GPU_TESTS) $(PYTEST_ARGS); fi

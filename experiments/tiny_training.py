@@ -11,8 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from helios_jax.config import TransformerConfig
-from helios_jax.models import lora as lora_lib
-from helios_jax.models import transformer as dit
+from helios_jax.models import lora as lora_lib, transformer as dit
 from helios_jax.training import losses, samples, stages, trainer
 
 PIXELS = 32  # video height and width: latents of 4 x 4

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
+import importlib.metadata
 import os
 import shutil
 import signal
@@ -32,6 +34,69 @@ from helios_jax.models.lora import apply_loaded, load_lora
 from helios_jax.parallel import MeshError
 from helios_jax.training import DataError
 from helios_jax.video import PARTIALS_MADE, MediaError
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's help with its default (unless the help names it), and one spelling of each flag: the other
+    spelling (``--num-frames`` for ``--num_frames``) is accepted, not listed."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, [], argparse.SUPPRESS) or "default" in text:
+            return text
+        if not action.option_strings and action.nargs not in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return text
+        return f"{text} (default: %(default)s)"
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        aliases = getattr(action, "aliases", ())
+        if aliases:
+            action = copy.copy(action)
+            action.option_strings = [o for o in action.option_strings if o not in aliases]
+        return super()._format_action_invocation(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose multi-word flags take both spellings (``--a_b`` and ``--a-b``; help and usage
+    show the first one given), that lists defaults, takes no abbreviated flags, and reports an unknown flag
+    with the usage of the subcommand it follows."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)  # both spellings would make every abbreviation ambiguous
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *names, **kwargs) -> argparse.Action:
+        spellings = list(names)
+        for name in names:
+            if name.startswith("--"):
+                for other in ("--" + name[2:].replace("_", "-"), "--" + name[2:].replace("-", "_")):
+                    if other not in spellings:
+                        spellings.append(other)
+        action = super().add_argument(*spellings, **kwargs)
+        action.aliases = tuple(spellings[len(names):])
+        return action
+
+    def parse_args(self, args=None, namespace=None) -> argparse.Namespace:
+        namespace, extra = self.parse_known_args(args, namespace)
+        if extra:
+            self.subcommand(namespace).error(f"unrecognized arguments: {' '.join(extra)}")
+        return namespace
+
+    def subcommand(self, namespace: argparse.Namespace) -> argparse.ArgumentParser:
+        """The parser of the subcommand that ``namespace`` was parsed by (this parser if it has none)."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and getattr(namespace, action.dest, None):
+                return action.choices[getattr(namespace, action.dest)].subcommand(namespace)
+        return self
+
+
+class Choices(tuple):
+    """Choices for a ``nargs="*"`` positional: argparse checks its empty default against them too."""
+
+    def __contains__(self, item) -> bool:
+        return item == [] or tuple.__contains__(self, item)
+
 
 # OSError: a missing file, a full disk, no permission: the environment, not the code.
 USER_ERRORS = (PipelineError, MediaError, ConfigError, CheckpointError, MeshError, DataError, OSError)
@@ -92,7 +157,8 @@ def convert(source: str, destination: str, to: str, dtype: str | None, merge_lor
 def _read_lora(transformer_folder: str, path: str):
     """The LoRA checked against the transformer's config, before any weight is read."""
     if component_of(transformer_folder).folder != "transformer":
-        raise PipelineError(f"--merge-lora needs a transformer (or whole checkpoint) folder; {transformer_folder} is not one")
+        raise PipelineError(f"--merge_lora needs a transformer (or whole checkpoint) folder; "
+                            f"{transformer_folder} is not one")
     return load_lora(path, COMPONENTS["transformer"].read_config(transformer_folder))
 
 
@@ -146,49 +212,73 @@ def train(arguments: list[str]) -> int:
     return 0
 
 
-def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="helios-jax", description="Helios video generation in JAX")
-    commands = root.add_subparsers(dest="command", required=True)
-    generate.add_arguments(commands.add_parser("generate", help="generate a video (mp4 + contact sheet)"))
-    conv = commands.add_parser("convert", help="diffusers folder -> orbax params, or back to safetensors")
+def version() -> str:
+    try:
+        return importlib.metadata.version("helios-jax")
+    except importlib.metadata.PackageNotFoundError:  # a source tree on the path, not installed
+        from helios_jax import __version__
+
+        return __version__
+
+
+def parser() -> Parser:
+    from helios_jax.verify import CHECKS
+
+    root = Parser(prog="helios-jax", description="Helios video generation in JAX. `helios-jax COMMAND --help` "
+                                                 "explains each command's flags (both --a_b and --a-b are accepted).")
+    root.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, text: str, description: str | None = None) -> Parser:
+        return commands.add_parser(name, help=text, description=description or text)
+
+    generate.add_arguments(command("generate", "generate a video (mp4 + contact sheet)",
+                                   "Generate a video (an mp4 and a contact-sheet PNG beside it). The flags are those "
+                                   "of the official infer_helios.py, plus --checkpoint, --output and --attention."))
+    conv = command("convert", "diffusers folder -> orbax params, or back to safetensors")
     conv.add_argument("source", help="a component folder (transformer/, vae/, text_encoder/) or a whole checkpoint")
     conv.add_argument("destination", help="a new folder")
-    conv.add_argument("--to", choices=("orbax", "safetensors"), default="orbax")
+    conv.add_argument("--to", choices=("orbax", "safetensors"), default="orbax", help="the format to write")
     conv.add_argument("--dtype", choices=generate.WEIGHT_DTYPES,
                       help="cast the weights (default: keep); fp8: the transformer's block linears as float8 with "
                            "per-channel scales, the rest bf16 (orbax only)")
-    conv.add_argument("--merge-lora", dest="merge_lora", metavar="LORA_DIR",
+    conv.add_argument("--merge_lora", metavar="LORA_DIR",
                       help="fuse this LoRA (diffusers' pytorch_lora_weights.safetensors) into the transformer")
-    ver = commands.add_parser("verify", help="parity of every component against the installed PyTorch reference")
-    ver.add_argument("--only", nargs="+", default=[], help="check only these components")
-    off = commands.add_parser("offload", help="videos + metadata JSON -> per-clip training latents (safetensors)")
+    ver = command("verify", "parity of every component against the installed PyTorch reference")
+    ver.add_argument("--only", nargs="+", default=[], choices=tuple(CHECKS), metavar="COMPONENT",
+                     help=f"check only these components, of {', '.join(CHECKS)} (default: all)")
+    off = command("offload", "videos + metadata JSON -> per-clip training latents (safetensors)",
+                  "Videos + metadata JSON -> per-clip training latents (safetensors). `helios-jax offload ode-pairs "
+                  "--help`: stage 3a's ODE pairs.")
     off.add_argument("metadata", help="the official metadata JSON (path, cut, crop, cap; paths relative to it)")
     off.add_argument("--checkpoint", required=True, help="a diffusers Helios checkpoint (its vae/, text_encoder/)")
     off.add_argument("--output", required=True, help="the folder for the latent files")
-    off.add_argument("--height", type=int, default=384)
-    off.add_argument("--width", type=int, default=640)
+    off.add_argument("--height", type=int, default=384, help="the clips' height in pixels")
+    off.add_argument("--width", type=int, default=640, help="the clips' width in pixels")
     off.add_argument("--seed", type=int, default=42, help="clip start frames and posterior samples")
-    off.add_argument("--min-frames", type=int, default=121, help="shortest clip (the official loaders' 121)")
-    off.add_argument("--skip-unfit", action="store_true", help="skip short or off-aspect clips instead of failing")
+    off.add_argument("--min_frames", type=int, default=121, help="shortest clip (the official loaders' 121)")
+    off.add_argument("--skip_unfit", action="store_true", help="skip short or off-aspect clips instead of failing")
     # `helios-jax offload ode-pairs ...` (main routes it here): stage-3a ODE pairs from a pyramid teacher.
-    ode = commands.add_parser(ODE_PAIRS, help="offload ode-pairs TEACHER PROMPTS.txt OUT_DIR: a pyramid teacher's ODE "
-                                              "states at the student's timesteps, one file per prompt (stage 3a data)")
+    ode = command(ODE_PAIRS, "offload ode-pairs TEACHER PROMPTS.txt OUT_DIR: a pyramid teacher's ODE states at the "
+                             "student's timesteps, one file per prompt (stage 3a data)")
     ode.add_argument("teacher", help="a diffusers pyramid checkpoint folder (e.g. Helios-Mid)")
     ode.add_argument("prompts", help="a text file, one prompt per line")
     ode.add_argument("output", help="the folder for the ODE-pair files")
-    ode.add_argument("--sections", type=int, default=None, help="chunks per prompt (default 5, the official)")
-    ode.add_argument("--num-frames", type=int, default=None, help="or the video length: a multiple of 33 frames")
-    ode.add_argument("--height", type=int, default=384)
-    ode.add_argument("--width", type=int, default=640)
+    ode.add_argument("--sections", type=int, default=None, help="chunks per prompt (default: 5, the official)")
+    ode.add_argument("--num_frames", type=int, default=None, help="or the video length: a multiple of 33 frames")
+    ode.add_argument("--height", type=int, default=384, help="the video's height in pixels")
+    ode.add_argument("--width", type=int, default=640, help="the video's width in pixels")
     ode.add_argument("--steps", type=int, default=20, help="teacher UniPC steps per pyramid stage")
     ode.add_argument("--cfg", type=float, default=5.0, help="the teacher's CFG scale")
-    ode.add_argument("--seed", type=int, default=42)
-    ode.add_argument("--negative-prompt", default=None, help="default: the Wan negative prompt")
+    ode.add_argument("--seed", type=int, default=42, help="the noise of each prompt's trajectory")
+    ode.add_argument("--negative_prompt", default=None, help="default: the Wan negative prompt")
     ode.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="the teacher's weights")
-    ben = commands.add_parser("bench", help="run the benchmarks in experiments/ (needs a source checkout)")
-    ben.add_argument("which", nargs="*", choices=[[], *BENCHMARKS], help="benchmarks to run (default: all)")
-    ben.add_argument("--args", nargs=argparse.REMAINDER, default=[], help="passed to each script")
-    tra = commands.add_parser("train", help="train from the official training YAMLs (stages 1 and 2)")
+    ben = command("bench", "run the benchmarks in experiments/ (needs a source checkout)")
+    ben.add_argument("which", nargs="*", choices=Choices(BENCHMARKS), metavar="BENCHMARK",
+                     help=f"benchmarks to run, of {', '.join(BENCHMARKS)} (default: all)")
+    ben.add_argument("--args", nargs=argparse.REMAINDER, default=[], help="passed to each benchmark (the rest of the "
+                                                                          "line)")
+    tra = command("train", "train from the official training YAMLs (stages 1, 2, 3a and 3b)")
     tra.add_argument("config", nargs="+", help="YAML files (merged in order) and section.key=value overrides")
     return root
 

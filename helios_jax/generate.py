@@ -1,8 +1,10 @@
 """``helios-jax generate``: a video file from a Helios checkpoint (or the embedded random one).
 
 The flags are those of the official ``infer_helios.py`` (plus ``--checkpoint``, ``--output`` and
-``--attention``). Every input is checked before any weight is read (:func:`prepare`): the output path,
-every number against the checkpoint's configs, the image or video, the interactive prompt CSV. The mp4
+``--attention``). Without ``--output`` the video goes to ``outputs/``, named from the prompt and the time
+(:func:`default_output`), never over an existing file. Every input is checked before any weight is read
+(:func:`prepare`): the output path, every number against the checkpoint's configs, the image or video, the
+interactive prompt CSV. The mp4
 is written chunk by chunk into a temporary file that is renamed into place when the video is complete,
 with a contact sheet (PNG) beside it, named as the mp4 with ``.png`` (never a file given as an input).
 """
@@ -14,6 +16,8 @@ import csv
 import dataclasses
 import math
 import os
+import re
+import time
 from typing import Any
 
 import jax
@@ -47,41 +51,68 @@ CHECKPOINT_DEFAULTS = {
 }
 SHEET_FRAMES = 8
 MAX_FPS = 240
+OUTPUTS = "outputs"  # the folder (under the working folder) of runs without --output
+SLUG_WORDS, SLUG_CHARS = 6, 48
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``helios-jax generate``: the official ``infer_helios.py``'s, with its spellings and defaults;
+    those whose default depends on the checkpoint say both (the embedded demo model runs at its own small size)."""
+    def both(name: str, unit: str = "") -> str:
+        official, embedded = CHECKPOINT_DEFAULTS[name]
+        show = lambda v: " ".join(map(str, v)) if isinstance(v, list) else v  # noqa: E731
+        return f"default: {show(official)}{unit} with --checkpoint, {show(embedded)}{unit} for the embedded model"
+
     parser.add_argument("--checkpoint", help="a diffusers Helios folder; default: the embedded random-weight model")
-    parser.add_argument("--output", default="helios.mp4", help="the mp4 to write (a contact-sheet PNG goes beside it)")
-    parser.add_argument("--sample_type", choices=("t2v", "i2v", "v2v"), default="t2v")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT)
-    parser.add_argument("--negative_prompt", default=DEFAULT_NEGATIVE_PROMPT)
-    parser.add_argument("--image_path")
-    parser.add_argument("--video_path")
+    parser.add_argument("--output", help=f"the mp4 to write (a contact-sheet PNG goes beside it); default: "
+                                         f"{OUTPUTS}/PROMPT-WORDS-YYYYMMDD-HHMMSS.mp4, never over an existing file")
+    parser.add_argument("--sample_type", choices=("t2v", "i2v", "v2v"), default="t2v",
+                        help="text-, image- or video-to-video (i2v needs --image_path, v2v --video_path)")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="what the video shows; default: the official "
+                                                                 "example (a time-lapse from a speeding train)")
+    parser.add_argument("--negative_prompt", default=DEFAULT_NEGATIVE_PROMPT,
+                        help="what to steer away from (with guidance); default: the Wan negative prompt")
+    parser.add_argument("--image_path", help="i2v: the image the video starts from (resized and cropped to fit)")
+    parser.add_argument("--video_path", help="v2v: the video to continue (resized and cropped to fit)")
     parser.add_argument("--interactive_prompt_csv_path",
                         help="CSV with columns prompt_index, prompt (and optionally id, refined_prompt): one prompt "
                              "per segment of --interpolate_time chunks")
     parser.add_argument("--use_interpolate_prompt", action="store_true", help="blend embeddings at each switch")
     parser.add_argument("--interpolation_steps", type=int, default=3, help="chunks to blend over at each switch")
     parser.add_argument("--interpolate_time", type=int, default=7, help="chunks per interactive prompt")
-    parser.add_argument("--height", type=int)
-    parser.add_argument("--width", type=int)
-    parser.add_argument("--num_frames", type=int, default=99)
-    parser.add_argument("--num_inference_steps", type=int, default=50)
-    parser.add_argument("--pyramid_num_inference_steps_list", type=int, nargs="+")
-    parser.add_argument("--num_latent_frames_per_chunk", type=int, default=9)
-    parser.add_argument("--guidance_scale", type=float)
-    parser.add_argument("--use_zero_init", action="store_true")
-    parser.add_argument("--zero_steps", type=int, default=1)
-    parser.add_argument("--is_amplify_first_chunk", action="store_true")
-    parser.add_argument("--is_skip_first_chunk", action="store_true")
+    parser.add_argument("--height", type=int, help=f"in pixels, a multiple of 64; {both('height')}")
+    parser.add_argument("--width", type=int, help=f"in pixels, a multiple of 64; {both('width')}")
+    parser.add_argument("--num_frames", type=int, default=99,
+                        help="the video's length in frames (made in whole chunks, so it may come out longer)")
+    parser.add_argument("--num_inference_steps", type=int, default=50,
+                        help="denoising steps per chunk (checkpoints without a pyramid)")
+    parser.add_argument("--pyramid_num_inference_steps_list", type=int, nargs="+", metavar="STEPS",
+                        help=f"denoising steps per pyramid stage, one number per stage; "
+                             f"{both('pyramid_num_inference_steps_list')}")
+    parser.add_argument("--num_latent_frames_per_chunk", type=int, default=9,
+                        help="latent frames per chunk (9: 33 video frames)")
+    parser.add_argument("--guidance_scale", type=float,
+                        help=f"classifier-free guidance scale (1: none); {both('guidance_scale')}")
+    parser.add_argument("--use_zero_init", action="store_true",
+                        help="CFG-Zero*: the first --zero_steps steps predict zero")
+    parser.add_argument("--zero_steps", type=int, default=1, help="steps zeroed by --use_zero_init")
+    parser.add_argument("--is_amplify_first_chunk", action="store_true",
+                        help="double the first chunk's DMD steps (the distilled model)")
+    parser.add_argument("--is_skip_first_chunk", action="store_true",
+                        help="official infer_helios.py's flag: the second chunk's first frame anchors the video")
     for name in ("image_noise_sigma_min", "video_noise_sigma_min"):
-        parser.add_argument(f"--{name}", type=float, default=0.111)
+        parser.add_argument(f"--{name}", type=float, default=0.111,
+                            help=f"i2v/v2v: the least noise sigma added to the conditioning "
+                                 f"{name.split('_')[0]}'s latents")
     for name in ("image_noise_sigma_max", "video_noise_sigma_max"):
-        parser.add_argument(f"--{name}", type=float, default=0.135)
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--fps", type=int, default=24)
+        parser.add_argument(f"--{name}", type=float, default=0.135,
+                            help=f"i2v/v2v: the most noise sigma added to the conditioning "
+                                 f"{name.split('_')[0]}'s latents")
+    parser.add_argument("--seed", type=int, default=42, help="the random seed of the noise")
+    parser.add_argument("--fps", type=int, default=24, help=f"frame rate of the mp4 (1 to {MAX_FPS})")
     parser.add_argument("--weight_dtype", choices=WEIGHT_DTYPES,
-                        help="fp8: the DiT's block linears as float8 with per-channel scales (FP8 GEMMs), the rest bf16")
+                        help=f"the weights' dtype; fp8: the DiT's block linears as float8 with per-channel scales "
+                             f"(FP8 GEMMs), the rest bf16; {both('weight_dtype')}")
     parser.add_argument("--attention", choices=("auto", *IMPLS), default="auto",
                         help="the DiT's attention backend; auto: cudnn on a GPU in bf16/fp16, else xla")
     parser.add_argument("--no_compilation_cache", action="store_true", help="do not use the persistent XLA cache")
@@ -116,7 +147,8 @@ def read_interactive_csv(path: str, interpolate_time: int) -> list[tuple[int, st
         raise PipelineError(f"{path}: expected a header with the columns prompt_index and prompt (and optionally id)")
     ids = {row.get("id") for row in rows}
     if len(ids) > 1:
-        raise PipelineError(f"{path} holds prompts for {len(ids)} videos (ids {sorted(map(str, ids))}); give one video per CSV")
+        raise PipelineError(f"{path} holds prompts for {len(ids)} videos (ids {sorted(map(str, ids))}); "
+                            "give one video per CSV")
     try:
         rows.sort(key=lambda row: int(row["prompt_index"]))
         indices = [int(row["prompt_index"]) for row in rows]
@@ -129,6 +161,38 @@ def read_interactive_csv(path: str, interpolate_time: int) -> list[tuple[int, st
     if empty:
         raise PipelineError(f"{path}: the prompt of prompt_index {empty} is empty")
     return [(i * interpolate_time, text) for i, text in enumerate(texts)]
+
+
+def slug(text: str) -> str:
+    """A short file-name part from a prompt: its first words, lower case, ASCII letters and digits only."""
+    words = re.findall(r"[a-z0-9]+", text.lower())[:SLUG_WORDS]
+    return "-".join(words)[:SLUG_CHARS].strip("-") or "video"
+
+
+def _timestamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+def default_output(prompt: str, folder: str = OUTPUTS) -> str:
+    """``folder/SLUG-TIMESTAMP.mp4`` (``-2``, ``-3``, ... added if that mp4 or its PNG exists): a new name each run."""
+    stem = os.path.join(folder, f"{slug(prompt)}-{_timestamp()}")
+    name, n = stem, 1
+    while os.path.lexists(name + ".mp4") or os.path.lexists(name + ".png"):
+        n += 1
+        name = f"{stem}-{n}"
+    return name + ".mp4"
+
+
+def _check_output_folder(folder: str) -> bool:
+    """Whether the default output folder exists; if not, that it can be made."""
+    if os.path.lexists(folder) and not os.path.isdir(folder):
+        raise PipelineError(f"cannot write to {folder}/: it exists and is not a folder; give --output")
+    if os.path.isdir(folder):
+        return True
+    parent = os.path.dirname(folder)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PipelineError(f"cannot make {folder}/: the folder {parent} is not writable; give --output")
+    return False
 
 
 def _resolve_defaults(args: argparse.Namespace) -> dict[str, Any]:
@@ -214,9 +278,18 @@ def _check_collisions(args: argparse.Namespace, output: str, sheet: str) -> None
 def prepare(args: argparse.Namespace) -> Job:
     """Check every flag, path and input against the checkpoint's configs, reading no weight."""
     settings = _resolve_defaults(args)
-    output = check_writable(args.output, ".mp4")
-    sheet = os.path.splitext(output)[0] + ".png"
-    check_writable(sheet, ".png")
+    if args.output is None:
+        csv_path = args.interactive_prompt_csv_path
+        output = os.path.abspath(default_output(os.path.splitext(os.path.basename(csv_path))[0] if csv_path
+                                                else args.prompt))
+        sheet = os.path.splitext(output)[0] + ".png"
+        if _check_output_folder(os.path.dirname(output)):  # else it is made when the video is written
+            check_writable(output, ".mp4")
+            check_writable(sheet, ".png")
+    else:
+        output = check_writable(args.output, ".mp4")
+        sheet = os.path.splitext(output)[0] + ".png"
+        check_writable(sheet, ".png")
     _check_collisions(args, output, sheet)
     _check_flags(args, settings)
     _check_sample_type(args)
@@ -264,6 +337,7 @@ def run(args: argparse.Namespace) -> int:
             pass
         return 0
     sheet = []
+    os.makedirs(os.path.dirname(job.output), exist_ok=True)  # outputs/ of a run without --output
     with Mp4Writer(job.output, args.fps) as writer:
         for frames in chunks:
             start = writer.frames_written

@@ -27,10 +27,16 @@ from helios_jax import parallel
 from helios_jax.checkpoint import PipelineError, PipelineSpec, check_spec_matches_scheduler, read_checkpoint_configs
 from helios_jax.compilation import enable_compilation_cache
 from helios_jax.config import TransformerConfig, VAEConfig
-from helios_jax.history import VAE_SPATIAL_FACTOR, HistoryLayout, num_chunks, output_frames, push, video_frames_per_chunk
+from helios_jax.history import (
+    VAE_SPATIAL_FACTOR,
+    HistoryLayout,
+    num_chunks,
+    output_frames,
+    push,
+    video_frames_per_chunk,
+)
 from helios_jax.loading import COMPONENTS, check_lora_base
-from helios_jax.models import fp8
-from helios_jax.models import vae as vae_lib
+from helios_jax.models import fp8, vae as vae_lib
 from helios_jax.models.attention import default_impl
 from helios_jax.models.lora import apply_loaded, load_lora
 from helios_jax.models.transformer import HeliosTransformer, TextKV, compute_dtype, sequence_length, text_kv

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import helios_jax as hj
+from helios_jax.checkpoint import PipelineError
 from helios_jax.models import vae as vae_lib
 
 FP32_TOL = 1e-5
@@ -48,10 +49,11 @@ class Row:
 def _reference() -> tuple[Any, Any, Any]:
     """torch, diffusers and transformers, with their own logging and warnings quiet (the table speaks)."""
     try:
-        torch, diffusers, transformers = (importlib.import_module(name) for name in ("torch", "diffusers", "transformers"))
+        torch, diffusers, transformers = (importlib.import_module(name)
+                                          for name in ("torch", "diffusers", "transformers"))
     except ImportError as err:
-        raise SystemExit(f"verify runs the PyTorch reference, which is not installed ({err.name}): "
-                         "pip install 'helios-jax[test]'") from err
+        raise PipelineError(f"verify runs the PyTorch reference, which is not installed ({err.name}): in the "
+                            "source checkout, pip install -e '.[test]' (or make install-test)") from err
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
     transformers.logging.set_verbosity_error()
@@ -226,7 +228,7 @@ def run(only: tuple[str, ...] = ()) -> int:
     """Print the table; exit status 0 when every row passes."""
     unknown = sorted(set(only) - set(CHECKS))
     if unknown:
-        raise SystemExit(f"unknown component(s) {unknown}; choose from {sorted(CHECKS)}")
+        raise PipelineError(f"unknown component(s) {unknown}; choose from {sorted(CHECKS)}")
     rows = []
     for row in run_checks(only):
         rows.append(row)

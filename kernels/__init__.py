@@ -3,7 +3,7 @@
 Models reach them only through ``helios_jax.models.attention.attention(..., impl="pallas")``.
 """
 
-from helios_jax.kernels.flash import FlashConfig, H100_CONFIGS, default_config, flash_attention
+from helios_jax.kernels.flash import H100_CONFIGS, FlashConfig, default_config, flash_attention
 from helios_jax.kernels.reference import attention_reference
 
 __all__ = ["FlashConfig", "H100_CONFIGS", "attention_reference", "default_config", "flash_attention"]

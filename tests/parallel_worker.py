@@ -23,11 +23,12 @@ import numpy as np  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+from parallel_run import MESHES, name  # noqa: E402
+
 from helios_jax import demo, parallel  # noqa: E402
 from helios_jax.config import TransformerConfig  # noqa: E402
 from helios_jax.loading import COMPONENTS  # noqa: E402
 from helios_jax.pipeline import HeliosPipeline  # noqa: E402
-from parallel_run import MESHES, name  # noqa: E402
 
 SIZE = 64  # 64x64 video: latents 8x8, pyramid stages 2x2 / 4x4 / 8x8; tokens 49 / 76 / 184 with history
 PROMPTS = ["a train in the fields", "mountains and sky"]

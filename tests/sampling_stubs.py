@@ -12,13 +12,12 @@ import contextlib
 import types
 from typing import Iterator
 
+import diffusers.pipelines.helios.pipeline_helios as single_module
+import diffusers.pipelines.helios.pipeline_helios_pyramid as pyramid_module
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
-import diffusers.pipelines.helios.pipeline_helios as single_module
-import diffusers.pipelines.helios.pipeline_helios_pyramid as pyramid_module
 
 
 class StubTransformer(torch.nn.Module):

@@ -21,8 +21,14 @@ import helios_jax.convert
 from helios_jax import loading
 from helios_jax.checkpoint import PipelineError, read_checkpoint_configs
 from helios_jax.config import ConfigError, ConfigWarning, read_config
-from helios_jax.sampling import guidance_mode, plan_pyramid_chunk, plan_single_stage_chunk, read_scheduler_config
-from helios_jax.sampling import DMDTable, UniPCTable
+from helios_jax.sampling import (
+    DMDTable,
+    UniPCTable,
+    guidance_mode,
+    plan_pyramid_chunk,
+    plan_single_stage_chunk,
+    read_scheduler_config,
+)
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "checkpoint-configs")
 CHECKPOINTS = ("Helios-Base", "Helios-Mid", "Helios-Distilled")

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helios_jax import cli, demo
+from helios_jax import cli, demo, generate
 from helios_jax.convert import open_source
 from helios_jax.pipeline import HeliosPipeline
 from helios_jax.video import read_mp4
@@ -127,3 +127,84 @@ def test_verify_passes_and_fails_when_a_component_is_broken(monkeypatch, capsys)
 
 def test_bench_runs_a_benchmark_script(tmp_path):
     assert cli.main(["bench", "convert", "--args", "--gigabytes", "0.01", "--no-append"]) == 0
+
+
+def _subcommands() -> dict:
+    """Every subcommand's parser, read from the parser itself (a new subcommand is covered without a new test)."""
+    root = cli.parser()
+    return next(a.choices for a in root._actions if isinstance(a, cli.argparse._SubParsersAction))
+
+
+def _required(sub) -> list[str]:
+    """Placeholder values for a subcommand's required arguments, so that only the flag under test is wrong."""
+    argv = []
+    for action in sub._actions:
+        if action.option_strings and action.required:
+            argv += [action.option_strings[0], "x"]
+        elif not action.option_strings and action.nargs not in ("*", "?", cli.argparse.REMAINDER):
+            argv += ["x"]
+    return argv
+
+
+def _exit(argv: list[str], capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    out = capsys.readouterr()
+    return exit_.value.code, out.out, out.err
+
+
+@pytest.mark.parametrize("name", sorted(_subcommands()))
+def test_every_subcommand_explains_itself_and_refuses_an_unknown_flag_with_its_own_usage(name, capsys):
+    sub = _subcommands()[name]
+    code, out, _ = _exit([name, "--help"], capsys)
+    assert code == 0 and f"usage: helios-jax {name}" in out
+    undocumented = [a.dest for a in sub._actions if not a.help or a.help == cli.argparse.SUPPRESS]
+    assert not undocumented, f"{name}: flags without help text: {undocumented}"
+    code, _, err = _exit([name, *_required(sub), "--no_such_flag"], capsys)
+    assert code == 2, err
+    assert err.startswith(f"usage: helios-jax {name}") and "unrecognized arguments: --no_such_flag" in err, err
+    assert "Traceback" not in err
+
+
+def test_version_and_both_spellings_of_a_flag(capsys):
+    code, out, _ = _exit(["--version"], capsys)
+    assert code == 0 and out.strip() == f"helios-jax {cli.version()}"
+    parser = cli.parser()
+    for spelling in ("--num_frames", "--num-frames"):
+        assert parser.parse_args(["generate", spelling, "33"]).num_frames == 33
+    for spelling in ("--min_frames", "--min-frames"):
+        args = parser.parse_args(["offload", "m.json", "--checkpoint", "c", "--output", "o", spelling, "9"])
+        assert args.min_frames == 9
+    _, out, _ = _exit(["generate", "--help"], capsys)  # the help lists one spelling of each flag
+    assert "--num_frames" in out and "--num-frames" not in out and "(default: 99)" in out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["verify", "--only", "foo"], "invalid choice: 'foo'"),
+    (["bench", "nope"], "invalid choice: 'nope'"),
+    (["generate", "--num_frames", "ten"], "invalid int value"),
+])
+def test_user_errors_in_arguments_exit_2_with_the_subcommand_usage(argv, message, capsys):
+    code, _, err = _exit(argv, capsys)
+    assert code == 2 and err.startswith(f"usage: helios-jax {argv[0]}") and message in err, err
+
+
+def test_slug_of_a_prompt():
+    assert generate.slug("A cat, on a TRAIN! Through green fields at dusk") == "a-cat-on-a-train-through"
+    assert generate.slug("一只猫") == "video"
+
+
+def test_without_output_the_video_goes_to_outputs_named_from_the_prompt_and_never_over_a_file(
+        tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(generate, "_timestamp", lambda: "20260101-000000")
+    taken = tmp_path / "outputs" / "a-cat-on-a-train-20260101-000000.mp4"
+    taken.parent.mkdir()
+    taken.write_bytes(b"an earlier run")
+    assert cli.main(["generate", *SMALL, "--prompt", "A cat on a train", "--num_frames", "33"]) == 0
+    new = "a-cat-on-a-train-20260101-000000-2"
+    assert sorted(os.listdir(tmp_path / "outputs")) == sorted([taken.name, f"{new}.mp4", f"{new}.png"])
+    assert taken.read_bytes() == b"an earlier run"
+    assert read_mp4(tmp_path / "outputs" / f"{new}.mp4").shape[0] == 33
+    assert "outputs/a-cat-on-a-train-20260101-000000-2.mp4" in capsys.readouterr().out
+    assert os.listdir(tmp_path) == ["outputs"]

@@ -22,9 +22,7 @@ import numpy as np
 import pytest
 
 from helios_jax import cli, demo
-from helios_jax.models import lora as lora_lib
-from helios_jax.models import transformer as transformer_lib
-from helios_jax.models import vae as vae_lib
+from helios_jax.models import lora as lora_lib, transformer as transformer_lib, vae as vae_lib
 from helios_jax.pipeline import HeliosPipeline, PipelineSpec, TextContext
 from helios_jax.prompts import PromptEncoder
 from helios_jax.video import read_mp4

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from diffusers import HeliosDMDScheduler, HeliosPipeline, HeliosPyramidPipeline, HeliosScheduler
+from reference import max_abs, rel_err
+from sampling_stubs import StubTransformer, run_reference, stub_model_fn
 
 from helios_jax.sampling import (
     ChunkNoise,
@@ -26,8 +28,6 @@ from helios_jax.sampling import (
     sample_chunk,
 )
 from helios_jax.sampling.chunk import _denoise_chunk
-from reference import max_abs, rel_err
-from sampling_stubs import StubTransformer, run_reference, stub_model_fn
 
 logging.getLogger("diffusers").setLevel(logging.ERROR)
 

@@ -16,9 +16,7 @@ from reference import max_abs, rel_err, to_numpy
 from test_transformer import make_inputs, reference_model, run_ours, save
 
 import helios_jax as hj
-from helios_jax.training import discriminator as disc
-from helios_jax.training import distill
-from helios_jax.training import ema as ema_lib
+from helios_jax.training import discriminator as disc, distill, ema as ema_lib
 
 # ----------------------------------------------------------------------------- 1. GAN heads and hooks
 
@@ -193,7 +191,10 @@ def test_critic_gan_loss_one_batched_forward_and_formula():
     pert = real + 0.1 * jax.random.normal(kn, real.shape)
     lf, lr, lp = (np.asarray(discriminate(disc.crop_half(kk, x)), np.float64)
                   for kk, x in ((kf, fake), (kr, real), (kr, pert)))
-    softplus = lambda v: np.log1p(np.exp(v))
+
+    def softplus(v):
+        return np.log1p(np.exp(v))
+
     d_want = 0.01 * (softplus(-lf).mean() + softplus(lr).mean())
     r1_want = 100 * ((lr - lp) ** 2).mean()
     np.testing.assert_allclose([float(aux["gan_d_loss"]), float(aux["r1_loss"]), float(loss)],

@@ -158,7 +158,7 @@ def test_sharding_table_places_the_fp8_leaves_by_their_own_axes():
     assert specs["ffn"]["net_2"][fp8.SCALE] == P(None, "embed")
 
 
-def test_a_lora_is_fused_into_the_16_bit_kernels_before_they_are_quantized(setup, tmp_path):
+def test_a_lora_is_fused_into_the_16_bit_kernels_before_they_are_quantized(setup, tmp_path):  # noqa: F811
     """convert --merge-lora --dtype fp8 against the live reference with its PEFT LoRA active. This is
     test_transformer's smaller model (2 heads x 16, ffn 24), whose per-token fp8 rounding shows more: bound
     LORA_BOUND (measured 7.0e-2). The LoRA's own effect (0.91) is far above it, so a lost LoRA would fail."""

@@ -12,17 +12,17 @@ output's own bf16 rounding is ~2e-3 relative; seen 2e-3 to 4e-3, as XLA's bf16 a
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from jax import export
+from reference import max_abs, rel_err
 
 from helios_jax.config import TransformerConfig
-from helios_jax.kernels import FlashConfig, H100_CONFIGS, attention_reference, flash_attention
+from helios_jax.kernels import H100_CONFIGS, FlashConfig, attention_reference, flash_attention
 from helios_jax.models import attention as attention_mod
 from helios_jax.models.transformer import HeliosTransformer, param_shapes
-from reference import max_abs, rel_err
 
 # 16x16 tiles: tiny shapes still span several q and K/V blocks plus a ragged tail.
 TINY = FlashConfig(block_q=16, block_k=16, num_warps=4, num_stages=2)

@@ -29,8 +29,7 @@ from test_transformer import TINY, assert_close, make_inputs
 import helios_jax as hj
 from helios_jax import cli
 from helios_jax.convert import lora_format
-from helios_jax.models import lora as L
-from helios_jax.models import transformer as T
+from helios_jax.models import lora as L, transformer as T
 
 RANK, ALPHA = 3, 6.0
 PATCHES = ("patch_embedding", "patch_short", "patch_mid", "patch_long")

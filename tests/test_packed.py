@@ -19,8 +19,7 @@ import pytest
 from flax import traverse_util
 
 from helios_jax.config import TransformerConfig
-from helios_jax.models import lora as lora_lib
-from helios_jax.models import transformer as dit
+from helios_jax.models import lora as lora_lib, transformer as dit
 from helios_jax.models.attention import attention
 from helios_jax.models.packed import PackedHeliosTransformer, PackedLayout, packed_like
 from helios_jax.training import losses as L

@@ -4,7 +4,6 @@ Marked slow: each mesh compiles its own chunk program (a few minutes in all on 2
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys

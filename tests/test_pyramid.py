@@ -12,6 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import HeliosPyramidPipeline, HeliosScheduler
+from reference import max_abs, rel_err
+from sampling_stubs import StubTransformer, StubVAE, fed_noise
 
 from helios_jax.sampling import (
     block_noise,
@@ -23,8 +25,6 @@ from helios_jax.sampling import (
     upsample_nearest,
 )
 from helios_jax.sampling.schedule import read_scheduler_config
-from reference import max_abs, rel_err
-from sampling_stubs import StubTransformer, StubVAE, fed_noise
 
 logging.getLogger("diffusers").setLevel(logging.ERROR)
 

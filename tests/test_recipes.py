@@ -126,7 +126,7 @@ def test_stage_3_post_yamls_parse_with_one_warning(name):
     ("training_config.use_dynamic_shifting=false", "dynamically shifted"),
     ("training_config.is_use_reward_model=true", "is_use_reward_model"),
     ("training_config.gan_cond_map_dim=100", "multiple of 32"),
-    ("validation_config.stage2_simulated_inference_steps=[2,2]", "one\s+positive step count"),
+    ("validation_config.stage2_simulated_inference_steps=[2,2]", r"one\s+positive step count"),
     ("data_config.gan_data_root=[]", "gan_data_root is empty"),
 ])
 def test_stage_3_post_values_it_cannot_run_are_refused(override, rule):

@@ -17,6 +17,7 @@ import pytest
 import torch
 from diffusers import HeliosDMDScheduler, HeliosScheduler
 from diffusers.pipelines.helios.pipeline_helios_pyramid import optimized_scale as reference_optimized_scale
+from reference import max_abs, rel_err
 
 from helios_jax.sampling import (
     cfg,
@@ -31,7 +32,6 @@ from helios_jax.sampling import (
     unipc_step,
     unipc_table,
 )
-from reference import max_abs, rel_err
 
 logging.getLogger("diffusers").setLevel(logging.ERROR)
 

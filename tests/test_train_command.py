@@ -13,14 +13,13 @@ import os
 
 import numpy as np
 import pytest
+import training_fixtures as tf
 
 from helios_jax import cli
 from helios_jax.demo import TRANSFORMER, build_demo_checkpoint
 from helios_jax.models import lora as lora_lib
 from helios_jax.training import trainer
 from helios_jax.video import write_mp4
-
-import training_fixtures as tf
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "fixtures", "training-configs")
 PIXELS, FRAMES = 64, 121  # latents 8 x 8 (a three-level pyramid), the official minimum clip length

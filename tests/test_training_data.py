@@ -14,9 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from helios_jax import cli
-from helios_jax.training import DataError
-from helios_jax.training import data as D
-from helios_jax.training import offload as O
+from helios_jax.training import DataError, data as D, offload as O
 
 C, HL, WL = 4, 2, 3
 

@@ -6,13 +6,12 @@ from __future__ import annotations
 import os
 import warnings
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import training_fixtures as tf
 from jax import monitoring
 
-import training_fixtures as tf
 from helios_jax.models import transformer as dit
 from helios_jax.training import duel, recipes, stages, trainer
 from helios_jax.training.stages import dmd

@@ -12,7 +12,14 @@ from PIL import Image
 from reference import to_numpy
 
 from helios_jax.video import (
-    MediaError, Mp4Writer, contact_sheet, load_image, load_video, read_mp4, write_mp4, write_png,
+    MediaError,
+    Mp4Writer,
+    contact_sheet,
+    load_image,
+    load_video,
+    read_mp4,
+    write_mp4,
+    write_png,
 )
 
 

@@ -28,7 +28,7 @@ from experiments.tiny_training import (  # noqa: F401  (the tests use them as tr
     stage_model,
 )
 from helios_jax.models import vae as vae_lib
-from helios_jax.training import data, losses, samples, stages, trainer
+from helios_jax.training import data, losses, samples, stages
 
 
 def moving_square_videos(clips: int, sections: int, seed: int = 0, pixels: int = PIXELS) -> np.ndarray:

@@ -38,7 +38,6 @@ import argparse
 import dataclasses
 import math
 import os
-import statistics
 import tempfile
 import time
 from typing import Any, Callable

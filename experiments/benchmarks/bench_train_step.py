@@ -21,8 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import provenance, reporting
-from experiments import tiny_training as tf
+from experiments import provenance, reporting, tiny_training as tf
 from helios_jax.training import trainer
 
 

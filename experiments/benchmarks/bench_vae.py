@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import provenance, reporting
 import helios_jax as hj
+from experiments import provenance, reporting
 from helios_jax import demo
 from helios_jax.config import to_dict
 from helios_jax.models import vae as vae_lib

@@ -58,7 +58,6 @@ def part_commands(tiny: bool) -> dict[str, list[str]]:
 def plan_child(args: argparse.Namespace) -> None:
     """In a fresh JAX process on the device: its target config and the roofline of its compiled programs."""
     import jax
-
     from jax._src.lib import xla_client  # jax.lib.xla_client before jax 0.10, which no longer exports it
 
     from experiments.plans import gpu_plan, roofline

@@ -39,8 +39,7 @@ from experiments.model_inputs import abstract_params
 from experiments.plans import gpu_plan, train_plan
 from helios_jax import parallel
 from helios_jax.config import TransformerConfig
-from helios_jax.models import lora as lora_lib
-from helios_jax.models import transformer as transformer_lib
+from helios_jax.models import lora as lora_lib, transformer as transformer_lib
 from helios_jax.models.attention import default_impl
 from helios_jax.training import duel, recipes, stages, trainer
 from helios_jax.training.stages import dmd

@@ -28,9 +28,7 @@ from experiments import reporting, workloads
 from experiments.model_inputs import abstract_inputs, abstract_params
 from experiments.plans import gpu_plan, roofline
 from helios_jax import demo
-from helios_jax.models import fp8
-from helios_jax.models import transformer as transformer_lib
-from helios_jax.models import vae as vae_lib
+from helios_jax.models import fp8, transformer as transformer_lib, vae as vae_lib
 from helios_jax.models.attention import default_impl
 from helios_jax.pipeline import HeliosPipeline
 

@@ -35,8 +35,7 @@ from experiments import flop_counts, paths, provenance, reporting, workloads
 from experiments.model_inputs import abstract_inputs, abstract_params
 from helios_jax import demo
 from helios_jax.config import TransformerConfig, VAEConfig
-from helios_jax.models import transformer as transformer_lib
-from helios_jax.models import vae as vae_lib
+from helios_jax.models import transformer as transformer_lib, vae as vae_lib
 from helios_jax.models.attention import default_impl
 from helios_jax.pipeline import HeliosPipeline, PipelineSpec
 

@@ -25,7 +25,7 @@ from typing import Any, Iterator
 
 import jax
 
-from experiments import flop_counts, provenance, reporting, workloads
+from experiments import provenance, reporting, workloads
 from experiments.plans import gpu_plan
 
 MATMUL_FLOPS = 790e12

@@ -31,13 +31,13 @@ SHARD_BYTES = 512 * 2**20
 def write_checkpoint(folder: str, gigabytes: float) -> tuple[dict, int, int]:
     """A sharded bf16 checkpoint of at least ``gigabytes``; returns (config, total bytes, largest tensor bytes)."""
     import ml_dtypes
+    from jax import tree_util
     from safetensors.numpy import save_file
 
     import helios_jax as hj
     from helios_jax.config import to_dict
     from helios_jax.convert.keymap import to_torch_layout
     from helios_jax.models import transformer
-    from jax import tree_util
 
     per_layer = sum(math.prod(s.shape) for s in tree_util.tree_leaves(
         transformer.param_shapes(hj.TransformerConfig(**WIDTH, num_layers=1))["blocks"]))

@@ -37,7 +37,14 @@ from helios_jax.models.layers import Dense, LayerNorm, layer_norm
 from helios_jax.models.memory import PatchEmbed, embed_history
 from helios_jax.models.rope import rope_grid
 from helios_jax.models.transformer import (
-    Attention, ConditionEmbedder, FeedForward, HeliosTransformer, LoraScale, OutputNorm, _flat, _table_init,
+    Attention,
+    ConditionEmbedder,
+    FeedForward,
+    HeliosTransformer,
+    LoraScale,
+    OutputNorm,
+    _flat,
+    _table_init,
     check_inputs,
 )
 

@@ -46,17 +46,17 @@ import jax.numpy as jnp
 from helios_jax.config import WAN_ENCODE_CHUNK, VAEConfig
 from helios_jax.convert.keymap import KeyMap
 from helios_jax.models.layers import silu
-from helios_jax.parallel.context import split_rows
 from helios_jax.models.vae_blocks import (
     MidBlock,
+    Resample,
     ResidualBlock,
     ResidualDownBlock,
     ResidualUpBlock,
-    Resample,
     RMSNorm,
     UpBlock,
     causal_conv,
 )
+from helios_jax.parallel.context import split_rows
 
 Params = dict[str, Any]
 

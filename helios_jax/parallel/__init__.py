@@ -5,6 +5,7 @@ places a params (or LoRA, or optimizer-state) tree on it; ``HeliosPipeline.from_
 mesh=mesh)`` generates on it. ``initialize()`` joins a run of several processes (hosts).
 """
 
+from helios_jax.parallel.distributed import initialize
 from helios_jax.parallel.mesh import AXES, MeshError, axis_size, check_mesh, format_mesh, make_mesh, parse_mesh
 from helios_jax.parallel.rules import (
     AXIS_RULES,
@@ -12,16 +13,15 @@ from helios_jax.parallel.rules import (
     DIT_RULES,
     LORA_RULES,
     TABLES,
-    batch_sharding,
     UMT5_RULES,
     VAE_RULES,
+    batch_sharding,
     logical_specs,
     replicated,
     shard_params,
     shardings,
     to_mesh,
 )
-from helios_jax.parallel.distributed import initialize
 
 __all__ = [
     "AXES", "AXIS_RULES", "axis_size", "DISCRIMINATOR_RULES", "DIT_RULES", "LORA_RULES", "MeshError", "TABLES",

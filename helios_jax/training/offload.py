@@ -139,7 +139,7 @@ def read_metadata(json_path: str, *, height: int, width: int, min_frames: int = 
     if unknown:
         warnings.warn(f"{json_path}: unknown metadata key(s) {sorted(unknown)} ignored", stacklevel=2)
     if unfit and not skip_unfit:
-        problems += [f"{u} (the official loader drops it; pass --skip-unfit to skip such clips)" for u in unfit]
+        problems += [f"{u} (the official loader drops it; pass --skip_unfit to skip such clips)" for u in unfit]
     if problems:
         raise DataError(f"{json_path}: {len(problems)} problem(s), nothing written:\n  " + "\n  ".join(problems))
     if unfit:

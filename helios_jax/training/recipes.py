@@ -717,7 +717,7 @@ def _refuse_stage3(merged: dict[tuple[str, str], Any]) -> None:
 
 
 def _check_stage(values: dict[str, dict[str, Any]]) -> None:
-    t, d = values["training_config"], values["data_config"]
+    t = values["training_config"]
     if t.get("is_train_dmd"):
         _check_dmd(values)
     if not (t["is_enable_stage1"] or t["is_enable_stage2"]):

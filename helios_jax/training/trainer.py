@@ -45,9 +45,9 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from etils import epath
-from jax.experimental import multihost_utils
 from flax import traverse_util
 from grain import python as grain_python
+from jax.experimental import multihost_utils
 
 from helios_jax import parallel
 from helios_jax.config import ConfigError

@@ -42,8 +42,8 @@ from helios_jax.models.transformer import HeliosTransformer, keeps_fp32
 from helios_jax.prompts import PromptEncoder
 from helios_jax.sampling.schedule import HeliosDMDSchedulerConfig
 from helios_jax.training import distill, parts, recipes, samples, trainer
-from helios_jax.training.discriminator import Discriminator, cache_grad_gan_loss, crop_half, critic_gan_loss
-from helios_jax.training.distill import DmdSettings, GanSettings
+from helios_jax.training.discriminator import Discriminator, cache_grad_gan_loss, critic_gan_loss, crop_half
+from helios_jax.training.distill import DmdSettings, GanSettings, TimestepDraw
 from helios_jax.training.duel import Duel
 from helios_jax.training.recipes import Recipe
 from helios_jax.training.validation import Validator
