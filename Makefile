@@ -51,7 +51,7 @@ test: install-test lint
 
 # The edit loop, in under five minutes: the unit tests and one parity test per component (tests/check.txt, a pytest
 # argument file).
-check: install-test
+check: install-test lint
 	$(PYTEST) $(PYTEST_ARGS) @tests/check.txt
 
 # The H100 plans compiled on this CPU (no GPU): jax's CUDA plugin of the locked jax and the nvidia-* wheels the
