@@ -26,6 +26,7 @@ import numpy as np
 
 from helios_jax import demo, parallel
 from helios_jax.checkpoint import PipelineError, read_checkpoint_configs
+from helios_jax.loading import DTYPES
 from helios_jax.models import fp8
 from helios_jax.models.attention import IMPLS
 from helios_jax.pipeline import HeliosPipeline
@@ -33,7 +34,6 @@ from helios_jax.prompts import DEFAULT_NEGATIVE_PROMPT
 from helios_jax.request import Request, check_request, check_seed, check_video_length
 from helios_jax.video import Mp4Writer, check_writable, contact_sheet, fit_image, fit_video, write_png
 
-DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}
 # fp8: the DiT's block linears in float8_e4m3fn (helios_jax.models.fp8), everything else in bf16.
 WEIGHT_DTYPES = (*DTYPES, fp8.FP8)
 DEFAULT_PROMPT = (

@@ -41,6 +41,7 @@ from helios_jax.models.memory import HISTORY_TERMS
 Params = dict[str, Any]
 # transformers' text encoder class of each model_type this port runs.
 TEXT_ENCODERS = {"umt5": "UMT5EncoderModel", "t5": "T5EncoderModel"}
+DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}  # the names the CLI takes for weights
 KeepFp32 = Callable[[tuple[str, ...]], bool]
 
 

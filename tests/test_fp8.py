@@ -21,7 +21,7 @@ from reference import max_abs, rel_err
 from test_lora import run_ours, run_torch, setup  # noqa: F401 - setup: the PEFT LoRA fixture
 from test_transformer import make_inputs
 
-from helios_jax import cli, demo, generate
+from helios_jax import cli, conversion, demo, generate
 from helios_jax.config import TransformerConfig
 from helios_jax.convert import CheckpointError, is_saved_params
 from helios_jax.loading import COMPONENTS
@@ -107,9 +107,9 @@ def test_convert_to_fp8_and_load_it_back(checkpoint, tmp_path):
     assert fp8.is_fp8(pipe.transformer_params)
     # fp8 params have no diffusers export, and take no LoRA: one error each, before any weight is read
     with pytest.raises(PipelineError, match="holds fp8 weights, which convert to orbax params only"):
-        cli.convert(str(tmp_path / "fp8"), str(tmp_path / "again"), "safetensors", None)
+        conversion.convert_checkpoint(str(tmp_path / "fp8"), str(tmp_path / "again"), "safetensors", None)
     with pytest.raises(CheckpointError, match="into which a LoRA cannot be fused"):
-        cli.convert(str(tmp_path / "fp8"), str(tmp_path / "again"), "orbax", None, merge_lora=str(tmp_path))
+        conversion.convert_checkpoint(str(tmp_path / "fp8"), str(tmp_path / "again"), "orbax", None, merge_lora=str(tmp_path))
     with pytest.raises(CheckpointError, match="into which a LoRA cannot be fused"):
         HeliosPipeline.from_pretrained(tmp_path / "fp8", lora=str(tmp_path), compilation_cache=False)
     assert not os.path.exists(tmp_path / "again")
