@@ -57,13 +57,7 @@ def encode_sections(vae_config, vae_params, videos: np.ndarray, seed: int = 0) -
     """(clips, sections, 16, 9, h, w) normalised posterior samples, every 33-frame section on its own."""
     clips, sections = videos.shape[:2]
     flat = jnp.asarray(videos.reshape(clips * sections, *videos.shape[2:]))
-
-    @jax.jit
-    def encode(params, video, key):
-        posterior = vae_lib.WanVAE(vae_config).apply({"params": params}, video, method="encode")
-        return vae_lib.normalize_latents(vae_config, posterior.sample(key))
-
-    latents = np.asarray(encode(vae_params, flat, jax.random.key(seed)))
+    latents = np.asarray(vae_lib.encode_sample(vae_config, vae_params, flat, jax.random.key(seed)))
     return latents.reshape(clips, sections, *latents.shape[1:])
 
 

@@ -345,6 +345,15 @@ def _encode_video(encoder: VideoEncoder, params: Params, video: jax.Array) -> Po
     return WanVAE(encoder.config, encoder.dtype).apply({"params": params}, video, method=WanVAE.encode)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def encode_sample(cfg: VAEConfig, params: Params, video: jax.Array, key: jax.Array) -> jax.Array:
+    """``video`` (B, 3, T, H, W) in [-1, 1] -> a sample of its posterior, normalised: the diffusion model's latents
+    as the official training offload stores them. Compiled once per (config, shape) and process (``cfg`` is a
+    frozen dataclass, compared by value)."""
+    posterior = WanVAE(cfg).apply({"params": params}, video, method=WanVAE.encode)
+    return normalize_latents(cfg, posterior.sample(key))
+
+
 def video_encoder(cfg: VAEConfig, dtype: Any = jnp.float32) -> VideoEncoder:
     """The jit-compiled ``(params, video) -> Posterior`` the pipeline encodes images and videos with, compiled
     once per video shape and process: encoders of the same ``(cfg, dtype)`` are equal and share it."""

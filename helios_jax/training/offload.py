@@ -210,8 +210,6 @@ def offload(json_path: str, checkpoint: str, output: str, *, height: int = 384, 
         raise DataError(f"--output {output!r} exists and is not a folder")
     vae_cfg, vae_params = load_vae(os.path.join(checkpoint, "vae"), jnp.float32)
     prompts = PromptEncoder.from_pretrained(checkpoint)
-    encode = jax.jit(lambda p, v, k: vae_lib.normalize_latents(
-        vae_cfg, vae_lib.WanVAE(vae_cfg).apply({"params": p}, v, method="encode").sample(k)))
     window = video_frames_per_chunk(LATENT_WINDOW)
     os.makedirs(output, exist_ok=True)
     show = sys.stderr.isatty() if progress is None else progress
@@ -229,7 +227,8 @@ def offload(json_path: str, checkpoint: str, output: str, *, height: int = 384, 
         latents = []
         for c in range(chunks):
             frames = np.moveaxis(video[c * window:(c + 1) * window], 0, 1)[None]  # (1, 3, 33, H, W)
-            latents.append(np.asarray(encode(vae_params, jnp.asarray(frames), jax.random.fold_in(key, c)))[0])
+            latents.append(np.asarray(vae_lib.encode_sample(vae_cfg, vae_params, jnp.asarray(frames),
+                                                              jax.random.fold_in(key, c)))[0])
         embed = prompts.encode(clip.caption, max_sequence_length=MAX_SEQUENCE_LENGTH, dtype=jnp.bfloat16)
         write_offload(path, np.stack(latents), np.asarray(embed[0]), clip.caption)
         if show:
