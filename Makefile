@@ -36,9 +36,10 @@ demo: install
 	$(BIN)/helios-jax generate --output out/demo.mp4
 
 # The suite on two pytest-xdist workers, a test file each at a time (--dist loadfile: a file's module fixtures are built
-# once). Nearly all of its time is XLA's compile, one core a program: two workers use CI's two cores.
+# once), in the order tests/conftest.py gives, the slowest files first (--no-loadscope-reorder keeps it). Nearly all
+# of its time is XLA's compile, one core a program: two workers use CI's two cores.
 TEST_WORKERS ?= 2
-PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # ruff (pinned in the test extra and the lock; configured in pyproject.toml), about a second: run first by `make test`.
 lint: install-test
@@ -85,7 +86,7 @@ test-latest:
 	.venv-latest/bin/python -m pip install -q --upgrade pip
 	.venv-latest/bin/python -m pip install -q -e ".[test]"
 	.venv-latest/bin/python -m pip freeze --exclude-editable | grep -iE '^(jax|flax|torch|diffusers|transformers)=='
-	.venv-latest/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	.venv-latest/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # Rewrite the lock from a fresh resolution of pyproject.toml's ranges (then run `make test` before committing it).
 lock:
