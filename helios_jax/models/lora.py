@@ -16,6 +16,7 @@ The pipeline and the trainer both use this module, so neither imports the other.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from typing import Any, Iterable
@@ -130,20 +131,23 @@ def init_lora(spec: LoraSpec, params: Params, key: jax.Array, dtype: Any = jnp.f
     ``params`` may be arrays or ``jax.ShapeDtypeStruct`` leaves (``transformer.param_shapes``).
     """
     kernels = _module_kernels(params)
-    shapes = {path: lora_factor_shapes(path, tuple(kernels[path].shape), spec.rank)
-              for path in target_modules(spec, params)}
+    shapes = tuple((path, *lora_factor_shapes(path, tuple(kernels[path].shape), spec.rank))
+                   for path in target_modules(spec, params))
+    return _draw_lora(key, shapes, spec.rank, jnp.dtype(dtype))
 
-    sizes = [math.prod(a_shape) for a_shape, _ in shapes.values()]
 
-    def draw(key: jax.Array) -> Params:  # one draw for every A, one small compiled program (threefry compiles slowly)
-        normal = jax.random.normal(key, (sum(sizes),), dtype) / spec.rank
-        tree: dict[Path, jax.Array] = {}
-        for start, size, (path, (a_shape, b_shape)) in zip(np.cumsum([0, *sizes]), sizes, shapes.items()):
-            tree[(*path, "lora_A", "kernel")] = normal[start:start + size].reshape(a_shape)
-            tree[(*path, "lora_B", "kernel")] = jnp.zeros(b_shape, dtype)
-        return traverse_util.unflatten_dict(tree)
-
-    return jax.jit(draw)(key)
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _draw_lora(key: jax.Array, shapes: tuple[tuple[Path, tuple[int, ...], tuple[int, ...]], ...], rank: int,
+               dtype: jnp.dtype) -> Params:
+    """One draw for every A, one small compiled program (threefry compiles slowly). Its static arguments are
+    tuples of paths and shapes, the rank and the dtype, so each LoRA layout compiles once per process."""
+    sizes = [math.prod(a_shape) for _, a_shape, _ in shapes]
+    normal = jax.random.normal(key, (sum(sizes),), dtype) / rank
+    tree: dict[Path, jax.Array] = {}
+    for start, size, (path, a_shape, b_shape) in zip(np.cumsum([0, *sizes]), sizes, shapes):
+        tree[(*path, "lora_A", "kernel")] = normal[start:start + size].reshape(a_shape)
+        tree[(*path, "lora_B", "kernel")] = jnp.zeros(b_shape, dtype)
+    return traverse_util.unflatten_dict(tree)
 
 
 def lora_shapes(spec: LoraSpec, params: Params, dtype: Any = jnp.float32) -> Params:
