@@ -136,7 +136,7 @@ def train(arguments: list[str]) -> int:
     parallel.initialize()  # several processes: from JAX_COORDINATOR_ADDRESS etc. or SLURM; else nothing
     files = [a for a in arguments if "=" not in a]
     if not files:
-        raise ConfigError("helios-jax train needs a training YAML, e.g. stage_1_init.yaml "
+        raise ConfigError("helios-jax train needs a training YAML, e.g. stage_1_init "
                           "data_config.instance_data_root=[data/]")
     recipe = recipes.load(files, [a for a in arguments if "=" in a])
     prepared = stages.prepare(recipe)
@@ -157,6 +157,7 @@ def version() -> str:
 
 
 def parser() -> Parser:
+    from helios_jax.training import configs
     from helios_jax.verify import CHECKS
 
     root = Parser(prog="helios-jax", description="Helios video generation in JAX. `helios-jax COMMAND --help` "
@@ -213,8 +214,11 @@ def parser() -> Parser:
                      help=f"benchmarks to run, of {', '.join(BENCHMARKS)} (default: all)")
     ben.add_argument("--args", nargs=argparse.REMAINDER, default=[], help="passed to each benchmark (the rest of the "
                                                                           "line)")
-    tra = command("train", "train from the official training YAMLs (stages 1, 2, 3a and 3b)")
-    tra.add_argument("config", nargs="+", help="YAML files (merged in order) and section.key=value overrides")
+    tra = command("train", "train from the official training YAMLs (stages 1, 2, 3a and 3b)",
+                  "Train from the official training YAMLs (stages 1, 2, 3a and 3b). A config is a YAML path or the "
+                  f"name of a shipped official one: {', '.join(configs.names())}.")
+    tra.add_argument("config", nargs="+", help="YAML files or shipped names (merged in order) and section.key=value "
+                                               "overrides, e.g. stage_1_init data_config.instance_data_root=[data/]")
     return root
 
 

@@ -36,10 +36,10 @@ from helios_jax.noise import KeyNoise
 from helios_jax.pipeline import HeliosPipeline
 from helios_jax.sampling.pyramid import downsample_to_first_stage
 from helios_jax.sampling.schedule import HeliosSchedulerConfig
-from helios_jax.training import DataError, distill, ode, recipes, stages, trainer
+from helios_jax.training import DataError, configs, distill, ode, recipes, stages, trainer
 from helios_jax.training.ema import EMA_FOLDER, EmaConfig
 
-CONFIGS = os.path.join(os.path.dirname(__file__), "fixtures", "training-configs")
+CONFIGS = configs.FOLDER  # the shipped official YAMLs
 PIXELS, SECTIONS, STEPS = 64, 2, 20  # latents 8 x 8: a three-level pyramid of 2x2, 4x4, 8x8
 
 # docs/training.md §3.3 (two decimals) and the official get_ode-pairs targets (four): the student's shifted

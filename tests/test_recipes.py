@@ -1,4 +1,4 @@
-"""The official training YAMLs (copied verbatim into fixtures/training-configs/) read, typed and checked."""
+"""The official training YAMLs (shipped verbatim in helios_jax/training/configs/) read, typed and checked."""
 
 import os
 import warnings
@@ -6,9 +6,9 @@ import warnings
 import pytest
 
 from helios_jax.config import ConfigError
-from helios_jax.training import recipes
+from helios_jax.training import configs, recipes
 
-CONFIGS = os.path.join(os.path.dirname(__file__), "fixtures", "training-configs")
+CONFIGS = configs.FOLDER
 STAGES_1_2 = ("stage_1_init", "stage_1_post", "stage_2_init", "stage_2_post")
 STAGE_3_POST = ("stage_3_post", "stage_3_post_gan_version")
 pytestmark = pytest.mark.filterwarnings("ignore:.*keys ignored")
@@ -234,3 +234,43 @@ def test_cli_train_checks_before_any_compute(tmp_path, capsys):
     assert cli.main(["train", path("stage_3_ode")]) == 2  # it runs, but its ODE-pair folder is not here
     assert "data_config.ode_data_root: no data folder at 'demo_data/vidprom_filtered_extended'" in capsys.readouterr().err
     assert not os.path.exists("ablation_stage_1_init") and not os.path.exists("out")
+
+
+OFFICIAL = ["correct", "stage_1_init", "stage_1_post", "stage_2_init", "stage_2_post", "stage_3_ode", "stage_3_post",
+            "stage_3_post_gan_version"]  # PKU-YuanGroup/Helios scripts/training/configs/
+
+
+def test_shipped_configs_are_found_by_bare_name(tmp_path, monkeypatch):
+    assert configs.names() == OFFICIAL
+    monkeypatch.chdir(tmp_path)  # no file of these names here
+    for name in ("stage_1_init", "stage_1_init.yaml"):
+        recipe, _ = load(name)
+        assert recipe.section("training_config")["learning_rate"] == 5e-5  # the official file's value
+    recipe, _ = load(["stage_1_init", "correct"])
+    assert recipe.section("training_config")["corrupt_mode_history"] == "random"  # the overlay, by name too
+
+
+def test_a_path_wins_over_a_shipped_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "stage_1_init.yaml").write_text(MINIMAL + "seed: 7\n")
+    recipe, _ = load("stage_1_init.yaml")  # the user's own file in the working folder
+    assert recipe.seed == 7
+    recipe, _ = load("stage_1_init")  # not a path here: the shipped one
+    assert recipe.seed != 7 and recipe.section("training_config")["learning_rate"] == 5e-5
+
+
+@pytest.mark.parametrize("name", ["stage_1_nit", "stage_1_init.yml", "configs/stage_1_init.yaml"])
+def test_an_unknown_name_lists_the_shipped_ones(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=f"no training config at '{name}'") as err:
+        recipes.load(name)
+    assert ", ".join(OFFICIAL) in str(err.value)
+
+
+def test_train_help_lists_the_shipped_names(capsys):
+    from helios_jax import cli
+
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["train", "--help"])
+    assert exit.value.code == 0
+    assert ", ".join(OFFICIAL) in " ".join(capsys.readouterr().out.split())

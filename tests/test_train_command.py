@@ -21,7 +21,6 @@ from helios_jax.models import lora as lora_lib
 from helios_jax.training import trainer
 from helios_jax.video import write_mp4
 
-CONFIGS = os.path.join(os.path.dirname(__file__), "fixtures", "training-configs")
 PIXELS, FRAMES = 64, 121  # latents 8 x 8 (a three-level pyramid), the official minimum clip length
 
 pytestmark = pytest.mark.slow
@@ -65,7 +64,7 @@ def overrides(root, ckpt: str, data: str, out: str, **extra: str) -> list[str]:
 
 
 def train(yaml: str, args: list[str], capsys) -> tuple[int, str]:
-    code = cli.main(["train", os.path.join(CONFIGS, yaml), *args])
+    code = cli.main(["train", yaml, *args])  # a shipped config by its bare name
     return code, capsys.readouterr().err
 
 

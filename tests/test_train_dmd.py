@@ -31,10 +31,10 @@ from helios_jax import cli
 from helios_jax.demo import TRANSFORMER, build_demo_checkpoint
 from helios_jax.loading import load_transformer
 from helios_jax.models import lora as lora_lib
-from helios_jax.training import data, trainer
+from helios_jax.training import configs, data, trainer
 from helios_jax.training.ema import EMA_FOLDER
 
-CONFIGS = os.path.join(os.path.dirname(__file__), "fixtures", "training-configs")
+CONFIGS = configs.FOLDER  # the shipped official YAMLs
 PIXELS = 128  # latents 16 x 16: the half crop's hooked token grid (4 x 4) survives the heads' strides
 TOKENS = 16
 

@@ -13,10 +13,10 @@ import training_fixtures as tf
 from jax import monitoring
 
 from helios_jax.models import transformer as dit
-from helios_jax.training import duel, recipes, stages, trainer
+from helios_jax.training import configs, duel, recipes, stages, trainer
 from helios_jax.training.stages import dmd
 
-CONFIGS = os.path.join(os.path.dirname(__file__), "fixtures", "training-configs")
+CONFIGS = configs.FOLDER  # the shipped official YAMLs
 COMPILES = [0]
 monitoring.register_event_duration_secs_listener(
     lambda event, duration, **kw: COMPILES.__setitem__(0, COMPILES[0] + (event == "/jax/core/compile/backend_compile_duration")))

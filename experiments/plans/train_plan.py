@@ -32,16 +32,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from experiments import paths, reporting
+from experiments import reporting
 from experiments.model_inputs import abstract_params
 from experiments.plans import gpu_plan
 from helios_jax import parallel
 from helios_jax.config import TransformerConfig
 from helios_jax.models import lora as lora_lib, transformer as transformer_lib
 from helios_jax.models.attention import default_impl
-from helios_jax.training import recipes, stages, trainer
+from helios_jax.training import configs, recipes, stages, trainer
 
-CONFIGS = os.path.join(paths.ROOT, "tests", "fixtures", "training-configs")  # the official YAMLs, as data
+CONFIGS = configs.FOLDER  # the official YAMLs, shipped in the package
 # benchmark_triton_results_helios.json, "Baseline": training_memory_peak_gb 60.792, which is torch's
 # max_memory_allocated() / 1024**3, so GiB: one forward + backward of the bf16 DiT with every weight's gradient
 # (no LoRA, no optimizer), batch 1, 13 latent frames (12,480 tokens) at 384x640 without history, remat on.

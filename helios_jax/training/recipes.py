@@ -38,6 +38,7 @@ from helios_jax.config import ConfigError
 from helios_jax.models.lora import LoraSpec
 from helios_jax.prompts import DEFAULT_NEGATIVE_PROMPT
 from helios_jax.sampling.schedule import HeliosSchedulerConfig
+from helios_jax.training import configs
 from helios_jax.training.distill import DmdSettings, GanSettings, TimestepDraw
 from helios_jax.training.ema import EmaConfig
 from helios_jax.training.losses import PyramidSchedule, PyramidSettings, TimestepSampling
@@ -624,7 +625,8 @@ def _typed(where: str, kind: Any, value: Any) -> Any:
 
 def _read_yaml(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
-        raise ConfigError(f"no training config at {path!r}")
+        raise ConfigError(f"no training config at {path!r} (neither a file nor a shipped name); the shipped ones "
+                          f"are {', '.join(configs.names())} (e.g. helios-jax train stage_1_init)")
     with open(path, encoding="utf-8") as f:
         try:
             raw = yaml.safe_load(f) or {}
@@ -676,8 +678,9 @@ def _override(text: str) -> tuple[tuple[str, str], Any]:
 
 
 def load(paths: str | Sequence[str], overrides: Sequence[str] = ()) -> Recipe:
-    """Read, merge, type and check YAML files and overrides (see the module doc)."""
-    paths = (paths,) if isinstance(paths, (str, os.PathLike)) else tuple(paths)
+    """Read, merge, type and check YAML files and overrides (see the module doc). A file is a path or the
+    bare name of a shipped official YAML (``stage_1_init``; :mod:`helios_jax.training.configs`)."""
+    paths = tuple(map(configs.find, (paths,) if isinstance(paths, (str, os.PathLike)) else paths))
     files = [(path, _entries(_read_yaml(path))) for path in map(os.fspath, paths)]
     cli = dict(_override(o) for o in overrides)
     merged: dict[tuple[str, str], Any] = {}
