@@ -7,8 +7,12 @@ still run against the public API, not what the weights produce.
 import os
 import runpy
 
+import nbclient
+import nbformat
 import numpy as np
 import pytest
+
+from helios_jax.video import read_mp4
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
@@ -40,8 +44,6 @@ def test_custom_sampler_script_runs_the_dit_with_its_callback(custom_sampler, ca
 
 
 def test_quickstart_notebook_executes(tmp_path, monkeypatch):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
     with open(os.path.join(EXAMPLES, "quickstart.ipynb"), encoding="utf-8") as f:
         notebook = nbformat.read(f, as_version=4)
     assert all(not cell.get("outputs") for cell in notebook.cells)  # stored without outputs
@@ -51,6 +53,4 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
     shapes = [output["data"]["text/plain"] for cell in notebook.cells if cell.cell_type == "code"
               for output in cell.outputs if output.get("output_type") == "execute_result"]
     assert "((33, 128, 192, 3), dtype('uint8'))" in shapes  # one 33-frame chunk at the demo size
-    from helios_jax.video import read_mp4
-
     assert read_mp4(tmp_path / "quickstart.mp4").shape == (33, 128, 192, 3)
