@@ -40,9 +40,9 @@ def euler_sample(velocity: Velocity, noise: jax.Array, sigmas: np.ndarray,
                  callback: StepCallback | None = None) -> jax.Array:
     """Integrate the flow from noise to data: ``x <- x + (sigma_next - sigma) * v(x, t)``, with the DiT's
     timestep ``t = 1000 * sigma`` (its ``num_train_timesteps``)."""
-    latents = noise
+    latents, sigmas = noise, sigmas.tolist()  # Python floats: they keep the latents' dtype (bf16 stays bf16)
     for step, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        t = 1000.0 * float(sigma)
+        t = 1000.0 * sigma
         latents = latents + (sigma_next - sigma) * velocity(latents, t)
         if callback is not None:
             callback(step, t, latents)

@@ -7,6 +7,7 @@ still run against the public API, not what the weights produce.
 import os
 import runpy
 
+import jax.numpy as jnp
 import nbclient
 import nbformat
 import numpy as np
@@ -33,6 +34,8 @@ def test_euler_sample_follows_a_straight_flow_to_its_end(custom_sampler):
                                          callback=lambda step, t, latents: calls.append((step, t)))
     np.testing.assert_allclose(out, x0, rtol=1e-12, atol=1e-12)
     assert [s for s, _ in calls] == [0, 1, 2, 3, 4] and calls[0][1] == 1000.0
+    bf16 = custom_sampler["euler_sample"](lambda x, t: x, jnp.ones(2, jnp.bfloat16), np.array([1.0, 0.5, 0.0]))
+    assert bf16.dtype == jnp.bfloat16  # the schedule's numbers do not promote the latents
 
 
 def test_custom_sampler_script_runs_the_dit_with_its_callback(custom_sampler, capsys):
