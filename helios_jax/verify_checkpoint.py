@@ -37,16 +37,18 @@ import helios_jax as hj
 from helios_jax.checkpoint import PipelineError
 from helios_jax.convert import CheckpointError, open_source
 from helios_jax.convert.export import save_safetensors
+from helios_jax.convert.sources import TensorError
 from helios_jax.models import vae as vae_lib
 from helios_jax.verify import Row, _errors, _numpy, _reference, jax_inputs, table, transformer_inputs
 
-COMPONENTS = ("transformer", "vae", "text_encoder")
 DEFAULT_BLOCKS = (0, 1, -1)
 # A weight larger than this is not a trained value but damaged bytes (a flipped exponent bit of a bf16 weight
 # gives ~1e38): trained Wan / UMT5 weights stay below ~1e3, and float16, a dtype these models run in, ends at 65504.
 MAX_WEIGHT = 65504.0
 # The compute dtype of each dtype a file may hold: both sides run in it.
 DTYPES = {"float32": (jnp.float32, "float32"), "bfloat16": (jnp.bfloat16, "bfloat16"), "float16": (jnp.float16, "float16")}
+FLOATS = ("float64", "float32", "float16", "bfloat16")
+SCAN_SLICE = 1 << 24  # values widened to float32 at a time by the scan (64 MB)
 PROMPT = "A red fox trots through fresh snow at dawn, its breath misting in the cold air."
 VAE_CLIP = (9, 32, 32)  # frames, height, width: one first frame and two 4-frame chunks through the causal caches
 
@@ -84,28 +86,43 @@ def _weight_files(folder: str) -> list[str]:
     return sorted(glob.glob(os.path.join(folder, "*.safetensors")))
 
 
+def _damage(values: np.ndarray) -> str | None:
+    """What is wrong with a float tensor's values, if anything; read a slice at a time in float32, so the
+    scan never holds more than the tensor itself (umt5-xxl's embedding is 2 GB in bf16, 4 GB widened)."""
+    flat, bad, largest = values.reshape(-1), 0, 0.0
+    for start in range(0, flat.size, SCAN_SLICE):
+        part = flat[start:start + SCAN_SLICE].astype(np.float32)
+        finite = np.isfinite(part)
+        bad += int(part.size - np.count_nonzero(finite))
+        largest = max(largest, float(np.max(np.abs(part), initial=0.0, where=finite)))
+    if bad:
+        return f"{bad} of {flat.size} values are NaN or infinite"
+    if largest > MAX_WEIGHT:
+        return f"holds {largest:.3g}, beyond any trained weight (limit {MAX_WEIGHT:g}): damaged bytes"
+    return None
+
+
 def scan_tensors(component: str, folder: str) -> list[Problem]:
-    """Read every tensor of a component folder once, one at a time: each must fit its file (a header whose
-    shape or byte range is wrong names the tensor), and a float tensor must be finite and below MAX_WEIGHT."""
+    """Read every tensor of a component folder once, one at a time: each must fit its file (a header entry
+    whose shape or byte range is wrong names the tensor), and a float one must be finite and below MAX_WEIGHT."""
     problems = []
     for file in _weight_files(folder):
         try:
             source = open_source(file)
+        except TensorError as err:
+            problems.append(Problem(component, file, err.key, err.problem))
+            continue
         except CheckpointError as err:
-            key = str(err).split("tensor ", 1)[1].split(" ", 1)[0].strip("'") if "tensor '" in str(err) else None
-            problems.append(Problem(component, file, key, str(err).replace(f"{file}: ", "")))
+            problems.append(Problem(component, file, None, str(err).replace(f"{file}: ", "")))
             continue
         for key in source.keys():
-            if source.dtype(key).kind not in "fV" and source.dtype(key).name != "bfloat16":
-                continue
-            values = source.read(key).astype(np.float32)
-            bad = int(np.count_nonzero(~np.isfinite(values)))
-            largest = float(np.max(np.abs(values), initial=0.0, where=np.isfinite(values)))
-            if bad:
-                problems.append(Problem(component, file, key, f"{bad} of {values.size} values are NaN or infinite"))
-            elif largest > MAX_WEIGHT:
-                problems.append(Problem(component, file, key, f"holds {largest:.3g}, beyond any trained weight "
-                                                              f"(limit {MAX_WEIGHT:g}): damaged bytes"))
+            if source.dtype(key).name in FLOATS:
+                try:
+                    reason = _damage(source.read(key))
+                except TensorError as err:
+                    reason = err.problem
+                if reason:
+                    problems.append(Problem(component, file, key, reason))
     return problems
 
 
@@ -149,7 +166,7 @@ def write_block_subset(folder: str, blocks: tuple[int, ...], out: str) -> str:
     return out
 
 
-def _shape_figures(folder: str, prefix: str = "") -> int:
+def _longest_sum(folder: str, prefix: str = "") -> int:
     """The longest dot product of a component's weights under ``prefix``: a weight (out, in, *kernel) sums
     ``in * prod(kernel)`` terms per output."""
     source = open_source(folder)
@@ -191,7 +208,7 @@ def check_transformer(torch: Any, diffusers: Any, transformers: Any, folder: str
     out = jax.jit(hj.HeliosTransformer(sub_cfg).apply)({"params": params}, **jax_inputs(inputs, dtype))
     rel, max_abs = _errors(out.astype(jnp.float32), ref)
     label = f"transformer blocks {','.join(map(str, chosen))}"
-    return [Row(label, name, rel, max_abs, tolerance(dtype, len(chosen), _shape_figures(subset, "blocks.")))]
+    return [Row(label, name, rel, max_abs, tolerance(dtype, len(chosen), _longest_sum(subset, "blocks.")))]
 
 
 def check_vae(torch: Any, diffusers: Any, transformers: Any, folder: str, work: str,
@@ -216,7 +233,7 @@ def check_vae(torch: Any, diffusers: Any, transformers: Any, folder: str, work: 
     for part, out, ref, prefix in (("encode", encoded, ref_latents, "encoder."),
                                    ("decode", decoded, ref_decoded, "decoder.")):
         rel, max_abs = _errors(np.asarray(out.astype(jnp.float32)), ref)
-        limit = tolerance(dtype, _conv_count(folder, prefix), _shape_figures(folder, prefix))
+        limit = tolerance(dtype, _conv_count(folder, prefix), _longest_sum(folder, prefix))
         rows.append(Row(f"vae {part} ({frames}x{height}x{width})", name, rel, max_abs, limit))
     return rows
 
@@ -245,7 +262,7 @@ def check_text_encoder(torch: Any, diffusers: Any, transformers: Any, folder: st
     cfg, params = hj.load_text_encoder(folder, dtype)
     out = jax.jit(hj.UMT5Encoder(cfg).apply)({"params": params}, jnp.asarray(ids), jnp.asarray(mask))
     rel, max_abs = _errors(np.asarray(out.astype(jnp.float32)), ref)
-    rows.append(Row("text_encoder", name, rel, max_abs, tolerance(dtype, cfg.num_layers, _shape_figures(folder))))
+    rows.append(Row("text_encoder", name, rel, max_abs, tolerance(dtype, cfg.num_layers, _longest_sum(folder))))
     return rows
 
 

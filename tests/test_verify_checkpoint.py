@@ -41,7 +41,7 @@ def _overwrite(checkpoint: str, key: str, fill: bytes) -> None:
         f.write(fill * 3)
 
 
-def _damaged_copy(checkpoint: str, tmp_path) -> str:
+def _copy(checkpoint: str, tmp_path) -> str:
     copy = str(tmp_path / "ckpt")
     shutil.copytree(checkpoint, copy)
     return copy
@@ -56,12 +56,27 @@ def test_a_clean_checkpoint_verifies(checkpoint, capsys):
         assert row in out, out
 
 
+def test_a_bf16_transformer_verifies_in_bf16(checkpoint, tmp_path, capsys):
+    """Saved by diffusers in bf16 (its float32 modules kept), compared in bf16 on our side; the reference widens
+    it to float32, as its bf16 attention cannot take this model's amplified history."""
+    import torch
+    from diffusers import HeliosTransformer3DModel
+
+    bf16 = _copy(checkpoint, tmp_path)
+    shutil.rmtree(os.path.join(bf16, "transformer"))
+    HeliosTransformer3DModel.from_pretrained(os.path.join(checkpoint, "transformer"), torch_dtype=torch.bfloat16
+                                             ).save_pretrained(os.path.join(bf16, "transformer"))
+    assert verify_checkpoint.file_dtype(os.path.join(bf16, "transformer")) == "bfloat16"
+    assert cli.main(["verify", "--checkpoint", bf16, "--only", "transformer"]) == 0
+    assert "| bfloat16 (reference float32) |" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("fill,reason", [
     (np.float32(np.nan).tobytes(), "NaN or infinite"),
     (b"\x7f\x7f\x7f\x7f", "damaged bytes"),  # 3.4e38: finite, far beyond a weight
 ])
 def test_a_damaged_tensor_is_named_and_fails(checkpoint, tmp_path, capsys, fill, reason):
-    damaged = _damaged_copy(checkpoint, tmp_path)
+    damaged = _copy(checkpoint, tmp_path)
     _overwrite(damaged, UNCOMPARED_KEY, fill)
     assert cli.main(["verify", "--checkpoint", damaged, "--only", "transformer"]) == 1
     out = capsys.readouterr().out
@@ -71,7 +86,7 @@ def test_a_damaged_tensor_is_named_and_fails(checkpoint, tmp_path, capsys, fill,
 
 
 def test_a_wrong_shape_in_a_header_is_named(checkpoint, tmp_path, capsys):
-    damaged = _damaged_copy(checkpoint, tmp_path)
+    damaged = _copy(checkpoint, tmp_path)
     path = _shard_of(os.path.join(damaged, "transformer"), DAMAGED_KEY)
     with open(path, "rb") as f:
         data = f.read()
