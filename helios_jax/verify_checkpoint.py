@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import helios_jax as hj
-from helios_jax.checkpoint import PipelineError
+from helios_jax.checkpoint import PipelineError, read_checkpoint_configs
 from helios_jax.convert import CheckpointError, open_source
 from helios_jax.convert.export import save_safetensors
 from helios_jax.convert.sources import TensorError
@@ -45,8 +45,8 @@ DEFAULT_BLOCKS = (0, 1, -1)
 # A weight larger than this is not a trained value but damaged bytes (a flipped exponent bit of a bf16 weight
 # gives ~1e38): trained Wan / UMT5 weights stay below ~1e3, and float16, a dtype these models run in, ends at 65504.
 MAX_WEIGHT = 65504.0
-# The compute dtype of each dtype a file may hold: both sides run in it.
-DTYPES = {"float32": (jnp.float32, "float32"), "bfloat16": (jnp.bfloat16, "bfloat16"), "float16": (jnp.float16, "float16")}
+# The dtypes a component's weights may be stored in; both sides compute in it (torch's dtype of the same name).
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 FLOATS = ("float64", "float32", "float16", "bfloat16")
 SCAN_SLICE = 1 << 24  # values widened to float32 at a time by the scan (64 MB)
 PROMPT = "A red fox trots through fresh snow at dawn, its breath misting in the cold air."
@@ -54,13 +54,13 @@ VAE_CLIP = (9, 32, 32)  # frames, height, width: one first frame and two 4-frame
 
 
 def tolerance(dtype: Any, depth: int, width: int) -> float:
-    """The bound on the relative L2 error of two implementations run in ``dtype`` through ``depth`` residual
-    blocks whose longest dot product sums ``width`` terms.
+    """The bound on the relative L2 error of two implementations run in ``dtype`` through ``depth`` stages (a DiT
+    or UMT5 block, a VAE convolution) whose longest dot product sums ``width`` terms.
 
-    Each block rounds its activations to ``dtype`` a few times, and the two sides round at different places
-    (fused kernels, another summation order): a relative difference of about ``eps(dtype)`` per block. Each dot
+    Each stage rounds its activations to ``dtype``, and the two sides round at different places (fused
+    kernels, another summation order): a relative difference of about ``eps(dtype)`` per stage. Each dot
     product accumulates in float32 on both sides (16-bit matmuls too) in its own order: about
-    ``eps(float32) * sqrt(width)``. The blocks' differences are independent, so they add in quadrature
+    ``eps(float32) * sqrt(width)``. The stages' differences are independent, so they add in quadrature
     (``sqrt(depth)``); 8 is the margin over that expectation (attention's softmax amplifies its logits' error).
     A wrong or damaged weight gives an error of order 1, far above this: three bf16 blocks of the 14B DiT
     allow 0.11, float32 ones 2e-4."""
@@ -179,12 +179,6 @@ def _conv_count(folder: str, prefix: str) -> int:
     return sum(1 for k in source.keys() if k.startswith(prefix) and len(source.shape(k)) == 5)
 
 
-def _free(*models: Any) -> None:
-    """Drop the reference's model before ours loads: the two are never in memory together."""
-    del models
-    gc.collect()
-
-
 def check_transformer(torch: Any, diffusers: Any, transformers: Any, folder: str, work: str,
                       blocks: tuple[int, ...]) -> list[Row]:
     """The chosen DiT blocks (with the embeddings and the output layer) on a chunk with history."""
@@ -192,7 +186,7 @@ def check_transformer(torch: Any, diffusers: Any, transformers: Any, folder: str
     chosen = choose_blocks(blocks, cfg.num_layers)
     subset = write_block_subset(folder, chosen, os.path.join(work, "transformer"))
     name = file_dtype(subset)
-    dtype, torch_dtype = DTYPES[name][0], getattr(torch, DTYPES[name][1])
+    dtype, torch_dtype = DTYPES[name], getattr(torch, name)
     if cfg.is_amplify_history and name != "float32":
         # diffusers' 16-bit attention rejects the float32 keys its own history scale makes (history_key_scale is
         # kept in float32), so the reference runs the same weights, exactly widened, in float32; ours stays 16-bit.
@@ -203,7 +197,8 @@ def check_transformer(torch: Any, diffusers: Any, transformers: Any, folder: str
     with torch.no_grad():
         ref = _numpy(reference(**{k: v.to(torch_dtype) if v.is_floating_point() and k != "timestep" else v
                                   for k, v in inputs.items()}, return_dict=False)[0])
-    _free(reference)
+    del reference  # the reference's model is freed before ours loads: the two are never in memory together
+    gc.collect()
     sub_cfg, params = hj.load_transformer(subset, dtype)
     out = jax.jit(hj.HeliosTransformer(sub_cfg).apply)({"params": params}, **jax_inputs(inputs, dtype))
     rel, max_abs = _errors(out.astype(jnp.float32), ref)
@@ -215,7 +210,7 @@ def check_vae(torch: Any, diffusers: Any, transformers: Any, folder: str, work: 
               blocks: tuple[int, ...]) -> list[Row]:
     """The VAE encoding one clip (its posterior's mean) and decoding the reference's latents of it."""
     name = file_dtype(folder)
-    dtype, torch_dtype = DTYPES[name][0], getattr(torch, DTYPES[name][1])
+    dtype, torch_dtype = DTYPES[name], getattr(torch, name)
     frames, height, width = VAE_CLIP
     video = np.random.default_rng(0).uniform(-1, 1, (1, 3, frames, height, width)).astype(np.float32)
     reference = diffusers.AutoencoderKLWan.from_pretrained(folder, torch_dtype=torch_dtype).eval()
@@ -223,7 +218,8 @@ def check_vae(torch: Any, diffusers: Any, transformers: Any, folder: str, work: 
         latents = reference.encode(torch.from_numpy(video).to(torch_dtype)).latent_dist.mode()
         ref_decoded = _numpy(reference.decode(latents).sample)
     ref_latents = _numpy(latents)
-    _free(reference, latents)
+    del reference, latents
+    gc.collect()
     cfg, params = hj.load_vae(folder, dtype)
     model = vae_lib.WanVAE(cfg, dtype)
     encoded = jax.jit(lambda p, v: model.apply({"params": p}, v, method="encode").mode())(params, jnp.asarray(video))
@@ -254,11 +250,12 @@ def check_text_encoder(torch: Any, diffusers: Any, transformers: Any, folder: st
     differ = int(np.count_nonzero(theirs["input_ids"] != ids))
     rows = [Row("tokenizer (token ids)", "ids", differ / ids.size, float(differ), 0.0)]
     name = file_dtype(folder)
-    dtype, torch_dtype = DTYPES[name][0], getattr(torch, DTYPES[name][1])
+    dtype, torch_dtype = DTYPES[name], getattr(torch, name)
     reference = transformers.UMT5EncoderModel.from_pretrained(folder, torch_dtype=torch_dtype).eval()
     with torch.no_grad():
         ref = _numpy(reference(torch.from_numpy(ids).long(), torch.from_numpy(mask).long()).last_hidden_state)
-    _free(reference)
+    del reference  # the reference's model is freed before ours loads: the two are never in memory together
+    gc.collect()
     cfg, params = hj.load_text_encoder(folder, dtype)
     out = jax.jit(hj.UMT5Encoder(cfg).apply)({"params": params}, jnp.asarray(ids), jnp.asarray(mask))
     rel, max_abs = _errors(np.asarray(out.astype(jnp.float32)), ref)
@@ -271,8 +268,6 @@ CHECKS = {"transformer": check_transformer, "vae": check_vae, "text_encoder": ch
 
 def check_folder(checkpoint: str, only: tuple[str, ...]) -> tuple[str, ...]:
     """The components to check, after one clear error for a folder that is not a Helios checkpoint."""
-    from helios_jax.checkpoint import read_checkpoint_configs
-
     if not os.path.isdir(checkpoint):
         raise PipelineError(f"--checkpoint {checkpoint}: no such folder")
     read_checkpoint_configs(checkpoint)
