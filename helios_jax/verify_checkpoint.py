@@ -39,6 +39,7 @@ from helios_jax.convert import CheckpointError, open_source
 from helios_jax.convert.export import save_safetensors
 from helios_jax.convert.sources import TensorError
 from helios_jax.models import vae as vae_lib
+from helios_jax.progress import track
 from helios_jax.verify import Row, _errors, _numpy, _reference, jax_inputs, table, transformer_inputs
 
 DEFAULT_BLOCKS = (0, 1, -1)
@@ -105,8 +106,8 @@ def _damage(values: np.ndarray) -> str | None:
 def scan_tensors(component: str, folder: str) -> list[Problem]:
     """Read every tensor of a component folder once, one at a time: each must fit its file (a header entry
     whose shape or byte range is wrong names the tensor), and a float one must be finite and below MAX_WEIGHT."""
-    problems = []
-    for file in _weight_files(folder):
+    problems, files = [], _weight_files(folder)
+    for file in track(files, len(files), f"scanning {component}"):
         try:
             source = open_source(file)
         except TensorError as err:
