@@ -4,6 +4,7 @@ report names that tensor's key, and a port that computes wrongly is caught by th
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -122,6 +123,22 @@ def test_user_errors_exit_2_before_any_work(checkpoint, argv, message, capsys):
     assert cli.main(["verify", *[checkpoint if a == "CKPT" else a for a in argv]]) == 2
     err = capsys.readouterr().err
     assert err.startswith("helios-jax verify: error:") and message in err, err
+
+
+def test_the_block_subset_reads_only_the_chosen_blocks(checkpoint, tmp_path, monkeypatch):
+    """What streams a 14B DiT: the subset model holds the chosen blocks, renumbered, and reads no other block."""
+    folder = os.path.join(checkpoint, "transformer")
+    full = SafetensorsSource(sorted(glob.glob(os.path.join(folder, "*.safetensors"))))
+    read, real = [], SafetensorsSource.read
+    monkeypatch.setattr(SafetensorsSource, "read", lambda self, key: read.append(key) or real(self, key))
+    out = verify_checkpoint.write_block_subset(folder, (1,), str(tmp_path / "subset"))
+    assert read and not [k for k in read if k.startswith("blocks.0.")]
+    subset = SafetensorsSource([os.path.join(out, "diffusion_pytorch_model.safetensors")])
+    assert sorted(subset.keys()) == sorted(k.replace("blocks.1.", "blocks.0.") for k in full.keys()
+                                           if not k.startswith("blocks.0."))
+    np.testing.assert_array_equal(subset.read("blocks.0.attn1.to_q.weight"), full.read("blocks.1.attn1.to_q.weight"))
+    with open(os.path.join(out, "config.json"), encoding="utf-8") as f:
+        assert json.load(f)["num_layers"] == 1
 
 
 def test_tolerance_grows_with_epsilon_depth_and_width():
