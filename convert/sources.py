@@ -37,6 +37,15 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read as asked: missing files, unknown layout, unreadable data."""
 
 
+class TensorError(CheckpointError):
+    """One named tensor that cannot be read (its header entry, its bytes): ``key`` says which, so a report can
+    name it."""
+
+    def __init__(self, path: str, key: str, problem: str):
+        super().__init__(f"{path}: tensor {key!r} {problem}")
+        self.key, self.problem = key, problem
+
+
 class TensorSource(Protocol):
     """Named tensors with their shapes known before any data is read."""
 
@@ -104,7 +113,7 @@ class SafetensorsSource:
         with open(self._where[key], "rb") as f:
             f.seek(start)
             if f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != end - start:
-                raise CheckpointError(f"{self._where[key]}: tensor {key!r} is truncated; the file is incomplete")
+                raise TensorError(self._where[key], key, "is truncated; the file is incomplete")
         return out
 
 
@@ -123,12 +132,15 @@ def _read_header(path: str) -> dict[str, tuple[tuple[int, ...], np.dtype, int, i
     for key, info in header.items():
         if key == "__metadata__":
             continue
-        if info["dtype"] not in _SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{path}: tensor {key!r} has dtype {info['dtype']}, which this reader does not handle")
-        dtype, shape = _SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"])
-        begin, end = info["data_offsets"]
+        try:
+            name, shape, (begin, end) = info["dtype"], tuple(int(n) for n in info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise TensorError(path, key, f"has a malformed header entry {info!r}; the file is corrupt") from None
+        if name not in _SAFETENSORS_DTYPES:
+            raise TensorError(path, key, f"has dtype {name}, which this reader does not handle")
+        dtype = _SAFETENSORS_DTYPES[name]
         if end - begin != dtype.itemsize * math.prod(shape) or base + end > size:
-            raise CheckpointError(f"{path}: tensor {key!r} does not fit the file; the file is incomplete or corrupt")
+            raise TensorError(path, key, "does not fit the file; the file is incomplete or corrupt")
         out[key] = (shape, dtype, base + begin, base + end)
     return out
 

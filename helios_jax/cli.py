@@ -183,6 +183,12 @@ def parser() -> Parser:
     ver = command("verify", "parity of every component against the installed PyTorch reference")
     ver.add_argument("--only", nargs="+", default=[], choices=tuple(CHECKS), metavar="COMPONENT",
                      help=f"check only these components, of {', '.join(CHECKS)} (default: all)")
+    ver.add_argument("--checkpoint", metavar="DIR",
+                     help="verify this diffusers Helios checkpoint instead of tiny random models: every tensor is "
+                          "scanned, then its transformer, vae and text_encoder run in the files' dtype against "
+                          "diffusers/transformers loading the same files (--only picks among those three)")
+    ver.add_argument("--blocks", type=int, nargs="+", metavar="I",
+                     help="with --checkpoint: the DiT blocks to compare (negative counts from the end; default: 0 1 -1)")
     off = command("offload", "videos + metadata JSON -> per-clip training latents (safetensors)",
                   "Videos + metadata JSON -> per-clip training latents (safetensors). `helios-jax offload ode-pairs "
                   "--help`: stage 3a's ODE pairs.")
@@ -331,8 +337,13 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote {len(files)} ODE-pair file(s) to {args.output}")
         return 0
     if args.command == "verify":
-        from helios_jax import verify
+        from helios_jax import verify, verify_checkpoint
 
+        if args.checkpoint is not None:
+            return verify_checkpoint.run(args.checkpoint, tuple(args.only),
+                                         tuple(args.blocks or verify_checkpoint.DEFAULT_BLOCKS))
+        if args.blocks:
+            raise PipelineError("--blocks picks the DiT blocks of a --checkpoint; give --checkpoint DIR with it")
         return verify.run(tuple(args.only))
     if args.command == "train":
         return train(args.config)

@@ -6,8 +6,9 @@ error, in float32 and in bf16. A float32 row passes under a fixed tolerance; a b
 error against the float32 reference is at most twice the reference's own bf16 error. The exit status
 is 0 only if every row passes.
 
-The reference (torch, diffusers, transformers) is needed only here: ``pip install 'helios-jax[test]'``.
-It is imported when a check runs, never by the generation path.
+The reference (torch, diffusers, transformers) is needed only here: in the source checkout,
+``pip install -e '.[test]'`` (or ``make install-test``). It is imported when a check runs, never by the
+generation path. ``helios-jax verify --checkpoint DIR`` (``verify_checkpoint``) checks a real checkpoint instead.
 """
 
 from __future__ import annotations
@@ -86,6 +87,24 @@ def _rows(component: str, ours32: Any, ours16: Any, ref32: Any, ref16: Any) -> l
             Row(component, "bf16", rel16, abs16, BF16_FACTOR * ref_rel16)]
 
 
+def transformer_inputs(torch: Any, in_channels: int, text_dim: int) -> dict[str, Any]:
+    """The DiT's float32 inputs for a 3-frame chunk with short, mid and long history (seeded torch draws)."""
+    g = torch.Generator().manual_seed(1)
+    inputs = dict(hidden_states=torch.randn(1, in_channels, 3, 4, 6, generator=g), timestep=torch.tensor([700.0]),
+                  encoder_hidden_states=torch.randn(1, 5, text_dim, generator=g))
+    for name, frames, first in (("long", 16, 1), ("mid", 2, 17), ("short", 2, 18)):
+        inputs[f"latents_history_{name}"] = torch.randn(1, in_channels, frames, 6, 10, generator=g)
+        inputs[f"indices_latents_history_{name}"] = torch.arange(first, first + frames)[None]
+    inputs["indices_hidden_states"] = torch.arange(20, 23)[None]
+    return inputs
+
+
+def jax_inputs(inputs: dict[str, Any], dtype: Any) -> dict[str, jax.Array]:
+    """The same inputs for the port: floats in ``dtype`` (the timestep stays float32, as the reference keeps it)."""
+    return {k: jnp.asarray(v.numpy(), dtype if v.is_floating_point() and k != "timestep" else None)
+            for k, v in inputs.items()}
+
+
 # The checks below jit a new function each time on purpose (and have no static callables): verify checks the
 # code as it is when it runs, so it traces it afresh instead of reusing a program that a cache keyed by value
 # could hold from before a change (tests/test_cli.py patches a function in between and expects a failure).
@@ -95,13 +114,7 @@ def check_transformer(torch: Any, diffusers: Any, transformers: Any, folder: str
         num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, text_dim=8, freq_dim=16,
         ffn_dim=24, num_layers=2, rope_dim=(6, 6, 4)), seed=0, scale=0.3)
     model.save_pretrained(folder)
-    g = torch.Generator().manual_seed(1)
-    inputs = dict(hidden_states=torch.randn(1, 4, 3, 4, 6, generator=g), timestep=torch.tensor([700.0]),
-                  encoder_hidden_states=torch.randn(1, 5, 8, generator=g))
-    for name, frames, first in (("long", 16, 1), ("mid", 2, 17), ("short", 2, 18)):
-        inputs[f"latents_history_{name}"] = torch.randn(1, 4, frames, 6, 10, generator=g)
-        inputs[f"indices_latents_history_{name}"] = torch.arange(first, first + frames)[None]
-    inputs["indices_hidden_states"] = torch.arange(20, 23)[None]
+    inputs = transformer_inputs(torch, in_channels=4, text_dim=8)
     ref16_model = diffusers.HeliosTransformer3DModel.from_pretrained(folder, torch_dtype=torch.bfloat16).eval()
     with torch.no_grad():
         ref32 = _numpy(model(**inputs, return_dict=False)[0])
@@ -110,8 +123,7 @@ def check_transformer(torch: Any, diffusers: Any, transformers: Any, folder: str
     outs = []
     for dtype in (jnp.float32, jnp.bfloat16):
         cfg, params = hj.load_transformer(folder, dtype)
-        args = {k: jnp.asarray(v.numpy(), dtype if v.is_floating_point() and k != "timestep" else None)
-                for k, v in inputs.items()}
+        args = jax_inputs(inputs, dtype)
         outs.append(jax.jit(hj.HeliosTransformer(cfg).apply)({"params": params}, **args).astype(jnp.float32))
     return _rows("transformer", *outs, ref32, ref16)
 
