@@ -162,7 +162,7 @@ GENERATE_ROWS = [
      "at least one chunk"),
     ("csv interpolation steps negative", ["--interactive_prompt_csv_path", "{m}/bom.csv", "--use_interpolate_prompt",
                                           "--interpolation_steps", "-1"], "0 or more"),
-    ("checkpoint missing", ["--checkpoint", "{m}/nowhere"], "no model_index.json"),
+    ("checkpoint missing", ["--checkpoint", "{m}/nowhere"], "nowhere does not exist"),
     ("checkpoint a media folder", ["--checkpoint", "{m}"], "no model_index.json"),
     ("height not a number", ["--height", "abc"], "invalid int value"),
     ("frames fractional", ["--num_frames", "10.5"], "invalid int value"),
