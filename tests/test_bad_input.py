@@ -164,6 +164,7 @@ GENERATE_ROWS = [
                                           "--interpolation_steps", "-1"], "0 or more"),
     ("checkpoint missing", ["--checkpoint", "{m}/nowhere"], "nowhere does not exist"),
     ("checkpoint a media folder", ["--checkpoint", "{m}"], "no model_index.json"),
+    ("revision of a local folder", ["--revision", "v2"], "is for a hub id"),
     ("height not a number", ["--height", "abc"], "invalid int value"),
     ("frames fractional", ["--num_frames", "10.5"], "invalid int value"),
     ("dtype unknown", ["--weight_dtype", "int8"], "invalid choice"),
@@ -205,7 +206,7 @@ def test_the_table_is_large_enough():
 CONVERT_ROWS = [
     ("destination exists", ["{c}", "{o}"], "already exists"),
     ("stale staging folder", ["{c}", "{o}/new"], "a killed run left it"),
-    ("source missing", ["{o}/nowhere", "{o}/new"], "is not a folder"),
+    ("source missing", ["{o}/nowhere", "{o}/new"], "nowhere does not exist"),
     ("destination folder missing", ["{c}", "{o}/no/such/new"], "does not exist"),
     ("source not a checkpoint", ["{o}", "{o}/new"], "it is not a model component folder"),
     ("source of another model", ["{o}/unet", "{o}/new"], "is not a Helios component"),
