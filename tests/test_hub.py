@@ -19,6 +19,8 @@ from umt5_fixtures import write_tokenizer
 from helios_jax import cli, generate, hub
 from helios_jax.checkpoint import read_checkpoint_configs
 from helios_jax.config import ConfigError
+from helios_jax.pipeline import HeliosPipeline
+from helios_jax.prompts import PromptEncoder
 from helios_jax.training import recipes
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -173,6 +175,13 @@ def test_every_command_names_the_id_and_the_download_command(seeded, tmp_path, c
     assert err.startswith(f"helios-jax {command}: error: {MISSING_ID}: ")
     assert err.rstrip().endswith(f"`HF_HUB_OFFLINE=0 helios-jax download {MISSING_ID}`")
     assert sorted(os.listdir(tmp_path)) == before, "nothing may be written"
+
+
+@pytest.mark.parametrize("load", [HeliosPipeline.from_pretrained, PromptEncoder.from_pretrained],
+                         ids=["HeliosPipeline", "PromptEncoder"])
+def test_from_pretrained_takes_hub_ids(seeded, load):
+    with pytest.raises(hub.HubError, match=f"{MISSING_ID}: .*`HF_HUB_OFFLINE=0 helios-jax download {MISSING_ID}`"):
+        load(MISSING_ID)
 
 
 def test_download_prints_the_cached_folder(seeded, capsys):
