@@ -304,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt as err:
             left = _leftovers(args)
             what = f"left {left}: remove it by hand" if left else "nothing was left half-written"
+            if args.command == "download":  # snapshot_download's partial files are the cache's, resumed next time
+                what = "the Hugging Face cache keeps the files fetched so far, and the next download resumes them"
             signum = err.signum if isinstance(err, Interrupted) else signal.SIGINT
             print(f"helios-jax {args.command}: interrupted ({signal.Signals(signum).name}); {what}", file=sys.stderr)
             return 128 + signum

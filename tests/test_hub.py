@@ -189,6 +189,15 @@ def test_download_prints_the_cached_folder(seeded, capsys):
     assert status == 0 and out.strip() == seeded[1]
 
 
+def test_an_interrupted_download_says_what_the_cache_keeps(monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hub, "snapshot_download", interrupted)
+    status, _, err = _main(["download", REPO], capsys)
+    assert status == 130 and "interrupted (SIGINT); the Hugging Face cache keeps the files fetched so far" in err
+
+
 def test_generate_reads_a_hub_id_before_any_weight(seeded, tmp_path):
     args = cli.parser().parse_args(["generate", "--checkpoint", REPO, "--revision", "v2",
                                     "--output", str(tmp_path / "v.mp4")])
