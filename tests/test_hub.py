@@ -8,6 +8,7 @@ Nothing here reads a weight or compiles a program: the seeded checkpoints hold t
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 
@@ -111,6 +112,20 @@ def test_offline_and_not_cached_names_the_id_and_the_command(seeded):
     assert str(err.value).endswith(f"`HF_HUB_OFFLINE=0 helios-jax download {MISSING_ID}`")
     with pytest.raises(hub.HubError, match=f"`HF_HUB_OFFLINE=0 helios-jax download {REPO} --revision v3`"):
         hub.resolve(REPO, revision="v3")
+
+
+def test_a_partly_fetched_snapshot_is_named_so(seeded, offline):
+    """The cache's listing of the commit (trees/COMMIT.json, as huggingface_hub documents it) names a weights file
+    the snapshot lacks: the whole checkpoint is refused, its tokenizer folder alone still resolves."""
+    files = {name: {"size": 1, "blob_id": "0" * 40} for name in ("model_index.json", "tokenizer/tokenizer.json",
+                                                                 "transformer/diffusion_pytorch_model.safetensors")}
+    trees = offline / f"models--{REPO.replace('/', '--')}" / "trees"
+    trees.mkdir()
+    (trees / f"{MAIN}.json").write_text(json.dumps({"format_version": 1, "files": files}))
+    with pytest.raises(hub.HubError, match=f"holds only part of it and HF_HUB_OFFLINE is set; fetch it with "
+                                           f"`HF_HUB_OFFLINE=0 helios-jax download {REPO}`"):
+        hub.resolve(REPO)
+    assert hub.resolve(REPO, folders=("tokenizer",)) == seeded[0]
 
 
 def test_local_files_only_is_honoured_online_too(seeded, monkeypatch):
