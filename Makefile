@@ -33,7 +33,7 @@ install-test: $(VENV)/.installed-test
 
 demo: install
 	mkdir -p out
-	$(BIN)/helios-jax generate --output out/demo.mp4
+	$(BIN)/helios-jax generate --output out/demo.mp4 --overwrite
 
 # The suite on two pytest-xdist workers, a test file each at a time (--dist loadfile: a file's module fixtures are built
 # once), in the order tests/conftest.py gives, the slowest files first (--no-loadscope-reorder keeps it). Nearly all

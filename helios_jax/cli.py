@@ -1,4 +1,4 @@
-"""The ``helios-jax`` command: ``generate``, ``convert``, ``verify``, ``offload``, ``bench`` and ``train``.
+"""The ``helios-jax`` command: ``generate``, ``download``, ``convert``, ``verify``, ``offload``, ``bench`` and ``train``.
 
 Errors a user can cause (a bad flag value, a missing file, a checkpoint that does not fit) print one
 line and exit with status 2, before any weight is read where the error is in the arguments. Ctrl-C,
@@ -22,7 +22,7 @@ from typing import Iterator
 
 import jax.numpy as jnp
 
-from helios_jax import generate, parallel
+from helios_jax import generate, hub, parallel
 from helios_jax.checkpoint import PipelineError
 from helios_jax.config import ConfigError
 from helios_jax.conversion import convert_checkpoint
@@ -108,9 +108,10 @@ BENCHMARKS = {  # name: the module of the source checkout's experiments package 
 }
 
 
-def convert(source: str, destination: str, to: str, dtype: str | None, merge_lora: str | None = None) -> int:
+def convert(source: str, destination: str, to: str, dtype: str | None, merge_lora: str | None = None,
+            revision: str | None = None) -> int:
     """``helios-jax convert``: :func:`helios_jax.conversion.convert_checkpoint`, and a line saying what it wrote."""
-    print(f"wrote {convert_checkpoint(source, destination, to, dtype, merge_lora)}")
+    print(f"wrote {convert_checkpoint(source, destination, to, dtype, merge_lora, revision)}")
     return 0
 
 
@@ -171,8 +172,16 @@ def parser() -> Parser:
     generate.add_arguments(command("generate", "generate a video (mp4 + contact sheet)",
                                    "Generate a video (an mp4 and a contact-sheet PNG beside it). The flags are those "
                                    "of the official infer_helios.py, plus --checkpoint, --output and --attention."))
+    dow = command("download", "fetch a checkpoint's files from the Hugging Face hub into its cache",
+                  "Fetch the files of a hub checkpoint that helios-jax reads (configs, safetensors, tokenizer) into "
+                  "the Hugging Face cache (HF_HOME) and print its folder; every command then finds it by its id.")
+    dow.add_argument("id", help="the hub id, e.g. BestWishYsh/Helios-Distilled")
+    dow.add_argument("--revision", help="a branch, tag or commit (default: main)")
+    dow.add_argument("--local_dir", help="a folder to put the files in instead of the cache")
     conv = command("convert", "diffusers folder -> orbax params, or back to safetensors")
-    conv.add_argument("source", help="a component folder (transformer/, vae/, text_encoder/) or a whole checkpoint")
+    conv.add_argument("source", help="a component folder (transformer/, vae/, text_encoder/), a whole checkpoint "
+                                     "or a hub id")
+    conv.add_argument("--revision", help="the hub id's branch, tag or commit (default: main)")
     conv.add_argument("destination", help="a new folder")
     conv.add_argument("--to", choices=("orbax", "safetensors"), default="orbax", help="the format to write")
     conv.add_argument("--dtype", choices=generate.WEIGHT_DTYPES,
@@ -193,7 +202,9 @@ def parser() -> Parser:
                   "Videos + metadata JSON -> per-clip training latents (safetensors). `helios-jax offload ode-pairs "
                   "--help`: stage 3a's ODE pairs.")
     off.add_argument("metadata", help="the official metadata JSON (path, cut, crop, cap; paths relative to it)")
-    off.add_argument("--checkpoint", required=True, help="a diffusers Helios checkpoint (its vae/, text_encoder/)")
+    off.add_argument("--checkpoint", required=True, help="a diffusers Helios checkpoint (its vae/, text_encoder/) "
+                                                         "or a hub id")
+    off.add_argument("--revision", help="the hub id's branch, tag or commit (default: main)")
     off.add_argument("--output", required=True, help="the folder for the latent files")
     off.add_argument("--height", type=int, default=384, help="the clips' height in pixels")
     off.add_argument("--width", type=int, default=640, help="the clips' width in pixels")
@@ -203,7 +214,8 @@ def parser() -> Parser:
     # `helios-jax offload ode-pairs ...` (main routes it here): stage-3a ODE pairs from a pyramid teacher.
     ode = command(ODE_PAIRS, "offload ode-pairs TEACHER PROMPTS.txt OUT_DIR: a pyramid teacher's ODE states at the "
                              "student's timesteps, one file per prompt (stage 3a data)")
-    ode.add_argument("teacher", help="a diffusers pyramid checkpoint folder (e.g. Helios-Mid)")
+    ode.add_argument("teacher", help="a diffusers pyramid checkpoint folder or hub id (e.g. BestWishYsh/Helios-Mid)")
+    ode.add_argument("--revision", help="the hub id's branch, tag or commit (default: main)")
     ode.add_argument("prompts", help="a text file, one prompt per line")
     ode.add_argument("output", help="the folder for the ODE-pair files")
     ode.add_argument("--sections", type=int, default=None, help="chunks per prompt (default: 5, the official)")
@@ -302,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt as err:
             left = _leftovers(args)
             what = f"left {left}: remove it by hand" if left else "nothing was left half-written"
+            if args.command == "download":  # snapshot_download's partial files are the cache's, resumed next time
+                what = "the Hugging Face cache keeps the files fetched so far, and the next download resumes them"
             signum = err.signum if isinstance(err, Interrupted) else signal.SIGINT
             print(f"helios-jax {args.command}: interrupted ({signal.Signals(signum).name}); {what}", file=sys.stderr)
             return 128 + signum
@@ -318,13 +332,17 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.command == "generate":
         return generate.run(args)
+    if args.command == "download":
+        print(hub.download(args.id, revision=args.revision, local_dir=args.local_dir))
+        return 0
     if args.command == "convert":
-        return convert(args.source, args.destination, args.to, args.dtype, args.merge_lora)
+        return convert(args.source, args.destination, args.to, args.dtype, args.merge_lora, args.revision)
     if args.command == "offload":
         from helios_jax.training.offload import offload
 
         files = offload(args.metadata, args.checkpoint, args.output, height=args.height, width=args.width,
-                        seed=args.seed, min_frames=args.min_frames, skip_unfit=args.skip_unfit)
+                        seed=args.seed, min_frames=args.min_frames, skip_unfit=args.skip_unfit,
+                        revision=args.revision)
         print(f"wrote {len(files)} clip file(s) to {args.output}")
         return 0
     if args.command == ODE_PAIRS:
@@ -333,7 +351,7 @@ def _run(args: argparse.Namespace) -> int:
         files = offload_ode_pairs(args.teacher, args.prompts, args.output, sections=args.sections,
                                   num_frames=args.num_frames, height=args.height, width=args.width, steps=args.steps,
                                   guidance_scale=args.cfg, seed=args.seed, negative_prompt=args.negative_prompt,
-                                  dtype=jnp.bfloat16 if args.dtype == "bf16" else jnp.float32)
+                                  dtype=jnp.bfloat16 if args.dtype == "bf16" else jnp.float32, revision=args.revision)
         print(f"wrote {len(files)} ODE-pair file(s) to {args.output}")
         return 0
     if args.command == "verify":

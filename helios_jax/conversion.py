@@ -10,6 +10,7 @@ import shutil
 
 import jax.numpy as jnp
 
+from helios_jax import hub
 from helios_jax.checkpoint import COMPONENTS as PIPELINE_FOLDERS, PipelineError, PipelineSpec
 from helios_jax.convert import export_safetensors, save_params
 from helios_jax.convert.orbax_io import claim_staging, remove_staging
@@ -18,13 +19,17 @@ from helios_jax.models import fp8
 from helios_jax.models.lora import apply_loaded, load_lora
 
 
-def convert_checkpoint(source: str, destination: str, to: str, dtype: str | None, merge_lora: str | None = None) -> str:
-    """A component folder, or a whole pipeline folder, to orbax params or back to diffusers safetensors;
-    ``merge_lora`` fuses a LoRA folder into the transformer (as the official merge tool does). Returns what was
-    written, in words. Every check runs before the first weight is read; the destination appears complete or not
-    at all (a staging folder, renamed)."""
+def convert_checkpoint(source: str, destination: str, to: str, dtype: str | None, merge_lora: str | None = None,
+                       revision: str | None = None) -> str:
+    """A component folder, or a whole pipeline folder (or hub id, at ``revision``), to orbax params or back to
+    diffusers safetensors; ``merge_lora`` fuses a LoRA folder into the transformer (as the official merge tool
+    does). Returns what was written, in words. Every check runs before the first weight is read; the destination
+    appears complete or not at all (a staging folder, renamed), and never replaces anything."""
     quantize = fp8.FP8 if dtype == fp8.FP8 else None
     jax_dtype = DTYPES[dtype] if dtype and not quantize else None
+    if os.path.lexists(destination):
+        raise FileExistsError(f"{os.path.abspath(destination)} already exists; choose a new folder or remove it first")
+    source = hub.resolve(source, revision=revision)
     if not os.path.isdir(source):
         raise FileNotFoundError(f"{source} is not a folder: give a checkpoint folder or one of its components")
     pipeline = os.path.isfile(os.path.join(source, "model_index.json"))

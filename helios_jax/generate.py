@@ -2,7 +2,8 @@
 
 The flags are those of the official ``infer_helios.py`` (plus ``--checkpoint``, ``--output`` and
 ``--attention``). Without ``--output`` the video goes to ``outputs/``, named from the prompt and the time
-(:func:`default_output`), never over an existing file. Every input is checked before any weight is read
+(:func:`default_output`), never over an existing file; an explicit ``--output`` that exists is replaced only with
+``--overwrite``. Every input is checked before any weight is read
 (:func:`prepare`): the output path, every number against the checkpoint's configs, the image or video, the
 interactive prompt CSV. The mp4
 is written chunk by chunk into a temporary file that is renamed into place when the video is complete,
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from helios_jax import demo, parallel
+from helios_jax import demo, hub, parallel
 from helios_jax.checkpoint import PipelineError, read_checkpoint_configs
 from helios_jax.loading import DTYPES
 from helios_jax.models import fp8
@@ -63,9 +64,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         show = lambda v: " ".join(map(str, v)) if isinstance(v, list) else v  # noqa: E731
         return f"default: {show(official)}{unit} with --checkpoint, {show(embedded)}{unit} for the embedded model"
 
-    parser.add_argument("--checkpoint", help="a diffusers Helios folder; default: the embedded random-weight model")
+    parser.add_argument("--checkpoint", help="a diffusers Helios folder or a hub id (BestWishYsh/Helios-Distilled); "
+                                             "default: the embedded random-weight model")
+    parser.add_argument("--revision", help="the hub id's branch, tag or commit (default: main)")
     parser.add_argument("--output", help=f"the mp4 to write (a contact-sheet PNG goes beside it); default: "
                                          f"{OUTPUTS}/PROMPT-WORDS-YYYYMMDD-HHMMSS.mp4, never over an existing file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output mp4 and its PNG")
     parser.add_argument("--sample_type", choices=("t2v", "i2v", "v2v"), default="t2v",
                         help="text-, image- or video-to-video (i2v needs --image_path, v2v --video_path)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="what the video shows; default: the official "
@@ -291,10 +295,16 @@ def prepare(args: argparse.Namespace) -> Job:
         sheet = os.path.splitext(output)[0] + ".png"
         check_writable(sheet, ".png")
     _check_collisions(args, output, sheet)
+    existing = [path for path in (output, sheet) if os.path.lexists(path)]
+    if existing and not args.overwrite:  # only an explicit --output can name existing files
+        raise PipelineError(f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}: "
+                            "add --overwrite to replace, or choose another --output")
     _check_flags(args, settings)
     _check_sample_type(args)
     mesh_sizes = parallel.parse_mesh(args.mesh) if args.mesh else None
-    checkpoint = args.checkpoint or demo.demo_checkpoint()
+    if args.revision and not args.checkpoint:
+        raise PipelineError(f"--revision {args.revision} is a revision of a --checkpoint hub id: give --checkpoint")
+    checkpoint = hub.resolve(args.checkpoint, revision=args.revision) if args.checkpoint else demo.demo_checkpoint()
     configs = read_checkpoint_configs(checkpoint)  # every config of the folder; no weight
     request_args = dict(
         height=settings["height"], width=settings["width"], num_frames=args.num_frames,

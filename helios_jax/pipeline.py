@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from helios_jax import parallel
+from helios_jax import hub, parallel
 from helios_jax.checkpoint import PipelineError, PipelineSpec, check_spec_matches_scheduler, read_checkpoint_configs
 from helios_jax.compilation import enable_compilation_cache
 from helios_jax.config import TransformerConfig, VAEConfig
@@ -191,8 +191,12 @@ class HeliosPipeline:
         lora: str | os.PathLike | None = None,
         lora_scale: float = 1.0,
         weight_dtype: str | None = None,
+        revision: str | None = None,
+        local_files_only: bool = False,
     ) -> "HeliosPipeline":
-        """Load every component of a diffusers Helios folder. ``dtype`` is the transformer's and the text
+        """Load every component of a diffusers Helios folder, or of a hub id's snapshot (``hub.resolve``: the
+        Hugging Face cache, fetched unless ``local_files_only`` or HF_HUB_OFFLINE; ``revision`` a branch, tag or
+        commit). ``dtype`` is the transformer's and the text
         encoder's (the reference's ``torch_dtype``); the VAE runs in ``vae_dtype`` as the official inference
         does. ``attention_impl`` None picks cuDNN on a GPU in 16-bit, else XLA (``default_impl``).
         ``compilation_cache`` is a folder, True for the default user cache folder, or False. ``lora`` (a
@@ -202,7 +206,7 @@ class HeliosPipeline:
         ``weight_dtype="fp8"`` stores the DiT's block linears as float8_e4m3fn with per-channel scales and
         runs them as FP8 GEMMs (``helios_jax.models.fp8``; the rest of the DiT stays in ``dtype``); a
         checkpoint converted to fp8 (``helios-jax convert --dtype fp8``) runs so whatever this says."""
-        folder = os.fspath(folder)
+        folder = hub.resolve(folder, revision=revision, local_files_only=local_files_only)
         configs = read_checkpoint_configs(folder)  # every config checked before the first weight is read
         quantize = _check_weight_dtype(weight_dtype, os.path.join(folder, "transformer"), lora)
         loaded = None if lora is None else load_lora(lora, configs.transformer)

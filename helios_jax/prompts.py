@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from helios_jax import hub
 from helios_jax.config import UMT5Config
 from helios_jax.loading import load_text_encoder
 from helios_jax.models.umt5 import UMT5Encoder
@@ -34,6 +35,7 @@ DEFAULT_NEGATIVE_PROMPT = (
 )
 
 DEFAULT_MAX_SEQUENCE_LENGTH = 512  # the reference pipelines' ``__call__`` default
+ENCODER_FOLDERS = ("text_encoder", "tokenizer")  # what from_pretrained reads of a checkpoint
 Prompts = str | Sequence[str]
 
 
@@ -69,10 +71,12 @@ class PromptEncoder:
 
     @classmethod
     def from_pretrained(
-        cls, checkpoint: str | os.PathLike, dtype: Any | None = None, *, attention_impl: str = "xla"
+        cls, checkpoint: str | os.PathLike, dtype: Any | None = None, *, attention_impl: str = "xla",
+        revision: str | None = None
     ) -> "PromptEncoder":
-        """From a diffusers checkpoint folder holding ``text_encoder/`` and ``tokenizer/``."""
-        folder = os.fspath(checkpoint)
+        """From a diffusers checkpoint folder holding ``text_encoder/`` and ``tokenizer/``, or a hub id (at
+        ``revision``), of which only those two folders are fetched."""
+        folder = hub.resolve(checkpoint, revision=revision, folders=ENCODER_FOLDERS)
         tokenizer = PromptTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
         config, params = load_text_encoder(os.path.join(folder, "text_encoder"), dtype)
         return cls(config, params, tokenizer, attention_impl=attention_impl)

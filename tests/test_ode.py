@@ -157,7 +157,7 @@ def test_recorded_states_are_the_plain_pipelines(pairs):
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda r, c, p, o: (str(r / "nope"), p, o, []), "no teacher folder"),
+    (lambda r, c, p, o: (str(r / "nope"), p, o, []), "nope does not exist"),
     (lambda r, c, p, o: (c, str(r / "empty.txt"), o, []), "no prompt"),
     (lambda r, c, p, o: (c, p, o, ["--num-frames", "100"]), "not a whole number"),
 ])

@@ -40,6 +40,7 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy for safetensors)
 import numpy as np
 from safetensors import safe_open
 
+from helios_jax import hub
 from helios_jax.checkpoint import PipelineSpec, read_checkpoint_configs
 from helios_jax.convert.export import save_safetensors
 from helios_jax.history import video_frames_per_chunk
@@ -226,10 +227,12 @@ def offload_ode_pairs(teacher: str, prompts_path: str, output: str, *, sections:
                       num_frames: int | None = None, height: int = 384, width: int = 640, steps: int = 20,
                       guidance_scale: float = 5.0, seed: int = 42, negative_prompt: str | None = None,
                       student_steps: Sequence[int] = STUDENT_STEPS, dtype: Any = jnp.bfloat16,
-                      progress: bool | None = None) -> list[str]:
+                      progress: bool | None = None, revision: str | None = None) -> list[str]:
     """Write one ODE-pair file per prompt of ``prompts_path`` into ``output`` (existing files kept); returns
-    their paths. Every argument is checked before any weight is read."""
+    their paths. ``teacher`` is a folder or a hub id (at ``revision``). Every argument is checked before any
+    weight is read."""
     count = _sections(sections, num_frames)
+    teacher = hub.resolve(teacher, revision=revision)
     if not os.path.isdir(teacher):
         raise DataError(f"no teacher folder at {teacher!r}: give a diffusers pyramid checkpoint folder (Helios-Mid)")
     configs = read_checkpoint_configs(teacher)

@@ -40,6 +40,7 @@ RESOLUTION_BUCKETS = ((768, 320), (768, 384), (640, 384), (768, 512), (576, 448)
                       (512, 768), (384, 640), (384, 768), (320, 768))
 KNOWN_KEYS = {"path", "cut", "crop", "cap", "fps", "num_frames", "resolution"}
 MAX_SEQUENCE_LENGTH = 512
+ENCODERS = ("vae", "text_encoder", "tokenizer")  # the checkpoint folders offloading reads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,12 +190,14 @@ def fit_frames(frames: np.ndarray, crop: Sequence[int], height: int, width: int)
 
 
 def offload(json_path: str, checkpoint: str, output: str, *, height: int = 384, width: int = 640, seed: int = 42,
-            min_frames: int = MIN_FRAMES, skip_unfit: bool = False, progress: bool | None = None) -> list[str]:
-    """Encode every clip of ``json_path`` with the checkpoint's VAE and text encoder into ``output``;
-    returns the files' paths (existing ones kept)."""
+            min_frames: int = MIN_FRAMES, skip_unfit: bool = False, progress: bool | None = None,
+            revision: str | None = None) -> list[str]:
+    """Encode every clip of ``json_path`` with the checkpoint's VAE and text encoder (a folder, or a hub id at
+    ``revision``: only those folders are fetched) into ``output``; returns the files' paths (existing ones kept)."""
     import jax
     import jax.numpy as jnp
 
+    from helios_jax import hub
     from helios_jax.loading import load_vae
     from helios_jax.models import vae as vae_lib
     from helios_jax.prompts import PromptEncoder
@@ -202,7 +205,8 @@ def offload(json_path: str, checkpoint: str, output: str, *, height: int = 384, 
     if height % 16 or width % 16 or height < 16 or width < 16:
         raise DataError(f"--height {height} --width {width}: both must be positive multiples of 16 (the VAE's 8 "
                         "times the transformer's patch of 2)")
-    for folder in ("vae", "text_encoder", "tokenizer"):
+    checkpoint = hub.resolve(checkpoint, revision=revision, folders=ENCODERS)
+    for folder in ENCODERS:
         if not os.path.isdir(os.path.join(checkpoint, folder)):
             raise DataError(f"checkpoint {checkpoint!r} has no {folder}/ folder: pass a diffusers Helios checkpoint")
     clips = read_metadata(json_path, height=height, width=width, min_frames=min_frames, skip_unfit=skip_unfit)

@@ -34,7 +34,9 @@ from typing import Any, Sequence
 
 import yaml
 
+from helios_jax import hub
 from helios_jax.config import ConfigError
+from helios_jax.hub import HubError
 from helios_jax.models.lora import LoraSpec
 from helios_jax.prompts import DEFAULT_NEGATIVE_PROMPT
 from helios_jax.sampling.schedule import HeliosSchedulerConfig
@@ -87,6 +89,7 @@ _STAGES_1_2: dict[str, dict[str, Key]] = {
         "pretrained_model_name_or_path": Key("str?", None),
         "transformer_model_name_or_path": Key("str?", None),
         "subfolder": Key("str?", None),
+        "revision": Key("str?", None),  # of the hub ids above (a branch, tag or commit)
         "lora_rank": Key(int, 128),
         "lora_alpha": Key(float, 128.0),
         "lora_dropout": Key(float, 0.0, (0.0,), f"LoRA dropout is {_NOT_HERE} (0 in every official YAML)"),
@@ -209,7 +212,7 @@ _OFFICIAL_ONLY: dict[str, frozenset[str]] = {
         "gan_data_root", "ode_data_root", "text_data_root",
     }),
     "model_config": frozenset({
-        "siglip_model_name_or_path", "revision", "variant", "load_model_path", "load_dcp_path", "upcast_vae",
+        "siglip_model_name_or_path", "variant", "load_model_path", "load_dcp_path", "upcast_vae",
         "enable_slicing", "enable_tiling", "critic_lora_name_or_path", "critic_subfolder", "critic_lora_rank",
         "critic_lora_alpha", "critic_lora_dropout", "real_score_model_name_or_path", "reward_model_name_or_path",
     }),
@@ -457,13 +460,12 @@ class Recipe:
                           d["negative_prompt"] or DEFAULT_NEGATIVE_PROMPT)
 
     def model(self) -> ModelConfig:
+        """The model folders, hub ids resolved to their local snapshots (fetched by the first call)."""
         m, t = self.values["model_config"], self.values["training_config"]
-        path = m["transformer_model_name_or_path"]
-        transformer = os.path.join(path, m["subfolder"]) if path is not None and m["subfolder"] else path
-        critic = transformer
-        if m.get("real_score_model_name_or_path") is not None:
-            critic = os.path.join(m["real_score_model_name_or_path"], m["critic_subfolder"] or "transformer")
-        return ModelConfig(m["pretrained_model_name_or_path"], transformer, critic, t["mixed_precision"],
+        folders = {key: _model_folder(m, key) for key in _MODEL_KEYS if m.get(key) is not None}
+        transformer = folders.get("transformer_model_name_or_path")
+        return ModelConfig(folders.get("pretrained_model_name_or_path"), transformer,
+                           folders.get("real_score_model_name_or_path", transformer), t["mixed_precision"],
                            t["gradient_checkpointing"])
 
     def validation(self) -> ValidationConfig:
@@ -790,15 +792,32 @@ def check_paths(recipe: Recipe) -> None:
                 "offload videos there first (helios-jax offload)"
             raise ConfigError(f"data_config.{key}: no data folder at {folder!r}; {what} or fix the path")
     model = recipe.section("model_config")
-    for key in ("pretrained_model_name_or_path", "transformer_model_name_or_path"):
-        path = model[key]
-        if path is None:
-            raise ConfigError(f"model_config.{key} is not set: give a local diffusers folder")
-        if key == "transformer_model_name_or_path" and model["subfolder"]:
-            path = os.path.join(path, model["subfolder"])
+    for key in _MODEL_KEYS:
+        if model.get(key) is None:
+            if key == "real_score_model_name_or_path":
+                continue  # the generator's folder
+            raise ConfigError(f"model_config.{key} is not set: give a diffusers folder or a hub id (org/name)")
+        try:
+            path = _model_folder(model, key)
+        except HubError as err:
+            raise ConfigError(f"model_config.{key}: {err}") from None
         if not os.path.isdir(path):
-            raise ConfigError(f"model_config.{key}: no local folder at {path!r} (no model hub is read; "
-                              f"download the checkpoint and give its folder)")
+            raise ConfigError(f"model_config.{key}: no folder at {path!r}; give a diffusers folder or a hub id")
+
+
+# The model folders of a run and the subfolder key of each (None: the folder itself is read).
+_MODEL_KEYS = {"pretrained_model_name_or_path": None, "transformer_model_name_or_path": "subfolder",
+               "real_score_model_name_or_path": "critic_subfolder"}
+
+
+def _model_folder(model: dict[str, Any], key: str) -> str:
+    """The local folder a ``model_config`` key names (a path, or a hub id through ``hub.resolve`` at
+    ``model_config.revision``), with its subfolder: a critic's defaults to ``transformer``."""
+    subfolder = model.get(_MODEL_KEYS[key]) if _MODEL_KEYS[key] else None
+    if key == "real_score_model_name_or_path":
+        subfolder = subfolder or "transformer"
+    folder = hub.resolve(model[key], revision=model["revision"], folders=(subfolder,) if subfolder else None)
+    return os.path.join(folder, subfolder) if subfolder else folder
 
 
 _ODE_ON = ("data_config.use_stage3_dataset", "training_config.is_use_ode_regression",

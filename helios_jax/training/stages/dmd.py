@@ -241,9 +241,6 @@ def prepare(recipe: Recipe, *, progress: bool | None = None, validate: bool = Tr
     recipes.check_paths(recipe)
     model = recipe.model()
     g_folder, c_folder = model.transformer, model.critic
-    if not os.path.isdir(c_folder):
-        raise ConfigError(f"model_config.real_score_model_name_or_path: no transformer folder at {c_folder!r} "
-                          "(give a local pipeline folder, or leave it unset to score with the generator's base)")
     run = recipe.run(progress)
     trainer.check_resumable(run)
     mesh = parts.training_mesh(recipe.mesh)
