@@ -236,7 +236,7 @@ def test_the_official_yaml_finds_its_hub_ids_in_the_cache(offline, tmp_path):
     """stage_1_post.yaml names BestWishYsh/Helios-Base and its transformer_init subfolder, as published."""
     data = tmp_path / "data"
     data.mkdir()
-    yaml = os.path.join(FIXTURES, "training-configs", "stage_1_post.yaml")
+    yaml = "stage_1_post"  # the shipped YAML, found by name
     with pytest.warns(UserWarning):
         recipe = recipes.load(yaml, [f"data_config.instance_data_root=[{data}]"])
     with pytest.raises(ConfigError, match="model_config.pretrained_model_name_or_path: BestWishYsh/Helios-Base: .*"
