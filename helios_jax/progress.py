@@ -34,7 +34,7 @@ class Progress:
     def __init__(self, total: int, desc: str, *, unit: str = "it", enabled: bool | None = None,
                  stream: TextIO | None = None, lines: int | None = None, position: int = 0):
         stream = stream or sys.stderr
-        self.total, self.desc, self.done = total, desc, 0
+        self.total, self.desc, self.done, self._logged = total, desc, 0, 0
         self.bar = tqdm(total=total, desc=desc, unit=unit, file=stream, position=position, dynamic_ncols=True,
                         leave=True) if (stream.isatty() if enabled is None else enabled) else None
         self.logs = enabled is None and self.bar is None
@@ -46,14 +46,14 @@ class Progress:
         if self.bar is not None:
             self.bar.set_postfix_str(note, refresh=False)
             self.bar.update(n)
-        elif self.logs and (self.done % self.every == 0 or self.done >= self.total):
+        elif self.logs and (self.done - self._logged >= self.every or self.done >= self.total):
             now = time.perf_counter()
             elapsed = now - self._start
             eta = elapsed / self.done * max(self.total - self.done, 0)
             logger.info("%s %d/%d: %.1f s%s; %s elapsed, ETA %s", self.desc, self.done, self.total,
                         now - self._last, f" ({note})" if note else "", tqdm.format_interval(elapsed),
                         tqdm.format_interval(eta))
-            self._last = now
+            self._last, self._logged = now, self.done
 
     def close(self) -> None:
         if self.bar is not None:
