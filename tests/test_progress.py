@@ -88,9 +88,10 @@ def test_the_compile_note_is_said_once_per_program(info, monkeypatch, tmp_path):
     try:
         for key in ("a", "a", "b", "a"):
             compilation.note_first_run(key, f"program {key}")
+        compilation.jax.config.update("jax_compilation_cache_dir", None)
+        compilation.note_first_run("c", "program c")
     finally:
         compilation.jax.config.update("jax_compilation_cache_dir", before)
-    compilation.note_first_run("c", "program c")
     assert _messages(info) == [f"compiling program a (first run; cached in {tmp_path})",
                                f"compiling program b (first run; cached in {tmp_path})",
                                "compiling program c (first run; the persistent cache is off)"]
