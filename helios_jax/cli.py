@@ -4,6 +4,8 @@ Errors a user can cause (a bad flag value, a missing file, a checkpoint that doe
 line and exit with status 2, before any weight is read where the error is in the arguments. Ctrl-C,
 SIGTERM and SIGHUP exit with 128 + the signal's number (130, 143, 129) after removing every partial
 output, and say truly what is left. Anything else is a bug: its traceback is shown, with a line that says so.
+``--log-level`` (before or after the command) sets which of the ``helios_jax`` loggers' messages reach standard
+error; a command's result (``wrote ...``, verify's table) goes to standard output.
 """
 
 from __future__ import annotations
