@@ -179,7 +179,7 @@ def load_params(
     plan = plan_conversion(source, shapes, keymap)
     placement = {} if shardings is None else traverse_util.flatten_dict(shardings)
     out: dict[Path, jax.Array] = {}
-    with Progress(plan.num_tensors, desc) as bar:
+    with Progress(plan.num_tensors, desc, unit="tensor", lines=4) as bar:
         for path, spec in traverse_util.flatten_dict(shapes).items():
             leaf, entries = path[-1], plan.slots[path]
             dtype, where = dtype_for(path, source.dtype(entries[0][1])), placement.get(path)

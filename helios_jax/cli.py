@@ -4,6 +4,8 @@ Errors a user can cause (a bad flag value, a missing file, a checkpoint that doe
 line and exit with status 2, before any weight is read where the error is in the arguments. Ctrl-C,
 SIGTERM and SIGHUP exit with 128 + the signal's number (130, 143, 129) after removing every partial
 output, and say truly what is left. Anything else is a bug: its traceback is shown, with a line that says so.
+``--log-level`` (before or after the command) sets which of the ``helios_jax`` loggers' messages reach standard
+error; a command's result (``wrote ...``, verify's table) goes to standard output.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import contextlib
 import copy
 import importlib.metadata
+import logging
 import os
 import signal
 import subprocess
@@ -22,7 +25,7 @@ from typing import Iterator
 
 import jax.numpy as jnp
 
-from helios_jax import generate, hub, parallel
+from helios_jax import generate, hub, parallel, progress
 from helios_jax.checkpoint import PipelineError
 from helios_jax.config import ConfigError
 from helios_jax.conversion import convert_checkpoint
@@ -98,6 +101,7 @@ class Choices(tuple):
 USER_ERRORS = (PipelineError, MediaError, ConfigError, CheckpointError, MeshError, DataError, OSError)
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 BUG_REPORTS = "the helios-jax issue tracker"  # the project publishes no URL yet
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 BENCHMARKS = {  # name: the module of the source checkout's experiments package that it runs
     "attention": "experiments.benchmarks.bench_attention",
     "dit": "experiments.benchmarks.bench_dit",
@@ -164,10 +168,16 @@ def parser() -> Parser:
     root = Parser(prog="helios-jax", description="Helios video generation in JAX. `helios-jax COMMAND --help` "
                                                  "explains each command's flags (both --a_b and --a-b are accepted).")
     root.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    root.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO",
+                      help="the least severe messages shown (progress lines and notes are INFO)")
     commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, text: str, description: str | None = None) -> Parser:
-        return commands.add_parser(name, help=text, description=description or text)
+        sub = commands.add_parser(name, help=text, description=description or text)
+        # also after the command; SUPPRESS keeps the root's value when it is not given here
+        sub.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default=argparse.SUPPRESS,
+                         help="as before the command")
+        return sub
 
     generate.add_arguments(command("generate", "generate a video (mp4 + contact sheet)",
                                    "Generate a video (an mp4 and a contact-sheet PNG beside it). The flags are those "
@@ -303,11 +313,22 @@ def _user_error(err: BaseException) -> bool:
 ODE_PAIRS = "offload-ode-pairs"
 
 
+def configure_logging(level: str) -> None:
+    """The ``helios_jax`` loggers' messages at ``level`` and above to standard error (a bar there is redrawn
+    below them); called once per command, so a second ``main`` in one process replaces the handler."""
+    library = logging.getLogger("helios_jax")
+    for handler in [h for h in library.handlers if isinstance(h, progress.LogHandler)]:
+        library.removeHandler(handler)
+    library.addHandler(progress.LogHandler())
+    library.setLevel(level)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["offload", "ode-pairs"]:
         argv = [ODE_PAIRS, *argv[2:]]
     args = parser().parse_args(argv)
+    configure_logging(args.log_level)
     with _signals_interrupt():  # also around the handlers below: a second signal must not cut the report short
         try:
             return _run(args)

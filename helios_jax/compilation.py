@@ -6,11 +6,15 @@ A 14B chunk program takes minutes to compile; with the cache, the second run of 
 
 from __future__ import annotations
 
+import logging
 import os
+from typing import Hashable
 
 import jax
 
 MIN_COMPILE_SECONDS = 1.0  # programs faster to compile than this are not worth a disk entry
+logger = logging.getLogger(__name__)
+_RUN: set[Hashable] = set()  # the programs this process has run (jax keeps them in memory until clear_caches)
 
 
 def default_cache_dir() -> str:
@@ -28,3 +32,13 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> str:
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
     return path
+
+
+def note_first_run(program: Hashable, what: str) -> None:
+    """Log at INFO, once per process for each ``program`` (a key that fixes the compiled program), that
+    ``what`` compiles now: its first run takes the compile's seconds or minutes, or a load from the cache."""
+    if program in _RUN:
+        return
+    _RUN.add(program)
+    folder = jax.config.jax_compilation_cache_dir
+    logger.info("compiling %s (first run; %s)", what, f"cached in {folder}" if folder else "the persistent cache is off")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import logging
 import math
 import os
 import re
@@ -35,6 +36,7 @@ from helios_jax.prompts import DEFAULT_NEGATIVE_PROMPT
 from helios_jax.request import Request, check_request, check_seed, check_video_length
 from helios_jax.video import Mp4Writer, check_writable, contact_sheet, fit_image, fit_video, write_png
 
+logger = logging.getLogger(__name__)
 # fp8: the DiT's block linears in float8_e4m3fn (helios_jax.models.fp8), everything else in bf16.
 WEIGHT_DTYPES = (*DTYPES, fp8.FP8)
 DEFAULT_PROMPT = (
@@ -331,7 +333,8 @@ def run(args: argparse.Namespace) -> int:
     """Generate and write the video; returns the exit status."""
     job = prepare(args)
     if args.checkpoint is None:
-        print(f"No --checkpoint: using the embedded random-weight Helios at {job.checkpoint} (its video is noise).")
+        logger.warning("no --checkpoint: using the embedded random-weight Helios at %s (its video is noise)",
+                       job.checkpoint)
     parallel.initialize(args.coordinator_address, args.num_processes, args.process_id)
     mesh = parallel.make_mesh(**job.mesh_sizes) if job.mesh_sizes else None
     pipe = HeliosPipeline.from_pretrained(job.checkpoint, dtype=job.dtype, attention_impl=job.attention,

@@ -25,7 +25,7 @@ import numpy as np
 
 from helios_jax import hub, parallel
 from helios_jax.checkpoint import PipelineError, PipelineSpec, check_spec_matches_scheduler, read_checkpoint_configs
-from helios_jax.compilation import enable_compilation_cache
+from helios_jax.compilation import enable_compilation_cache, note_first_run
 from helios_jax.config import TransformerConfig, VAEConfig
 from helios_jax.history import (
     VAE_SPATIAL_FACTOR,
@@ -41,7 +41,7 @@ from helios_jax.models.attention import default_impl
 from helios_jax.models.lora import apply_loaded, load_lora
 from helios_jax.models.transformer import HeliosTransformer, TextKV, compute_dtype, sequence_length, text_kv
 from helios_jax.noise import KeyNoise, NoiseSource
-from helios_jax.progress import Progress
+from helios_jax.progress import ChunkProgress
 from helios_jax.prompts import PromptEncoder
 from helios_jax.request import Request, check_prompts, check_request, check_seed, check_video_length
 from helios_jax.sampling import (
@@ -338,7 +338,8 @@ class HeliosPipeline:
         **settings: Any,
     ) -> Iterator[np.ndarray]:
         """Validate and prepare everything (errors are raised here, before any compute), then return
-        the iterator over chunks."""
+        the iterator over chunks. ``progress``: None shows bars of chunks and steps on a terminal and logs
+        one line per chunk otherwise (``helios_jax.progress``); True always draws the bars, False nothing."""
         request, layout = self._check(settings, prompt=prompt, prompt_embeds=prompt_embeds,
                                       negative_prompt=negative_prompt, negative_prompt_embeds=negative_prompt_embeds,
                                       interactive_prompts=interactive_prompts,
@@ -390,16 +391,20 @@ class HeliosPipeline:
             frames_left -= take
             return host[:, :take]
 
+        plans = [self._plan(request, latent_shape, guidance, amplify=request.is_amplify_first_chunk and k == 0)
+                 for k in range(chunks)]
         pending = None  # the previous chunk's output, still being computed on the device
-        with Progress(chunks, "chunks", enabled=progress) as chunk_bar:
-            for k in range(chunks):
-                plan = self._plan(request, latent_shape, guidance, amplify=request.is_amplify_first_chunk and k == 0)
+        frame_axis = 2 if output_type == "latent" else 1
+        with ChunkProgress([sum(p.layout.stage_steps) for p in plans], enabled=progress) as bar:
+            for k, plan in enumerate(plans):
                 if layout.keep_first_frame and prefix is None:
                     prefix = self._placed(jnp.zeros((batch, channels, 1, *latent_hw), jnp.float32))
                 history = self._history(layout, indices, window, prefix)
                 shapes = noise_shapes(plan)
                 chunk_noise = self._placed(
                     ChunkNoise(source.normal(shapes.initial), tuple(source.normal(s) for s in shapes.block)))
+                note_first_run((self._model_fn, self._context_fn, self.sampler is None, plan.layout),
+                               f"chunk {k + 1}'s sampling program")
                 with self._on_mesh():
                     latents = self._placed(self._denoise(plan, history, chunk_noise, contexts[k], negative,
                                                          request.guidance_scale))
@@ -415,11 +420,11 @@ class HeliosPipeline:
                 # Chunk k's sampling and decode are dispatched (JAX runs them asynchronously) before the host
                 # waits for chunk k - 1's frames: the device works on chunk k while the caller writes k - 1.
                 if pending is not None:
-                    yield fetch(pending)
-                    chunk_bar.advance()
+                    yield (chunk := fetch(pending))
+                    bar.chunk_done(chunk.shape[frame_axis])
                 pending = out
-            yield fetch(pending)
-            chunk_bar.advance()
+            yield (chunk := fetch(pending))
+            bar.chunk_done(chunk.shape[frame_axis])
 
     def _denoise(self, plan: ChunkPlan, history: dict[str, jax.Array], noise: ChunkNoise, context: jax.Array,
                  negative: jax.Array | None, guidance_scale: float) -> jax.Array:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from helios_jax import hub
+from helios_jax.compilation import note_first_run
 from helios_jax.config import UMT5Config
 from helios_jax.loading import load_text_encoder
 from helios_jax.models.umt5 import UMT5Encoder
@@ -97,6 +98,8 @@ class PromptEncoder:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} = {value!r} must be a positive integer")
         ids, mask = self.tokenizer([clean_prompt(p) for p in prompts], max_sequence_length)
+        dtypes = frozenset(str(leaf.dtype) for leaf in jax.tree.leaves(self.params))
+        note_first_run((self._encode.args[0], ids.shape, dtypes), "the text encoder")
         embeds = self._encode(self.params, ids, mask)
         if dtype is not None:
             embeds = embeds.astype(dtype)

@@ -58,6 +58,7 @@ def _reference() -> tuple[Any, Any, Any]:
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", module="(diffusers|transformers|torch)")
     return torch, diffusers, transformers
 
@@ -182,6 +183,7 @@ def check_pipeline(torch: Any, diffusers: Any, transformers: Any, folder: str) -
     args = dict(prompt="a speeding train", height=64, width=64, num_frames=40, guidance_scale=1.0,
                 pyramid_num_inference_steps_list=[1, 1, 1], max_sequence_length=16)
     reference = diffusers.HeliosPyramidPipeline.from_pretrained(checkpoint)
+    reference.set_progress_bar_config(disable=True)  # a pipeline's bar is its own tqdm, not diffusers' logging's
     draws: list[np.ndarray] = []
     with record_draws(torch, draws):
         ref = reference(**args, generator=torch.Generator().manual_seed(0), output_type="np").frames[0]

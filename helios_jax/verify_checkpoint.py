@@ -107,7 +107,7 @@ def scan_tensors(component: str, folder: str) -> list[Problem]:
     """Read every tensor of a component folder once, one at a time: each must fit its file (a header entry
     whose shape or byte range is wrong names the tensor), and a float one must be finite and below MAX_WEIGHT."""
     problems, files = [], _weight_files(folder)
-    for file in track(files, len(files), f"scanning {component}"):
+    for file in track(files, len(files), f"scanning {component}", unit="file"):
         try:
             source = open_source(file)
         except TensorError as err:

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helios_jax import cli, demo, generate
+from helios_jax import cli, compilation, demo, generate
 from helios_jax.convert import open_source
 from helios_jax.pipeline import HeliosPipeline
 from helios_jax.video import read_mp4
@@ -22,10 +22,16 @@ def cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
-def test_generate_with_the_embedded_model_writes_a_playable_mp4_and_a_contact_sheet(tmp_path, capsys):
+def test_generate_with_the_embedded_model_writes_a_playable_mp4_and_a_contact_sheet(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(compilation, "_RUN", set())  # as a fresh process: no chunk program has run yet
     out = tmp_path / "video.mp4"
     assert cli.main(["generate", "--output", str(out), *SMALL]) == 0
-    assert "embedded random-weight Helios" in capsys.readouterr().out
+    output = capsys.readouterr()
+    assert output.out.startswith("wrote ")  # standard output is the result; messages go to standard error
+    err = output.err.splitlines()  # not a terminal: no bar, one line per chunk
+    assert any("embedded random-weight Helios" in line and line.startswith("warning: ") for line in err), err
+    assert sum(line.startswith("compiling chunk 1's sampling program (first run; ") for line in err) == 1, err
+    assert [line.split(":")[0] for line in err if line.startswith("chunk ")] == ["chunk 1/2", "chunk 2/2"], err
     frames = read_mp4(out)
     assert frames.shape == (65, 64, 64, 3)  # 2 chunks of 33 frames, trimmed to 4k + 1, as the reference does
     assert (tmp_path / "video.png").is_file()

@@ -5,6 +5,8 @@ is test_pipeline.py's job.
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 import shutil
 
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 from jax import monitoring
 
-from helios_jax import demo
+from helios_jax import compilation, demo
 from helios_jax.config import ConfigError
 from helios_jax.convert import export_safetensors
 from helios_jax.loading import COMPONENTS
@@ -41,13 +43,23 @@ def test_frame_counts_follow_the_reference_rounding(pipe, num_frames, expected):
     assert pipe.num_output_frames(num_frames) == expected
 
 
-def test_stream_yields_the_same_video_as_call(pipe):
-    chunks = list(pipe.stream(**SMALL, num_frames=99, seed=3))
+def test_stream_yields_the_same_video_as_call(pipe, caplog, monkeypatch):
+    """Also what it logs off a terminal: one line per chunk, and a note for the program not yet run (once)."""
+    monkeypatch.setattr(compilation, "_RUN", set())
+    monkeypatch.setattr("sys.stderr", io.StringIO())  # not a terminal, even under pytest -s
+    caplog.set_level(logging.INFO, logger="helios_jax")
+    chunks = list(pipe.stream(**{**SMALL, "progress": None}, num_frames=99, seed=3))
     assert [c.shape[1] for c in chunks] == [33, 33, 31]  # the last chunk is trimmed: 97 frames in all
     video = pipe(**SMALL, num_frames=99, seed=3)
     assert video.shape == (97, 64, 64, 3) and video.dtype == np.uint8
     np.testing.assert_array_equal(np.concatenate(chunks, axis=1)[0], video)
     assert not np.array_equal(video, pipe(**SMALL, num_frames=99, seed=4)), "the seed must matter"
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("helios_jax")]
+    notes = [line.split(" (first run; ")[0] for line in lines if not line.startswith("chunk ")]
+    assert notes == ["compiling the text encoder", "compiling chunk 1's sampling program"], lines
+    shown = [line for line in lines if line.startswith("chunk ")]  # progress=False: the last two runs say nothing
+    assert [line.split(":")[0] for line in shown] == ["chunk 1/3", "chunk 2/3", "chunk 3/3"], lines
+    assert "(31 frames, 3 steps)" in shown[2]  # pyramid [1, 1, 1]: 3 steps a chunk
 
 
 class CompileCounter:

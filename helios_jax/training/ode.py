@@ -29,9 +29,9 @@ identical streams on every rank); no EMA here (stage 3's EMA is the distillation
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
-import sys
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
@@ -62,6 +62,7 @@ from helios_jax.training import DataError
 from helios_jax.training.data import EpochDataset, shard
 from helios_jax.training.samples import HISTORY_SIZES, LATENT_WINDOW, history_inputs
 
+logger = logging.getLogger(__name__)
 FORMAT = "helios-jax ode-pairs 1"
 STUDENT_STEPS = (2, 2, 2)  # the distilled model's 2 + 2 + 2 steps (doubled for the first section)
 MAX_SEQUENCE_LENGTH = 512
@@ -254,7 +255,6 @@ def offload_ode_pairs(teacher: str, prompts_path: str, output: str, *, sections:
     negative = pipe.prompt_encoder.encode([negative_prompt or DEFAULT_NEGATIVE_PROMPT],
                                           max_sequence_length=MAX_SEQUENCE_LENGTH, dtype=pipe.model_dtype)
     os.makedirs(output, exist_ok=True)
-    show = sys.stderr.isatty() if progress is None else progress
     written = []
     for n, (index, prompt) in enumerate(prompts):
         path = os.path.join(output, ode_file_name(prompts_path, index))
@@ -266,8 +266,8 @@ def offload_ode_pairs(teacher: str, prompts_path: str, output: str, *, sections:
         pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, seed=seed, output_type="latent", progress=False,
              **settings)
         write_ode_pairs(path, pipe.sampler.sections, np.asarray(embeds[0]), prompt)
-        if show:
-            print(f"ode-pairs {n + 1}/{len(prompts)}: {os.path.basename(path)}", file=sys.stderr, flush=True)
+        if progress is not False:
+            logger.info("ode-pairs %d/%d: %s", n + 1, len(prompts), os.path.basename(path))
     return written
 
 

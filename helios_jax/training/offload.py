@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
-import sys
 import warnings
 from typing import Sequence
 
@@ -31,6 +31,8 @@ from helios_jax.history import video_frames_per_chunk
 from helios_jax.training import DataError
 from helios_jax.training.data import MIN_FRAMES, offload_name, write_offload
 from helios_jax.training.samples import LATENT_WINDOW
+
+logger = logging.getLogger(__name__)
 
 # The official length buckets (stride 1; 193 sits where 201 would, as in the original) and the
 # resolution buckets of its 640 family, used to decide which clips fit the target aspect.
@@ -216,7 +218,6 @@ def offload(json_path: str, checkpoint: str, output: str, *, height: int = 384, 
     prompts = PromptEncoder.from_pretrained(checkpoint)
     window = video_frames_per_chunk(LATENT_WINDOW)
     os.makedirs(output, exist_ok=True)
-    show = sys.stderr.isatty() if progress is None else progress
     written = []
     for n, clip in enumerate(clips):
         path = os.path.join(output, offload_name(clip.uttid, clip.frames, height, width))
@@ -235,6 +236,6 @@ def offload(json_path: str, checkpoint: str, output: str, *, height: int = 384, 
                                                               jax.random.fold_in(key, c)))[0])
         embed = prompts.encode(clip.caption, max_sequence_length=MAX_SEQUENCE_LENGTH, dtype=jnp.bfloat16)
         write_offload(path, np.stack(latents), np.asarray(embed[0]), clip.caption)
-        if show:
-            print(f"offload {n + 1}/{len(clips)}: {os.path.basename(path)}", file=sys.stderr, flush=True)
+        if progress is not False:
+            logger.info("offload %d/%d: %s", n + 1, len(clips), os.path.basename(path))
     return written

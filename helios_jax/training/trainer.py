@@ -541,7 +541,8 @@ def train(run: RunConfig, stage: StepProgram, trainable: Params, frozen: Params,
                     stage.export(averaged, os.path.join(folder, EMA_FOLDER))
 
     log_file = open(metrics_path, "a", encoding="utf-8") if primary else contextlib.nullcontext()
-    with log_file as log, Progress(run.max_train_steps - start, "training", enabled=run.progress if primary else False) as bar:
+    with log_file as log, Progress(run.max_train_steps - start, "training", unit="step",
+                                      enabled=run.progress if primary else False, lines=100) as bar:
         for step in range(start, run.max_train_steps):
             try:
                 batch = next(data)
