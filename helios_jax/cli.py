@@ -28,7 +28,7 @@ from helios_jax.config import ConfigError
 from helios_jax.conversion import convert_checkpoint
 from helios_jax.convert import CheckpointError
 from helios_jax.parallel import MeshError
-from helios_jax.training import DataError
+from helios_jax.training import DataError, NonFiniteError
 from helios_jax.video import PARTIALS_MADE, MediaError
 
 
@@ -95,7 +95,7 @@ class Choices(tuple):
 
 
 # OSError: a missing file, a full disk, no permission: the environment, not the code.
-USER_ERRORS = (PipelineError, MediaError, ConfigError, CheckpointError, MeshError, DataError, OSError)
+USER_ERRORS = (PipelineError, MediaError, ConfigError, CheckpointError, MeshError, DataError, NonFiniteError, OSError)
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 BUG_REPORTS = "the helios-jax issue tracker"  # the project publishes no URL yet
 BENCHMARKS = {  # name: the module of the source checkout's experiments package that it runs
