@@ -105,8 +105,11 @@ def _lora_file(path: str) -> str:
 def _read_config(file: str) -> dict[str, Any] | None:
     from safetensors import safe_open
 
-    with safe_open(file, framework="numpy") as f:
-        raw = (f.metadata() or {}).get(METADATA_KEY)
+    try:
+        with safe_open(file, framework="numpy") as f:  # it also refuses a header that does not cover the file
+            raw = (f.metadata() or {}).get(METADATA_KEY)
+    except Exception as err:  # safetensors raises several types for a truncated, empty or garbage file
+        raise LoraFormatError(f"{file}: not a readable LoRA file ({err}); write or download it again") from None
     if not raw:
         return None
     config = {k.removeprefix(PREFIX): v for k, v in json.loads(raw).items() if k.startswith(PREFIX)}
