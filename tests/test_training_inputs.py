@@ -255,3 +255,18 @@ def test_a_lora_of_the_wrong_shape_names_the_tensor_and_both_shapes(workspace, l
     with pytest.raises(lora_lib.LoraError, match=rf"{name}: shape \(2, {TRANSFORMER.inner_dim // 2}\), the model "
                                                  rf"needs \(r, {TRANSFORMER.inner_dim}\)"):
         lora_lib.load_lora(str(folder), TRANSFORMER)
+
+
+def test_a_lora_tree_of_the_wrong_shape_is_one_error_in_apply():
+    """The API: a LoRA tree handed to ``apply`` is checked against the base where it is read (traced only here)."""
+    params = transformer.param_shapes(TRANSFORMER)
+    lora = lora_lib.lora_shapes(lora_lib.LoraSpec(rank=2), params)
+    layers, fan_in, rank = lora["blocks"]["attn1"]["to_q"]["lora_A"]["kernel"].shape
+    lora["blocks"]["attn1"]["to_q"]["lora_A"]["kernel"] = jax.ShapeDtypeStruct((layers, fan_in // 2, rank), jnp.float32)
+    model = transformer.HeliosTransformer(TRANSFORMER)
+    inputs = {"hidden_states": jax.ShapeDtypeStruct((1, TRANSFORMER.in_channels, 1, 4, 4), jnp.float32),
+              "timestep": jax.ShapeDtypeStruct((1,), jnp.float32),
+              "encoder_hidden_states": jax.ShapeDtypeStruct((1, 5, TRANSFORMER.text_dim), jnp.float32)}
+    with pytest.raises(lora_lib.LoraError, match=rf"LoRA .*to_q: lora_A \({fan_in // 2}, {rank}\), lora_B "
+                                                 rf"\({rank}, {fan_in}\); the model needs lora_A \({fan_in}, r\)"):
+        jax.eval_shape(lambda p, f, x: model.apply({"params": p, "lora": f}, **x), params, lora, inputs)
