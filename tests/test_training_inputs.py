@@ -205,6 +205,21 @@ def test_skip_nonfinite_skips_and_counts_until_too_many_in_a_row(tmp_path):
     assert checkpoints(run) == []
 
 
+def test_the_command_stops_at_the_non_finite_step_with_exit_2(workspace, tmp_path, capsys, monkeypatch):
+    """``helios-jax train`` over the toy run (the tiny DiT's step would cost a compile here): NaN in the data
+    trained to the end, wrote NaN checkpoints and exited 0; now one line, exit 2, no checkpoint."""
+    from helios_jax.training import parts, stages
+
+    run = toy_run(tmp_path, steps=4, every=1)
+    toy = parts.Prepared(run, trainer.Stage(toy_loss, trainer.OptimizerConfig(learning_rate=0.1)), *start(),
+                         toy_data(1, 5), config=TRANSFORMER, spec=lora_lib.LoraSpec(rank=2))
+    monkeypatch.setattr(stages, "prepare", lambda recipe: toy)
+    code, err = train(overrides(workspace[1], str(workspace[0]), run.output_dir), capsys)
+    assert code == 2 and "step 1 gave a non-finite grad_norm, loss" in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert checkpoints(run) == []
+
+
 def test_recipe_key_skip_nonfinite_reaches_the_optimizer(tmp_path):
     file = tmp_path / "run.yaml"
     file.write_text("training_config:\n  is_enable_stage1: true\n  has_multi_term_memory_patch: true\n"
