@@ -95,6 +95,11 @@ class ReadLora:
     alpha: float
 
 
+def first_of(problems: list[str]) -> str:
+    """The first problem and how many more: one line for the command line, however many tensors are off."""
+    return problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+
+
 def _lora_file(path: str) -> str:
     file = os.path.join(path, LORA_WEIGHTS) if os.path.isdir(path) else path
     if not os.path.isfile(file):
@@ -127,7 +132,7 @@ def read_lora(path: str | os.PathLike, shapes: Params, keymap: KeyMap, dtype: An
     """A LoRA tree (flax layout, ``dtype``) from a diffusers LoRA file, checked against the model's ``shapes``.
 
     Layers of a stacked module missing from the file get zero factors, and smaller ranks are zero-padded
-    to the largest one of that module (both exact). Every key that does not fit is listed in one error.
+    to the largest one of that module (both exact). Every key is checked; one error names the first that does not fit and counts the rest.
     """
     file = _lora_file(os.fspath(path))
     config = _read_config(file)
@@ -170,7 +175,7 @@ def read_lora(path: str | os.PathLike, shapes: Params, keymap: KeyMap, dtype: An
     if not factors and not problems:
         problems.append("no LoRA factors in the file")
     if problems:
-        raise LoraFormatError(f"{file}: the LoRA does not fit this model:\n  " + "\n  ".join(problems))
+        raise LoraFormatError(f"{file}: the LoRA does not fit this model: {first_of(problems)}")
 
     ranks = [pair["lora_A"].shape[-1] for layers in factors.values() for pair in layers.values()]
     rank = int(config["r"]) if config and "r" in config else collections.Counter(ranks).most_common(1)[0][0]
@@ -230,7 +235,7 @@ def read_partial(path: str | os.PathLike, shapes: Params, keymap: KeyMap) -> Par
             continue
         tree[(*module[:-1], leaf)] = array
     if problems:
-        raise LoraFormatError(f"{file}: the partial weights do not fit this model:\n  " + "\n  ".join(problems))
+        raise LoraFormatError(f"{file}: the partial weights do not fit this model: {first_of(problems)}")
     if skipped:
         warnings.warn(f"{file}: skipping {len(skipped)} training-only tensors (GAN heads)", stacklevel=3)
     return traverse_util.unflatten_dict(tree) if tree else None
