@@ -95,9 +95,11 @@ class ReadLora:
     alpha: float
 
 
-def first_of(problems: list[str]) -> str:
-    """The first problem and how many more: one line for the command line, however many tensors are off."""
-    return problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+def first_of(problems: list[str], shown: int = 3) -> str:
+    """The first few problems and how many more, on one line for the command line, however many tensors are
+    off (a LoRA of another model size misfits hundreds)."""
+    rest = len(problems) - shown
+    return "; ".join(problems[:shown]) + (f"; and {rest} more" if rest > 0 else "")
 
 
 def _lora_file(path: str) -> str:
@@ -132,7 +134,7 @@ def read_lora(path: str | os.PathLike, shapes: Params, keymap: KeyMap, dtype: An
     """A LoRA tree (flax layout, ``dtype``) from a diffusers LoRA file, checked against the model's ``shapes``.
 
     Layers of a stacked module missing from the file get zero factors, and smaller ranks are zero-padded
-    to the largest one of that module (both exact). Every key is checked; one error names the first that does not fit and counts the rest.
+    to the largest one of that module (both exact). Every key is checked; one error names the first few that do not fit and counts the rest.
     """
     file = _lora_file(os.fspath(path))
     config = _read_config(file)
