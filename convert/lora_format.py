@@ -95,6 +95,13 @@ class ReadLora:
     alpha: float
 
 
+def first_of(problems: list[str], shown: int = 3) -> str:
+    """The first few problems and how many more, on one line for the command line, however many tensors are
+    off (a LoRA of another model size misfits hundreds)."""
+    rest = len(problems) - shown
+    return "; ".join(problems[:shown]) + (f"; and {rest} more" if rest > 0 else "")
+
+
 def _lora_file(path: str) -> str:
     file = os.path.join(path, LORA_WEIGHTS) if os.path.isdir(path) else path
     if not os.path.isfile(file):
@@ -105,8 +112,11 @@ def _lora_file(path: str) -> str:
 def _read_config(file: str) -> dict[str, Any] | None:
     from safetensors import safe_open
 
-    with safe_open(file, framework="numpy") as f:
-        raw = (f.metadata() or {}).get(METADATA_KEY)
+    try:
+        with safe_open(file, framework="numpy") as f:  # it also refuses a header that does not cover the file
+            raw = (f.metadata() or {}).get(METADATA_KEY)
+    except Exception as err:  # safetensors raises several types for a truncated, empty or garbage file
+        raise LoraFormatError(f"{file}: not a readable LoRA file ({err}); write or download it again") from None
     if not raw:
         return None
     config = {k.removeprefix(PREFIX): v for k, v in json.loads(raw).items() if k.startswith(PREFIX)}
@@ -124,7 +134,7 @@ def read_lora(path: str | os.PathLike, shapes: Params, keymap: KeyMap, dtype: An
     """A LoRA tree (flax layout, ``dtype``) from a diffusers LoRA file, checked against the model's ``shapes``.
 
     Layers of a stacked module missing from the file get zero factors, and smaller ranks are zero-padded
-    to the largest one of that module (both exact). Every key that does not fit is listed in one error.
+    to the largest one of that module (both exact). Every key is checked; one error names the first few that do not fit and counts the rest.
     """
     file = _lora_file(os.fspath(path))
     config = _read_config(file)
@@ -167,7 +177,7 @@ def read_lora(path: str | os.PathLike, shapes: Params, keymap: KeyMap, dtype: An
     if not factors and not problems:
         problems.append("no LoRA factors in the file")
     if problems:
-        raise LoraFormatError(f"{file}: the LoRA does not fit this model:\n  " + "\n  ".join(problems))
+        raise LoraFormatError(f"{file}: the LoRA does not fit this model: {first_of(problems)}")
 
     ranks = [pair["lora_A"].shape[-1] for layers in factors.values() for pair in layers.values()]
     rank = int(config["r"]) if config and "r" in config else collections.Counter(ranks).most_common(1)[0][0]
@@ -227,7 +237,7 @@ def read_partial(path: str | os.PathLike, shapes: Params, keymap: KeyMap) -> Par
             continue
         tree[(*module[:-1], leaf)] = array
     if problems:
-        raise LoraFormatError(f"{file}: the partial weights do not fit this model:\n  " + "\n  ".join(problems))
+        raise LoraFormatError(f"{file}: the partial weights do not fit this model: {first_of(problems)}")
     if skipped:
         warnings.warn(f"{file}: skipping {len(skipped)} training-only tensors (GAN heads)", stacklevel=3)
     return traverse_util.unflatten_dict(tree) if tree else None

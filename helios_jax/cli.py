@@ -31,7 +31,7 @@ from helios_jax.config import ConfigError
 from helios_jax.conversion import convert_checkpoint
 from helios_jax.convert import CheckpointError
 from helios_jax.parallel import MeshError
-from helios_jax.training import DataError
+from helios_jax.training import DataError, NonFiniteError
 from helios_jax.video import PARTIALS_MADE, MediaError
 
 
@@ -98,7 +98,7 @@ class Choices(tuple):
 
 
 # OSError: a missing file, a full disk, no permission: the environment, not the code.
-USER_ERRORS = (PipelineError, MediaError, ConfigError, CheckpointError, MeshError, DataError, OSError)
+USER_ERRORS = (PipelineError, MediaError, ConfigError, CheckpointError, MeshError, DataError, NonFiniteError, OSError)
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 BUG_REPORTS = "the helios-jax issue tracker"  # the project publishes no URL yet
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")

@@ -48,7 +48,7 @@ from helios_jax.sampling import (
     ChunkNoise,
     ChunkPlan,
     SchedulerConfig,
-    denoise_chunk,
+    denoise_chunk_checked,
     guidance_mode,
     lower_denoise_chunk,
     noise_shapes,
@@ -381,10 +381,15 @@ class HeliosPipeline:
         indices = self._placed({k: jnp.asarray(v) for k, v in layout.indices().items()})
         contexts, negative = self._placed((contexts, negative))
         latent_shape = (batch, channels, request.num_latent_frames_per_chunk, *latent_hw)
-        def fetch(out: jax.Array) -> np.ndarray:
-            """One chunk's output on the host (frames trimmed to the reference's count)."""
+
+        def fetch(out: jax.Array, finite: jax.Array | None, k: int) -> np.ndarray:
+            """One chunk's output on the host (frames trimmed to the reference's count), once its latents are
+            known to be finite."""
             nonlocal frames_left
             host = np.asarray(out)
+            if finite is not None and not bool(finite):
+                raise PipelineError(f"chunk {k + 1} of {chunks} produced non-finite latents: the checkpoint's "
+                                    f"weights or the inputs hold NaN/inf")
             if output_type == "latent":
                 return host
             take = min(host.shape[1], frames_left)
@@ -406,8 +411,9 @@ class HeliosPipeline:
                 note_first_run((self._model_fn, self._context_fn, self.sampler is None, plan.layout),
                                f"chunk {k + 1}'s sampling program")
                 with self._on_mesh():
-                    latents = self._placed(self._denoise(plan, history, chunk_noise, contexts[k], negative,
-                                                         request.guidance_scale))
+                    latents, finite = self._denoise(plan, history, chunk_noise, contexts[k], negative,
+                                                    request.guidance_scale)
+                    latents = self._placed(latents)
                 if layout.keep_first_frame and (
                     (k == 0 and image is None and video is None) or (request.is_skip_first_chunk and k == 1)
                 ):
@@ -420,18 +426,21 @@ class HeliosPipeline:
                 # Chunk k's sampling and decode are dispatched (JAX runs them asynchronously) before the host
                 # waits for chunk k - 1's frames: the device works on chunk k while the caller writes k - 1.
                 if pending is not None:
-                    yield (chunk := fetch(pending))
+                    yield (chunk := fetch(*pending))
                     bar.chunk_done(chunk.shape[frame_axis])
-                pending = out
-            yield (chunk := fetch(pending))
+                pending = out, finite, k
+            yield (chunk := fetch(*pending))
             bar.chunk_done(chunk.shape[frame_axis])
 
     def _denoise(self, plan: ChunkPlan, history: dict[str, jax.Array], noise: ChunkNoise, context: jax.Array,
-                 negative: jax.Array | None, guidance_scale: float) -> jax.Array:
-        """One chunk's sampling program (``self.sampler``'s, when one is set)."""
-        sample = denoise_chunk if self.sampler is None else self.sampler.denoise
-        return sample(self._model_fn, (self.transformer_params, history), plan, noise, context, negative,
-                      guidance_scale, self._context_fn)
+                 negative: jax.Array | None, guidance_scale: float) -> tuple[jax.Array, jax.Array | None]:
+        """One chunk's sampling program and whether its latents are finite (``self.sampler``'s program, when one
+        is set, does not say: None)."""
+        args = (self._model_fn, (self.transformer_params, history), plan, noise, context, negative, guidance_scale,
+                self._context_fn)
+        if self.sampler is None:
+            return denoise_chunk_checked(*args)
+        return self.sampler.denoise(*args), None
 
     def _history(self, layout: HistoryLayout, indices: dict[str, jax.Array], window: jax.Array,
                  prefix: jax.Array | None) -> dict[str, jax.Array]:

@@ -62,6 +62,15 @@ def test_stream_yields_the_same_video_as_call(pipe, caplog, monkeypatch):
     assert "(31 frames, 3 steps)" in shown[2]  # pyramid [1, 1, 1]: 3 steps a chunk
 
 
+def test_non_finite_weights_are_an_error_naming_the_chunk(pipe, monkeypatch):
+    """NaN weights gave a one-colour video and exit 0: the chunk program says whether its latents are finite,
+    and the host reads that when it fetches the chunk (the same compiled programs as above: nothing compiles)."""
+    nan = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), pipe.transformer_params)
+    monkeypatch.setattr(pipe, "transformer_params", nan)
+    with pytest.raises(PipelineError, match="chunk 1 of 3 produced non-finite latents: the checkpoint's weights"):
+        pipe(**SMALL, num_frames=99, seed=3)
+
+
 class CompileCounter:
     def __init__(self):
         self.count = 0
@@ -185,8 +194,8 @@ def test_stream_dispatches_the_next_chunk_before_returning_one(pipe, monkeypatch
     from helios_jax import pipeline as pipeline_module
 
     calls = []
-    real = pipeline_module.denoise_chunk
-    monkeypatch.setattr(pipeline_module, "denoise_chunk", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = pipeline_module.denoise_chunk_checked
+    monkeypatch.setattr(pipeline_module, "denoise_chunk_checked", lambda *a, **k: calls.append(1) or real(*a, **k))
     stream = pipe.stream(**SMALL, num_frames=66, seed=0)
     first = next(stream)
     assert len(calls) == 2 and first.shape[1] == 33

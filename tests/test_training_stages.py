@@ -4,7 +4,6 @@ process (a resume in a notebook, the tests) finds its compiled step programs and
 from __future__ import annotations
 
 import os
-import warnings
 
 import jax.numpy as jnp
 import numpy as np
@@ -23,9 +22,7 @@ monitoring.register_event_duration_secs_listener(
 
 
 def load(name: str) -> recipes.Recipe:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the official files' keys that change nothing here
-        return recipes.load(os.path.join(CONFIGS, f"{name}.yaml"))
+    return recipes.load(os.path.join(CONFIGS, f"{name}.yaml"))
 
 
 def as_key(losses):

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from helios_jax.convert.lora_format import LoraFormatError
 from helios_jax.models import fp8
 
 _F32 = jnp.float32
@@ -77,9 +78,23 @@ def lora_delta(module: nn.Module, inputs: jax.Array, lora_scale: float | jax.Arr
         return None
     a = module.get_variable("lora", "lora_A")["kernel"]
     b = module.get_variable("lora", "lora_B")["kernel"]
+    _check_factors(module, a.shape, b.shape)
     h = project(inputs.astype(a.dtype), a)
     out = jnp.einsum("...r,ro->...o", h, b.reshape(b.shape[-2:]))
     return out * (1.0 if lora_scale is None else lora_scale)
+
+
+def _check_factors(module: nn.Module, a: tuple[int, ...], b: tuple[int, ...]) -> None:
+    """A LoRA tree handed to ``apply`` that does not fit the base is one error naming the module and the shapes
+    (flax would fail deep inside the trace): A is (*window, fan_in, r), B (..., r, fan_out) for a base
+    kernel (*window, fan_in, fan_out), or an fp8 kernel (fan_out, fan_in)."""
+    if module.has_variable("params", "kernel"):
+        *fan_in, fan_out = module.get_variable("params", "kernel").shape
+    else:
+        fan_out, *fan_in = module.get_variable("params", fp8.KERNEL).shape
+    if tuple(a[:-1]) != tuple(fan_in) or b[-1] != fan_out or b[-2] != a[-1]:
+        raise LoraFormatError(f"LoRA {'/'.join(map(str, module.path))}: lora_A {tuple(a)}, lora_B {tuple(b)}; the "
+                              f"model needs lora_A ({', '.join(map(str, fan_in))}, r) and lora_B (r, {fan_out})")
 
 
 class Dense(nn.Dense):

@@ -171,7 +171,8 @@ def factors(lora: Params) -> dict[Path, tuple[Any, Any]]:
 
 
 def check_lora(lora: Params, params: Params) -> None:
-    """One error listing every LoRA module that is not in the model or whose shapes do not fit it."""
+    """One error naming the first LoRA modules that are not in the model or whose shapes do not fit it (with
+    their shapes and the model's) and counting the rest."""
     kernels = _module_kernels(params)
     problems = []
     for path, (a, b) in factors(lora).items():
@@ -185,7 +186,7 @@ def check_lora(lora: Params, params: Params) -> None:
             problems.append(f"{name}: lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}; the model needs "
                             f"{want_a}, {want_b} for rank {rank}")
     if problems:
-        raise LoraError("the LoRA does not fit this model:\n  " + "\n  ".join(problems))
+        raise LoraError(f"the LoRA does not fit this model: {lora_format.first_of(problems)}")
 
 
 def merge_lora(params: Params, lora: Params, scale: float = 1.0) -> Params:
@@ -279,7 +280,7 @@ class LoadedLora:
 def load_lora(path: str | os.PathLike, cfg: TransformerConfig, dtype: Any = jnp.float32) -> LoadedLora:
     """Read a diffusers/PEFT LoRA (a folder with ``pytorch_lora_weights.safetensors``, or that file) for
     this model; a ``transformer_partial.safetensors`` (or the official ``transformer_partial.pth``) beside
-    it is read too. Anything that does not fit the model is one :class:`LoraError` listing the keys."""
+    it is read too. Anything that does not fit the model is one :class:`LoraError` naming the first keys."""
     shapes = transformer.param_shapes(cfg)
     keymap = transformer.keymap(cfg)
     read = lora_format.read_lora(path, shapes, keymap, dtype)

@@ -370,8 +370,11 @@ def _sample(model_fn: ModelFn, model_args: Any, plan: ChunkPlan, noise: ChunkNoi
 @functools.partial(jax.jit, static_argnames=("model_fn", "context_fn"))
 def _denoise_chunk(model_fn: ModelFn, model_args: Any, plan: ChunkPlan, noise: ChunkNoise, context: jax.Array,
                    negative_context: jax.Array | None, guidance_scale: jax.Array,
-                   context_fn: ContextFn | None = None) -> jax.Array:
-    return _sample(model_fn, model_args, plan, noise, context, negative_context, guidance_scale, context_fn, False)[0]
+                   context_fn: ContextFn | None = None) -> tuple[jax.Array, jax.Array]:
+    """The chunk's latents and whether they are all finite: computed in the program, so a caller that fetches
+    the chunk anyway learns of a NaN without a host round trip per step."""
+    latents = _sample(model_fn, model_args, plan, noise, context, negative_context, guidance_scale, context_fn, False)[0]
+    return latents, jnp.isfinite(latents).all()
 
 
 @functools.partial(jax.jit, static_argnames=("model_fn", "context_fn"))
@@ -435,6 +438,22 @@ def denoise_chunk(
     into what ``model_fn`` takes, once per chunk instead of once per step (the pipeline's: the DiT's
     per-block text K/V, ``helios_jax.models.transformer.text_kv``); None passes the contexts as they are.
     """
+    return denoise_chunk_checked(model_fn, model_args, plan, noise, context, negative_context, guidance_scale,
+                                 context_fn)[0]
+
+
+def denoise_chunk_checked(
+    model_fn: ModelFn,
+    model_args: Any,
+    plan: ChunkPlan,
+    noise: ChunkNoise,
+    context: jax.Array,
+    negative_context: jax.Array | None = None,
+    guidance_scale: float | jax.Array = 1.0,
+    context_fn: ContextFn | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """``denoise_chunk``'s latents and a scalar bool, whether they are all finite, from the same compiled program
+    (the pipeline checks it when it fetches the chunk: NaN weights or inputs are an error, not a blank video)."""
     negative_context = _checked_negative(plan, noise, context, negative_context)
     scale = jnp.asarray(guidance_scale, jnp.float32)
     return _denoise_chunk(model_fn, model_args, plan, noise, context, negative_context, scale, context_fn)

@@ -8,3 +8,8 @@ from a recipe, with the pieces every stage shares (``parts``)."""
 
 class DataError(ValueError):
     """Training data that cannot be used as given (a missing folder, a bad file or entry, no usable clip)."""
+
+
+class NonFiniteError(RuntimeError):
+    """A training step gave a non-finite loss or gradient norm: raised before any checkpoint of it is
+    written, since training on would only save NaN weights."""

@@ -113,14 +113,40 @@ def _read_pt(path: str) -> dict[str, Any]:
 
 
 def _checked(path: str, data: dict[str, Any]) -> dict[str, Any]:
-    lat, emb = data["vae_latent"], data["prompt_embed"]
-    if lat.ndim != 5 or lat.shape[2] != LATENT_WINDOW or lat.shape[0] < 1:
-        raise DataError(f"{path}: vae_latent has shape {lat.shape}; expected (N, C, {LATENT_WINDOW}, h, w), N >= 1")
-    if emb.ndim == 3 and emb.shape[0] == 1:
-        data["prompt_embed"] = emb = emb[0]
-    if emb.ndim != 2:
-        raise DataError(f"{path}: prompt_embed has shape {emb.shape}; expected (length, d)")
+    _check_shapes(path, data["vae_latent"].shape, data["prompt_embed"].shape)
+    if data["prompt_embed"].ndim == 3:
+        data["prompt_embed"] = data["prompt_embed"][0]
     return data
+
+
+def _check_shapes(path: str, latent: tuple[int, ...], embed: tuple[int, ...]) -> tuple[int, ...]:
+    """The layout rules of a clip's two tensors; the prompt embedding's (length, d) shape."""
+    if len(latent) != 5 or latent[2] != LATENT_WINDOW or latent[0] < 1:
+        raise DataError(f"{path}: vae_latent has shape {latent}; expected (N, C, {LATENT_WINDOW}, h, w), N >= 1")
+    if len(embed) == 3 and embed[0] == 1:
+        embed = embed[1:]
+    if len(embed) != 2:
+        raise DataError(f"{path}: prompt_embed has shape {embed}; expected (length, d)")
+    return embed
+
+
+def offload_shapes(path: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A clip's ``vae_latent`` and (length, d) ``prompt_embed`` shapes, from the safetensors header alone: it
+    is cheap for every file before a run starts, and safetensors refuses a header that does not cover the
+    whole file, so a truncated file fails here too (a ``.pt`` file is read whole)."""
+    if path.endswith(".pt"):
+        data = _read_pt(path)
+        return data["vae_latent"].shape, data["prompt_embed"].shape
+    try:
+        with safe_open(path, framework="numpy") as f:
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except Exception as err:  # safetensors raises several types for a bad or truncated file
+        raise DataError(f"{path}: not a readable offload file ({err}); re-run `helios-jax offload`") from err
+    missing = [name for name in ("vae_latent", "prompt_embed") if name not in shapes]
+    if missing:
+        raise DataError(f"{path}: no {' or '.join(missing)} tensor (it holds {sorted(shapes)}); "
+                        f"re-run `helios-jax offload`")
+    return shapes["vae_latent"], _check_shapes(path, shapes["vae_latent"], shapes["prompt_embed"])
 
 
 def index_folders(roots: Sequence[str], *, min_frames: int = MIN_FRAMES,
@@ -248,6 +274,18 @@ class OffloadedDataset(EpochDataset):
                             f"{batch_size} x {process_count} clips; lower the batch size or add data")
         self.num_epochs = num_epochs
         self.secondary = secondary
+
+    def check_files(self, channels: int, text_dim: int) -> None:
+        """Every file readable, with ``channels`` latent channels and prompt embeddings ``text_dim`` wide: one
+        error for the first that is not, before a run writes anything (not at the step that reads it)."""
+        for item in self.files:
+            latent, embed = offload_shapes(item.path)
+            if latent[1] != channels:
+                raise DataError(f"{item.path}: latents of {latent[1]} channels; the transformer takes {channels} "
+                                f"(offload with this model's VAE)")
+            if embed[-1] != text_dim:
+                raise DataError(f"{item.path}: prompt embeddings of width {embed[-1]}; the transformer's text_dim "
+                                f"is {text_dim} (offload with this model's text encoder)")
 
     def epoch_plan(self, epoch: int) -> list[tuple[tuple[int, int, int], list[int]]]:
         """This process's batches of ``epoch`` in order: (bucket, dataset indices), as ``BucketedSampler``

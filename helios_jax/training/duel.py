@@ -44,6 +44,7 @@ from helios_jax.training.trainer import (
     init_state,
     learning_rate,
     make_optimizer,
+    nonfinite_counters,
     shard_variables,
 )
 
@@ -149,10 +150,12 @@ def make_duel_step(duel: Duel, generator_optimizer: OptimizerConfig, *, update_g
                                                  frozen, batch, k_gen, global_step, phase)
             metrics.update({f"generator/{k}": v for k, v in aux.items()}, generator_loss=loss,
                            generator_grad_norm=norm, lr=jnp.asarray(g_lr(state.generator.step), jnp.float32))
+            metrics.update({f"generator_{k}": v for k, v in nonfinite_counters(generator.opt_state).items()})
         critic, loss, norm, aux = _update(duel.critic_loss, c_opt, state.critic, generator.trainable,
                                           frozen, batch, k_critic, global_step, phase)
         metrics.update({f"critic/{k}": v for k, v in aux.items()}, critic_loss=loss, critic_grad_norm=norm,
                        critic_lr=jnp.asarray(c_lr(state.critic.step), jnp.float32))
+        metrics.update({f"critic_{k}": v for k, v in nonfinite_counters(critic.opt_state).items()})
         ema = state.ema
         if duel.ema is not None:
             due = (global_step < duel.ema.start_step) | update_generator

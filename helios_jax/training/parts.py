@@ -33,7 +33,7 @@ from helios_jax.sampling.schedule import HeliosDMDSchedulerConfig, HeliosSchedul
 from helios_jax.training import recipes, trainer
 from helios_jax.training.data import OffloadedDataset
 from helios_jax.training.recipes import DataConfig, Recipe
-from helios_jax.training.samples import LATENT_WINDOW, ContextConfig, prepare_context
+from helios_jax.training.samples import ContextConfig, prepare_context
 from helios_jax.training.validation import Validator
 
 Params = Any
@@ -101,8 +101,8 @@ def offloaded_dataset(data: DataConfig, mesh: jax.sharding.Mesh | None, *, secon
 
 
 def check_buckets(dataset: OffloadedDataset, config: TransformerConfig, stage: str, pyramid: bool) -> None:
-    """Every bucket's latents must fit the model: the latent channels, 9 frames per section, sizes the
-    patch (and, for the ``pyramid``, its two halvings) divide; and the prompt embeddings' width."""
+    """Every bucket's latents must fit the model: sizes the patch (and, for the ``pyramid``, its two halvings)
+    divide; and every file readable, with the model's latent channels and prompt-embedding width."""
     _, ph, pw = config.patch_size
     factor = 4 if pyramid else 1
     for frames, height, width in dataset.buckets:
@@ -111,14 +111,7 @@ def check_buckets(dataset: OffloadedDataset, config: TransformerConfig, stage: s
             raise ConfigError(f"data bucket {height}x{width} (latents {h}x{w}): {stage} needs latent sizes divisible "
                               f"by {ph * factor}x{pw * factor}; offload at a resolution that is a multiple of "
                               f"{8 * ph * factor}")
-    first = dataset.load(dataset[0])
-    channels, window = first["target"].shape[0], first["target"].shape[1]
-    if channels != config.in_channels or window != LATENT_WINDOW:
-        raise ConfigError(f"{dataset.files[0].path}: latents of {channels} channels x {window} frames per section; "
-                          f"the transformer takes {config.in_channels} x {LATENT_WINDOW}")
-    if first["prompt_embeds"].shape[-1] != config.text_dim:
-        raise ConfigError(f"{dataset.files[0].path}: prompt embeddings of width {first['prompt_embeds'].shape[-1]}; "
-                          f"the transformer's text_dim is {config.text_dim} (offload with this model's text encoder)")
+    dataset.check_files(config.in_channels, config.text_dim)
 
 
 def validation_pipeline(recipe: Recipe, scheduler: HeliosSchedulerConfig | HeliosDMDSchedulerConfig,

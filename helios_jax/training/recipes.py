@@ -10,12 +10,16 @@ Every key falls in one of four groups:
   :class:`ConfigError`;
 * keys of the official schema that do not apply here (``NOT_APPLICABLE``: DeepSpeed, wandb, NPU,
   torch data-loader workers, offload-time settings, the knobs of the stage-3 features not run here):
-  named in one warning per file together with any key the official schema does not have either;
+  listed once per file at debug level (``logging``), since every official YAML carries about 30 of them;
 * stage 3b's keys (``DMD_SCHEMA``: DMD, GAN, EMA, the critic): typed and checked like ``SCHEMA``'s when
-  ``is_train_dmd`` is on (``stage_3_post*.yaml``), warned as not used otherwise;
+  ``is_train_dmd`` is on (``stage_3_post*.yaml``), listed as not used otherwise;
 * the stage-3 switches (``STAGE3_SWITCHES``): stage 3a (ODE regression alone) and stage 3b (DMD, with
   GAN and EMA) run; any other switch that is on (the reward model, ODE regression beside DMD) is refused
   with one error naming the switches.
+
+A key or section in none of these groups is a typo: one :class:`ConfigError` naming it and the closest
+known name (``difflib``), since a misspelt ``learning_rat`` would otherwise train with the default. A float
+must be finite (``.nan`` or ``.inf`` would train to the end with a NaN loss).
 
 Several files merge in order (``stage_1_init.yaml correct.yaml``: the second overrides the first), then
 ``section.key=value`` overrides (values read as YAML, typed like the file's). Everything is checked
@@ -28,8 +32,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
+import logging
+import math
 import os
-import warnings
 from typing import Any, Sequence
 
 import yaml
@@ -50,6 +56,7 @@ from helios_jax.training.trainer import SCHEDULES, OptimizerConfig, RunConfig
 
 SECTIONS = ("data_config", "model_config", "validation_config", "training_config")
 TOP = ""  # the section name of the top-level keys
+_log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +147,9 @@ _STAGES_1_2: dict[str, dict[str, Key]] = {
         "adam_weight_decay": Key(float, 1e-4),
         "adam_epsilon": Key(float, 1e-8),
         "max_grad_norm": Key(float, 1.0),
+        # This port's own key: skip (and count in metrics.jsonl) an update whose gradient is not finite,
+        # instead of stopping the run there.
+        "skip_nonfinite": Key(bool, False),
         "weighting_scheme": Key(str, "logit_normal", ("logit_normal", "none"),
                                 "the timestep samplings of stages 1 (logit-normal) and 2 (uniform)"),
         "logit_mean": Key(float, 0.0),
@@ -542,7 +552,7 @@ class Recipe:
         return OptimizerConfig(
             learning_rate=t["learning_rate"], lr_scheduler=t["lr_scheduler"], lr_warmup_steps=t["lr_warmup_steps"],
             adam_beta1=t["adam_beta1"], adam_beta2=t["adam_beta2"], adam_weight_decay=t["adam_weight_decay"],
-            adam_epsilon=t["adam_epsilon"], max_grad_norm=t["max_grad_norm"],
+            adam_epsilon=t["adam_epsilon"], max_grad_norm=t["max_grad_norm"], skip_nonfinite=t["skip_nonfinite"],
         )
 
     def critic_optimizer(self) -> OptimizerConfig:
@@ -614,11 +624,14 @@ def _typed(where: str, kind: Any, value: Any) -> Any:
     if kind is float:
         if isinstance(value, str):  # YAML 1.1 reads 5e-5 (no dot) as a string; the official OmegaConf casts it
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 fail()
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             fail()
+        if not math.isfinite(value):
+            raise ConfigError(f"{where} = {value!r} must be a finite number (a NaN or infinite value would train "
+                              f"to the end with a NaN loss)")
         return float(value)
     if not isinstance(value, kind):
         fail()
@@ -653,18 +666,34 @@ def _entries(raw: dict[str, Any]) -> dict[tuple[str, str], Any]:
     return out
 
 
-def _warn_unused(origin: str, entries: dict[tuple[str, str], Any], dmd: bool = False) -> None:
-    """ONE warning naming the keys that do not apply here (stage 3b's outside a DMD run too) and the keys
-    the official schema lacks."""
-    dotted = lambda s, k: f"{s}.{k}" if s else k  # noqa: E731
-    unused = sorted(dotted(s, k) for s, k in entries if s in NOT_APPLICABLE and (
+def _dotted(section: str, key: str) -> str:
+    return f"{section}.{key}" if section else key
+
+
+def _refuse_unknown(origin: str, entries: dict[tuple[str, str], Any]) -> None:
+    """ONE error for the first key or section that no group knows, with the closest known name: a typo
+    must not train with the default."""
+    for (section, key), value in entries.items():
+        if section not in SCHEMA or (section == TOP and isinstance(value, dict) and not _known(TOP, key)):
+            section = key if section == TOP else section  # a mapping at the top level is a misspelt section
+            close = difflib.get_close_matches(section, SECTIONS, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"the sections are {', '.join(SECTIONS)}"
+            raise ConfigError(f"{origin}: unknown section {section!r}: {hint}")
+        if not _known(section, key):
+            names = [*SCHEMA[section], *NOT_APPLICABLE[section], *STAGE3_SWITCHES.get(section, ()),
+                     *DMD_SCHEMA.get(section, {})]
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"did you mean {_dotted(section, close[0])!r}?" if close else "no known key is close; see docs/training.md"
+            raise ConfigError(f"{origin}: unknown key {_dotted(section, key)!r}: {hint}")
+
+
+def _log_unused(origin: str, entries: dict[tuple[str, str], Any], dmd: bool = False) -> None:
+    """The official keys that do not apply here (stage 3b's outside a DMD run too), listed once at debug
+    level: they are there on purpose in every official YAML."""
+    unused = sorted(_dotted(s, k) for s, k in entries if s in NOT_APPLICABLE and (
         k in NOT_APPLICABLE[s] or (not dmd and k in DMD_SCHEMA.get(s, {}) and k not in SCHEMA[s])))
-    unknown = sorted(dotted(s, k) for s, k in entries if s not in SCHEMA or not _known(s, k))
-    if unused or unknown:
-        parts = [f"not used here (they change nothing in this port): {', '.join(unused)}"] if unused else []
-        if unknown:
-            parts.append(f"unknown to the official schema too (typo?): {', '.join(unknown)}")
-        warnings.warn(f"{origin}: keys ignored; " + "; ".join(parts), stacklevel=3)
+    if unused:
+        _log.debug("%s: official keys not used here (they change nothing in this port): %s", origin, ", ".join(unused))
 
 
 def _override(text: str) -> tuple[tuple[str, str], Any]:
@@ -673,9 +702,7 @@ def _override(text: str) -> tuple[tuple[str, str], Any]:
     if not sep:
         raise ConfigError(f"override {text!r}: expected section.key=value, e.g. data_config.instance_data_root=[data/]")
     section, _, key = name.rpartition(".")
-    if section not in (TOP, *SECTIONS) or not _known(section, key):
-        raise ConfigError(f"override {text!r}: {name} is not a key of the official schema; "
-                          f"sections are {SECTIONS}, e.g. training_config.learning_rate=1e-4")
+    _refuse_unknown(f"override {text!r}", {(section, key): None})
     return (section, key), yaml.safe_load(value)
 
 
@@ -690,7 +717,8 @@ def load(paths: str | Sequence[str], overrides: Sequence[str] = ()) -> Recipe:
         merged.update(entries)
     dmd = merged.get(("training_config", "is_train_dmd")) is True
     for path, entries in (*files, ("the command line", cli)):
-        _warn_unused(path, entries, dmd)
+        _refuse_unknown(path, entries)
+        _log_unused(path, entries, dmd)
 
     _refuse_stage3(merged)
     values: dict[str, dict[str, Any]] = {s: {} for s in (TOP, *SECTIONS)}
@@ -741,9 +769,10 @@ def _check_stage(values: dict[str, dict[str, Any]]) -> None:
     elif not data_roots(values):
         raise ConfigError(f"data_config.{_data_key(values)} is empty: name the offloaded data folder(s), "
                           f"e.g. data_config.{_data_key(values)}=[data/]")
-    for key in ("max_train_steps", "train_batch_size", "checkpointing_steps", "validation_steps"):
-        section = "validation_config" if key == "validation_steps" else "training_config"
-        if values[section][key] < 1:
+    for section, key in (("training_config", "max_train_steps"), ("training_config", "train_batch_size"),
+                         ("training_config", "checkpointing_steps"), ("validation_config", "validation_steps"),
+                         ("model_config", "lora_rank"), ("model_config", "critic_lora_rank")):
+        if key in values[section] and values[section][key] < 1:
             raise ConfigError(f"{section}.{key} = {values[section][key]} must be a positive integer")
 
 

@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import math
 import os
 import re
 import time
@@ -52,6 +53,7 @@ from jax.experimental import multihost_utils
 from helios_jax import parallel
 from helios_jax.config import ConfigError
 from helios_jax.progress import Progress
+from helios_jax.training import NonFiniteError
 from helios_jax.training.ema import EMA_FOLDER, EmaConfig, EmaState
 
 Params = Any
@@ -66,6 +68,9 @@ RESUMABLE_KEYS = ("training_config.max_train_steps", "training_config.resume_fro
                   "training_config.local_rank", "training_config.checkpointing_steps",
                   "training_config.checkpoints_total_limit", "mesh")
 RESUMABLE_SECTIONS = ("validation_config",)
+# With OptimizerConfig.skip_nonfinite: the metrics counting skipped updates, and how many in a row end the run
+# (optax.apply_if_finite would apply the next one anyway, NaN included).
+SKIPPED, NONFINITE_RUN, NONFINITE_PATIENCE = "skipped_steps", "nonfinite_run", 10
 
 
 class TrainState(NamedTuple):
@@ -135,8 +140,13 @@ class OptimizerConfig:
     adam_weight_decay: float = 1e-4
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
+    skip_nonfinite: bool = False  # skip (and count) updates with a non-finite gradient, as large runs do
 
     def __post_init__(self) -> None:
+        numbers = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.type == "float"}
+        bad = [f"{k} = {v!r}" for k, v in numbers.items() if not math.isfinite(v)]
+        if bad:
+            raise ConfigError(f"{', '.join(bad)}: the optimizer's numbers must be finite")
         if self.lr_scheduler not in SCHEDULES:
             raise ConfigError(f"lr_scheduler = {self.lr_scheduler!r} is not supported: one of {SCHEDULES}")
         if self.lr_warmup_steps < 0 or self.learning_rate <= 0 or self.max_grad_norm <= 0:
@@ -152,12 +162,37 @@ def learning_rate(cfg: OptimizerConfig) -> optax.Schedule:
 
 
 def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
-    """Global-norm clipping, then decoupled-weight-decay Adam (torch's AdamW) on the trainable tree."""
-    return optax.chain(
+    """Global-norm clipping, then decoupled-weight-decay Adam (torch's AdamW) on the trainable tree; with
+    ``skip_nonfinite`` inside ``optax.apply_if_finite``, which drops an update whose gradient is not finite."""
+    optimizer = optax.chain(
         optax.clip_by_global_norm(cfg.max_grad_norm),
         optax.adamw(learning_rate(cfg), b1=cfg.adam_beta1, b2=cfg.adam_beta2, eps=cfg.adam_epsilon,
                     weight_decay=cfg.adam_weight_decay),
     )
+    return optax.apply_if_finite(optimizer, NONFINITE_PATIENCE) if cfg.skip_nonfinite else optimizer
+
+
+def nonfinite_counters(opt_state: Any) -> dict[str, jax.Array]:
+    """The skipped updates so far and the current run of them, for an optimizer made with ``skip_nonfinite``
+    (none otherwise): the loop lets a non-finite step pass only when these say it was skipped."""
+    if not isinstance(opt_state, optax.ApplyIfFiniteState):
+        return {}
+    return {SKIPPED: opt_state.total_notfinite, NONFINITE_RUN: opt_state.notfinite_count}
+
+
+def check_finite(step: int, metrics: dict[str, Any]) -> None:
+    """One :class:`NonFiniteError` naming ``step`` and its non-finite metrics, unless the optimizer skipped
+    the update (``skip_nonfinite``) and fewer than NONFINITE_PATIENCE in a row were skipped."""
+    bad = sorted(k for k, v in metrics.items() if not np.all(np.isfinite(v)))
+    if not bad:
+        return
+    runs = [int(v) for k, v in metrics.items() if k.endswith(NONFINITE_RUN)]
+    if runs and 0 < max(runs) < NONFINITE_PATIENCE:
+        return
+    why = (f"{max(runs)} updates in a row were skipped" if runs else
+           "set training_config.skip_nonfinite: true to skip such steps")
+    raise NonFiniteError(f"step {step} gave a non-finite {', '.join(bad)}; stopped before writing a checkpoint "
+                         f"of it ({why}): check the data for NaN/inf or lower the learning rate")
 
 
 def init_state(trainable: Params, optimizer: optax.GradientTransformation) -> TrainState:
@@ -217,7 +252,7 @@ def make_step(losses: LossFn | Sequence[LossFn], optimizer: optax.GradientTransf
                 metrics[f"loss_{i}"] = values[-1]
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         metrics.update(loss=jnp.mean(jnp.stack(values)), grad_norm=optax.global_norm(grads),
-                       lr=jnp.asarray(schedule(state.step), jnp.float32))
+                       lr=jnp.asarray(schedule(state.step), jnp.float32), **nonfinite_counters(opt_state))
         return TrainState(state.step + 1, optax.apply_updates(state.trainable, updates), opt_state), metrics
 
     def averaging_step(state: EmaTrainState, frozen: Params, batch: Batch, key: jax.Array
@@ -557,6 +592,7 @@ def train(run: RunConfig, stage: StepProgram, trainable: Params, frozen: Params,
             if log is not None:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
+            check_finite(step + 1, metrics)
             if writer is not None:
                 for name, value in record.items():
                     if name != "step":
