@@ -237,8 +237,7 @@ def test_the_official_yaml_finds_its_hub_ids_in_the_cache(offline, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     yaml = "stage_1_post"  # the shipped YAML, found by name
-    with pytest.warns(UserWarning):
-        recipe = recipes.load(yaml, [f"data_config.instance_data_root=[{data}]"])
+    recipe = recipes.load(yaml, [f"data_config.instance_data_root=[{data}]"])
     with pytest.raises(ConfigError, match="model_config.pretrained_model_name_or_path: BestWishYsh/Helios-Base: .*"
                                           "`HF_HUB_OFFLINE=0 helios-jax download BestWishYsh/Helios-Base`"):
         recipes.check_paths(recipe)
