@@ -17,9 +17,8 @@ from helios_jax import cli
 from helios_jax.config import ConfigError
 from helios_jax.demo import TRANSFORMER, build_demo_checkpoint
 from helios_jax.models import lora as lora_lib, transformer
-from helios_jax.training import NonFiniteError, data, recipes, trainer
+from helios_jax.training import NonFiniteError, configs, data, recipes, trainer
 
-CONFIGS = os.path.join(os.path.dirname(__file__), "fixtures", "training-configs")
 PIXELS, FRAMES = 64, 121  # latents 8 x 8, the official minimum clip length
 TEXT_TOKENS = 16
 
@@ -54,7 +53,7 @@ def overrides(ckpt: str, folder: str, out: str, *extra: str) -> list[str]:
 
 
 def train(args: list[str], capsys) -> tuple[int, str]:
-    code = cli.main(["train", os.path.join(CONFIGS, "stage_1_init.yaml"), *args])
+    code = cli.main(["train", os.path.join(configs.FOLDER, "stage_1_init.yaml"), *args])
     return code, capsys.readouterr().err
 
 
