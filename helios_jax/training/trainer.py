@@ -9,9 +9,9 @@ share (stage 2's noise pyramid) is the same draw in each. jax.jit compiles it on
 so once per data bucket.
 
 ``train`` runs a step over a data iterator with an orbax ``CheckpointManager`` (trainable params,
-optimizer state, step and the grain iterator state in ``output_dir/checkpoint-STEP/``), resume from
-the latest checkpoint, a config-mismatch check on resume, ``metrics.jsonl``, a progress bar, and
-hooks for the LoRA export and validation videos.
+optimizer state, step and the grain iterator state in ``output_dir/checkpoint-STEP/``, the LoRA export
+committed with them), resume from the newest complete checkpoint, a config-mismatch check on resume,
+``metrics.jsonl``, a progress bar, and hooks for the LoRA export and validation videos.
 
 On a mesh (``train(..., mesh=)``, ``helios_jax.parallel.make_mesh``) the frozen base, the trainables and
 the optimizer state are split by the DiT's and the LoRA's sharding tables (``fsdp`` over the model
