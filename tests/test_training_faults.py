@@ -130,12 +130,16 @@ def test_resume_skips_a_damaged_newest_checkpoint(finished, tmp_path, case):
 
 
 def test_an_empty_newer_checkpoint_folder_is_skipped(finished, tmp_path):
+    """An empty checkpoint-9/ is skipped; orbax's temporary folder of a write a kill cut short is removed."""
     folder = copy_of(finished, tmp_path)
     os.mkdir(os.path.join(folder, "checkpoint-9"))
+    os.makedirs(os.path.join(folder, "checkpoint-4.orbax-checkpoint-tmp", "state"))
     with pytest.warns(UserWarning, match=r"skipped .*checkpoint-9: it is empty; moved it to checkpoint-9.incomplete"):
         train(run_config(folder, max_train_steps=4))
     records = T.read_metrics(folder)
     assert records[:3] == finished[1] and [r["step"] for r in records] == [1, 2, 3, 4]  # resumed from checkpoint-3
+    assert sorted(os.listdir(folder)) == ["checkpoint-1", "checkpoint-2", "checkpoint-3", "checkpoint-4",
+                                         "checkpoint-9.incomplete", "config.json", "metrics.jsonl"]
 
 
 def test_a_named_incomplete_checkpoint_is_one_error(finished, tmp_path):
@@ -204,6 +208,7 @@ def test_generate_and_merge_lora_refuse_an_incomplete_checkpoint(finished, tmp_p
     assert completeness.lora_folder_problem(os.path.join(bad, "model_ema")) is None  # not a folder: not checked
     os.mkdir(os.path.join(bad, "model_ema"))
     assert PARTIAL_WEIGHTS in completeness.lora_folder_problem(os.path.join(bad, "model_ema"))
+    assert PARTIAL_WEIGHTS in completeness.lora_folder_problem(os.path.join(bad, LORA_WEIGHTS))
 
     args = cli.parser().parse_args(["generate", "--prompt", "a cat", "--lora", bad,
                                     "--output", str(tmp_path / "cat.mp4")])

@@ -81,9 +81,11 @@ def _file_problem(path: str) -> str | None:
 def lora_folder_problem(path: str) -> str | None:
     """Why the LoRA at ``path`` (a file, a folder, a training checkpoint or its ``model_ema/``) must not be used,
     or None. Only a training checkpoint is checked here; reading the files checks the rest."""
-    if not os.path.isdir(path):
-        return None
     folder = os.path.normpath(path)
+    if os.path.isfile(folder):
+        folder = os.path.dirname(folder)
+    elif not os.path.isdir(folder):
+        return None
     if os.path.basename(folder) == EMA_FOLDER and is_training_checkpoint(os.path.dirname(folder)):
         folder = os.path.dirname(folder)
     if not is_training_checkpoint(folder):
