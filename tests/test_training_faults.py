@@ -150,6 +150,17 @@ def test_a_named_incomplete_checkpoint_is_one_error(finished, tmp_path):
     assert "checkpoint-4" not in os.listdir(folder) and "checkpoint-2" in os.listdir(folder)
 
 
+def test_no_complete_checkpoint_is_one_error_and_moves_nothing(finished, tmp_path):
+    """A run is not started over by itself: with every checkpoint incomplete, resume is one error naming each."""
+    folder = copy_of(finished, tmp_path)
+    for step in range(1, STEPS + 1):
+        os.remove(os.path.join(folder, f"checkpoint-{step}", "export", "files.json"))
+    with pytest.raises(ConfigError, match=r"no complete checkpoint to resume from: checkpoint-3: .*; checkpoint-2: "
+                                          r".*; checkpoint-1: .*\. Set resume_from_checkpoint to null"):
+        train(run_config(folder, max_train_steps=4))
+    assert sorted(os.listdir(folder)) == sorted(os.listdir(finished[0]))
+
+
 def test_a_damaged_config_is_one_error_naming_the_file(finished, tmp_path):
     folder = copy_of(finished, tmp_path)
     _truncate(os.path.join(folder, "config.json"))

@@ -528,9 +528,10 @@ RESTORE_ERRORS = (OSError, ValueError, KeyError)
 def _resume(manager: ocp.CheckpointManager, run: RunConfig, state: Any, data: grain_python.DatasetIterator
             ) -> tuple[Any, int | None]:
     """The state restored from the newest complete checkpoint (``data`` moved to its position) and its step;
-    ``(state, None)`` without one. An incomplete or damaged checkpoint is skipped with one warning saying why,
-    and moved aside to ``checkpoint-STEP.incomplete`` (kept, not deleted; the run writes that step anew); a
-    named ``resume_from_checkpoint`` that is incomplete is one ConfigError."""
+    ``(state, None)`` when there is none. An incomplete or damaged checkpoint is skipped with one warning saying
+    why, and moved aside to ``checkpoint-STEP.incomplete`` (kept, not deleted; the run writes that step anew).
+    A named ``resume_from_checkpoint`` that is incomplete, or checkpoints none of which is complete, is one
+    ConfigError (a run is not started over by itself)."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state.items())
     skipped = []
     for step in _resume_steps(manager, run):
@@ -550,7 +551,11 @@ def _resume(manager: ocp.CheckpointManager, run: RunConfig, state: Any, data: gr
             raise ConfigError(f"resume_from_checkpoint = {run.resume_from_checkpoint!r}: {folder} is incomplete: "
                               f"{reason}. Use 'latest' (the newest complete checkpoint) or another checkpoint-STEP")
         skipped.append((folder, reason))
-    _move_aside(manager, run, skipped)
+    if skipped:
+        raise ConfigError(
+            f"{run.output_dir} holds no complete checkpoint to resume from: "
+            + "; ".join(f"{os.path.basename(f)}: {r}" for f, r in skipped)
+            + ". Set resume_from_checkpoint to null to start again from step 0, or choose a new output_dir")
     return state, None
 
 
