@@ -17,6 +17,7 @@ from helios_jax.convert.orbax_io import claim_staging, remove_staging
 from helios_jax.loading import COMPONENTS, DTYPES, check_lora_base, check_quantize, component_of, holds_fp8
 from helios_jax.models import fp8
 from helios_jax.models.lora import apply_loaded, load_lora
+from helios_jax.training.completeness import lora_folder_problem
 
 
 def convert_checkpoint(source: str, destination: str, to: str, dtype: str | None, merge_lora: str | None = None,
@@ -71,6 +72,8 @@ def _read_lora(transformer_folder: str, path: str):
     if component_of(transformer_folder).folder != "transformer":
         raise PipelineError(f"--merge_lora needs a transformer (or whole checkpoint) folder; "
                             f"{transformer_folder} is not one")
+    if problem := lora_folder_problem(path):
+        raise PipelineError(f"--merge_lora {problem}: give a complete checkpoint-STEP of the run")
     return load_lora(path, COMPONENTS["transformer"].read_config(transformer_folder))
 
 

@@ -34,6 +34,7 @@ from helios_jax.models.attention import IMPLS
 from helios_jax.pipeline import HeliosPipeline
 from helios_jax.prompts import DEFAULT_NEGATIVE_PROMPT
 from helios_jax.request import Request, check_request, check_seed, check_video_length
+from helios_jax.training.completeness import lora_folder_problem
 from helios_jax.video import Mp4Writer, check_writable, contact_sheet, fit_image, fit_video, write_png
 
 logger = logging.getLogger(__name__)
@@ -234,6 +235,8 @@ def _check_flags(args: argparse.Namespace, settings: dict[str, Any]) -> None:
         raise PipelineError(f"--lora_scale {args.lora_scale}: give a finite number")
     if args.lora and not os.path.exists(args.lora):
         raise PipelineError(f"--lora {args.lora}: no such file or folder")
+    if args.lora and (problem := lora_folder_problem(args.lora)):
+        raise PipelineError(f"--lora {problem}: give a complete checkpoint-STEP of the run")
     if args.attention == "cudnn":
         if jax.default_backend() != "gpu":
             raise PipelineError(f"--attention cudnn needs a CUDA GPU, and this run's backend is "

@@ -9,9 +9,9 @@ share (stage 2's noise pyramid) is the same draw in each. jax.jit compiles it on
 so once per data bucket.
 
 ``train`` runs a step over a data iterator with an orbax ``CheckpointManager`` (trainable params,
-optimizer state, step and the grain iterator state in ``output_dir/checkpoint-STEP/``), resume from
-the latest checkpoint, a config-mismatch check on resume, ``metrics.jsonl``, a progress bar, and
-hooks for the LoRA export and validation videos.
+optimizer state, step and the grain iterator state in ``output_dir/checkpoint-STEP/``, the LoRA export
+committed with them), resume from the newest complete checkpoint, a config-mismatch check on resume,
+``metrics.jsonl``, a progress bar, and hooks for the LoRA export and validation videos.
 
 On a mesh (``train(..., mesh=)``, ``helios_jax.parallel.make_mesh``) the frozen base, the trainables and
 the optimizer state are split by the DiT's and the LoRA's sharding tables (``fsdp`` over the model
@@ -36,6 +36,7 @@ import json
 import math
 import os
 import re
+import shutil
 import time
 import warnings
 from typing import Any, Callable, Iterator, NamedTuple, Protocol, Sequence
@@ -54,17 +55,19 @@ from helios_jax import parallel
 from helios_jax.config import ConfigError
 from helios_jax.progress import Progress
 from helios_jax.training import NonFiniteError
+from helios_jax.training.completeness import CHECKPOINT_PREFIX, EXPORT_ITEM, MANIFEST, UNFINISHED_SUFFIX, incomplete
 from helios_jax.training.ema import EMA_FOLDER, EmaConfig, EmaState
+from helios_jax.video import PARTIALS_MADE
 
 Params = Any
 Batch = Any
 LossFn = Callable[[Params, Params, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 SCHEDULES = ("constant", "constant_with_warmup")
-CHECKPOINT_PREFIX = "checkpoint-"
 STATE_ITEM, DATA_ITEM, EMA_ITEM = "state", "data", "ema"
 METRICS_FILE, CONFIG_FILE = "metrics.jsonl", "config.json"
-# Keys (and sections) that may change between a run and its resumption: they do not change what a step computes.
-RESUMABLE_KEYS = ("training_config.max_train_steps", "training_config.resume_from_checkpoint",
+# Keys (and sections) that may change between a run and its resumption: they do not change what a step computes
+# (output_dir among them: a run folder may be moved or copied, and resumed where it now is).
+RESUMABLE_KEYS = ("output_dir", "training_config.max_train_steps", "training_config.resume_from_checkpoint",
                   "training_config.local_rank", "training_config.checkpointing_steps",
                   "training_config.checkpoints_total_limit", "mesh")
 RESUMABLE_SECTIONS = ("validation_config",)
@@ -438,13 +441,61 @@ class _CheckpointNames(ocp.step.NameFormat):
         raise ValueError(f"no finished checkpoint for step {step} under {base_path}")
 
 
-def checkpoint_manager(run: RunConfig, items: Sequence[str] = (STATE_ITEM,)) -> ocp.CheckpointManager:
+@dataclasses.dataclass
+class ExportSave(ocp.args.CheckpointArgs):
+    """The checkpoint item that exports files beside the orbax state: ``write(folder)`` writes them (the
+    LoRA) into the checkpoint folder; None writes none (the manifest, empty, is still written)."""
+
+    write: Callable[[str], None] | None = None
+
+
+class ExportHandler(ocp.CheckpointHandler):
+    """Writes a checkpoint's exported files while orbax saves it, into orbax's temporary folder, so that they
+    are committed with the state by the one rename that finishes the checkpoint: the files go into the
+    checkpoint folder itself (the official layout, where ``--lora`` finds them), their list into this item's
+    ``files.json``, which ``completeness.incomplete`` checks. Only process 0 writes (every process saves)."""
+
+    def save(self, directory: epath.Path, args: ExportSave) -> None:
+        if jax.process_index() != 0:
+            return
+        root = os.fspath(directory.parent)
+        before = _plain_files(root)
+        if args.write is not None:
+            args.write(root)
+        files = sorted(_plain_files(root) - before)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+
+    def restore(self, directory: epath.Path, args: Any = None) -> None:
+        """Nothing to restore: the exported files are the trainables, which the state item holds."""
+        return None
+
+
+def _plain_files(root: str) -> set[str]:
+    """The files an export may write under ``root``: its top-level files and those of ``model_ema/``, relative
+    to ``root`` (the orbax item folders, written meanwhile by other threads, are not looked into)."""
+    found = set()
+    for entry in os.scandir(root):
+        if entry.is_file():
+            found.add(entry.name)
+        elif entry.name == EMA_FOLDER:
+            for folder, _, names in os.walk(entry.path):
+                found.update(os.path.relpath(os.path.join(folder, n), root) for n in names)
+    return found
+
+
+def checkpoint_manager(run: RunConfig) -> ocp.CheckpointManager:
+    """orbax's manager of ``output_dir``'s checkpoints. orbax finds the handlers of the state items and the
+    data position by their save and restore arguments; the export item's is registered here. Unfinished
+    writes a killed run left (orbax's temporary folders) are removed."""
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=run.checkpointing_steps, max_to_keep=run.checkpoints_total_limit,
         step_name_format=_CheckpointNames(), enable_async_checkpointing=False, create=True,
+        cleanup_tmp_directories=True,
     )
-    return ocp.CheckpointManager(os.path.abspath(run.output_dir), options=options,
-                                 item_names=(*items, DATA_ITEM))
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    registry.add(EXPORT_ITEM, ExportSave, ExportHandler())
+    return ocp.CheckpointManager(os.path.abspath(run.output_dir), options=options, handler_registry=registry)
 
 
 def config_changes(saved: Any, current: Any, prefix: str = "") -> list[str]:
@@ -468,8 +519,13 @@ def check_resumable(run: RunConfig) -> None:
     path = os.path.join(run.output_dir, CONFIG_FILE)
     if not os.path.isfile(path):
         return
-    with open(path, encoding="utf-8") as f:
-        saved = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except ValueError as err:
+        raise ConfigError(
+            f"{path} is damaged ({err}): it is the config of the run in {run.output_dir}. Put the run's config "
+            f"back in it, or delete it to resume with this config (the checkpoints are kept)") from None
     changes = config_changes(saved, run.config)
     if changes:
         raise ConfigError(
@@ -485,18 +541,75 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(partial, path)
 
 
-def _resume_step(manager: ocp.CheckpointManager, run: RunConfig) -> int | None:
-    """The step to resume from: the latest checkpoint, a named ``checkpoint-STEP``, or none."""
+def _resume_steps(manager: ocp.CheckpointManager, run: RunConfig) -> list[int]:
+    """The steps to try resuming from, in order: a named ``checkpoint-STEP``, or every checkpoint newest first
+    (``latest``), or none."""
     choice = run.resume_from_checkpoint
     if not choice:
-        return None
+        return []
     if choice == "latest":
-        return manager.latest_step()
+        return sorted(manager.all_steps(), reverse=True)
     match = re.fullmatch(rf"(?:.*/)?{CHECKPOINT_PREFIX}(\d+)/?", choice)
     if not match or int(match[1]) not in manager.all_steps():
         raise ConfigError(f"resume_from_checkpoint = {choice!r}: no such checkpoint in {run.output_dir} "
                           f"(have {sorted(manager.all_steps())}); use 'latest' or an existing checkpoint-STEP")
-    return int(match[1])
+    return [int(match[1])]
+
+
+# What orbax, tensorstore and grain raise on a checkpoint with missing or damaged files.
+RESTORE_ERRORS = (OSError, ValueError, KeyError)
+
+
+def _resume(manager: ocp.CheckpointManager, run: RunConfig, state: Any, data: grain_python.DatasetIterator
+            ) -> tuple[Any, int | None]:
+    """The state restored from the newest complete checkpoint (``data`` moved to its position) and its step;
+    ``(state, None)`` when there is none. An incomplete or damaged checkpoint is skipped with one warning saying
+    why, and moved aside to ``checkpoint-STEP.incomplete`` (kept, not deleted; the run writes that step anew).
+    A named ``resume_from_checkpoint`` that is incomplete, or checkpoints none of which is complete, is one
+    ConfigError (a run is not started over by itself)."""
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state.items())
+    skipped = []
+    for step in _resume_steps(manager, run):
+        folder = os.path.join(run.output_dir, f"{CHECKPOINT_PREFIX}{step}")
+        reason = incomplete(folder, abstract)
+        if reason is None:
+            try:
+                restored = manager.restore(step, args=ocp.args.Composite(
+                    **{k: ocp.args.StandardRestore(v) for k, v in abstract.items()},
+                    **{DATA_ITEM: grain_python.PyGrainCheckpointRestore(data)}))
+            except RESTORE_ERRORS as err:
+                reason = f"it does not restore ({type(err).__name__}: {str(err).strip().splitlines()[0][:200]})"
+        if reason is None:
+            _move_aside(manager, run, skipped)
+            return type(state).from_items({k: restored[k] for k in abstract}), step
+        if run.resume_from_checkpoint != "latest":
+            raise ConfigError(f"resume_from_checkpoint = {run.resume_from_checkpoint!r}: {folder} is incomplete: "
+                              f"{reason}. Use 'latest' (the newest complete checkpoint) or another checkpoint-STEP")
+        skipped.append((folder, reason))
+    if skipped:
+        raise ConfigError(
+            f"{run.output_dir} holds no complete checkpoint to resume from: "
+            + "; ".join(f"{os.path.basename(f)}: {r}" for f, r in skipped)
+            + ". Set resume_from_checkpoint to null to start again from step 0, or choose a new output_dir")
+    return state, None
+
+
+def _move_aside(manager: ocp.CheckpointManager, run: RunConfig, skipped: list[tuple[str, str]]) -> None:
+    """Rename each skipped checkpoint to ``checkpoint-STEP.incomplete`` (``-2``, ... if taken), which orbax does
+    not see, and say so: the run may write that step again, and the user's files are kept."""
+    for folder, reason in skipped:
+        aside = f"{folder}.incomplete"
+        n = 1
+        while os.path.exists(aside):
+            n += 1
+            aside = f"{folder}.incomplete-{n}"
+        if jax.process_index() == 0:
+            os.rename(folder, aside)
+        warnings.warn(f"resume: skipped {folder}: {reason}; moved it to {os.path.basename(aside)}", stacklevel=3)
+    if skipped:
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("helios-jax: incomplete checkpoints moved aside")
+        manager.reload()
 
 
 def _metric_record(step: int, metrics: dict, seconds: float) -> dict:
@@ -506,13 +619,21 @@ def _metric_record(step: int, metrics: dict, seconds: float) -> dict:
     return record
 
 
+def _metric_lines(path: str) -> list[tuple[str, dict]]:
+    """``metrics.jsonl``'s complete lines with their records: a last line a kill cut short is left out."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    if lines and not lines[-1].endswith("\n"):
+        lines.pop()
+    return [(line, json.loads(line)) for line in lines if line.strip()]
+
+
 def _keep_metrics_until(path: str, step: int) -> None:
-    """A resumed run continues ``metrics.jsonl`` from its checkpoint: later lines are dropped."""
+    """A resumed run continues ``metrics.jsonl`` from its checkpoint: later lines, and a half-written last
+    line, are dropped."""
     if not os.path.isfile(path):
         return
-    with open(path, encoding="utf-8") as f:
-        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    _write_atomic(path, "".join(lines))
+    _write_atomic(path, "".join(line for line, record in _metric_lines(path) if record["step"] <= step))
 
 
 def _tensorboard(folder: str):
@@ -536,14 +657,8 @@ def train(run: RunConfig, stage: StepProgram, trainable: Params, frozen: Params,
     check_resumable(run)
     frozen = shard_variables(frozen, mesh)
     state, step_for = stage.setup(trainable, mesh)
-    manager = checkpoint_manager(run, tuple(state.items()))
-    start = _resume_step(manager, run)
-    if start is not None:
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state.items())
-        restored = manager.restore(start, args=ocp.args.Composite(
-            **{k: ocp.args.StandardRestore(v) for k, v in abstract.items()},
-            **{DATA_ITEM: grain_python.PyGrainCheckpointRestore(data)}))
-        state = type(state).from_items({k: restored[k] for k in abstract})
+    manager = checkpoint_manager(run)
+    state, start = _resume(manager, run, state, data)
     start = start or 0
     primary = jax.process_index() == 0  # one process writes the config, the metrics, the LoRA and the videos
     os.makedirs(run.output_dir, exist_ok=True)
@@ -562,18 +677,26 @@ def train(run: RunConfig, stage: StepProgram, trainable: Params, frozen: Params,
     if stage.validate and run.first_step_valid and start == 0:
         validate(0)
 
-    def save(step: int) -> None:
-        manager.save(step, args=ocp.args.Composite(
-            **{k: ocp.args.StandardSave(v) for k, v in state.items().items()},
-            **{DATA_ITEM: grain_python.PyGrainCheckpointSave(data)}), force=True)
-        manager.wait_until_finished()
+    def save(step: int, log: Any) -> None:
+        """One checkpoint, committed as one unit (the state, the data position and the export, see
+        ExportHandler), after the metrics up to its step are on disk."""
+        write = None
         if stage.export:
-            exported, averaged = host_values(state.exported), host_values(state.averaged)
+            write = functools.partial(_export, stage.export, host_values(state.exported), host_values(state.averaged))
+        if log is not None:
+            os.fsync(log.fileno())
+        unfinished = os.path.join(os.path.abspath(run.output_dir), f"{CHECKPOINT_PREFIX}{step}{UNFINISHED_SUFFIX}")
+        PARTIALS_MADE.add(unfinished)  # named by the CLI's interrupt report if it outlives the cleanup below
+        try:
+            manager.save(step, args=ocp.args.Composite(
+                **{k: ocp.args.StandardSave(v) for k, v in state.items().items()},
+                **{DATA_ITEM: grain_python.PyGrainCheckpointSave(data), EXPORT_ITEM: ExportSave(write)}), force=True)
+            manager.wait_until_finished()
+        except BaseException:
             if primary:
-                folder = os.path.join(run.output_dir, f"{CHECKPOINT_PREFIX}{step}")
-                stage.export(exported, folder)
-                if averaged is not None:
-                    stage.export(averaged, os.path.join(folder, EMA_FOLDER))
+                shutil.rmtree(unfinished, ignore_errors=True)
+            raise
+        PARTIALS_MADE.discard(unfinished)
 
     log_file = open(metrics_path, "a", encoding="utf-8") if primary else contextlib.nullcontext()
     with log_file as log, Progress(run.max_train_steps - start, "training", unit="step",
@@ -599,11 +722,18 @@ def train(run: RunConfig, stage: StepProgram, trainable: Params, frozen: Params,
                         writer.scalar(name, value, step + 1)
             bar.advance(note=f"{stage.headline} {record[stage.headline]:.4f}")
             if (step + 1) % run.checkpointing_steps == 0 or step + 1 == run.max_train_steps:
-                save(step + 1)
+                save(step + 1, log)
             if stage.validate and run.validation_steps and (step + 1) % run.validation_steps == 0:
                 validate(step + 1)
     manager.close()
     return state
+
+
+def _export(export: Export, exported: Params, averaged: Params | None, folder: str) -> None:
+    """A checkpoint's export into ``folder``: the trainables, and their EMA (if any) into ``model_ema/``."""
+    export(exported, folder)
+    if averaged is not None:
+        export(averaged, os.path.join(folder, EMA_FOLDER))
 
 
 def host_values(tree: Params) -> Params:
@@ -620,6 +750,5 @@ def on_mesh(mesh: jax.sharding.Mesh | None) -> contextlib.AbstractContextManager
 
 
 def read_metrics(output_dir: str) -> list[dict]:
-    """The records of ``output_dir/metrics.jsonl``."""
-    with open(os.path.join(output_dir, METRICS_FILE), encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of ``output_dir/metrics.jsonl`` (without a last line a kill cut short)."""
+    return [record for _, record in _metric_lines(os.path.join(output_dir, METRICS_FILE))]
