@@ -35,6 +35,7 @@ import functools
 import json
 import os
 import re
+import shutil
 import time
 import warnings
 from typing import Any, Callable, Iterator, NamedTuple, Protocol, Sequence
@@ -51,6 +52,7 @@ from jax.experimental import multihost_utils
 
 from helios_jax import parallel
 from helios_jax.config import ConfigError
+from helios_jax.diskspace import DiskFullError, check_free, disk_full_as_error, tree_nbytes
 from helios_jax.progress import Progress
 from helios_jax.training.ema import EMA_FOLDER, EmaConfig, EmaState
 
@@ -510,6 +512,7 @@ def train(run: RunConfig, stage: StepProgram, trainable: Params, frozen: Params,
             **{DATA_ITEM: grain_python.PyGrainCheckpointRestore(data)}))
         state = type(state).from_items({k: restored[k] for k in abstract})
     start = start or 0
+    check_free(run.output_dir, tree_nbytes(state.items()))  # room for one checkpoint, before the first step
     primary = jax.process_index() == 0  # one process writes the config, the metrics, the LoRA and the videos
     os.makedirs(run.output_dir, exist_ok=True)
     if primary and not os.path.isfile(os.path.join(run.output_dir, CONFIG_FILE)):
@@ -528,10 +531,18 @@ def train(run: RunConfig, stage: StepProgram, trainable: Params, frozen: Params,
         validate(0)
 
     def save(step: int) -> None:
-        manager.save(step, args=ocp.args.Composite(
-            **{k: ocp.args.StandardSave(v) for k, v in state.items().items()},
-            **{DATA_ITEM: grain_python.PyGrainCheckpointSave(data)}), force=True)
-        manager.wait_until_finished()
+        folder = os.path.join(run.output_dir, f"{CHECKPOINT_PREFIX}{step}")
+        needed = tree_nbytes(state.items())
+        try:
+            check_free(folder, needed)
+            with disk_full_as_error(folder, needed):
+                manager.save(step, args=ocp.args.Composite(
+                    **{k: ocp.args.StandardSave(v) for k, v in state.items().items()},
+                    **{DATA_ITEM: grain_python.PyGrainCheckpointSave(data)}), force=True)
+                manager.wait_until_finished()
+        except DiskFullError:
+            _abandon_checkpoint(manager, run.output_dir, step)
+            raise
         if stage.export:
             exported, averaged = host_values(state.exported), host_values(state.averaged)
             if primary:
@@ -567,6 +578,20 @@ def train(run: RunConfig, stage: StepProgram, trainable: Params, frozen: Params,
                 validate(step + 1)
     manager.close()
     return state
+
+
+def _abandon_checkpoint(manager: ocp.CheckpointManager, output_dir: str, step: int) -> None:
+    """After a failed save: let orbax's writer threads finish and close the manager (quietly: the failure is
+    already being reported, once), then remove what the save left of step ``step``'s checkpoint."""
+    for settle in (manager.wait_until_finished, manager.close):
+        try:
+            settle()
+        except Exception:  # noqa: BLE001 - the same full disk, reported by the caller
+            pass
+    base = os.path.abspath(output_dir)
+    for name in os.listdir(base):
+        if name == f"{CHECKPOINT_PREFIX}{step}" or name.startswith(f"{CHECKPOINT_PREFIX}{step}.orbax-checkpoint-tmp"):
+            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
 
 
 def host_values(tree: Params) -> Params:
