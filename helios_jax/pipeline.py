@@ -42,7 +42,7 @@ from helios_jax.models.lora import apply_loaded, load_lora
 from helios_jax.models.transformer import HeliosTransformer, TextKV, compute_dtype, sequence_length, text_kv
 from helios_jax.noise import KeyNoise, NoiseSource
 from helios_jax.progress import Progress
-from helios_jax.prompts import PromptEncoder
+from helios_jax.prompts import PromptEncoder, check_prompt_plan
 from helios_jax.request import Request, check_prompts, check_request, check_seed, check_video_length
 from helios_jax.sampling import (
     ChunkNoise,
@@ -546,6 +546,9 @@ class HeliosPipeline:
                               interpolation_chunks)
         if (image is not None or video is not None) and batch != 1:
             raise PipelineError(f"image- and video-to-video take one prompt; got a batch of {batch}")
+        if interactive_prompts is not None:
+            check_prompt_plan(interactive_prompts, num_chunks(request.num_frames, request.num_latent_frames_per_chunk),
+                              interpolation_chunks)
         if self.mesh is not None:
             parallel.check_mesh(self.mesh, heads=self.transformer_config.num_attention_heads,
                                 tokens=self._sequence_lengths(request, layout, self.scheduler_config.stages if self.spec.pyramid else 1))
