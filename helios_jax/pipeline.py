@@ -35,6 +35,7 @@ from helios_jax.history import (
     push,
     video_frames_per_chunk,
 )
+from helios_jax.kernels.flash import HEAD_DIMS as FLASH_HEAD_DIMS
 from helios_jax.loading import COMPONENTS, check_lora_base
 from helios_jax.models import fp8, vae as vae_lib
 from helios_jax.models.attention import default_impl
@@ -205,6 +206,10 @@ class HeliosPipeline:
         folder = os.fspath(folder)
         configs = read_checkpoint_configs(folder)  # every config checked before the first weight is read
         quantize = _check_weight_dtype(weight_dtype, os.path.join(folder, "transformer"), lora)
+        head_dim = configs.transformer.attention_head_dim
+        if attention_impl == "pallas" and head_dim not in FLASH_HEAD_DIMS:
+            raise PipelineError(f"attention_impl 'pallas' (the flash kernel) takes head_dim {FLASH_HEAD_DIMS}, and "
+                                f"{folder}'s transformer has {head_dim}: use 'xla' or 'cudnn' (--attention)")
         loaded = None if lora is None else load_lora(lora, configs.transformer)
         if compilation_cache:
             enable_compilation_cache(None if compilation_cache is True else compilation_cache)
