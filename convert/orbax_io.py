@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import sys
 from typing import Any, Iterator, Mapping
@@ -122,9 +123,24 @@ def _damaged_as_error(directory: str | os.PathLike) -> Iterator[None]:
     except Exception as err:  # noqa: BLE001 - what orbax raises for a damaged folder has no common type
         if "RESOURCE_EXHAUSTED" in str(err):
             raise
-        detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{directory}: its orbax params cannot be read, the folder is damaged or incomplete "
-                              f"({type(err).__name__}: {detail}); convert it again") from err
+                              f"({_first_reason(err)}); convert it again") from err
+
+
+def _first_reason(err: BaseException) -> str:
+    """The most telling line of a read failure: tensorstore's status (``OUT_OF_RANGE: ...``) from anywhere in the
+    chain of causes, else the error's own first line."""
+    chain, seen = [], set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    for link in chain:
+        text = str(link).strip()
+        if re.match(r"[A-Z_]{5,}: ", text):
+            return text.splitlines()[0][:300]
+    text = str(chain[0]).strip()
+    return f"{type(chain[0]).__name__}: {text.splitlines()[0][:200]}" if text else type(chain[0]).__name__
 
 
 def is_saved_params(directory: str | os.PathLike) -> bool:
