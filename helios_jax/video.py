@@ -182,7 +182,9 @@ def _partial_pid(name: str) -> int | None:
 
 
 def _partial_file(path: str, suffix: str) -> str:
-    """A new hidden temporary file beside ``path``, recorded until :func:`_discard` (or a rename) ends it."""
+    """A new hidden temporary file beside ``path``, recorded until :func:`_discard` (or a rename) ends it; what
+    killed runs left beside it is cleared (or named) first."""
+    clear_stale_partials(os.path.dirname(path))
     fd, partial = tempfile.mkstemp(prefix=_partial_prefix(os.getpid()), suffix=suffix, dir=os.path.dirname(path))
     os.close(fd)
     PARTIALS_MADE.add(partial)
