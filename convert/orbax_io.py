@@ -20,7 +20,7 @@ import jax
 from helios_jax.config import read_json
 from helios_jax.convert.sources import CheckpointError
 from helios_jax.convert.strict import DtypeFor, Params, cast_shapes
-from helios_jax.diskspace import check_free, disk_full_as_error, tree_nbytes
+from helios_jax.diskspace import check_free, disk_full_as_error, orbax_failures_quiet, tree_nbytes
 
 _PARAMS = "params"
 _CONFIG = "config.json"
@@ -66,7 +66,7 @@ def save_params(directory: str | os.PathLike, params: Params, config: Mapping[st
     staging = claim_staging(directory)
     checkpointer = _checkpointer()
     try:
-        with disk_full_as_error(directory, needed):
+        with orbax_failures_quiet(), disk_full_as_error(directory, needed):
             checkpointer.save(os.path.join(staging, _PARAMS), params)
             checkpointer.wait_until_finished()
         if config is not None:

@@ -90,6 +90,33 @@ def disk_full_as_error(path: str | os.PathLike, needed: int | None) -> Iterator[
         raise
 
 
+@contextlib.contextmanager
+def orbax_failures_quiet() -> Iterator[None]:
+    """Around an orbax save: a failed write is reported once, by the caller. orbax's writer threads log each
+    failure with its traceback (absl's logger), and tensorstore's callbacks, finding the event loop closed, raise
+    where Python can only print ("Event loop is closed"): a full disk made dozens of tracebacks. Both are held
+    back during the block; anything else goes on as before."""
+    import gc
+    import logging
+    import sys
+
+    absl = logging.getLogger("absl")
+    level, previous_hook = absl.level, sys.unraisablehook
+
+    def unraisable(info) -> None:
+        if not (isinstance(info.exc_value, RuntimeError) and "Event loop is closed" in str(info.exc_value)):
+            previous_hook(info)
+
+    absl.setLevel(logging.CRITICAL)
+    sys.unraisablehook = unraisable
+    try:
+        yield
+    finally:
+        gc.collect()  # the closed loop's callbacks are collected here, under the quiet hook
+        sys.unraisablehook = previous_hook
+        absl.setLevel(level)
+
+
 def tree_nbytes(tree) -> int:
     """The bytes of every array leaf of a params tree (or a dict of arrays)."""
     import jax

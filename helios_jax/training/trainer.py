@@ -52,7 +52,7 @@ from jax.experimental import multihost_utils
 
 from helios_jax import parallel
 from helios_jax.config import ConfigError
-from helios_jax.diskspace import DiskFullError, check_free, disk_full_as_error, tree_nbytes
+from helios_jax.diskspace import DiskFullError, check_free, disk_full_as_error, orbax_failures_quiet, tree_nbytes
 from helios_jax.progress import Progress
 from helios_jax.training.ema import EMA_FOLDER, EmaConfig, EmaState
 
@@ -503,6 +503,7 @@ def train(run: RunConfig, stage: StepProgram, trainable: Params, frozen: Params,
     check_resumable(run)
     frozen = shard_variables(frozen, mesh)
     state, step_for = stage.setup(trainable, mesh)
+    check_free(run.output_dir, tree_nbytes(state.items()))  # room for one checkpoint, before the first step
     manager = checkpoint_manager(run, tuple(state.items()))
     start = _resume_step(manager, run)
     if start is not None:
@@ -512,7 +513,6 @@ def train(run: RunConfig, stage: StepProgram, trainable: Params, frozen: Params,
             **{DATA_ITEM: grain_python.PyGrainCheckpointRestore(data)}))
         state = type(state).from_items({k: restored[k] for k in abstract})
     start = start or 0
-    check_free(run.output_dir, tree_nbytes(state.items()))  # room for one checkpoint, before the first step
     primary = jax.process_index() == 0  # one process writes the config, the metrics, the LoRA and the videos
     os.makedirs(run.output_dir, exist_ok=True)
     if primary and not os.path.isfile(os.path.join(run.output_dir, CONFIG_FILE)):
@@ -533,16 +533,17 @@ def train(run: RunConfig, stage: StepProgram, trainable: Params, frozen: Params,
     def save(step: int) -> None:
         folder = os.path.join(run.output_dir, f"{CHECKPOINT_PREFIX}{step}")
         needed = tree_nbytes(state.items())
-        try:
-            check_free(folder, needed)
-            with disk_full_as_error(folder, needed):
-                manager.save(step, args=ocp.args.Composite(
-                    **{k: ocp.args.StandardSave(v) for k, v in state.items().items()},
-                    **{DATA_ITEM: grain_python.PyGrainCheckpointSave(data)}), force=True)
-                manager.wait_until_finished()
-        except DiskFullError:
-            _abandon_checkpoint(manager, run.output_dir, step)
-            raise
+        check_free(folder, needed)
+        with orbax_failures_quiet():
+            try:
+                with disk_full_as_error(folder, needed):
+                    manager.save(step, args=ocp.args.Composite(
+                        **{k: ocp.args.StandardSave(v) for k, v in state.items().items()},
+                        **{DATA_ITEM: grain_python.PyGrainCheckpointSave(data)}), force=True)
+                    manager.wait_until_finished()
+            except DiskFullError:
+                _abandon_checkpoint(manager, run.output_dir, step)
+                raise
         if stage.export:
             exported, averaged = host_values(state.exported), host_values(state.averaged)
             if primary:
