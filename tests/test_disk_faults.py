@@ -267,3 +267,22 @@ def test_a_second_signal_during_exit_is_quiet(tmp_path):
               "cli._exit_at_next_signal()\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 130 and "Traceback" not in done.stderr
+
+
+def test_the_fault_battery_classifies_from_the_outside(tmp_path):
+    from experiments.studies import fault_battery as fb
+
+    ws = fb.Workspace(str(tmp_path))
+    due = fb.Case("x", "convert", lambda ws, folder: [], error=True)
+    line = "helios-jax convert: error: no space left on the device to write out\n"
+    assert fb.classify(due, ws, str(tmp_path), set(), 2, line) == "clear"
+    assert fb.classify(due, ws, str(tmp_path), set(), 0, "") == "accepted wrongly"
+    assert fb.classify(due, ws, str(tmp_path), set(), 1, "Traceback (most recent call last):\n" + line) == "traceback"
+    (tmp_path / "out.partial").mkdir()
+    assert fb.classify(due, ws, str(tmp_path), set(), 2, line) == "lost"
+    survives = fb.Case("y", "train", lambda ws, folder: [], error=False)
+    (tmp_path / "out.partial").rmdir()
+    (tmp_path / "checkpoint-2").mkdir()  # a checkpoint without its LoRA export
+    assert fb.classify(survives, ws, str(tmp_path), set(), 0, "") == "lost"
+    (tmp_path / "checkpoint-2" / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    assert fb.classify(survives, ws, str(tmp_path), set(), 0, "") == "ok"

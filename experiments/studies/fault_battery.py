@@ -265,7 +265,7 @@ def _stale_partial(ws: Workspace, folder: str) -> list[str]:
 
 
 def _no_partials(folder: str) -> bool:
-    return not any(".partial" in n for _, _, names in os.walk(folder) for n in names)
+    return not any(".partial" in n for _, dirs, names in os.walk(folder) for n in dirs + names)
 
 
 def _baseline_offload(ws: Workspace, folder: str) -> list[str]:
