@@ -216,11 +216,9 @@ def offload(json_path: str, checkpoint: str, output: str, *, height: int = 384, 
             min_frames: int = MIN_FRAMES, skip_unfit: bool = False, progress: bool | None = None) -> list[str]:
     """Encode every clip of ``json_path`` with the checkpoint's VAE and text encoder into ``output``;
     returns the files' paths (existing ones kept)."""
-    import jax
     import jax.numpy as jnp
 
     from helios_jax.loading import load_vae
-    from helios_jax.models import vae as vae_lib
     from helios_jax.prompts import PromptEncoder
 
     if height % 16 or width % 16 or height < 16 or width < 16:
@@ -235,12 +233,30 @@ def offload(json_path: str, checkpoint: str, output: str, *, height: int = 384, 
     vae_cfg, vae_params = load_vae(os.path.join(checkpoint, "vae"), jnp.float32)
     prompts = PromptEncoder.from_pretrained(checkpoint)
     window = video_frames_per_chunk(LATENT_WINDOW)
-    os.makedirs(output, exist_ok=True)
     check_free(output, sum(_clip_bytes(clip, vae_cfg.z_dim, prompts.config.d_model, height, width, window)
                            for clip in clips
                            if not os.path.exists(os.path.join(output, offload_name(clip.uttid, clip.frames, height,
                                                                                     width)))))
-    show = sys.stderr.isatty() if progress is None else progress
+    created = not os.path.isdir(output)
+    os.makedirs(output, exist_ok=True)
+    try:
+        return _offload_clips(clips, output, vae_cfg, vae_params, prompts, height=height, width=width, seed=seed,
+                              show=sys.stderr.isatty() if progress is None else progress)
+    except BaseException:
+        if created and not os.listdir(output):  # a run that wrote no clip leaves no folder either
+            os.rmdir(output)
+        raise
+
+
+def _offload_clips(clips: list[Clip], output: str, vae_cfg, vae_params, prompts, *, height: int, width: int,
+                   seed: int, show: bool) -> list[str]:
+    """Each clip's file, encoded and written (existing ones kept); returns their paths."""
+    import jax
+    import jax.numpy as jnp
+
+    from helios_jax.models import vae as vae_lib
+
+    window = video_frames_per_chunk(LATENT_WINDOW)
     written = []
     for n, clip in enumerate(clips):
         path = os.path.join(output, offload_name(clip.uttid, clip.frames, height, width))
