@@ -165,6 +165,15 @@ def test_checkpoint_on_a_full_disk_is_one_error_and_no_half_checkpoint(tmp_path,
     assert state_bytes >= 3 * 16  # the params and Adam's two moments, float32
     assert sorted(os.listdir(tmp_path / "run")) == ["checkpoint-2", "config.json", "metrics.jsonl"]
 
+    def export_on_a_full_disk(trainable, folder):
+        raise diskspace.DiskFullError(os.path.join(folder, "pytorch_lora_weights.safetensors"), 64)
+
+    exporting = T.Stage(toy_loss, T.OptimizerConfig(learning_rate=1e-2), export=export_on_a_full_disk)
+    with pytest.raises(OSError, match="pytorch_lora_weights.safetensors: it needs about 64 B"):
+        T.train(T.RunConfig(output_dir=str(tmp_path / "export"), max_train_steps=2, progress=False), exporting,
+                {"w": jnp.zeros((4, 1))}, {}, toy_data())
+    assert "checkpoint-2" not in os.listdir(tmp_path / "export")  # no checkpoint without its LoRA
+
     monkeypatch.setattr(diskspace, "free_bytes", lambda path: 10)
     with pytest.raises(OSError, match="no space left on the device to write"):  # refused before the first step
         T.train(T.RunConfig(output_dir=str(tmp_path / "new"), max_train_steps=2, progress=False), stage,

@@ -547,10 +547,13 @@ def train(run: RunConfig, stage: StepProgram, trainable: Params, frozen: Params,
         if stage.export:
             exported, averaged = host_values(state.exported), host_values(state.averaged)
             if primary:
-                folder = os.path.join(run.output_dir, f"{CHECKPOINT_PREFIX}{step}")
-                stage.export(exported, folder)
-                if averaged is not None:
-                    stage.export(averaged, os.path.join(folder, EMA_FOLDER))
+                try:
+                    stage.export(exported, folder)
+                    if averaged is not None:
+                        stage.export(averaged, os.path.join(folder, EMA_FOLDER))
+                except DiskFullError:  # a checkpoint without its LoRA is not one: the previous one stays the latest
+                    shutil.rmtree(folder, ignore_errors=True)
+                    raise
 
     log_file = open(metrics_path, "a", encoding="utf-8") if primary else contextlib.nullcontext()
     with log_file as log, Progress(run.max_train_steps - start, "training", enabled=run.progress if primary else False) as bar:
