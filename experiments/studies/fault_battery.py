@@ -183,6 +183,7 @@ def _clip(data: str) -> str:
 
 
 def _nan_clip(ws: Workspace, folder: str) -> list[str]:
+    import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy: the prompt embedding is bf16)
     from safetensors.numpy import load_file, save_file
 
     data = _copy_data(ws, folder)
@@ -204,6 +205,7 @@ def _truncated_clip(ws: Workspace, folder: str) -> list[str]:
 
 
 def _lora_copy(ws: Workspace, folder: str, damage: str) -> str:
+    import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
     from safetensors.numpy import load_file, save_file
 
     lora = os.path.join(folder, "lora")
