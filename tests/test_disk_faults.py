@@ -295,3 +295,4 @@ def test_the_fault_battery_classifies_from_the_outside(tmp_path):
     assert fb.classify(survives, ws, str(tmp_path), set(), 0, "") == "lost"
     (tmp_path / "checkpoint-2" / "pytorch_lora_weights.safetensors").write_bytes(b"")
     assert fb.classify(survives, ws, str(tmp_path), set(), 0, "") == "ok"
+    assert fb.classify(survives, ws, str(tmp_path), set(), 2, line) == "refused wrongly"

@@ -3,8 +3,9 @@
 Issue 24 asks for one table before and after its fixes: how many faults end as a **clear** error (exit 2, one
 `helios-jax CMD: error:` line, no traceback, nothing new left behind), **ok** (exit 0 and the expected result, where
 the fault is one the command should survive), **traceback** (any other exit, or a traceback printed), **accepted
-wrongly** (exit 0 where an error was due) and **lost** (an error, but files left behind: a partial file, or a
-checkpoint folder without its LoRA export).
+wrongly** (exit 0 where an error was due), **lost** (an error, but files left behind: a partial file, or a
+checkpoint folder without its LoRA export), and **refused wrongly** (a clean exit 2 where the command should have
+survived the fault, as a read-only compile cache).
 
 Each case is a fresh `helios-jax` process on tiny inputs: the embedded demo checkpoint (built into the workspace),
 two synthetic 121-frame clips, the official stage-1 YAML with tiny overrides. A setup function damages a copy of
@@ -39,7 +40,7 @@ from experiments.paths import RESULTS, ROOT
 OFFICIAL_YAML = os.path.join(ROOT, "tests", "fixtures", "training-configs", "stage_1_init.yaml")
 PIXELS, FRAMES = 64, 121  # latents of 8 x 8, the official minimum clip length
 SMALL = ["--height", "64", "--width", "64", "--num_frames", "40", "--pyramid_num_inference_steps_list", "1", "1", "1"]
-CLASSES = ("clear", "ok", "traceback", "accepted wrongly", "lost")
+CLASSES = ("clear", "ok", "traceback", "accepted wrongly", "lost", "refused wrongly")
 NO_SPACE = "No space left on device"
 # The child: an optional simulated full disk, then the command line as `helios-jax` runs it.
 CHILD = ("import sys\n"
@@ -401,6 +402,8 @@ def classify(case: Case, ws: Workspace, folder: str, before: set[str], code: int
         if case.error:
             return "accepted wrongly"
         return "ok" if case.result(ws, folder) and not lost else "lost"
+    if not case.error:
+        return "refused wrongly"
     errors = [line for line in stderr.splitlines() if line.startswith(f"helios-jax {case.command}: error:")]
     if lost:
         return "lost"
