@@ -12,12 +12,14 @@ import json
 import os
 from typing import Any, Mapping
 
+import jax
 import numpy as np
 from flax import traverse_util
 
 from helios_jax.convert.keymap import KeyMap, to_torch_layout
 from helios_jax.convert.orbax_io import claim_staging, remove_staging
 from helios_jax.convert.strict import Params
+from helios_jax.diskspace import check_free, disk_full_as_error, tree_nbytes
 
 DEFAULT_SHARD_BYTES = 5 * 2**30
 
@@ -29,9 +31,12 @@ def save_safetensors(tensors: Mapping[str, np.ndarray], path: str, metadata: Map
 
     folder, name = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
+    needed = tree_nbytes(tensors)
+    check_free(path, needed)
     temp = os.path.join(folder, f".{name}.partial")
     try:
-        save_file(dict(tensors), temp, metadata=dict(metadata))
+        with disk_full_as_error(path, needed):
+            save_file(dict(tensors), temp, metadata=dict(metadata))
         os.replace(temp, path)
     except BaseException:
         if os.path.exists(temp):
@@ -54,6 +59,9 @@ def export_safetensors(
     from safetensors.numpy import save_file
 
     folder = os.path.abspath(os.fspath(folder))
+    needed = sum(leaf.size * np.dtype(dtype if dtype is not None and np.issubdtype(leaf.dtype, np.floating)
+                                      else leaf.dtype).itemsize for leaf in jax.tree.leaves(params))
+    check_free(folder, needed)
     staging = claim_staging(folder)
     try:
         shards: list[list[str]] = []
@@ -62,7 +70,8 @@ def export_safetensors(
 
         def flush() -> None:
             nonlocal pending, pending_bytes
-            save_file(pending, os.path.join(staging, f".shard-{len(shards)}"), metadata={"format": "pt"})
+            with disk_full_as_error(folder, needed):
+                save_file(pending, os.path.join(staging, f".shard-{len(shards)}"), metadata={"format": "pt"})
             shards.append(sorted(pending))
             pending, pending_bytes = {}, 0
 

@@ -7,16 +7,20 @@ leaves a checkpoint under the final name. A model's config travels beside the ar
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import sys
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import jax
 
 from helios_jax.config import read_json
+from helios_jax.convert.sources import CheckpointError
 from helios_jax.convert.strict import DtypeFor, Params, cast_shapes
+from helios_jax.diskspace import check_free, disk_full_as_error, orbax_failures_quiet, tree_nbytes
 
 _PARAMS = "params"
 _CONFIG = "config.json"
@@ -57,11 +61,14 @@ def remove_staging(staging: str) -> None:
 def save_params(directory: str | os.PathLike, params: Params, config: Mapping[str, Any] | None = None) -> None:
     """Write ``params`` (and ``config``, if given) to a new folder ``directory``."""
     directory = os.path.abspath(os.fspath(directory))
+    needed = tree_nbytes(params)
+    check_free(directory, needed)
     staging = claim_staging(directory)
     checkpointer = _checkpointer()
     try:
-        checkpointer.save(os.path.join(staging, _PARAMS), params)
-        checkpointer.wait_until_finished()
+        with orbax_failures_quiet(), disk_full_as_error(directory, needed):
+            checkpointer.save(os.path.join(staging, _PARAMS), params)
+            checkpointer.wait_until_finished()
         if config is not None:
             with open(os.path.join(staging, _CONFIG), "w", encoding="utf-8") as f:
                 json.dump(dict(config), f, indent=2, sort_keys=True)
@@ -88,8 +95,9 @@ def saved_shapes(directory: str | os.PathLike) -> Params:
     path = os.path.join(os.path.abspath(os.fspath(directory)), _PARAMS)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no saved params in {directory}: expected a folder written by save_params")
-    tree = _checkpointer().metadata(path).item_metadata.tree
-    return jax.tree.map(lambda meta: jax.ShapeDtypeStruct(tuple(meta.shape), meta.dtype), tree)
+    with _damaged_as_error(directory):
+        tree = _checkpointer().metadata(path).item_metadata.tree
+        return jax.tree.map(lambda meta: jax.ShapeDtypeStruct(tuple(meta.shape), meta.dtype), tree)
 
 
 def restore_params(directory: str | os.PathLike, dtype_for: DtypeFor | None = None,
@@ -101,7 +109,38 @@ def restore_params(directory: str | os.PathLike, dtype_for: DtypeFor | None = No
     if shardings is not None:
         target = jax.tree.map(lambda t, s: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=s), target, shardings)
     path = os.path.join(os.path.abspath(os.fspath(directory)), _PARAMS)
-    return _checkpointer().restore(path, target)
+    with _damaged_as_error(directory):
+        return _checkpointer().restore(path, target)
+
+
+@contextlib.contextmanager
+def _damaged_as_error(directory: str | os.PathLike) -> Iterator[None]:
+    """A damaged params folder (truncated or missing array files, broken metadata) as one CheckpointError:
+    orbax and tensorstore report it as OUT_OF_RANGE, FAILED_PRECONDITION, NOT_FOUND or an AttributeError deep
+    inside. The device running out of memory is not damage, and goes on unchanged."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - what orbax raises for a damaged folder has no common type
+        if "RESOURCE_EXHAUSTED" in str(err):
+            raise
+        raise CheckpointError(f"{directory}: its orbax params cannot be read, the folder is damaged or incomplete "
+                              f"({_first_reason(err)}); convert it again") from err
+
+
+def _first_reason(err: BaseException) -> str:
+    """The most telling line of a read failure: tensorstore's status (``OUT_OF_RANGE: ...``) from anywhere in the
+    chain of causes, else the error's own first line."""
+    chain, seen = [], set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    for link in chain:
+        text = str(link).strip()
+        if re.match(r"[A-Z_]{5,}: ", text):
+            return text.splitlines()[0][:300]
+    text = str(chain[0]).strip()
+    return f"{type(chain[0]).__name__}: {text.splitlines()[0][:200]}" if text else type(chain[0]).__name__
 
 
 def is_saved_params(directory: str | os.PathLike) -> bool:

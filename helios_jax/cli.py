@@ -324,11 +324,27 @@ def configure_logging(level: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    program = argv is None  # the helios-jax program itself, not a caller in the same process
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["offload", "ode-pairs"]:
         argv = [ODE_PAIRS, *argv[2:]]
     args = parser().parse_args(argv)
     configure_logging(args.log_level)
+    status = _main(args)
+    if program and status in {128 + sig for sig in HANDLED_SIGNALS}:
+        _exit_at_next_signal()
+    return status
+
+
+def _exit_at_next_signal() -> None:
+    """After an interrupt's cleanup and its one line, the process still shuts down (jax's and orbax's exit
+    handlers, their threads): another Ctrl-C there would print a traceback from inside them. It exits at once
+    instead, quietly; the partial outputs are already gone."""
+    for sig in HANDLED_SIGNALS:
+        signal.signal(sig, lambda signum, frame: os._exit(128 + signum))
+
+
+def _main(args: argparse.Namespace) -> int:
     with _signals_interrupt():  # also around the handlers below: a second signal must not cut the report short
         try:
             return _run(args)

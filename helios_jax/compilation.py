@@ -22,13 +22,24 @@ def default_cache_dir() -> str:
     return os.path.join(base, "helios-jax", "xla")
 
 
-def enable_compilation_cache(path: str | os.PathLike | None = None) -> str:
-    """Turn the persistent cache on (``path`` or the default folder) unless it is already set; returns it."""
+def enable_compilation_cache(path: str | os.PathLike | None = None) -> str | None:
+    """Turn the persistent cache on (``path`` or the default folder) unless it is already set; returns it. A
+    folder that cannot be made or written (a read-only home, a full disk) only costs the cache, not the run:
+    generation goes on without it, after one warning that says so (None is returned)."""
     current = jax.config.jax_compilation_cache_dir
     if current:
         return current
     path = os.fspath(path) if path is not None else default_cache_dir()
-    os.makedirs(path, exist_ok=True)
+    try:
+        os.makedirs(path, exist_ok=True)
+        usable = os.access(path, os.W_OK | os.X_OK)
+        reason = "it is not writable"
+    except OSError as err:
+        usable, reason = False, err.strerror or str(err)
+    if not usable:
+        logger.warning("the compilation cache folder %s cannot be used (%s): running without the persistent "
+                       "cache, so every program compiles afresh (--no_compilation_cache silences this)", path, reason)
+        return None
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
     return path

@@ -28,11 +28,13 @@ import numpy as np
 
 from helios_jax import demo, hub, parallel
 from helios_jax.checkpoint import PipelineError, read_checkpoint_configs
+from helios_jax.diskspace import check_free
+from helios_jax.history import num_chunks
 from helios_jax.loading import DTYPES
 from helios_jax.models import fp8
 from helios_jax.models.attention import IMPLS
 from helios_jax.pipeline import HeliosPipeline
-from helios_jax.prompts import DEFAULT_NEGATIVE_PROMPT
+from helios_jax.prompts import DEFAULT_NEGATIVE_PROMPT, check_prompt_plan
 from helios_jax.request import Request, check_request, check_seed, check_video_length
 from helios_jax.training.completeness import lora_folder_problem
 from helios_jax.video import Mp4Writer, check_writable, contact_sheet, fit_image, fit_video, write_png
@@ -324,6 +326,10 @@ def prepare(args: argparse.Namespace) -> Job:
     request, _ = check_request(request_args, pyramid=configs.spec.pyramid, stages=configs.scheduler.stages,
                                scheduler_type=configs.scheduler.scheduler_type)
     inputs = _inputs(args, request)
+    if "interactive_prompts" in inputs:
+        check_prompt_plan(inputs["interactive_prompts"], num_chunks(request.num_frames,
+                                                                    request.num_latent_frames_per_chunk),
+                          inputs["interpolation_chunks"])
     quantized = settings["weight_dtype"] == fp8.FP8
     return Job(output=output, sheet=sheet, checkpoint=checkpoint,
                dtype=jnp.bfloat16 if quantized else DTYPES[settings["weight_dtype"]],
@@ -335,6 +341,9 @@ def prepare(args: argparse.Namespace) -> Job:
 def run(args: argparse.Namespace) -> int:
     """Generate and write the video; returns the exit status."""
     job = prepare(args)
+    request = job.request
+    # H.264 at crf 18 takes well over 1/100 of the raw frames: less room than that is refused before any weight.
+    check_free(job.output, request.num_frames * request.height * request.width * 3 // 100)
     if args.checkpoint is None:
         logger.warning("no --checkpoint: using the embedded random-weight Helios at %s (its video is noise)",
                        job.checkpoint)
@@ -344,7 +353,6 @@ def run(args: argparse.Namespace) -> int:
                                           compilation_cache=not args.no_compilation_cache,
                                           lora=args.lora, lora_scale=args.lora_scale, mesh=mesh,
                                           weight_dtype=job.weight_dtype)
-    request = job.request
     total = pipe.num_output_frames(request.num_frames, request.num_latent_frames_per_chunk)
     picks = set(np.linspace(0, total - 1, min(SHEET_FRAMES, total)).round().astype(int).tolist())
     chunks = pipe.stream(**job.pipeline_args)

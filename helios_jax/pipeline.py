@@ -35,6 +35,7 @@ from helios_jax.history import (
     push,
     video_frames_per_chunk,
 )
+from helios_jax.kernels.flash import HEAD_DIMS as FLASH_HEAD_DIMS
 from helios_jax.loading import COMPONENTS, check_lora_base
 from helios_jax.models import fp8, vae as vae_lib
 from helios_jax.models.attention import default_impl
@@ -42,7 +43,7 @@ from helios_jax.models.lora import apply_loaded, load_lora
 from helios_jax.models.transformer import HeliosTransformer, TextKV, compute_dtype, sequence_length, text_kv
 from helios_jax.noise import KeyNoise, NoiseSource
 from helios_jax.progress import ChunkProgress
-from helios_jax.prompts import PromptEncoder
+from helios_jax.prompts import PromptEncoder, check_prompt_plan
 from helios_jax.request import Request, check_prompts, check_request, check_seed, check_video_length
 from helios_jax.sampling import (
     ChunkNoise,
@@ -209,6 +210,10 @@ class HeliosPipeline:
         folder = hub.resolve(folder, revision=revision, local_files_only=local_files_only)
         configs = read_checkpoint_configs(folder)  # every config checked before the first weight is read
         quantize = _check_weight_dtype(weight_dtype, os.path.join(folder, "transformer"), lora)
+        head_dim = configs.transformer.attention_head_dim
+        if attention_impl == "pallas" and head_dim not in FLASH_HEAD_DIMS:
+            raise PipelineError(f"attention_impl 'pallas' (the flash kernel) takes head_dim {FLASH_HEAD_DIMS}, and "
+                                f"{folder}'s transformer has {head_dim}: use 'xla' or 'cudnn' (--attention)")
         loaded = None if lora is None else load_lora(lora, configs.transformer)
         if compilation_cache:
             enable_compilation_cache(None if compilation_cache is True else compilation_cache)
@@ -564,6 +569,9 @@ class HeliosPipeline:
                               interpolation_chunks)
         if (image is not None or video is not None) and batch != 1:
             raise PipelineError(f"image- and video-to-video take one prompt; got a batch of {batch}")
+        if interactive_prompts is not None:
+            check_prompt_plan(interactive_prompts, num_chunks(request.num_frames, request.num_latent_frames_per_chunk),
+                              interpolation_chunks)
         if self.mesh is not None:
             parallel.check_mesh(self.mesh, heads=self.transformer_config.num_attention_heads,
                                 tokens=self._sequence_lengths(request, layout, self.scheduler_config.stages if self.spec.pyramid else 1))

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from helios_jax import hub
+from helios_jax.checkpoint import PipelineError
 from helios_jax.compilation import note_first_run
 from helios_jax.config import UMT5Config
 from helios_jax.loading import load_text_encoder
@@ -220,6 +221,16 @@ def plan_prompt_chunks(starts: Sequence[int], num_chunks: int, interpolation_chu
             else:
                 plan.append(ChunkPrompt(i, i, 0.0))
     return tuple(plan)
+
+
+def check_prompt_plan(interactive_prompts: Sequence[tuple[int, str]], num_chunks: int,
+                      interpolation_chunks: int) -> None:
+    """:func:`plan_prompt_chunks`' rules (each prompt starts within the video, each blend fits its prompt) as one
+    PipelineError, checked before any weight is read rather than when the prompts are encoded."""
+    try:
+        plan_prompt_chunks([start for start, _ in interactive_prompts], num_chunks, interpolation_chunks)
+    except (TypeError, ValueError) as err:
+        raise PipelineError(f"interactive prompts: {err}") from None
 
 
 def lerp(start: jax.Array, end: jax.Array, weight: float) -> jax.Array:

@@ -168,7 +168,11 @@ def check_prompts(prompt: Any, prompt_embeds: Any, negative_prompt: Any, negativ
         _check_interactive(interactive_prompts)
         return 1
     batch = len(prompt) if prompt is not None and not isinstance(prompt, str) else 1
-    return np.shape(prompt_embeds)[0] if prompt_embeds is not None else batch
+    batch = np.shape(prompt_embeds)[0] if prompt_embeds is not None else batch
+    if negative_prompt is not None and not isinstance(negative_prompt, str) and len(negative_prompt) != batch:
+        raise PipelineError(f"negative_prompt has {len(negative_prompt)} prompts but the batch has {batch}: give one "
+                            "negative prompt per prompt, or one str for all")
+    return batch
 
 
 def _check_interactive(interactive_prompts: Any) -> None:

@@ -10,11 +10,15 @@ interrupted run (Ctrl-C included) never leaves a half-written file under the fin
 from __future__ import annotations
 
 import os
+import socket
 import stat
 import tempfile
+import warnings
 from typing import TYPE_CHECKING, Iterable, Sequence, Union
 
 import numpy as np
+
+from helios_jax.diskspace import disk_full_as_error
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
@@ -23,6 +27,7 @@ ImageLike = Union[str, os.PathLike, "PILImage.Image", np.ndarray]
 
 
 PARTIALS_MADE: set[str] = set()  # this process's temporary files not yet renamed or removed
+PARTIAL_PREFIX = ".partial-"  # + host + "-" + pid + "-": the names of the temporary files
 
 
 class MediaError(ValueError):
@@ -123,9 +128,64 @@ def _decode_frames(path: str) -> Iterable:
         raise MediaError(f"cannot read the video {path!r}: {err}") from err
 
 
+def _partial_prefix(pid: int) -> str:
+    """The name prefix of the partial files of process ``pid`` on this host: a later run can tell whose they are."""
+    return f"{PARTIAL_PREFIX}{socket.gethostname()}-{pid}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def clear_stale_partials(folder: str) -> list[str]:
+    """Remove the partial files that killed runs (SIGKILL, a power cut) of this host left in ``folder``: those
+    whose process is gone. Returns the partial files left there that cannot be proved stale (another host's, a
+    running process's, or named without a process), after warning once that names them."""
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.startswith(PARTIAL_PREFIX))
+    except OSError:
+        return []
+    removed, kept = [], []
+    for name in names:
+        path = os.path.join(folder, name)
+        pid = _partial_pid(name)
+        if pid is not None and pid != os.getpid() and not _alive(pid) and path not in PARTIALS_MADE:
+            try:
+                os.remove(path)
+                removed.append(name)
+                continue
+            except OSError:
+                pass
+        if path not in PARTIALS_MADE:
+            kept.append(path)
+    if removed:
+        warnings.warn(f"removed {len(removed)} partial file(s) that killed runs left in {folder}: "
+                      f"{', '.join(removed)}", stacklevel=3)
+    if kept:
+        warnings.warn(f"partial file(s) of other or unknown runs in {folder}, kept (remove them by hand if no run "
+                      f"is writing there): {', '.join(kept)}", stacklevel=3)
+    return kept
+
+
+def _partial_pid(name: str) -> int | None:
+    """The process id in a partial file's name, when it is this host's (else None: not provably stale)."""
+    mine = _partial_prefix(0)[:-2]  # PARTIAL_PREFIX + host + "-"
+    rest = name[len(mine):] if name.startswith(mine) else ""
+    pid = rest.split("-", 1)[0]
+    return int(pid) if pid.isdigit() else None
+
+
 def _partial_file(path: str, suffix: str) -> str:
-    """A new hidden temporary file beside ``path``, recorded until :func:`_discard` (or a rename) ends it."""
-    fd, partial = tempfile.mkstemp(prefix=".partial-", suffix=suffix, dir=os.path.dirname(path))
+    """A new hidden temporary file beside ``path``, recorded until :func:`_discard` (or a rename) ends it; what
+    killed runs left beside it is cleared (or named) first."""
+    clear_stale_partials(os.path.dirname(path))
+    fd, partial = tempfile.mkstemp(prefix=_partial_prefix(os.getpid()), suffix=suffix, dir=os.path.dirname(path))
     os.close(fd)
     PARTIALS_MADE.add(partial)
     return partial
@@ -187,9 +247,10 @@ class Mp4Writer:
             self._stream = self._container.add_stream("libx264", rate=self.fps, options={"crf": str(self.crf)})
             self._stream.height, self._stream.width = frames.shape[1:3]
             self._stream.pix_fmt = "yuv420p"
-        for frame in frames:
-            for packet in self._stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                self._container.mux(packet)
+        with disk_full_as_error(self.path, None):
+            for frame in frames:
+                for packet in self._stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    self._container.mux(packet)
         self.frames_written += len(frames)
 
     def __enter__(self) -> "Mp4Writer":
@@ -198,10 +259,11 @@ class Mp4Writer:
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if self._container is not None:
-                if exc_type is None:
-                    for packet in self._stream.encode():
-                        self._container.mux(packet)
-                self._container.close()
+                with disk_full_as_error(self.path, None):
+                    if exc_type is None:
+                        for packet in self._stream.encode():
+                            self._container.mux(packet)
+                    self._container.close()
             if exc_type is None:
                 if self.frames_written == 0:
                     raise MediaError(f"no frames were written to {self.path}")
@@ -241,7 +303,8 @@ def write_png(path: str | os.PathLike, image: np.ndarray) -> str:
     path = check_writable(path, ".png")
     partial = _partial_file(path, ".png")
     try:
-        _pil().fromarray(image).save(partial, format="PNG")
+        with disk_full_as_error(path, image.nbytes):
+            _pil().fromarray(image).save(partial, format="PNG")
         _publish(partial, path)
     finally:
         _discard(partial)

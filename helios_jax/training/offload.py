@@ -18,15 +18,17 @@ short and off-aspect clips with a warning instead, as the official does.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import warnings
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
+from helios_jax.diskspace import check_free
 from helios_jax.history import video_frames_per_chunk
 from helios_jax.training import DataError
 from helios_jax.training.data import MIN_FRAMES, offload_name, write_offload
@@ -76,11 +78,23 @@ def aspect_bucket(height: int, width: int) -> tuple[int, int]:
 def _video_length(path: str) -> int:
     import av
 
-    with av.open(path) as container:
-        stream = container.streams.video[0]
-        if stream.frames:
-            return int(stream.frames)
-        return sum(1 for _ in container.decode(video=0))
+    with _unreadable_as_error(path):
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            if stream.frames:
+                return int(stream.frames)
+            return sum(1 for _ in container.decode(video=0))
+
+
+@contextlib.contextmanager
+def _unreadable_as_error(path: str) -> Iterator[None]:
+    """A video that PyAV cannot open or decode (corrupt, truncated, no video stream) as one DataError."""
+    import av
+
+    try:
+        yield
+    except (av.error.FFmpegError, OSError, IndexError) as err:
+        raise DataError(f"{path}: not a readable video ({err})") from err
 
 
 def read_metadata(json_path: str, *, height: int, width: int, min_frames: int = MIN_FRAMES,
@@ -128,7 +142,11 @@ def read_metadata(json_path: str, *, height: int, width: int, min_frames: int = 
         if length < min_frames:
             unfit.append(f"{where}: cut {cut} has {length} frames, fewer than the minimum {min_frames}")
             continue
-        available = _video_length(video)
+        try:
+            available = _video_length(video)
+        except DataError as err:
+            problems.append(f"{where}: {err}")
+            continue
         if available < cut[1]:
             problems.append(f"{where}: cut ends at frame {cut[1]} but the video has {available} frames")
             continue
@@ -157,7 +175,7 @@ def _read_frames(path: str, start: int, count: int) -> np.ndarray:
     import av
 
     frames = []
-    with av.open(path) as container:
+    with _unreadable_as_error(path), av.open(path) as container:
         for i, frame in enumerate(container.decode(video=0)):
             if i >= start + count:
                 break
@@ -191,17 +209,21 @@ def fit_frames(frames: np.ndarray, crop: Sequence[int], height: int, width: int)
     return np.asarray(resize_antialias(jnp.asarray(video), height, width))
 
 
+def _clip_bytes(clip: Clip, latent_channels: int, text_width: int, height: int, width: int, window: int) -> int:
+    """The size of one clip's file: float32 latents of every 33-frame chunk and its bf16 prompt embedding."""
+    latent = latent_channels * LATENT_WINDOW * (height // 8) * (width // 8) * 4
+    return clip.frames // window * latent + MAX_SEQUENCE_LENGTH * text_width * 2
+
+
 def offload(json_path: str, checkpoint: str, output: str, *, height: int = 384, width: int = 640, seed: int = 42,
             min_frames: int = MIN_FRAMES, skip_unfit: bool = False, progress: bool | None = None,
             revision: str | None = None) -> list[str]:
     """Encode every clip of ``json_path`` with the checkpoint's VAE and text encoder (a folder, or a hub id at
     ``revision``: only those folders are fetched) into ``output``; returns the files' paths (existing ones kept)."""
-    import jax
     import jax.numpy as jnp
 
     from helios_jax import hub
     from helios_jax.loading import load_vae
-    from helios_jax.models import vae as vae_lib
     from helios_jax.prompts import PromptEncoder
 
     if height % 16 or width % 16 or height < 16 or width < 16:
@@ -217,7 +239,30 @@ def offload(json_path: str, checkpoint: str, output: str, *, height: int = 384, 
     vae_cfg, vae_params = load_vae(os.path.join(checkpoint, "vae"), jnp.float32)
     prompts = PromptEncoder.from_pretrained(checkpoint)
     window = video_frames_per_chunk(LATENT_WINDOW)
+    check_free(output, sum(_clip_bytes(clip, vae_cfg.z_dim, prompts.config.d_model, height, width, window)
+                           for clip in clips
+                           if not os.path.exists(os.path.join(output, offload_name(clip.uttid, clip.frames, height,
+                                                                                    width)))))
+    created = not os.path.isdir(output)
     os.makedirs(output, exist_ok=True)
+    try:
+        return _offload_clips(clips, output, vae_cfg, vae_params, prompts, height=height, width=width, seed=seed,
+                              progress=progress)
+    except BaseException:
+        if created and not os.listdir(output):  # a run that wrote no clip leaves no folder either
+            os.rmdir(output)
+        raise
+
+
+def _offload_clips(clips: list[Clip], output: str, vae_cfg, vae_params, prompts, *, height: int, width: int,
+                   seed: int, progress: bool | None) -> list[str]:
+    """Each clip's file, encoded and written (existing ones kept); returns their paths."""
+    import jax
+    import jax.numpy as jnp
+
+    from helios_jax.models import vae as vae_lib
+
+    window = video_frames_per_chunk(LATENT_WINDOW)
     written = []
     for n, clip in enumerate(clips):
         path = os.path.join(output, offload_name(clip.uttid, clip.frames, height, width))

@@ -53,6 +53,7 @@ from jax.experimental import multihost_utils
 
 from helios_jax import parallel
 from helios_jax.config import ConfigError
+from helios_jax.diskspace import DiskFullError, check_free, disk_full_as_error, orbax_failures_quiet, tree_nbytes
 from helios_jax.progress import Progress
 from helios_jax.training import NonFiniteError
 from helios_jax.training.completeness import CHECKPOINT_PREFIX, EXPORT_ITEM, MANIFEST, UNFINISHED_SUFFIX, incomplete
@@ -574,9 +575,10 @@ def _resume(manager: ocp.CheckpointManager, run: RunConfig, state: Any, data: gr
         reason = incomplete(folder, abstract)
         if reason is None:
             try:
-                restored = manager.restore(step, args=ocp.args.Composite(
-                    **{k: ocp.args.StandardRestore(v) for k, v in abstract.items()},
-                    **{DATA_ITEM: grain_python.PyGrainCheckpointRestore(data)}))
+                with orbax_failures_quiet():  # a damaged checkpoint is one reason below, not tensorstore's tracebacks
+                    restored = manager.restore(step, args=ocp.args.Composite(
+                        **{k: ocp.args.StandardRestore(v) for k, v in abstract.items()},
+                        **{DATA_ITEM: grain_python.PyGrainCheckpointRestore(data)}))
             except RESTORE_ERRORS as err:
                 reason = f"it does not restore ({type(err).__name__}: {str(err).strip().splitlines()[0][:200]})"
         if reason is None:
@@ -657,6 +659,7 @@ def train(run: RunConfig, stage: StepProgram, trainable: Params, frozen: Params,
     check_resumable(run)
     frozen = shard_variables(frozen, mesh)
     state, step_for = stage.setup(trainable, mesh)
+    check_free(run.output_dir, tree_nbytes(state.items()))  # room for one checkpoint, before the first step
     manager = checkpoint_manager(run)
     state, start = _resume(manager, run, state, data)
     start = start or 0
@@ -685,14 +688,21 @@ def train(run: RunConfig, stage: StepProgram, trainable: Params, frozen: Params,
             write = functools.partial(_export, stage.export, host_values(state.exported), host_values(state.averaged))
         if log is not None:
             os.fsync(log.fileno())
-        unfinished = os.path.join(os.path.abspath(run.output_dir), f"{CHECKPOINT_PREFIX}{step}{UNFINISHED_SUFFIX}")
+        folder = os.path.join(os.path.abspath(run.output_dir), f"{CHECKPOINT_PREFIX}{step}")
+        unfinished = folder + UNFINISHED_SUFFIX
+        needed = tree_nbytes(state.items())
+        check_free(run.output_dir, needed)
         PARTIALS_MADE.add(unfinished)  # named by the CLI's interrupt report if it outlives the cleanup below
         try:
-            manager.save(step, args=ocp.args.Composite(
-                **{k: ocp.args.StandardSave(v) for k, v in state.items().items()},
-                **{DATA_ITEM: grain_python.PyGrainCheckpointSave(data), EXPORT_ITEM: ExportSave(write)}), force=True)
-            manager.wait_until_finished()
-        except BaseException:
+            with orbax_failures_quiet(), disk_full_as_error(folder, needed):
+                manager.save(step, args=ocp.args.Composite(
+                    **{k: ocp.args.StandardSave(v) for k, v in state.items().items()},
+                    **{DATA_ITEM: grain_python.PyGrainCheckpointSave(data), EXPORT_ITEM: ExportSave(write)}),
+                    force=True)
+                manager.wait_until_finished()
+        except BaseException as err:
+            if isinstance(err, DiskFullError):
+                _settle(manager)
             if primary:
                 shutil.rmtree(unfinished, ignore_errors=True)
             raise
@@ -734,6 +744,16 @@ def _export(export: Export, exported: Params, averaged: Params | None, folder: s
     export(exported, folder)
     if averaged is not None:
         export(averaged, os.path.join(folder, EMA_FOLDER))
+
+
+def _settle(manager: ocp.CheckpointManager) -> None:
+    """After a failed save: orbax's writer threads finish and the manager closes, quietly (the failure is
+    already being reported, once), before the unfinished folder is removed."""
+    for settle in (manager.wait_until_finished, manager.close):
+        try:
+            settle()
+        except Exception:  # noqa: BLE001 - the same full disk, reported by the caller
+            pass
 
 
 def host_values(tree: Params) -> Params:
