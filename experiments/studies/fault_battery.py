@@ -37,7 +37,7 @@ from typing import Callable
 from experiments import processes, provenance, reporting
 from experiments.paths import RESULTS, ROOT
 
-OFFICIAL_YAML = os.path.join(ROOT, "tests", "fixtures", "training-configs", "stage_1_init.yaml")
+OFFICIAL_YAML = "stage_1_init"  # the shipped official YAML, found by name (helios_jax/training/configs/)
 PIXELS, FRAMES = 64, 121  # latents of 8 x 8, the official minimum clip length
 SMALL = ["--height", "64", "--width", "64", "--num_frames", "40", "--pyramid_num_inference_steps_list", "1", "1", "1"]
 CLASSES = ("clear", "ok", "traceback", "accepted wrongly", "lost", "refused wrongly")
