@@ -35,7 +35,7 @@ import time
 from typing import Callable
 
 from experiments import processes, provenance, reporting
-from experiments.paths import RESULTS, ROOT
+from experiments.paths import RESULTS
 
 OFFICIAL_YAML = "stage_1_init"  # the shipped official YAML, found by name (helios_jax/training/configs/)
 PIXELS, FRAMES = 64, 121  # latents of 8 x 8, the official minimum clip length
