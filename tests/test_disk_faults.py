@@ -199,8 +199,17 @@ def test_stale_partials_of_dead_runs_are_removed_and_others_named(tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted([unknown.name, live.name, "video.mp4"])
 
 
-def test_an_unusable_compilation_cache_folder_costs_the_cache_not_the_run(tmp_path, monkeypatch, caplog):
-    assert not jax.config.jax_compilation_cache_dir  # conftest: no persistent cache in the tests
+@pytest.fixture
+def no_cache_folder():
+    """No cache folder set (an earlier test's generate may have set one; conftest keeps the cache itself off)."""
+    previous = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", None)
+    yield
+    jax.config.update("jax_compilation_cache_dir", previous)
+
+
+def test_an_unusable_compilation_cache_folder_costs_the_cache_not_the_run(tmp_path, monkeypatch, caplog,
+                                                                        no_cache_folder):
     blocker = tmp_path / "file"
     blocker.write_text("")
     with caplog.at_level(logging.WARNING, logger="helios_jax"):

@@ -704,7 +704,7 @@ def train(run: RunConfig, stage: StepProgram, trainable: Params, frozen: Params,
             if isinstance(err, DiskFullError):
                 _settle(manager)
             if primary:
-                shutil.rmtree(unfinished, ignore_errors=True)
+                _remove_unfinished(run.output_dir, step)
             raise
         PARTIALS_MADE.discard(unfinished)
 
@@ -744,6 +744,15 @@ def _export(export: Export, exported: Params, averaged: Params | None, folder: s
     export(exported, folder)
     if averaged is not None:
         export(averaged, os.path.join(folder, EMA_FOLDER))
+
+
+def _remove_unfinished(output_dir: str, step: int) -> None:
+    """What a failed save left of step ``step``'s checkpoint: orbax's temporary folder (``checkpoint-STEP`` plus
+    its temporary suffix, and a timestamp after it in other orbax versions)."""
+    base = os.path.abspath(output_dir)
+    for name in os.listdir(base):
+        if name.startswith(f"{CHECKPOINT_PREFIX}{step}{UNFINISHED_SUFFIX}"):
+            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
 
 
 def _settle(manager: ocp.CheckpointManager) -> None:
