@@ -11,7 +11,12 @@ Each case is a fresh `helios-jax` process on tiny inputs: the embedded demo chec
 two synthetic 121-frame clips, the official stage-1 YAML with tiny overrides. A setup function damages a copy of
 what the command reads; a full disk is simulated in the child (its writer fails as that library fails on ENOSPC),
 since no tiny file system can be mounted without root. The baselines run first (offload, train, generate with the
-trained LoRA, convert fusing it) and give the later cases their inputs.
+trained LoRA, convert fusing it) and give the later cases their inputs. The baseline train run (two steps, a
+checkpoint after each) is the run folder the resume cases copy elsewhere, damage (its latest checkpoint, its
+config.json or metrics.jsonl) and resume for a third step: each should go on from the newest complete checkpoint,
+a damaged one set aside as ``checkpoint-STEP.incomplete`` with a warning (such a folder is not counted as lost).
+The train children share one persistent XLA cache (``JAX_COMPILATION_CACHE_DIR``, set unless already set), so the
+train step compiles once per tree rather than once per case.
 
     python -m experiments.studies.fault_battery [--label after] [--only WORD ...] [--keep DIR | --reuse DIR]
 
@@ -26,6 +31,7 @@ import collections
 import dataclasses
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -35,13 +41,17 @@ import time
 from typing import Callable
 
 from experiments import processes, provenance, reporting
-from experiments.paths import RESULTS
+from experiments.paths import RESULTS, ROOT
 
-OFFICIAL_YAML = "stage_1_init"  # the shipped official YAML, found by name (helios_jax/training/configs/)
+# The shipped official stage-1 YAML, by its path in this checkout: a "before" tree's helios_jax (on PYTHONPATH)
+# may predate finding it by its name, ``stage_1_init`` (67c24ea kept it as a test fixture, byte-identical).
+OFFICIAL_YAML = os.path.join(ROOT, "helios_jax", "training", "configs", "stage_1_init.yaml")
 PIXELS, FRAMES = 64, 121  # latents of 8 x 8, the official minimum clip length
 SMALL = ["--height", "64", "--width", "64", "--num_frames", "40", "--pyramid_num_inference_steps_list", "1", "1", "1"]
 CLASSES = ("clear", "ok", "traceback", "accepted wrongly", "lost", "refused wrongly")
 NO_SPACE = "No space left on device"
+LORA_FILE, PARTIAL_FILE = "pytorch_lora_weights.safetensors", "transformer_partial.safetensors"
+RESUMED = 3  # a resumed run's max_train_steps: one step past the baseline's two
 # The child: an optional simulated full disk, then the command line as `helios-jax` runs it.
 CHILD = ("import sys\n"
          "from experiments.studies import fault_battery\n"
@@ -161,7 +171,9 @@ def train_args(ws: Workspace, out: str, data: str | None = None, **extra: str) -
 @dataclasses.dataclass(frozen=True)
 class Case:
     """One fault: ``setup(ws, folder)`` damages a copy of something under ``folder`` and returns the command line;
-    ``error`` says whether an error is due; ``result(ws, folder)`` whether a run that exits 0 did its work."""
+    ``error`` says whether an error is due; ``result(ws, folder)`` whether a run that exits 0 did its work;
+    ``clean``: a failed train must leave nothing new either (a config or data error is due before the run
+    folder is made; other train errors may leave their metrics)."""
 
     name: str
     command: str
@@ -171,6 +183,7 @@ class Case:
     result: Callable[[Workspace, str], bool] = lambda ws, folder: True
     env: Callable[[Workspace, str], dict[str, str]] = lambda ws, folder: {}
     after: Callable[[Workspace, str], None] = lambda ws, folder: None
+    clean: bool = False
 
 
 def _copy_data(ws: Workspace, folder: str) -> str:
@@ -244,6 +257,93 @@ def _corrupt_video(ws: Workspace, folder: str, how: str) -> list[str]:
     return offload_args(ws, os.path.join(folder, "meta.json"), os.path.join(folder, "data"))
 
 
+def _bad_clip(ws: Workspace, folder: str, how: str) -> list[str]:
+    """A copy of the offloaded data with one clip damaged ``how``; the train command that reads it."""
+    import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+    from safetensors.numpy import load_file, save_file
+
+    data = _copy_data(ws, folder)
+    clip = _clip(data)
+    if how == "empty":
+        open(clip, "wb").close()
+    elif how == "garbage":
+        with open(clip, "wb") as f:
+            f.write(os.urandom(os.path.getsize(os.path.join(ws.data, os.path.basename(clip)))))
+    else:
+        tensors = load_file(clip)
+        if how == "no prompt_embed":
+            del tensors["prompt_embed"]
+        elif how == "8 channels":
+            tensors["vae_latent"] = tensors["vae_latent"][:, :8].copy()
+        elif how == "32 wide":
+            tensors["prompt_embed"] = tensors["prompt_embed"][..., :32].copy()
+        save_file(tensors, clip, metadata={"format": "helios-jax offload 1", "prompt_raw": "a"})
+    return train_args(ws, os.path.join(folder, "out"), data)
+
+
+def _run_copy(ws: Workspace, folder: str) -> str:
+    """The baseline train run's folder (checkpoint-1 and checkpoint-2, config.json, metrics.jsonl), copied to
+    another place: a run folder moved, which every resume case then damages."""
+    out = os.path.join(folder, "moved", "out")
+    shutil.copytree(os.path.dirname(ws.lora), out)
+    return out
+
+
+def _state_data(run: str) -> str:
+    """The latest checkpoint's largest state data file (ocdbt's, in a ``d/`` folder under ``state/``)."""
+    return max((os.path.join(d, n) for d, _, names in os.walk(os.path.join(run, "checkpoint-2", "state"))
+                if os.path.basename(d) == "d" for n in names), key=os.path.getsize)
+
+
+def _half_metrics_line(run: str) -> None:
+    with open(os.path.join(run, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 3, "loss": 0.12')
+
+
+def _grain_state(run: str) -> None:
+    data = os.path.join(run, "checkpoint-2", "data")
+    for name in os.listdir(data):
+        if name.endswith(".json"):
+            os.remove(os.path.join(data, name))
+
+
+def _resume(damage: Callable[[str], None]) -> Callable[[Workspace, str], list[str]]:
+    """A setup: the moved run folder, damaged by ``damage(run)``, resumed from ``latest`` for one more step."""
+    def setup(ws: Workspace, folder: str) -> list[str]:
+        run = _run_copy(ws, folder)
+        damage(run)
+        return train_args(ws, run, **{"training_config.resume_from_checkpoint": "latest",
+                                      "training_config.max_train_steps": RESUMED,
+                                      "training_config.checkpointing_steps": 1})
+    return setup
+
+
+def _resumed(ws: Workspace, folder: str) -> bool:
+    """The resumed run went on from a complete checkpoint: every ``checkpoint-STEP`` has its LoRA, the last is
+    step RESUMED, and ``metrics.jsonl`` holds whole lines, one per step, 1..RESUMED (none twice: a run started
+    over from step 0, or a half line kept, shows here)."""
+    run = os.path.join(folder, "moved", "out")
+    names = [n for n in os.listdir(run) if re.fullmatch(r"checkpoint-\d+", n)]
+    if f"checkpoint-{RESUMED}" not in names or any(not os.path.isfile(os.path.join(run, n, LORA_FILE))
+                                                    for n in names):
+        return False
+    try:
+        with open(os.path.join(run, "metrics.jsonl")) as f:
+            text = f.read()
+        steps = [json.loads(line)["step"] for line in text.splitlines() if line.strip()]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return text.endswith("\n") and steps == list(range(1, RESUMED + 1))
+
+
+def _checkpoint_without(ws: Workspace, folder: str, name: str) -> str:
+    """A copy of the baseline's last checkpoint folder without its file ``name``."""
+    copy = os.path.join(folder, "run", os.path.basename(ws.lora))
+    shutil.copytree(ws.lora, copy)
+    os.remove(os.path.join(copy, name))
+    return copy
+
+
 def offload_args(ws: Workspace, metadata: str, out: str) -> list[str]:
     return ["offload", metadata, "--checkpoint", ws.checkpoint, "--output", out, "--height", str(PIXELS),
             "--width", str(PIXELS)]
@@ -278,8 +378,8 @@ def _baseline_offload(ws: Workspace, folder: str) -> list[str]:
 
 
 def _baseline_train(ws: Workspace, folder: str) -> list[str]:
-    ws.lora = os.path.join(folder, "out", "checkpoint-2")
-    return train_args(ws, os.path.join(folder, "out"))
+    ws.lora = os.path.join(folder, "out", "checkpoint-2")  # checkpoint-1 too: the resume cases fall back to it
+    return train_args(ws, os.path.join(folder, "out"), **{"training_config.checkpointing_steps": 1})
 
 
 def _baseline_convert(ws: Workspace, folder: str) -> list[str]:
@@ -293,7 +393,8 @@ CASES = (
     Case("offload: baseline", "offload", _baseline_offload, error=False,
          result=lambda ws, f: len(os.listdir(ws.data)) == 2),
     Case("train: baseline", "train", _baseline_train, error=False,
-         result=lambda ws, f: os.path.isfile(os.path.join(ws.lora, "pytorch_lora_weights.safetensors"))),
+         result=lambda ws, f: all(os.path.isfile(os.path.join(ws.lora, "..", c, LORA_FILE))
+                                  for c in ("checkpoint-1", "checkpoint-2"))),
     Case("generate --lora: baseline", "generate", lambda ws, f: generate_args(ws, f, "--lora", ws.lora), error=False,
          result=lambda ws, f: os.path.isfile(os.path.join(f, "video.mp4"))),
     Case("convert --merge_lora: baseline", "convert", _baseline_convert, error=False,
@@ -355,6 +456,49 @@ CASES = (
     Case("convert: disk full (safetensors)", "convert",
          lambda ws, f: ["convert", ws.orbax, os.path.join(f, "out"), "--to", "safetensors"], error=True,
          fault="safetensors"),
+    # train resume: the baseline's run folder moved, its latest checkpoint (checkpoint-2) damaged, resumed with
+    # resume_from_checkpoint=latest to step RESUMED: each should go on from checkpoint-1 (the damaged folder set
+    # aside, with a warning), except a damaged config.json (whose config the run was: a clear error)
+    *(Case(f"train resume: {name}", "train", _resume(damage), error=False, result=_resumed) for name, damage in (
+        ("the run folder moved", lambda run: None),
+        ("a deleted state data file", lambda run: os.remove(_state_data(run))),
+        ("a truncated state data file", lambda run: _truncated(_state_data(run))),
+        ("a deleted state/_METADATA", lambda run: os.remove(os.path.join(run, "checkpoint-2", "state", "_METADATA"))),
+        ("a deleted grain state (data item)", _grain_state),
+        ("a deleted state/ folder", lambda run: shutil.rmtree(os.path.join(run, "checkpoint-2", "state"))),
+        ("an empty newer checkpoint-9/", lambda run: os.makedirs(os.path.join(run, "checkpoint-9"))),
+        ("a half-written last line in metrics.jsonl", _half_metrics_line),
+        (f"a checkpoint without {LORA_FILE} (killed before its export)",
+         lambda run: os.remove(os.path.join(run, "checkpoint-2", LORA_FILE))),
+    )),
+    Case("train resume: a truncated config.json", "train",
+         _resume(lambda run: _truncated(os.path.join(run, "config.json"))), error=True),
+    # a checkpoint folder that lacks a file its export wrote
+    Case(f"generate --lora: a checkpoint without {PARTIAL_FILE}", "generate",
+         lambda ws, f: generate_args(ws, f, "--lora", _checkpoint_without(ws, f, PARTIAL_FILE)), error=True),
+    Case(f"convert --merge_lora: a checkpoint without {PARTIAL_FILE}", "convert",
+         lambda ws, f: ["convert", os.path.join(ws.checkpoint, "transformer"), os.path.join(f, "out"),
+                        "--merge_lora", _checkpoint_without(ws, f, PARTIAL_FILE)], error=True),
+    # train config: each a clear error before the run folder is made
+    *(Case(f"train config: {key}={value}", "train",
+           lambda ws, f, key=key, value=value: train_args(ws, os.path.join(f, "out"), **{key: value}),
+           error=True, clean=True) for key, value in (
+        ("training_config.learning_rate", ".nan"),
+        ("training_config.learning_rate", ".inf"),
+        ("training_config.max_grad_norm", ".nan"),
+        ("training_config.learning_rat", "1e-4"),  # a typo key
+        ("trainig_config.learning_rate", "1e-4"),  # a typo section
+        ("model_config.lora_rank", "0"),
+    )),
+    # train data: one clip of the offloaded data damaged; a clear error before the run folder is made
+    *(Case(f"train data: {name}", "train", lambda ws, f, how=how: _bad_clip(ws, f, how), error=True, clean=True)
+      for name, how in (
+        ("an empty (0-byte) clip file", "empty"),
+        ("a garbage clip file", "garbage"),
+        ("a clip without prompt_embed", "no prompt_embed"),
+        ("8-channel latents (the model has 16)", "8 channels"),
+        ("a 32-wide prompt_embed (the model's text_dim is 64)", "32 wide"),
+    )),
 )
 
 
@@ -391,10 +535,11 @@ def _files(folder: str) -> set[str]:
 def classify(case: Case, ws: Workspace, folder: str, before: set[str], code: int, stderr: str) -> str:
     """The case's class (see the module doc) from the exit status, stderr and what is on disk."""
     new = _files(folder) - before
-    checkpoints = [os.path.join(d, n) for d, dirs, _ in os.walk(folder) for n in dirs if n.startswith("checkpoint-")]
-    lost = not _no_partials(folder) or any(
-        not os.path.isfile(os.path.join(c, "pytorch_lora_weights.safetensors")) for c in checkpoints)
-    if case.command != "train":  # train may leave its metrics; the rest must leave nothing new
+    # a checkpoint folder without its LoRA is lost, unless resume set it aside by its name, with a warning
+    checkpoints = [os.path.join(d, n) for d, dirs, _ in os.walk(folder) for n in dirs
+                   if n.startswith("checkpoint-") and not re.fullmatch(r"checkpoint-\d+\.incomplete(-\d+)?", n)]
+    lost = not _no_partials(folder) or any(not os.path.isfile(os.path.join(c, LORA_FILE)) for c in checkpoints)
+    if case.command != "train" or case.clean:  # train may leave its metrics; the rest must leave nothing new
         lost = lost or (code != 0 and bool(new))
     if "Traceback" in stderr or code not in (0, 2):
         return "traceback"
@@ -414,7 +559,10 @@ def run_case(case: Case, ws: Workspace, folder: str) -> dict:
     os.makedirs(folder)
     argv = case.setup(ws, folder)
     before = _files(folder)
-    env = processes.environment({**os.environ, "XDG_CACHE_HOME": os.path.join(ws.root, "cache"), **case.env(ws, folder)})
+    env = {**os.environ, "XDG_CACHE_HOME": os.path.join(ws.root, "cache")}
+    if case.command == "train":  # train sets no compile cache; one shared by the train cases saves compiling each
+        env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ws.root, "cache", "jax-train"))
+    env = processes.environment({**env, **case.env(ws, folder)})
     began = time.perf_counter()
     done = subprocess.run([sys.executable, "-P", "-c", CHILD, case.fault, *argv], capture_output=True, text=True,
                           env=env, cwd=folder)
@@ -451,7 +599,8 @@ def main() -> None:
         baseline = i < BASELINES
         if (baseline and args.reuse) or (not baseline and args.only and not any(w in case.name for w in args.only)):
             continue
-        name = f"case-{i:02d}" if not args.reuse else f"rerun-{time.strftime('%H%M%S')}-{i:02d}"
+        # runs that reuse one workspace side by side (before and after) keep apart by their labels
+        name = f"case-{i:02d}" if not args.reuse else f"rerun-{args.label}{time.strftime('%H%M%S')}-{i:02d}"
         row = run_case(case, ws, os.path.join(root, name))
         print(f"{row['class']:>16}  {row['seconds']:5.1f} s  {case.name}: {row['says']}", flush=True)
         rows.append(row)
