@@ -17,7 +17,7 @@ from helios_jax import cli
 from helios_jax.config import ConfigError
 from helios_jax.demo import TRANSFORMER, build_demo_checkpoint
 from helios_jax.models import lora as lora_lib, transformer
-from helios_jax.training import NonFiniteError, configs, data, recipes, trainer
+from helios_jax.training import DataError, NonFiniteError, configs, data, ode, recipes, trainer
 
 PIXELS, FRAMES = 64, 121  # latents 8 x 8, the official minimum clip length
 TEXT_TOKENS = 16
@@ -146,6 +146,15 @@ def test_bad_offload_files_are_one_line_and_nothing_written(workspace, tmp_path,
     assert code == 2 and message in err and "clip9" in err and "Traceback" not in err, err
     assert len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"this is not a safetensors file" * 4], ids=["empty", "garbage"])
+def test_an_unreadable_ode_pair_file_is_one_data_error_when_the_dataset_is_made(tmp_path, content):
+    """Stage 3a's data: every file's header is read when the dataset is built, before a run writes anything."""
+    (tmp_path / "pairs").mkdir()
+    (tmp_path / "pairs" / "prompt0.safetensors").write_bytes(content)
+    with pytest.raises(DataError, match=r"prompt0\.safetensors: not a readable ODE-pair file"):
+        ode.ODEPairDataset([str(tmp_path / "pairs")])
 
 
 # ------------------------------------------------------------------------------------------ non-finite steps

@@ -328,10 +328,17 @@ def stack_sample(data: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 
 def _shape_signature(path: str) -> tuple:
-    with safe_open(path, framework="numpy") as f:
-        if (f.metadata() or {}).get("format") != FORMAT:
-            raise DataError(f"{path}: not an ODE-pair file; write it with `helios-jax offload ode-pairs`")
-        return tuple(sorted((k, tuple(f.get_slice(k).get_shape())) for k in f.keys()))
+    """A file's tensor names and shapes, from its header alone (every file is read so before a run starts; a
+    truncated or garbage file is one DataError here, not at the step that loads it)."""
+    try:
+        with safe_open(path, framework="numpy") as f:
+            meta = f.metadata() or {}
+            signature = tuple(sorted((k, tuple(f.get_slice(k).get_shape())) for k in f.keys()))
+    except Exception as err:  # safetensors raises several types for a bad or truncated file
+        raise DataError(f"{path}: not a readable ODE-pair file ({err}); re-run `helios-jax offload ode-pairs`") from err
+    if meta.get("format") != FORMAT:
+        raise DataError(f"{path}: not an ODE-pair file; write it with `helios-jax offload ode-pairs`")
+    return signature
 
 
 class ODEPairDataset(EpochDataset):
