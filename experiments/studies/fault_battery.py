@@ -20,8 +20,14 @@ train step compiles once per tree rather than once per case.
 
     python -m experiments.studies.fault_battery [--label after] [--only WORD ...] [--keep DIR | --reuse DIR]
 
-All 28 cases took 19 minutes on 2 busy cores (the baselines about 8 of them: each process imports jax; generate
-and train compile the tiny models). ``--reuse`` a workspace kept by an earlier run to skip the baselines.
+The 4 baselines and 47 faults took 8 minutes on 2 cores, as two processes side by side (the baselines and the
+first 24 faults 420 s; the 23 later ones 352 s beside them, on the workspace the first kept). ``--reuse`` a
+workspace kept by an earlier run to skip the baselines.
+
+A "before" tree runs with its own ``helios_jax`` first on PYTHONPATH (and its ``convert/`` and ``kernels/`` as
+``helios_jax.convert`` / ``helios_jax.kernels``: the editable install maps those two to this checkout's otherwise),
+this module from this checkout. Its resume cases need a run folder that tree's trainer wrote (main's config.json
+has keys an older schema does not know), so it reuses a workspace whose ``case-01`` is its own baseline train run.
 """
 
 from __future__ import annotations
@@ -281,11 +287,19 @@ def _bad_clip(ws: Workspace, folder: str, how: str) -> list[str]:
     return train_args(ws, os.path.join(folder, "out"), data)
 
 
-def _run_copy(ws: Workspace, folder: str) -> str:
+def _run_copy(ws: Workspace, folder: str, moved: bool = False) -> str:
     """The baseline train run's folder (checkpoint-1 and checkpoint-2, config.json, metrics.jsonl), copied to
-    another place: a run folder moved, which every resume case then damages."""
+    another place: a run folder ``moved`` there, else one as if it had run there (its config.json's output_dir
+    the copy's), so that the damage, not the move, is what a resume meets."""
     out = os.path.join(folder, "moved", "out")
     shutil.copytree(os.path.dirname(ws.lora), out)
+    if not moved:
+        path = os.path.join(out, "config.json")
+        with open(path) as f:
+            config = json.load(f)
+        config["output_dir"] = out
+        with open(path, "w") as f:
+            f.write(json.dumps(config, indent=2, sort_keys=True))
     return out
 
 
@@ -307,11 +321,13 @@ def _grain_state(run: str) -> None:
             os.remove(os.path.join(data, name))
 
 
-def _resume(damage: Callable[[str], None]) -> Callable[[Workspace, str], list[str]]:
-    """A setup: the moved run folder, damaged by ``damage(run)``, resumed from ``latest`` for one more step."""
+def _resume(damage: Callable[[str], None] | None) -> Callable[[Workspace, str], list[str]]:
+    """A setup: a copy of the baseline's run folder, damaged by ``damage(run)`` (None: the folder moved, not
+    damaged), resumed from ``latest`` for one more step."""
     def setup(ws: Workspace, folder: str) -> list[str]:
-        run = _run_copy(ws, folder)
-        damage(run)
+        run = _run_copy(ws, folder, moved=damage is None)
+        if damage is not None:
+            damage(run)
         return train_args(ws, run, **{"training_config.resume_from_checkpoint": "latest",
                                       "training_config.max_train_steps": RESUMED,
                                       "training_config.checkpointing_steps": 1})
@@ -460,7 +476,7 @@ CASES = (
     # resume_from_checkpoint=latest to step RESUMED: each should go on from checkpoint-1 (the damaged folder set
     # aside, with a warning), except a damaged config.json (whose config the run was: a clear error)
     *(Case(f"train resume: {name}", "train", _resume(damage), error=False, result=_resumed) for name, damage in (
-        ("the run folder moved", lambda run: None),
+        ("the run folder moved", None),
         ("a deleted state data file", lambda run: os.remove(_state_data(run))),
         ("a truncated state data file", lambda run: _truncated(_state_data(run))),
         ("a deleted state/_METADATA", lambda run: os.remove(os.path.join(run, "checkpoint-2", "state", "_METADATA"))),
