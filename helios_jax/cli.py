@@ -321,6 +321,7 @@ def configure_logging(level: str) -> None:
         library.removeHandler(handler)
     library.addHandler(progress.LogHandler())
     library.setLevel(level)
+    library.propagate = False  # its messages are this handler's alone: importing orbax gives the root one too
 
 
 def main(argv: list[str] | None = None) -> int:

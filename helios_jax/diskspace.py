@@ -92,29 +92,31 @@ def disk_full_as_error(path: str | os.PathLike, needed: int | None) -> Iterator[
 
 @contextlib.contextmanager
 def orbax_failures_quiet() -> Iterator[None]:
-    """Around an orbax save or restore: a failed write or read is reported once, by the caller. orbax's writer threads log each
-    failure with its traceback (absl's logger), and tensorstore's callbacks, finding the event loop closed, raise
-    where Python can only print ("Event loop is closed"): a full disk made dozens of tracebacks. Both are held
-    back during the block; anything else goes on as before."""
+    """Around an orbax save or restore: a failed write or read is reported once, by the caller. orbax's threads
+    log each failure with its traceback (absl's logger), and its coroutines' and tensorstore's callbacks raise
+    where Python can only print ("Exception ignored in ...", "Event loop is closed"): a full disk or a damaged
+    checkpoint made dozens of tracebacks. Both are held back during the block; if the block fails they are
+    dropped (its one error says it all), and if it succeeds the held-back ones are printed as before."""
     import gc
     import logging
     import sys
 
     absl = logging.getLogger("absl")
     level, previous_hook = absl.level, sys.unraisablehook
-
-    def unraisable(info) -> None:
-        if not (isinstance(info.exc_value, RuntimeError) and "Event loop is closed" in str(info.exc_value)):
-            previous_hook(info)
-
+    held = []
     absl.setLevel(logging.CRITICAL)
-    sys.unraisablehook = unraisable
+    sys.unraisablehook = held.append
+    failed = True
     try:
         yield
+        failed = False
     finally:
-        gc.collect()  # the closed loop's callbacks are collected here, under the quiet hook
+        gc.collect()  # the failed coroutines and callbacks are collected here, under the holding hook
         sys.unraisablehook = previous_hook
         absl.setLevel(level)
+        for info in [] if failed else held:
+            if not (isinstance(info.exc_value, RuntimeError) and "Event loop is closed" in str(info.exc_value)):
+                previous_hook(info)
 
 
 def tree_nbytes(tree) -> int:

@@ -2,6 +2,7 @@
 persistent compilation cache in the test process, and every compiled program released after each test file."""
 
 import gc
+import logging
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -27,6 +28,18 @@ jax.config.update("jax_default_matmul_precision", "highest")
 jax.config.update("jax_enable_compilation_cache", False)
 
 pytest_plugins = ["compile_time"]
+
+
+@pytest.fixture(autouse=True)
+def library_logging_as_imported():
+    """Each test starts with the ``helios_jax`` logger as a library user gets it: a test that ran the CLI
+    (``cli.main`` installs a handler and stops propagation) must not hide later tests' messages from caplog."""
+    yield
+    library = logging.getLogger("helios_jax")
+    for handler in list(library.handlers):
+        library.removeHandler(handler)
+    library.setLevel(logging.NOTSET)
+    library.propagate = True
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -557,8 +557,10 @@ def _resume_steps(manager: ocp.CheckpointManager, run: RunConfig) -> list[int]:
     return [int(match[1])]
 
 
-# What orbax, tensorstore and grain raise on a checkpoint with missing or damaged files.
-RESTORE_ERRORS = (OSError, ValueError, KeyError)
+# What orbax, tensorstore and grain raise on a checkpoint with missing or damaged files: OSError, ValueError and
+# KeyError, and, for an array whose data file is gone or cut short, a bare Exception ("Encountered error while
+# reading array index"). Any failure to restore skips the checkpoint, its type and message given as the reason.
+RESTORE_ERRORS = (Exception,)
 
 
 def _resume(manager: ocp.CheckpointManager, run: RunConfig, state: Any, data: grain_python.DatasetIterator
@@ -579,7 +581,7 @@ def _resume(manager: ocp.CheckpointManager, run: RunConfig, state: Any, data: gr
                     restored = manager.restore(step, args=ocp.args.Composite(
                         **{k: ocp.args.StandardRestore(v) for k, v in abstract.items()},
                         **{DATA_ITEM: grain_python.PyGrainCheckpointRestore(data)}))
-            except RESTORE_ERRORS as err:
+            except RESTORE_ERRORS as err:  # noqa: BLE001 - see RESTORE_ERRORS
                 reason = f"it does not restore ({type(err).__name__}: {str(err).strip().splitlines()[0][:200]})"
         if reason is None:
             _move_aside(manager, run, skipped)
