@@ -35,10 +35,8 @@ TRANSFORMER = TransformerConfig(
 VAE = VAEConfig(base_dim=8, z_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1)
 WORDS = ("the", "a", "of", "and", "in", "on", "with", "train", "window", "fields", "trees", "mountains", "sky",
          "city", "river", "light", "moving", "camera", "scenery", "speeding", "green", "distant", "fast", "view")
-PIECES = ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-          + [(c, -4.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"]
-          + [(f"▁{w}", -1.0) for w in WORDS])
-TEXT_ENCODER = UMT5Config(vocab_size=len(PIECES), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
+TEXT_ENCODER = UMT5Config(vocab_size=len(WORDS) + 46,  # word_pieces: 4 specials, 42 characters, the words
+                           d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
 SCHEDULER = {
     "_class_name": "HeliosDMDScheduler", "num_train_timesteps": 1000, "shift": 1.0, "stages": 3,
     "stage_range": [0, 1 / 3, 2 / 3, 1], "gamma": 1 / 3, "prediction_type": "flow_prediction",
@@ -70,10 +68,19 @@ def random_params(shapes: Any, keymap: KeyMap, rng: np.random.Generator) -> dict
     return traverse_util.unflatten_dict(out)
 
 
-def _write_tokenizer(folder: str) -> None:
+def word_pieces(words: tuple[str, ...]) -> list[tuple[str, float]]:
+    """A Unigram vocabulary in which each of ``words`` is one token (scored above spelling it out), every other
+    word spelt in letters, digits and punctuation: a tokenizer small enough for a tiny text encoder."""
+    return ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+            + [(c, -4.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"]
+            + [(f"▁{w}", -1.0) for w in words])
+
+
+def write_tokenizer(folder: str, pieces: list[tuple[str, float]]) -> None:
+    """A T5-style Unigram tokenizer (``tokenizer.json`` + ``tokenizer_config.json``) over ``pieces``."""
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
-    tokenizer = Tokenizer(models.Unigram(PIECES, unk_id=2, byte_fallback=False))
+    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<pad>", "</s>", "<unk>")])
     os.makedirs(folder)
@@ -89,10 +96,12 @@ def _write_json(path: str, value: dict) -> None:
         json.dump(value, f, indent=2, sort_keys=True)
 
 
-def build_demo_checkpoint(folder: str | os.PathLike, *, transformer: TransformerConfig = TRANSFORMER,
-                          scheduler: dict = SCHEDULER, model_index: dict = MODEL_INDEX) -> str:
-    """Write the embedded checkpoint to a new ``folder`` (staged, then renamed); returns its path.
-    ``transformer``, ``scheduler`` and ``model_index`` replace the embedded ones (tests build variants).
+def write_checkpoint(folder: str | os.PathLike, components: dict[str, tuple[Any, dict]], *,
+                     pieces: list[tuple[str, float]], scheduler: dict, model_index: dict,
+                     copies: dict[str, str] | None = None) -> str:
+    """Write a diffusers-layout pipeline folder to a new ``folder`` (staged, then renamed); returns its path.
+    ``components`` maps a component name to its (config, float32 params); ``copies`` maps a component name to
+    an existing component folder copied as it is (a trained VAE).
 
     The staging folder is private to this call, so two processes building the same folder at once (two
     ``make demo`` runs, or test workers) never write into each other's files: the first rename wins, and the
@@ -102,14 +111,13 @@ def build_demo_checkpoint(folder: str | os.PathLike, *, transformer: Transformer
     staging = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".partial-", dir=os.path.dirname(folder))
     os.chmod(staging, 0o755)  # mkdtemp's 0700 would make the final folder private
     try:
-        rng = np.random.default_rng(SEED)
-        for name, config in (("transformer", transformer), ("vae", VAE), ("text_encoder", TEXT_ENCODER)):
+        for name, (config, params) in components.items():
             component = COMPONENTS[name]
-            keymap = component.module.keymap(config)
-            params = random_params(component.module.param_shapes(config), keymap, rng)
-            export_safetensors(os.path.join(staging, name), params, keymap, component.config_json(config),
-                               weights_name=component.weights_name)
-        _write_tokenizer(os.path.join(staging, "tokenizer"))
+            export_safetensors(os.path.join(staging, name), params, component.module.keymap(config),
+                               component.config_json(config), weights_name=component.weights_name)
+        for name, source in (copies or {}).items():
+            shutil.copytree(source, os.path.join(staging, name))
+        write_tokenizer(os.path.join(staging, "tokenizer"), pieces)
         os.makedirs(os.path.join(staging, "scheduler"))
         _write_json(os.path.join(staging, "scheduler", "scheduler_config.json"), scheduler)
         _write_json(os.path.join(staging, "model_index.json"), model_index)
@@ -123,6 +131,19 @@ def build_demo_checkpoint(folder: str | os.PathLike, *, transformer: Transformer
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return folder
+
+
+def build_demo_checkpoint(folder: str | os.PathLike, *, transformer: TransformerConfig = TRANSFORMER,
+                          scheduler: dict = SCHEDULER, model_index: dict = MODEL_INDEX) -> str:
+    """Write the embedded checkpoint to a new ``folder``; returns its path. ``transformer``, ``scheduler`` and
+    ``model_index`` replace the embedded ones (tests build variants)."""
+    rng = np.random.default_rng(SEED)
+    components = {}
+    for name, config in (("transformer", transformer), ("vae", VAE), ("text_encoder", TEXT_ENCODER)):
+        module = COMPONENTS[name].module
+        components[name] = (config, random_params(module.param_shapes(config), module.keymap(config), rng))
+    return write_checkpoint(folder, components, pieces=word_pieces(WORDS), scheduler=scheduler,
+                            model_index=model_index)
 
 
 def demo_checkpoint(cache_dir: str | None = None) -> str:

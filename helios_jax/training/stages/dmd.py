@@ -279,7 +279,7 @@ def prepare(recipe: Recipe, *, progress: bool | None = None, validate: bool = Tr
     if validating:
         merge = trainer.bind(parts.merged_params, spec.scale)
         pipeline = parts.validation_pipeline(recipe, HeliosDMDSchedulerConfig(use_dynamic_shifting=True),
-                                             (config, merge(generator, frozen)), pyramid=True)
+                                             (config, merge(generator, frozen)), pyramid=True, distilled=True)
         call = parts.validation_call(recipe, pyramid=True, is_amplify_first_chunk=settings.amplify_first_chunk)
         validator = Validator(pipeline, merge, list(v.prompts), call, v.videos, seed=recipe.seed)
     duel = make_duel(recipe, nets, settings, export=trainer.bind(parts.export_lora, spec, config), validate=validator)
