@@ -59,6 +59,8 @@ def test_scenes_are_deterministic_distinct_and_within_the_world():
         assert 0.6 <= speed <= 1.4
         for v, sign in zip(s.velocity, s.direction):  # an axis the caption names moves at >= 0.6 / sqrt(2)
             assert v == 0.0 if sign == 0 else abs(v) > 0.42
+        start = np.array(s.position) + np.arange(9)[:, None] * np.array(s.velocity)  # 8 steps, no bounce yet:
+        np.testing.assert_allclose(w.trajectory(s, 9), start)  # the captioned direction is what they show
     assert w.render(scenes[0], 5).tobytes() == w.render(w.sample_scenes(50, seed=7)[0], 5).tobytes()
 
 

@@ -68,6 +68,7 @@ DIRECTIONS: dict[tuple[int, int], str] = {
 }
 SIZES = (12, 18)  # the object's box side in pixels, inclusive
 SPEEDS = (0.6, 1.4)  # pixels per frame along the direction
+CLEAR_FRAMES = 8  # a scene's first frames that touch no border (the direction its caption names is visible)
 SUPERSAMPLING = 8  # render: each pixel is the coverage of SUPERSAMPLING^2 samples (anti-aliased edges)
 
 
@@ -119,11 +120,14 @@ class Prompted:
 def _scene(rng: np.random.Generator, shape: str, colour: str, background: str, direction: tuple[int, int],
            world: World) -> Scene:
     size = int(rng.integers(SIZES[0], SIZES[1] + 1))
-    y, x = rng.uniform(0, world.height - size), rng.uniform(0, world.width - size)
     speed = rng.uniform(*SPEEDS)
-    unit = np.array(direction, float) / np.hypot(*direction)
-    vy, vx = (speed * unit).tolist()
-    return Scene(shape, colour, background, size, (float(y), float(x)), (vy + 0.0, vx + 0.0))  # + 0.0: no -0.0
+    velocity = speed * np.array(direction, float) / np.hypot(*direction)
+    # The box starts where its first CLEAR_FRAMES frames touch no border: they show the captioned direction.
+    room = np.array([world.height, world.width], float) - size
+    low, high = np.maximum(0, -CLEAR_FRAMES * velocity), room - np.maximum(0, CLEAR_FRAMES * velocity)
+    y, x = rng.uniform(low, high).tolist()
+    vy, vx = velocity.tolist()
+    return Scene(shape, colour, background, size, (y, x), (vy + 0.0, vx + 0.0))  # + 0.0: no -0.0
 
 
 def _combinations() -> list[tuple[str, str, str, tuple[int, int]]]:
