@@ -309,3 +309,18 @@ def write_png(path: str | os.PathLike, image: np.ndarray) -> str:
     finally:
         _discard(partial)
     return path
+
+
+def write_text(path: str | os.PathLike, text: str, suffix: str) -> str:
+    """Write a text file (a report, a prompt list) atomically, as the videos are; ``path`` must end in ``suffix``.
+    Returns the absolute path."""
+    path = check_writable(path, suffix)
+    partial = _partial_file(path, suffix)
+    try:
+        with disk_full_as_error(path, len(text.encode())):
+            with open(partial, "w", encoding="utf-8") as f:
+                f.write(text)
+        _publish(partial, path)
+    finally:
+        _discard(partial)
+    return path

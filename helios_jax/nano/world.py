@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from helios_jax.video import write_mp4
+from helios_jax.video import write_mp4, write_text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,7 +278,8 @@ def write_dataset(folder: str, scenes: Sequence[Scene], frames: int, world: Worl
     parent = os.path.dirname(folder)
     if not os.path.isdir(parent):
         raise FileNotFoundError(f"cannot write the dataset {folder}: the folder {parent} does not exist")
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.staging-", dir=parent)
+    holder = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.staging-", dir=parent)
+    staging = os.path.join(holder, "dataset")  # made by makedirs: the usual permissions, not mkdtemp's private ones
     try:
         os.makedirs(os.path.join(staging, "videos"))
         meta, truth = [], []
@@ -291,33 +292,14 @@ def write_dataset(folder: str, scenes: Sequence[Scene], frames: int, world: Worl
         _write_json(os.path.join(staging, "meta.json"), meta)
         _write_json(os.path.join(staging, "truth.json"), {"world": dataclasses.asdict(world), "frames": frames,
                                                           "clips": truth})
-        os.chmod(staging, 0o777 & ~_umask())
         os.replace(staging, folder)  # over an empty folder too
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    finally:
+        shutil.rmtree(holder, ignore_errors=True)
     return os.path.join(folder, "meta.json")
-
-
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
 
 
 def write_prompts(path: str, scenes: Sequence[Scene]) -> str:
     """The scenes' captions, one per line (the prompt file of ``helios-jax offload ode-pairs``), written
-    atomically; returns the absolute path."""
+    atomically to a ``.txt`` file; returns the absolute path."""
     _check_scenes(scenes)
-    path = os.path.abspath(path)
-    fd, partial = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.partial-", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(caption(scene) + "\n" for scene in scenes)
-        os.chmod(partial, 0o666 & ~_umask())
-        os.replace(partial, path)
-    except BaseException:
-        if os.path.exists(partial):
-            os.remove(partial)
-        raise
-    return path
+    return write_text(path, "".join(caption(scene) + "\n" for scene in scenes), ".txt")
