@@ -281,7 +281,10 @@ def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int = 24) -> str
 
 def read_mp4(path: str | os.PathLike) -> np.ndarray:
     """All frames of a video file as uint8 (T, H, W, 3)."""
-    return np.stack([np.asarray(f.convert("RGB")) for f in _decode_frames(os.fspath(path))])
+    frames = [np.asarray(f.convert("RGB")) for f in _decode_frames(_input_file(path, "video"))]
+    if not frames:
+        raise MediaError(f"the video {os.fspath(path)!r} has no frames")
+    return np.stack(frames)
 
 
 def contact_sheet(frames: Sequence[np.ndarray], columns: int = 4, gap: int = 4) -> np.ndarray:

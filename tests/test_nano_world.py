@@ -14,9 +14,11 @@ import os
 import numpy as np
 import pytest
 
-from helios_jax.nano import world as w
+from helios_jax import cli
+from helios_jax.nano import metrics as m, world as w
 from helios_jax.training.ode import read_prompts
 from helios_jax.training.offload import read_metadata
+from helios_jax.video import read_mp4, write_mp4
 
 RED_UP_LEFT = w.Scene("circle", "red", "dark blue", 12, (10.0, 10.0), (-0.5, -0.5))
 
@@ -106,3 +108,115 @@ def test_write_dataset_is_what_offload_reads_and_refuses_a_used_folder(tmp_path)
                                    "fps": 24.0, "cap": [w.caption(scenes[1])]}
     prompts = w.write_prompts(str(tmp_path / "prompts.txt"), scenes)
     assert read_prompts(prompts) == [(0, w.caption(scenes[0])), (1, w.caption(scenes[1]))]
+
+
+# Three scenes, one per shape, that bounce within 99 frames (3 chunks) but not at the joins (frames 32 -> 33, 65 -> 66).
+SCENES = (w.Scene("circle", "yellow", "dark blue", 14, (20.0, 6.0), (0.9, 0.9)),
+          w.Scene("triangle", "magenta", "grey", 16, (40.0, 30.0), (-1.2, 0.0)),
+          w.Scene("square", "orange", "dark green", 12, (10.0, 45.0), (0.0, -0.7)))
+FRAMES = 99
+
+
+@pytest.fixture(scope="module")
+def rendered():
+    return [w.render(scene, FRAMES) for scene in SCENES]
+
+
+@pytest.fixture(scope="module")
+def round_tripped(rendered, tmp_path_factory):
+    """The rendered clips through h264 and back, as a generated video comes back (and the first one's mp4)."""
+    folder = tmp_path_factory.mktemp("mp4")
+    paths = [write_mp4(str(folder / f"clip{i}.mp4"), video) for i, video in enumerate(rendered)]
+    return [read_mp4(p) for p in paths], paths[0]
+
+
+def _check_right(report: m.Report, scene: w.Scene, motion_bound: float) -> None:
+    s = report.summary
+    for key in ("presence", "colour_accuracy", "shape_accuracy", "background_accuracy", "direction_correct"):
+        assert s[key] == 1.0, key
+    assert s["motion_error"] < motion_bound
+    assert s["speed"] == pytest.approx(np.hypot(*scene.velocity), abs=0.05)
+    assert max(abs(s[k]) for k in ("drift_r", "drift_g", "drift_b", "drift_brightness")) < 0.25
+    assert s["background_error"] < 4.0
+    assert all(0.75 < row["join_ratio"] < 1.33 for row in report.chunks[1:])
+    assert report.chunks[0]["join_ratio"] is None and len(report.chunks) == 3
+
+
+def test_the_worlds_own_clips_score_right(rendered):
+    # Motion: each pixel's share is sampled at 8 x 8 points and rounded to uint8, so a centroid is within ~1/16 px
+    # and the rule's prediction from two frames (a second difference) within ~4/16 px per axis; a frame just after
+    # a bounce is predicted from a velocity measured across it (up to 2 |v| off, a few frames per chunk).
+    for scene, video in zip(SCENES, rendered):
+        _check_right(m.evaluate(video, w.caption(scene)), scene, motion_bound=0.3)
+
+
+def test_the_scores_survive_h264(round_tripped):
+    # h264 at crf 18 adds ~0.05-0.1 px of noise to each centroid: the motion bound is looser.
+    for scene, video in zip(SCENES, round_tripped[0]):
+        _check_right(m.evaluate(video, w.caption(scene)), scene, motion_bound=0.5)
+
+
+def test_a_frozen_video_obeys_the_rule_but_does_not_move(rendered):
+    frozen = np.repeat(rendered[0][:1], FRAMES, axis=0)
+    report = m.evaluate(frozen, w.caption(SCENES[0]))
+    assert report.summary["speed"] == 0.0 and report.summary["motion_error"] == 0.0
+    assert report.summary["direction_correct"] == 0.0 and report.summary["presence"] == 1.0
+    assert report.summary["join_ratio"] is None  # no change anywhere: nothing to compare a join with
+
+
+def test_a_colour_shift_is_drift_of_its_size_and_a_seam(rendered):
+    shifted = rendered[2].astype(np.int16)
+    shifted[66:, ..., 2] += 30  # the last chunk bluer by 30 (orange 0, dark green 15: nothing clips)
+    report = m.evaluate(shifted.astype(np.uint8), w.caption(SCENES[2]))
+    last = report.chunks[2]
+    assert last["drift_b"] == pytest.approx(30, abs=0.25) and abs(last["drift_r"]) < 0.25
+    assert last["drift_brightness"] == pytest.approx(0.114 * 30, abs=0.25)
+    assert report.summary["drift_b"] == last["drift_b"]  # the summary's drift is the last chunk's
+    assert last["background_error"] == pytest.approx(30, abs=0.5)
+    assert last["join_ratio"] > 5 and report.chunks[1]["join_ratio"] < 1.33
+
+
+def test_a_prompt_switch_is_scored_per_chunk(rendered):
+    switched = np.concatenate([rendered[0][:33], rendered[1][:66]])  # scene 0's first chunk, then scene 1 from its start
+    captions = [w.caption(SCENES[0]), w.caption(SCENES[1]), w.caption(SCENES[1])]
+    report = m.evaluate(switched, captions)
+    assert [r["colour_accuracy"] for r in report.chunks] == [1.0, 1.0, 1.0]
+    assert [r["shape_accuracy"] for r in report.chunks] == [1.0, 1.0, 1.0]
+    assert [r["background_accuracy"] for r in report.chunks] == [1.0, 1.0, 1.0]
+    held = m.evaluate(switched, w.caption(SCENES[0]))  # the first prompt all along: wrong after the switch
+    assert [r["colour_accuracy"] for r in held.chunks] == [1.0, 0.0, 0.0]
+    assert [r["prompt"] for r in report.chunks] == captions
+    table = report.table()
+    rows = [line.split(" | ")[0] for line in table.splitlines() if line.startswith("|")]
+    assert rows == ["| chunk", "| ---", "| 0", "| 1", "| 2", "| summary"]
+    assert [r["direction_correct"] for r in report.chunks] == [1.0, 1.0, None]  # each prompt's first chunk
+
+
+def test_evaluate_refuses_what_it_cannot_score(rendered):
+    with pytest.raises(ValueError, match="2 prompts for a video of 3 chunks"):
+        m.evaluate(rendered[0], [w.caption(SCENES[0])] * 2)
+    with pytest.raises(ValueError, match="not the nano world's 64x64"):
+        m.evaluate(rendered[0][:, :32], w.caption(SCENES[0]))
+    with pytest.raises(ValueError, match="outside the nano world's grammar"):
+        m.evaluate(rendered[0], "a red dragon flies")
+
+
+def test_eval_command(round_tripped, tmp_path, capsys):
+    _, path = round_tripped
+    out = tmp_path / "report.json"
+    assert cli.main(["eval", path, "--prompt", w.caption(SCENES[0]), "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["summary"]["colour_accuracy"] == 1.0 and len(report["chunks"]) == 3
+    assert f"| summary | {report['summary']['presence']:.3f} |" in printed
+    csv = tmp_path / "switch.csv"  # generate's interactive CSV: prompt 1 from chunk 2 on (--interpolate_time 2)
+    csv.write_text(f"id,prompt_index,prompt\n0,0,{w.caption(SCENES[0])}\n0,1,{w.caption(SCENES[1])}\n")
+    assert cli.main(["eval", path, "--interactive_prompt_csv_path", str(csv), "--interpolate_time", "2"]) == 0
+    assert "| 2 | 1.000 | 0.000 | 0.000 | 0.000 |" in capsys.readouterr().out  # colour, shape, background wrong
+    bad = tmp_path / "bad.json"
+    assert cli.main(["eval", path, "--prompt", "a red dragon flies", "--json", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("helios-jax eval: error: the caption 'a red dragon flies' is outside")
+    assert not bad.exists()
+    assert cli.main(["eval", str(tmp_path / "missing.mp4"), "--prompt", w.caption(SCENES[0])]) == 2
+    assert "no such file" in capsys.readouterr().err

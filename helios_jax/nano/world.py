@@ -34,6 +34,7 @@ class World:
 
 
 WORLD = World(height=64, width=64, fps=24)
+CHUNK_FRAMES = 33  # the video frames of one generated chunk (its 9 latent frames); a join is at frame 33k
 
 # Object colours: bright and pairwise at least ~100 apart in RGB; every one is at least ~160 from every
 # background (the metrics' object threshold sits between the two: helios_jax.nano.metrics).
