@@ -177,6 +177,8 @@ def _check_video(video: np.ndarray, chunk_frames: int, world: World) -> None:
     if not (isinstance(video, np.ndarray) and video.dtype == np.uint8 and video.ndim == 4 and video.shape[-1] == 3):
         shape = f"{video.dtype} {video.shape}" if isinstance(video, np.ndarray) else type(video).__name__
         raise MediaError(f"a video to evaluate must be uint8 (T, H, W, 3); got {shape}")
+    if len(video) == 0:
+        raise MediaError("the video to evaluate has no frames")
     if video.shape[1:3] != (world.height, world.width):
         raise MediaError(f"the video is {video.shape[1]}x{video.shape[2]}, not the nano world's "
                          f"{world.height}x{world.width}")
