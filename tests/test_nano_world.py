@@ -220,3 +220,5 @@ def test_eval_command(round_tripped, tmp_path, capsys):
     assert not bad.exists()
     assert cli.main(["eval", str(tmp_path / "missing.mp4"), "--prompt", w.caption(SCENES[0])]) == 2
     assert "no such file" in capsys.readouterr().err
+    assert cli.main(["eval", path]) == 2
+    assert "--prompt CAPTION or --interactive_prompt_csv_path CSV" in capsys.readouterr().err

@@ -88,7 +88,7 @@ VOCABULARY: tuple[str, ...] = _vocabulary()  # every word a caption can hold, on
 
 
 class CaptionError(ValueError):
-    """A caption outside the nano world's grammar."""
+    """A caption outside the nano world's grammar, or captions that do not fit the video they are to score."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,11 +156,6 @@ def sample_scenes(n: int, seed: int, world: World = WORLD) -> list[Scene]:
     return list(scenes)
 
 
-def direction_words(direction: tuple[int, int]) -> str:
-    """The caption's words for a (vy sign, vx sign) direction."""
-    return DIRECTIONS[direction]
-
-
 def caption(scene: Scene) -> str:
     """The scene in words, e.g. ``a red circle moves up and left on a dark blue background``."""
     return (f"{_article(scene.colour)} {scene.colour} {scene.shape} {DIRECTIONS[scene.direction]} on "
@@ -179,7 +174,8 @@ _GRAMMAR = re.compile(
 
 
 def parse_caption(text: str) -> Prompted:
-    """What a caption asks for; case and spacing are free, the words are not (one CaptionError otherwise)."""
+    """What a caption asks for; case, spacing and "a" / "an" are free, the other words are not (one CaptionError
+    otherwise)."""
     words = " ".join(str(text).lower().split())
     match = _GRAMMAR.fullmatch(words)
     if match is None:
