@@ -1,4 +1,5 @@
-"""The ``helios-jax`` command: ``generate``, ``download``, ``convert``, ``verify``, ``offload``, ``bench`` and ``train``.
+"""The ``helios-jax`` command: ``generate``, ``download``, ``convert``, ``verify``, ``offload``, ``bench``, ``train``
+and ``eval``.
 
 Errors a user can cause (a bad flag value, a missing file, a checkpoint that does not fit) print one
 line and exit with status 2, before any weight is read where the error is in the arguments. Ctrl-C,
@@ -30,6 +31,8 @@ from helios_jax.checkpoint import PipelineError
 from helios_jax.config import ConfigError
 from helios_jax.conversion import convert_checkpoint
 from helios_jax.convert import CheckpointError
+from helios_jax.nano import evaluate as nano_eval
+from helios_jax.nano.world import CaptionError
 from helios_jax.parallel import MeshError
 from helios_jax.training import DataError, NonFiniteError
 from helios_jax.video import PARTIALS_MADE, MediaError
@@ -98,7 +101,8 @@ class Choices(tuple):
 
 
 # OSError: a missing file, a full disk, no permission: the environment, not the code.
-USER_ERRORS = (PipelineError, MediaError, ConfigError, CheckpointError, MeshError, DataError, NonFiniteError, OSError)
+USER_ERRORS = (PipelineError, MediaError, ConfigError, CheckpointError, MeshError, DataError, NonFiniteError, OSError,
+               CaptionError)
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 BUG_REPORTS = "the helios-jax issue tracker"  # the project publishes no URL yet
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -247,6 +251,10 @@ def parser() -> Parser:
                   f"name of a shipped official one: {', '.join(configs.names())}.")
     tra.add_argument("config", nargs="+", help="YAML files or shipped names (merged in order) and section.key=value "
                                                "overrides, e.g. stage_1_init data_config.instance_data_root=[data/]")
+    nano_eval.add_arguments(command("eval", "score a video of the nano world against its prompts (a table; --json)",
+                                    "Score a 64x64 video of the nano world (docs/nano.md) chunk by chunk against the "
+                                    "prompts it was generated from, by the world's rules: presence, colour, shape, "
+                                    "background, motion, drift, seams at the chunk joins."))
     return root
 
 
@@ -403,6 +411,8 @@ def _run(args: argparse.Namespace) -> int:
         return verify.run(tuple(args.only))
     if args.command == "train":
         return train(args.config)
+    if args.command == "eval":
+        return nano_eval.run(args)
     return bench(args.which, args.args)
 
 

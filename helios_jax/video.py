@@ -281,7 +281,10 @@ def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int = 24) -> str
 
 def read_mp4(path: str | os.PathLike) -> np.ndarray:
     """All frames of a video file as uint8 (T, H, W, 3)."""
-    return np.stack([np.asarray(f.convert("RGB")) for f in _decode_frames(os.fspath(path))])
+    frames = [np.asarray(f.convert("RGB")) for f in _decode_frames(_input_file(path, "video"))]
+    if not frames:
+        raise MediaError(f"the video {os.fspath(path)!r} has no frames")
+    return np.stack(frames)
 
 
 def contact_sheet(frames: Sequence[np.ndarray], columns: int = 4, gap: int = 4) -> np.ndarray:
@@ -305,6 +308,21 @@ def write_png(path: str | os.PathLike, image: np.ndarray) -> str:
     try:
         with disk_full_as_error(path, image.nbytes):
             _pil().fromarray(image).save(partial, format="PNG")
+        _publish(partial, path)
+    finally:
+        _discard(partial)
+    return path
+
+
+def write_text(path: str | os.PathLike, text: str, suffix: str) -> str:
+    """Write a text file (a report, a prompt list) atomically, as the videos are; ``path`` must end in ``suffix``.
+    Returns the absolute path."""
+    path = check_writable(path, suffix)
+    partial = _partial_file(path, suffix)
+    try:
+        with disk_full_as_error(path, len(text.encode())):
+            with open(partial, "w", encoding="utf-8") as f:
+                f.write(text)
         _publish(partial, path)
     finally:
         _discard(partial)
