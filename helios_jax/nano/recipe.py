@@ -1,0 +1,189 @@
+"""`make nano`: the whole nano Helios trained from nothing by the project's own commands, one step after another.
+
+world -> `helios-jax train-vae` -> the base checkpoint -> `helios-jax offload` -> stage 1 (`stage_1_init` with the
+anti-drifting context) -> stage 2 (`stage_2_post`, the pyramid) -> `helios-jax offload-ode-pairs` from the stage-2
+teacher -> stage 3a (`stage_3_ode`) -> stage 3b (`stage_3_post`, DMD) -> the 2+2+2 student, shipped. Each training
+stage runs `helios-jax train` on the official YAML with a nano overlay (``helios_jax/nano/configs/``: sizes and
+lengths scaled down, the rest kept), and after it the LoRA is merged (`helios-jax convert --merge_lora`) into a
+pipeline folder in the layout of the published checkpoint of that stage (Helios-Base, -Mid, -Distilled).
+
+Every step writes one folder, atomically, and is skipped when its folder exists: an interrupted `make nano` picks up
+where it stopped (a training stage resumes from its newest checkpoint). The seeds are fixed, so a rerun from nothing
+on the same machine gives the same files. Each step's wall time goes to ``RUN/times.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Callable
+
+from helios_jax import cli
+from helios_jax.nano import models, world
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
+CLIPS, SECTIONS = 256, 8  # training clips of 8 sections of 33 frames (the official minimum is 121 frames)
+ODE_PROMPTS, ODE_SECTIONS = 64, 5  # the teacher's trajectories for stage 3a (5 sections: the official)
+WORLD_SEED = 0
+VAE_STEPS = 1500
+_log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One step of the recipe: the folder (or file) it writes under the run folder, and how."""
+
+    name: str
+    output: str
+    run: Callable[[str], None]
+
+
+def _command(*args: str) -> None:
+    code = cli.main([str(a) for a in args])
+    if code != 0:
+        raise RuntimeError(f"`helios-jax {' '.join(map(str, args))}` failed with exit status {code}")
+
+
+def merge(source: str, lora: str, destination: str, kind: str) -> None:
+    """``source``'s pipeline with ``lora`` fused into its transformer, as a ``kind`` pipeline folder
+    (models.PIPELINES: its model_index and scheduler), written whole or not at all."""
+    staging = tempfile.mkdtemp(prefix=os.path.basename(destination) + ".partial-", dir=os.path.dirname(destination))
+    try:
+        _command("convert", os.path.join(source, "transformer"), os.path.join(staging, "transformer"),
+                 "--to", "safetensors", "--merge_lora", lora)
+        for name in ("vae", "text_encoder", "tokenizer"):
+            shutil.copytree(os.path.join(source, name), os.path.join(staging, name))
+        index, scheduler = models.PIPELINES[kind]
+        os.makedirs(os.path.join(staging, "scheduler"))
+        for path, value in (("model_index.json", index), ("scheduler/scheduler_config.json", scheduler)):
+            with open(os.path.join(staging, path), "w", encoding="utf-8") as f:
+                json.dump(value, f, indent=2, sort_keys=True)
+        os.chmod(staging, 0o755)
+        os.rename(staging, destination)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def train(official: str, overlay: str, out: str, quick: bool = False, **overrides: str) -> None:
+    """`helios-jax train OFFICIAL nano/OVERLAY output_dir=OUT KEY=VALUE ...` (``quick``: 2 steps)."""
+    values = {"output_dir": out, **overrides}
+    if quick:
+        values.update({"training_config.max_train_steps": 2, "training_config.checkpointing_steps": 2})
+    _command("train", official, os.path.join(CONFIGS, overlay), *[f"{k}={v}" for k, v in values.items()])
+
+
+def model_overrides(run: str, transformer: str) -> dict[str, str]:
+    """A stage's model keys: the transformer of the pipeline folder ``transformer``, the VAE and text encoder of
+    the run's base."""
+    return {"model_config.pretrained_model_name_or_path": os.path.join(run, "base"),
+            "model_config.transformer_model_name_or_path": transformer, "model_config.subfolder": "transformer"}
+
+
+def final_checkpoint(run_folder: str) -> str:
+    """The newest ``checkpoint-N`` folder of a training run."""
+    steps = [int(n.split("-")[1]) for n in os.listdir(run_folder) if n.startswith("checkpoint-") and n[11:].isdigit()]
+    return os.path.join(run_folder, f"checkpoint-{max(steps)}")
+
+
+def steps(run: str, quick: bool = False) -> list[Step]:
+    """The recipe, in order, for the run folder ``run``; ``quick``: every step at its smallest (2 training
+    steps, 8 clips, 8 ODE prompts), a check of the wiring in minutes."""
+    def p(*names: str) -> str:
+        return os.path.join(run, *names)
+
+    size = ["--height", str(models.HEIGHT), "--width", str(models.WIDTH)]
+
+    def model(folder: str) -> dict[str, str]:
+        return model_overrides(run, folder)
+
+    def vae_config(out: str) -> None:
+        os.makedirs(out)
+        with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(dataclasses.asdict(models.VAE), f)
+
+    return [
+        Step("world", p("world"), lambda out: world.write_dataset(
+            out, world.sample_scenes(8 if quick else CLIPS, WORLD_SEED), 33 * SECTIONS)),
+        Step("vae config", p("vae-config"), vae_config),
+        Step("vae", p("vae-run"), lambda out: _command(
+            "train-vae", p("world", "meta.json"), "--output", out, "--config", p("vae-config"),
+            "--steps", 2 if quick else VAE_STEPS, "--seed", WORLD_SEED)),
+        Step("base", p("base"), lambda out: models.build_base(out, p("vae-run", "vae"))),
+        Step("offload", p("latents"), lambda out: _command(
+            "offload", p("world", "meta.json"), "--checkpoint", p("base"), "--output", out, *size)),
+        Step("stage 1", p("stage_1"), lambda out: train(
+            "stage_1_init", "stage_1.yaml", out, quick, **model(p("base")),
+            **{"data_config.instance_data_root": f"[{p('latents')}]"})),
+        Step("stage 1 model", p("stage1"), lambda out: merge(p("base"), final_checkpoint(p("stage_1")), out, "base")),
+        Step("stage 2", p("stage_2"), lambda out: train(
+            "stage_2_post", "stage_2.yaml", out, quick, **model(p("stage1")),
+            **{"data_config.instance_data_root": f"[{p('latents')}]"})),
+        Step("stage 2 model", p("mid"), lambda out: merge(p("stage1"), final_checkpoint(p("stage_2")), out, "mid")),
+        Step("ode prompts", p("ode-prompts.txt"), lambda out: world.write_prompts(
+            out, world.sample_scenes(8 if quick else ODE_PROMPTS, WORLD_SEED + 1))),
+        Step("ode pairs", p("ode"), lambda out: _command(
+            "offload-ode-pairs", p("mid"), p("ode-prompts.txt"), out, *size, "--sections", ODE_SECTIONS,
+            "--cfg", "1.0", "--dtype", "fp32", "--seed", WORLD_SEED)),
+        Step("stage 3a", p("stage_3_ode"), lambda out: train(
+            "stage_3_ode", "stage_3_ode.yaml", out, quick, **model(p("mid")),
+            **{"data_config.ode_data_root": f"[{p('ode')}]"})),
+        Step("stage 3a model", p("ode-model"), lambda out: merge(
+            p("mid"), os.path.join(final_checkpoint(p("stage_3_ode")), "model_ema"), out, "distilled")),
+        Step("stage 3b", p("stage_3_post"), lambda out: train(
+            "stage_3_post", "stage_3_post.yaml", out, quick, **{**model(p("ode-model")),
+            **{"model_config.real_score_model_name_or_path": p("stage1"),
+               "data_config.gan_data_root": f"[{p('latents')}]"}})),
+        Step("distilled", p("distilled"), lambda out: merge(
+            p("ode-model"), os.path.join(final_checkpoint(p("stage_3_post")), "model_ema"), out, "distilled")),
+    ]
+
+
+def reproduce(run: str, quick: bool = False) -> dict[str, float]:
+    """Run every step not yet done; returns (and writes to ``run/times.json``) each step's seconds."""
+    os.makedirs(run, exist_ok=True)
+    times_path = os.path.join(run, "times.json")
+    times = json.load(open(times_path)) if os.path.exists(times_path) else {}
+    for step in steps(os.path.abspath(run), quick):
+        if os.path.exists(step.output):
+            continue
+        _log.info("nano: %s -> %s", step.name, step.output)
+        start = time.perf_counter()
+        step.run(step.output)
+        times[step.name] = round(time.perf_counter() - start, 1)
+        with open(times_path + ".partial", "w") as f:
+            json.dump(times, f, indent=1)
+        os.replace(times_path + ".partial", times_path)
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m helios_jax.nano.recipe", description=__doc__.split("\n")[0])
+    parser.add_argument("--run", default="nano-run", help="the folder of every step's output (default: nano-run)")
+    parser.add_argument("--quick", action="store_true", help="every step at its smallest: a check of the wiring")
+    parser.add_argument("--ship", action="store_true", help=f"then copy the student to {models.CHECKPOINT}")
+    args = parser.parse_args(argv)
+    cli.configure_logging("INFO")
+    times = reproduce(args.run, args.quick)
+    print("| step | seconds |\n| --- | ---: |")
+    for name, seconds in times.items():
+        print(f"| {name} | {seconds} |")
+    print(f"| total | {sum(times.values()):.0f} |")
+    if args.ship:
+        staging = models.CHECKPOINT + ".partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(os.path.join(args.run, "distilled"), staging)
+        shutil.rmtree(models.CHECKPOINT, ignore_errors=True)
+        os.rename(staging, models.CHECKPOINT)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
