@@ -55,7 +55,7 @@ def test_scenes_are_deterministic_distinct_and_within_the_world():
     assert scenes == w.sample_scenes(50, seed=7) and scenes != w.sample_scenes(50, seed=8)
     assert len(set(scenes)) == 50 and w.sample_scene(3) == w.sample_scene(3)
     for s in scenes:
-        assert 12 <= s.size <= 18
+        assert w.SIZES[0] <= s.size <= w.SIZES[1] and w.SIZES == (20, 28)
         assert 0 <= s.position[0] <= 64 - s.size and 0 <= s.position[1] <= 64 - s.size
         speed = np.hypot(*s.velocity)
         assert 0.6 <= speed <= 1.4

@@ -33,8 +33,8 @@ from helios_jax.video import MediaError
 # this: every object colour is >= 158 from every background (world.py), so pixels the shape covers by more than
 # ~40% pass, while h264's noise on a flat background (a few units) stays far below.
 OBJECT_THRESHOLD = 60.0
-# The object is present when its largest blob has at least this many pixels: the smallest shape (a 12-pixel
-# triangle) covers 72.
+# The object is present when its largest blob has at least this many pixels: the smallest shape (a 20-pixel
+# triangle) covers about 200.
 MIN_PIXELS = 24
 # A pixel's share of the shape is its distance from the background over the object colour's; shares below
 # FRINGE are h264's colour bleeding around the edges (chroma is stored at half resolution), not the shape.

@@ -67,7 +67,7 @@ DIRECTIONS: dict[tuple[int, int], str] = {
     (1, -1): "moves down and left",
     (1, 1): "moves down and right",
 }
-SIZES = (12, 18)  # the object's box side in pixels, inclusive
+SIZES = (20, 28)  # the object's box side in pixels, inclusive: two to four latent pixels across (the VAE is 8x)
 SPEEDS = (0.6, 1.4)  # pixels per frame along the direction
 CLEAR_FRAMES = 8  # a scene's first frames that touch no border (the direction its caption names is visible)
 SUPERSAMPLING = 8  # render: each pixel is the coverage of SUPERSAMPLING^2 samples (anti-aliased edges)
