@@ -9,6 +9,7 @@ with its feature cache. The submodule and parameter names are the reference's (`
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -19,6 +20,9 @@ from helios_jax.models.attention import attention
 from helios_jax.models.layers import silu
 
 _F32 = jnp.float32
+# A causal conv of at least this many FLOPs (about 2 x its output voxels x kernel size) runs as 2D on a CPU
+# (CausalConv3d).
+TIME_TAPS_FLOPS = 10**8
 
 
 def _triple(value: int | Sequence[int]) -> tuple[int, int, int]:
@@ -44,11 +48,12 @@ class CausalConv3d(nn.Module):
     dtype promotion, so the params tree is the one a ``nn.Conv`` made.
 
     XLA's CPU backend has a fast convolution for 2D images only; a 3D one is emitted as a plain loop nest: a
-    3x3x3 conv of (8, 11, 64, 64, 8) took 0.25 s as 3D and 0.065 s as below, its gradient 0.76 s and 0.17 s,
-    and the nano VAE's training step (batch 8 x 9 frames x 64x64) 12 s and 3.5 s on two cores. So on a CPU, and
-    only there, the conv runs as ONE 2D convolution of every frame with its kt time taps stacked
-    in channels (the kernel's time axis folded into its input channels to match); other backends (a GPU's
-    cuDNN) run the 3D convolution unchanged."""
+    3x3x3 conv of (8, 11, 64, 64, 8) took 0.25 s as 3D and 0.065 s as :func:`_conv_time_taps` (one 2D conv of
+    the time taps stacked in channels), its gradient 0.76 s and 0.17 s, and the nano VAE's training step
+    (batch 8 x 9 frames x 64x64) 12 s and 3.5 s on two cores. The 2D form compiles about 1.5x slower, though,
+    so on a CPU, and only there, a convolution of at least TIME_TAPS_FLOPS runs as 2D, where its run time
+    outweighs its compile; smaller ones (the tests' clips) and other backends (a GPU's cuDNN) run the 3D
+    convolution unchanged."""
 
     features: int
     kernel_size: tuple[int, int, int]
@@ -65,6 +70,9 @@ class CausalConv3d(nn.Module):
         pt, ph, pw = self.padding
         padding = ((2 * pt, 0), (ph, ph), (pw, pw))
         as_3d = functools.partial(_conv_3d, strides=self.strides, padding=padding)
+        flops = 2 * (x.size // x.shape[-1]) * kernel.size // math.prod(self.strides)
+        if flops < TIME_TAPS_FLOPS:
+            return as_3d(x, kernel) + bias
         as_2d = functools.partial(_conv_time_taps, strides=self.strides, padding=padding)
         return jax.lax.platform_dependent(x, kernel, cpu=as_2d, default=as_3d) + bias
 
