@@ -96,11 +96,11 @@ def vae_loss(objective: Objective, trainable: Any, frozen: Any, batch: dict[str,
 # ------------------------------------------------------------------------------------------------ data
 
 
-def read_clips(metadata: str, *, height: int, width: int, frames: int) -> list[np.ndarray]:
+def read_clips(metadata: str, *, height: int, width: int, frames: int, skip_unfit: bool = False) -> list[np.ndarray]:
     """Every clip of the metadata JSON (its whole ``cut``, cropped and resized as ``offload`` does) as uint8
-    (T, 3, height, width); one DataError for all bad entries (``offload.read_metadata``), and for clips
-    shorter than ``frames``."""
-    clips = read_metadata(metadata, height=height, width=width, min_frames=frames)
+    (T, 3, height, width); one DataError for all bad entries (``offload.read_metadata``), clips shorter than
+    ``frames`` or off the aspect among them unless ``skip_unfit``."""
+    clips = read_metadata(metadata, height=height, width=width, min_frames=frames, skip_unfit=skip_unfit)
     videos = []
     for clip in clips:
         start, end = clip.cut
@@ -237,8 +237,8 @@ def check_settings(*, steps: int, batch: int, frames: int, learning_rate: float,
 
 def train_vae(metadata: str, output: str, *, config: str | None = None, steps: int = 2000, batch: int = 8,
               frames: int = 9, learning_rate: float = 1e-3, seed: int = 0, height: int = 64, width: int = 64,
-              checkpointing_steps: int = 500, beta: float = BETA, dtype: Any = jnp.float32,
-              progress: bool | None = None) -> str:
+              checkpointing_steps: int = 500, skip_unfit: bool = False, beta: float = BETA,
+              dtype: Any = jnp.float32, progress: bool | None = None) -> str:
     """Train a Wan VAE on the clips of ``metadata`` into ``output`` (checkpoints, metrics.jsonl, and at the
     end ``output/vae/``, whose path is returned); a rerun resumes from the newest checkpoint. Every input is
     checked, and every clip decoded, before anything is written."""
@@ -258,7 +258,7 @@ def train_vae(metadata: str, output: str, *, config: str | None = None, steps: i
                                                     "learning_rate": learning_rate, "seed": seed,
                                                     "checkpointing_steps": checkpointing_steps}})
     trainer.check_resumable(run)
-    clips = read_clips(metadata, height=height, width=width, frames=frames)
+    clips = read_clips(metadata, height=height, width=width, frames=frames, skip_unfit=skip_unfit)
     params = initial_params(cfg, weights, seed)
     stage = trainer.Stage(trainer.bind(vae_loss, Objective(cfg, beta, dtype)),
                           trainer.OptimizerConfig(learning_rate=learning_rate, adam_weight_decay=0.0))
