@@ -102,41 +102,55 @@ def write_world(folder: str, clips: int = 3, frames: int = 9) -> str:
     return path
 
 
-def train_args(meta: str, output: str, steps: int) -> list[str]:
-    return ["train-vae", meta, "--output", output, "--steps", str(steps), "--batch", "2", "--frames", "5",
-            "--height", str(PIXELS), "--width", str(PIXELS), "--checkpointing_steps", "2"]
+# The end-to-end tests train a two-level VAE (2x compression in time and space), given as --config: its step
+# compiles in about half the nano VAE's time; the parity test above runs the nano VAE itself.
+TINY = dict(base_dim=4, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[True],
+            latents_mean=[0.0] * 4, latents_std=[1.0] * 4, scale_factor_temporal=2, scale_factor_spatial=2)
+
+
+def train_args(folder: str, steps: int) -> list[str]:
+    config = os.path.join(folder, "tiny_vae.json")
+    if not os.path.exists(config):
+        with open(config, "w", encoding="utf-8") as f:
+            json.dump(TINY, f)
+    return ["train-vae", os.path.join(folder, "world", "meta.json"), "--output", os.path.join(folder, "run"),
+            "--config", config, "--steps", str(steps), "--batch", "2", "--frames", "5", "--height", str(PIXELS),
+            "--width", str(PIXELS), "--checkpointing_steps", "1"]
 
 
 def test_train_vae_writes_a_vae_folder_and_resumes(tmp_path, capsys):
-    meta, output = write_world(str(tmp_path / "world")), str(tmp_path / "run")
-    assert cli.main(train_args(meta, output, 2)) == 0
+    write_world(str(tmp_path / "world"))
+    output = str(tmp_path / "run")
+    assert cli.main(train_args(str(tmp_path), 2)) == 0
     assert capsys.readouterr().out.strip() == f"wrote {os.path.join(output, 'vae')}"
     cfg, params = load_vae(os.path.join(output, "vae"))
-    assert (cfg.base_dim, cfg.z_dim, cfg.dim_mult) == (VAE.base_dim, VAE.z_dim, VAE.dim_mult)
+    assert (cfg.base_dim, cfg.z_dim, cfg.dim_mult) == (TINY["base_dim"], TINY["z_dim"], tuple(TINY["dim_mult"]))
     for name in ("latents_mean", "latents_std"):
         values = np.asarray(getattr(cfg, name))
-        assert values.shape == (VAE.z_dim,) and np.all(np.isfinite(values)), (name, values)
-        assert not np.allclose(values, getattr(VAEConfig(), name), atol=1e-3), name
+        assert values.shape == (cfg.z_dim,) and np.all(np.isfinite(values)), (name, values)
+        assert not np.allclose(values, TINY[name], atol=1e-4), name
     assert np.all(np.asarray(cfg.latents_std) > 0)
     with open(os.path.join(output, "vae", "config.json"), encoding="utf-8") as f:
         assert json.load(f)["_class_name"] == "AutoencoderKLWan"
     first = trainer.read_metrics(output)
     assert [r["step"] for r in first] == [1, 2] and all(np.isfinite(r["loss"]) for r in first)
+    assert sorted(n for n in os.listdir(output) if n.startswith("checkpoint-")) == ["checkpoint-1", "checkpoint-2"]
 
-    # a rerun with more steps resumes from checkpoint-2: step 3 only, the first two lines kept as they were
-    assert cli.main(train_args(meta, output, 3)) == 0
-    records = trainer.read_metrics(output)
-    assert [r["step"] for r in records] == [1, 2, 3] and records[:2] == first
-    assert sorted(n for n in os.listdir(output) if n.startswith("checkpoint-")) == ["checkpoint-2", "checkpoint-3"]
-    _, retrained = load_vae(os.path.join(output, "vae"))
-    assert not np.array_equal(retrained["decoder"]["conv_out"]["kernel"], params["decoder"]["conv_out"]["kernel"])
+    # A rerun resumes from checkpoint-2, the last step: nothing more to train (no step, no line, no checkpoint),
+    # and the VAE written again from the restored state is the one the first run wrote. (Training on after a
+    # resume is trainer.train's, tested in test_trainer.py; a resumed step would compile again here.)
+    assert cli.main(train_args(str(tmp_path), 2)) == 0
+    assert trainer.read_metrics(output) == first
+    cfg_again, params_again = load_vae(os.path.join(output, "vae"))
+    assert cfg_again == cfg
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params_again), jax.tree.leaves(params)))
     assert not [n for n in os.listdir(output) if ".new-" in n or ".old-" in n]
 
 
 @pytest.mark.parametrize("case", ["not json", "missing video", "bad frames"])
 def test_bad_input_is_one_error_and_writes_nothing(tmp_path, capsys, case):
     meta, output = write_world(str(tmp_path / "world"), clips=1), str(tmp_path / "run")
-    args = train_args(meta, output, 1)
+    args = train_args(str(tmp_path), 1)
     if case == "not json":
         with open(meta, "w", encoding="utf-8") as f:
             f.write("[{")
