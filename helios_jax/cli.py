@@ -1,5 +1,5 @@
-"""The ``helios-jax`` command: ``generate``, ``download``, ``convert``, ``verify``, ``offload``, ``bench``, ``train``
-and ``eval``.
+"""The ``helios-jax`` command: ``generate``, ``download``, ``convert``, ``verify``, ``offload``, ``bench``, ``train``,
+``train-vae`` and ``eval``.
 
 Errors a user can cause (a bad flag value, a missing file, a checkpoint that does not fit) print one
 line and exit with status 2, before any weight is read where the error is in the arguments. Ctrl-C,
@@ -251,6 +251,24 @@ def parser() -> Parser:
                   f"name of a shipped official one: {', '.join(configs.names())}.")
     tra.add_argument("config", nargs="+", help="YAML files or shipped names (merged in order) and section.key=value "
                                                "overrides, e.g. stage_1_init data_config.instance_data_root=[data/]")
+    vae = command("train-vae", "train a Wan VAE on videos + metadata JSON (the nano world's VAE)",
+                  "Train a Wan VAE on random windows of the clips of a metadata JSON (the file `offload` reads) and "
+                  "write OUTPUT/vae/, a diffusers AutoencoderKLWan folder with the trained encoder's latents_mean / "
+                  "latents_std. A rerun resumes from the newest checkpoint in OUTPUT.")
+    vae.add_argument("metadata", help="the official metadata JSON (path, cut, crop, cap; paths relative to it)")
+    vae.add_argument("--output", required=True, help="the run's folder: checkpoints, metrics.jsonl, vae/")
+    vae.add_argument("--config", help="a diffusers VAE folder (its weights are the start) or a config.json (random "
+                                      "start); default: the nano VAE of helios_jax.demo, from random weights")
+    vae.add_argument("--steps", type=int, default=2000, help="training steps in all (a rerun with more continues)")
+    vae.add_argument("--batch", type=int, default=8, help="windows per step")
+    vae.add_argument("--frames", type=int, default=9, help="frames per window: 1 + 4k (the VAE's causal chunks)")
+    vae.add_argument("--learning_rate", type=float, default=1e-3, help="AdamW's rate")
+    vae.add_argument("--seed", type=int, default=0, help="initial weights, window order and posterior noise")
+    vae.add_argument("--height", type=int, default=64, help="the clips' height in pixels")
+    vae.add_argument("--width", type=int, default=64, help="the clips' width in pixels")
+    vae.add_argument("--checkpointing_steps", type=int, default=500, help="steps between checkpoints")
+    vae.add_argument("--skip_unfit", action="store_true", help="skip clips shorter than --frames or off the aspect "
+                                                               "instead of failing")
     nano_eval.add_arguments(command("eval", "score a video of the nano world against its prompts (a table; --json)",
                                     "Score a 64x64 video of the nano world (docs/nano.md) chunk by chunk against the "
                                     "prompts it was generated from, by the world's rules: presence, colour, shape, "
@@ -411,6 +429,15 @@ def _run(args: argparse.Namespace) -> int:
         return verify.run(tuple(args.only))
     if args.command == "train":
         return train(args.config)
+    if args.command == "train-vae":
+        from helios_jax.training.autoencoder import train_vae
+
+        folder = train_vae(args.metadata, args.output, config=args.config, steps=args.steps, batch=args.batch,
+                           frames=args.frames, learning_rate=args.learning_rate, seed=args.seed, height=args.height,
+                           width=args.width, checkpointing_steps=args.checkpointing_steps,
+                           skip_unfit=args.skip_unfit)
+        print(f"wrote {folder}")
+        return 0
     if args.command == "eval":
         return nano_eval.run(args)
     return bench(args.which, args.args)

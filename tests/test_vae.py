@@ -326,3 +326,22 @@ def test_chunk_decoder_is_the_pipelines_decode_step(wan21):
     diff = np.abs(got.astype(int) - want.astype(int))
     # Values within 1e-6 of a rounding boundary may land on either side; nothing else may differ.
     assert diff.max() <= 1 and np.mean(diff) < 1e-3
+
+
+@pytest.mark.parametrize("kernel,strides,padding", [((3, 3, 3), (1, 1, 1), (1, 1, 1)), ((1, 1, 1), (1, 1, 1), (0, 0, 0)),
+                                                    ((3, 1, 1), (1, 1, 1), (1, 0, 0)), ((3, 1, 1), (2, 1, 1), (0, 0, 0))])
+def test_causal_conv_as_2d_time_taps_equals_the_3d_conv(kernel, strides, padding):
+    """The CPU's form of a large causal conv (one 2D conv of the time taps stacked in channels) against the 3D
+    conv the parity tests above check against diffusers, for each kernel the VAE uses (3x3x3, the 1x1x1
+    shortcut and quant convs, upsample3d's and downsample3d's time convs)."""
+    from helios_jax.models.vae_blocks import _conv_3d, _conv_time_taps
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 7, 6, 5, 3)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((*kernel, 3, 4)), jnp.float32)
+    pt, ph, pw = padding
+    pads = ((2 * pt, 0), (ph, ph), (pw, pw))
+    want = _conv_3d(x, w, strides=strides, padding=pads)
+    got = _conv_time_taps(x, w, strides=strides, padding=pads)
+    assert got.shape == want.shape
+    assert rel_err(got, want) <= REL_TOL and max_abs(got, want) <= ABS_TOL

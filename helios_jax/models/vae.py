@@ -169,11 +169,14 @@ class WanVAE(nn.Module):
         mean, logvar = jnp.split(moments, 2, axis=1)
         return Posterior(mean, jnp.clip(logvar, *LOGVAR_RANGE))
 
-    def decode(self, latents: jax.Array) -> jax.Array:
-        """(B, z_dim, T, h, w) latents -> (B, C, 1 + 4(T - 1), 8h, 8w) frames, clamped to [-1, 1]."""
+    def decode(self, latents: jax.Array, clamp: bool = True) -> jax.Array:
+        """(B, z_dim, T, h, w) latents -> (B, C, 1 + 4(T - 1), 8h, 8w) frames, clamped to [-1, 1] as the
+        reference's; ``clamp=False`` for training, where the clamp would stop the gradient of every frame
+        value outside [-1, 1] (``helios_jax.training.autoencoder``)."""
         check_latents(self.config, latents)
         x = self.decoder(self.post_quant_conv(_channels_last(latents.astype(self.dtype))))
-        return jnp.clip(_channels_first(_unpatchify(x, self.config.patch)), -1.0, 1.0)
+        frames = _channels_first(_unpatchify(x, self.config.patch))
+        return jnp.clip(frames, -1.0, 1.0) if clamp else frames
 
     def __call__(self, video: jax.Array) -> jax.Array:
         return self.decode(self.encode(video).mode())
