@@ -267,6 +267,8 @@ def parser() -> Parser:
     vae.add_argument("--height", type=int, default=64, help="the clips' height in pixels")
     vae.add_argument("--width", type=int, default=64, help="the clips' width in pixels")
     vae.add_argument("--checkpointing_steps", type=int, default=500, help="steps between checkpoints")
+    vae.add_argument("--decoder_only", action="store_true", help="fine-tune the decoder of the --config VAE folder, "
+                     "its encoder frozen: the latents it gives (and data offloaded with it) stay valid")
     vae.add_argument("--skip_unfit", action="store_true", help="skip clips shorter than --frames or off the aspect "
                                                                "instead of failing")
     nano_eval.add_arguments(command("eval", "score a video of the nano world against its prompts (a table; --json)",
@@ -435,7 +437,7 @@ def _run(args: argparse.Namespace) -> int:
         folder = train_vae(args.metadata, args.output, config=args.config, steps=args.steps, batch=args.batch,
                            frames=args.frames, learning_rate=args.learning_rate, seed=args.seed, height=args.height,
                            width=args.width, checkpointing_steps=args.checkpointing_steps,
-                           skip_unfit=args.skip_unfit)
+                           skip_unfit=args.skip_unfit, decoder_only=args.decoder_only)
         print(f"wrote {folder}")
         return 0
     if args.command == "eval":

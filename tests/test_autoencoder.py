@@ -148,6 +148,17 @@ def test_train_vae_writes_a_vae_folder_and_resumes(tmp_path, capsys):
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params_again), jax.tree.leaves(params)))
     assert not [n for n in os.listdir(output) if ".new-" in n or ".old-" in n]
 
+    # --decoder_only fine-tunes that VAE's decoder: the encoder (so every latent) and its statistics stay exactly.
+    tuned = str(tmp_path / "decoder")
+    args = train_args(str(tmp_path), 1)
+    args[args.index("--output") + 1], args[args.index("--config") + 1] = tuned, os.path.join(output, "vae")
+    assert cli.main([*args, "--decoder_only"]) == 0
+    cfg_tuned, params_tuned = load_vae(os.path.join(tuned, "vae"))
+    assert cfg_tuned == cfg
+    for name in ("encoder", "quant_conv"):
+        assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params_tuned[name]), jax.tree.leaves(params[name])))
+    assert not np.array_equal(params_tuned["decoder"]["conv_out"]["kernel"], params["decoder"]["conv_out"]["kernel"])
+
 
 @pytest.mark.parametrize("case", ["not json", "missing video", "bad frames"])
 def test_bad_input_is_one_error_and_writes_nothing(tmp_path, capsys, case):

@@ -1,15 +1,17 @@
 """`make nano`: the whole nano Helios trained from nothing by the project's own commands, one step after another.
 
-world -> `helios-jax train-vae` -> the base checkpoint -> `helios-jax offload` -> stage 1 (`stage_1_init` with the
+world -> `helios-jax train-vae` (the whole VAE, then its decoder alone: the encoder, so every latent, fixed) -> the
+base checkpoint -> `helios-jax offload` -> stage 1 (`stage_1_init` with the
 anti-drifting context) -> stage 2 (`stage_2_post`, the pyramid) -> `helios-jax offload-ode-pairs` from the stage-2
 teacher -> stage 3a (`stage_3_ode`) -> stage 3b (`stage_3_post`, DMD) -> the 2+2+2 student, shipped. Each training
 stage runs `helios-jax train` on the official YAML with a nano overlay (``helios_jax/nano/configs/``: sizes and
 lengths scaled down, the rest kept), and after it the LoRA is merged (`helios-jax convert --merge_lora`) into a
 pipeline folder in the layout of the published checkpoint of that stage (Helios-Base, -Mid, -Distilled).
 
-Every step writes one folder, atomically, and is skipped when its folder exists: an interrupted `make nano` picks up
-where it stopped (a training stage resumes from its newest checkpoint). The seeds are fixed, so a rerun from nothing
-on the same machine gives the same files. Each step's wall time goes to ``RUN/times.json``.
+An interrupted `make nano` picks up where it stopped: a step that writes its folder whole (the world, a merge) is
+skipped once its folder exists, and a command that continues its own work (training from its newest checkpoint, an
+offload keeping the files it wrote) runs again and finishes. The seeds are fixed, so a rerun from nothing on the
+same machine gives the same files. The wall time of each step's first run goes to ``RUN/times.json``.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
 CLIPS, SECTIONS = 256, 8  # training clips of 8 sections of 33 frames (the official minimum is 121 frames)
 ODE_PROMPTS, ODE_SECTIONS = 64, 5  # the teacher's trajectories for stage 3a (5 sections: the official)
 WORLD_SEED = 0
-VAE_STEPS, VAE_BATCH, VAE_RATE = 1200, 4, 2e-3  # windows of 9 frames: ~1 s a step here
+VAE_STEPS, VAE_BATCH, VAE_RATE = 500, 4, 2e-3  # windows of 9 frames: ~1 s a step here
+DECODER_STEPS = 500  # then the decoder alone, the encoder (and so every latent) fixed
 EVAL_CAPTIONS, EVAL_CHUNKS = 4, 10
 CARD = """---
 library_name: helios-jax
@@ -84,11 +87,14 @@ _log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class Step:
-    """One step of the recipe: the folder (or file) it writes under the run folder, and how."""
+    """One step of the recipe: the folder (or file) it writes under the run folder, and how. A ``resumable`` step
+    is a command that continues its own work (a training run from its newest checkpoint, an offload keeping the
+    files it wrote), so it runs again until it finishes; any other step writes its output whole, once."""
 
     name: str
     output: str
     run: Callable[[str], None]
+    resumable: bool = False
 
 
 def _command(*args: str) -> None:
@@ -151,43 +157,46 @@ def steps(run: str, quick: bool = False) -> list[Step]:
         return model_overrides(run, folder)
 
     def vae_config(out: str) -> None:
-        os.makedirs(out)
-        with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(dataclasses.asdict(models.VAE), f)
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        video.write_text(out, json.dumps(dataclasses.asdict(models.VAE)), ".json")
 
     return [
         Step("world", p("world"), lambda out: world.write_dataset(
             out, world.sample_scenes(8 if quick else CLIPS, WORLD_SEED), 33 * SECTIONS)),
-        Step("vae config", p("vae-config"), vae_config),
+        Step("vae config", p("vae-config", "config.json"), vae_config),
         Step("vae", p("vae-run"), lambda out: _command(
             "train-vae", p("world", "meta.json"), "--output", out, "--config", p("vae-config", "config.json"),
             "--steps", 2 if quick else VAE_STEPS, "--batch", VAE_BATCH, "--frames", 9, "--learning_rate", VAE_RATE,
-            "--seed", WORLD_SEED)),
-        Step("base", p("base"), lambda out: models.build_base(out, p("vae-run", "vae"))),
+            "--seed", WORLD_SEED), resumable=True),
+        Step("vae decoder", p("vae-decoder"), lambda out: _command(
+            "train-vae", p("world", "meta.json"), "--output", out, "--config", p("vae-run", "vae"), "--decoder_only",
+            "--steps", 2 if quick else DECODER_STEPS, "--batch", VAE_BATCH, "--frames", 9,
+            "--learning_rate", VAE_RATE, "--seed", WORLD_SEED), resumable=True),
+        Step("base", p("base"), lambda out: models.build_base(out, p("vae-decoder", "vae"))),
         Step("offload", p("latents"), lambda out: _command(
-            "offload", p("world", "meta.json"), "--checkpoint", p("base"), "--output", out, *size)),
+            "offload", p("world", "meta.json"), "--checkpoint", p("base"), "--output", out, *size), resumable=True),
         Step("stage 1", p("stage_1"), lambda out: train(
             "stage_1_init", "stage_1.yaml", out, quick, **model(p("base")),
-            **{"data_config.instance_data_root": f"[{p('latents')}]"})),
+            **{"data_config.instance_data_root": f"[{p('latents')}]"}), resumable=True),
         Step("stage 1 model", p("stage1"), lambda out: merge(p("base"), final_checkpoint(p("stage_1")), out, "base")),
         Step("stage 2", p("stage_2"), lambda out: train(
             "stage_2_post", "stage_2.yaml", out, quick, **model(p("stage1")),
-            **{"data_config.instance_data_root": f"[{p('latents')}]"})),
+            **{"data_config.instance_data_root": f"[{p('latents')}]"}), resumable=True),
         Step("stage 2 model", p("mid"), lambda out: merge(p("stage1"), final_checkpoint(p("stage_2")), out, "mid")),
         Step("ode prompts", p("ode-prompts.txt"), lambda out: world.write_prompts(
             out, world.sample_scenes(8 if quick else ODE_PROMPTS, WORLD_SEED + 1))),
         Step("ode pairs", p("ode"), lambda out: _command(
             "offload-ode-pairs", p("mid"), p("ode-prompts.txt"), out, *size, "--sections", ODE_SECTIONS,
-            "--cfg", "1.0", "--dtype", "fp32", "--seed", WORLD_SEED)),
+            "--cfg", "1.0", "--dtype", "fp32", "--seed", WORLD_SEED), resumable=True),
         Step("stage 3a", p("stage_3_ode"), lambda out: train(
             "stage_3_ode", "stage_3_ode.yaml", out, quick, **model(p("mid")),
-            **{"data_config.ode_data_root": f"[{p('ode')}]"})),
+            **{"data_config.ode_data_root": f"[{p('ode')}]"}), resumable=True),
         Step("stage 3a model", p("ode-model"), lambda out: merge(
             p("mid"), os.path.join(final_checkpoint(p("stage_3_ode")), "model_ema"), out, "distilled")),
         Step("stage 3b", p("stage_3_post"), lambda out: train(
             "stage_3_post", "stage_3_post.yaml", out, quick, **{**model(p("ode-model")),
             **{"model_config.real_score_model_name_or_path": p("stage1"),
-               "data_config.gan_data_root": f"[{p('latents')}]"}})),
+               "data_config.gan_data_root": f"[{p('latents')}]"}}), resumable=True),
         Step("distilled", p("distilled"), lambda out: merge(
             p("ode-model"), os.path.join(final_checkpoint(p("stage_3_post")), "model_ema"), out, "distilled")),
         Step("evaluation", p("evaluation.json"), lambda out: evaluate_student(p("distilled"), out)),
@@ -221,12 +230,12 @@ def reproduce(run: str, quick: bool = False) -> dict[str, float]:
     times_path = os.path.join(run, "times.json")
     times = json.load(open(times_path)) if os.path.exists(times_path) else {}
     for step in steps(os.path.abspath(run), quick):
-        if os.path.exists(step.output):
+        if os.path.exists(step.output) and not step.resumable:
             continue
         _log.info("nano: %s -> %s", step.name, step.output)
         start = time.perf_counter()
         step.run(step.output)
-        times[step.name] = round(time.perf_counter() - start, 1)
+        times.setdefault(step.name, round(time.perf_counter() - start, 1))
         with open(times_path + ".partial", "w") as f:
             json.dump(times, f, indent=1)
         os.replace(times_path + ".partial", times_path)

@@ -53,6 +53,7 @@ BETA = 1e-6  # the KL's weight (see the module doc)
 VAE_FOLDER = "vae"  # the trained VAE, in OUTPUT
 STATISTICS_WINDOWS = 256  # the windows latents_mean / latents_std are measured on (a few seconds of encoding)
 COMMAND = "train-vae"
+DECODER = ("decoder", "post_quant_conv")  # what --decoder_only trains: the latents the encoder gives stay as they were
 
 
 def kl_divergence(posterior: vae_lib.Posterior) -> jax.Array:
@@ -76,12 +77,12 @@ class Objective:
 
 def vae_loss(objective: Objective, trainable: Any, frozen: Any, batch: dict[str, jax.Array], key: jax.Array
              ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """``trainer.LossFn`` of a batch ``{"video": (B, 3, 1 + 4k, H, W) in [-1, 1]}``: the VAE's params are all
-    ``trainable`` (``frozen`` is empty); ``key`` draws the posterior noise, ``normal(key, mean.shape)``."""
-    del frozen
+    """``trainer.LossFn`` of a batch ``{"video": (B, 3, 1 + 4k, H, W) in [-1, 1]}``: the VAE's params split
+    between ``trainable`` and ``frozen`` by their top-level modules (all trainable, or the decoder alone);
+    ``key`` draws the posterior noise, ``normal(key, mean.shape)``."""
     video = batch["video"].astype(jnp.float32)
     model = vae_lib.WanVAE(objective.config, objective.dtype)
-    variables = {"params": trainer.cast_params(trainable, objective.dtype)}
+    variables = {"params": trainer.cast_params({**frozen, **trainable}, objective.dtype)}
     posterior = model.apply(variables, video, method="encode")
     latents = posterior.sample(noise=jax.random.normal(key, posterior.mean.shape, jnp.float32))
     frames = model.apply(variables, latents, clamp=False, method="decode").astype(jnp.float32)
@@ -238,11 +239,18 @@ def check_settings(*, steps: int, batch: int, frames: int, learning_rate: float,
 def train_vae(metadata: str, output: str, *, config: str | None = None, steps: int = 2000, batch: int = 8,
               frames: int = 9, learning_rate: float = 1e-3, seed: int = 0, height: int = 64, width: int = 64,
               checkpointing_steps: int = 500, skip_unfit: bool = False, beta: float = BETA,
-              dtype: Any = jnp.float32, progress: bool | None = None) -> str:
+              decoder_only: bool = False, dtype: Any = jnp.float32, progress: bool | None = None) -> str:
     """Train a Wan VAE on the clips of ``metadata`` into ``output`` (checkpoints, metrics.jsonl, and at the
     end ``output/vae/``, whose path is returned); a rerun resumes from the newest checkpoint. Every input is
-    checked, and every clip decoded, before anything is written."""
+    checked, and every clip decoded, before anything is written.
+
+    ``decoder_only`` fine-tunes the decoder of the VAE folder ``config`` with its encoder frozen, as Stable
+    Diffusion's ft-MSE VAE was made: the latents, and so every offloaded dataset and model trained on them, stay
+    valid, and the folder's latents_mean / latents_std are kept."""
     cfg, weights = resolve_config(config)
+    if decoder_only and weights is None:
+        raise ConfigError("--decoder_only fine-tunes a trained VAE's decoder: give --config VAE_FOLDER (a diffusers "
+                          "VAE folder with weights)")
     check_settings(steps=steps, batch=batch, frames=frames, learning_rate=learning_rate, height=height,
                    width=width, checkpointing_steps=checkpointing_steps, cfg=cfg)
     if os.path.exists(output) and not os.path.isdir(output):
@@ -251,6 +259,7 @@ def train_vae(metadata: str, output: str, *, config: str | None = None, steps: i
                             seed=seed, progress=progress, config={
                                 "command": COMMAND, "output_dir": output,
                                 "model_config": {"vae": to_dict(cfg), "init": weights, "beta": beta,
+                                                 **({"trained": "decoder"} if decoder_only else {}),
                                                  "dtype": jnp.dtype(dtype).name},
                                 "data_config": {"metadata": os.path.abspath(metadata), "frames": frames,
                                                 "height": height, "width": width},
@@ -264,8 +273,11 @@ def train_vae(metadata: str, output: str, *, config: str | None = None, steps: i
                           trainer.OptimizerConfig(learning_rate=learning_rate, adam_weight_decay=0.0))
     data = iter(window_dataset(clips, frames=frames, batch=batch, seed=seed)
                 .to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)))
-    state = trainer.train(run, stage, params, {}, data)
-    trained = jax.device_get(state.trainable)
+    frozen = {k: v for k, v in params.items() if decoder_only and k not in DECODER}
+    state = trainer.train(run, stage, {k: v for k, v in params.items() if k not in frozen}, frozen, data)
+    trained = {**frozen, **jax.device_get(state.trainable)}
+    if decoder_only:
+        return write_vae(output, cfg, trained)
     mean, std = latent_statistics(cfg, trained, clips, frames=frames, batch=batch)
     if not all(math.isfinite(v) and v > 0 for v in std) or not all(map(math.isfinite, mean)):
         raise DataError(f"the trained encoder's latent statistics are not usable (mean {mean}, std {std})")
