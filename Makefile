@@ -11,7 +11,7 @@ GPU_LOCK := locks/gpu-plan.txt
 # The tier's tests import no torch, so they run in the gpu-plan venv (which has none).
 GPU_TESTS := tests/test_gpu_plan.py tests/test_gpu_plan_fp8.py tests/test_gpu_plan_mesh.py tests/test_train_plan.py
 
-.PHONY: demo lint test check test-latest lock install install-test gpu-plan gpu-plan-room clean
+.PHONY: demo nano lint test check test-latest lock install install-test gpu-plan gpu-plan-room clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,9 +31,24 @@ $(VENV)/.installed-test: pyproject.toml $(LOCK) | $(BIN)/python
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
+# The embedded nano model (helios_jax/nano/checkpoint, docs/nano.md): ten chunks of one caption, then ten whose caption
+# switches after five, each scored against the world's rules by `helios-jax eval`.
+DEMO_PROMPT := a red circle moves right on a dark blue background
 demo: install
 	mkdir -p out
-	$(BIN)/helios-jax generate --output out/demo.mp4 --overwrite
+	$(BIN)/helios-jax generate --output out/demo.mp4 --overwrite --num_frames 330 --is_amplify_first_chunk \
+	  --prompt "$(DEMO_PROMPT)"
+	$(BIN)/helios-jax eval out/demo.mp4 --prompt "$(DEMO_PROMPT)"
+	$(BIN)/helios-jax generate --output out/demo-switch.mp4 --overwrite --num_frames 330 --is_amplify_first_chunk \
+	  --interactive_prompt_csv_path helios_jax/nano/demo-switch.csv --interpolate_time 5
+	$(BIN)/helios-jax eval out/demo-switch.mp4 --interactive_prompt_csv_path helios_jax/nano/demo-switch.csv \
+	  --interpolate_time 5
+
+# The nano model trained from nothing (helios_jax/nano/recipe.py): every step's output in $(NANO_RUN)/, the student
+# copied to helios_jax/nano/checkpoint/. About an hour on two CPU cores; a rerun continues where it stopped.
+NANO_RUN ?= nano-run
+nano: install
+	$(BIN)/python -m helios_jax.nano.recipe --run $(NANO_RUN) --ship
 
 # The suite on two pytest-xdist workers, a test file each at a time (--dist loadfile: a file's module fixtures are built
 # once), in the order tests/conftest.py gives, the slowest files first (--no-loadscope-reorder keeps it). Nearly all

@@ -7,7 +7,7 @@
 ``HeliosPipeline`` does much more (the pyramid, the memory of earlier chunks, CFG, streaming); this shows
 that the pieces it is made of are plain JAX: the DiT is a flax module you call with ``apply``, the text
 encoder and the VAE are functions of arrays, and the loop between them is yours. Without ``--checkpoint``
-the weights are the embedded random ones of ``make demo``, so the video is noise: the point is the API.
+the weights are the tests' tiny random ones (helios_jax.demo), so the video is noise: the point is the API.
 """
 
 from __future__ import annotations

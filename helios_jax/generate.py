@@ -1,4 +1,4 @@
-"""``helios-jax generate``: a video file from a Helios checkpoint (or the embedded random one).
+"""``helios-jax generate``: a video file from a Helios checkpoint (or the embedded nano model).
 
 The flags are those of the official ``infer_helios.py`` (plus ``--checkpoint``, ``--output`` and
 ``--attention``). Without ``--output`` the video goes to ``outputs/``, named from the prompt and the time
@@ -26,13 +26,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from helios_jax import demo, hub, parallel
+from helios_jax import hub, parallel
 from helios_jax.checkpoint import PipelineError, read_checkpoint_configs
 from helios_jax.diskspace import check_free
 from helios_jax.history import num_chunks
 from helios_jax.loading import DTYPES
 from helios_jax.models import fp8
 from helios_jax.models.attention import IMPLS
+from helios_jax.nano import models as nano
 from helios_jax.pipeline import HeliosPipeline
 from helios_jax.prompts import DEFAULT_NEGATIVE_PROMPT, check_prompt_plan
 from helios_jax.request import Request, check_request, check_seed, check_video_length
@@ -47,10 +48,11 @@ DEFAULT_PROMPT = (
     "captures various elements such as lush green fields, towering trees, quaint countryside houses, and distant "
     "mountain ranges passing by quickly."
 )
-# Settings whose default depends on the checkpoint: (official inference default, embedded demo default).
+# Settings whose default depends on the checkpoint: (official inference default, embedded nano model's default).
 CHECKPOINT_DEFAULTS = {
-    "height": (384, demo.HEIGHT),
-    "width": (640, demo.WIDTH),
+    "prompt": (DEFAULT_PROMPT, nano.PROMPT),
+    "height": (384, nano.HEIGHT),
+    "width": (640, nano.WIDTH),
     "guidance_scale": (5.0, 1.0),
     "pyramid_num_inference_steps_list": ([20, 20, 20], [2, 2, 2]),
     "weight_dtype": ("bf16", "fp32"),
@@ -63,22 +65,22 @@ SLUG_WORDS, SLUG_CHARS = 6, 48
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``helios-jax generate``: the official ``infer_helios.py``'s, with its spellings and defaults;
-    those whose default depends on the checkpoint say both (the embedded demo model runs at its own small size)."""
+    those whose default depends on the checkpoint say both (the embedded nano model runs at its own small size)."""
     def both(name: str, unit: str = "") -> str:
         official, embedded = CHECKPOINT_DEFAULTS[name]
         show = lambda v: " ".join(map(str, v)) if isinstance(v, list) else v  # noqa: E731
         return f"default: {show(official)}{unit} with --checkpoint, {show(embedded)}{unit} for the embedded model"
 
     parser.add_argument("--checkpoint", help="a diffusers Helios folder or a hub id (BestWishYsh/Helios-Distilled); "
-                                             "default: the embedded random-weight model")
+                                             "default: the embedded nano model (docs/nano.md)")
     parser.add_argument("--revision", help="the hub id's branch, tag or commit (default: main)")
     parser.add_argument("--output", help=f"the mp4 to write (a contact-sheet PNG goes beside it); default: "
                                          f"{OUTPUTS}/PROMPT-WORDS-YYYYMMDD-HHMMSS.mp4, never over an existing file")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output mp4 and its PNG")
     parser.add_argument("--sample_type", choices=("t2v", "i2v", "v2v"), default="t2v",
                         help="text-, image- or video-to-video (i2v needs --image_path, v2v --video_path)")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="what the video shows; default: the official "
-                                                                 "example (a time-lapse from a speeding train)")
+    parser.add_argument("--prompt", help="what the video shows; default: the official example (a time-lapse from a "
+                                          f"speeding train) with --checkpoint, '{nano.PROMPT}' for the embedded model")
     parser.add_argument("--negative_prompt", default=DEFAULT_NEGATIVE_PROMPT,
                         help="what to steer away from (with guidance); default: the Wan negative prompt")
     parser.add_argument("--image_path", help="i2v: the image the video starts from (resized and cropped to fit)")
@@ -289,6 +291,7 @@ def _check_collisions(args: argparse.Namespace, output: str, sheet: str) -> None
 def prepare(args: argparse.Namespace) -> Job:
     """Check every flag, path and input against the checkpoint's configs, reading no weight."""
     settings = _resolve_defaults(args)
+    args = argparse.Namespace(**{**vars(args), "prompt": settings["prompt"]})
     if args.output is None:
         csv_path = args.interactive_prompt_csv_path
         output = os.path.abspath(default_output(os.path.splitext(os.path.basename(csv_path))[0] if csv_path
@@ -311,7 +314,7 @@ def prepare(args: argparse.Namespace) -> Job:
     mesh_sizes = parallel.parse_mesh(args.mesh) if args.mesh else None
     if args.revision and not args.checkpoint:
         raise PipelineError(f"--revision {args.revision} is a revision of a --checkpoint hub id: give --checkpoint")
-    checkpoint = hub.resolve(args.checkpoint, revision=args.revision) if args.checkpoint else demo.demo_checkpoint()
+    checkpoint = hub.resolve(args.checkpoint, revision=args.revision) if args.checkpoint else nano.CHECKPOINT
     configs = read_checkpoint_configs(checkpoint)  # every config of the folder; no weight
     request_args = dict(
         height=settings["height"], width=settings["width"], num_frames=args.num_frames,
@@ -345,8 +348,8 @@ def run(args: argparse.Namespace) -> int:
     # H.264 at crf 18 takes well over 1/100 of the raw frames: less room than that is refused before any weight.
     check_free(job.output, request.num_frames * request.height * request.width * 3 // 100)
     if args.checkpoint is None:
-        logger.warning("no --checkpoint: using the embedded random-weight Helios at %s (its video is noise)",
-                       job.checkpoint)
+        logger.info("no --checkpoint: the embedded nano Helios, trained on a synthetic world of moving shapes "
+                    "(docs/nano.md), at %s", job.checkpoint)
     parallel.initialize(args.coordinator_address, args.num_processes, args.process_id)
     mesh = parallel.make_mesh(**job.mesh_sizes) if job.mesh_sizes else None
     pipe = HeliosPipeline.from_pretrained(job.checkpoint, dtype=job.dtype, attention_impl=job.attention,

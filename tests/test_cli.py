@@ -29,7 +29,7 @@ def test_generate_with_the_embedded_model_writes_a_playable_mp4_and_a_contact_sh
     output = capsys.readouterr()
     assert output.out.startswith("wrote ")  # standard output is the result; messages go to standard error
     err = output.err.splitlines()  # not a terminal: no bar, one line per chunk
-    assert any("embedded random-weight Helios" in line and line.startswith("warning: ") for line in err), err
+    assert any(line.startswith("no --checkpoint: the embedded nano Helios") for line in err), err
     assert sum(line.startswith("compiling chunk 1's sampling program (first run; ") for line in err) == 1, err
     assert [line.split(":")[0] for line in err if line.startswith("chunk ")] == ["chunk 1/2", "chunk 2/2"], err
     frames = read_mp4(out)

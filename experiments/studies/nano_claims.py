@@ -9,8 +9,9 @@ videos from drifting, and does the 2+2+2 student keep what its stage-2 teacher m
    Error recycling is not a training switch of this port (recipes.py refuses `use_error_recycling`), so it has no row.
 2. Distillation. The stage-2 teacher (the pyramid, UniPC 17+17+16 = 50 steps) against the 2+2+2 student (DMD, the
    first chunk amplified, as the published Helios-Distilled runs).
-Every model generates the same held-out captions (scenes no training clip used, `world.sample_scenes` with another
-seed) with the same seeds; each video is scored by `helios_jax.nano.metrics` against its caption and the world's rule.
+Every model generates the same held-out captions (scenes no training clip used, `scoring.held_out_captions`) with the
+same seeds; each video is scored by `helios_jax.nano.metrics` against its caption and the world's rule. A last row
+scores the held-out clips themselves through the VAE: no model that decodes with it can score better.
 Measured on this machine's CPU; the tables go to experiments/RESULTS.md with `--results`.
 """
 
@@ -19,16 +20,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import time
 
-import jax.numpy as jnp
 import numpy as np
 
 from experiments import paths, provenance, reporting
-from helios_jax import HeliosPipeline
-from helios_jax.nano import metrics, recipe, world
+from helios_jax.nano import metrics, recipe, scoring
 
-HELD_OUT_SEED = 1000  # scenes for evaluation: world.sample_scenes(n, HELD_OUT_SEED), none of them a training clip's
 DRIFT_COLUMNS = ("presence", "colour_accuracy", "shape_accuracy", "background_accuracy", "motion_error", "speed",
                  "drift_brightness", "background_error", "join_ratio")
 
@@ -72,16 +69,8 @@ def models(run: str, drift: bool, distill: bool) -> list[Model]:
 
 
 def generate(model: Model, captions: list[str], seeds: list[int], chunks: int) -> tuple[list[metrics.Report], float]:
-    """Every caption at every seed (one batch per seed); the reports and the seconds per chunk of one video."""
-    pipe = HeliosPipeline.from_pretrained(model.folder, dtype=jnp.float32)
-    reports, seconds = [], 0.0
-    for seed in seeds:
-        start = time.perf_counter()
-        videos = pipe(captions, num_frames=chunks * world.CHUNK_FRAMES, seed=seed, height=world.WORLD.height,
-                      width=world.WORLD.width, **model.call)
-        seconds += time.perf_counter() - start
-        reports += [metrics.evaluate(video, caption) for video, caption in zip(videos, captions)]
-    return reports, seconds / (len(seeds) * len(captions) * chunks)
+    """Every caption at every seed; the reports and the CPU seconds per chunk of one video."""
+    return scoring.sample_and_score(scoring.load(model.folder), captions, chunks=chunks, seeds=seeds, **model.call)
 
 
 def per_chunk(reports: list[metrics.Report], key: str) -> np.ndarray:
@@ -125,12 +114,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", help="write the per-chunk metrics here")
     args = parser.parse_args(argv)
     run = os.path.abspath(args.run)
-    captions = [world.caption(s) for s in world.sample_scenes(args.prompts, HELD_OUT_SEED)]
+    captions = scoring.held_out_captions(args.prompts)
     seeds = list(range(args.seeds))
     rows_of = models(run, args.only != "distill", args.only != "drift")
     results, seconds = {}, {}
     for model in rows_of:
         results[model.name], seconds[model.name] = generate(model, captions, seeds, args.chunks)
+    if args.only != "distill":  # every model of the run decodes with the same VAE: the base's
+        ceiling = Model("the clips themselves through the VAE (the ceiling)", os.path.join(run, "base"), {}, "-")
+        results[ceiling.name] = scoring.vae_round_trip(ceiling.folder, args.prompts, chunks=args.chunks)
+        rows_of.append(ceiling)
+        seconds[ceiling.name] = float("nan")
     config = (f"{args.prompts} held-out captions x {args.seeds} seeds, {args.chunks} chunks of 33 frames at 64x64, "
               f"run {args.run}; every metric is helios_jax.nano.metrics' (docs/nano.md)\n\n")
     body = config + "Per model, the mean over videos of each metric over every chunk:\n\n"
