@@ -35,8 +35,6 @@ TRANSFORMER = TransformerConfig(
 VAE = VAEConfig(base_dim=8, z_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1)
 WORDS = ("the", "a", "of", "and", "in", "on", "with", "train", "window", "fields", "trees", "mountains", "sky",
          "city", "river", "light", "moving", "camera", "scenery", "speeding", "green", "distant", "fast", "view")
-TEXT_ENCODER = UMT5Config(vocab_size=len(WORDS) + 46,  # word_pieces: 4 specials, 42 characters, the words
-                           d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
 SCHEDULER = {
     "_class_name": "HeliosDMDScheduler", "num_train_timesteps": 1000, "shift": 1.0, "stages": 3,
     "stage_range": [0, 1 / 3, 2 / 3, 1], "gamma": 1 / 3, "prediction_type": "flow_prediction",
@@ -74,6 +72,9 @@ def word_pieces(words: tuple[str, ...]) -> list[tuple[str, float]]:
     return ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
             + [(c, -4.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"]
             + [(f"▁{w}", -1.0) for w in words])
+
+
+TEXT_ENCODER = UMT5Config(vocab_size=len(word_pieces(WORDS)), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
 
 
 def write_tokenizer(folder: str, pieces: list[tuple[str, float]]) -> None:

@@ -93,7 +93,7 @@ def drift_table(results: dict[str, list[metrics.Report]], chunks: int) -> str:
 
 
 def summary_table(results: dict[str, list[metrics.Report]], rows_of: list[Model], seconds: dict[str, float]) -> str:
-    keys = [k for k in DRIFT_COLUMNS]
+    keys = list(DRIFT_COLUMNS)
     rows = []
     for model in rows_of:
         reports = results[model.name]

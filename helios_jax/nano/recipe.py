@@ -246,9 +246,7 @@ def reproduce(run: str, quick: bool = False) -> dict[str, float]:
         start = time.perf_counter()
         step.run(step.output)
         times.setdefault(step.name, round(time.perf_counter() - start, 1))
-        with open(times_path + ".partial", "w") as f:
-            json.dump(times, f, indent=1)
-        os.replace(times_path + ".partial", times_path)
+        video.write_text(times_path, json.dumps(times, indent=1) + "\n", ".json")
     return times
 
 

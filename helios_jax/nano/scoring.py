@@ -7,10 +7,14 @@ import os
 import time
 from typing import Any, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from helios_jax.loading import load_vae
+from helios_jax.models import vae as vae_lib
 from helios_jax.nano import metrics, world
+from helios_jax.pipeline import HeliosPipeline
 
 HELD_OUT_SEED = 1000  # world.sample_scenes(n, HELD_OUT_SEED): none is a training clip's (those use seeds 0 and 1)
 # How the shipped 2+2+2 student samples (as the published Helios-Distilled): no CFG, the first chunk amplified.
@@ -46,10 +50,8 @@ def mean_summary(reports: Sequence[metrics.Report]) -> dict[str, float]:
     return {k: float(np.mean(v)) for k, v in values.items() if v}
 
 
-def load(folder: str) -> Any:
+def load(folder: str) -> HeliosPipeline:
     """The nano pipeline at ``folder`` in float32 (the CPU's fast dtype)."""
-    from helios_jax import HeliosPipeline
-
     return HeliosPipeline.from_pretrained(folder, dtype=jnp.float32)
 
 
@@ -57,11 +59,6 @@ def vae_round_trip(folder: str, n: int, *, chunks: int, seed: int = 0) -> list[m
     """The clips of the first ``n`` held-out scenes themselves through the pipeline folder's VAE (each 33-frame
     section encoded on its own and sampled, as the offload stores latents, then decoded as the pipeline decodes a
     chunk), scored: the ceiling of any model that decodes with this VAE."""
-    import jax
-
-    from helios_jax import load_vae
-    from helios_jax.models import vae as vae_lib
-
     cfg, params = load_vae(os.path.join(folder, "vae"), jnp.float32)
     decode = vae_lib.chunk_decoder(cfg)
     reports = []
