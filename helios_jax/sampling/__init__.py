@@ -1,11 +1,13 @@
 """Sampling: host-side schedules (numpy) and jit-able steps, pyramid ops, guidance and the chunk loop."""
 
 from helios_jax.sampling.chunk import (
+    CachedChunk,
     ChunkLayout,
     ChunkNoise,
     ChunkPlan,
     StageArrays,
     denoise_chunk,
+    denoise_chunk_cached,
     denoise_chunk_checked,
     denoise_chunk_trajectory,
     draw_chunk_noise,
@@ -41,9 +43,11 @@ from helios_jax.sampling.schedule import (
     shift_for,
     stage_sigmas,
 )
+from helios_jax.sampling.step_cache import CacheArrays, cache_arrays
 from helios_jax.sampling.unipc import UniPCState, UniPCTable, convert_model_output, unipc_init, unipc_step, unipc_table
 
 __all__ = [
+    "CacheArrays", "CachedChunk", "cache_arrays", "denoise_chunk_cached",
     "ChunkLayout", "ChunkNoise", "ChunkPlan", "DMDTable", "EulerTable", "HeliosDMDSchedulerConfig",
     "HeliosSchedulerConfig", "Schedule", "SchedulerConfig", "StageArrays", "UniPCState", "UniPCTable",
     "block_noise", "block_noise_factor", "block_noise_shape", "calculate_shift", "cfg", "cfg_zero_star",

@@ -42,6 +42,7 @@ from helios_jax.sampling.pyramid import (
     upsample_nearest,
 )
 from helios_jax.sampling.schedule import Schedule, SchedulerConfig, make_schedule, read_scheduler_config, shift_for
+from helios_jax.sampling.step_cache import CacheArrays, decide, initial_state, magnitude_ratio
 from helios_jax.sampling.unipc import UniPCTable, unipc_init, unipc_step, unipc_table
 
 ModelFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
@@ -99,6 +100,17 @@ class ChunkNoise(NamedTuple):
 
     initial: Any
     block: tuple[Any, ...]
+
+
+class CachedChunk(NamedTuple):
+    """What ``denoise_chunk_cached`` returns: the chunk's latents, whether they are all finite, the model calls
+    it made (each a DiT forward, two with CFG unless batched), and per stage each step's measured magnitude
+    ratio (steps,), 1 at a stage's first step; a calibration run (threshold 0) records these."""
+
+    latents: jax.Array
+    finite: jax.Array
+    computed: jax.Array
+    ratios: tuple[jax.Array, ...]
 
 
 # ----------------------------------------------------------------------------- host: plans
@@ -321,19 +333,20 @@ def _predict(model_fn: ModelFn, model_args: Any, layout: ChunkLayout, latents: j
 
 
 def _run_stage(model_fn: ModelFn, model_args: Any, layout: ChunkLayout, stage: StageArrays, latents: jax.Array,
-               contexts: tuple[Any, ...], guidance_scale: jax.Array,
-               record: bool = False) -> tuple[jax.Array, jax.Array | None]:
+               contexts: tuple[Any, ...], guidance_scale: jax.Array, record: bool = False,
+               cache: CacheArrays | None = None) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     """All steps of one stage under ``lax.scan``; the solver history is reset per stage. With ``record``
-    the scan also returns the latents before each step, (steps, B, C, T, h, w); else None (nothing extra
-    is traced, so the inference program is the same)."""
+    the scan also returns the latents before each step, (steps, B, C, T, h, w); with ``cache`` (MagCache's rule,
+    ``sampling.step_cache``) it returns each step's measured magnitude ratio (steps,) and the number of model
+    calls; else None (nothing extra is traced, so the inference program is the same)."""
     start = latents  # DMD renoises towards the stage's start latents
     batch = latents.shape[0]
 
-    def step(carry, row):
-        x, state = carry
-        timestep, zero_init, coefficients = row
-        flow = _predict(model_fn, model_args, layout, x, jnp.full((batch,), timestep, jnp.float32), contexts,
+    def predict(x, timestep, zero_init):
+        return _predict(model_fn, model_args, layout, x, jnp.full((batch,), timestep, jnp.float32), contexts,
                         guidance_scale, zero_init)
+
+    def solve(x, state, flow, coefficients):
         if layout.solver == "unipc":
             new, state = unipc_step(coefficients, state, flow, x, prediction_type=layout.prediction_type,
                                     predict_x0=layout.predict_x0)
@@ -341,30 +354,56 @@ def _run_stage(model_fn: ModelFn, model_args: Any, layout: ChunkLayout, stage: S
             new = euler_step(coefficients, flow, x)
         else:
             new = dmd_step(coefficients, flow, x, start)
-        return (new.astype(jnp.float32), state), (x if record else None)
+        return new.astype(jnp.float32), state
+
+    def step(carry, row):
+        x, state = carry
+        timestep, zero_init, coefficients = row
+        return solve(x, state, predict(x, timestep, zero_init), coefficients), (x if record else None)
+
+    def cached_step(carry, row):
+        x, state, memo = carry
+        timestep, zero_init, coefficients, index = row
+        skip, decided = decide(cache, memo, index)
+        flow = jax.lax.cond(skip, lambda: memo.flow, lambda: predict(x, timestep, zero_init))
+        ratio = jnp.where(index > 0, magnitude_ratio(flow, memo.flow), 1.0)
+        return (*solve(x, state, flow, coefficients), decided._replace(flow=flow)), ratio
 
     state = unipc_init(latents, layout.solver_order) if layout.solver == "unipc" else ()
-    (latents, _), states = jax.lax.scan(step, (latents, state), (stage.model_timesteps, stage.zero_init, stage.steps))
-    return latents, states
+    rows = (stage.model_timesteps, stage.zero_init, stage.steps)
+    if cache is None:
+        (latents, _), states = jax.lax.scan(step, (latents, state), rows)
+        return latents, states, None
+    flow = jax.eval_shape(predict, latents, stage.model_timesteps[0], stage.zero_init[0])
+    steps = len(stage.model_timesteps)
+    (latents, _, memo), ratios = jax.lax.scan(cached_step, (latents, state, initial_state(flow)),
+                                              (*rows, jnp.arange(steps)))
+    return latents, ratios, memo.computed
 
 
 def _sample(model_fn: ModelFn, model_args: Any, plan: ChunkPlan, noise: ChunkNoise, context: jax.Array,
             negative_context: jax.Array | None, guidance_scale: jax.Array, context_fn: ContextFn | None,
-            record: bool) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-    """The chunk's final latents and, with ``record``, each stage's trajectory (see ``denoise_chunk_trajectory``)."""
+            record: bool, cache: tuple[CacheArrays, ...] | None = None
+            ) -> tuple[jax.Array, tuple[jax.Array, ...], jax.Array | None]:
+    """The chunk's final latents; with ``record``, each stage's trajectory (see ``denoise_chunk_trajectory``),
+    with ``cache`` each stage's measured ratios (see ``denoise_chunk_cached``); and the model calls with a cache."""
     layout = plan.layout
     contexts = _model_contexts(context_fn, model_args, layout, context, negative_context)
     latents = downsample_to_first_stage(noise.initial.astype(jnp.float32), len(plan.stages))
-    trajectory = []
+    per_stage, computed = [], None
     for s, stage in enumerate(plan.stages):
         if s > 0:
             block = block_noise(noise.block[s - 1].astype(jnp.float32), plan.block_factor, layout.patch)
             latents = renoise(upsample_nearest(latents), block.astype(layout.model_dtype),
                               stage.renoise[0], stage.renoise[1]).astype(jnp.float32)
-        latents, states = _run_stage(model_fn, model_args, layout, stage, latents, contexts, guidance_scale, record)
+        latents, ys, calls = _run_stage(model_fn, model_args, layout, stage, latents, contexts, guidance_scale, record,
+                                        None if cache is None else cache[s])
         if record:
-            trajectory.append(jnp.concatenate([states, latents[None]]))
-    return latents, tuple(trajectory)
+            per_stage.append(jnp.concatenate([ys, latents[None]]))
+        if cache is not None:
+            per_stage.append(ys)
+            computed = calls if computed is None else computed + calls
+    return latents, tuple(per_stage), computed
 
 
 @functools.partial(jax.jit, static_argnames=("model_fn", "context_fn"))
@@ -378,10 +417,19 @@ def _denoise_chunk(model_fn: ModelFn, model_args: Any, plan: ChunkPlan, noise: C
 
 
 @functools.partial(jax.jit, static_argnames=("model_fn", "context_fn"))
+def _denoise_chunk_cached(model_fn: ModelFn, model_args: Any, plan: ChunkPlan, noise: ChunkNoise,
+                          context: jax.Array, negative_context: jax.Array | None, guidance_scale: jax.Array,
+                          cache: tuple[CacheArrays, ...], context_fn: ContextFn | None = None) -> CachedChunk:
+    latents, ratios, computed = _sample(model_fn, model_args, plan, noise, context, negative_context, guidance_scale,
+                                        context_fn, False, cache)
+    return CachedChunk(latents, jnp.isfinite(latents).all(), computed, ratios)
+
+
+@functools.partial(jax.jit, static_argnames=("model_fn", "context_fn"))
 def _denoise_chunk_recorded(model_fn: ModelFn, model_args: Any, plan: ChunkPlan, noise: ChunkNoise,
                             context: jax.Array, negative_context: jax.Array | None, guidance_scale: jax.Array,
                             context_fn: ContextFn | None = None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-    return _sample(model_fn, model_args, plan, noise, context, negative_context, guidance_scale, context_fn, True)
+    return _sample(model_fn, model_args, plan, noise, context, negative_context, guidance_scale, context_fn, True)[:2]
 
 
 def _checked_negative(plan: ChunkPlan, noise: ChunkNoise, context: Any, negative_context: Any) -> Any:
@@ -478,6 +526,32 @@ def denoise_chunk_trajectory(
     negative_context = _checked_negative(plan, noise, context, negative_context)
     scale = jnp.asarray(guidance_scale, jnp.float32)
     return _denoise_chunk_recorded(model_fn, model_args, plan, noise, context, negative_context, scale, context_fn)
+
+
+def denoise_chunk_cached(
+    model_fn: ModelFn,
+    model_args: Any,
+    plan: ChunkPlan,
+    noise: ChunkNoise,
+    context: jax.Array,
+    negative_context: jax.Array | None,
+    guidance_scale: float | jax.Array,
+    cache: Sequence[CacheArrays],
+    context_fn: ContextFn | None = None,
+) -> CachedChunk:
+    """``denoise_chunk_checked`` with step caching (``sampling.step_cache``): one :class:`CacheArrays` per stage
+    of the plan, its ratios one per step. The decision to skip is taken inside the program; the cache's arrays
+    are traced, so a new calibration or threshold runs the same compiled program. Threshold 0 never skips and
+    gives ``denoise_chunk``'s latents. Its own compiled program: ``denoise_chunk``'s is untouched."""
+    negative_context = _checked_negative(plan, noise, context, negative_context)
+    cache = tuple(cache)
+    steps = plan.layout.stage_steps
+    if len(cache) != len(steps) or any(tuple(np.shape(c.ratios)) != (n,) for c, n in zip(cache, steps)):
+        raise ValueError(f"the step cache has ratios of shapes {[tuple(np.shape(c.ratios)) for c in cache]} for a "
+                         f"plan of {steps} steps per stage: give one ratio per step of each stage")
+    scale = jnp.asarray(guidance_scale, jnp.float32)
+    return _denoise_chunk_cached(model_fn, model_args, plan, noise, context, negative_context, scale, cache,
+                                 context_fn)
 
 
 def lower_denoise_chunk(
