@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from helios_jax import hub, parallel
+from helios_jax import hub, parallel, step_cache
 from helios_jax.checkpoint import PipelineError, read_checkpoint_configs
 from helios_jax.diskspace import check_free
 from helios_jax.history import num_chunks
@@ -135,6 +135,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--process_id", type=int, help="several processes: this one's index (else JAX_PROCESS_ID)")
     parser.add_argument("--lora", help="a LoRA folder (pytorch_lora_weights.safetensors, diffusers' format) to fuse")
     parser.add_argument("--lora_scale", type=float, default=1.0, help="the LoRA's strength")
+    parser.add_argument("--step_cache", metavar="FILE|calibrate",
+                        help="skip denoising steps by a checkpoint's calibration (MagCache's rule; the 50-step Base "
+                             "and the Mid, docs/generation.md); calibrate: compute every step and write the "
+                             f"calibration beside the video (OUTPUT{step_cache.SUFFIX})")
+    parser.add_argument("--cache_threshold", type=float,
+                        help=f"with --step_cache FILE: the accumulated error below which a step is skipped (higher: "
+                             f"fewer forwards, more error; 0: none skipped); default: the file's ({step_cache.THRESHOLD} "
+                             f"as written)")
+    parser.add_argument("--cache_max_skips", type=int,
+                        help=f"with --step_cache FILE: the most steps skipped in a row; default: the file's "
+                             f"({step_cache.MAX_SKIPS} as written)")
 
 
 def read_interactive_csv(path: str, interpolate_time: int) -> list[tuple[int, str]]:
@@ -226,6 +237,8 @@ class Job:
     request: Request
     mesh_sizes: dict[str, int] | None
     pipeline_args: dict[str, Any]
+    step_cache: step_cache.Calibration | None = None  # --step_cache FILE, read and checked
+    calibration_output: str | None = None  # --step_cache calibrate: the file to write
 
 
 def _check_flags(args: argparse.Namespace, settings: dict[str, Any]) -> None:
@@ -288,6 +301,30 @@ def _check_collisions(args: argparse.Namespace, output: str, sheet: str) -> None
                                     "choose another --output")
 
 
+def _step_cache_flags(args: argparse.Namespace, output: str, request: Request,
+                      pyramid: bool) -> tuple[step_cache.Calibration | None, str | None]:
+    """``--step_cache``: the calibration read and checked against this run's steps, or the file to calibrate into."""
+    tuning = [f"--{name}" for name in ("cache_threshold", "cache_max_skips") if getattr(args, name) is not None]
+    if args.step_cache != "calibrate" and args.step_cache is not None:
+        if args.cache_threshold is not None and not (math.isfinite(args.cache_threshold) and args.cache_threshold >= 0):
+            raise PipelineError(f"--cache_threshold {args.cache_threshold}: give a finite number >= 0 (0: no skips)")
+        if args.cache_max_skips is not None and args.cache_max_skips < 0:
+            raise PipelineError(f"--cache_max_skips {args.cache_max_skips}: give 0 or more steps")
+        calibration = step_cache.read_calibration(args.step_cache)
+        calibration.check_steps(request.pyramid_num_inference_steps_list if pyramid
+                                else (request.num_inference_steps,))
+        return calibration, None
+    if tuning:
+        raise PipelineError(f"{' and '.join(tuning)}: these tune the skipping of --step_cache FILE; give the "
+                            f"calibration file (a calibration run computes every step)")
+    if args.step_cache is None:
+        return None, None
+    path = check_writable(os.path.splitext(output)[0] + step_cache.SUFFIX, ".json")
+    if os.path.lexists(path) and not args.overwrite:
+        raise PipelineError(f"{path} already exists: add --overwrite to replace it, or choose another --output")
+    return None, path
+
+
 def prepare(args: argparse.Namespace) -> Job:
     """Check every flag, path and input against the checkpoint's configs, reading no weight."""
     settings = _resolve_defaults(args)
@@ -333,12 +370,14 @@ def prepare(args: argparse.Namespace) -> Job:
         check_prompt_plan(inputs["interactive_prompts"], num_chunks(request.num_frames,
                                                                     request.num_latent_frames_per_chunk),
                           inputs["interpolation_chunks"])
+    calibration, calibration_output = _step_cache_flags(args, output, request, configs.spec.pyramid)
     quantized = settings["weight_dtype"] == fp8.FP8
     return Job(output=output, sheet=sheet, checkpoint=checkpoint,
                dtype=jnp.bfloat16 if quantized else DTYPES[settings["weight_dtype"]],
                weight_dtype=fp8.FP8 if quantized else None,
                attention=None if args.attention == "auto" else args.attention, request=request, mesh_sizes=mesh_sizes,
-               pipeline_args={**inputs, **request_args, "negative_prompt": args.negative_prompt, "seed": args.seed})
+               pipeline_args={**inputs, **request_args, "negative_prompt": args.negative_prompt, "seed": args.seed},
+               step_cache=calibration, calibration_output=calibration_output)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -356,6 +395,8 @@ def run(args: argparse.Namespace) -> int:
                                           compilation_cache=not args.no_compilation_cache,
                                           lora=args.lora, lora_scale=args.lora_scale, mesh=mesh,
                                           weight_dtype=job.weight_dtype)
+    if job.step_cache is not None or job.calibration_output is not None:
+        pipe.step_cache = step_cache.StepCache(job.step_cache, args.cache_threshold, args.cache_max_skips)
     total = pipe.num_output_frames(request.num_frames, request.num_latent_frames_per_chunk)
     picks = set(np.linspace(0, total - 1, min(SHEET_FRAMES, total)).round().astype(int).tolist())
     chunks = pipe.stream(**job.pipeline_args)
@@ -373,4 +414,10 @@ def run(args: argparse.Namespace) -> int:
     write_png(job.sheet, contact_sheet(sheet))
     print(f"wrote {job.output} ({writer.frames_written} frames at {args.fps} fps, "
           f"{request.height}x{request.width}) and {job.sheet}")
+    if job.calibration_output is not None:
+        path = step_cache.write_calibration(job.calibration_output,
+                                            pipe.step_cache.calibrated(args.checkpoint or "nano (embedded)"))
+        print(f"wrote {path} (the step cache's calibration: use it with --step_cache {path})")
+    elif pipe.step_cache is not None:
+        print(f"step cache: {' '.join(map(str, pipe.step_cache.forwards()))} DiT forwards per chunk")
     return 0

@@ -58,6 +58,7 @@ from helios_jax.sampling import (
     read_scheduler_config,
 )
 from helios_jax.sampling.pyramid import stage_sizes
+from helios_jax.step_cache import StepCache
 from helios_jax.video import load_image, load_video
 
 Params = dict[str, Any]
@@ -178,6 +179,7 @@ class HeliosPipeline:
         self._encode = vae_lib.video_encoder(self.vae_config)
         self._plans: dict[tuple, ChunkPlan] = {}
         self.sampler: ChunkSampler | None = None  # None: the plans and the sampling call below
+        self.step_cache: StepCache | None = None  # skips steps by a calibration (helios_jax.step_cache); None: never
 
     @classmethod
     def from_pretrained(
@@ -413,7 +415,8 @@ class HeliosPipeline:
                 shapes = noise_shapes(plan)
                 chunk_noise = self._placed(
                     ChunkNoise(source.normal(shapes.initial), tuple(source.normal(s) for s in shapes.block)))
-                note_first_run((self._model_fn, self._context_fn, self.sampler is None, plan.layout),
+                note_first_run((self._model_fn, self._context_fn, self.sampler is None, self.step_cache is None,
+                                plan.layout),
                                f"chunk {k + 1}'s sampling program")
                 with self._on_mesh():
                     latents, finite = self._denoise(plan, history, chunk_noise, contexts[k], negative,
@@ -443,6 +446,8 @@ class HeliosPipeline:
         is set, does not say: None)."""
         args = (self._model_fn, (self.transformer_params, history), plan, noise, context, negative, guidance_scale,
                 self._context_fn)
+        if self.sampler is None and self.step_cache is not None:
+            return self.step_cache.denoise(*args)
         if self.sampler is None:
             return denoise_chunk_checked(*args)
         return self.sampler.denoise(*args), None

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helios_jax import step_cache
+from helios_jax import cli, demo, step_cache
+from helios_jax.nano import models as nano
 from helios_jax.sampling import (
     cache_arrays,
     denoise_chunk_cached,
@@ -20,6 +21,7 @@ from helios_jax.sampling import (
     plan_pyramid_chunk,
     plan_single_stage_chunk,
 )
+from helios_jax.video import read_mp4
 
 SHAPE = (1, 4, 2, 8, 8)  # (B, C, T, H, W): divisible by 4 for the 3-stage pyramid
 BASE = {"stages": 1, "stage_range": [0, 1], "shift": 3.0}
@@ -148,3 +150,33 @@ def test_calibration_file_round_trip_and_plan_check(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.json", "run.step-cache.json"]  # no partial left
     with pytest.raises(step_cache.StepCacheError, match=r"\(3, 3\) steps per stage.*\(50,\)"):
         calibration.check_steps((50,))
+
+
+@pytest.fixture(scope="module")
+def base_checkpoint(tmp_path_factory):
+    """The demo's tiny random DiT, VAE and text encoder in a Base layout (HeliosPipeline, single-stage UniPC)."""
+    index, scheduler = nano.PIPELINES["base"]
+    return demo.build_demo_checkpoint(tmp_path_factory.mktemp("base") / "ckpt", scheduler=scheduler,
+                                      model_index=index)
+
+
+def test_generate_calibrates_then_skips(base_checkpoint, tmp_path, capsys):
+    # CFG at 6 steps. (That a calibration run, every step computed, gives the uncached latents is the first test's.)
+    def args(steps: int = 6) -> list[str]:
+        return ["generate", "--checkpoint", base_checkpoint, "--height", "64", "--width", "64", "--num_frames", "33",
+                "--num_inference_steps", str(steps), "--guidance_scale", "3", "--no_compilation_cache"]
+
+    assert cli.main([*args(), "--output", str(tmp_path / "cal.mp4"), "--step_cache", "calibrate"]) == 0
+    assert read_mp4(tmp_path / "cal.mp4").shape[0] == 33
+    calibration = step_cache.read_calibration(str(tmp_path / "cal.step-cache.json"))
+    assert calibration.stage_steps == (6,) and calibration.chunks == 1 and calibration.ratios[0][0] == 1.0
+    capsys.readouterr()
+    # Retain int(0.2 * 6) = 1 step, at most one skip in a row, and a threshold no error reaches: steps 0, 2, 4
+    # computed, 1, 3, 5 skipped; each computed step is two DiT forwards (CFG).
+    cached = ["--output", str(tmp_path / "cached.mp4"), "--step_cache", str(tmp_path / "cal.step-cache.json"),
+              "--cache_threshold", "100", "--cache_max_skips", "1"]
+    assert cli.main([*args(), *cached]) == 0
+    assert "step cache: 6 DiT forwards per chunk" in capsys.readouterr().out
+    # Calibrated at 6 steps: a run at 8 is refused before any weight is read.
+    assert cli.main([*args(8), *cached, "--overwrite"]) == 2
+    assert "calibrated at (6,) steps per stage" in capsys.readouterr().err
