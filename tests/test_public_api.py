@@ -13,6 +13,9 @@ def test_design_contract_names():
     from helios_jax import convert, kernels
 
     assert callable(convert.load_params) and callable(kernels.flash_attention)
+    from helios_jax import step_cache
+
+    assert callable(step_cache.StepCache) and callable(step_cache.read_calibration)
 
 
 def test_runtime_import_does_not_load_torch():
