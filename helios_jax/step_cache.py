@@ -166,6 +166,7 @@ class StepCache:
         steps = {layout.stage_steps for layout in self.layouts}
         if len(steps) != 1:
             raise StepCacheError(f"the calibration run's chunks sampled different steps {sorted(steps)}")
-        stacked = [np.mean([np.asarray(chunk[s]) for chunk in self.ratios], axis=0) for s in range(len(*steps))]
-        return Calibration(checkpoint=checkpoint, stage_steps=next(iter(steps)),
+        (stage_steps,) = steps
+        stacked = [np.mean([np.asarray(chunk[s]) for chunk in self.ratios], axis=0) for s in range(len(stage_steps))]
+        return Calibration(checkpoint=checkpoint, stage_steps=stage_steps,
                            ratios=tuple(tuple(round(float(x), 6) for x in r) for r in stacked), chunks=len(self.ratios))
