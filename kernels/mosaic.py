@@ -8,8 +8,8 @@ ragged token counts (2,940 / 4,560 / 11,040 self-attention; 512 text keys for cr
   k, v to whole K/V blocks. The padded keys are masked in the kernel: the K/V blocks before the last run without
   a mask, the last one (the only one with padding) runs once after the loop with the keys past ``kv_len`` set to
   -inf before the softmax. Padded query rows are computed (zeros: a finite row) and sliced off. The padding
-  costs one copy of each operand (~0.1 ms at 11,040 tokens, against ~4 ms of attention); the same kernel on
-  unpadded lengths skips it.
+  costs a copy of each padded operand and of the output (at 11,040 tokens four 114 MB copies, ~0.3 ms at
+  ~3 TB/s, against ~4 ms of attention; they are the program's only temporaries); whole-tile lengths skip it.
 - The scratch buffers take the inputs' dtype (the bundled kernel's are float16, so bf16 inputs fail to lower).
 - ``scale`` is any float (folded with log2(e) into the one FMA of the base-2 softmax), not only 1/sqrt(H).
 - Forward only, no residuals (inference); no causal path, no grouped heads.
@@ -22,10 +22,12 @@ and sum), ``p`` rounded to the input dtype, one wgmma for ``p v``. The third war
 warpgroups have arrived on its "consumed" barrier. A schedule barrier alternates the two compute warpgroups
 so that one's softmax (exp2 on the MUFU) overlaps the other's wgmma (FlashAttention-3's ping-pong).
 
-Platforms: ``interpret=None`` lowers through ``lax.platform_dependent``: compiled by Mosaic GPU on a CUDA
-device (PTX for sm_90a, then ptxas), and on a CPU run in Pallas' GPU interpret mode, which simulates the
-shared memory, the barriers, TMA and wgmma (slow: for tests at tiny sizes). Compiled deviceless, the kernel
-goes all the way to ptxas at XLA's compile (experiments/plans/mosaic_plan.py, the gpu-plan tier).
+Platforms: on a CUDA device (``lax.platform_dependent``) Mosaic GPU compiles the kernel to PTX for sm_90a and
+ptxas to SASS, at XLA's compile (the custom call's instantiate stage), so it compiles deviceless too
+(experiments/plans/mosaic_plan.py, the gpu-plan tier). Elsewhere ``blockwise`` runs: the same algorithm in XLA
+ops. Pallas' GPU interpret mode, which simulates shared memory, barriers, TMA and wgmma on a CPU, cannot run
+this kernel in jax 0.10.2: it has no rule for ``run_state`` (the in-place wgmma accumulator), no CPU lowering
+for ``layout_cast``, and its wgmma fails on a transposed operand (``transpose_ref``, K^T).
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ class MosaicConfig:
 
 # H100 and H200: 2 x 64 query rows, 128-key blocks, two in flight. Shared memory at head dim 128:
 # q/out 2 x 16 KiB + (K + V) 2 x 2 x 32 KiB = 160 KiB of the 227 KiB. Chosen as the bundled kernel's own
-# default, not from timings (no GPU has run it yet): `bench_attention --tune-mosaic` sweeps its neighbours.
+# default, not from timings: no GPU has run it yet.
 H100_CONFIG = MosaicConfig()
 
 
