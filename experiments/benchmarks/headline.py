@@ -1,6 +1,6 @@
 """The headline numbers from one GPU call: JAX against diffusers on one device, beside the roofline.
 
-    python3 -m experiments.benchmarks.headline --setup             # on a bare GPU machine (the device tool), ~8 min
+    python3 -m experiments.benchmarks.headline --setup             # on a bare GPU machine (the device tool), ~9 min
     python -m experiments.benchmarks.headline --tiny --out /tmp/h  # the CPU rehearsal (tests/test_experiments.py)
 
 Parts, each a fresh process (so that JAX and torch each get the whole GPU), writing into ``--out`` ($OUT):
