@@ -123,17 +123,24 @@ def softmax_update(scores: jax.Array, acc: jax.Array, row_max: jax.Array, row_su
     return acc, new_max, row_sum, p.astype(dtype)
 
 
+def unsupported(head_dim: int, dtype) -> str | None:
+    """Why the kernel cannot take this head dim or dtype (None: it can); the pipeline asks before any weight."""
+    if head_dim % 64 or head_dim > 256:
+        return f"head_dim must be 64, 128, 192 or 256 (whole 64-wide swizzled tiles), not {head_dim}"
+    if jnp.dtype(dtype) not in DTYPES:
+        return f"the dtype must be bfloat16 or float16 (wgmma's 16-bit inputs), not {jnp.dtype(dtype)}"
+    return None
+
+
 def check(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
     """One clear error for arrays the kernel cannot take, before anything is traced into it."""
     if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(f"mosaic_attention wants q (B, Tq, N, H) and k, v (B, Tk, N, H) with the same B, N, H; "
                          f"got q {q.shape}, k {k.shape}, v {v.shape}")
-    if q.shape[-1] % 64 or q.shape[-1] > 256:
-        raise ValueError(f"mosaic_attention supports head_dim 64, 128, 192 or 256 (whole 64-wide swizzled tiles); "
-                         f"got {q.shape[-1]} (use attention impl 'xla' or 'cudnn')")
-    if not q.dtype == k.dtype == v.dtype or q.dtype not in DTYPES:
-        raise ValueError(f"mosaic_attention wants q, k, v all bfloat16 or all float16 (wgmma's 16-bit inputs); "
-                         f"got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"mosaic_attention wants q, k, v of one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if why := unsupported(q.shape[-1], q.dtype):
+        raise ValueError(f"mosaic_attention: {why} (use attention impl 'xla' or 'cudnn')")
     if q.shape[1] == 0 or k.shape[1] == 0:
         raise ValueError(f"mosaic_attention needs at least one query and one key; got Tq={q.shape[1]}, "
                          f"Tk={k.shape[1]}")

@@ -24,8 +24,10 @@ from jax import export
 from reference import max_abs, rel_err
 from test_kernels import random_qkv, reference
 
+from helios_jax import demo
 from helios_jax.kernels import MosaicConfig, mosaic, mosaic_attention
 from helios_jax.models import attention as attention_mod
+from helios_jax.pipeline import HeliosPipeline, PipelineError
 
 TOL = {jnp.bfloat16: (8e-3, 2e-2), jnp.float16: (2e-3, 4e-3)}
 
@@ -63,7 +65,7 @@ def test_padded_keys_are_masked_and_the_scale_is_used():
 
 def test_bad_inputs_fail_before_tracing():
     q, k, v = random_qkv(0, 1, 8, 8, 1, 64, jnp.float32)
-    with pytest.raises(ValueError, match="bfloat16 or all float16"):
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
         mosaic_attention(q, k, v)
     q32, k32, v32 = (x[..., :32].astype(jnp.bfloat16) for x in (q, k, v))
     with pytest.raises(ValueError, match="head_dim"):
@@ -91,3 +93,8 @@ def test_cuda_lowering_is_one_mosaic_kernel_on_padded_tiles():
     text = exported.mlir_module()
     assert text.count("mosaic_gpu_v2") == 1
     assert set(re.findall(r"tensor<1x(\d+)x40x128xbf16>", text)) == {"2940", "2944"}
+
+
+def test_the_pipeline_refuses_mosaic_for_a_head_dim_it_lacks_before_any_weight():
+    with pytest.raises(PipelineError, match=r"'mosaic'.*head_dim must be 64, 128, 192 or 256.* has head_dim 32"):
+        HeliosPipeline.from_pretrained(demo.demo_checkpoint(), attention_impl="mosaic", compilation_cache=False)
