@@ -5,7 +5,8 @@ for ``run_state`` (the in-place wgmma accumulator), no CPU lowering for ``layout
 a transposed shared-memory operand (``transpose_ref``, K^T). So what runs here is ``blockwise``, the kernel's
 algorithm in XLA ops (the same padding, tiles, masked last block and ``softmax_update`` the kernel calls),
 against float64 attention; the kernel itself is compiled for sm_90a in the gpu-plan tier
-(tests/test_gpu_plan_mosaic.py) and its numbers are checked on a GPU by experiments/benchmarks/headline.py.
+(tests/test_gpu_plan_mosaic.py) and its numbers are checked on a GPU by experiments/benchmarks/headline.py and by
+the ``gpu`` tests at the end (run_all's ``tests`` part runs them there).
 
 Tolerances, relative L2 and max-abs against float64 softmax attention of the same rounded inputs: bf16
 8e-3 / 2e-2 and fp16 2e-3 / 4e-3 (the output's own rounding is ~2e-3 / ~3e-4 relative; p is rounded to the
@@ -22,10 +23,10 @@ import numpy as np
 import pytest
 from jax import export
 from reference import max_abs, rel_err
-from test_kernels import random_qkv, reference
+from test_kernels import HELIOS_SHAPES, random_qkv, reference
 
 from helios_jax import demo
-from helios_jax.kernels import MosaicConfig, mosaic, mosaic_attention
+from helios_jax.kernels import MosaicConfig, attention_reference, mosaic, mosaic_attention
 from helios_jax.models import attention as attention_mod
 from helios_jax.pipeline import HeliosPipeline, PipelineError
 
@@ -98,3 +99,14 @@ def test_cuda_lowering_is_one_mosaic_kernel_on_padded_tiles():
 def test_the_pipeline_refuses_mosaic_for_a_head_dim_it_lacks_before_any_weight():
     with pytest.raises(PipelineError, match=r"'mosaic'.*head_dim must be 64, 128, 192 or 256.* has head_dim 32"):
         HeliosPipeline.from_pretrained(demo.demo_checkpoint(), attention_impl="mosaic", compilation_cache=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("q_len, kv_len", [(200, 300), (37, 7), *HELIOS_SHAPES])
+def test_compiled_kernel_on_a_gpu(q_len, kv_len):
+    """The Mosaic GPU kernel itself (TMA, barriers, wgmma), small ragged shapes and Helios', against float32."""
+    q, k, v = random_qkv(q_len + kv_len, 1, q_len, kv_len, 40 if q_len > 512 else 2, 128, jnp.bfloat16)
+    lowered = jax.jit(lambda q, k, v: attention_mod.attention(q, k, v, impl="mosaic")).lower(q, k, v)
+    assert "mosaic_gpu_v2" in lowered.as_text(), "impl='mosaic' did not reach the Mosaic GPU kernel"
+    out = lowered.compile()(q, k, v)
+    check(out, np.asarray(attention_reference(q, k, v), np.float64), jnp.bfloat16)
