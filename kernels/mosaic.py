@@ -25,7 +25,7 @@ warpgroups have arrived on its "consumed" barrier. A schedule barrier alternates
 so that one's softmax (exp2 on the MUFU) overlaps the other's wgmma (FlashAttention-3's ping-pong).
 
 Platforms: on a CUDA device (``lax.platform_dependent``) Mosaic GPU compiles the kernel to PTX for sm_90a and
-ptxas to SASS, at XLA's compile (the custom call's instantiate stage), so it compiles deviceless too
+ptxas' library to SASS, at XLA's compile (the custom call's instantiate stage), so it compiles deviceless too
 (experiments/plans/mosaic_plan.py, the gpu-plan tier). Elsewhere ``blockwise`` runs: the same algorithm in XLA
 ops. Pallas' GPU interpret mode, which simulates shared memory, barriers, TMA and wgmma on a CPU, cannot run
 this kernel in jax 0.10.2: it has no rule for ``run_state`` (the in-place wgmma accumulator), no CPU lowering

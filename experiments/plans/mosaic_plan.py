@@ -7,7 +7,7 @@ How: the kernel's inputs are abstract arrays on an H100 of ``jax.experimental.to
 XLA compiles the program for it. Mosaic GPU compiles its kernel inside that compile, not at the first run: the
 ``mosaic_gpu_v2`` custom call's instantiate stage runs when XLA emits the call's thunk, with the target's compute
 capability (9.0, so sm_90a), lowering the kernel's MLIR to PTX (LLVM's NVPTX backend) and the PTX to SASS (the
-nvidia-cuda-nvcc wheel's ptxas, which is in the tier's venv). Mosaic's own dump options (``MOSAIC_GPU_DUMP_PTX``,
+NVPTX compiler library, ptxas as a library, linked into jax's CUDA plugin: no ptxas binary is needed). Mosaic's own dump options (``MOSAIC_GPU_DUMP_PTX``,
 ``MOSAIC_GPU_DUMP_PTXAS``, ``MOSAIC_GPU_DUMP_TO``) keep the PTX and ptxas' report, which this reads: the target,
 registers per thread, spills, and the Hopper instructions in the PTX (wgmma, TMA's ``cp.async.bulk.tensor``,
 ``ex2.approx``). Not read: the SASS (Mosaic disassembles it with nvdisasm, which no wheel of the tier ships).
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
                          plan.registers, plan.spill_bytes, shared_bytes(config, 128) / 1024, plan.wgmma,
                          plan.tma_loads, plan.exp2, plan.xla_temp_bytes / 1e6, plan.compile_s])
             print(rows[-1], flush=True)
-    env = gpu_plan.plan_environment("nvidia-cuda-nvcc-cu12")
+    env = gpu_plan.plan_environment()
     body = (f"Mosaic GPU attention (impl='mosaic', {config}), batch 1, 40 heads x 128, bf16, compiled deviceless "
             "for an H100 (sm_90a) down to ptxas on this CPU (experiments/plans/mosaic_plan.py). A plan: nothing "
             "here is measured on a GPU. Counts are PTX instructions in the kernel's code (loops not multiplied "
