@@ -84,6 +84,27 @@ def test_gradients_raise_clearly():
         jax.grad(lambda q: mosaic_attention(q, k, v).astype(jnp.float32).sum())(q)
 
 
+def test_gpu_interpret_mode_still_cannot_run_the_in_place_accumulator():
+    """Pins the first reason the kernel is checked here through ``blockwise``: Pallas' GPU interpret mode has no rule
+    for ``run_state`` (the kernel's ``p v`` wgmma accumulates onto its accumulator in place). When this fails, jax
+    has learnt it: try running the kernel itself in interpret mode (the other two gaps, the module docstring)."""
+    # Not exported by jax.experimental.pallas.mosaic_gpu in jax 0.10.2.
+    from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import reset_gpu_interpret_mode_state
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    def body(x_ref, out_ref):
+        out_ref[...] = pl.run_state(lambda acc_ref: None)(plgpu.ACC.init(x_ref[...]))
+
+    kernel = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((64, 64), jnp.float32), interpret=InterpretGPUParams())
+    try:
+        with pytest.raises(NotImplementedError, match="run_state"):
+            kernel(jnp.ones((64, 64), jnp.float32))
+    finally:
+        reset_gpu_interpret_mode_state()  # interpret mode's own rule after an exception
+
+
 def test_cuda_lowering_is_one_mosaic_kernel_on_padded_tiles():
     """Lowered for CUDA (no GPU needed), impl='mosaic' is the Mosaic GPU custom call on q padded 2,940 -> 2,944."""
     q = jax.ShapeDtypeStruct((1, 2940, 40, 128), jnp.bfloat16)
