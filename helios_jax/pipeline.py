@@ -36,6 +36,7 @@ from helios_jax.history import (
     video_frames_per_chunk,
 )
 from helios_jax.kernels.flash import HEAD_DIMS as FLASH_HEAD_DIMS
+from helios_jax.kernels.mosaic import unsupported as mosaic_unsupported
 from helios_jax.loading import COMPONENTS, check_lora_base
 from helios_jax.models import fp8, vae as vae_lib
 from helios_jax.models.attention import default_impl
@@ -216,6 +217,9 @@ class HeliosPipeline:
         if attention_impl == "pallas" and head_dim not in FLASH_HEAD_DIMS:
             raise PipelineError(f"attention_impl 'pallas' (the flash kernel) takes head_dim {FLASH_HEAD_DIMS}, and "
                                 f"{folder}'s transformer has {head_dim}: use 'xla' or 'cudnn' (--attention)")
+        if attention_impl == "mosaic" and (why := mosaic_unsupported(head_dim, dtype)):
+            raise PipelineError(f"attention_impl 'mosaic' (the Mosaic GPU kernel): {why}, and {folder}'s transformer "
+                                f"has head_dim {head_dim} at dtype {jnp.dtype(dtype)}: use 'xla' or 'cudnn' (--attention)")
         loaded = None if lora is None else load_lora(lora, configs.transformer)
         if compilation_cache:
             enable_compilation_cache(None if compilation_cache is True else compilation_cache)

@@ -98,11 +98,12 @@ def flash_attention(
         call = lambda q, k, v: lax.platform_dependent(q, k, v, cpu=interpreted, default=compiled)  # noqa: E731
     else:
         call = functools.partial(call, interpret=interpret)
-    return _forward_only(call)(q, k, v)
+    return forward_only(call, "flash_attention")(q, k, v)
 
 
-def _forward_only(call):
-    """``call`` with a VJP that fails clearly (Pallas' own differentiation fails with a bare assert)."""
+def forward_only(call, name: str):
+    """``call`` with a VJP that fails clearly (Pallas' own differentiation fails with a bare assert); ``name``
+    is the kernel's, for the message."""
 
     @jax.custom_vjp
     def fn(q, k, v):
@@ -110,7 +111,7 @@ def _forward_only(call):
 
     def backward(_, grad):
         raise NotImplementedError(
-            "flash_attention is forward-only (inference); for gradients use attention impl 'cudnn' or 'xla'"
+            f"{name} is forward-only (inference); for gradients use attention impl 'cudnn' or 'xla'"
         )
 
     fn.defvjp(lambda q, k, v: (call(q, k, v), None), backward)

@@ -204,7 +204,8 @@ def test_headline_tiny_rehearsal(tmp_path):
     and the table puts JAX, torch and the roofline side by side (minutes on 2 cores: three fresh processes)."""
     out = tmp_path / "headline"
     assert headline.main(["--tiny", "--out", str(out)]) == 0
-    for name in ("plan.json", "jax.json", "torch.json", "target_config.txtpb", "results.md", "headline.log"):
+    for name in ("plan.json", "jax.json", "torch.json", "attention.json", "target_config.txtpb", "results.md",
+                 "headline.log"):
         assert (out / name).is_file(), name
     table = (out / "results.md").read_text()
     assert "## headline" in table
@@ -213,3 +214,8 @@ def test_headline_tiny_rehearsal(tmp_path):
     assert set(rows) == {"DiT forward, stage 2 (ms)", "distilled chunk 1+1+1 + decode (s)", "distilled chunk 1+1+1 FPS"}
     for cells in rows.values():
         assert all(float(c) > 0 for c in cells), cells  # JAX, torch, ratio, roofline bound, ratio: all measured
+    attention = {line.split("|")[1].strip(): [c.strip() for c in line.strip().strip("|").split("|")[1:]]
+                 for line in table.splitlines() if line.startswith(("| self", "| cross"))}
+    assert set(attention) == {shape for shape, *_ in bench_attention.TINY.shapes}
+    for xla_ms, pallas_ms, mosaic_ms, *_ in attention.values():  # the Mosaic kernel needs a CUDA device: said so
+        assert float(xla_ms) > 0 and float(pallas_ms) > 0 and mosaic_ms.startswith("skipped: the Mosaic GPU kernel")

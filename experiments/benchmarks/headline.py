@@ -1,6 +1,6 @@
 """The headline numbers from one GPU call: JAX against diffusers on one device, beside the roofline.
 
-    python3 -m experiments.benchmarks.headline --setup             # on a bare GPU machine (the device tool), ~8 min
+    python3 -m experiments.benchmarks.headline --setup             # on a bare GPU machine (the device tool), ~9 min
     python -m experiments.benchmarks.headline --tiny --out /tmp/h  # the CPU rehearsal (tests/test_experiments.py)
 
 Parts, each a fresh process (so that JAX and torch each get the whole GPU), writing into ``--out`` ($OUT):
@@ -11,11 +11,17 @@ Parts, each a fresh process (so that JAX and torch each get the whole GPU), writ
 2. ``jax``: bench_dit.py, cuDNN attention: the DiT forward at stage 2 and the distilled chunk's steady FPS at
    2+2+2 and 1+1+1, with XLA's GEMM autotune results dumped to ``autotune.txt`` (commit it too: the gpu-plan
    tier and the roofline replay it with ``--autotune``);
-3. ``torch``: bench_reference.py, diffusers in eager torch, the same measurements.
+3. ``torch``: bench_reference.py, diffusers in eager torch, the same measurements;
+4. ``attention``: bench_attention.py at Helios' five attention shapes (bf16, 40 heads x 128), cuDNN, the
+   Pallas-Triton kernel and the Mosaic GPU kernel (``impl="mosaic"``, not yet the default): each output is first
+   checked against float32 attention on the same device (XLA's, full precision), and one past the bf16 tolerance
+   is reported wrong and not timed. The rehearsal runs xla and pallas (interpreted) at tiny shapes, and says why
+   mosaic is skipped (its kernel needs a CUDA device).
 
-Then one table: each measurement's JAX and torch time, their ratio and the roofline's lower bound beside
-them, printed and appended to ``<out>/results.md`` (``python -m experiments.benchmarks.run_all --merge``
-adds it to RESULTS.md here).
+Then two tables: each measurement's JAX and torch time, their ratio and the roofline's lower bound beside
+them; and per attention shape each impl's time, the Mosaic kernel's time over cuDNN's and its error. Printed
+and appended to ``<out>/results.md`` (``python -m experiments.benchmarks.run_all --merge`` adds it to RESULTS.md
+here).
 """
 
 from __future__ import annotations
@@ -52,7 +58,14 @@ def part_commands(tiny: bool) -> dict[str, list[str]]:
         "plan": ["experiments.benchmarks.headline", "--plan-child", *(["--tiny"] if tiny else [])],
         "jax": [run_all.DIT, *shared, "--impls", "xla" if tiny else "cudnn"],
         "torch": [run_all.REFERENCE, *shared, "--modes", "eager", *(["--attention", "math"] if tiny else [])],
+        "attention": ["experiments.benchmarks.bench_attention", "--impls", ",".join(attention_impls(tiny)),
+                      *(["--tiny"] if tiny else ["--reps", "10"])],
     }
+
+
+def attention_impls(tiny: bool) -> tuple[str, ...]:
+    """cuDNN (the default on a GPU), then our two kernels; the CPU rehearsal has no cuDNN, so XLA's stands in."""
+    return ("xla" if tiny else "cudnn", "pallas", "mosaic")
 
 
 def plan_child(args: argparse.Namespace) -> None:
@@ -133,6 +146,28 @@ def headline_table(out: str, frames: int, steps_lists: tuple[str, ...] = STEPS) 
             + reporting.markdown_table(headers, rows))
 
 
+def attention_table(out: str, impls: tuple[str, ...]) -> str:
+    """Per shape: each impl's ms (or why it has none), Mosaic over the first impl's time, Mosaic's error."""
+    result = _load(out, "attention")
+    if not result:
+        return "No attention table: its part wrote no JSON (see headline.log).\n"
+    found: dict[str, dict[str, dict[str, Any]]] = {}
+    for row in result["rows"]:
+        cells = dict(zip(result["headers"], row))
+        found.setdefault(cells["shape"], {})[cells["impl"]] = cells
+    rows = []
+    for shape, by_impl in found.items():
+        ms = [by_impl.get(i, {}).get("ms", "") for i in impls]
+        mosaic = by_impl.get("mosaic", {})
+        rows.append([shape, *ms, _ratio(ms[-1], ms[0]), mosaic.get("rel err vs f32", ""),
+                     mosaic.get("max abs err", "")])
+    headers = ["shape", *(f"{i} ms" for i in impls), f"mosaic / {impls[0]} (time)", "mosaic rel err vs f32",
+               "mosaic max abs err"]
+    return (f"Attention at Helios' shapes (bench_attention.py, bf16): {', '.join(impls)}; each output checked against "
+            f"float32 attention on the device before timing (wrong past a relative error of "
+            f"{result.get('rel_tolerance', '?')}).\n\n" + reporting.markdown_table(headers, rows))
+
+
 def _ratio(a: Any, b: Any) -> float | str:
     return a / b if run_all.timed(a) and run_all.timed(b) and b else ""
 
@@ -142,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join(paths.ROOT, "out", "headline"))
     parser.add_argument("--tiny", action="store_true", help="the CPU rehearsal: tiny model, tiny chunks")
     parser.add_argument("--setup", action="store_true", help="put helios-jax and .whl/*.whl into /tmp/site first")
-    parser.add_argument("--parts", default="plan,jax,torch")
+    parser.add_argument("--parts", default="plan,jax,torch,attention")
     parser.add_argument("--plan-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)  # the plan child's JSON (run_all.run_part passes it)
     parser.add_argument("--results", help=argparse.SUPPRESS)
@@ -170,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             if os.path.exists(path):
                 os.replace(path, os.path.join(args.out, f"{name}.json"))
         body = headline_table(args.out, 2 if args.tiny else workloads.LATENT_FRAMES, steps_for(args.tiny))
+        body += "\n" + attention_table(args.out, attention_impls(args.tiny))
         body += f"\nWhole call: {time.perf_counter() - start:.0f} s.\n"
         print("\n" + body, flush=True)
         log.write(body)

@@ -8,7 +8,7 @@
 Parts, in this order (each one a fresh process, so that JAX and torch each get the whole GPU):
 ``dit`` (bench_dit.py: DiT forwards), ``reference`` (bench_reference.py: the same in torch),
 ``distilled`` and ``reference-distilled`` (the distilled chunk, FPS), ``attention`` (bench_attention.py
---tune --mosaic), ``tests`` (tests/test_kernels.py with the compiled kernel), ``compile``
+--tune --mosaic), ``tests`` (tests/test_kernels.py and tests/test_mosaic_attention.py with the compiled kernels), ``compile``
 (compile_study.py --run), ``base`` and ``reference-base`` (the base model's 50-step CFG chunk). The
 benchmark parts also come split, one attention impl or one torch mode each, to fit a time limit per
 command: ``dit-cudnn``, ``distilled-pallas``, ``base-xla``, ``reference-eager``,
@@ -48,7 +48,8 @@ PARTS = {
     "attention": ["experiments.benchmarks.bench_attention", "--tune", "--mosaic"],
     # pytest puts pyproject's pythonpath (tests and the checkout's root, for experiments) first on sys.path; here
     # only tests/, so that the tests import the installed package (kernels/ maps into it), not helios_jax/.
-    "tests": ["pytest", "-o", "pythonpath=tests", "tests/test_kernels.py", "-q", "-rs", "--durations=10"],
+    "tests": ["pytest", "-o", "pythonpath=tests", "tests/test_kernels.py", "tests/test_mosaic_attention.py", "-q", "-rs",
+              "--durations=10"],
     "compile": ["experiments.studies.compile_study", "--run"],
     "base": [DIT, "--measure", "base", "--compilation-cache", XLA_CACHE],
     "reference-base": [REFERENCE, "--measure", "base"],

@@ -3,7 +3,9 @@
 ``impl`` picks the backend: ``"xla"`` (runs everywhere), ``"cudnn"`` (cuDNN flash attention through
 ``jax.nn.dot_product_attention``, GPU only, bf16/fp16), ``"pallas"`` (our flash-attention kernel,
 ``helios_jax.kernels.flash_attention``: compiled through Triton on a GPU; on a CPU it runs in Pallas
-interpret mode, correct but slow, so that tests and tiny models can use it anywhere). Switching
+interpret mode, correct but slow, so that tests and tiny models can use it anywhere), ``"mosaic"`` (the Hopper
+kernel on Pallas' Mosaic GPU backend, ``helios_jax.kernels.mosaic_attention``: TMA, wgmma, bf16/fp16; off a GPU
+the same blockwise algorithm in XLA ops; not the default until a GPU has timed it against cuDNN). Switching
 backends is a change of one string, so a model can be compared across backends without touching its code.
 
 Under a mesh with a ``context`` axis of size > 1 (``jax.set_mesh``), the call runs context-parallel
@@ -21,11 +23,12 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from helios_jax.kernels import flash_attention
+from helios_jax.kernels import flash_attention, mosaic_attention
 from helios_jax.parallel import context as context_parallel
 
-Impl = Literal["xla", "cudnn", "pallas"]
-IMPLS: tuple[str, ...] = ("xla", "cudnn", "pallas")
+Impl = Literal["xla", "cudnn", "pallas", "mosaic"]
+IMPLS: tuple[str, ...] = ("xla", "cudnn", "pallas", "mosaic")
+KERNELS = {"pallas": flash_attention, "mosaic": mosaic_attention}  # our kernels: no bias, mask or segments
 # One (B or 1, T) integer array for self-attention, or a (q ids (B or 1, Tq), kv ids (B or 1, Tk)) pair.
 SegmentIds = jax.Array | tuple[jax.Array, jax.Array]
 
@@ -70,11 +73,11 @@ def attention(
         )
     if impl not in IMPLS:
         raise ValueError(f"attention impl {impl!r} is not one of {IMPLS}")
-    if impl == "pallas" and (bias is not None or mask is not None):
-        raise ValueError("the pallas attention kernel takes no bias or mask; use impl='xla' or 'cudnn' for them")
+    if impl in KERNELS and (bias is not None or mask is not None):
+        raise ValueError(f"the {impl} attention kernel takes no bias or mask; use impl='xla' or 'cudnn' for them")
     if segment_ids is not None:
-        if impl == "pallas":
-            raise ValueError("the pallas attention kernel has no segment ids; use impl='xla' or 'cudnn' for a "
+        if impl in KERNELS:
+            raise ValueError(f"the {impl} attention kernel has no segment ids; use impl='xla' or 'cudnn' for a "
                              "packed (segment-id) attention")
         if context_parallel.active_mesh() is not None:
             raise ValueError("segment-id attention does not run context-parallel (its mask is per query); "
@@ -83,8 +86,8 @@ def attention(
         mask = same if mask is None else jnp.logical_and(mask, same)
 
     def local(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-        if impl == "pallas":
-            return flash_attention(q, k, v, scale=scale)
+        if impl in KERNELS:
+            return KERNELS[impl](q, k, v, scale=scale)
         if impl == "xla" and q.dtype == jnp.float16:
             return _xla_float16(q, k, v, bias, mask, scale)
         if impl == "cudnn" and mask is not None and mask.shape[:3] == (1, 1, 1):
