@@ -1,0 +1,195 @@
+"""One generation on the device at a time: a bounded queue of jobs and the one worker thread that runs them.
+
+The device serialises generations anyway, so one thread runs them all, each through the pipeline's steerable
+``pipe.session`` (so every session shares the pipeline's compiled programs), and the asyncio side never waits
+on the device: it hands a :class:`Job` to :meth:`Scheduler.submit` and hears back through the job's ``emit``
+callback, which the job's owner makes thread-safe. Steering (a new prompt, pause, resume, stop, a client gone)
+is recorded on the job at any time and applied by the worker at the next chunk boundary.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from helios_jax.checkpoint import PipelineError
+from helios_jax.request import check_request
+from helios_jax.serve.protocol import Defaults, ProtocolError, Start
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFull(ProtocolError):
+    """The queue holds as many waiting jobs as it may."""
+
+
+def pipeline_settings(pipe: Any, start: Start, defaults: Defaults) -> dict[str, Any]:
+    """The pipeline's generation settings for ``start`` (``steps`` per pyramid stage, or in all), checked by the
+    pipeline's own rules (sizes, frame counts) before the job is queued: a bad request costs no device time."""
+    stages = pipe.scheduler_config.stages if pipe.spec.pyramid else 1
+    settings: dict[str, Any] = dict(num_frames=start.num_frames, height=start.height, width=start.width,
+                                    guidance_scale=start.guidance_scale,
+                                    is_amplify_first_chunk=defaults.amplify_first_chunk)
+    if pipe.spec.pyramid:
+        settings["pyramid_num_inference_steps_list"] = [start.steps] * stages
+    else:
+        settings["num_inference_steps"] = start.steps
+    try:
+        check_request(settings, pyramid=pipe.spec.pyramid, stages=pipe.scheduler_config.stages,
+                      scheduler_type=pipe.scheduler_config.scheduler_type)
+    except PipelineError as err:
+        raise ProtocolError(str(err)) from None
+    return settings
+
+
+Chunk = Callable[[int, np.ndarray, float], None]
+
+
+class Job:
+    """One client's generation. ``emit(message)`` sends a JSON message to the client; ``on_chunk(index, frames,
+    seconds)`` takes each chunk's uint8 frames (t, H, W, 3); both are called from the worker thread.
+    The steering methods may be called from any thread."""
+
+    def __init__(self, start: Start, settings: dict[str, Any], emit: Callable[[dict], None], on_chunk: Chunk):
+        self.start, self.settings, self.emit, self.on_chunk = start, settings, emit, on_chunk
+        self.cancelled = threading.Event()
+        self.finished = threading.Event()
+        self.error: str | None = None
+        self._lock = threading.Condition()
+        self._paused = False
+        self._prompts: list[tuple[str, int]] = []  # prompt changes not yet handed to the session
+        self.session: Any = None
+
+    def set_prompt(self, prompt: str, transition_chunks: int) -> None:
+        with self._lock:
+            self._prompts.append((prompt, transition_chunks))
+
+    def pause(self) -> None:
+        with self._lock:
+            self._paused = True
+
+    def resume(self) -> None:
+        with self._lock:
+            self._paused = False
+            self._lock.notify_all()
+
+    def cancel(self) -> None:
+        """Stop at the next chunk boundary (a client that said stop, or one that is gone)."""
+        with self._lock:
+            self.cancelled.set()
+            self._lock.notify_all()
+
+    def _boundary(self) -> bool:
+        """At a chunk boundary: hand the session the prompt changes, wait while paused; whether to go on."""
+        with self._lock:
+            for prompt, transition in self._prompts:
+                self.session.set_prompt(prompt, transition_chunks=transition)
+            self._prompts.clear()
+            if self._paused and not self.cancelled.is_set():
+                self.emit({"type": "paused", "index": self.session.index})
+                while self._paused and not self.cancelled.is_set():
+                    self._lock.wait()
+                if not self.cancelled.is_set():
+                    self.emit({"type": "resumed", "index": self.session.index})
+            return not self.cancelled.is_set()
+
+
+class Scheduler:
+    """The bounded queue (``queue_size`` jobs waiting besides the running one) and its worker thread."""
+
+    def __init__(self, pipe: Any, queue_size: int):
+        self.pipe, self.queue_size = pipe, queue_size
+        self.running: Job | None = None
+        self.completed = 0
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._lock = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._work, name="helios-jax-serve-worker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop taking jobs, cancel the running one at its next boundary, and let the worker end."""
+        with self._lock:
+            self._closed = True
+            for job in [*self._waiting, *([self.running] if self.running else [])]:
+                job.cancel()
+            self._lock.notify_all()
+        self._thread.join(timeout=60)
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            running = self.running
+            return {"running": running is not None, "waiting": len(self._waiting), "queue_size": self.queue_size,
+                    "completed": self.completed,
+                    "chunk": None if running is None or running.session is None else running.session.index}
+
+    def submit(self, job: Job) -> None:
+        """Queue ``job`` (``queued`` with its place in line), or :class:`QueueFull`."""
+        with self._lock:
+            if len(self._waiting) >= self.queue_size:
+                raise QueueFull(f"the queue is full: {len(self._waiting)} generations are waiting besides the "
+                                f"running one (the limit, --queue_size, is {self.queue_size}); try again later")
+            self._waiting.append(job)
+            job.emit({"type": "queued", "position": len(self._waiting)})
+            self._lock.notify_all()
+
+    def withdraw(self, job: Job) -> None:
+        """Cancel ``job``: out of the queue if it waits (the others move up), else at its next boundary."""
+        job.cancel()
+        with self._lock:
+            if job in self._waiting:
+                self._waiting.remove(job)
+                job.finished.set()
+                self._tell_positions()
+
+    def _tell_positions(self) -> None:
+        for position, waiting in enumerate(self._waiting, 1):
+            waiting.emit({"type": "queued", "position": position})
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                while not self._waiting and not self._closed:
+                    self._lock.wait()
+                if self._closed:
+                    return
+                job = self.running = self._waiting.popleft()
+                self._tell_positions()
+            try:
+                run_job(self.pipe, job)
+            finally:
+                with self._lock:
+                    self.running = None
+                    self.completed += 1
+                job.finished.set()
+
+
+def run_job(pipe: Any, job: Job) -> None:
+    """One job on this thread, chunk by chunk, its steering applied at each boundary; any failure is one
+    ``error`` message to its client (the server goes on with the next job)."""
+    start = job.start
+    try:
+        job.emit({"type": "started"})
+        job.session = pipe.session(prompt=start.prompt, seed=start.seed, image=start.image, **job.settings)
+        while job._boundary():
+            began = time.perf_counter()
+            try:
+                frames = next(job.session)
+            except StopIteration:
+                break
+            job.on_chunk(job.session.index - 1, frames, time.perf_counter() - began)
+        if job.cancelled.is_set():
+            job.session.stop()
+        job.emit({"type": "done", "stopped": job.cancelled.is_set()})
+    except Exception as err:  # noqa: BLE001 - one job's failure is its client's error, not the server's end
+        job.error = str(err)
+        if not isinstance(err, (PipelineError, ProtocolError, ValueError, OSError)):
+            logger.exception("a generation failed")
+        job.emit({"type": "error", "message": f"the generation failed: {err}"})
