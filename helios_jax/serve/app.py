@@ -33,6 +33,7 @@ from helios_jax.serve.protocol import (
     ProtocolError,
     check_prompt,
     check_transition,
+    decode_image,
     parse_message,
     parse_start,
 )
@@ -149,13 +150,18 @@ async def stream(websocket: WebSocket) -> None:
                         raise ProtocolError(f"unknown field(s) {unknown} in prompt; it takes prompt, transition_chunks")
                     job.set_prompt(check_prompt(request.get("prompt"), server.limits),
                                    check_transition(request, job.start.transition_chunks, server.limits))
+                elif kind == "image":
+                    unknown = sorted(set(request) - {"type", "image"})
+                    if unknown:
+                        raise ProtocolError(f"unknown field(s) {unknown} in image; it takes image")
+                    job.set_image(decode_image(request.get("image"), job.start.height, job.start.width,
+                                               server.limits))
                 elif kind == "pause":
                     job.pause()
                 elif kind == "resume":
                     job.resume()
                 else:  # stop
-                    server.scheduler.withdraw(job)
-                    if not job.cancelled.is_set() or job.session is None:
+                    if server.scheduler.withdraw(job):  # it was still waiting: the worker will not say done
                         put({"type": "done", "stopped": True})
             except ProtocolError as err:
                 put({"type": "error", "message": str(err)})

@@ -1,6 +1,6 @@
 """The streaming protocol's messages and limits: every client message checked here, before it touches a job.
 
-A client sends JSON text messages (``start``, ``prompt``, ``pause``, ``resume``, ``stop``); each one that is
+A client sends JSON text messages (``start``, ``prompt``, ``image``, ``pause``, ``resume``, ``stop``); each one that is
 malformed, of an unknown type, or past a limit is one :class:`ProtocolError` whose text names the field, the
 rule and the limit, which the server sends back as ``{"type": "error", "message": ...}`` and otherwise ignores.
 No field is a path: an image comes as base64 bytes, and the server names every file it writes.
@@ -20,7 +20,7 @@ import numpy as np
 
 from helios_jax.request import SEED_RANGE, is_int
 
-CLIENT_TYPES = ("start", "prompt", "pause", "resume", "stop")
+CLIENT_TYPES = ("start", "prompt", "image", "pause", "resume", "stop")
 START_FIELDS = ("type", "prompt", "num_frames", "seed", "height", "width", "guidance_scale", "steps", "image",
                 "transition_chunks")
 MIB = 1 << 20
@@ -56,7 +56,7 @@ class Defaults:
     steps: int
     num_frames: int = 99
     seed: int = 0
-    transition_chunks: int = 1
+    transition_chunks: int = 3  # a prompt change blends in over 3 chunks, as vLLM-Omni's Helios server does
     amplify_first_chunk: bool = False  # the server's, not a client's: the nano model's demo amplifies
 
 
@@ -112,8 +112,13 @@ def check_prompt(value: Any, limits: Limits) -> str:
 
 
 def check_transition(message: dict, default: int, limits: Limits) -> int:
-    """The chunks over which a new prompt blends in (0: at once)."""
-    return _integer(message, "transition_chunks", default, 0, limits.max_transition_chunks, " chunks")
+    """The chunks over which a new prompt blends in: 0 switches at once, n >= 2 blends over n chunks (the
+    session's rule: a one-chunk blend would be the switch itself)."""
+    value = _integer(message, "transition_chunks", default, 0, limits.max_transition_chunks, " chunks")
+    if value == 1:
+        raise ProtocolError("transition_chunks = 1: give 0 to switch at once, or 2 to "
+                            f"{limits.max_transition_chunks} to blend over that many chunks")
+    return value
 
 
 def decode_image(value: Any, height: int, width: int, limits: Limits) -> np.ndarray:

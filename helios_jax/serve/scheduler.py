@@ -53,50 +53,58 @@ Chunk = Callable[[int, np.ndarray, float], None]
 class Job:
     """One client's generation. ``emit(message)`` sends a JSON message to the client; ``on_chunk(index, frames,
     seconds)`` takes each chunk's uint8 frames (t, H, W, 3); both are called from the worker thread.
-    The steering methods may be called from any thread."""
+
+    The steering methods may be called from any thread: they go to the session's own setters (which apply them
+    at its next chunk boundary), or, before the session exists, wait here and are handed to it when it starts.
+    """
 
     def __init__(self, start: Start, settings: dict[str, Any], emit: Callable[[dict], None], on_chunk: Chunk):
         self.start, self.settings, self.emit, self.on_chunk = start, settings, emit, on_chunk
         self.cancelled = threading.Event()
         self.finished = threading.Event()
         self.error: str | None = None
-        self._lock = threading.Condition()
-        self._paused = False
-        self._prompts: list[tuple[str, int]] = []  # prompt changes not yet handed to the session
         self.session: Any = None
+        self._lock = threading.Lock()
+        self._early: list[tuple[str, tuple]] = []  # steering before the session exists
+
+    def _steer(self, method: str, *args: Any) -> None:
+        with self._lock:
+            if self.session is None:
+                self._early.append((method, args))
+                return
+        try:
+            getattr(self.session, method)(*args)
+        except PipelineError as err:  # e.g. the session has ended meanwhile
+            raise ProtocolError(str(err)) from None
 
     def set_prompt(self, prompt: str, transition_chunks: int) -> None:
-        with self._lock:
-            self._prompts.append((prompt, transition_chunks))
+        self._steer("set_prompt", prompt, transition_chunks)
+
+    def set_image(self, image: np.ndarray) -> None:
+        self._steer("set_image", image)
 
     def pause(self) -> None:
-        with self._lock:
-            self._paused = True
+        self._steer("pause")
 
     def resume(self) -> None:
-        with self._lock:
-            self._paused = False
-            self._lock.notify_all()
+        self._steer("resume")
 
     def cancel(self) -> None:
         """Stop at the next chunk boundary (a client that said stop, or one that is gone)."""
+        self.cancelled.set()
         with self._lock:
-            self.cancelled.set()
-            self._lock.notify_all()
+            session = self.session
+        if session is not None:
+            session.stop()
 
-    def _boundary(self) -> bool:
-        """At a chunk boundary: hand the session the prompt changes, wait while paused; whether to go on."""
+    def attach(self, session: Any) -> None:
+        """The job's session, now made: the steering that came before it is applied, in order."""
         with self._lock:
-            for prompt, transition in self._prompts:
-                self.session.set_prompt(prompt, transition_chunks=transition)
-            self._prompts.clear()
-            if self._paused and not self.cancelled.is_set():
-                self.emit({"type": "paused", "index": self.session.index})
-                while self._paused and not self.cancelled.is_set():
-                    self._lock.wait()
-                if not self.cancelled.is_set():
-                    self.emit({"type": "resumed", "index": self.session.index})
-            return not self.cancelled.is_set()
+            self.session, early, self._early = session, self._early, []
+        for method, args in early:
+            getattr(session, method)(*args)
+        if self.cancelled.is_set():
+            session.stop()
 
 
 class Scheduler:
@@ -140,14 +148,16 @@ class Scheduler:
             job.emit({"type": "queued", "position": len(self._waiting)})
             self._lock.notify_all()
 
-    def withdraw(self, job: Job) -> None:
-        """Cancel ``job``: out of the queue if it waits (the others move up), else at its next boundary."""
+    def withdraw(self, job: Job) -> bool:
+        """Cancel ``job``: out of the queue if it waits (the others move up; True), else at its next boundary."""
         job.cancel()
         with self._lock:
-            if job in self._waiting:
-                self._waiting.remove(job)
-                job.finished.set()
-                self._tell_positions()
+            if job not in self._waiting:
+                return False
+            self._waiting.remove(job)
+            job.finished.set()
+            self._tell_positions()
+            return True
 
     def _tell_positions(self) -> None:
         for position, waiting in enumerate(self._waiting, 1):
@@ -172,21 +182,30 @@ class Scheduler:
 
 
 def run_job(pipe: Any, job: Job) -> None:
-    """One job on this thread, chunk by chunk, its steering applied at each boundary; any failure is one
-    ``error`` message to its client (the server goes on with the next job)."""
+    """One job on this thread, chunk by chunk, through ``pipe.session``; a pause waits here (the device stays
+    this job's), a cancel ends it at the next boundary; any failure is one ``error`` message to its client
+    (the server goes on with the next job)."""
+    from helios_jax.session import SessionPaused
+
     start = job.start
     try:
         job.emit({"type": "started"})
-        job.session = pipe.session(prompt=start.prompt, seed=start.seed, image=start.image, **job.settings)
-        while job._boundary():
+        job.attach(pipe.session(prompt=start.prompt, seed=start.seed, image=start.image, **job.settings))
+        session = job.session
+        while True:
+            if session.paused and not session.done:
+                job.emit({"type": "paused", "index": session.index})
+                session.wait_while_paused()
+                if not session.done:
+                    job.emit({"type": "resumed", "index": session.index})
             began = time.perf_counter()
             try:
-                frames = next(job.session)
+                frames = next(session)
             except StopIteration:
                 break
-            job.on_chunk(job.session.index - 1, frames, time.perf_counter() - began)
-        if job.cancelled.is_set():
-            job.session.stop()
+            except SessionPaused:
+                continue
+            job.on_chunk(session.index - 1, frames, time.perf_counter() - began)
         job.emit({"type": "done", "stopped": job.cancelled.is_set()})
     except Exception as err:  # noqa: BLE001 - one job's failure is its client's error, not the server's end
         job.error = str(err)
