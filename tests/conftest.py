@@ -69,7 +69,12 @@ SLOWEST_FIRST = ("test_parallel_devices.py", "test_train_dmd.py", "test_trainer.
 
 def pytest_collection_modifyitems(config, items):
     """The slowest files first (a stable sort: each file's tests stay together and in order). GPU tests run only
-    where a GPU is present; elsewhere they are reported as skipped."""
+    where a GPU is present; elsewhere they are reported as skipped. The browser tier (make browser-test) is
+    deselected unless ``-m`` names it."""
+    if "browser" not in (config.getoption("markexpr") or ""):  # the real-browser tier runs only as -m browser
+        browser = [item for item in items if "browser" in item.keywords]
+        items[:] = [item for item in items if "browser" not in item.keywords]
+        config.hook.pytest_deselected(items=browser)
     rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
     has_gpu = any(d.platform == "gpu" for d in jax.devices()) if os.environ.get("JAX_PLATFORMS") != "cpu" else False

@@ -170,6 +170,8 @@ def test_prompt_switch_pause_resume_and_bad_messages_leave_the_run_as_it_was(ser
             assert replies[-1]["type"] == "error" and replies[-1]["message"], (message, replies[-1])
         assert "limit is 2000" in replies[6]["message"] and "0 to 8" in replies[8]["message"], replies
         ws.send_json({"type": "prompt", "prompt": SWITCHED, "transition_chunks": 0})
+        ack = ws.receive_json()
+        assert ack == {"type": "prompt", "prompt": SWITCHED, "transition_chunks": 0, "from_chunk": at}, ack
         ws.send_json({"type": "resume"})
         rest = _until(ws, "done")
     assert [m["type"] for m in rest if isinstance(m, dict)] == ["resumed", *["chunk"] * (2 - at), "done"]

@@ -148,8 +148,10 @@ async def stream(websocket: WebSocket) -> None:
                     unknown = sorted(set(request) - {"type", "prompt", "transition_chunks"})
                     if unknown:
                         raise ProtocolError(f"unknown field(s) {unknown} in prompt; it takes prompt, transition_chunks")
-                    job.set_prompt(check_prompt(request.get("prompt"), server.limits),
-                                   check_transition(request, job.start.transition_chunks, server.limits))
+                    text = check_prompt(request.get("prompt"), server.limits)
+                    transition = check_transition(request, job.start.transition_chunks, server.limits)
+                    put({"type": "prompt", "prompt": text, "transition_chunks": transition,
+                         "from_chunk": job.set_prompt(text, transition)})
                 elif kind == "image":
                     unknown = sorted(set(request) - {"type", "image"})
                     if unknown:

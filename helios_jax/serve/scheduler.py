@@ -64,6 +64,7 @@ class Job:
         self.finished = threading.Event()
         self.error: str | None = None
         self.session: Any = None
+        self.computing = False  # the worker is inside next(session)
         self._lock = threading.Lock()
         self._early: list[tuple[str, tuple]] = []  # steering before the session exists
 
@@ -77,8 +78,12 @@ class Job:
         except PipelineError as err:  # e.g. the session has ended meanwhile
             raise ProtocolError(str(err)) from None
 
-    def set_prompt(self, prompt: str, transition_chunks: int) -> None:
+    def set_prompt(self, prompt: str, transition_chunks: int) -> int:
+        """Hand the session a new prompt; returns the chunk it applies from (the session's rule: the next
+        boundary, which is one chunk later while a chunk is being computed)."""
         self._steer("set_prompt", prompt, transition_chunks)
+        session = self.session
+        return 0 if session is None else session.index + int(self.computing)
 
     def set_image(self, image: np.ndarray) -> None:
         self._steer("set_image", image)
@@ -199,12 +204,15 @@ def run_job(pipe: Any, job: Job) -> None:
                 if not session.done:
                     job.emit({"type": "resumed", "index": session.index})
             began = time.perf_counter()
+            job.computing = True
             try:
                 frames = next(session)
             except StopIteration:
                 break
             except SessionPaused:
                 continue
+            finally:
+                job.computing = False
             job.on_chunk(session.index - 1, frames, time.perf_counter() - began)
         job.emit({"type": "done", "stopped": job.cancelled.is_set()})
     except Exception as err:  # noqa: BLE001 - one job's failure is its client's error, not the server's end
