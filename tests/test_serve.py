@@ -243,6 +243,7 @@ def test_token_on_every_request_and_connection(pipe, tmp_path):
         command.check_bind("0.0.0.0", 8000, None)
     command.check_bind("127.0.0.1", 8000, None)
     assert cli.main(["serve", "--host", "0.0.0.0"]) == 2  # refused before any weight is read
+    assert cli.main(["serve", "--height", "50"]) == 2  # the nano model's configs: a multiple of 64
 
 
 def test_post_videos_writes_the_mp4_atomically_under_the_output_folder(served, reference, tmp_path):

@@ -37,7 +37,7 @@ from helios_jax.serve.protocol import (
     parse_message,
     parse_start,
 )
-from helios_jax.serve.scheduler import Job, Scheduler, pipeline_settings
+from helios_jax.serve.scheduler import Job, Scheduler
 from helios_jax.video import Mp4Writer
 
 logger = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ async def stream(websocket: WebSocket) -> None:
                     if job is not None and not job.finished.is_set():
                         raise ProtocolError("a generation is already running on this connection: stop it first")
                     start = parse_start(request, server.defaults, server.limits)
-                    settings = pipeline_settings(server.scheduler.pipe, start, server.defaults)
+                    settings = server.scheduler.settings(start, server.defaults)
                     job = Job(start, settings, put, on_chunk(FragmentedMp4(server.fps)))
                     server.scheduler.submit(job)
                 elif job is None or job.finished.is_set():
@@ -192,7 +192,7 @@ async def videos(request: Request) -> Response:
         if fields.setdefault("type", "start") != "start":
             raise ProtocolError(f"type = {fields['type']!r}: POST /v1/videos takes the start fields")
         start = parse_start(fields, server.defaults, server.limits)
-        settings = pipeline_settings(server.scheduler.pipe, start, server.defaults)
+        settings = server.scheduler.settings(start, server.defaults)
     except (ProtocolError, json.JSONDecodeError) as err:
         return JSONResponse({"type": "error", "message": str(err)}, 400)
     from helios_jax.generate import default_output

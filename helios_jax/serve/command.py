@@ -20,6 +20,7 @@ from helios_jax.checkpoint import PipelineError
 logger = logging.getLogger(__name__)
 TOKEN_ENV = "HELIOS_JAX_SERVE_TOKEN"
 LOCAL_HOSTS = ("localhost",)
+WARM_UP_FRAMES = 66
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queue_size", type=int, default=4, help="generations that may wait besides the running one")
     parser.add_argument("--weight_dtype", choices=("fp32", "bf16"), default=None,
                         help="the DiT's and text encoder's dtype (default: fp32 for the embedded model, bf16 otherwise)")
+    parser.add_argument("--height", type=int, help="the default height, the warm-up's (default: generate's for the "
+                                                    "model: 64 for the embedded one, 384 otherwise)")
+    parser.add_argument("--width", type=int, help="the default width, the warm-up's (64 or 640, as --height)")
+    parser.add_argument("--steps", type=int, help="the default denoising steps per pyramid stage (2 for the embedded "
+                                                  "model, 20 otherwise)")
+    parser.add_argument("--guidance_scale", type=float, help="the default guidance scale (1.0 for the embedded model, "
+                                                             "5.0 otherwise)")
     parser.add_argument("--no_warmup", action="store_true", help="skip the warm-up generation (the first client then "
                                                                  "pays the compile)")
 
@@ -58,29 +66,51 @@ def check_bind(host: str, port: int, token: str | None) -> None:
         raise PipelineError(f"the token has {len(token)} characters: give at least 16")
 
 
-def defaults_for(checkpoint: str | None) -> Any:
-    """The served model's defaults: generate's, for the embedded nano model or for a checkpoint."""
+def defaults_for(args: argparse.Namespace) -> Any:
+    """The served defaults: the flags given, else generate's for the embedded nano model or for a checkpoint."""
     from helios_jax.generate import CHECKPOINT_DEFAULTS
     from helios_jax.serve.protocol import Defaults
 
-    pick = int(checkpoint is None)
+    pick = int(args.checkpoint is None)
     value = {name: both[pick] for name, both in CHECKPOINT_DEFAULTS.items()}
-    return Defaults(prompt=value["prompt"], height=value["height"], width=value["width"],
-                    guidance_scale=value["guidance_scale"], steps=value["pyramid_num_inference_steps_list"][0],
-                    amplify_first_chunk=checkpoint is None)
+    given = {name: getattr(args, name) for name in ("height", "width", "steps", "guidance_scale")}
+    return Defaults(prompt=value["prompt"], height=given["height"] or value["height"],
+                    width=given["width"] or value["width"],
+                    guidance_scale=value["guidance_scale"] if given["guidance_scale"] is None else given["guidance_scale"],
+                    steps=given["steps"] or value["pyramid_num_inference_steps_list"][0],
+                    amplify_first_chunk=args.checkpoint is None)
+
+
+def warm_start(defaults: Any) -> Any:
+    """The warm-up's request: two chunks at the default size (the first chunk's program and the later chunks'
+    differ), so that a client's first chunk finds every program compiled."""
+    from helios_jax.serve.protocol import Start
+
+    return Start(prompt=defaults.prompt, num_frames=WARM_UP_FRAMES, seed=0, height=defaults.height,
+                 width=defaults.width, guidance_scale=defaults.guidance_scale, steps=defaults.steps, transition_chunks=0)
+
+
+def check_defaults(checkpoint: str, defaults: Any) -> None:
+    """The served defaults against the checkpoint's configs and the protocol's limits, before any weight is read."""
+    from helios_jax.checkpoint import read_checkpoint_configs
+    from helios_jax.serve.protocol import Limits, ProtocolError, parse_start
+    from helios_jax.serve.scheduler import pipeline_settings
+
+    configs = read_checkpoint_configs(checkpoint)
+    try:
+        parse_start({"type": "start"}, defaults, Limits())
+        pipeline_settings(configs.spec, configs.scheduler, warm_start(defaults), defaults)
+    except ProtocolError as err:
+        raise PipelineError(f"the served defaults (--height, --width, --steps, --guidance_scale): {err}") from None
 
 
 def warm_up(scheduler: Any, defaults: Any) -> float:
-    """One two-chunk generation at the default size through the scheduler (the first chunk's program and the
-    later chunks' differ), so a client's first chunk finds every program compiled; returns its seconds."""
-    from helios_jax.serve.protocol import Start
-    from helios_jax.serve.scheduler import Job, pipeline_settings, run_job
+    """One generation of :func:`warm_start` through the scheduler's code path; returns its seconds."""
+    from helios_jax.serve.scheduler import Job, run_job
 
-    start = Start(prompt=defaults.prompt, num_frames=66, seed=0, height=defaults.height, width=defaults.width,
-                  guidance_scale=defaults.guidance_scale, steps=defaults.steps, transition_chunks=0)
+    start = warm_start(defaults)
     began = time.perf_counter()
-    job = Job(start, pipeline_settings(scheduler.pipe, start, defaults), lambda message: None,
-              lambda index, frames, seconds: None)
+    job = Job(start, scheduler.settings(start, defaults), lambda message: None, lambda index, frames, seconds: None)
     run_job(scheduler.pipe, job)
     if job.error:
         raise PipelineError(f"the warm-up generation failed: {job.error}")
@@ -110,13 +140,14 @@ def run(args: argparse.Namespace) -> int:
     if args.queue_size < 0:
         raise PipelineError(f"--queue_size {args.queue_size}: give 0 or more")
     checkpoint = hub.resolve(args.checkpoint) if args.checkpoint else nano.CHECKPOINT
+    defaults = defaults_for(args)
+    check_defaults(checkpoint, defaults)
     dtype = args.weight_dtype or ("fp32" if args.checkpoint is None else "bf16")
     pipe = HeliosPipeline.from_pretrained(checkpoint, dtype=jnp.float32 if dtype == "fp32" else jnp.bfloat16)
-    defaults = defaults_for(args.checkpoint)
     scheduler = Scheduler(pipe, args.queue_size)
     if not args.no_warmup:
         logger.info("warming up: one %d-frame generation at %dx%d, so that the first client pays no compile",
-                    66, defaults.height, defaults.width)
+                    WARM_UP_FRAMES, defaults.height, defaults.width)
         logger.info("warm-up done in %.1f s; every session shares these compiled programs", warm_up(scheduler,
                                                                                                     defaults))
     server = Server(scheduler, defaults, Limits(), os.path.abspath(args.output_dir), token)

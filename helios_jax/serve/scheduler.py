@@ -28,20 +28,20 @@ class QueueFull(ProtocolError):
     """The queue holds as many waiting jobs as it may."""
 
 
-def pipeline_settings(pipe: Any, start: Start, defaults: Defaults) -> dict[str, Any]:
+def pipeline_settings(spec: Any, scheduler_config: Any, start: Start, defaults: Defaults) -> dict[str, Any]:
     """The pipeline's generation settings for ``start`` (``steps`` per pyramid stage, or in all), checked by the
-    pipeline's own rules (sizes, frame counts) before the job is queued: a bad request costs no device time."""
-    stages = pipe.scheduler_config.stages if pipe.spec.pyramid else 1
+    pipeline's own rules (sizes, frame counts) for a pipeline of this ``spec`` and scheduler before the job is
+    queued: a bad request costs no device time."""
     settings: dict[str, Any] = dict(num_frames=start.num_frames, height=start.height, width=start.width,
                                     guidance_scale=start.guidance_scale,
                                     is_amplify_first_chunk=defaults.amplify_first_chunk)
-    if pipe.spec.pyramid:
-        settings["pyramid_num_inference_steps_list"] = [start.steps] * stages
+    if spec.pyramid:
+        settings["pyramid_num_inference_steps_list"] = [start.steps] * scheduler_config.stages
     else:
         settings["num_inference_steps"] = start.steps
     try:
-        check_request(settings, pyramid=pipe.spec.pyramid, stages=pipe.scheduler_config.stages,
-                      scheduler_type=pipe.scheduler_config.scheduler_type)
+        check_request(settings, pyramid=spec.pyramid, stages=scheduler_config.stages,
+                      scheduler_type=scheduler_config.scheduler_type)
     except PipelineError as err:
         raise ProtocolError(str(err)) from None
     return settings
@@ -127,6 +127,10 @@ class Scheduler:
     def start(self) -> None:
         self._thread.start()
 
+    def settings(self, start: Start, defaults: Defaults) -> dict[str, Any]:
+        """``start``'s generation settings for this pipeline, checked (:func:`pipeline_settings`)."""
+        return pipeline_settings(self.pipe.spec, self.pipe.scheduler_config, start, defaults)
+
     def close(self) -> None:
         """Stop taking jobs, cancel the running one at its next boundary, and let the worker end."""
         with self._lock:
@@ -147,7 +151,8 @@ class Scheduler:
         """Queue ``job`` (``queued`` with its place in line), or :class:`QueueFull`."""
         with self._lock:
             if len(self._waiting) >= self.queue_size:
-                raise QueueFull(f"the queue is full: {len(self._waiting)} generations are waiting besides the "
+                waiting = len(self._waiting)
+                raise QueueFull(f"the queue is full: {waiting} generation{'s' * (waiting != 1)} waiting besides the "
                                 f"running one (the limit, --queue_size, is {self.queue_size}); try again later")
             self._waiting.append(job)
             job.emit({"type": "queued", "position": len(self._waiting)})
