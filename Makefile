@@ -11,7 +11,7 @@ GPU_LOCK := locks/gpu-plan.txt
 # The tier's tests import no torch, so they run in the gpu-plan venv (which has none).
 GPU_TESTS := tests/test_gpu_plan.py tests/test_gpu_plan_fp8.py tests/test_gpu_plan_mesh.py tests/test_train_plan.py
 
-.PHONY: demo nano lint test check test-latest lock install install-test gpu-plan gpu-plan-room browser-test clean
+.PHONY: demo nano lint test check test-latest lock install install-test gpu-plan gpu-plan-room browser-test serve clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -93,6 +93,11 @@ $(GPU_VENV)/.installed: pyproject.toml $(LOCK) $(GPU_LOCK)
 
 gpu-plan: $(GPU_VENV)/.installed
 	HELIOS_TEST_XLA_FLAGS= JAX_PLATFORMS=cpu $(GPU_BIN)/python -m pytest -m gpu_plan $(GPU_TESTS) $(PYTEST_ARGS)
+
+# `helios-jax serve` (docs/serving.md) with the embedded nano model at http://127.0.0.1:8000/ (SERVE_ARGS: its flags).
+serve: install
+	$(BIN)/python -m pip install -q --no-cache-dir -c $(LOCK) -e ".[serve]"
+	$(BIN)/helios-jax serve $(SERVE_ARGS)
 
 # The real-browser tier (tests/test_serve_browser.py, marker browser; not in make test): `helios-jax serve` with the nano
 # model, its page in Debian's headless Chromium (apt-get, as root: CI's machines are the same kind), driven by Playwright
