@@ -18,6 +18,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import monitoring
 from PIL import Image
 
 pytest.importorskip("starlette", reason="the serve extra (pip install '.[serve]') is part of the test install")
@@ -58,6 +59,14 @@ def pipe(tmp_path_factory):
     return HeliosPipeline.from_pretrained(folder, dtype=jnp.float32, compilation_cache=False)
 
 
+@pytest.fixture(scope="module")
+def warmed(pipe):
+    """The pipeline after the server's own warm-up (command.warm_up, through the scheduler's code path)."""
+    scheduler = Scheduler(pipe, 1)
+    assert command.warm_up(scheduler, DEFAULTS) > 0
+    return pipe
+
+
 def _settings(**changes) -> dict:
     return dict(num_frames=DEFAULTS.num_frames, height=SIZE, width=SIZE, guidance_scale=1.0, num_inference_steps=1,
                 is_amplify_first_chunk=False, **changes)
@@ -92,8 +101,8 @@ def _server(pipe, tmp_path, queue_size=2, token=None):
 
 
 @pytest.fixture
-def served(pipe, tmp_path):
-    scheduler, app = _server(pipe, tmp_path)
+def served(warmed, tmp_path):
+    scheduler, app = _server(warmed, tmp_path)
     with TestClient(app) as client:
         yield client, scheduler
     scheduler.close()
@@ -125,13 +134,21 @@ def _fragments(messages: list) -> list[bytes]:
     return [m for m in messages if isinstance(m, bytes)]
 
 
-def test_stream_in_order_and_one_playable_mp4(served, reference, tmp_path):
-    """start -> queued, started, (chunk + fragment) per chunk, done; the fragments joined are one MP4 of every
-    frame sent, and each equals the library's own session's."""
+def test_stream_in_order_and_one_playable_mp4(served, request, tmp_path):
+    """start -> queued, started, (chunk + fragment) per chunk, done, compiling nothing after the warm-up; the
+    fragments joined are one MP4 of every frame sent, and each equals the library's own session's."""
     client, _ = served
-    with client.websocket_connect("/v1/stream") as ws:
-        ws.send_json({"type": "start", "prompt": DEFAULTS.prompt, "seed": 0})
-        messages = _until(ws, "done")
+    compiles = []
+    listener = lambda event, duration, **kw: compiles.append(event)  # noqa: E731
+    monitoring.register_event_duration_secs_listener(listener)
+    try:
+        with client.websocket_connect("/v1/stream") as ws:
+            ws.send_json({"type": "start", "prompt": DEFAULTS.prompt, "seed": 0})
+            messages = _until(ws, "done")
+    finally:
+        monitoring.unregister_event_duration_listener(listener)
+    assert "/jax/core/compile/backend_compile_duration" not in compiles, "a served session compiled a program"
+    reference = request.getfixturevalue("reference")
     kinds = [m["type"] if isinstance(m, dict) else "bytes" for m in messages]
     assert kinds == ["queued", "started", "chunk", "bytes", "chunk", "bytes", "done"], kinds
     assert messages[0]["position"] == 1

@@ -111,12 +111,13 @@ async def stream(websocket: WebSocket) -> None:
     job: Job | None = None
 
     async def forward() -> None:
-        while True:
-            item = await outgoing.get()
-            if isinstance(item, bytes):
-                await websocket.send_bytes(item)
-            else:
-                await websocket.send_json(item)
+        with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):  # the client is gone; the reader sees it
+            while True:
+                item = await outgoing.get()
+                if isinstance(item, bytes):
+                    await websocket.send_bytes(item)
+                else:
+                    await websocket.send_json(item)
 
     def on_chunk(muxer: FragmentedMp4) -> Callable[[int, np.ndarray, float], None]:
         def send(index: int, frames: np.ndarray, seconds: float) -> None:
@@ -198,15 +199,19 @@ async def videos(request: Request) -> Response:
     from helios_jax.generate import default_output
 
     writer: list[Mp4Writer] = []
-    events: list[dict] = []
 
     def on_chunk(index: int, frames: np.ndarray, seconds: float) -> None:
-        if not writer:
+        if not writer:  # named here, on the worker thread: no other job writes meanwhile
             os.makedirs(server.output_dir, exist_ok=True)
-            writer.append(Mp4Writer(default_output(start.prompt, server.output_dir), server.fps).__enter__())
+            writer.append(Mp4Writer(default_output(start.prompt, server.output_dir), server.fps))
         writer[0].write(frames)
 
-    job = Job(start, settings, events.append, on_chunk)
+    def on_end(complete: bool) -> None:
+        """The mp4 renamed into place if every chunk was made; else its temporary file removed."""
+        if writer:
+            writer[0].__exit__(None if complete else RuntimeError, None, None)
+
+    job = Job(start, settings, lambda message: None, on_chunk, on_end)
     try:
         server.scheduler.submit(job)
     except ProtocolError as err:
@@ -214,14 +219,11 @@ async def videos(request: Request) -> Response:
     try:
         while not job.finished.is_set():
             await asyncio.sleep(0.05)
-    except asyncio.CancelledError:  # the client is gone
+    except asyncio.CancelledError:  # the client is gone: cancelled at the next boundary, nothing published
         server.scheduler.withdraw(job)
         raise
-    failed = job.error or (None if writer else "no frames were generated")
-    if writer:
-        writer[0].__exit__(RuntimeError if failed else None, None, None)
-    if failed:
-        return JSONResponse({"type": "error", "message": failed}, 500)
+    if job.error or not writer:
+        return JSONResponse({"type": "error", "message": job.error or "no frames were generated"}, 500)
     path = writer[0].path
     return FileResponse(path, media_type="video/mp4", headers={"X-Helios-Video": os.path.basename(path)})
 

@@ -52,14 +52,16 @@ Chunk = Callable[[int, np.ndarray, float], None]
 
 class Job:
     """One client's generation. ``emit(message)`` sends a JSON message to the client; ``on_chunk(index, frames,
-    seconds)`` takes each chunk's uint8 frames (t, H, W, 3); both are called from the worker thread.
+    seconds)`` takes each chunk's uint8 frames (t, H, W, 3); ``on_end(complete)`` is told, once the job has run,
+    whether every chunk was made; all are called from the worker thread.
 
     The steering methods may be called from any thread: they go to the session's own setters (which apply them
     at its next chunk boundary), or, before the session exists, wait here and are handed to it when it starts.
     """
 
-    def __init__(self, start: Start, settings: dict[str, Any], emit: Callable[[dict], None], on_chunk: Chunk):
-        self.start, self.settings, self.emit, self.on_chunk = start, settings, emit, on_chunk
+    def __init__(self, start: Start, settings: dict[str, Any], emit: Callable[[dict], None], on_chunk: Chunk,
+                 on_end: Callable[[bool], None] | None = None):
+        self.start, self.settings, self.emit, self.on_chunk, self.on_end = start, settings, emit, on_chunk, on_end
         self.cancelled = threading.Event()
         self.finished = threading.Event()
         self.error: str | None = None
@@ -225,3 +227,9 @@ def run_job(pipe: Any, job: Job) -> None:
         if not isinstance(err, (PipelineError, ProtocolError, ValueError, OSError)):
             logger.exception("a generation failed")
         job.emit({"type": "error", "message": f"the generation failed: {err}"})
+    finally:
+        if job.on_end is not None:
+            try:
+                job.on_end(job.error is None and not job.cancelled.is_set())
+            except Exception as err:  # noqa: BLE001 - e.g. a full disk: the job's error; the worker goes on
+                job.error = job.error or f"the video could not be written: {err}"
