@@ -14,7 +14,6 @@ import dataclasses
 import hmac
 import importlib.resources
 import json
-import logging
 import os
 from typing import Any, Callable
 
@@ -31,6 +30,7 @@ from helios_jax.serve.protocol import (
     Defaults,
     Limits,
     ProtocolError,
+    check_fields,
     check_prompt,
     check_transition,
     decode_image,
@@ -40,7 +40,6 @@ from helios_jax.serve.protocol import (
 from helios_jax.serve.scheduler import Job, Scheduler
 from helios_jax.video import Mp4Writer
 
-logger = logging.getLogger(__name__)
 FPS = 24
 
 
@@ -146,17 +145,13 @@ async def stream(websocket: WebSocket) -> None:
                 elif job is None or job.finished.is_set():
                     raise ProtocolError(f"{kind}: no generation is running on this connection (send start first)")
                 elif kind == "prompt":
-                    unknown = sorted(set(request) - {"type", "prompt", "transition_chunks"})
-                    if unknown:
-                        raise ProtocolError(f"unknown field(s) {unknown} in prompt; it takes prompt, transition_chunks")
+                    check_fields(request, ("prompt", "transition_chunks"))
                     text = check_prompt(request.get("prompt"), server.limits)
                     transition = check_transition(request, job.start.transition_chunks, server.limits)
                     put({"type": "prompt", "prompt": text, "transition_chunks": transition,
                          "from_chunk": job.set_prompt(text, transition)})
                 elif kind == "image":
-                    unknown = sorted(set(request) - {"type", "image"})
-                    if unknown:
-                        raise ProtocolError(f"unknown field(s) {unknown} in image; it takes image")
+                    check_fields(request, ("image",))
                     job.set_image(decode_image(request.get("image"), job.start.height, job.start.width,
                                                server.limits))
                 elif kind == "pause":

@@ -21,7 +21,7 @@ import numpy as np
 from helios_jax.request import SEED_RANGE, is_int
 
 CLIENT_TYPES = ("start", "prompt", "image", "pause", "resume", "stop")
-START_FIELDS = ("type", "prompt", "num_frames", "seed", "height", "width", "guidance_scale", "steps", "image",
+START_FIELDS = ("prompt", "num_frames", "seed", "height", "width", "guidance_scale", "steps", "image",
                 "transition_chunks")
 MIB = 1 << 20
 
@@ -93,6 +93,13 @@ def parse_message(text: str | bytes | None, limits: Limits) -> dict[str, Any]:
     return message
 
 
+def check_fields(message: dict, allowed: tuple[str, ...]) -> None:
+    """Unknown fields are errors, not ignored (a misspelt field would otherwise silently take its default)."""
+    unknown = sorted(set(message) - {"type", *allowed})
+    if unknown:
+        raise ProtocolError(f"unknown field(s) {unknown} in {message['type']}; it takes {', '.join(allowed)}")
+
+
 def _integer(message: dict, name: str, default: int, low: int, high: int, unit: str = "") -> int:
     value = message.get(name, default)
     if not is_int(value):
@@ -152,9 +159,7 @@ def decode_image(value: Any, height: int, width: int, limits: Limits) -> np.ndar
 
 def parse_start(message: dict, defaults: Defaults, limits: Limits) -> Start:
     """A ``start`` message checked against the limits, its missing fields from ``defaults``."""
-    unknown = sorted(set(message) - set(START_FIELDS))
-    if unknown:
-        raise ProtocolError(f"unknown field(s) {unknown} in start; it takes {', '.join(START_FIELDS[1:])}")
+    check_fields(message, START_FIELDS)
     prompt = check_prompt(message.get("prompt", defaults.prompt), limits)
     num_frames = _integer(message, "num_frames", defaults.num_frames, 1, limits.max_frames, " frames")
     seed = _integer(message, "seed", defaults.seed, *SEED_RANGE)
