@@ -94,8 +94,8 @@ def reference(pipe):
     return _session_run(pipe)
 
 
-def _server(pipe, tmp_path, queue_size=2, token=None):
-    scheduler = Scheduler(pipe, queue_size)
+def _server(pipe, tmp_path, queue_size=2, token=None, max_pause_s=60.0):
+    scheduler = Scheduler(pipe, queue_size, max_pause_s)
     scheduler.start()
     return scheduler, make_app(Server(scheduler, DEFAULTS, Limits(), str(tmp_path / "videos"), token))
 
@@ -237,6 +237,20 @@ def test_bounded_queue_positions_and_a_disconnect_lets_the_next_client_start(pip
     finally:
         scheduler.close()
     assert scheduler.status()["completed"] == 2
+
+
+def test_a_pause_past_its_limit_stops_the_generation_with_an_error(warmed, tmp_path):
+    scheduler, app = _server(warmed, tmp_path, max_pause_s=0.2)
+    try:
+        with TestClient(app) as client, client.websocket_connect("/v1/stream") as ws:
+            ws.send_json({"type": "start"})
+            ws.send_json({"type": "pause"})
+            messages = _until(ws, "done")
+    finally:
+        scheduler.close()
+    errors = [m["message"] for m in messages if isinstance(m, dict) and m["type"] == "error"]
+    assert len(errors) == 1 and "limit of 0.2 s" in errors[0], messages
+    assert messages[-1] == {"type": "done", "stopped": True}
 
 
 def test_token_on_every_request_and_connection(pipe, tmp_path):

@@ -144,13 +144,14 @@ def run(args: argparse.Namespace) -> int:
     check_defaults(checkpoint, defaults)
     dtype = args.weight_dtype or ("fp32" if args.checkpoint is None else "bf16")
     pipe = HeliosPipeline.from_pretrained(checkpoint, dtype=jnp.float32 if dtype == "fp32" else jnp.bfloat16)
-    scheduler = Scheduler(pipe, args.queue_size)
+    limits = Limits()
+    scheduler = Scheduler(pipe, args.queue_size, limits.max_pause_s)
     if not args.no_warmup:
         logger.info("warming up: one %d-frame generation at %dx%d, so that the first client pays no compile",
                     WARM_UP_FRAMES, defaults.height, defaults.width)
         logger.info("warm-up done in %.1f s; every session shares these compiled programs", warm_up(scheduler,
                                                                                                     defaults))
-    server = Server(scheduler, defaults, Limits(), os.path.abspath(args.output_dir), token)
+    server = Server(scheduler, defaults, limits, os.path.abspath(args.output_dir), token)
     scheduler.start()
     logger.info("serving %s at http://%s:%d/%s", checkpoint, args.host, args.port,
                 "?token=..." if token else "")

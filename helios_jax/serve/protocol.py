@@ -43,6 +43,7 @@ class Limits:
     max_steps: int = 50  # denoising steps (per pyramid stage)
     max_guidance: float = 20.0
     max_transition_chunks: int = 8
+    max_pause_s: float = 300.0  # a paused generation keeps the device; past this it is stopped for the next client
 
 
 @dataclasses.dataclass(frozen=True)

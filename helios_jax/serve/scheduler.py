@@ -19,7 +19,7 @@ import numpy as np
 
 from helios_jax.checkpoint import PipelineError
 from helios_jax.request import check_request
-from helios_jax.serve.protocol import Defaults, ProtocolError, Start
+from helios_jax.serve.protocol import Defaults, Limits, ProtocolError, Start
 
 logger = logging.getLogger(__name__)
 
@@ -117,8 +117,8 @@ class Job:
 class Scheduler:
     """The bounded queue (``queue_size`` jobs waiting besides the running one) and its worker thread."""
 
-    def __init__(self, pipe: Any, queue_size: int):
-        self.pipe, self.queue_size = pipe, queue_size
+    def __init__(self, pipe: Any, queue_size: int, max_pause_s: float = Limits.max_pause_s):
+        self.pipe, self.queue_size, self.max_pause_s = pipe, queue_size, max_pause_s
         self.running: Job | None = None
         self.completed = 0
         self._waiting: collections.deque[Job] = collections.deque()
@@ -185,7 +185,7 @@ class Scheduler:
                 job = self.running = self._waiting.popleft()
                 self._tell_positions()
             try:
-                run_job(self.pipe, job)
+                run_job(self.pipe, job, self.max_pause_s)
             finally:
                 with self._lock:
                     self.running = None
@@ -193,10 +193,10 @@ class Scheduler:
                 job.finished.set()
 
 
-def run_job(pipe: Any, job: Job) -> None:
+def run_job(pipe: Any, job: Job, max_pause_s: float = Limits.max_pause_s) -> None:
     """One job on this thread, chunk by chunk, through ``pipe.session``; a pause waits here (the device stays
-    this job's), a cancel ends it at the next boundary; any failure is one ``error`` message to its client
-    (the server goes on with the next job)."""
+    this job's, for ``max_pause_s`` at most), a cancel ends it at the next boundary; any failure is one
+    ``error`` message to its client (the server goes on with the next job)."""
     from helios_jax.session import SessionPaused
 
     start = job.start
@@ -207,7 +207,10 @@ def run_job(pipe: Any, job: Job) -> None:
         while True:
             if session.paused and not session.done:
                 job.emit({"type": "paused", "index": session.index})
-                session.wait_while_paused()
+                if not session.wait_while_paused(max_pause_s) and not session.done:
+                    job.cancel()
+                    job.emit({"type": "error", "message": f"paused for longer than the limit of {max_pause_s:g} s: "
+                                                          "the generation was stopped to free the device"})
                 if not session.done:
                     job.emit({"type": "resumed", "index": session.index})
             began = time.perf_counter()
