@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,9 +31,6 @@ from helios_jax.prompts import PromptSchedule, plan_prompt_chunks
 from helios_jax.request import Request, is_int
 from helios_jax.sampling import ChunkNoise, noise_shapes
 from helios_jax.video import ImageLike, load_image
-
-if TYPE_CHECKING:
-    from helios_jax.pipeline import HeliosPipeline
 
 
 class SessionPaused(RuntimeError):
@@ -53,7 +50,8 @@ class _Dispatched:
 class StreamSession(Iterator[np.ndarray]):
     """A generation, one chunk per ``next()``, steerable between chunks (see the module docstring).
 
-    Made by ``HeliosPipeline.session``, which checks every argument first. ``next(session)`` returns the next
+    Made by ``HeliosPipeline.session``, which checks every argument first (``pipe`` is that pipeline, typed
+    ``Any`` because pipeline.py imports this module). ``next(session)`` returns the next
     chunk's frames, uint8 (t, H, W, 3) (float32 in [0, 1] with ``output_type="float"``): what ``pipe.stream``
     yields for one prompt without its batch axis, the last chunk trimmed the same way. It raises
     StopIteration after the last chunk or once ``stop()`` took effect, and :class:`SessionPaused` while paused.
@@ -65,7 +63,7 @@ class StreamSession(Iterator[np.ndarray]):
     shapes: a second session compiles nothing.
     """
 
-    def __init__(self, pipe: "HeliosPipeline", request: Request, layout: HistoryLayout, num_chunks: int,
+    def __init__(self, pipe: Any, request: Request, layout: HistoryLayout, num_chunks: int,
                  guidance: str, prompts: Sequence[jax.Array], negative: jax.Array | None, image: np.ndarray | None,
                  video: np.ndarray | None, source: NoiseSource, output_type: str, progress: bool | None,
                  interpolation_chunks: int = 0, single: bool = False):

@@ -61,7 +61,7 @@ def _steered(pipe, changes: dict, **kwargs) -> np.ndarray:
 def test_a_live_switch_equals_the_switch_planned_ahead(pipe):
     """set_prompt after chunk 0, blended over 3 chunks, gives the frames of the CSV mode's schedule with prompt B from
     chunk 1 and interpolation_chunks=3 (weights 0, 0.5, 1 on chunks 1-3), exactly; and it changes the video."""
-    args = dict(num_frames=33 * 5, seed=5)
+    args = dict(num_frames=33 * 4, seed=5)
     planned = pipe(**SMALL, **args, interactive_prompts=[(0, A), (1, B)], interpolation_chunks=3, progress=False)
     live = _steered(pipe, {1: lambda s: s.set_prompt(B, transition_chunks=3)}, prompt=A, **args)
     np.testing.assert_array_equal(live, planned)
