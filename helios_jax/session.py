@@ -87,10 +87,9 @@ class StreamSession(Iterator[np.ndarray]):
         self._indices: dict[str, jax.Array] = {}
         self._bar: ChunkProgress | None = None
         self._dispatched = self._returned = 0
-        # What the setters leave for the next boundary, under one lock; `_busy` is held by the thread inside next.
+        # What the setters leave for the next boundary, and whether a thread is inside next, under one lock.
         self._control = threading.Condition()
-        self._busy = threading.Lock()
-        self._paused = self._stopped = False
+        self._running = self._paused = self._stopped = False
         self._next_prompt: tuple[str, int] | None = None
         self._next_image: np.ndarray | None = None
         self.chunk_seconds: list[float] = []  # the wall time of each next(), in order
@@ -166,11 +165,8 @@ class StreamSession(Iterator[np.ndarray]):
         with self._control:
             self._stopped = True
             self._control.notify_all()
-        if self._busy.acquire(blocking=False):
-            try:
+            if not self._running:
                 self._release()
-            finally:
-                self._busy.release()
 
     def wait_while_paused(self, timeout: float | None = None) -> bool:
         """Block while the session is paused and not stopped (at most ``timeout`` seconds); whether ``next`` may
@@ -189,29 +185,30 @@ class StreamSession(Iterator[np.ndarray]):
         return self
 
     def __next__(self) -> np.ndarray:
-        if not self._busy.acquire(blocking=False):
-            raise RuntimeError("next(session) is already running in another thread; drive a session from one thread")
-        try:
-            with self._control:
-                if self.done:
-                    self._release()
-                    raise StopIteration
-                if self._paused:
-                    raise SessionPaused(f"the session is paused before chunk {self._returned + 1} of "
-                                        f"{self.num_chunks}: call resume() first")
-            start = time.perf_counter()
-            try:
-                frames = self._fetch(self._dispatch())
-            except BaseException:
-                self._stopped = True  # a failed chunk leaves the history unusable: the session ends
-                self._release()
-                raise
-            self.chunk_seconds.append(time.perf_counter() - start)
+        with self._control:
+            if self._running:
+                raise RuntimeError("next(session) is already running in another thread; drive a session from one "
+                                   "thread")
             if self.done:
                 self._release()
-            return frames[0] if self._single else frames
+                raise StopIteration
+            if self._paused:
+                raise SessionPaused(f"the session is paused before chunk {self._returned + 1} of {self.num_chunks}: "
+                                    "call resume() first")
+            self._running = True
+        start = time.perf_counter()
+        try:
+            frames = self._fetch(self._dispatch())
+            self.chunk_seconds.append(time.perf_counter() - start)
+        except BaseException:
+            self._stopped = True  # a failed chunk leaves the history unusable: the session ends
+            raise
         finally:
-            self._busy.release()
+            with self._control:
+                self._running = False
+                if self.done:
+                    self._release()
+        return frames[0] if self._single else frames
 
     def pipelined(self) -> Iterator[np.ndarray]:
         """Every chunk's output with its batch axis, chunk k dispatched before chunk k - 1's output is fetched
