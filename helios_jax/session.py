@@ -67,7 +67,7 @@ class StreamSession(Iterator[np.ndarray]):
                  guidance: str, prompts: Sequence[jax.Array], negative: jax.Array | None, image: np.ndarray | None,
                  video: np.ndarray | None, source: NoiseSource, output_type: str, progress: bool | None,
                  interpolation_chunks: int = 0, single: bool = False):
-        self._pipe, self.request, self._layout, self._guidance = pipe, request, layout, guidance
+        self._pipe, self.request, self._layout = pipe, request, layout
         self.num_chunks = num_chunks
         self._schedule, self._schedule_start = prompts, 0  # chunk k takes self._schedule[k - start]
         self._negative, self._image, self._video, self._source = negative, image, video, source
