@@ -4,7 +4,8 @@
 diffusers' ``HeliosPipeline`` or ``HeliosPyramidPipeline`` according to its ``model_index.json``
 (scheduler, ``is_distilled``, ``is_cfg_zero_star``). ``pipe(...)`` returns the whole video;
 ``pipe.stream(...)`` yields each chunk's frames as soon as they are decoded, holding only the
-fixed-size history window between chunks, so memory stays flat however long the video.
+fixed-size history window between chunks, so memory stays flat however long the video; ``pipe.session(...)``
+is the same generation a chunk per ``next``, steerable between chunks (helios_jax/session.py holds the loop).
 
 Every random draw goes through one :class:`~helios_jax.noise.NoiseSource`, asked in the reference's
 order, and each chunk is one jit-compiled sampling program (``helios_jax.sampling.denoise_chunk``)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,9 +31,6 @@ from helios_jax.prompts import PromptSchedule, plan_prompt_chunks
 from helios_jax.request import Request, is_int
 from helios_jax.sampling import ChunkNoise, noise_shapes
 from helios_jax.video import ImageLike, load_image
-
-if TYPE_CHECKING:
-    from helios_jax.pipeline import HeliosPipeline
 
 
 class SessionPaused(RuntimeError):
@@ -53,7 +50,8 @@ class _Dispatched:
 class StreamSession(Iterator[np.ndarray]):
     """A generation, one chunk per ``next()``, steerable between chunks (see the module docstring).
 
-    Made by ``HeliosPipeline.session``, which checks every argument first. ``next(session)`` returns the next
+    Made by ``HeliosPipeline.session``, which checks every argument first (``pipe`` is that pipeline, typed
+    ``Any`` because pipeline.py imports this module). ``next(session)`` returns the next
     chunk's frames, uint8 (t, H, W, 3) (float32 in [0, 1] with ``output_type="float"``): what ``pipe.stream``
     yields for one prompt without its batch axis, the last chunk trimmed the same way. It raises
     StopIteration after the last chunk or once ``stop()`` took effect, and :class:`SessionPaused` while paused.
@@ -65,11 +63,11 @@ class StreamSession(Iterator[np.ndarray]):
     shapes: a second session compiles nothing.
     """
 
-    def __init__(self, pipe: "HeliosPipeline", request: Request, layout: HistoryLayout, num_chunks: int,
+    def __init__(self, pipe: Any, request: Request, layout: HistoryLayout, num_chunks: int,
                  guidance: str, prompts: Sequence[jax.Array], negative: jax.Array | None, image: np.ndarray | None,
                  video: np.ndarray | None, source: NoiseSource, output_type: str, progress: bool | None,
                  interpolation_chunks: int = 0, single: bool = False):
-        self._pipe, self.request, self._layout, self._guidance = pipe, request, layout, guidance
+        self._pipe, self.request, self._layout = pipe, request, layout
         self.num_chunks = num_chunks
         self._schedule, self._schedule_start = prompts, 0  # chunk k takes self._schedule[k - start]
         self._negative, self._image, self._video, self._source = negative, image, video, source
@@ -89,10 +87,9 @@ class StreamSession(Iterator[np.ndarray]):
         self._indices: dict[str, jax.Array] = {}
         self._bar: ChunkProgress | None = None
         self._dispatched = self._returned = 0
-        # What the setters leave for the next boundary, under one lock; `_busy` is held by the thread inside next.
+        # What the setters leave for the next boundary, and whether a thread is inside next, under one lock.
         self._control = threading.Condition()
-        self._busy = threading.Lock()
-        self._paused = self._stopped = False
+        self._running = self._paused = self._stopped = False
         self._next_prompt: tuple[str, int] | None = None
         self._next_image: np.ndarray | None = None
         self.chunk_seconds: list[float] = []  # the wall time of each next(), in order
@@ -168,11 +165,8 @@ class StreamSession(Iterator[np.ndarray]):
         with self._control:
             self._stopped = True
             self._control.notify_all()
-        if self._busy.acquire(blocking=False):
-            try:
+            if not self._running:
                 self._release()
-            finally:
-                self._busy.release()
 
     def wait_while_paused(self, timeout: float | None = None) -> bool:
         """Block while the session is paused and not stopped (at most ``timeout`` seconds); whether ``next`` may
@@ -191,29 +185,30 @@ class StreamSession(Iterator[np.ndarray]):
         return self
 
     def __next__(self) -> np.ndarray:
-        if not self._busy.acquire(blocking=False):
-            raise RuntimeError("next(session) is already running in another thread; drive a session from one thread")
-        try:
-            with self._control:
-                if self.done:
-                    self._release()
-                    raise StopIteration
-                if self._paused:
-                    raise SessionPaused(f"the session is paused before chunk {self._returned + 1} of "
-                                        f"{self.num_chunks}: call resume() first")
-            start = time.perf_counter()
-            try:
-                frames = self._fetch(self._dispatch())
-            except BaseException:
-                self._stopped = True  # a failed chunk leaves the history unusable: the session ends
-                self._release()
-                raise
-            self.chunk_seconds.append(time.perf_counter() - start)
+        with self._control:
+            if self._running:
+                raise RuntimeError("next(session) is already running in another thread; drive a session from one "
+                                   "thread")
             if self.done:
                 self._release()
-            return frames[0] if self._single else frames
+                raise StopIteration
+            if self._paused:
+                raise SessionPaused(f"the session is paused before chunk {self._returned + 1} of {self.num_chunks}: "
+                                    "call resume() first")
+            self._running = True
+        start = time.perf_counter()
+        try:
+            frames = self._fetch(self._dispatch())
+            self.chunk_seconds.append(time.perf_counter() - start)
+        except BaseException:
+            self._stopped = True  # a failed chunk leaves the history unusable: the session ends
+            raise
         finally:
-            self._busy.release()
+            with self._control:
+                self._running = False
+                if self.done:
+                    self._release()
+        return frames[0] if self._single else frames
 
     def pipelined(self) -> Iterator[np.ndarray]:
         """Every chunk's output with its batch axis, chunk k dispatched before chunk k - 1's output is fetched

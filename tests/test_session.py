@@ -61,7 +61,7 @@ def _steered(pipe, changes: dict, **kwargs) -> np.ndarray:
 def test_a_live_switch_equals_the_switch_planned_ahead(pipe):
     """set_prompt after chunk 0, blended over 3 chunks, gives the frames of the CSV mode's schedule with prompt B from
     chunk 1 and interpolation_chunks=3 (weights 0, 0.5, 1 on chunks 1-3), exactly; and it changes the video."""
-    args = dict(num_frames=33 * 5, seed=5)
+    args = dict(num_frames=33 * 4, seed=5)
     planned = pipe(**SMALL, **args, interactive_prompts=[(0, A), (1, B)], interpolation_chunks=3, progress=False)
     live = _steered(pipe, {1: lambda s: s.set_prompt(B, transition_chunks=3)}, prompt=A, **args)
     np.testing.assert_array_equal(live, planned)
@@ -146,39 +146,67 @@ def test_pause_resume_stop(pipe):
 
 def test_a_setter_during_next_applies_at_the_next_boundary(pipe, contexts, monkeypatch):
     """set_prompt and pause, called from another thread while chunk 1 is being computed, leave chunk 1 as it was
-    and apply from chunk 2 on; a second thread calling next meanwhile is refused."""
-    session = pipe.session(**SMALL, prompt=A, num_frames=33 * 3, seed=2)
-    inside, release = threading.Event(), threading.Event()
+    and apply from chunk 2 on; a second thread calling next meanwhile is refused; stop() during chunk 2 lets
+    chunk 2 arrive and ends the session there, one chunk early."""
+    session = pipe.session(**SMALL, prompt=A, num_frames=33 * 4, seed=2)
+    gates = {chunk: (threading.Event(), threading.Event()) for chunk in (1, 2)}  # (inside, release)
     denoise = pipe._denoise
 
     def blocking(*args):
-        if len(contexts) == 1:  # chunk 1's program (chunk 0's context is recorded)
+        inside, release = gates.get(len(contexts), (None, None))  # chunk k's program: k contexts recorded before
+        if inside is not None:
             inside.set()
             assert release.wait(timeout=60)
         return denoise(*args)
 
+    def in_another_thread(chunk: int, steer) -> None:
+        worker = threading.Thread(target=lambda: frames.append(next(session)))
+        worker.start()
+        inside, release = gates[chunk]
+        assert inside.wait(timeout=60)
+        steer()
+        release.set()
+        worker.join(timeout=60)
+        assert len(frames) == chunk + 1 and session.index == chunk + 1
+
+    def during_chunk_1() -> None:
+        session.set_prompt(B, transition_chunks=0)
+        session.pause()
+        with pytest.raises(RuntimeError, match="already running in another thread"):
+            next(session)
+
     monkeypatch.setattr(pipe, "_denoise", blocking)
     frames = [next(session)]
-    worker = threading.Thread(target=lambda: frames.append(next(session)))
-    worker.start()
-    assert inside.wait(timeout=60)
-    session.set_prompt(B, transition_chunks=0)
-    session.pause()
-    with pytest.raises(RuntimeError, match="already running in another thread"):
-        next(session)
-    release.set()
-    worker.join(timeout=60)
-    assert len(frames) == 2 and session.index == 2
+    in_another_thread(1, during_chunk_1)
     with pytest.raises(SessionPaused):
         next(session)
     session.resume()
-    frames.append(next(session))
+    in_another_thread(2, session.stop)
     assert session.done
+    with pytest.raises(StopIteration):
+        next(session)
     embeds = {p: np.asarray(pipe.prompt_encoder.encode(p, max_sequence_length=16)) for p in (A, B)}
+    assert len(contexts) == 3
     for chunk, prompt in enumerate((A, A, B)):
         np.testing.assert_array_equal(contexts[chunk], embeds[prompt], err_msg=f"chunk {chunk}")
-    planned = pipe(**SMALL, interactive_prompts=[(0, A), (2, B)], num_frames=33 * 3, seed=2, progress=False)
-    np.testing.assert_array_equal(np.concatenate(frames), planned)
+    planned = pipe(**SMALL, interactive_prompts=[(0, A), (2, B)], num_frames=33 * 4, seed=2, progress=False)
+    np.testing.assert_array_equal(np.concatenate(frames), planned[:33 * 3])
+
+
+def test_a_failed_chunk_ends_the_session(pipe, monkeypatch):
+    def failing(*args):
+        raise RuntimeError("the device is gone")
+
+    session = pipe.session(**SMALL, prompt=A, num_frames=33 * 2, seed=0)
+    monkeypatch.setattr(pipe, "_denoise", failing)
+    with pytest.raises(RuntimeError, match="the device is gone"):
+        next(session)
+    assert session.done and session.index == 0 and session._window is None
+    with pytest.raises(StopIteration):
+        next(session)
+    stopped = pipe.session(**SMALL, prompt=A, num_frames=33, seed=0)
+    stopped.stop()  # before any chunk: nothing is computed
+    assert stopped.done and list(stopped) == []
 
 
 @pytest.mark.parametrize("kwargs,match", [
