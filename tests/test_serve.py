@@ -239,6 +239,25 @@ def test_bounded_queue_positions_and_a_disconnect_lets_the_next_client_start(pip
     assert scheduler.status()["completed"] == 2
 
 
+def test_image_to_video_from_a_base64_image(served, pipe, reference):
+    """A start with an image (a data: URL of a PNG) is image-to-video: the library's session given the same
+    image (as the protocol fits it) makes the same fragments, unlike the text-only run's."""
+    picture = np.zeros((40, 24, 3), np.uint8)
+    picture[:, :12] = (220, 40, 40)
+    picture[:, 12:] = (30, 60, 200)
+    data = io.BytesIO()
+    Image.fromarray(picture).save(data, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(data.getvalue()).decode()
+    client, _ = served
+    with client.websocket_connect("/v1/stream") as ws:
+        ws.send_json({"type": "start", "prompt": DEFAULTS.prompt, "seed": 0, "image": url})
+        fragments = _fragments(_until(ws, "done"))
+    image = parse_start({"type": "start", "image": url}, DEFAULTS, Limits()).image
+    session, muxer = pipe.session(prompt=DEFAULTS.prompt, seed=0, image=image, **_settings()), FragmentedMp4()
+    assert fragments == [muxer.encode(chunk) for chunk in session]
+    assert fragments[0] != reference[0][0], "the image changed nothing"
+
+
 def test_a_pause_past_its_limit_stops_the_generation_with_an_error(warmed, tmp_path):
     scheduler, app = _server(warmed, tmp_path, max_pause_s=0.2)
     try:
