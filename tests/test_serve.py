@@ -14,6 +14,7 @@ import base64
 import io
 import json
 import os
+import socket
 
 import jax.numpy as jnp
 import numpy as np
@@ -294,6 +295,11 @@ def test_token_on_every_request_and_connection(pipe, tmp_path):
     command.check_bind("127.0.0.1", 8000, None)
     assert cli.main(["serve", "--host", "0.0.0.0"]) == 2  # refused before any weight is read
     assert cli.main(["serve", "--height", "50"]) == 2  # the nano model's configs: a multiple of 64
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(PipelineError, match="cannot listen on 127.0.0.1"):
+            command.check_port("127.0.0.1", taken.getsockname()[1])
 
 
 def test_post_videos_writes_the_mp4_atomically_under_the_output_folder(served, reference, tmp_path):

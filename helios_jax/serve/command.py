@@ -12,6 +12,7 @@ import argparse
 import ipaddress
 import logging
 import os
+import socket
 import time
 from typing import Any
 
@@ -64,6 +65,19 @@ def check_bind(host: str, port: int, token: str | None) -> None:
                             f"{TOKEN_ENV}), which every request and connection must then carry")
     if token is not None and len(token) < 16:
         raise PipelineError(f"the token has {len(token)} characters: give at least 16")
+
+
+def check_port(host: str, port: int) -> None:
+    """That the address can be bound now, before minutes of loading and warm-up (a port in use, a host that is
+    not this machine's)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as err:
+        raise PipelineError(f"cannot listen on {host}:{port}: {err.strerror or err}; choose another --port or "
+                            "--host") from None
 
 
 def defaults_for(args: argparse.Namespace) -> Any:
@@ -137,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
 
     token = args.token or os.environ.get(TOKEN_ENV) or None
     check_bind(args.host, args.port, token)
+    check_port(args.host, args.port)
     if args.queue_size < 0:
         raise PipelineError(f"--queue_size {args.queue_size}: give 0 or more")
     checkpoint = hub.resolve(args.checkpoint) if args.checkpoint else nano.CHECKPOINT
