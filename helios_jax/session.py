@@ -129,6 +129,10 @@ class StreamSession(Iterator[np.ndarray]):
                                 "n >= 2 to blend over n chunks")
         if not isinstance(self._schedule, PromptSchedule):
             raise PipelineError("set_prompt: this generation is a batch of prompts; a session steers one")
+        tokens, length = self._schedule.embeds.shape[1], self.request.max_sequence_length
+        if tokens != length:
+            raise PipelineError(f"set_prompt: this session's prompt_embeds have {tokens} tokens, and a text is encoded "
+                                f"to max_sequence_length = {length}: start it with max_sequence_length={tokens}")
         self._pipe._prompts()  # no text encoder is one error now, not at the boundary
         with self._control:
             self._check_open("set_prompt")

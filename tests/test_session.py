@@ -236,6 +236,16 @@ def test_bad_steering_is_one_error_and_changes_nothing(pipe, call, error, match)
     assert session._next_prompt is None and session._next_image is None and session.index == 0
 
 
+def test_set_prompt_needs_embeddings_of_the_encoded_length(pipe):
+    """A session started from prompt_embeds of another length than max_sequence_length cannot take a text: the
+    blend would mix two lengths (and the chunk program would compile again)."""
+    embeds = np.zeros((1, 8, pipe.transformer_config.text_dim), np.float32)
+    session = pipe.session(**{**SMALL, "max_sequence_length": 16}, prompt_embeds=embeds, num_frames=33, seed=0)
+    with pytest.raises(PipelineError, match="prompt_embeds have 8 tokens, and a text is encoded to "
+                                            "max_sequence_length = 16: start it with max_sequence_length=8"):
+        session.set_prompt(B)
+
+
 def test_set_image_needs_a_first_frame_prefix(pipe):
     session = pipe.session(**SMALL, prompt=A, num_frames=33, seed=0, keep_first_frame=False)
     with pytest.raises(PipelineError, match="keep_first_frame=False"):
