@@ -120,11 +120,12 @@ test-latest:
 	.venv-latest/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # Rewrite the lock from a fresh resolution of pyproject.toml's ranges (then run `make test` before committing it).
+# The browser extra too, so that make browser-test installs a locked Playwright.
 lock:
 	rm -rf .venv-lock
 	$(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/python -m pip install -q --upgrade pip
-	.venv-lock/bin/python -m pip install -q -e ".[test]"
+	.venv-lock/bin/python -m pip install -q -e ".[test,browser]"
 	{ head -n 2 $(LOCK); .venv-lock/bin/python -m pip freeze --exclude-editable | sed 's/+cpu$$//'; } > $(LOCK).new
 	mv $(LOCK).new $(LOCK)
 	rm -rf .venv-lock
