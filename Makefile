@@ -11,7 +11,7 @@ GPU_LOCK := locks/gpu-plan.txt
 # The tier's tests import no torch, so they run in the gpu-plan venv (which has none).
 GPU_TESTS := tests/test_gpu_plan.py tests/test_gpu_plan_fp8.py tests/test_gpu_plan_mesh.py tests/test_train_plan.py tests/test_gpu_plan_mosaic.py
 
-.PHONY: demo nano lint test check test-latest lock install install-test gpu-plan gpu-plan-room clean
+.PHONY: demo nano lint test check test-latest lock install install-test gpu-plan gpu-plan-room browser-test serve clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -94,6 +94,22 @@ $(GPU_VENV)/.installed: pyproject.toml $(LOCK) $(GPU_LOCK)
 gpu-plan: $(GPU_VENV)/.installed
 	HELIOS_TEST_XLA_FLAGS= JAX_PLATFORMS=cpu $(GPU_BIN)/python -m pytest -m gpu_plan $(GPU_TESTS) $(PYTEST_ARGS)
 
+# `helios-jax serve` (docs/serving.md) with the embedded nano model at http://127.0.0.1:8000/ (SERVE_ARGS: its flags).
+serve: install
+	$(BIN)/python -m pip install -q --no-cache-dir -c $(LOCK) -e ".[serve]"
+	$(BIN)/helios-jax serve $(SERVE_ARGS)
+
+# The real-browser tier (tests/test_serve_browser.py, marker browser; not in make test): `helios-jax serve` with the nano
+# model, its page in Debian's headless Chromium (apt-get, as root: CI's machines are the same kind), driven by Playwright
+# (pip, locked) through the system binary: no browser download. Idempotent; writes out/serve-screenshot.png.
+$(VENV)/.installed-browser: pyproject.toml $(LOCK) $(VENV)/.installed-test
+	@command -v chromium >/dev/null || { apt-get update -q && apt-get install -y -q chromium; }
+	$(BIN)/python -m pip install -q --no-cache-dir -c $(LOCK) -e ".[test,browser]"
+	touch $@
+
+browser-test: $(VENV)/.installed-browser
+	$(BIN)/python -m pytest -m browser tests/test_serve_browser.py $(PYTEST_ARGS)
+
 # Not in CI: the newest releases the ranges in pyproject.toml allow, in a separate venv, to find drift early.
 test-latest:
 	rm -rf .venv-latest
@@ -104,11 +120,12 @@ test-latest:
 	.venv-latest/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # Rewrite the lock from a fresh resolution of pyproject.toml's ranges (then run `make test` before committing it).
+# The browser extra too, so that make browser-test installs a locked Playwright.
 lock:
 	rm -rf .venv-lock
 	$(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/python -m pip install -q --upgrade pip
-	.venv-lock/bin/python -m pip install -q -e ".[test]"
+	.venv-lock/bin/python -m pip install -q -e ".[test,browser]"
 	{ head -n 2 $(LOCK); .venv-lock/bin/python -m pip freeze --exclude-editable | sed 's/+cpu$$//'; } > $(LOCK).new
 	mv $(LOCK).new $(LOCK)
 	rm -rf .venv-lock

@@ -1,5 +1,5 @@
 """The ``helios-jax`` command: ``generate``, ``download``, ``convert``, ``verify``, ``offload``, ``bench``, ``train``,
-``train-vae`` and ``eval``.
+``train-vae``, ``eval`` and ``serve``.
 
 Errors a user can cause (a bad flag value, a missing file, a checkpoint that does not fit) print one
 line and exit with status 2, before any weight is read where the error is in the arguments. Ctrl-C,
@@ -34,6 +34,7 @@ from helios_jax.convert import CheckpointError
 from helios_jax.nano import evaluate as nano_eval
 from helios_jax.nano.world import CaptionError
 from helios_jax.parallel import MeshError
+from helios_jax.serve import command as serve_command
 from helios_jax.training import DataError, NonFiniteError
 from helios_jax.video import PARTIALS_MADE, MediaError
 
@@ -275,6 +276,9 @@ def parser() -> Parser:
                                     "Score a 64x64 video of the nano world (docs/nano.md) chunk by chunk against the "
                                     "prompts it was generated from, by the world's rules: presence, colour, shape, "
                                     "background, motion, drift, seams at the chunk joins."))
+    serve_command.add_arguments(command("serve", "stream generation to a browser, steerable while it runs",
+                                        "Serve the model: a page at /, the WebSocket stream /v1/stream, POST "
+                                        "/v1/videos and GET /health (docs/serving.md)."))
     return root
 
 
@@ -442,6 +446,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "eval":
         return nano_eval.run(args)
+    if args.command == "serve":
+        return serve_command.run(args)
     return bench(args.which, args.args)
 
 

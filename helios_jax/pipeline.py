@@ -4,7 +4,8 @@
 diffusers' ``HeliosPipeline`` or ``HeliosPyramidPipeline`` according to its ``model_index.json``
 (scheduler, ``is_distilled``, ``is_cfg_zero_star``). ``pipe(...)`` returns the whole video;
 ``pipe.stream(...)`` yields each chunk's frames as soon as they are decoded, holding only the
-fixed-size history window between chunks, so memory stays flat however long the video.
+fixed-size history window between chunks, so memory stays flat however long the video; ``pipe.session(...)``
+is the same generation a chunk per ``next``, steerable between chunks (helios_jax/session.py holds the loop).
 
 Every random draw goes through one :class:`~helios_jax.noise.NoiseSource`, asked in the reference's
 order, and each chunk is one jit-compiled sampling program (``helios_jax.sampling.denoise_chunk``)
@@ -25,16 +26,9 @@ import numpy as np
 
 from helios_jax import hub, parallel
 from helios_jax.checkpoint import PipelineError, PipelineSpec, check_spec_matches_scheduler, read_checkpoint_configs
-from helios_jax.compilation import enable_compilation_cache, note_first_run
+from helios_jax.compilation import enable_compilation_cache
 from helios_jax.config import TransformerConfig, VAEConfig
-from helios_jax.history import (
-    VAE_SPATIAL_FACTOR,
-    HistoryLayout,
-    num_chunks,
-    output_frames,
-    push,
-    video_frames_per_chunk,
-)
+from helios_jax.history import VAE_SPATIAL_FACTOR, HistoryLayout, num_chunks, output_frames, video_frames_per_chunk
 from helios_jax.kernels.flash import HEAD_DIMS as FLASH_HEAD_DIMS
 from helios_jax.kernels.mosaic import unsupported as mosaic_unsupported
 from helios_jax.loading import COMPONENTS, check_lora_base
@@ -43,7 +37,6 @@ from helios_jax.models.attention import default_impl
 from helios_jax.models.lora import apply_loaded, load_lora
 from helios_jax.models.transformer import HeliosTransformer, TextKV, compute_dtype, sequence_length, text_kv
 from helios_jax.noise import KeyNoise, NoiseSource
-from helios_jax.progress import ChunkProgress
 from helios_jax.prompts import PromptEncoder, check_prompt_plan
 from helios_jax.request import Request, check_prompts, check_request, check_seed, check_video_length
 from helios_jax.sampling import (
@@ -59,6 +52,7 @@ from helios_jax.sampling import (
     read_scheduler_config,
 )
 from helios_jax.sampling.pyramid import stage_sizes
+from helios_jax.session import StreamSession, single_prompt_schedule
 from helios_jax.step_cache import StepCache
 from helios_jax.video import load_image, load_video
 
@@ -266,6 +260,15 @@ class HeliosPipeline:
         output_type = _output_type(output_type, ("uint8", "float"), "stream")
         return self._generate(prompt, output_type=output_type, **kwargs)
 
+    def session(self, prompt: str | None = None, *, output_type: str = "uint8", progress: bool | None = False,
+                **kwargs) -> StreamSession:
+        """One video, a chunk per ``next(session)``, steerable between chunks: ``set_prompt``, ``set_image``,
+        ``pause``, ``resume``, ``stop`` (``helios_jax.session``). Takes ``stream``'s arguments for one prompt
+        (``prompt``, ``prompt_embeds`` of one row or ``interactive_prompts``); every one is checked here, and the
+        prompts are encoded here, before the first chunk."""
+        output_type = _output_type(output_type, ("uint8", "float"), "session")
+        return self._session(prompt, output_type=output_type, progress=progress, single=True, **kwargs)
+
     def decode(self, latents: jax.Array, output_type: str = "uint8") -> jax.Array:
         """One chunk's latents (B, C, T, h, w), as ``output_type="latent"`` returns them, to frames on the
         device, (B, 1 + 4(T - 1), H, W, 3): the compiled decode ``stream`` runs after every chunk."""
@@ -330,7 +333,12 @@ class HeliosPipeline:
 
     # ------------------------------------------------------------------------------------ generation
 
-    def _generate(
+    def _generate(self, prompt: str | Sequence[str] | None, **kwargs: Any) -> Iterator[np.ndarray]:
+        """Validate and prepare everything (errors are raised here, before any compute), then return the iterator
+        over chunks, each dispatched before the previous one is fetched."""
+        return self._session(prompt, **kwargs).pipelined()
+
+    def _session(
         self,
         prompt: str | Sequence[str] | None,
         *,
@@ -346,15 +354,18 @@ class HeliosPipeline:
         noise: NoiseSource | None = None,
         output_type: str = "uint8",
         progress: bool | None = None,
+        single: bool = False,
         **settings: Any,
-    ) -> Iterator[np.ndarray]:
-        """Validate and prepare everything (errors are raised here, before any compute), then return
-        the iterator over chunks. ``progress``: None shows bars of chunks and steps on a terminal and logs
-        one line per chunk otherwise (``helios_jax.progress``); True always draws the bars, False nothing."""
+    ) -> StreamSession:
+        """Validate and prepare everything (errors are raised here, before any compute), then return the
+        generation as a session. ``progress``: None shows bars of chunks and steps on a terminal and logs
+        one line per chunk otherwise (``helios_jax.progress``); True always draws the bars, False nothing.
+        ``single``: one prompt, whose chunks come without the batch axis."""
         request, layout = self._check(settings, prompt=prompt, prompt_embeds=prompt_embeds,
                                       negative_prompt=negative_prompt, negative_prompt_embeds=negative_prompt_embeds,
                                       interactive_prompts=interactive_prompts,
-                                      interpolation_chunks=interpolation_chunks, image=image, video=video, seed=seed)
+                                      interpolation_chunks=interpolation_chunks, image=image, video=video, seed=seed,
+                                      single=single)
         chunks = num_chunks(request.num_frames, request.num_latent_frames_per_chunk)
         guidance = guidance_mode(request.guidance_scale, self.spec.pyramid and self.spec.is_cfg_zero_star)
         pixels = (request.height, request.width)
@@ -365,84 +376,8 @@ class HeliosPipeline:
         contexts, negative = self._embeddings(request, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                               interactive_prompts, interpolation_chunks, chunks, guidance != "none")
         source = noise or KeyNoise(key if key is not None else (0 if seed is None else seed))
-        return self._chunks(request, layout, chunks, guidance, contexts, negative, image, video, source, output_type,
-                            progress)
-
-    def _chunks(self, request: Request, layout: HistoryLayout, chunks: int, guidance: str, contexts: list[jax.Array],
-                negative: jax.Array | None, image: np.ndarray | None, video: np.ndarray | None,
-                source: NoiseSource, output_type: str, progress: bool | None) -> Iterator[np.ndarray]:
-        """The generation itself, one chunk per iteration (the arguments are validated already)."""
-        frames_left = output_frames(chunks, request.num_latent_frames_per_chunk)
-        batch = contexts[0].shape[0]
-        latent_hw = (request.height // VAE_SPATIAL_FACTOR, request.width // VAE_SPATIAL_FACTOR)
-        channels = self.transformer_config.in_channels
-
-        # Conditioning latents, drawn in the reference's order (encodes first, then noise levels).
-        window = self._placed(jnp.zeros((batch, channels, layout.window, *latent_hw), jnp.float32))
-        prefix, kept = None, []
-        if image is not None:
-            prefix, fake = self._placed(self._image_latents(image, request, source))
-            window = jnp.concatenate([window[:, :, :-1], fake], axis=2)
-            kept.append(fake)
-        if video is not None:
-            prefix, encoded = self._placed(self._video_latents(video, request, source))
-            window = push(window, encoded)
-            kept.append(encoded)
-
-        indices = self._placed({k: jnp.asarray(v) for k, v in layout.indices().items()})
-        contexts, negative = self._placed((contexts, negative))
-        latent_shape = (batch, channels, request.num_latent_frames_per_chunk, *latent_hw)
-
-        def fetch(out: jax.Array, finite: jax.Array | None, k: int) -> np.ndarray:
-            """One chunk's output on the host (frames trimmed to the reference's count), once its latents are
-            known to be finite."""
-            nonlocal frames_left
-            host = np.asarray(out)
-            if finite is not None and not bool(finite):
-                raise PipelineError(f"chunk {k + 1} of {chunks} produced non-finite latents: the checkpoint's "
-                                    f"weights or the inputs hold NaN/inf")
-            if output_type == "latent":
-                return host
-            take = min(host.shape[1], frames_left)
-            frames_left -= take
-            return host[:, :take]
-
-        plans = [self._plan(request, latent_shape, guidance, amplify=request.is_amplify_first_chunk and k == 0)
-                 for k in range(chunks)]
-        pending = None  # the previous chunk's output, still being computed on the device
-        frame_axis = 2 if output_type == "latent" else 1
-        with ChunkProgress([sum(p.layout.stage_steps) for p in plans], enabled=progress) as bar:
-            for k, plan in enumerate(plans):
-                if layout.keep_first_frame and prefix is None:
-                    prefix = self._placed(jnp.zeros((batch, channels, 1, *latent_hw), jnp.float32))
-                history = self._history(layout, indices, window, prefix)
-                shapes = noise_shapes(plan)
-                chunk_noise = self._placed(
-                    ChunkNoise(source.normal(shapes.initial), tuple(source.normal(s) for s in shapes.block)))
-                note_first_run((self._model_fn, self._context_fn, self.sampler is None, self.step_cache is None,
-                                plan.layout),
-                               f"chunk {k + 1}'s sampling program")
-                with self._on_mesh():
-                    latents, finite = self._denoise(plan, history, chunk_noise, contexts[k], negative,
-                                                    request.guidance_scale)
-                    latents = self._placed(latents)
-                if layout.keep_first_frame and (
-                    (k == 0 and image is None and video is None) or (request.is_skip_first_chunk and k == 1)
-                ):
-                    prefix = latents[:, :, :1]
-                window = push(window, latents)
-                if output_type == "latent":
-                    out = jnp.concatenate([*kept, latents], axis=2) if k == 0 else latents
-                else:
-                    out = self.decode(latents, output_type)
-                # Chunk k's sampling and decode are dispatched (JAX runs them asynchronously) before the host
-                # waits for chunk k - 1's frames: the device works on chunk k while the caller writes k - 1.
-                if pending is not None:
-                    yield (chunk := fetch(*pending))
-                    bar.chunk_done(chunk.shape[frame_axis])
-                pending = out, finite, k
-            yield (chunk := fetch(*pending))
-            bar.chunk_done(chunk.shape[frame_axis])
+        return StreamSession(self, request, layout, chunks, guidance, contexts, negative, image, video, source,
+                             output_type, progress, interpolation_chunks=interpolation_chunks, single=single)
 
     def _denoise(self, plan: ChunkPlan, history: dict[str, jax.Array], noise: ChunkNoise, context: jax.Array,
                  negative: jax.Array | None, guidance_scale: float) -> tuple[jax.Array, jax.Array | None]:
@@ -509,11 +444,20 @@ class HeliosPipeline:
         repeated = np.repeat(image[None], video_frames_per_chunk(request.num_latent_frames_per_chunk), axis=0)
         fake = self._encode_sample(repeated, source)[:, :, -1:]
         if request.add_noise_to_image_latents:
-            sigma = self._sigma(source, (1,), request.image_noise_sigma_min, request.image_noise_sigma_max)
-            image_latents = self._noised(image_latents, sigma, source)
+            image_latents = self._image_noised(image_latents, request, source)
             sigma = self._sigma(source, (1,), request.video_noise_sigma_min, request.video_noise_sigma_max)
             fake = self._noised(fake, sigma, source)
         return image_latents, fake
+
+    def _image_prefix(self, image: np.ndarray, request: Request, source: NoiseSource) -> jax.Array:
+        """An image's latent as the first-frame prefix alone (a session's ``set_image`` mid-run): encoded, and
+        noised as I2V noises it."""
+        latents = self._encode_sample(image[None], source)
+        return self._image_noised(latents, request, source) if request.add_noise_to_image_latents else latents
+
+    def _image_noised(self, latents: jax.Array, request: Request, source: NoiseSource) -> jax.Array:
+        sigma = self._sigma(source, (1,), request.image_noise_sigma_min, request.image_noise_sigma_max)
+        return self._noised(latents, sigma, source)
 
     def _video_latents(self, video: np.ndarray, request: Request, source: NoiseSource) -> tuple[jax.Array, jax.Array]:
         """V2V: the first frame's latent and the latents of the video's last whole chunks, each chunk
@@ -537,19 +481,21 @@ class HeliosPipeline:
 
     def _embeddings(self, request: Request, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                     interactive_prompts, interpolation_chunks: int, chunks: int,
-                    guided: bool) -> tuple[list[jax.Array], jax.Array | None]:
-        """Per-chunk text embeddings and the negative ones, in the transformer's dtype."""
+                    guided: bool) -> tuple[Sequence[jax.Array], jax.Array | None]:
+        """Per-chunk text embeddings (a ``PromptSchedule`` for one prompt) and the negative ones, in the
+        transformer's dtype."""
         dtype, length = self.model_dtype, request.max_sequence_length
         if interactive_prompts is not None:
             starts, texts = zip(*interactive_prompts)
             schedule = self._prompts().encode_interactive(list(texts), list(starts), chunks,
                                                           interpolation_chunks=interpolation_chunks,
                                                           max_sequence_length=length, dtype=dtype)
-            contexts = [schedule[k] for k in range(chunks)]
+            contexts = schedule
         elif prompt_embeds is not None:
-            contexts = [jnp.asarray(prompt_embeds, dtype)] * chunks
+            contexts = single_prompt_schedule(jnp.asarray(prompt_embeds, dtype), chunks)
         else:
-            contexts = [self._prompts().encode(prompt, max_sequence_length=length, dtype=dtype)] * chunks
+            contexts = single_prompt_schedule(self._prompts().encode(prompt, max_sequence_length=length, dtype=dtype),
+                                              chunks)
         if not guided:
             return contexts, None
         if negative_prompt_embeds is not None:
@@ -568,7 +514,7 @@ class HeliosPipeline:
 
     def _check(self, settings: dict[str, Any], *, prompt=None, prompt_embeds=None, negative_prompt=None,
                negative_prompt_embeds=None, interactive_prompts=None, interpolation_chunks=0, image=None, video=None,
-               seed=None) -> tuple[Request, HistoryLayout]:
+               seed=None, single=False) -> tuple[Request, HistoryLayout]:
         """Every user error, before any compute: one clear message naming the value and the rule."""
         request, layout = check_request(settings, pyramid=self.spec.pyramid, stages=self.scheduler_config.stages,
                                         scheduler_type=self.scheduler_config.scheduler_type)
@@ -578,6 +524,8 @@ class HeliosPipeline:
                               interpolation_chunks)
         if (image is not None or video is not None) and batch != 1:
             raise PipelineError(f"image- and video-to-video take one prompt; got a batch of {batch}")
+        if single and batch != 1:
+            raise PipelineError(f"a session steers one video: give one prompt; got a batch of {batch}")
         if interactive_prompts is not None:
             check_prompt_plan(interactive_prompts, num_chunks(request.num_frames, request.num_latent_frames_per_chunk),
                               interpolation_chunks)

@@ -150,15 +150,17 @@ class PromptEncoder:
     ) -> "PromptSchedule":
         """The per-chunk embeddings of an interactive prompt list (see :func:`plan_prompt_chunks`).
 
-        Each distinct prompt is encoded once; ``schedule[k]`` blends them for chunk k. The negative
-        prompt stays one for the whole video: encode it with :meth:`encode`.
+        Each prompt is encoded once; ``schedule[k]`` blends them for chunk k. The negative prompt stays one
+        for the whole video: encode it with :meth:`encode`.
         """
         plan = plan_prompt_chunks(starts, num_chunks, interpolation_chunks)
         prompts = _prompt_list(prompts, "prompts")
         if len(prompts) != len(starts):
             raise ValueError(f"got {len(prompts)} prompts but {len(starts)} start chunks; give one start per prompt")
-        embeds = self.encode(prompts, max_sequence_length=max_sequence_length, dtype=dtype)
-        return PromptSchedule(embeds, plan)
+        # One at a time, through the one-prompt program a plain prompt (or a session's set_prompt) runs: a prompt's
+        # embeddings are then the same numbers whether it was planned ahead or switched to live.
+        embeds = [self.encode(p, max_sequence_length=max_sequence_length, dtype=dtype) for p in prompts]
+        return PromptSchedule(jnp.concatenate(embeds), plan)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,15 +214,19 @@ def plan_prompt_chunks(starts: Sequence[int], num_chunks: int, interpolation_chu
                 f"({starts[i]}..{ends[i] - 1}); shorten the interpolation or let the prompt run longer"
             )
 
-    plan = []
+    plan: list[ChunkPrompt] = []
     for i in range(count):
-        for chunk in range(starts[i], ends[i]):
-            position = chunk - starts[i]
-            if i > 0 and position < interpolation_chunks:
-                plan.append(ChunkPrompt(i - 1, i, position / (interpolation_chunks - 1)))
-            else:
-                plan.append(ChunkPrompt(i, i, 0.0))
+        plan += transition(max(i - 1, 0), i, ends[i] - starts[i], interpolation_chunks if i > 0 else 0)
     return tuple(plan)
+
+
+def transition(source: int, target: int, length: int, interpolation_chunks: int) -> list[ChunkPrompt]:
+    """The plan of the ``length`` chunks from a switch to prompt ``target`` on: with ``interpolation_chunks`` =
+    n >= 2 the first n blend from prompt ``source`` with weights 0, 1/(n-1), ..., 1 (cut short where ``length``
+    is shorter), the rest are ``target`` alone. The one interpolation rule of the interactive prompts, planned
+    ahead (:func:`plan_prompt_chunks`) or live (:meth:`PromptSchedule.switched`)."""
+    return [ChunkPrompt(source, target, position / (interpolation_chunks - 1)) if position < interpolation_chunks
+            else ChunkPrompt(target, target, 0.0) for position in range(length)]
 
 
 def check_prompt_plan(interactive_prompts: Sequence[tuple[int, str]], num_chunks: int,
@@ -255,6 +261,24 @@ class PromptSchedule(Sequence[jax.Array]):
 
     def __len__(self) -> int:
         return len(self.plan)
+
+    def switched(self, chunk: int, embeds: jax.Array, interpolation_chunks: int = 0) -> "PromptSchedule":
+        """The schedule of chunks ``chunk``, ``chunk`` + 1, ... (its index 0 is ``chunk``) when prompt ``embeds``
+        (1, tokens, dim) takes over at ``chunk``: blended over ``interpolation_chunks`` chunks (:func:`transition`)
+        from the embeddings chunk - 1 used; at chunk 0 nothing came before, so it is ``embeds`` from the start.
+
+        What a live prompt change makes (``StreamSession.set_prompt``). Made at a chunk where a planned switch
+        would start, it gives that chunk on the rows and weights :func:`plan_prompt_chunks` gives; made mid-blend,
+        it blends from the mixed embeddings the last chunk used. It keeps at most two rows, so a session changed
+        a thousand times holds no more than one changed once."""
+        rows = []
+        if chunk > 0:
+            last = self.plan[chunk - 1]
+            # A finished blend (weight 1) is its target exactly: lerp's second formula gives b - (b - a) * 0.
+            exact = last.source == last.target or last.weight == 1.0
+            rows.append(self.embeds[last.target][None] if exact else self[chunk - 1])
+        blend = interpolation_chunks if chunk > 0 else 0
+        return PromptSchedule(jnp.concatenate([*rows, embeds]), transition(0, len(rows), len(self) - chunk, blend))
 
     def __getitem__(self, chunk):  # Sequence protocol: an int gives one chunk's embeddings
         if isinstance(chunk, slice):

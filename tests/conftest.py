@@ -64,12 +64,17 @@ SLOWEST_FIRST = ("test_parallel_devices.py", "test_train_dmd.py", "test_trainer.
                  "test_pipeline.py", "test_train_command.py", "test_ode.py", "test_generation.py",
                  "test_transformer.py", "test_distill.py", "test_cli.py", "test_compiled_programs.py",
                  "test_training_faults.py", "test_autoencoder.py", "test_examples.py", "test_nano_model.py",
-                 "test_verify_checkpoint.py", "test_step_cache.py")
+                 "test_verify_checkpoint.py", "test_step_cache.py", "test_session.py", "test_serve.py")
 
 
 def pytest_collection_modifyitems(config, items):
     """The slowest files first (a stable sort: each file's tests stay together and in order). GPU tests run only
-    where a GPU is present; elsewhere they are reported as skipped."""
+    where a GPU is present; elsewhere they are reported as skipped. The browser tier (make browser-test) is
+    deselected unless ``-m`` names it."""
+    if "browser" not in (config.getoption("markexpr") or ""):  # the real-browser tier runs only as -m browser
+        browser = [item for item in items if "browser" in item.keywords]
+        items[:] = [item for item in items if "browser" not in item.keywords]
+        config.hook.pytest_deselected(items=browser)
     rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
     has_gpu = any(d.platform == "gpu" for d in jax.devices()) if os.environ.get("JAX_PLATFORMS") != "cpu" else False

@@ -5,8 +5,8 @@ round trip per DiT forward on a GPU, and it makes the program impossible to comp
 GPU from a CPU machine. Those programs are lowered from abstract inputs (the pipeline's own
 ``lower_chunk`` / ``lower_decode``), so no weight is made.
 
-Reused: a second pipeline of the same folder, a second ``stream`` and a second ``helios-jax generate`` in
-the same process compile nothing new, because every static argument of a jitted function (the chunk's
+Reused: a second pipeline of the same folder, a second ``stream``, a second steered ``session`` and a second
+``helios-jax generate`` in the same process compile nothing new, because every static argument of a jitted function (the chunk's
 model and context functions, the VAE decoder and encoder, the text encoder's module) compares and hashes by
 value rather than by identity (docs/design.md, Conventions).
 """
@@ -144,6 +144,23 @@ def test_a_second_pipeline_of_the_same_folder_compiles_nothing():
     with counting_compiles() as other:
         pipe(**{**REQUEST, "width": 128, "max_sequence_length": 8})
     assert _has(other, "denoise_chunk", "decode_chunk", "encode"), other
+
+
+def test_a_second_session_compiles_nothing():
+    """A steered session (``pipe.session``, a prompt switch blended over the next chunks) compiles its programs
+    once: a second session of the same shapes, switched the same way, on a second pipeline of the same folder, runs
+    them all (the chunk, decode, text encoder and the blend), as a server's sessions do."""
+    def steered(pipe: HeliosPipeline) -> np.ndarray:
+        session = pipe.session(**{**REQUEST, "num_frames": 33 * 3})
+        first = next(session)
+        session.set_prompt("a red circle moves right", transition_chunks=2)
+        return np.concatenate([first, *session])
+
+    video = steered(_load(demo.demo_checkpoint()))
+    with counting_compiles() as second:
+        again = steered(_load(demo.demo_checkpoint()))
+    assert second == [], f"a second session compiled {len(second)} programs: {second}"
+    np.testing.assert_array_equal(again, video)
 
 
 def test_generate_twice_in_one_process_compiles_nothing_the_second_time(tmp_path):
