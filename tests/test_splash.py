@@ -26,9 +26,10 @@ import numpy as np
 import pytest
 from parallel_run import ROOT, rel_err, worker_env
 
+from helios_jax import demo
 from helios_jax.config import TransformerConfig
 from helios_jax.models import attention as dispatch, splash
-from helios_jax.models.transformer import HeliosTransformer, init_params
+from helios_jax.models.transformer import HeliosTransformer, keymap, param_shapes
 
 FP32_TOL = 1e-5
 
@@ -230,7 +231,7 @@ def test_dit_forward_with_splash_equals_xla():
     for i, (name, frames) in enumerate((("short", 1), ("mid", 2), ("long", 4))):
         inputs[f"latents_history_{name}"] = jax.random.normal(keys[2 + i], (1, 4, frames, 4, 6))
         inputs[f"indices_latents_history_{name}"] = jnp.arange(frames)[None]
-    variables = {"params": init_params(CFG, jax.random.key(1))}
+    variables = {"params": demo.random_params(param_shapes(CFG), keymap(CFG), np.random.default_rng(1))}
 
     def forward(impl):
         return jax.jit(lambda v, x: HeliosTransformer(CFG, attention_impl=impl).apply(v, **x))(variables, inputs)
