@@ -60,9 +60,10 @@ def splash_fn(**kwargs):
     return jax.jit(lambda q, k, v: dispatch.attention(q, k, v, impl="splash", **kwargs))
 
 
-@pytest.mark.parametrize("case", ["self, 200 tokens, segment ids", "cross, 300 queries x 77 keys"])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("case, dtype", [("self, 200 tokens, segment ids", jnp.float32),
+                                         ("cross, 300 queries x 77 keys", jnp.bfloat16)])
 def test_forward_against_float64_on_ragged_lengths(case, dtype):
+    """(bf16 with segment ids and fp32 cross-attention run in the gradient test and the DiT test.)"""
     self_attention = case.startswith("self")
     q_len, kv_len, head_dim = (200, 200, 128) if self_attention else (300, 77, 64)
     q, k, v = qkv(q_len + kv_len, 2, q_len, kv_len, 2, head_dim, dtype)

@@ -61,13 +61,15 @@ class Tiles:
         )
 
 
-# The budget every row respects: v5e has 16 MiB of scoped VMEM per kernel by default (v6e 32 MiB, v5p 16 MiB); a
-# forward step holds the q tile, double-buffered K and V tiles, the float32 logits (q x kv_compute) and the float32
-# accumulator; the dkv step holds float32 dK and dV of a kv tile. MXU: 128x128 on v5e and v5p, 256x256 on v6e, so
-# tiles of 512 rows are whole passes of either. A grid step costs ~0.35 us of pipeline overhead (the Pallas TPU
-# docs), so tiles are as large as VMEM and the padding allow. Keyed by (q tokens, kv tokens) rounded up to 128
-# (so the lengths a context split pads to 8 or 16 find the same row); head_dim 128 (Helios' 5,120 / 40).
-# These are reasoned, not measured: no TPU has run them; a TPU session retunes them here (one row per shape).
+# The budget every row respects is the chip's scoped VMEM: a forward step holds the q tile, double-buffered K and V
+# tiles, the float32 logits (q x kv_compute) and the float32 accumulator; a dkv step float32 dK and dV of a kv tile.
+# Mosaic refuses a kernel that overflows it when it compiles (CompileTimeScopedVmemOom: tiles of 2,048 x 11,264 do
+# on v5e), so experiments/plans/splash_plan.py compiling every row for v5e, v6e and v5p without a TPU shows they
+# fit. MXU: 128x128 on v5e and v5p, 256x256 on v6e, so tiles of 512 rows are whole passes of either. A grid step
+# costs ~0.35 us of pipeline overhead (the Pallas TPU docs), so tiles are as large as VMEM and the padding allow.
+# Keyed by (q tokens, kv tokens) rounded up to 128 (so the lengths a context split pads to 8 or 16 find the same
+# row); head_dim 128 (Helios' 5,120 / 40). Reasoned, not measured: no TPU has run them; a TPU session retunes them
+# here (one row per shape) or passes ``tiles=`` to try others.
 BLOCK_TABLE: dict[tuple[int, int], Tiles] = {
     (2944, 2944): Tiles(512, 1024, 512, "stage 0 self-attention (2,940 tokens) padded to 3,072 (+4.5%): 23 tiles of "
                         "128 would pad 0.1% but run 16x the grid steps at a tile half a v6e MXU pass; K/V tiles of "
@@ -75,8 +77,8 @@ BLOCK_TABLE: dict[tuple[int, int], Tiles] = {
     (4608, 4608): Tiles(512, 1536, 512, "stage 1 self-attention (4,560 tokens) padded to 4,608 (+1%) = 9 x 512; K/V "
                         "in three tiles of 1,536 rows (384 KB each in bf16), a third of the kv grid steps of 512"),
     (11136, 11136): Tiles(512, 1024, 512, "stage 2 self-attention (11,040 tokens) padded to 11,264 (+2%) = 22 x 512; "
-                          "1,024-row K/V tiles halve the kv grid steps of 512, the next divisor of 11,264 (5,632 rows, "
-                          "5.8 MB of double-buffered K/V) would crowd v5e's 16 MiB"),
+                          "1,024-row K/V tiles halve the kv grid steps of 512; the next divisor of 11,264 (5,632 rows: "
+                          "2 steps, not 11) holds 5.8 MB of double-buffered K/V, left for a TPU to show it pays"),
     (2944, 512): Tiles(512, 512, 512, "stage 0 cross-attention: the 512 text tokens in one kv tile, q as self-attention"),
     (4608, 512): Tiles(512, 512, 512, "stage 1 cross-attention: the 512 text tokens in one kv tile, q as self-attention"),
     (11136, 512): Tiles(512, 512, 512, "stage 2 cross-attention: the 512 text tokens in one kv tile, q as self-attention"),
