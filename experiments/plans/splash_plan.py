@@ -13,7 +13,10 @@ the chip's scoped VMEM, so a row that compiles fits it; the plan also counts the
 (forward 1; gradient 3: forward, dq, dkv) and checks that no (tokens x tokens) buffer is in it (XLA's attention
 would hold 19.5 GB of float32 logits at 11,040 tokens). ``floor ms``: the padded attention's FLOPs (4 x Tq x Tk x
 head_dim x heads forward, 2.5x that for the gradient, as flash backward recomputes the logits) at the chip's
-published bf16 peak: what the padding costs, not a prediction of the kernel's speed. Every figure is a plan.
+published bf16 peak: what the padding costs, not a prediction of the kernel's speed. Then, on an 8-chip v5e slice,
+the stage-2 self-attention under the project's meshes (``parallel.make_mesh``): Ulysses on ``context=8``, the heads
+on ``tensor=8``, the batch on ``fsdp=8``, each a ``shard_map`` around the kernel (a Mosaic kernel is not partitioned
+by XLA); per chip: temporaries, Mosaic kernels, all-to-alls, square buffers. Every figure is a plan.
 """
 
 from __future__ import annotations
@@ -87,6 +90,42 @@ def plan_shape(device: Any, peak: float, q_len: int, kv_len: int) -> list[Any]:
     return row
 
 
+# (slice, mesh sizes, batch): stage 2's self-attention on 8 v5e chips, each way the dispatch splits it.
+MESHES = (("v5e:2x4", {"context": 8}, 1), ("v5e:2x4", {"tensor": 8}, 1), ("v5e:2x4", {"fsdp": 8}, 8))
+MESH_TOKENS = 11040
+
+
+def plan_mesh(topology: str, sizes: dict[str, int], batch: int) -> list[Any]:
+    from jax.experimental import topologies
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from helios_jax import parallel
+    from helios_jax.models.attention import attention
+
+    mesh = parallel.make_mesh(**sizes, devices=topologies.get_topology_desc(topology, "tpu").devices)
+    x = jax.ShapeDtypeStruct((batch, MESH_TOKENS, HEADS, HEAD_DIM), jnp.bfloat16, sharding=NamedSharding(mesh, P()))
+
+    def forward(q, k, v):
+        return attention(q, k, v, impl="splash")
+
+    def gradient(q, k, v):
+        return jax.grad(lambda *x: jnp.sum(forward(*x).astype(jnp.float32)), argnums=(0, 1, 2))(q, k, v)
+
+    row: list[Any] = [topology, ",".join(f"{a}={n}" for a, n in sizes.items()), f"{batch}x{MESH_TOKENS}"]
+    for fn in (forward, gradient):
+        with jax.set_mesh(mesh):
+            start = time.perf_counter()
+            compiled = jax.jit(fn).lower(x, x, x).compile()
+            seconds = time.perf_counter() - start
+        hlo = compiled.as_text()
+        row += [seconds, compiled.memory_analysis().temp_size_in_bytes / 2**20, hlo.count(MOSAIC),
+                hlo.count(" all-to-all(") + hlo.count(" all-to-all-start("), ", ".join(square_buffers(hlo, 1024)) or "none"]
+    return row
+
+
+MESH_HEADERS = ["slice", "mesh", "batch x tokens", "fwd compile s", "fwd temp MiB/chip", "fwd Mosaic kernels",
+                "fwd all-to-alls", "fwd square buffers", "grad compile s", "grad temp MiB/chip", "grad Mosaic kernels",
+                "grad all-to-alls", "grad square buffers"]
 HEADERS = ["chip", "q x kv tokens", "padded", "tiles q/kv/kv_compute",
            "fwd compile s", "fwd temp MiB", "fwd Mosaic kernels", "fwd square buffers", "fwd floor ms",
            "grad compile s", "grad temp MiB", "grad Mosaic kernels", "grad square buffers", "grad floor ms"]
@@ -96,6 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--chips", default=",".join(CHIPS), help=f"comma-separated, of {', '.join(CHIPS)}")
     parser.add_argument("--shapes", default=",".join(f"{q}x{k}" for q, k in SHAPES), help="QxKV,... token counts")
+    parser.add_argument("--meshes", action=argparse.BooleanOptionalAction, default=True,
+                        help="also the 8-chip v5e meshes (--no-meshes: the chips alone)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--results", default=paths.RESULTS, help="markdown file to append to ('' = none)")
     args = parser.parse_args(argv)
@@ -114,15 +155,26 @@ def main(argv: list[str] | None = None) -> dict:
         for q_len, kv_len in shapes:
             rows.append([f"{chip} ({device.device_kind})", *plan_shape(device, peak, q_len, kv_len)])
             print(reporting.markdown_table(HEADERS, rows[-1:]), flush=True)
-    env = provenance.environment("one chip each of TPU v5e / v6e / v5p, compiled deviceless on the CPU (no TPU)",
-                                 provenance.versions("jax", "jaxlib", "libtpu"))
-    body = (f"Splash attention (`attention(..., impl=\"splash\")`), batch 1, {HEADS} heads x {HEAD_DIM}, bf16, the "
-            "block table's tiles, forward and gradient compiled for one chip: plans, nothing measured. A row that "
-            "compiles fits the chip's scoped VMEM. Mosaic kernels: splash calls in the program; square buffers: any "
-            "(tokens x tokens) array in it; floor ms: the padded attention's FLOPs at the chip's published bf16 "
-            "peak (v5e 197, v6e 918, v5p 459 TFLOP/s), gradient 2.5x the forward.\n\n"
-            + reporting.markdown_table(HEADERS, rows))
-    return reporting.report("splash_plan", env, body, {"env": env, "headers": HEADERS, "rows": rows}, args)
+    mesh_rows = []
+    for topology, sizes, batch in MESHES if args.meshes else ():
+        mesh_rows.append(plan_mesh(topology, sizes, batch))
+        print(reporting.markdown_table(MESH_HEADERS, mesh_rows[-1:]), flush=True)
+    env = provenance.environment("TPU v5e / v6e / v5p chips and an 8-chip v5e slice, compiled deviceless on the "
+                                 "CPU (no TPU)", provenance.versions("jax", "jaxlib", "libtpu"))
+    body = "" if not rows else (
+        f"Splash attention (`attention(..., impl=\"splash\")`), batch 1, {HEADS} heads x {HEAD_DIM}, bf16, the block "
+        "table's tiles, forward and gradient compiled for one chip: plans, nothing measured. A row that compiles fits "
+        "the chip's scoped VMEM. Mosaic kernels: splash calls in the program; square buffers: any (tokens x tokens) "
+        "array in it; floor ms: the padded attention's FLOPs at the chip's published bf16 peak (v5e 197, v6e 918, "
+        "v5p 459 TFLOP/s), gradient 2.5x the forward.\n\n" + reporting.markdown_table(HEADERS, rows))
+    if mesh_rows:
+        body += (f"\nStage 2's self-attention ({MESH_TOKENS} tokens, {HEADS} heads x {HEAD_DIM}, bf16) under the "
+                 "project's meshes on 8 v5e chips, per chip: Ulysses on context=8 (all-to-alls of q, k, v and the "
+                 "output), the heads on tensor=8, the batch on fsdp=8; the kernel in a shard_map each time. Square "
+                 "buffers: any array with two dimensions of 1,024 or more (a logits buffer).\n\n"
+                 + reporting.markdown_table(MESH_HEADERS, mesh_rows))
+    result = {"env": env, "headers": HEADERS, "rows": rows, "mesh_headers": MESH_HEADERS, "mesh_rows": mesh_rows}
+    return reporting.report("splash_plan", env, body, result, args)
 
 
 if __name__ == "__main__":
