@@ -21,17 +21,30 @@ the kernel leaves to its caller:
   plan) holds the Mosaic kernel.
 
 A Mosaic kernel is not partitioned by XLA: under a mesh the dispatch calls it inside ``shard_map``
-(``helios_jax.parallel.context``).
+(``helios_jax.parallel.context``). jax's splash module is imported when a kernel is first built, not with this one:
+it brings Pallas' TPU backend (about a second), which no GPU or CPU run of the CLI should pay for.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+if TYPE_CHECKING:
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+
+def _jax_splash() -> ModuleType:
+    """jax's splash attention module, imported on first use (see the module docstring)."""
+    from jax.experimental.pallas.ops.tpu import splash_attention
+
+    return splash_attention
+
 
 LANES = 128  # the kernel's smallest tile and the granularity of every block: a TPU vector register's lane count
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
@@ -54,7 +67,7 @@ class Tiles:
                              f"must be multiples of {LANES}, kv a multiple of kv_compute")
 
     def block_sizes(self) -> splash.BlockSizes:
-        return splash.BlockSizes(
+        return _jax_splash().BlockSizes(
             block_q=self.q, block_kv=self.kv, block_kv_compute=self.kv_compute,
             block_q_dkv=self.q, block_kv_dkv=self.kv, block_kv_dkv_compute=self.kv_compute,
             block_q_dq=self.q, block_kv_dq=self.kv,
@@ -110,6 +123,7 @@ def _pad_to(tokens: int, size: int) -> int:
 def _kernel(heads: int, q_tokens: int, kv_tokens: int, tiles: Tiles, interpret: bool) -> splash.SplashAttentionKernel:
     """The kernel for padded lengths. Built at every trace: its mask metadata is computed in numpy (0.7 s for 40
     heads x 11,264 tokens) behind the kernel's own cache, and its arrays belong to the trace (and the mesh) at hand."""
+    splash = _jax_splash()
     mask = splash.MultiHeadMask([splash.FullMask((q_tokens, kv_tokens))] * heads)
     return splash.make_splash_mha(mask, block_sizes=tiles.block_sizes(), head_shards=1, q_seq_shards=1,
                                   interpret=interpret)
@@ -160,7 +174,7 @@ def splash_attention(
         kernel = _kernel(heads, q_pad, kv_pad, tiles, interpret)
 
         def one(q, k, v, q_ids, kv_ids):
-            return kernel(q, k, v, segment_ids=splash.SegmentIds(q=q_ids, kv=kv_ids))
+            return kernel(q, k, v, segment_ids=_jax_splash().SegmentIds(q=q_ids, kv=kv_ids))
 
         return lambda *a: jax.vmap(one)(*a)
 
