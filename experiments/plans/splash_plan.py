@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
         "array in it; floor ms: the padded attention's FLOPs at the chip's published bf16 peak (v5e 197, v6e 918, "
         "v5p 459 TFLOP/s), gradient 2.5x the forward.\n\n" + reporting.markdown_table(HEADERS, rows))
     if mesh_rows:
-        body += (f"\nStage 2's self-attention ({MESH_TOKENS} tokens, {HEADS} heads x {HEAD_DIM}, bf16) under the "
+        body += ("\n" if body else "") + (f"Stage 2's self-attention ({MESH_TOKENS} tokens, {HEADS} heads x {HEAD_DIM}, bf16) under the "
                  "project's meshes on 8 v5e chips, per chip: Ulysses on context=8 (all-to-alls of q, k, v and the "
                  "output), the heads on tensor=8, the batch on fsdp=8; the kernel in a shard_map each time. Square "
                  "buffers: any array with two dimensions of 1,024 or more (a logits buffer).\n\n"
