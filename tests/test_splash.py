@@ -157,7 +157,7 @@ def test_default_impl_is_splash_on_a_tpu():
 
 
 def test_under_meshes_of_four_cpu_devices():
-    """Ulysses (data=2 x context=2; its all-to-alls in the program), the K/V all-gather (context=4 > 2 heads), the
+    """Ulysses (data=2 x context=2, with the context padding's key mask; its all-to-alls in the program), the K/V all-gather (context=4 > 2 heads), the
     batch x heads split of a mesh without context (data=2 x tensor=2) and a caller's own shard_map: each equals
     XLA's attention without a mesh, and the gradient under the batch x heads split too."""
     proc = subprocess.run([sys.executable, "-c", MESH_WORKER], env=worker_env(4), cwd=ROOT, capture_output=True,
@@ -187,15 +187,16 @@ def err(out, ref):
     out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
     return float(np.linalg.norm(out - ref) / np.linalg.norm(ref)), float(np.abs(out - ref).max())
 
-def run(name, sizes, q, k, v):
-    ref = attention(q, k, v, impl="xla")
+def run(name, sizes, q, k, v, mask=None):
+    ref = attention(q, k, v, impl="xla", mask=mask)
     with jax.set_mesh(parallel.make_mesh(**sizes)):
-        fn = jax.jit(lambda q, k, v: attention(q, k, v, impl="splash"))
+        fn = jax.jit(lambda q, k, v: attention(q, k, v, impl="splash", mask=mask))
         compiled = fn.lower(q, k, v).compile()
         results[name] = err(compiled(q, k, v), ref)
     return compiled.as_text()
 
-assert "all-to-all" in run("ulysses", {"data": 2, "context": 2}, q, k, v)
+# With the key mask the DiT gives the context path when it pads its tokens (parallel.context.key_mask).
+assert "all-to-all" in run("ulysses", {"data": 2, "context": 2}, q, k, v, (jnp.arange(200) < 194)[None, None, None])
 assert "all-gather" in run("all-gather", {"context": 4}, q[:, :, :2], k[:, :, :2], v[:, :, :2])
 run("data x tensor", {"data": 2, "tensor": 2}, q, k, v)
 
