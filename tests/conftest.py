@@ -64,7 +64,8 @@ SLOWEST_FIRST = ("test_parallel_devices.py", "test_train_dmd.py", "test_trainer.
                  "test_pipeline.py", "test_train_command.py", "test_ode.py", "test_generation.py",
                  "test_transformer.py", "test_distill.py", "test_cli.py", "test_compiled_programs.py",
                  "test_training_faults.py", "test_autoencoder.py", "test_examples.py", "test_nano_model.py",
-                 "test_verify_checkpoint.py", "test_step_cache.py", "test_session.py", "test_serve.py")
+                 "test_verify_checkpoint.py", "test_step_cache.py", "test_session.py", "test_serve.py",
+                 "test_splash.py")
 
 
 def pytest_collection_modifyitems(config, items):
