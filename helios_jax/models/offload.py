@@ -1,0 +1,70 @@
+"""Block offloading: the DiT's stacked block params kept in host memory and streamed to the device a layer ahead.
+
+With ``offload="blocks"`` (``HeliosPipeline(offload=)``, ``generate --offload blocks``) every leaf under
+``blocks`` (the 40 layers' stacked params: 99% of the 14B weights) lives in pinned host memory
+(``memory_kind="pinned_host"``) and the layer loop is a scan whose carry holds one layer's params on the
+device: while layer i computes, layer i + 1 is copied in (:func:`scan_streamed`). The two have no data
+dependency, so XLA issues the copy asynchronously and the GPU's copy engine moves the weights over PCIe
+while the SMs run layer i (the compiled H100 plan shows an async dynamic slice from host memory inside the
+while loop's body; experiments/plans/lowmem_plan.py). The device then holds two layers of weights, not 40.
+
+Written by hand because flax's ``nn.scan`` slices the stacked params inside its body, where a host array
+cannot be read by device code, and it has no hook to prefetch the next slice; jax gives the pieces
+(memory kinds, ``jax.device_put`` to ``jax.memory.Space.Device`` inside jit) and XLA the overlap.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+BLOCKS = "blocks"
+MODES = (None, BLOCKS)
+HOST = "pinned_host"
+
+
+def check_mode(offload: str | None) -> str | None:
+    """``offload`` is None (every weight on the device) or "blocks"."""
+    if offload not in MODES:
+        raise ValueError(f"offload = {offload!r}: give None (every weight on the device) or {BLOCKS!r} (the DiT's "
+                         "blocks in pinned host memory, streamed to the device a layer ahead)")
+    return offload
+
+
+def host_sharding(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
+    """``sharding`` in pinned host memory (same devices, same split)."""
+    return sharding.with_memory_kind(HOST)
+
+
+def is_block_leaf(path: tuple[str, ...]) -> bool:
+    return bool(path) and path[0] == BLOCKS
+
+
+def to_host(params: Any) -> Any:
+    """``params`` with every leaf under ``blocks`` moved to pinned host memory (the rest stays where it is)."""
+    def place(path: tuple[Any, ...], leaf: jax.Array) -> jax.Array:
+        if not is_block_leaf(tuple(getattr(k, "key", k) for k in path)):
+            return leaf
+        return jax.device_put(leaf, host_sharding(leaf.sharding))
+    return jax.tree_util.tree_map_with_path(place, params)
+
+
+def _fetch(stacked: Any, index: jax.Array) -> Any:
+    """Layer ``index`` of the stacked params, copied to device memory (inside jit)."""
+    return jax.tree.map(lambda a: jax.device_put(jax.lax.dynamic_index_in_dim(a, index, keepdims=False),
+                                                 jax.memory.Space.Device), stacked)
+
+
+def scan_streamed(step: Callable[[Any, Any, jax.Array], Any], carry: Any, stacked: Any, length: int) -> Any:
+    """``carry`` through ``step(carry, layer_params, i)`` for i in 0..length-1, the layers of ``stacked`` (host
+    memory) double-buffered: layer i + 1 is fetched while layer i computes. The last step fetches the last layer
+    again (length + 1 layer copies per pass, in exchange for one compiled layer body instead of two)."""
+    def body(state: tuple[Any, Any], i: jax.Array) -> tuple[tuple[Any, Any], None]:
+        carry, current = state
+        following = _fetch(stacked, jnp.minimum(i + 1, length - 1))
+        return (step(carry, current, i), following), None
+
+    (carry, _), _ = jax.lax.scan(body, (carry, _fetch(stacked, jnp.int32(0))), jnp.arange(length))
+    return carry
