@@ -15,9 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helios_jax import demo
 from helios_jax.config import TransformerConfig
 from helios_jax.models import offload
 from helios_jax.models.transformer import HeliosTransformer, init_params, text_kv
+from helios_jax.pipeline import HeliosPipeline
 
 CFG = TransformerConfig(num_attention_heads=2, attention_head_dim=32, rope_dim=(10, 10, 12), in_channels=4,
                         out_channels=4, text_dim=16, freq_dim=16, ffn_dim=48, num_layers=3)
@@ -46,7 +48,7 @@ def _close(out, ref) -> None:
 
 @pytest.fixture(scope="module")
 def params():
-    return init_params(CFG, jax.random.key(1))
+    return jax.jit(init_params, static_argnums=0)(CFG, jax.random.key(1))
 
 
 def _forward(params, inputs, streamed: bool):
@@ -71,3 +73,15 @@ def test_streamed_blocks_give_the_resident_forward(params):
 def test_offload_mode_is_checked():
     with pytest.raises(ValueError, match="offload = 'layers'"):
         offload.check_mode("layers")
+
+
+def test_the_pipeline_loads_the_blocks_into_pinned_host_memory():
+    """``from_pretrained(offload="blocks")`` places each block leaf on the host as it is read, and its chunk
+    program streams them (the streamed forward itself is checked above; a whole video costs a minute here)."""
+    pipe = HeliosPipeline.from_pretrained(demo.demo_checkpoint(), dtype=jnp.float32, compilation_cache=False,
+                                          offload="blocks")
+    kinds = {name: {leaf.sharding.memory_kind for leaf in jax.tree.leaves(tree)}
+             for name, tree in pipe.transformer_params.items()}
+    assert kinds.pop("blocks") == {"pinned_host"}
+    assert set().union(*kinds.values()) == {"device"}
+    assert pipe._model_fn.model.offload and pipe._context_fn.offload

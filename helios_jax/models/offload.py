@@ -23,6 +23,7 @@ import jax.numpy as jnp
 BLOCKS = "blocks"
 MODES = (None, BLOCKS)
 HOST = "pinned_host"
+Path = tuple[str, ...]
 
 
 def check_mode(offload: str | None) -> str | None:
@@ -38,17 +39,34 @@ def host_sharding(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
     return sharding.with_memory_kind(HOST)
 
 
-def is_block_leaf(path: tuple[str, ...]) -> bool:
+def is_block_leaf(path: Path) -> bool:
     return bool(path) and path[0] == BLOCKS
 
 
 def to_host(params: Any) -> Any:
     """``params`` with every leaf under ``blocks`` moved to pinned host memory (the rest stays where it is)."""
-    def place(path: tuple[Any, ...], leaf: jax.Array) -> jax.Array:
-        if not is_block_leaf(tuple(getattr(k, "key", k) for k in path)):
-            return leaf
-        return jax.device_put(leaf, host_sharding(leaf.sharding))
-    return jax.tree_util.tree_map_with_path(place, params)
+    return jax.device_put(params, host_blocks(params, jax.tree.map(lambda leaf: leaf.sharding, params)))
+
+
+def host_blocks(shapes: Any, shardings: Any | None = None) -> Any:
+    """Where to restore a params tree of ``shapes``: ``shardings`` (default: the first device), with the
+    ``blocks`` leaves in pinned host memory."""
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: device, shapes) if shardings is None else shardings
+
+    def place(path: tuple[Any, ...], sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
+        return host_sharding(sharding) if is_block_leaf(tuple(getattr(k, "key", k) for k in path)) else sharding
+    return jax.tree_util.tree_map_with_path(place, shardings)
+
+
+def leaf_to_host(finish: Callable[[Path, jax.Array], dict[Path, jax.Array]] | None
+                 ) -> Callable[[Path, jax.Array], dict[Path, jax.Array]]:
+    """A loader's per-leaf ``finish`` (``convert.strict.load_params``) that then moves block leaves to pinned
+    host memory, so the device holds one stacked leaf of the blocks at a time while a model loads."""
+    def done(path: Path, leaf: jax.Array) -> dict[Path, jax.Array]:
+        out = {path: leaf} if finish is None else finish(path, leaf)
+        return {p: jax.device_put(v, host_sharding(v.sharding)) if is_block_leaf(p) else v for p, v in out.items()}
+    return done
 
 
 def _fetch(stacked: Any, index: jax.Array) -> Any:
