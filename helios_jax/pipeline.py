@@ -293,7 +293,8 @@ class HeliosPipeline:
         return tree if self.mesh is None else parallel.to_mesh(tree, parallel.replicated(self.mesh))
 
     def lower_chunk(self, *, batch: int = 1, text_tokens: int | None = None, first_chunk: bool = True,
-                    sharding: jax.sharding.Sharding | None = None, **settings: Any) -> jax.stages.Lowered:
+                    sharding: jax.sharding.Sharding | None = None, lowering_platforms: tuple[str, ...] | None = None,
+                    **settings: Any) -> jax.stages.Lowered:
         """The sampling program of one chunk exactly as ``stream`` runs it, lowered from abstract inputs.
 
         Nothing is allocated or run, so this reads the plan of a device that is not here: with ``sharding``
@@ -303,7 +304,8 @@ class HeliosPipeline:
         ``first_chunk`` picks the amplified first chunk's program when that is asked for. On a mesh (and no
         ``sharding``) it is the mesh's program: the DiT's params keep their shardings, the rest is replicated,
         and it is lowered with the mesh current, as ``stream`` runs it (its params may be shape structs
-        sharded over the devices of ``jax.experimental.topologies``' 8-GPU host).
+        sharded over the devices of ``jax.experimental.topologies``' 8-GPU host). ``lowering_platforms``: see
+        ``sampling.lower_denoise_chunk`` (the offloaded program's plan for a GPU, lowered on this machine's devices).
         """
         tokens = text_tokens or settings.get("max_sequence_length", Request.max_sequence_length)
         embeds = jax.ShapeDtypeStruct((batch, tokens, self.transformer_config.text_dim), self.model_dtype)
@@ -328,7 +330,8 @@ class HeliosPipeline:
             params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, where)
         history, *rest = _abstract(rest, parallel.replicated(self.mesh) if on_mesh else sharding)
         with self._on_mesh():
-            return lower_denoise_chunk(self._model_fn, (params, history), *rest, context_fn=self._context_fn)
+            return lower_denoise_chunk(self._model_fn, (params, history), *rest, context_fn=self._context_fn,
+                                       lowering_platforms=lowering_platforms)
 
     def lower_decode(self, *, batch: int = 1, height: int = 384, width: int = 640, latent_frames: int = 9,
                      output_type: str = "uint8", sharding: jax.sharding.Sharding | None = None) -> jax.stages.Lowered:

@@ -51,9 +51,9 @@ def params():
     return jax.jit(init_params, static_argnums=0)(CFG, jax.random.key(1))
 
 
-def _forward(params, inputs, streamed: bool):
+def _forward(params, inputs, streamed: bool, with_text_kv: bool = True):
     def run(variables, inputs):
-        kv = text_kv(CFG, variables, inputs["encoder_hidden_states"], offload=streamed)
+        kv = text_kv(CFG, variables, inputs["encoder_hidden_states"], offload=streamed) if with_text_kv else None
         return HeliosTransformer(CFG, offload=streamed).apply(variables, **inputs, text_kv=kv)
     return jax.jit(run)({"params": params}, inputs)
 
@@ -66,8 +66,11 @@ def test_blocks_live_in_pinned_host_memory_and_the_rest_on_the_device(params):
 
 
 def test_streamed_blocks_give_the_resident_forward(params):
+    """With the text K/V streamed once (as the pipeline runs it) and with the blocks projecting the text themselves."""
     inputs = _inputs()
-    _close(_forward(offload.to_host(params), inputs, streamed=True), _forward(params, inputs, streamed=False))
+    reference = _forward(params, inputs, streamed=False)
+    for with_text_kv in (True, False):
+        _close(_forward(offload.to_host(params), inputs, streamed=True, with_text_kv=with_text_kv), reference)
 
 
 def test_offload_mode_is_checked():

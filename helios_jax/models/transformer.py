@@ -42,6 +42,8 @@ KEEP_IN_FP32 = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3",
 IGNORED_KEYS = ("norm_added_q",)
 # Module names whose ``_<digits>`` is the reference's own, not a list index.
 LITERAL_NAMES = ("linear_1", "linear_2")
+# The cross-attention params that make the text's keys and values (``key_value``), nothing else.
+TEXT_KV_PARAMS = ("to_k", "to_v", "norm_k")
 # Upper bound of the learned history-key amplification, ``HeliosAttention.max_scale``.
 MAX_HISTORY_KEY_SCALE = 10.0
 
@@ -193,7 +195,8 @@ def text_kv(cfg: TransformerConfig, variables: dict[str, Any], encoder_hidden_st
 
         shape = (cfg.num_layers, *context.shape[:2], cfg.num_attention_heads, cfg.attention_head_dim)
         empty = jnp.zeros(shape, context.dtype)
-        return scan_streamed(write, TextKV(empty, empty), per_layer, cfg.num_layers)
+        used = {c: {k: v for k, v in tree.items() if k in TEXT_KV_PARAMS} for c, tree in per_layer.items()}
+        return scan_streamed(write, TextKV(empty, empty), used, cfg.num_layers)
     _, (key, value) = jax.lax.scan(layer, None, per_layer)
     return TextKV(key, value)
 
@@ -420,6 +423,9 @@ class HeliosTransformer(nn.Module):
             raise ValueError("HeliosTransformer: offload is for inference; it cannot be combined with remat")
         block = HeliosBlock(cfg, history_len, self.attention_impl, tokens, self.hooks, parent=None)
         stacked = {c: tree[BLOCKS] for c, tree in self.variables.items() if BLOCKS in tree}
+        if text_kv is not None:  # the text's keys and values are given: their weights need not cross PCIe
+            stacked = {c: {**tree, "attn2": {k: v for k, v in tree["attn2"].items() if k not in TEXT_KV_PARAMS}}
+                       if "attn2" in tree else tree for c, tree in stacked.items()}
 
         def step(carry: Any, layer_variables: dict[str, Any], i: jax.Array) -> Any:
             kv = None if text_kv is None else tuple(stack[i] for stack in text_kv)

@@ -489,16 +489,21 @@ def lower_denoise_chunk(
     negative_context: Any = None,
     guidance_scale: Any = None,
     context_fn: ContextFn | None = None,
+    lowering_platforms: tuple[str, ...] | None = None,
 ) -> jax.stages.Lowered:
     """``denoise_chunk``'s program lowered, not run, so its plan can be read before (or without) a device.
 
     Any argument may be a ``jax.ShapeDtypeStruct``, also one whose sharding names a device that is not
     here (an H100 of ``jax.experimental.topologies``): nothing is allocated. ``guidance_scale`` None is
     an abstract float32 scalar. ``.compile()`` the result for its optimised HLO and memory plan.
+    ``lowering_platforms`` (e.g. ``("cuda",)``) lowers for another platform than the arguments' devices: the
+    host-memory placements of offloaded weights, which a deviceless topology's devices cannot carry, are
+    lowered on this machine's devices for the GPU (experiments/plans/lowmem_plan.py compiles the result).
     """
     negative_context = _checked_negative(plan, noise, context, negative_context)
     scale = jax.ShapeDtypeStruct((), jnp.float32) if guidance_scale is None else guidance_scale
-    return _denoise_chunk.lower(model_fn, model_args, plan, noise, context, negative_context, scale, context_fn)
+    traced = _denoise_chunk.trace(model_fn, model_args, plan, noise, context, negative_context, scale, context_fn)
+    return traced.lower(lowering_platforms=lowering_platforms)
 
 
 def sample_chunk(
