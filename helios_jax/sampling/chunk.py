@@ -367,7 +367,6 @@ def _sample(model_fn: ModelFn, model_args: Any, plan: ChunkPlan, noise: ChunkNoi
     return latents, tuple(trajectory)
 
 
-@functools.partial(jax.jit, static_argnames=("model_fn", "context_fn"))
 def _denoise_chunk(model_fn: ModelFn, model_args: Any, plan: ChunkPlan, noise: ChunkNoise, context: jax.Array,
                    negative_context: jax.Array | None, guidance_scale: jax.Array,
                    context_fn: ContextFn | None = None) -> tuple[jax.Array, jax.Array]:
@@ -375,6 +374,21 @@ def _denoise_chunk(model_fn: ModelFn, model_args: Any, plan: ChunkPlan, noise: C
     the chunk anyway learns of a NaN without a host round trip per step."""
     latents = _sample(model_fn, model_args, plan, noise, context, negative_context, guidance_scale, context_fn, False)[0]
     return latents, jnp.isfinite(latents).all()
+
+
+# The same program with the DiT's blocks streamed from host memory (``helios_jax.models.offload``). XLA:GPU's
+# scheduler lets 2 asynchronous copies run beside compute by default; one layer's weights are 22 copies (more in
+# fp8), so it put 20 of them before the layer's first GEMM, where nothing hides them (the compiled H100 plan,
+# experiments/plans/lowmem_plan.py). With room for all of them, every copy spans the layer's compute.
+STREAMED_COMPILER_OPTIONS = {"xla_gpu_experimental_parallel_async_compute_limit": 64}
+_denoise_chunk_streamed = jax.jit(_denoise_chunk, static_argnames=("model_fn", "context_fn"),
+                                  compiler_options=STREAMED_COMPILER_OPTIONS)
+_denoise_chunk = jax.jit(_denoise_chunk, static_argnames=("model_fn", "context_fn"))  # both named jit__denoise_chunk
+
+
+def _chunk_program(model_fn: ModelFn) -> Any:
+    """The jitted chunk for ``model_fn``: the streamed variant when its DiT's blocks live in host memory."""
+    return _denoise_chunk_streamed if getattr(getattr(model_fn, "model", None), "offload", False) else _denoise_chunk
 
 
 @functools.partial(jax.jit, static_argnames=("model_fn", "context_fn"))
@@ -456,7 +470,7 @@ def denoise_chunk_checked(
     (the pipeline checks it when it fetches the chunk: NaN weights or inputs are an error, not a blank video)."""
     negative_context = _checked_negative(plan, noise, context, negative_context)
     scale = jnp.asarray(guidance_scale, jnp.float32)
-    return _denoise_chunk(model_fn, model_args, plan, noise, context, negative_context, scale, context_fn)
+    return _chunk_program(model_fn)(model_fn, model_args, plan, noise, context, negative_context, scale, context_fn)
 
 
 def denoise_chunk_trajectory(
@@ -502,7 +516,8 @@ def lower_denoise_chunk(
     """
     negative_context = _checked_negative(plan, noise, context, negative_context)
     scale = jax.ShapeDtypeStruct((), jnp.float32) if guidance_scale is None else guidance_scale
-    traced = _denoise_chunk.trace(model_fn, model_args, plan, noise, context, negative_context, scale, context_fn)
+    traced = _chunk_program(model_fn).trace(model_fn, model_args, plan, noise, context, negative_context, scale,
+                                            context_fn)
     return traced.lower(lowering_platforms=lowering_platforms)
 
 
