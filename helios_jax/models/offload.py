@@ -6,10 +6,12 @@ With ``offload="blocks"`` (``HeliosPipeline(offload=)``, ``generate --offload bl
 device: while layer i computes, layer i + 1 is copied in (:func:`scan_streamed`). The two have no data
 dependency, so XLA issues the copy asynchronously and the GPU's copy engine moves the weights over PCIe
 while the SMs run layer i (the compiled H100 plan shows an async dynamic slice from host memory inside the
-while loop's body; experiments/plans/lowmem_plan.py). The device then holds two layers of weights, not 40.
+while loop's body; experiments/plans/lowmem_plan.py; the chunk program compiles with
+``sampling.chunk.STREAMED_COMPILER_OPTIONS`` so that all of a layer's copies may run beside its compute). The
+device then holds two layers of weights, not 40.
 
-Written by hand because flax's ``nn.scan`` slices the stacked params inside its body, where a host array
-cannot be read by device code, and it has no hook to prefetch the next slice; jax gives the pieces
+Written by hand because flax's ``nn.scan`` slices the stacked params for the layer it runs and has no hook to
+fetch the next layer ahead of it (nor does ``lax.scan``); jax gives the pieces
 (memory kinds, ``jax.device_put`` to ``jax.memory.Space.Device`` inside jit) and XLA the overlap.
 """
 
@@ -49,8 +51,8 @@ def to_host(params: Any) -> Any:
 
 
 def host_blocks(shapes: Any, shardings: Any | None = None) -> Any:
-    """Where to restore a params tree of ``shapes``: ``shardings`` (default: the first device), with the
-    ``blocks`` leaves in pinned host memory."""
+    """Where a params tree of ``shapes`` goes (to load, restore, place or lower it): ``shardings`` (default: the
+    first device), with the ``blocks`` leaves in pinned host memory."""
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: device, shapes) if shardings is None else shardings
 
