@@ -310,9 +310,10 @@ def main(argv: list[str] | None = None) -> dict:
             f"({', '.join(f'{k}: {v / 1e9:.0f} GB/s' for k, v in PCIE_BANDWIDTHS.items())}), a lower bound of the "
             f"chunk's time when the copies are the bottleneck.\n\n" + reporting.markdown_table(HEADERS, rows))
     if rss:
-        body += ("\nHost RAM, MEASURED on this machine's CPU (23 GB of RAM, so fewer than 40 layers held): peak RSS "
-                 "(VmHWM) of a fresh process holding the 14B DiT's non-block params and that many layers of its blocks "
-                 "in pinned host memory, built leaf by leaf.\n\n" + reporting.markdown_table(RSS_HEADERS, rss))
+        body += ("\nHost RAM, MEASURED on this machine's CPU (23 GB of RAM, so fewer than 40 layers held): the RSS "
+                 "(VmRSS, and the peak VmHWM of the build) of a fresh process holding the 14B DiT's non-block params "
+                 "and that many layers of its blocks in pinned host memory, built leaf by leaf.\n\n"
+                 + reporting.markdown_table(RSS_HEADERS, rss))
     return reporting.report("lowmem_plan", env, body, {"env": env, "headers": HEADERS, "rows": rows, "rss": rss},
                             args)
 
