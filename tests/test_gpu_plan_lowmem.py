@@ -55,8 +55,8 @@ def test_each_layer_copy_overlaps_compute_inside_the_layer_loops(plan):
     """Each of the 3 pyramid stages' block loops (the computations that run attention) copies in one layer: every
     block weight but the text's K/V projections (the chunk computes those once), each copy with a GEMM scheduled
     between its start and its done. With XLA's default limit of 2 async copies, 2 to 4 of a loop's 22 were."""
-    layer = _bytes(leaf[0] for p, leaf in _block_leaves(plan).items()
-                   if not (p[1] == "attn2" and p[2] in TEXT_KV_PARAMS))
+    layer = sum(math.prod(leaf.shape[1:]) * leaf.dtype.itemsize for p, leaf in _block_leaves(plan).items()
+                if not (p[1] == "attn2" and p[2] in TEXT_KV_PARAMS))
     loops = lowmem_plan.layer_loops(plan.hlo)
     assert len(loops) == 3, list(loops)
     for name, copies in loops.items():
