@@ -9,7 +9,9 @@ layer ahead (``helios_jax.models.offload``), compiled deviceless for an H100 who
 devices of ``jax.experimental.topologies`` have no host memory space (jax drops ``memory_kind`` on them), so the
 program is lowered for CUDA on this machine's CPU device, which has one, and the module compiled by the H100
 topology's compile-only client (:func:`compile_for`; jax's private ``compiler`` module, as ``Lowered.compile``
-does it: no public API compiles a lowered module for another client). Per program the table gives:
+does it: no public API compiles a lowered module for another client). For the resident tiny chunk this path
+gives the very plan of ``Lowered.compile()`` on the topology (the same argument, temporary and output bytes, cuDNN
+attention; checked by hand). Per program the table gives:
 
 - device memory: XLA's plan (arguments + temporaries + outputs - aliases in device memory), against what a 24 GB
   (22.0 GiB, as experiments/plans/fp8_plan.py) or 12 GB card (10.7 GiB: 11.2 less the same 0.5 GiB of CUDA
