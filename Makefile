@@ -9,7 +9,8 @@ GPU_VENV := .venv-gpu-plan
 GPU_BIN  := $(GPU_VENV)/bin
 GPU_LOCK := locks/gpu-plan.txt
 # The tier's tests import no torch, so they run in the gpu-plan venv (which has none).
-GPU_TESTS := tests/test_gpu_plan.py tests/test_gpu_plan_fp8.py tests/test_gpu_plan_mesh.py tests/test_train_plan.py tests/test_gpu_plan_mosaic.py
+GPU_TESTS := tests/test_gpu_plan.py tests/test_gpu_plan_fp8.py tests/test_gpu_plan_mesh.py tests/test_train_plan.py \
+             tests/test_gpu_plan_mosaic.py tests/test_gpu_plan_lowmem.py
 
 .PHONY: demo nano lint test check test-latest lock install install-test gpu-plan gpu-plan-room browser-test serve clean
 

@@ -35,7 +35,7 @@ from helios_jax.convert import (
     saved_config,
     saved_shapes,
 )
-from helios_jax.models import fp8, transformer, umt5, vae
+from helios_jax.models import fp8, offload as offload_lib, transformer, umt5, vae
 from helios_jax.models.memory import HISTORY_TERMS
 
 Params = dict[str, Any]
@@ -95,7 +95,8 @@ class Component:
             )
 
     def load(self, path: str | os.PathLike, dtype: Any | None = None, config: Any | None = None,
-             quantize: str | None = None, mesh: jax.sharding.Mesh | None = None) -> tuple[Any, Params]:
+             quantize: str | None = None, mesh: jax.sharding.Mesh | None = None,
+             offload: str | None = None) -> tuple[Any, Params]:
         """Config and params of a component folder: converted from diffusers safetensors, or restored
         from ``save_params``. ``dtype`` None keeps the stored dtype; either way the params the
         reference keeps in float32 are float32. ``config``, if given, is the folder's config already read
@@ -103,9 +104,12 @@ class Component:
         (the transformer only) stores the block linears as fp8 (``helios_jax.models.fp8``), leaf by leaf
         as they load; saved params that are fp8 already load as they are, whatever ``quantize`` says.
         ``mesh`` places every leaf split by the component's sharding table as it is read (``parallel.TABLES``),
-        so a model larger than one device's memory loads onto the mesh."""
+        so a model larger than one device's memory loads onto the mesh. ``offload="blocks"`` (the transformer
+        only) puts every leaf under ``blocks`` in pinned host memory as it is read (``helios_jax.models.offload``):
+        the device holds the rest and, while loading, one stacked leaf (quantized there when asked)."""
         folder = os.fspath(path)
         check_quantize(self.folder, quantize)
+        check_offload(self.folder, offload)
         config = self.read_config(folder) if config is None else config
         policy = dtype_policy(dtype, self.keeps_fp32(dtype))
 
@@ -113,10 +117,18 @@ class Component:
             return None if mesh is None else parallel.shardings(shapes, mesh, parallel.TABLES[self.folder])
 
         if is_saved_params(folder):
-            params = restore_params(folder, policy, placement(saved_shapes(folder)))
+            shapes = saved_shapes(folder)
+            if offload and quantize and not fp8.is_fp8(shapes):
+                raise CheckpointError(f"{folder}: its saved params are 16-bit, and offloaded blocks are quantized as "
+                                      f"they load only from safetensors: convert it to fp8 first (helios-jax convert "
+                                      f"SRC DST --dtype fp8) or drop the offload")
+            where = placement(shapes)
+            params = restore_params(folder, policy, offload_lib.host_blocks(shapes, where) if offload else where)
             return config, fp8.quantize_params(params) if quantize and not fp8.is_fp8(params) else params
         shapes, keymap = self.module.param_shapes(config), self.module.keymap(config)
         finish = fp8.quantize_leaf if quantize else None
+        if offload:
+            finish = offload_lib.leaf_to_host(finish)
         return config, load_params(folder, shapes, keymap, policy, desc=self.folder, finish=finish,
                                    shardings=placement(shapes))
 
@@ -138,6 +150,12 @@ def check_quantize(component: str, quantize: str | None) -> None:
             f"fp8 weights are for the transformer only, not the {component}: its layers stay 16- or 32-bit "
             "(give the VAE and text encoder bf16, fp16 or fp32, or convert the transformer/ folder alone to fp8)"
         )
+
+
+def check_offload(component: str, offload: str | None) -> None:
+    """``offload`` is None or "blocks", and only the transformer has blocks to offload."""
+    if offload_lib.check_mode(offload) and component != "transformer":
+        raise CheckpointError(f"offload = {offload!r} applies to the transformer's blocks only, not the {component}")
 
 
 def holds_fp8(folder: str | os.PathLike) -> bool:

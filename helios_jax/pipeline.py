@@ -32,7 +32,7 @@ from helios_jax.history import VAE_SPATIAL_FACTOR, HistoryLayout, num_chunks, ou
 from helios_jax.kernels.flash import HEAD_DIMS as FLASH_HEAD_DIMS
 from helios_jax.kernels.mosaic import unsupported as mosaic_unsupported
 from helios_jax.loading import COMPONENTS, check_lora_base
-from helios_jax.models import fp8, vae as vae_lib
+from helios_jax.models import fp8, offload as offload_lib, vae as vae_lib
 from helios_jax.models.attention import default_impl
 from helios_jax.models.lora import apply_loaded, load_lora
 from helios_jax.models.transformer import HeliosTransformer, TextKV, compute_dtype, sequence_length, text_kv
@@ -73,6 +73,11 @@ def _abstract(tree: Any, sharding: jax.sharding.Sharding | None) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), tree)
 
 
+def _is_abstract(tree: Any) -> bool:
+    """Whether a params tree is shapes only (a pipeline built to lower its programs, not to run them)."""
+    return any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(tree))
+
+
 @dataclasses.dataclass(frozen=True)
 class TextContext:
     """The ``context_fn`` of ``denoise_chunk``: the text embeddings with every block's text K/V, once per chunk.
@@ -81,9 +86,10 @@ class TextContext:
     pipeline of the same model shares the compiled chunk (docs/design.md, Conventions)."""
 
     config: TransformerConfig
+    offload: bool = False  # the blocks' params are in host memory (helios_jax.models.offload)
 
     def __call__(self, args: tuple[Params, dict[str, jax.Array]], context: jax.Array) -> tuple[jax.Array, TextKV]:
-        return context, text_kv(self.config, {"params": args[0]}, context)
+        return context, text_kv(self.config, {"params": args[0]}, context, offload=self.offload)
 
 
 def _check_weight_dtype(weight_dtype: str | None, transformer_folder: str, lora: Any) -> str | None:
@@ -145,7 +151,9 @@ class HeliosPipeline:
         *,
         attention_impl: str | None = None,
         mesh: jax.sharding.Mesh | None = None,
+        offload: str | None = None,
     ):
+        self.offload = offload_lib.check_mode(offload)
         self.transformer_config, self.transformer_params = transformer
         self.vae_config, self.vae_params = vae
         self.prompt_encoder = prompt_encoder
@@ -165,11 +173,14 @@ class HeliosPipeline:
             parallel.check_mesh(mesh, heads=self.transformer_config.num_attention_heads)
             self.transformer_params = parallel.shard_params(self.transformer_params, mesh, parallel.DIT_RULES)
             self.vae_params = parallel.shard_params(self.vae_params, mesh, ())  # no rule: every leaf replicated
+        if offload and not _is_abstract(self.transformer_params):
+            self.transformer_params = offload_lib.to_host(self.transformer_params)
         self.attention_impl = attention_impl or default_impl(self.model_dtype)
         # Every compiled program is keyed on values (configs, dtypes, shapes), never on this object: a second
         # pipeline of the same model reuses the programs of the first (tests/test_compiled_programs.py).
-        self._model_fn = Denoiser(HeliosTransformer(self.transformer_config, self.attention_impl))
-        self._context_fn = TextContext(self.transformer_config)
+        streamed = offload is not None
+        self._model_fn = Denoiser(HeliosTransformer(self.transformer_config, self.attention_impl, offload=streamed))
+        self._context_fn = TextContext(self.transformer_config, streamed)
         self._decoders = {out: vae_lib.chunk_decoder(self.vae_config, self.vae_dtype, out) for out in ("uint8", "float")}
         self._encode = vae_lib.video_encoder(self.vae_config)
         self._plans: dict[tuple, ChunkPlan] = {}
@@ -191,6 +202,7 @@ class HeliosPipeline:
         weight_dtype: str | None = None,
         revision: str | None = None,
         local_files_only: bool = False,
+        offload: str | None = None,
     ) -> "HeliosPipeline":
         """Load every component of a diffusers Helios folder, or of a hub id's snapshot (``hub.resolve``: the
         Hugging Face cache, fetched unless ``local_files_only`` or HF_HUB_OFFLINE; ``revision`` a branch, tag or
@@ -203,7 +215,10 @@ class HeliosPipeline:
         ``context``, CFG's two passes and the prompts over ``data``, weights over ``fsdp``/``tensor``.
         ``weight_dtype="fp8"`` stores the DiT's block linears as float8_e4m3fn with per-channel scales and
         runs them as FP8 GEMMs (``helios_jax.models.fp8``; the rest of the DiT stays in ``dtype``); a
-        checkpoint converted to fp8 (``helios-jax convert --dtype fp8``) runs so whatever this says."""
+        checkpoint converted to fp8 (``helios-jax convert --dtype fp8``) runs so whatever this says.
+        ``offload="blocks"`` keeps the DiT's blocks (99% of its weights) in pinned host memory and streams each
+        layer to the device while the one before it computes (``helios_jax.models.offload``; docs/generation.md)."""
+        offload_lib.check_mode(offload)
         folder = hub.resolve(folder, revision=revision, local_files_only=local_files_only)
         configs = read_checkpoint_configs(folder)  # every config checked before the first weight is read
         quantize = _check_weight_dtype(weight_dtype, os.path.join(folder, "transformer"), lora)
@@ -219,13 +234,14 @@ class HeliosPipeline:
             enable_compilation_cache(None if compilation_cache is True else compilation_cache)
 
         def load(name: str, component_dtype: Any, quantize: str | None = None,
-                 on: jax.sharding.Mesh | None = None) -> tuple[Any, Params]:
+                 on: jax.sharding.Mesh | None = None, offload: str | None = None) -> tuple[Any, Params]:
             return COMPONENTS[name].load(os.path.join(folder, name), component_dtype, getattr(configs, name),
-                                         quantize=quantize, mesh=on)
+                                         quantize=quantize, mesh=on, offload=offload)
 
         # A LoRA is fused into the 16-bit kernels, which are then quantized.
         # On a mesh the DiT is split as it is read: no device ever holds all of it.
-        transformer = load("transformer", dtype, None if loaded is not None else quantize, mesh)
+        transformer = load("transformer", dtype, None if loaded is not None else quantize, mesh,
+                           None if loaded is not None else offload)
         if loaded is not None:
             transformer = (transformer[0], apply_loaded(transformer[1], loaded, lora_scale))
             if quantize:
@@ -239,6 +255,7 @@ class HeliosPipeline:
             configs.spec,
             attention_impl=attention_impl,
             mesh=mesh,
+            offload=offload,
         )
 
     # ------------------------------------------------------------------------------------ public API
@@ -285,7 +302,8 @@ class HeliosPipeline:
         return tree if self.mesh is None else parallel.to_mesh(tree, parallel.replicated(self.mesh))
 
     def lower_chunk(self, *, batch: int = 1, text_tokens: int | None = None, first_chunk: bool = True,
-                    sharding: jax.sharding.Sharding | None = None, **settings: Any) -> jax.stages.Lowered:
+                    sharding: jax.sharding.Sharding | None = None, lowering_platforms: tuple[str, ...] | None = None,
+                    **settings: Any) -> jax.stages.Lowered:
         """The sampling program of one chunk exactly as ``stream`` runs it, lowered from abstract inputs.
 
         Nothing is allocated or run, so this reads the plan of a device that is not here: with ``sharding``
@@ -295,7 +313,8 @@ class HeliosPipeline:
         ``first_chunk`` picks the amplified first chunk's program when that is asked for. On a mesh (and no
         ``sharding``) it is the mesh's program: the DiT's params keep their shardings, the rest is replicated,
         and it is lowered with the mesh current, as ``stream`` runs it (its params may be shape structs
-        sharded over the devices of ``jax.experimental.topologies``' 8-GPU host).
+        sharded over the devices of ``jax.experimental.topologies``' 8-GPU host). ``lowering_platforms``: see
+        ``sampling.lower_denoise_chunk`` (the offloaded program's plan for a GPU, lowered on this machine's devices).
         """
         tokens = text_tokens or settings.get("max_sequence_length", Request.max_sequence_length)
         embeds = jax.ShapeDtypeStruct((batch, tokens, self.transformer_config.text_dim), self.model_dtype)
@@ -315,9 +334,13 @@ class HeliosPipeline:
         rest = (history, plan, noise, embeds, negative, jax.ShapeDtypeStruct((), jnp.float32))
         on_mesh = sharding is None and self.mesh is not None
         params = self.transformer_params if on_mesh else _abstract(self.transformer_params, sharding)
+        if self.offload and sharding is not None:
+            where = offload_lib.host_blocks(params, jax.tree.map(lambda _: sharding, params))
+            params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, where)
         history, *rest = _abstract(rest, parallel.replicated(self.mesh) if on_mesh else sharding)
         with self._on_mesh():
-            return lower_denoise_chunk(self._model_fn, (params, history), *rest, context_fn=self._context_fn)
+            return lower_denoise_chunk(self._model_fn, (params, history), *rest, context_fn=self._context_fn,
+                                       lowering_platforms=lowering_platforms)
 
     def lower_decode(self, *, batch: int = 1, height: int = 384, width: int = 640, latent_frames: int = 9,
                      output_type: str = "uint8", sharding: jax.sharding.Sharding | None = None) -> jax.stages.Lowered:

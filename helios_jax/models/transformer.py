@@ -29,6 +29,7 @@ from helios_jax.convert.keymap import KeyMap
 from helios_jax.models.attention import attention
 from helios_jax.models.layers import Dense, LayerNorm, RMSNorm, gelu_tanh, layer_norm, silu
 from helios_jax.models.memory import HISTORY_TERMS, PatchEmbed, embed_history
+from helios_jax.models.offload import BLOCKS, scan_streamed
 from helios_jax.models.rope import apply_rope, rope_grid
 from helios_jax.parallel import context as context_parallel
 
@@ -41,6 +42,8 @@ KEEP_IN_FP32 = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3",
 IGNORED_KEYS = ("norm_added_q",)
 # Module names whose ``_<digits>`` is the reference's own, not a list index.
 LITERAL_NAMES = ("linear_1", "linear_2")
+# The cross-attention params that make the text's keys and values (``key_value``), nothing else.
+TEXT_KV_PARAMS = ("to_k", "to_v", "norm_k")
 # Upper bound of the learned history-key amplification, ``HeliosAttention.max_scale``.
 MAX_HISTORY_KEY_SCALE = 10.0
 
@@ -171,12 +174,13 @@ class TextKV(NamedTuple):
 
 
 def text_kv(cfg: TransformerConfig, variables: dict[str, Any], encoder_hidden_states: jax.Array,
-            lora_scale: LoraScale = None) -> TextKV:
+            lora_scale: LoraScale = None, offload: bool = False) -> TextKV:
     """The :class:`TextKV` of ``encoder_hidden_states`` with the DiT's ``variables`` (``{"params": ...}``, and
     ``"lora"`` if one is applied at call time: a LoRA on ``attn2.to_k``/``to_v`` is part of the keys and values).
 
     Pass it to ``HeliosTransformer.__call__(..., text_kv=...)`` with the same ``encoder_hidden_states``:
-    the blocks then skip the text embedder and the per-block text projections, with the same result."""
+    the blocks then skip the text embedder and the per-block text projections, with the same result.
+    ``offload``: the blocks' params are in host memory (``helios_jax.models.offload``), streamed a layer ahead."""
     embedder = {c: tree["condition_embedder"] for c, tree in variables.items() if "condition_embedder" in tree}
     context = ConditionEmbedder(cfg).apply(embedder, encoder_hidden_states, lora_scale, method="text")
     per_layer = {c: tree["blocks"]["attn2"] for c, tree in variables.items()
@@ -185,6 +189,14 @@ def text_kv(cfg: TransformerConfig, variables: dict[str, Any], encoder_hidden_st
     def layer(_: None, layer_variables: dict[str, Any]) -> tuple[None, tuple[jax.Array, jax.Array]]:
         return None, TextKeyValue(cfg).apply(layer_variables, context, lora_scale)
 
+    if offload:
+        def write(kv: TextKV, layer_variables: dict[str, Any], i: jax.Array) -> TextKV:
+            return TextKV(*(stack.at[i].set(new) for stack, new in zip(kv, layer(None, layer_variables)[1])))
+
+        shape = (cfg.num_layers, *context.shape[:2], cfg.num_attention_heads, cfg.attention_head_dim)
+        empty = jnp.zeros(shape, context.dtype)
+        used = {c: {k: v for k, v in tree.items() if k in TEXT_KV_PARAMS} for c, tree in per_layer.items()}
+        return scan_streamed(write, TextKV(empty, empty), used, cfg.num_layers)
     _, (key, value) = jax.lax.scan(layer, None, per_layer)
     return TextKV(key, value)
 
@@ -304,13 +316,17 @@ class HeliosTransformer(nn.Module):
 
     ``hooks`` (0-based block indices, as the official ``gan_hooks``) makes the call return
     ``(flow, features)``: one (B, dim, t, h, w) token grid per hook, the noisy tokens of that block's
-    output, for the critic's GAN heads. The default ``()`` leaves the program unchanged."""
+    output, for the critic's GAN heads. The default ``()`` leaves the program unchanged.
+
+    ``offload`` (inference): the ``blocks`` params are in host memory (``helios_jax.models.offload.to_host``)
+    and are streamed to the device a layer ahead of the block that uses them; same params, same numbers."""
 
     config: TransformerConfig
     attention_impl: str = "xla"
     remat: bool = False
     scan_unroll: int | bool = 1
     hooks: tuple[int, ...] = ()
+    offload: bool = False
 
     @nn.compact
     def __call__(
@@ -374,8 +390,12 @@ class HeliosTransformer(nn.Module):
             _, modulation_history = embedder.time(jnp.zeros((1,), timestep.dtype), dtype, lora_scale)
         context = embedder.text(encoder_hidden_states, lora_scale) if text_kv is None else None
 
-        block = nn.remat(HeliosBlock) if self.remat else HeliosBlock
         hooked = bool(self.hooks)
+        if self.offload and not self.is_initializing():
+            x, features = self._streamed_blocks(x, batch, noisy_len, history_len, tokens, context, modulation_history,
+                                                modulation, rope, lora_scale, text_kv)
+            return self._output(x, features, temb, history_len, tokens, (batch, t, h, w), lora_scale)
+        block = nn.remat(HeliosBlock) if self.remat else HeliosBlock
         blocks = nn.scan(
             block,
             variable_axes={"params": 0, "lora": 0},
@@ -389,15 +409,46 @@ class HeliosTransformer(nn.Module):
             (x, features), _ = blocks((x, features), context, modulation_history, modulation, rope, lora_scale,
                                       jnp.arange(cfg.num_layers), text_kv)
         else:
-            x, _ = blocks(x, context, modulation_history, modulation, rope, lora_scale, None, text_kv)
+            x, features = blocks(x, context, modulation_history, modulation, rope, lora_scale, None, text_kv)[0], None
+        return self._output(x, features, temb, history_len, tokens, (batch, t, h, w), lora_scale)
 
-        # Output norm on the noisy tokens, projection, unpatchify to (B, C, T, H, W).
+    def _streamed_blocks(self, x: jax.Array, batch: int, noisy_len: int, history_len: int, tokens: int,
+                         context: jax.Array | None, modulation_history: jax.Array, modulation: jax.Array,
+                         rope: tuple[jax.Array, jax.Array], lora_scale: LoraScale,
+                         text_kv: TextKV | None) -> tuple[jax.Array, jax.Array | None]:
+        """The blocks over the host-resident stacked params (``offload``): the nn.scan's body, one
+        ``HeliosBlock`` applied per layer to the layer's params as :func:`scan_streamed` brings them in."""
+        cfg = self.config
+        if self.remat:
+            raise ValueError("HeliosTransformer: offload is for inference; it cannot be combined with remat")
+        block = HeliosBlock(cfg, history_len, self.attention_impl, tokens, self.hooks, parent=None)
+        stacked = {c: tree[BLOCKS] for c, tree in self.variables.items() if BLOCKS in tree}
+        if text_kv is not None:  # the text's keys and values are given: their weights need not cross PCIe
+            stacked = {c: {**tree, "attn2": {k: v for k, v in tree["attn2"].items() if k not in TEXT_KV_PARAMS}}
+                       if "attn2" in tree else tree for c, tree in stacked.items()}
+
+        def step(carry: Any, layer_variables: dict[str, Any], i: jax.Array) -> Any:
+            kv = None if text_kv is None else tuple(stack[i] for stack in text_kv)
+            return block.apply(layer_variables, carry, context, modulation_history, modulation, rope, lora_scale,
+                                i, kv)[0]
+
+        if not self.hooks:
+            return scan_streamed(step, x, stacked, cfg.num_layers), None
+        features = jnp.zeros((len(self.hooks), batch, noisy_len, cfg.inner_dim), x.dtype)
+        return scan_streamed(step, (x, features), stacked, cfg.num_layers)
+
+    def _output(self, x: jax.Array, features: jax.Array | None, temb: jax.Array, history_len: int, tokens: int,
+                grid: tuple[int, int, int, int], lora_scale: LoraScale) -> Any:
+        """Output norm on the noisy tokens, projection, unpatchify to (B, C, T, H, W); the hooked grids."""
+        cfg = self.config
+        pt, ph, pw = cfg.patch_size
+        batch, t, h, w = grid
         x = OutputNorm(cfg.eps, name="norm_out")(x[:, history_len:tokens], temb)
         x = Dense(cfg.output_channels * pt * ph * pw, name="proj_out")(x, lora_scale)
         x = x.reshape(batch, t, h, w, pt, ph, pw, cfg.output_channels)
         x = x.transpose(0, 7, 1, 4, 2, 5, 3, 6)
         flow = x.reshape(batch, cfg.output_channels, t * pt, h * ph, w * pw)
-        if not hooked:
+        if features is None:
             return flow
         grids = features.reshape(len(self.hooks), batch, t, h, w, cfg.inner_dim).transpose(0, 1, 5, 2, 3, 4)
         return flow, tuple(grids)

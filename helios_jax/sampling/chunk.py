@@ -406,7 +406,6 @@ def _sample(model_fn: ModelFn, model_args: Any, plan: ChunkPlan, noise: ChunkNoi
     return latents, tuple(per_stage), computed
 
 
-@functools.partial(jax.jit, static_argnames=("model_fn", "context_fn"))
 def _denoise_chunk(model_fn: ModelFn, model_args: Any, plan: ChunkPlan, noise: ChunkNoise, context: jax.Array,
                    negative_context: jax.Array | None, guidance_scale: jax.Array,
                    context_fn: ContextFn | None = None) -> tuple[jax.Array, jax.Array]:
@@ -414,6 +413,21 @@ def _denoise_chunk(model_fn: ModelFn, model_args: Any, plan: ChunkPlan, noise: C
     the chunk anyway learns of a NaN without a host round trip per step."""
     latents = _sample(model_fn, model_args, plan, noise, context, negative_context, guidance_scale, context_fn, False)[0]
     return latents, jnp.isfinite(latents).all()
+
+
+# The same program with the DiT's blocks streamed from host memory (``helios_jax.models.offload``). XLA:GPU's
+# scheduler lets 2 asynchronous copies run beside compute by default; one layer's weights are 22 copies (more in
+# fp8), so it put 20 of them before the layer's first GEMM, where nothing hides them (the compiled H100 plan,
+# experiments/plans/lowmem_plan.py). With room for all of them, every copy spans the layer's compute.
+STREAMED_COMPILER_OPTIONS = {"xla_gpu_experimental_parallel_async_compute_limit": 64}
+_denoise_chunk_streamed = jax.jit(_denoise_chunk, static_argnames=("model_fn", "context_fn"),
+                                  compiler_options=STREAMED_COMPILER_OPTIONS)
+_denoise_chunk = jax.jit(_denoise_chunk, static_argnames=("model_fn", "context_fn"))  # both named jit__denoise_chunk
+
+
+def _chunk_program(model_fn: ModelFn) -> Any:
+    """The jitted chunk for ``model_fn``: the streamed variant when its DiT's blocks live in host memory."""
+    return _denoise_chunk_streamed if getattr(getattr(model_fn, "model", None), "offload", False) else _denoise_chunk
 
 
 @functools.partial(jax.jit, static_argnames=("model_fn", "context_fn"))
@@ -504,7 +518,7 @@ def denoise_chunk_checked(
     (the pipeline checks it when it fetches the chunk: NaN weights or inputs are an error, not a blank video)."""
     negative_context = _checked_negative(plan, noise, context, negative_context)
     scale = jnp.asarray(guidance_scale, jnp.float32)
-    return _denoise_chunk(model_fn, model_args, plan, noise, context, negative_context, scale, context_fn)
+    return _chunk_program(model_fn)(model_fn, model_args, plan, noise, context, negative_context, scale, context_fn)
 
 
 def denoise_chunk_trajectory(
@@ -563,16 +577,22 @@ def lower_denoise_chunk(
     negative_context: Any = None,
     guidance_scale: Any = None,
     context_fn: ContextFn | None = None,
+    lowering_platforms: tuple[str, ...] | None = None,
 ) -> jax.stages.Lowered:
     """``denoise_chunk``'s program lowered, not run, so its plan can be read before (or without) a device.
 
     Any argument may be a ``jax.ShapeDtypeStruct``, also one whose sharding names a device that is not
     here (an H100 of ``jax.experimental.topologies``): nothing is allocated. ``guidance_scale`` None is
     an abstract float32 scalar. ``.compile()`` the result for its optimised HLO and memory plan.
+    ``lowering_platforms`` (e.g. ``("cuda",)``) lowers for another platform than the arguments' devices: the
+    host-memory placements of offloaded weights, which a deviceless topology's devices cannot carry, are
+    lowered on this machine's devices for the GPU (experiments/plans/lowmem_plan.py compiles the result).
     """
     negative_context = _checked_negative(plan, noise, context, negative_context)
     scale = jax.ShapeDtypeStruct((), jnp.float32) if guidance_scale is None else guidance_scale
-    return _denoise_chunk.lower(model_fn, model_args, plan, noise, context, negative_context, scale, context_fn)
+    traced = _chunk_program(model_fn).trace(model_fn, model_args, plan, noise, context, negative_context, scale,
+                                            context_fn)
+    return traced.lower(lowering_platforms=lowering_platforms)
 
 
 def sample_chunk(
