@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from helios_jax.config import TransformerConfig
 from helios_jax.convert.keymap import KeyMap
+from helios_jax.models import fp8
 from helios_jax.models.attention import attention
 from helios_jax.models.layers import Dense, LayerNorm, RMSNorm, gelu_tanh, layer_norm, silu
 from helios_jax.models.memory import HISTORY_TERMS, PatchEmbed, embed_history
@@ -201,6 +202,11 @@ def text_kv(cfg: TransformerConfig, variables: dict[str, Any], encoder_hidden_st
         return None, TextKeyValue(cfg).apply(layer_variables, context, lora_scale)
 
     _, (key, value) = jax.lax.scan(layer, None, per_layer)
+    if fp8.FIRST_BLOCK in variables.get("params", {}):  # fp8.split_edges: the 16-bit first and last blocks apart
+        edges = [TextKeyValue(cfg).apply({c: tree[name]["attn2"] for c, tree in variables.items() if name in tree},
+                                         context, lora_scale) for name in (fp8.FIRST_BLOCK, fp8.LAST_BLOCK)]
+        key = jnp.concatenate([edges[0][0][None], key, edges[1][0][None]])
+        value = jnp.concatenate([edges[0][1][None], value, edges[1][1][None]])
     return TextKV(key, value)
 
 
@@ -391,18 +397,32 @@ class HeliosTransformer(nn.Module):
 
         block = nn.remat(HeliosBlock) if self.remat else HeliosBlock
         hooked = bool(self.hooks)
+        edges = self.has_variable("params", fp8.FIRST_BLOCK)  # fp8.split_edges: 16-bit first and last blocks
+        if edges and hooked:
+            raise ValueError("HeliosTransformer: hooks need the one block stack; these params keep their first and "
+                             "last blocks apart (fp8 with bf16_edges, an inference layout)")
         blocks = nn.scan(
             block,
             variable_axes={"params": 0, "lora": 0},
             split_rngs={"params": True},
             in_axes=(nn.broadcast,) * 5 + (0 if hooked else nn.broadcast, 0),
-            length=cfg.num_layers,
+            length=cfg.num_layers - 2 if edges else cfg.num_layers,
             unroll=self.scan_unroll,
         )(cfg, history_len, self.attention_impl, tokens, self.hooks, name="blocks")
         if hooked:
             features = jnp.zeros((len(self.hooks), batch, noisy_len, cfg.inner_dim), x.dtype)
             (x, features), _ = blocks((x, features), context, modulation_history, modulation, rope, lora_scale,
                                       jnp.arange(cfg.num_layers), text_kv)
+        elif edges:
+            kv = [None] * 3 if text_kv is None else [
+                (text_kv.key[0], text_kv.value[0]), TextKV(text_kv.key[1:-1], text_kv.value[1:-1]),
+                (text_kv.key[-1], text_kv.value[-1])]
+            edge = (cfg, history_len, self.attention_impl, tokens)
+            x, _ = block(*edge, name=fp8.FIRST_BLOCK)(x, context, modulation_history, modulation, rope, lora_scale,
+                                                      None, kv[0])
+            x, _ = blocks(x, context, modulation_history, modulation, rope, lora_scale, None, kv[1])
+            x, _ = block(*edge, name=fp8.LAST_BLOCK)(x, context, modulation_history, modulation, rope, lora_scale,
+                                                     None, kv[2])
         else:
             x, _ = blocks(x, context, modulation_history, modulation, rope, lora_scale, None, text_kv)
 
