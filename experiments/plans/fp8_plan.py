@@ -5,9 +5,10 @@
 
 The programs of experiments/plans/gpu_plan.py (deviceless, abstract inputs) with the DiT's block linears in fp8
 (``helios_jax.models.fp8``: float8_e4m3fn kernels, per-output-channel scales, per-token fp8 activations):
-the DiT forward at stage 2 and the pipeline's distilled chunk (2+2+2), each beside its bf16 twin, and the
-Wan VAE chunk decode in bf16 and fp32. Memory: XLA's plan (arguments + temporaries + outputs) of the chunk
-and of its decode resident at once, against the 22 GiB that a 24 GB card leaves. GEMMs: every GEMM launch
+the DiT forward at stage 2 and the pipeline's distilled chunk (2+2+2), each beside its bf16 twin (the chunk
+also with the first and last blocks kept bf16, SGLang's choice), and the Wan VAE chunk decode in bf16 and fp32.
+Memory: XLA's plan (arguments + temporaries + outputs) of the chunk and of its decode resident at once, against
+the 22 GiB that a 24 GB card leaves. GEMMs: every GEMM launch
 of the optimised HLO, by kernel (cuBLAS or cuBLASLt custom call, Triton GEMM fusion) and operand types.
 Roofline: experiments/plans/roofline.py's lower bounds, with the fp8 GEMMs at FP8_MATMUL_FLOPS (the H100's fp8
 dense peak is twice its bf16 peak; the same 80% of it as roofline.py's measured bf16 rate is assumed).
@@ -37,9 +38,14 @@ CARD_LIMIT_GIB = 22.0  # what a 24 GB card (22.5 GiB) leaves after the CUDA cont
 F8 = "f8e4m3fn"
 
 
+EDGES = "fp8, bf16 edges"  # fp8 with the first and last blocks kept bf16 (fp8.quantized_shapes(bf16_edges=True))
+
+
 def dit_params(cfg, weight_dtype: str) -> Any:
     params = abstract_params(transformer_lib.param_shapes(cfg), jnp.bfloat16)
-    return fp8.quantized_shapes(params) if weight_dtype == "fp8" else params
+    if weight_dtype == "bf16":
+        return params
+    return fp8.quantized_shapes(params, bf16_edges=weight_dtype == EDGES)
 
 
 def dit_forward(size: gpu_plan.Size, weight_dtype: str, sharding) -> gpu_plan.Plan:
@@ -62,7 +68,7 @@ def distilled_chunk(size: gpu_plan.Size, weight_dtype: str, sharding) -> gpu_pla
 
 def programs(size: gpu_plan.Size, sharding) -> dict[str, gpu_plan.Plan]:
     plans = [dit_forward(size, w, sharding) for w in ("bf16", "fp8")]
-    plans += [distilled_chunk(size, w, sharding) for w in ("bf16", "fp8")]
+    plans += [distilled_chunk(size, w, sharding) for w in ("bf16", "fp8", EDGES)]
     plans += [gpu_plan.decode_program(size, sharding, d) for d in (jnp.bfloat16, jnp.float32)]
     return {p.name: p for p in plans}
 
@@ -172,9 +178,9 @@ def main(argv: list[str] | None = None) -> dict:
         time_rows.append([name, roofline.predicted_ms(ks), gemm_ms, sum(k.count for k in ks if isinstance(k, Fp8Kernel)),
                           roofline.other_share(ks)])
         if name.startswith("distilled"):
-            chunk_ms[name.rsplit(", ", 1)[1]] = roofline.predicted_ms(ks)
+            chunk_ms[name.split(", ", 1)[1]] = roofline.predicted_ms(ks)
     decode_ms = {v: roofline.predicted_ms(kernels_of(plans[f"VAE decode {v}"])) for v in ("bfloat16", "float32")}
-    fits = {(w, v): resident_gib(plans, w, v) for w in ("bf16", "fp8") for v in ("bfloat16", "float32")}
+    fits = {(w, v): resident_gib(plans, w, v) for w in ("bf16", "fp8", EDGES) for v in ("bfloat16", "float32")}
     frames = workloads.video_frames(size.latent_frames)
     lines = [f"- distilled chunk 2+2+2 ({w} weights) with its {v} VAE decode resident at once: {gib:.1f} GiB"
              f"{' (fits 22 GiB)' if gib <= CARD_LIMIT_GIB else ''}" for (w, v), gib in fits.items()]

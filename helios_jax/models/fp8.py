@@ -13,6 +13,10 @@ scaled back per token and per output channel (qwix's quantized dot). Which layer
 projections (``to_q``, ``to_k``, ``to_v``, ``to_out_0``) and FFN (``net_0.proj``, ``net_2``), 99% of the 14B
 model's weights. The patch embeddings, the condition embedder, ``proj_out``, norms, modulation tables and
 attention stay in the 16-bit dtype (small, sensitive, or not a matmul over weights).
+
+``bf16_edges=True`` keeps the first and the last block whole in the 16-bit dtype, as SGLang's FP8 does: the
+block stack splits into ``first_block`` (layer 0), ``blocks`` (the middle layers, fp8) and ``last_block``,
+because one stacked array holds one dtype; ``HeliosTransformer`` runs that layout when it finds ``first_block``.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ KERNEL = "fp8_kernel"
 SCALE = "fp8_scale"
 # The quantized block linears, as the module-name suffixes of their kernel paths.
 QUANTIZED_LINEARS = (("to_q",), ("to_k",), ("to_v",), ("to_out_0",), ("net_0", "proj"), ("net_2",))
+# The 16-bit first and last blocks of ``bf16_edges`` params, beside the fp8 ``blocks`` stack of the others.
+FIRST_BLOCK, LAST_BLOCK = "first_block", "last_block"
 Path = tuple[str, ...]
 
 
@@ -62,20 +68,40 @@ def quantize_leaf(path: Path, leaf: jax.Array) -> dict[Path, jax.Array]:
     return {path[:-1] + (KERNEL,): kernel, path[:-1] + (SCALE,): scale}
 
 
-def quantize_params(params: Any) -> Any:
-    """A transformer params tree with every block linear in fp8 (already quantized trees are refused)."""
+def quantize_params(params: Any, bf16_edges: bool = False) -> Any:
+    """A transformer params tree with every block linear in fp8 (already quantized trees are refused); with
+    ``bf16_edges`` the first and last blocks stay whole in their 16-bit dtype (:func:`split_edges`)."""
     if is_fp8(params):
         raise ValueError("quantize_params: these params are already fp8 (they hold fp8_kernel leaves)")
     out: dict[Path, jax.Array] = {}
-    for path, leaf in traverse_util.flatten_dict(params).items():
+    for path, leaf in traverse_util.flatten_dict(split_edges(params) if bf16_edges else params).items():
         out.update(quantize_leaf(path, leaf))
     return traverse_util.unflatten_dict(out)
 
 
-def quantized_shapes(shapes: Any) -> Any:
+def split_edges(params: Any) -> Any:
+    """``blocks`` (L, ...) as ``first_block`` (layer 0), ``blocks`` (layers 1 to L - 2) and ``last_block``;
+    arrays or ``jax.ShapeDtypeStruct`` leaves."""
+    if FIRST_BLOCK in params:
+        raise ValueError("split_edges: these params hold first_block already")
+    layers = jax.tree.leaves(params["blocks"])[0].shape[0]
+    if layers < 3:
+        raise ValueError(f"split_edges: {layers} blocks; keeping the first and last apart needs at least 3")
+
+    def take(layers: slice | int) -> Any:
+        def leaf(x: Any) -> Any:
+            if isinstance(x, jax.ShapeDtypeStruct):
+                return jax.eval_shape(lambda a: a[layers], x)
+            return x[layers]
+        return jax.tree.map(leaf, params["blocks"])
+
+    return {**params, FIRST_BLOCK: take(0), "blocks": take(slice(1, -1)), LAST_BLOCK: take(-1)}
+
+
+def quantized_shapes(shapes: Any, bf16_edges: bool = False) -> Any:
     """The ``jax.ShapeDtypeStruct`` tree of fp8 params for a transformer shape tree (nothing allocated)."""
     out: dict[Path, jax.ShapeDtypeStruct] = {}
-    for path, spec in traverse_util.flatten_dict(shapes).items():
+    for path, spec in traverse_util.flatten_dict(split_edges(shapes) if bf16_edges else shapes).items():
         if is_quantized_kernel(path):
             *lead, fan_in, fan_out = spec.shape
             out[path[:-1] + (KERNEL,)] = jax.ShapeDtypeStruct((*lead, fan_out, fan_in), QTYPE)

@@ -46,10 +46,13 @@ def rope_grid(
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Rotate interleaved channel pairs of x (B, L, heads, head_dim) by tables (B', L, head_dim / 2).
 
-    The product is taken in float32 (the tables' dtype) and cast back, as the reference does.
+    The product is taken in float32 (the tables' dtype) and cast back, as the reference does. Each pair (a, b)
+    is swapped as (a + b) - (a, b), a reduction over the pair rather than a stack of two halves: XLA's Triton
+    normalization fusion then takes the RMS norm before it and the rotation in one pass over q (and k), where
+    the stack ended the fusion and cost a second read and write of q (the H100 plan). The sum of two bf16
+    numbers is exact in float32, so for bf16 inputs the swap is exact.
     """
-    pairs = x.reshape(*x.shape[:-1], -1, 2)
-    even, odd = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    rotated = jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1)
-    return rotated.reshape(x.shape).astype(x.dtype)
+    pairs = x.reshape(*x.shape[:-1], -1, 2).astype(cos.dtype)
+    swapped = jnp.sum(pairs, axis=-1, keepdims=True) - pairs
+    cos, sin = cos[:, :, None, :, None], sin[:, :, None, :, None] * jnp.asarray([-1.0, 1.0], sin.dtype)
+    return (pairs * cos + swapped * sin).reshape(x.shape).astype(x.dtype)

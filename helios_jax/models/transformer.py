@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from helios_jax.config import TransformerConfig
 from helios_jax.convert.keymap import KeyMap
+from helios_jax.models import fp8
 from helios_jax.models.attention import attention
 from helios_jax.models.layers import Dense, LayerNorm, RMSNorm, gelu_tanh, layer_norm, silu
 from helios_jax.models.memory import HISTORY_TERMS, PatchEmbed, embed_history
@@ -114,18 +115,31 @@ class Attention(nn.Module):
         segment_ids: jax.Array | None = None,
         kv: tuple[jax.Array, jax.Array] | None = None,
     ) -> jax.Array:
-        """``kv``: this layer's keys and values, already projected (cross-attention with ``text_kv``)."""
+        """``kv``: this layer's keys and values, already projected (cross-attention with ``text_kv``).
+
+        Self-attention leaves ``to_v``'s bias out of the values and adds it after ``to_out_0`` as one vector,
+        ``to_out_0(b_v)`` without its bias: every softmax row sums to one, so ``attention(q, k, v + b_v) =
+        attention(q, k, v) + b_v``, and ``to_out_0`` is affine. In the H100 plan the bias add was a pass of its
+        own over the (tokens, dim) values (cuDNN attention reads them; nothing fuses it), while the vector is
+        added inside the gated residual's fusion. The values are rounded before the bias instead of after."""
         cfg = self.config
         dim, heads = cfg.inner_dim, cfg.num_attention_heads
         q = RMSNorm(cfg.eps, name="norm_q")(Dense(dim, name="to_q")(x, lora_scale))
         q = q.reshape(*q.shape[:2], heads, -1)
-        k, v = key_value(cfg, x if context is None else context, lora_scale) if kv is None else kv
+        fold = kv is None and not self.cross
+        k, v = key_value(cfg, x if context is None else context, lora_scale, not fold) if kv is None else kv
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if not self.cross and cfg.is_amplify_history:
             k = self._amplify_history_keys(k, history_len)
         out = attention(q, k, v, impl=self.impl, mask=mask, segment_ids=segment_ids, cross=self.cross)
-        return Dense(dim, name="to_out_0")(out.reshape(*out.shape[:2], dim), lora_scale)
+        to_out = Dense(dim, name="to_out_0")
+        y = to_out(out.reshape(*out.shape[:2], dim), lora_scale)
+        if not fold:
+            return y
+        value_bias = self.variables["params"]["to_v"]["bias"].reshape(1, 1, dim).astype(out.dtype)
+        carried = to_out(value_bias, lora_scale, add_bias=False)
+        return (y.astype(_F32) + carried.astype(_F32)).astype(y.dtype)
 
     def _amplify_history_keys(self, k: jax.Array, history_len: int) -> jax.Array:
         """Scale the history keys by ``1 + sigmoid(s) * (max - 1)``, per head or one scalar.
@@ -143,14 +157,16 @@ class Attention(nn.Module):
         return (k.astype(_F32) * per_token[None, :, :, None]).astype(k.dtype)
 
 
-def key_value(cfg: TransformerConfig, source: jax.Array, lora_scale: LoraScale = None) -> tuple[jax.Array, jax.Array]:
-    """Keys (``to_k``, ``norm_k``) and values (``to_v``) of ``source``, split into heads (B, S, heads, head_dim).
+def key_value(cfg: TransformerConfig, source: jax.Array, lora_scale: LoraScale = None,
+              value_bias: bool = True) -> tuple[jax.Array, jax.Array]:
+    """Keys (``to_k``, ``norm_k``) and values (``to_v``; without its bias if not ``value_bias``) of ``source``,
+    split into heads (B, S, heads, head_dim).
 
     Called inside a compact method: the layers are children of the calling module (``Attention`` or
     ``TextKeyValue``), so both have the same params."""
     heads = cfg.num_attention_heads
     k = RMSNorm(cfg.eps, name="norm_k")(Dense(cfg.inner_dim, name="to_k")(source, lora_scale))
-    v = Dense(cfg.inner_dim, name="to_v")(source, lora_scale)
+    v = Dense(cfg.inner_dim, name="to_v")(source, lora_scale, add_bias=value_bias)
     return k.reshape(*k.shape[:2], heads, -1), v.reshape(*v.shape[:2], heads, -1)
 
 
@@ -189,6 +205,10 @@ def text_kv(cfg: TransformerConfig, variables: dict[str, Any], encoder_hidden_st
     def layer(_: None, layer_variables: dict[str, Any]) -> tuple[None, tuple[jax.Array, jax.Array]]:
         return None, TextKeyValue(cfg).apply(layer_variables, context, lora_scale)
 
+    edges = fp8.FIRST_BLOCK in variables.get("params", {})  # fp8.split_edges: the 16-bit first and last blocks apart
+    if offload and edges:
+        raise ValueError("text_kv: offload streams the one block stack; these params keep their first and last blocks "
+                         "apart (fp8 with bf16_edges): offload the all-fp8 or the 16-bit layout")
     if offload:
         def write(kv: TextKV, layer_variables: dict[str, Any], i: jax.Array) -> TextKV:
             return TextKV(*(stack.at[i].set(new) for stack, new in zip(kv, layer(None, layer_variables)[1])))
@@ -198,6 +218,11 @@ def text_kv(cfg: TransformerConfig, variables: dict[str, Any], encoder_hidden_st
         used = {c: {k: v for k, v in tree.items() if k in TEXT_KV_PARAMS} for c, tree in per_layer.items()}
         return scan_streamed(write, TextKV(empty, empty), used, cfg.num_layers)
     _, (key, value) = jax.lax.scan(layer, None, per_layer)
+    if edges:
+        first, last = [TextKeyValue(cfg).apply({c: tree[name]["attn2"] for c, tree in variables.items() if name in tree},
+                                               context, lora_scale) for name in (fp8.FIRST_BLOCK, fp8.LAST_BLOCK)]
+        key = jnp.concatenate([first[0][None], key, last[0][None]])
+        value = jnp.concatenate([first[1][None], value, last[1][None]])
     return TextKV(key, value)
 
 
@@ -391,6 +416,13 @@ class HeliosTransformer(nn.Module):
         context = embedder.text(encoder_hidden_states, lora_scale) if text_kv is None else None
 
         hooked = bool(self.hooks)
+        edges = self.has_variable("params", fp8.FIRST_BLOCK)  # fp8.split_edges: 16-bit first and last blocks
+        if edges and hooked:
+            raise ValueError("HeliosTransformer: hooks need the one block stack; these params keep their first and "
+                             "last blocks apart (fp8 with bf16_edges, an inference layout)")
+        if edges and self.offload:
+            raise ValueError("HeliosTransformer: offload streams the one block stack; these params keep their first "
+                             "and last blocks apart (fp8 with bf16_edges): offload the all-fp8 or the 16-bit layout")
         if self.offload and not self.is_initializing():
             x, features = self._streamed_blocks(x, batch, noisy_len, history_len, tokens, context, modulation_history,
                                                 modulation, rope, lora_scale, text_kv)
@@ -401,13 +433,23 @@ class HeliosTransformer(nn.Module):
             variable_axes={"params": 0, "lora": 0},
             split_rngs={"params": True},
             in_axes=(nn.broadcast,) * 5 + (0 if hooked else nn.broadcast, 0),
-            length=cfg.num_layers,
+            length=cfg.num_layers - 2 if edges else cfg.num_layers,
             unroll=self.scan_unroll,
         )(cfg, history_len, self.attention_impl, tokens, self.hooks, name="blocks")
         if hooked:
             features = jnp.zeros((len(self.hooks), batch, noisy_len, cfg.inner_dim), x.dtype)
             (x, features), _ = blocks((x, features), context, modulation_history, modulation, rope, lora_scale,
                                       jnp.arange(cfg.num_layers), text_kv)
+        elif edges:
+            kv = [None] * 3 if text_kv is None else [
+                (text_kv.key[0], text_kv.value[0]), TextKV(text_kv.key[1:-1], text_kv.value[1:-1]),
+                (text_kv.key[-1], text_kv.value[-1])]
+            edge = (cfg, history_len, self.attention_impl, tokens)
+            x, _ = block(*edge, name=fp8.FIRST_BLOCK)(x, context, modulation_history, modulation, rope, lora_scale,
+                                                      None, kv[0])
+            x, _ = blocks(x, context, modulation_history, modulation, rope, lora_scale, None, kv[1])
+            x, _ = block(*edge, name=fp8.LAST_BLOCK)(x, context, modulation_history, modulation, rope, lora_scale,
+                                                     None, kv[2])
         else:
             x, features = blocks(x, context, modulation_history, modulation, rope, lora_scale, None, text_kv)[0], None
         return self._output(x, features, temb, history_len, tokens, (batch, t, h, w), lora_scale)
