@@ -3,7 +3,9 @@
 ``impl`` picks the backend: ``"xla"`` (runs everywhere), ``"cudnn"`` (cuDNN flash attention through
 ``jax.nn.dot_product_attention``, GPU only, bf16/fp16), ``"pallas"`` (our flash-attention kernel,
 ``helios_jax.kernels.flash_attention``: compiled through Triton on a GPU; on a CPU it runs in Pallas
-interpret mode, correct but slow, so that tests and tiny models can use it anywhere). Switching
+interpret mode, correct but slow, so that tests and tiny models can use it anywhere), ``"splash"`` (jax's Pallas
+TPU splash attention, ``helios_jax.models.splash``: the Mosaic kernel on a TPU, the default there; interpreted
+elsewhere, as slow). Switching
 backends is a change of one string, so a model can be compared across backends without touching its code.
 
 Under a mesh with a ``context`` axis of size > 1 (``jax.set_mesh``), the call runs context-parallel
@@ -11,7 +13,8 @@ Under a mesh with a ``context`` axis of size > 1 (``jax.set_mesh``), the call ru
 
 ``segment_ids`` makes the attention block-diagonal (NaViT packing, stage 2-init): a query attends only to
 keys of its own segment. XLA and cuDNN get it as a boolean mask (cuDNN turns it into an additive bias of
-(tokens x tokens) per sample); the Pallas kernel and the context-parallel path have no segments and refuse.
+(tokens x tokens) per sample), splash as the kernel's own segment ids; the Pallas kernel and the context-parallel
+path have no segments and refuse.
 """
 
 from __future__ import annotations
@@ -22,24 +25,28 @@ import jax
 import jax.numpy as jnp
 
 from helios_jax.kernels import flash_attention
+from helios_jax.models.splash import splash_attention
 from helios_jax.parallel import context as context_parallel
 
-Impl = Literal["xla", "cudnn", "pallas"]
-IMPLS: tuple[str, ...] = ("xla", "cudnn", "pallas")
+Impl = Literal["xla", "cudnn", "pallas", "splash"]
+IMPLS: tuple[str, ...] = ("xla", "cudnn", "pallas", "splash")
 # One (B or 1, T) integer array for self-attention, or a (q ids (B or 1, Tq), kv ids (B or 1, Tk)) pair.
 SegmentIds = jax.Array | tuple[jax.Array, jax.Array]
 
 
 def default_impl(dtype, platform: str | None = None) -> str:
-    """cuDNN flash attention where it applies (a GPU, 16-bit inputs), else XLA's.
+    """Splash attention on a TPU, cuDNN flash attention where it applies (a GPU, 16-bit inputs), else XLA's.
 
-    ``platform`` ("gpu", "cpu", ...) is the device the program is for, by default JAX's default backend;
-    a plan compiled here for a GPU that is not here (experiments/plans/gpu_plan.py) names it.
+    ``platform`` ("gpu", "tpu", "cpu", ...) is the device the program is for, by default JAX's default backend;
+    a plan compiled here for a device that is not here (experiments/plans/gpu_plan.py) names it.
 
     XLA's attention materialises the (heads, tokens, tokens) logits in float32: 19.5 GB per layer at
-    Helios' 11,040-token stage, which is why a GPU run should never default to it.
+    Helios' 11,040-token stage, which is why a GPU or TPU run should never default to it.
     """
-    on_gpu = (platform or jax.default_backend()) in ("gpu", "cuda")
+    platform = platform or jax.default_backend()
+    if platform == "tpu":
+        return "splash"
+    on_gpu = platform in ("gpu", "cuda")
     return "cudnn" if on_gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
 
 
@@ -72,15 +79,23 @@ def attention(
         raise ValueError(f"attention impl {impl!r} is not one of {IMPLS}")
     if impl == "pallas" and (bias is not None or mask is not None):
         raise ValueError("the pallas attention kernel takes no bias or mask; use impl='xla' or 'cudnn' for them")
+    if impl == "splash" and (bias is not None or (mask is not None and (mask.ndim != 4 or mask.shape[1:3] != (1, 1)))):
+        raise ValueError("the splash attention kernel takes no bias, and a mask only of keys, (B or 1, 1, 1, Tk); "
+                         f"got bias {None if bias is None else bias.shape}, mask {None if mask is None else mask.shape}")
+    pair = None
     if segment_ids is not None:
         if impl == "pallas":
-            raise ValueError("the pallas attention kernel has no segment ids; use impl='xla' or 'cudnn' for a "
-                             "packed (segment-id) attention")
+            raise ValueError("the pallas attention kernel has no segment ids; use impl='xla', 'cudnn' or 'splash' "
+                             "for a packed (segment-id) attention")
         if context_parallel.active_mesh() is not None:
             raise ValueError("segment-id attention does not run context-parallel (its mask is per query); "
                              "run the packed forward without a context axis in the mesh")
-        same = segment_mask(segment_ids, q.shape[0], q.shape[1], k.shape[1])
-        mask = same if mask is None else jnp.logical_and(mask, same)
+        pair = segment_pair(segment_ids, q.shape[0], q.shape[1], k.shape[1])
+        if impl != "splash":  # splash takes the ids themselves
+            same = pair[0][:, None, :, None] == pair[1][:, None, None, :]
+            mask = same if mask is None else jnp.logical_and(mask, same)
+    if impl == "splash":
+        return _splash(q, k, v, scale=scale, mask=mask, segment_ids=pair, cross=cross)
 
     def local(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         if impl == "pallas":
@@ -100,9 +115,9 @@ def attention(
     return local(*context_parallel.constrain_heads(q, k, v), mask)
 
 
-def segment_mask(segment_ids: SegmentIds, batch: int, q_tokens: int, k_tokens: int) -> jax.Array:
-    """(B or 1, 1, Tq, Tk) True where the query's and the key's segment ids are equal; one clear error for
-    ids that are not integer arrays of shape (B or 1, Tq) and (B or 1, Tk)."""
+def segment_pair(segment_ids: SegmentIds, batch: int, q_tokens: int, k_tokens: int) -> tuple[jax.Array, jax.Array]:
+    """The (q ids (B or 1, Tq), kv ids (B or 1, Tk)) pair of ``segment_ids``; one clear error for ids that are
+    not integer arrays of those shapes."""
     pair = segment_ids if isinstance(segment_ids, (tuple, list)) else (segment_ids, segment_ids)
     if len(pair) != 2:
         raise ValueError(f"segment_ids: give one (B, T) array or a (q ids, kv ids) pair; got {len(pair)} arrays")
@@ -115,8 +130,22 @@ def segment_mask(segment_ids: SegmentIds, batch: int, q_tokens: int, k_tokens: i
                 f"{name} tokens of {tokens}; got shape {shape}, dtype {dtype} (a single array serves q and kv of "
                 "self-attention; give a (q ids, kv ids) pair when their lengths differ)"
             )
-    q_ids, kv_ids = (jnp.asarray(ids) for ids in pair)
-    return q_ids[:, None, :, None] == kv_ids[:, None, None, :]
+    return jnp.asarray(pair[0]), jnp.asarray(pair[1])
+
+
+def _splash(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None, mask: jax.Array | None,
+            segment_ids: tuple[jax.Array, jax.Array] | None, cross: bool) -> jax.Array:
+    """Splash attention, inside ``shard_map`` under a mesh (XLA cannot partition a Mosaic kernel): the context
+    path's (Ulysses or the K/V all-gather), else each device's share of the batch and heads."""
+
+    def local(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
+              q_ids: jax.Array | None = None, kv_ids: jax.Array | None = None) -> jax.Array:
+        key_mask = None if mask is None else mask[:, 0, 0, :]
+        return splash_attention(q, k, v, scale=scale, key_mask=key_mask, q_segment_ids=q_ids, kv_segment_ids=kv_ids)
+
+    if context_parallel.active_mesh() is not None:
+        return context_parallel.attention(q, k, v, local, cross=cross, mask=mask)
+    return context_parallel.per_shard(local, q, k, v, mask, *(segment_ids or ()))
 
 
 def _xla_float16(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None, mask: jax.Array | None,

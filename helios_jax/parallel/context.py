@@ -38,10 +38,10 @@ def active_mesh() -> AbstractMesh | None:
     return mesh
 
 
-def batch_axes(mesh: AbstractMesh, batch: int) -> tuple[str, ...] | None:
-    """The batch-splitting mesh axes (``data``, then ``fsdp``) whose sizes divide ``batch``."""
+def batch_axes(mesh: AbstractMesh, batch: int, among: tuple[str, ...] = BATCH_AXES) -> tuple[str, ...] | None:
+    """The batch-splitting mesh axes (``data``, then ``fsdp``, of those ``among``) whose sizes divide ``batch``."""
     sizes, chosen, count = dict(mesh.shape), [], 1
-    for name in BATCH_AXES:
+    for name in (a for a in BATCH_AXES if a in among):
         size = sizes.get(name, 1)
         if size > 1 and batch % (count * size) == 0:
             chosen.append(name)
@@ -148,3 +148,32 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, attend: Attend, *, cross
 
     specs = (split, whole if cross else split, whole if cross else split) + (P(),) * len(masks)
     return jax.shard_map(body, in_specs=specs, out_specs=split, check_vma=False)(q, k, v, *masks)
+
+
+def per_shard(attend: Attend, q: jax.Array, k: jax.Array, v: jax.Array, *extras: jax.Array | None) -> jax.Array:
+    """``attend(q, k, v, *extras)`` under ``shard_map`` on each device's share of the batch (over ``data``/``fsdp``)
+    and of the heads (over ``tensor``), for a kernel XLA cannot partition (splash attention, a Mosaic kernel).
+
+    Layout (batch, tokens, heads, head_dim); ``extras`` are None or arrays whose leading axis is the batch (split
+    with it) or 1 (whole on every device). Called as it is without a mesh, and on the axes that are not manual
+    already inside a caller's ``shard_map``.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    free = () if mesh.empty else tuple(a for a in mesh.axis_names if a not in mesh.manual_axes)
+    if not free:
+        return attend(q, k, v, *extras)
+    batch = batch_axes(mesh, q.shape[0], among=free)
+    tensor = dict(mesh.shape).get("tensor", 1) if "tensor" in free else 1
+    split = P(batch, None, "tensor" if tensor > 1 and q.shape[2] % tensor == 0 else None, None)
+    given = [i for i, x in enumerate(extras) if x is not None]
+
+    def body(q: jax.Array, k: jax.Array, v: jax.Array, *arrays: jax.Array) -> jax.Array:
+        args: list[jax.Array | None] = [None] * len(extras)
+        for i, x in zip(given, arrays):
+            args[i] = x
+        return attend(q, k, v, *args)
+
+    specs = tuple(P(batch if extras[i].shape[0] == q.shape[0] else None, *[None] * (extras[i].ndim - 1))
+                  for i in given)
+    return jax.shard_map(body, in_specs=(split, split, split, *specs), out_specs=split, axis_names=set(free),
+                         check_vma=False)(q, k, v, *(extras[i] for i in given))
