@@ -86,10 +86,17 @@ def libtpu_missing() -> str | None:
 
 
 def compile_on_cpu() -> None:
-    """The CPU as JAX's platform (the TPU is not here) and libtpu told not to ask a TPU VM's metadata server
-    for its accelerator type (``TPU_SKIP_MDS_QUERY``); called by the entry point, before any backend starts."""
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    """The CPU as JAX's platform (the TPU is not here); called by the entry point, before any backend starts."""
+    deviceless_libtpu()
     gpu_plan.compile_on_cpu()
+
+
+def deviceless_libtpu() -> None:
+    """libtpu told that no TPU is to be found here: not to ask a TPU VM's metadata server for its accelerator type
+    (``TPU_SKIP_MDS_QUERY``), and not to take the lock that keeps a TPU to one process
+    (``ALLOW_MULTIPLE_LIBTPU_LOAD``), so that two plans compile at once. Read when libtpu starts."""
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 @functools.cache
@@ -98,7 +105,7 @@ def devices(chip: str, chips: int) -> tuple[jax.Device, ...]:
     one-chip slice names its host bounds (``chips_per_host_bounds``)."""
     from jax.experimental import topologies
 
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    deviceless_libtpu()
     extra = {"chips_per_host_bounds": [1, 1, 1]} if chips == 1 else {}
     name = f"{chip}:{CHIPS[chip].topology(chips)}"
     return tuple(topologies.get_topology_desc(name, "tpu", **extra).devices)
@@ -215,9 +222,10 @@ def compiled(name: str, lower: Callable[[], jax.stages.Lowered], weights: Any = 
     return gpu_plan.compile_plan(name, lower(), weights)
 
 
-def generation_plans(program: str, size: gpu_plan.Size, chip: str, chips: int,
-                     mesh_sizes: dict[str, int]) -> list[gpu_plan.Plan]:
-    """The distilled chunk and its bf16 decode, or the base chunk, on ``chips`` chips (mesh or one device)."""
+def generation_plans(program: str, size: gpu_plan.Size, chip: str, chips: int, mesh_sizes: dict[str, int],
+                     decode: bool = True) -> list[gpu_plan.Plan]:
+    """The distilled chunk and (``decode``) its bf16 decode, or the base chunk, on ``chips`` chips (mesh or one
+    device). On a mesh the decode is each chip's whole decode, as ``stream`` runs it."""
     distilled = program == "distilled"
     spec = gpu_plan.DISTILLED if distilled else gpu_plan.BASE
     scheduler = dict(demo.SCHEDULER) if distilled else workloads.base_scheduler(1.0)
@@ -232,7 +240,7 @@ def generation_plans(program: str, size: gpu_plan.Size, chip: str, chips: int,
         sharding = jax.sharding.SingleDeviceSharding(devices(chip, 1)[0])
     plans = [compiled(TITLES[program], lambda: pipe.lower_chunk(**size.settings(), **settings, sharding=sharding),
                       pipe.transformer_params)]
-    if distilled:
+    if distilled and decode:
         decode_on = sharding or parallel.replicated(pipe.mesh)
         plans.append(compiled("VAE decode bf16", lambda: pipe.lower_decode(
             height=size.height, width=size.width, latent_frames=size.latent_frames, sharding=decode_on)))
@@ -252,15 +260,16 @@ def training_plan(program: str, size: gpu_plan.Size, chip: str, chips: int,
     return dmd_plan.dmd_plan(case, size, mesh=mesh, sharding=one, platform="tpu").plan
 
 
-def plan(program: str, size: gpu_plan.Size, chip: str, chips: int, mesh_sizes: dict[str, int] | None = None) -> TpuPlan:
+def plan(program: str, size: gpu_plan.Size, chip: str, chips: int, mesh_sizes: dict[str, int] | None = None,
+         decode: bool = True) -> TpuPlan:
     """``program`` compiled for ``chips`` chips of ``chip`` on its layout (or ``mesh_sizes``); a refusal of the
-    compiler for want of HBM is kept as the plan's ``refused``."""
+    compiler for want of HBM is kept as the plan's ``refused``. ``decode``: the distilled chunk's decode too."""
     sizes = LAYOUTS[program].get(chips, {}) if mesh_sizes is None else mesh_sizes
     start = time.perf_counter()
     training = program in ("stage1", "dmd")
     try:
         plans = ([training_plan(program, size, chip, chips, sizes)] if training
-                 else generation_plans(program, size, chip, chips, sizes))
+                 else generation_plans(program, size, chip, chips, sizes, decode))
         refused = None
     except Exception as error:  # the compiler's out-of-memory refusal is a result; anything else is a bug
         refused = out_of_memory(error)
