@@ -100,6 +100,7 @@ class Module:
     """The kernels of one optimised HLO module, with loop trip counts applied."""
 
     def __init__(self, hlo: str):
+        self.hlo = hlo
         self.computations, self.entry = parse(hlo)
         self.shape = {i.name: i.shape for c in self.computations.values() for i in c}
 
@@ -112,14 +113,28 @@ class Module:
         with how many times it runs: the trip counts of the loops around it multiplied."""
         for inst in self.computations[computation or self.entry]:
             if inst.opcode == "while":
-                trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', inst.attrs)
                 body = re.search(r"body=%([\w.\-]+)", inst.attrs).group(1)
-                yield from self.instructions(body, count * (int(trips.group(1)) if trips else 1))
+                yield from self.instructions(body, count * self.trip_count(inst.attrs))
             elif inst.opcode in ("call", "conditional", "async-start"):
                 for callee in inst.calls():
                     yield from self.instructions(callee, count)
             else:
                 yield inst, count
+
+    def trip_count(self, attrs: str) -> int:
+        """A while loop's trip count: the GPU compiler states it (``known_trip_count``); the TPU compiler does not,
+        and there it is read from the loop's condition, ``counter < N`` with the counter from 0 (a scan). 1 when
+        neither says."""
+        known = re.search(r'"known_trip_count":\{"n":"(\d+)"', attrs)
+        if known:
+            return int(known.group(1))
+        condition = re.search(r"condition=%([\w.\-]+)", attrs)
+        block = condition and re.search(r"^%" + re.escape(condition.group(1)) + r" .*?^\}", self.hlo, re.S | re.M)
+        if block and "direction=LT" in block.group(0):
+            bounds = re.findall(r"= s32\[\]\S* constant\((\d+)\)", block.group(0))
+            if len(bounds) == 1:
+                return int(bounds[0])
+        return 1
 
     def _operand_bytes(self, inst: Instruction) -> float:
         """Operands read once; a fusion parameter used only by (dynamic-)slices reads only the slices."""

@@ -119,7 +119,7 @@ def tpu_mesh(chip: str, **sizes: int) -> jax.sharding.Mesh:
 # --- the programs and their layouts -------------------------------------------------------------------------
 
 PROGRAMS = ("distilled", "base", "stage1", "dmd")
-TITLES = {"distilled": "distilled chunk 2+2+2 + VAE decode", "base": "base chunk 50 steps CFG",
+TITLES = {"distilled": "distilled chunk 2+2+2", "base": "base chunk 50 steps CFG",
           "stage1": "stage-1 LoRA step", "dmd": "stage-3b DMD generator step"}
 BASE_STEPS = 50
 # The mesh of each program on 4 and 8 chips (one chip: none). Generation splits the weights over ``tensor``
@@ -170,6 +170,13 @@ class TpuPlan:
     def kernels(self) -> list[roofline.Kernel]:
         return [kernel_flops(k, p.hlo) for p in self.plans for k in roofline.Module(p.hlo).kernels()]
 
+    def totals(self) -> dict[str, float]:
+        """Per chip and chunk or step: FLOPs, HBM bytes and collective bytes sent (what the roofline divides by the
+        chip's rates; another chip's roofline of the same program scales them by its own)."""
+        kernels = [k for k in self.kernels if k.kind != "collectives"]
+        return {"flops": sum(k.count * k.flops for k in kernels), "hbm_bytes": sum(k.count * k.bytes for k in kernels),
+                "sent_bytes": sum(mesh_plan.sent_by_kind(self.ops).values())}
+
     def times(self) -> dict[str, float]:
         """Seconds per chunk or step by the roofline: per kernel the larger of its FLOPs and HBM times, summed,
         and the collectives' bytes at the ICI bandwidth; the bound is the largest of the three totals."""
@@ -180,6 +187,10 @@ class TpuPlan:
         ici = sum(mesh_plan.sent_by_kind(self.ops).values()) / chip.ici_bandwidth
         bound = max((("FLOPs", flops), ("HBM", hbm), ("ICI", ici)), key=lambda kv: kv[1])[0]
         return {"flops": flops, "hbm": hbm, "ici": ici, "total": device + ici, "bound": bound}
+
+    @property
+    def title(self) -> str:
+        return TITLES[self.program] + (" + VAE decode" if len(self.plans) > 1 else "")
 
     def rate(self, frames: int) -> float:
         """Generation: video frames a second; training: samples a second."""
@@ -278,7 +289,7 @@ def plan(program: str, size: gpu_plan.Size, chip: str, chips: int, mesh_sizes: d
         plans = []
     result = TpuPlan(program, CHIPS[chip], chips, sizes, plans, time.perf_counter() - start, refused,
                      samples=chips if training else 0)
-    print(f"{TITLES[program]} on {chip} x {chips} ({mesh_label(sizes)}): "
+    print(f"{result.title} on {chip} x {chips} ({mesh_label(sizes)}): "
           f"{'fits' if result.fits else 'does not fit: ' + refused}, {result.compile_s:.0f} s", flush=True)
     return result
 
@@ -287,14 +298,14 @@ def mesh_label(sizes: dict[str, int]) -> str:
     return " x ".join(f"{a}={n}" for a, n in sizes.items()) or "one chip"
 
 
-def smallest_and_eight(program: str, size: gpu_plan.Size, chip: str) -> list[TpuPlan]:
+def smallest_and_eight(program: str, size: gpu_plan.Size, chip: str, decode: bool = True) -> list[TpuPlan]:
     """``program`` on the smallest slice of ``SLICES`` it fits on ``chip`` (the smaller ones tried first, their
     refusals kept), and on 8 chips."""
     found = []
     for chips in SLICES:
-        found.append(plan(program, size, chip, chips))
+        found.append(plan(program, size, chip, chips, decode=decode))
         if found[-1].fits and chips < 8:
-            found.append(plan(program, size, chip, 8))
+            found.append(plan(program, size, chip, 8, decode=decode))
             break
         if found[-1].fits:
             break
@@ -313,12 +324,12 @@ def table_rows(plans: list[TpuPlan], frames: int) -> list[list[Any]]:
     for p in plans:
         where = f"{p.chip.name} x {p.chips}"
         if not p.fits:
-            rows.append([TITLES[p.program], where, mesh_label(p.mesh), "no: " + p.refused, p.compile_s,
+            rows.append([p.title, where, mesh_label(p.mesh), "no: " + p.refused, p.compile_s,
                          *["-"] * (len(HEADERS) - 5)])
             continue
         t, sent = p.times(), sum(mesh_plan.sent_by_kind(p.ops).values())
         calls = sorted({c for q in p.plans for c in q.custom_calls})
-        rows.append([TITLES[p.program], where, mesh_label(p.mesh), "yes", p.compile_s,
+        rows.append([p.title, where, mesh_label(p.mesh), "yes", p.compile_s,
                      reporting.gib(p.argument_bytes), reporting.gib(p.temp_bytes), sent / 1e9, 1e3 * t["flops"],
                      1e3 * t["hbm"], 1e3 * t["ici"], 1e3 * t["total"], t["bound"], p.rate(frames),
                      ", ".join(calls) or "-"])
@@ -348,22 +359,25 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--chips", default=",".join(CHIPS), help=f"which of {tuple(CHIPS)} (comma-separated)")
     parser.add_argument("--only", default="", help="these slices instead of the smallest that fits and 8: v5e:4,v5p:8")
     parser.add_argument("--compare", action="store_true", help="also the distilled chunk context-parallel (item 4)")
+    parser.add_argument("--no-decode", action="store_true", help="the distilled chunk without its VAE decode, whose "
+                        "TPU compile is the slowest of all (minutes of CPU at 384x640)")
     args = parser.parse_args(argv)
     missing = libtpu_missing()
     if missing:
         raise SystemExit(missing)
     size = mesh_plan.TINY if args.tiny else gpu_plan.HELIOS_14B
     programs = [p for p in args.programs.split(",") if p]
+    decode = not args.no_decode
     plans = []
     for program in programs:
         if args.only:
-            plans += [plan(program, size, chip, n) for chip, n in parse_only(args.only)]
+            plans += [plan(program, size, chip, n, decode=decode) for chip, n in parse_only(args.only)]
         else:
             for chip in args.chips.split(","):
-                plans += smallest_and_eight(program, size, chip)
+                plans += smallest_and_eight(program, size, chip, decode)
     if args.compare:
         chip_slices = parse_only(args.only) if args.only else [(c, n) for c in args.chips.split(",") for n in COMPARE]
-        plans += [plan("distilled", size, chip, n, COMPARE[n]) for chip, n in chip_slices if n in COMPARE]
+        plans += [plan("distilled", size, chip, n, COMPARE[n], decode) for chip, n in chip_slices if n in COMPARE]
     frames = workloads.video_frames(size.latent_frames)
     env = provenance.environment("TPU v5e / v6e / v5p slices of libtpu's topologies, compiled deviceless on the CPU",
                                  provenance.versions("jax", "jaxlib", "libtpu", "flax", "optax"))
@@ -374,10 +388,12 @@ def main(argv: list[str] | None = None) -> dict:
             "program that does not fit). Collective GB: what one chip sends per chunk or step (ring algorithms). "
             "Roofline: each kernel at max(FLOPs / peak, bytes / HBM bandwidth), plus the collectives at the ICI "
             "bandwidth one way, no overlap; bound: the largest of the FLOPs, HBM and ICI totals. FPS: the chunk's "
-            f"video frames over its roofline time (the distilled row includes its decode); training: samples/s. "
+            f"video frames over its roofline time (with its decode where the row says so); training: samples/s. "
             f"Chips (Google Cloud TPU docs): {chips_note()}.\n\n" + reporting.markdown_table(HEADERS, table_rows(plans, frames)))
-    return reporting.report("tpu_plan", env, body, {"env": env, "headers": HEADERS, "rows": table_rows(plans, frames)},
-                            args)
+    totals = [{"program": p.program, "chip": p.chip.name, "chips": p.chips, "mesh": p.mesh, **p.totals()}
+              for p in plans if p.fits]
+    return reporting.report("tpu_plan", env, body, {"env": env, "headers": HEADERS, "rows": table_rows(plans, frames),
+                                                    "totals": totals}, args)
 
 
 if __name__ == "__main__":
