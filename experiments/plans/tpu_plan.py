@@ -20,7 +20,7 @@ Each program runs in the smallest slice of ``SLICES`` it fits and in 8 chips, on
 (why each: the comment beside it). Per chip: arguments and temporaries (XLA's memory analysis), the collectives'
 bytes one chip sends (mesh_plan's ring accounting, loop trip counts applied), and a roofline: every kernel of the
 optimised HLO at max(FLOPs / bf16 peak, bytes / HBM bandwidth) (roofline.Module's accounting; the splash
-kernel's FLOPs from its q and k shapes, see ``kernel_flops``) plus the collectives at the ICI bandwidth, no
+kernel's FLOPs from its q and k shapes) plus the collectives at the ICI bandwidth, no
 overlap. The chips' figures are Google's published ones (``CHIPS``, with their pages). These are plans, not
 measurements: no TPU ran them.
 """
@@ -168,7 +168,7 @@ class TpuPlan:
 
     @functools.cached_property
     def kernels(self) -> list[roofline.Kernel]:
-        return [kernel_flops(k, p.hlo) for p in self.plans for k in roofline.Module(p.hlo).kernels()]
+        return [k for p in self.plans for k in roofline.Module(p.hlo).kernels()]
 
     def totals(self) -> dict[str, float]:
         """Per chip and chunk or step: FLOPs, HBM bytes and collective bytes sent (what the roofline divides by the
@@ -195,29 +195,6 @@ class TpuPlan:
     def rate(self, frames: int) -> float:
         """Generation: video frames a second; training: samples a second."""
         return (self.samples or frames) / self.times()["total"]
-
-
-def kernel_flops(kernel: roofline.Kernel, hlo: str) -> roofline.Kernel:
-    """A Mosaic kernel's FLOPs, which the HLO does not state: a splash attention call is counted from its q and k
-    operands as attention, 4 x (q elements) x (k tokens) (the forward's two matmuls; a backward kernel is counted
-    the same, a lower bound). Other kernels as roofline.Module counts them."""
-    if kernel.name != SPLASH_CALL:
-        return kernel
-    return dataclasses.replace(kernel, kind="attention", flops=_splash_flops(hlo) or kernel.flops)
-
-
-@functools.cache
-def _splash_flops(hlo: str) -> float:
-    """4 x q elements x k tokens of the first Mosaic call whose first two operands look like q and k."""
-    module = roofline.Module(hlo)
-    for inst, _ in module.instructions():
-        if inst.opcode == "custom-call" and SPLASH_CALL in inst.attrs and len(inst.operands) >= 3:
-            dims = [roofline.shapes(module.shape.get(o, "")) for o in inst.operands[:3]]
-            dims = [d[0][1] for d in dims if d]
-            for q, k in zip(dims, dims[1:]):
-                if len(q) >= 3 and len(k) == len(q) and q[-1] == k[-1]:
-                    return 4.0 * math.prod(q) * k[-2]
-    return 0.0
 
 
 def out_of_memory(error: Exception) -> str | None:
