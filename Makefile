@@ -11,8 +11,13 @@ GPU_LOCK := locks/gpu-plan.txt
 # The tier's tests import no torch, so they run in the gpu-plan venv (which has none).
 GPU_TESTS := tests/test_gpu_plan.py tests/test_gpu_plan_fp8.py tests/test_gpu_plan_mesh.py tests/test_train_plan.py \
              tests/test_gpu_plan_mosaic.py tests/test_gpu_plan_lowmem.py
+TPU_VENV := .venv-tpu-plan
+TPU_BIN  := $(TPU_VENV)/bin
+TPU_LOCK := locks/tpu-plan.txt
+TPU_TESTS := tests/test_tpu_plan.py
 
-.PHONY: demo nano lint test check test-latest lock install install-test gpu-plan gpu-plan-room browser-test serve clean
+.PHONY: demo nano lint test check test-latest lock install install-test gpu-plan gpu-plan-room tpu-plan tpu-plan-room \
+        browser-test serve clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -111,6 +116,28 @@ $(VENV)/.installed-browser: pyproject.toml $(LOCK) $(VENV)/.installed-test
 browser-test: $(VENV)/.installed-browser
 	$(BIN)/python -m pytest -m browser tests/test_serve_browser.py $(PYTEST_ARGS)
 
+# The TPU plans compiled on this CPU (no TPU): libtpu of the locked jax (locks/tpu-plan.txt, exact versions, --no-deps:
+# 1.6 GB installed with the runtime) in a venv of its own, as the gpu-plan tier and for the same reason (libtpu looks for
+# a TPU as jax starts). Its topologies give v5e, v6e and v5p devices; experiments/plans/tpu_plan.py, docs/tpu.md.
+TPU_PLAN_DISK_GB := 3
+tpu-plan-room:
+	@free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); if [ $$free -lt $(TPU_PLAN_DISK_GB) ]; then \
+	  echo "tpu-plan: $$free GB of disk free here, its venv needs $(TPU_PLAN_DISK_GB) GB" >&2; exit 1; fi
+
+$(TPU_VENV)/.installed: pyproject.toml $(LOCK) $(TPU_LOCK)
+	@$(MAKE) -s tpu-plan-room
+	rm -rf $(TPU_VENV)
+	$(PYTHON) -m venv $(TPU_VENV)
+	$(TPU_BIN)/python -m pip install -q --no-cache-dir --upgrade pip
+	@start=$$(date +%s); \
+	$(TPU_BIN)/python -m pip install -q --no-cache-dir -c $(LOCK) -e . pytest && \
+	$(TPU_BIN)/python -m pip install -q --no-cache-dir --no-deps -r $(TPU_LOCK) && \
+	echo "installed the tpu-plan tier from $(TPU_LOCK) in $$(( $$(date +%s) - start )) s ($$(du -sh $(TPU_VENV) | cut -f1))"
+	touch $@
+
+tpu-plan: $(TPU_VENV)/.installed
+	HELIOS_TEST_XLA_FLAGS= JAX_PLATFORMS=cpu TPU_SKIP_MDS_QUERY=1 $(TPU_BIN)/python -m pytest -m tpu_plan $(TPU_TESTS) $(PYTEST_ARGS)
+
 # Not in CI: the newest releases the ranges in pyproject.toml allow, in a separate venv, to find drift early.
 test-latest:
 	rm -rf .venv-latest
@@ -132,4 +159,4 @@ lock:
 	rm -rf .venv-lock
 
 clean:
-	rm -rf $(VENV) $(GPU_VENV) .venv-latest .venv-lock build *.egg-info
+	rm -rf $(VENV) $(GPU_VENV) $(TPU_VENV) .venv-latest .venv-lock build *.egg-info

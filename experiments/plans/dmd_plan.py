@@ -83,8 +83,10 @@ class DmdTrees:
     nets: dmd.DmdNets
 
 
-def dmd_trees(cfg: TransformerConfig, latent: tuple[int, int], text_tokens: int, batch: int = 1) -> DmdTrees:
-    """``stages.dmd.prepare``'s trees for the official GAN-version YAML, as shapes (one shared base)."""
+def dmd_trees(cfg: TransformerConfig, latent: tuple[int, int], text_tokens: int, batch: int = 1,
+              platform: str = "gpu") -> DmdTrees:
+    """``stages.dmd.prepare``'s trees for the official GAN-version YAML, as shapes (one shared base), with the
+    attention the trainer picks on ``platform``."""
     recipe = recipes.load(os.path.join(train_plan.CONFIGS, YAML))
     t = recipe.section("training_config")
     dtype = stages.DTYPES[t["mixed_precision"]]
@@ -96,7 +98,7 @@ def dmd_trees(cfg: TransformerConfig, latent: tuple[int, int], text_tokens: int,
     critic_spec = recipe.critic_lora()
     shapes = transformer_lib.param_shapes(cfg)
     params = abstract_params(shapes, dtype)
-    model = transformer_lib.HeliosTransformer(cfg, attention_impl=default_impl(dtype, "gpu"),
+    model = transformer_lib.HeliosTransformer(cfg, attention_impl=default_impl(dtype, platform),
                                               remat=t["gradient_checkpointing"])
     nets = dmd.DmdNets(model, dtype, spec.scale, critic_spec.scale, settings.gan)
     heads = jax.eval_shape(lambda k: dmd.init_heads(nets, cfg, k, latent), jax.random.key(0))
@@ -134,19 +136,21 @@ def sizes_of(trees: DmdTrees) -> dict[str, int]:
             "batch + negative prompt": b(trees.batch) + b(trees.frozen["negative_prompt_embeds"])}
 
 
-def dmd_plan(case: DmdCase, size: gpu_plan.Size) -> DmdPlan:
-    """``case``'s duel step compiled for H100s from shapes only."""
+def dmd_plan(case: DmdCase, size: gpu_plan.Size, mesh: jax.sharding.Mesh | None = None,
+             sharding: jax.sharding.Sharding | None = None, platform: str = "gpu") -> DmdPlan:
+    """``case``'s duel step compiled for H100s from shapes only; or for ``platform``'s devices: on ``mesh`` (its
+    fsdp axis taking the batch) when ``case.fsdp`` > 1, else on ``sharding``'s one device."""
     latent = (size.height // 8, size.width // 8)
-    trees = dmd_trees(size.cfg, latent, size.text_tokens, batch=case.fsdp)
+    trees = dmd_trees(size.cfg, latent, size.text_tokens, batch=case.fsdp, platform=platform)
     key = jax.eval_shape(lambda: jax.random.key(0))
     kind = dict(update_generator=case.update_generator, phase=GAN_PHASE)
     args = (trees.state, trees.frozen, trees.batch, key)
     if case.fsdp == 1:
         step = duel.make_duel_step(trees.duel, trees.optimizer, **kind)
-        placed = gpu_plan.on_device(args, gpu_plan.h100())
+        placed = gpu_plan.on_device(args, sharding or gpu_plan.h100())
         lowered = step.lower(*placed)
     else:
-        mesh = gpu_plan.h100_mesh(fsdp=case.fsdp)
+        mesh = mesh or gpu_plan.h100_mesh(fsdp=case.fsdp)
         placement = duel.duel_shardings(trees.state, mesh)
         step = duel.make_duel_step(trees.duel, trees.optimizer, **kind, state_sharding=placement)
         placed = (train_plan.placed_like(trees.state, placement),

@@ -162,11 +162,14 @@ def chunk_plans(size: gpu_plan.Size) -> list[MeshPlan]:
     return plans
 
 
-def mesh_pipeline(cfg: TransformerConfig, vae: VAEConfig, scheduler: dict, spec: Any, mesh: jax.sharding.Mesh) -> Any:
-    """gpu_plan's abstract pipeline on ``mesh``: the DiT's shape structs sharded by its table."""
+def mesh_pipeline(cfg: TransformerConfig, vae: VAEConfig, scheduler: dict, spec: Any, mesh: jax.sharding.Mesh,
+                  platform: str = "gpu", vae_dtype: Any = None) -> Any:
+    """gpu_plan's abstract pipeline on ``mesh`` (of ``platform``'s devices): the DiT's shape structs sharded by
+    its table, the attention the pipeline picks there."""
     from helios_jax.pipeline import HeliosPipeline
 
-    pipe = gpu_plan.abstract_pipeline(cfg, vae, scheduler, spec)
+    extra = {} if vae_dtype is None else {"vae_dtype": vae_dtype}
+    pipe = gpu_plan.abstract_pipeline(cfg, vae, scheduler, spec, platform=platform, **extra)
     return HeliosPipeline((cfg, pipe.transformer_params), (vae, pipe.vae_params), None, scheduler, spec,
                           attention_impl=pipe.attention_impl, mesh=mesh)
 

@@ -100,6 +100,7 @@ class Module:
     """The kernels of one optimised HLO module, with loop trip counts applied."""
 
     def __init__(self, hlo: str):
+        self.hlo = hlo
         self.computations, self.entry = parse(hlo)
         self.shape = {i.name: i.shape for c in self.computations.values() for i in c}
 
@@ -112,29 +113,60 @@ class Module:
         with how many times it runs: the trip counts of the loops around it multiplied."""
         for inst in self.computations[computation or self.entry]:
             if inst.opcode == "while":
-                trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', inst.attrs)
                 body = re.search(r"body=%([\w.\-]+)", inst.attrs).group(1)
-                yield from self.instructions(body, count * (int(trips.group(1)) if trips else 1))
+                yield from self.instructions(body, count * self.trip_count(inst.attrs))
             elif inst.opcode in ("call", "conditional", "async-start"):
                 for callee in inst.calls():
                     yield from self.instructions(callee, count)
             else:
                 yield inst, count
 
+    def trip_count(self, attrs: str) -> int:
+        """A while loop's trip count: the GPU compiler states it (``known_trip_count``); the TPU compiler does not,
+        and there it is read from the loop's condition, ``counter < N`` with the counter from 0 (a scan). 1 when
+        neither says."""
+        known = re.search(r'"known_trip_count":\{"n":"(\d+)"', attrs)
+        if known:
+            return int(known.group(1))
+        condition = re.search(r"condition=%([\w.\-]+)", attrs)
+        block = condition and re.search(r"^%" + re.escape(condition.group(1)) + r" .*?^\}", self.hlo, re.S | re.M)
+        if block and "direction=LT" in block.group(0):
+            bounds = re.findall(r"= s32\[\]\S* constant\((\d+)\)", block.group(0))
+            if len(bounds) == 1:
+                return int(bounds[0])
+        return 1
+
     def _operand_bytes(self, inst: Instruction) -> float:
-        """Operands read once; a fusion parameter used only by (dynamic-)slices reads only the slices."""
+        """Operands read once; a fusion parameter used only by (dynamic-)slices reads only the slices, also where
+        the slice is in a fusion nested in this one (the TPU compiler nests them)."""
         full = [nbytes(self.shape.get(o, "")) for o in inst.operands]
         if inst.opcode != "fusion":
             return sum(full)
         body = self.computations[inst.calls()[0]]
         total = 0.0
         for param in (i for i in body if i.opcode == "parameter"):
-            users = [i for i in body if param.name in i.operands]
-            if users and all(u.opcode in ("dynamic-slice", "slice") and u.operands[0] == param.name for u in users):
-                total += sum(nbytes(u.shape) for u in users)
-            else:
-                total += full[param.index] if param.index < len(full) else nbytes(param.shape)
+            whole = full[param.index] if param.index < len(full) else nbytes(param.shape)
+            total += min(whole, self._param_read(body, param.name, whole))
         return total
+
+    def _param_read(self, body: list[Instruction], name: str, whole: float) -> float:
+        """Bytes a fused computation reads of its parameter ``name``: the slices taken of it, followed into nested
+        fusions; ``whole`` where anything else uses it."""
+        users = [i for i in body if name in i.operands]
+        if not users:
+            return whole
+        read = 0.0
+        for user in users:
+            if user.opcode in ("dynamic-slice", "slice") and user.operands[0] == name:
+                read += nbytes(user.shape)
+            elif user.opcode == "fusion" and user.operands.count(name) == 1:
+                inner = self.computations.get(user.calls()[0], [])
+                index = user.operands.index(name)
+                param = next((i for i in inner if i.opcode == "parameter" and i.index == index), None)
+                read += whole if param is None else self._param_read(inner, param.name, whole)
+            else:
+                return whole
+        return read
 
     def _flops(self, computation: str) -> float:
         flops = 0.0
@@ -160,6 +192,15 @@ class Module:
                 return False
         return True
 
+    def _mosaic_attention_flops(self, inst: Instruction) -> float:
+        """4 x (q elements) x (k tokens) for the first two adjacent operands shaped like q and k (same rank >= 3,
+        same head_dim): a splash forward's two matmuls; its backward kernels are counted the same (a lower bound)."""
+        dims = [s[0][1] for s in (shapes(self.shape.get(o, "")) for o in inst.operands) if s]
+        for q, k in zip(dims, dims[1:]):
+            if len(q) >= 3 and len(k) == len(q) and q[-1] == k[-1] and q[-1] >= 64:
+                return 4.0 * math.prod(q) * k[-2]
+        return 0.0
+
     def _conv_flops(self, inst: Instruction) -> float:
         out = math.prod(shapes(inst.shape)[0][1])
         kernel = shapes(self.shape[inst.operands[1]])[0][1]
@@ -176,6 +217,8 @@ class Module:
                 q, k = (shapes(self.shape[o])[0][1] for o in inst.operands[:2])
                 batch, tq, heads, dim = q
                 return Kernel("attention", target, 4 * batch * heads * tq * k[1] * dim, io, count)
+            if target == "tpu_custom_call":  # a Mosaic kernel: splash attention, counted from its q and k
+                return Kernel("attention", target, self._mosaic_attention_flops(inst) or elements, io, count)
             if "conv" in target:
                 return Kernel("GEMM", target, self._conv_flops(inst), io, count)
             if "gemm" in target or "matmul" in target:

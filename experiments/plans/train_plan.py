@@ -98,10 +98,11 @@ class StepPlan:
 
 def step_plan(case: StepCase, cfg: TransformerConfig, sharding: jax.sharding.Sharding | None,
               latent: tuple[int, int] = LATENT, text_tokens: int = TEXT_TOKENS,
-              mesh: jax.sharding.Mesh | None = None) -> StepPlan:
+              mesh: jax.sharding.Mesh | None = None, platform: str = "gpu") -> StepPlan:
     """The trainer's step of ``case`` compiled for the H100 from shapes only; on ``mesh`` (of H100s, instead of
     ``sharding``) placed as ``trainer.train`` places it: state and base by the sharding tables, the batch over
-    ``data`` x ``fsdp``, the step's new state pinned to the old one's shardings, the mesh current."""
+    ``data`` x ``fsdp``, the step's new state pinned to the old one's shardings, the mesh current. ``platform``
+    ("gpu", "tpu") picks the attention the trainer would pick on those devices."""
     recipe = recipes.load(os.path.join(CONFIGS, case.yaml), case.overrides)
     dtype = stages.DTYPES[recipe.section("training_config")["mixed_precision"]]
     spec, subset = recipe.lora()
@@ -112,7 +113,7 @@ def step_plan(case: StepCase, cfg: TransformerConfig, sharding: jax.sharding.Sha
     optimizer = trainer.make_optimizer(optimizer_cfg)
     state = jax.eval_shape(lambda t: trainer.init_state(t, optimizer), trainable)
     model = transformer_lib.HeliosTransformer(
-        cfg, attention_impl=default_impl(dtype, "gpu"),
+        cfg, attention_impl=default_impl(dtype, platform),
         remat=recipe.section("training_config")["gradient_checkpointing"])
     net = stages.StageModel(model, dtype, spec.scale)
     batch = abstract_batch(cfg, case.batch, latent, text_tokens)

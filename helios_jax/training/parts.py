@@ -25,6 +25,7 @@ from helios_jax.checkpoint import PipelineSpec, read_checkpoint_configs
 from helios_jax.config import ConfigError, TransformerConfig
 from helios_jax.loading import COMPONENTS, transformer_component
 from helios_jax.models import lora as lora_lib
+from helios_jax.models.attention import default_impl
 from helios_jax.models.packed import packed_like
 from helios_jax.models.transformer import HeliosTransformer, compute_dtype, keeps_fp32
 from helios_jax.pipeline import HeliosPipeline
@@ -205,7 +206,9 @@ def prepare_one_player(recipe: Recipe, *, dataset: Callable[[Recipe, jax.shardin
     lora = lora_lib.init_lora(spec, params, jax.random.key(recipe.seed))
     variables = {"params": params, "lora": lora}
     trainable, frozen = trainer.partition(variables, lora_lib.trainable_mask(variables, subset))
-    net = StageModel(HeliosTransformer(config, remat=model.remat), dtype, spec.scale)
+    # The platform's attention (cuDNN on a GPU, splash on a TPU, in 16-bit), as the pipeline picks it: XLA's
+    # materialises (heads x tokens x tokens) float32 logits, which no chip holds at Helios' 11,040 tokens.
+    net = StageModel(HeliosTransformer(config, default_impl(dtype), remat=model.remat), dtype, spec.scale)
     validator = None
     if validating:
         merge = trainer.bind(merged_params, spec.scale)

@@ -38,6 +38,7 @@ from helios_jax.checkpoint import read_checkpoint_configs
 from helios_jax.config import ConfigError
 from helios_jax.loading import COMPONENTS, transformer_component
 from helios_jax.models import lora as lora_lib
+from helios_jax.models.attention import default_impl
 from helios_jax.models.transformer import HeliosTransformer, keeps_fp32
 from helios_jax.prompts import PromptEncoder
 from helios_jax.sampling.schedule import HeliosDMDSchedulerConfig
@@ -272,7 +273,7 @@ def prepare(recipe: Recipe, *, progress: bool | None = None, validate: bool = Tr
     keys = jax.random.split(jax.random.key(recipe.seed), 3)
     generator = {"lora": lora_lib.init_lora(spec, params, keys[0])}
     critic = {"lora": lora_lib.init_lora(critic_spec, params, keys[1])}
-    nets = DmdNets(HeliosTransformer(config, remat=model.remat), dtype, spec.scale, critic_spec.scale, settings.gan)
+    nets = DmdNets(HeliosTransformer(config, default_impl(dtype), remat=model.remat), dtype, spec.scale, critic_spec.scale, settings.gan)
     if settings.gan is not None:
         critic["heads"] = init_heads(nets, config, keys[2], first["target"].shape[-2:])
     validator = None

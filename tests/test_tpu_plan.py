@@ -1,0 +1,137 @@
+"""The tpu-plan tier: Helios' programs compiled by libtpu for TPU slices on this CPU (experiments/plans/tpu_plan.py),
+and what their plans must hold: the splash kernel is in them and no (tokens x tokens) float32 logits buffer is, the
+collectives are the ones the mesh implies, and the 14B distilled chunk fits a v5e slice of 4 chips.
+They compile at the default matmul precision (see ``default_precision``).
+
+Needs libtpu (``make tpu-plan`` installs it from locks/tpu-plan.txt); without it every test here is skipped with
+that reason. Nothing runs on a TPU: inputs are abstract, placed on libtpu's topologies. The toy is mesh_plan's
+(8 heads, so that context=4 and tensor=4 divide them; 2 layers) at 64x64.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax
+import pytest
+
+from experiments import flop_counts
+from experiments.plans import gpu_plan, mesh_plan, tpu_plan
+
+pytestmark = [pytest.mark.tpu_plan,
+              pytest.mark.skipif(tpu_plan.libtpu_missing() is not None, reason=str(tpu_plan.libtpu_missing()))]
+
+SIZE = dataclasses.replace(mesh_plan.TINY, height=64, width=64)
+STEPS = 6  # the distilled chunk's 2+2+2 forwards
+
+
+@pytest.fixture(scope="module", autouse=True)
+def default_precision():
+    """The matmul precision a user's program has: tests/conftest.py asks for "highest" everywhere (float32 parity),
+    and Mosaic refuses a bf16 matmul at float32 contract precision inside the splash kernel."""
+    with jax.default_matmul_precision("default"):
+        yield
+
+
+@pytest.fixture(scope="module")
+def tensor4():
+    return tpu_plan.plan("distilled", SIZE, "v5e", 4, {"tensor": 4}, decode=False)
+
+
+@pytest.fixture(scope="module")
+def context4():
+    return tpu_plan.plan("distilled", SIZE, "v5e", 4, {"context": 4}, decode=False)
+
+
+@pytest.fixture(scope="module")
+def fsdp4():
+    return tpu_plan.plan("stage1", SIZE, "v5e", 4)
+
+
+def self_attention_tokens(stage: int) -> int:
+    noisy, history = flop_counts.token_counts(SIZE.cfg, SIZE.work, stage)
+    return noisy + history
+
+
+def logits_buffers(plan: tpu_plan.TpuPlan) -> list[str]:
+    """float32 arrays of the chunk's HLO shaped (..., T, T) for a stage's self-attention length T (noisy + history
+    tokens, or T padded to a multiple of the context split, as XLA's attention holds its logits and probabilities);
+    the splash kernel pads T to its blocks and keeps its logits tiles inside the kernel."""
+    lengths = {-(-self_attention_tokens(s) // c) * c for s in range(len(SIZE.work.stages)) for c in (1, 4)}
+    found = set()
+    for dims in re.findall(r"\bf32\[([\d,]+)\]", "\n".join(p.hlo for p in plan.plans)):
+        shape = [int(d) for d in dims.split(",")]
+        if len(shape) >= 2 and shape[-1] == shape[-2] and shape[-1] in lengths:
+            found.add(f"f32[{dims}]")
+    return sorted(found)
+
+
+@pytest.mark.parametrize("chip,chips,kind", [("v5e", 1, "TPU v5 lite"), ("v5e", 4, "TPU v5 lite"),
+                                             ("v5e", 8, "TPU v5 lite"), ("v6e", 1, "TPU v6 lite"),
+                                             ("v6e", 8, "TPU v6 lite"), ("v5p", 1, "TPU v5"), ("v5p", 4, "TPU v5"),
+                                             ("v5p", 8, "TPU v5")])
+def test_libtpu_gives_the_slices(chip, chips, kind):
+    """The topology names the plans use give that many chips of that kind, with no TPU here."""
+    found = tpu_plan.devices(chip, chips)
+    assert len(found) == chips and {d.device_kind for d in found} == {kind}
+    assert tpu_plan.CHIPS[chip].kind == kind
+
+
+@pytest.mark.parametrize("layout", ["tensor4", "context4"])
+def test_the_chunk_runs_splash_and_no_logits_buffer(layout, request):
+    """The Mosaic splash kernel is in the chunk, and no float32 (tokens x tokens) buffer: XLA's attention would hold
+    one per head (the whole point of the kernel on a TPU)."""
+    plan = request.getfixturevalue(layout)
+    assert plan.fits
+    assert tpu_plan.SPLASH_CALL in plan.plans[0].custom_calls, plan.plans[0].custom_calls
+    assert not logits_buffers(plan), logits_buffers(plan)
+
+
+def test_tensor_parallel_all_reduces_per_layer_and_exchanges_no_tokens(tensor4):
+    """tensor=4 splits heads and MLP: each block's attention output and MLP output are summed over the 4 chips
+    (all-reduce, or its reduce-scatter + all-gather halves), at least twice per layer and forward; the tokens are
+    never exchanged (no all-to-all) and no weight is gathered whole."""
+    ops = tensor4.ops
+    reductions = sum(op.count for op in ops if op.kind in ("all-reduce", "reduce-scatter") and op.group == 4)
+    assert reductions >= 2 * SIZE.cfg.num_layers * STEPS, reductions
+    assert not [op for op in ops if op.kind == "all-to-all"]
+
+
+def test_context_parallel_runs_ulysses(context4):
+    """context=4 (8 heads: 2 a chip): q, k, v in and o out by all-to-all over the 4 chips, per layer and forward;
+    nothing all-reduced as large as a block's activations."""
+    ops = context4.ops
+    ulysses = sum(op.count for op in ops if op.kind == "all-to-all" and op.group == 4)
+    assert ulysses >= 4 * SIZE.cfg.num_layers * STEPS, ulysses
+    activations = self_attention_tokens(len(SIZE.work.stages) - 1) * SIZE.cfg.inner_dim * 2
+    assert max((op.operand_bytes for op in ops if op.kind == "all-reduce"), default=0) < activations / 2
+
+
+def test_fsdp_step_gathers_weights_and_reduce_scatters_gradients(fsdp4):
+    """The stage-1 step on fsdp=4, one sample a chip: splash in the step (forward and backward), the weights
+    all-gathered over the 4 chips, gradients summed over them (reduce-scatter or all-reduce). (At this toy size
+    no all-gather runs once per layer, where the H100 plan gathers a layer at a time and reduce-scatters; the 14B
+    step is the plan script's.)"""
+    plan = fsdp4
+    assert plan.fits and tpu_plan.SPLASH_CALL in plan.plans[0].custom_calls
+    assert any(op.kind == "all-gather" and op.group == 4 for op in plan.ops)
+    assert any(op.kind in ("reduce-scatter", "all-reduce") and op.group == 4 for op in plan.ops)
+
+
+def test_roofline_columns_are_consistent(tensor4):
+    """The table's arithmetic: the total is at least each of its FLOPs, HBM and ICI parts, the bound the largest."""
+    t = tensor4.times()
+    parts = {"FLOPs": t["flops"], "HBM": t["hbm"], "ICI": t["ici"]}
+    assert t["total"] >= max(t["flops"], t["hbm"]) and t["total"] >= t["ici"] > 0
+    assert t["bound"] == max(parts, key=parts.get)
+
+
+@pytest.mark.slow
+def test_the_14b_distilled_chunk_fits_four_v5e():
+    """The 14B distilled chunk compiles for v5e x 4 on tensor=4 (libtpu refuses what exceeds a chip's 16 GB), with
+    splash in it. Its VAE decode is left to the plan script: its TPU compile is the slowest of all."""
+    plan = tpu_plan.plan("distilled", gpu_plan.HELIOS_14B, "v5e", 4, decode=False)
+    assert plan.fits, plan.refused
+    assert tpu_plan.SPLASH_CALL in plan.plans[0].custom_calls
+    assert plan.argument_bytes + plan.temp_bytes < tpu_plan.CHIPS["v5e"].hbm_bytes
