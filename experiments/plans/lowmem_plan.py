@@ -325,22 +325,28 @@ def encode_row(plan: gpu_plan.Plan, cap_gb: int, layers: int, tokens: int) -> li
 
 
 PIPELINE_HEADERS = ["card", "DiT weights", "text encoding GiB", "chunk GiB", "VAE decode GiB",
-                    "weights on the device GiB", "largest program's rest GiB", "peak GiB", "fits card"]
+                    "weights on the device GiB", "largest temporaries + outputs GiB", "peak GiB", "fits card"]
+
+
+def pipeline_peak(encode: gpu_plan.Plan, chunk: gpu_plan.Plan, decode: gpu_plan.Plan) -> tuple[int, int]:
+    """The whole offloaded pipeline's device memory as (weights, rest): every component's weights that stay on the
+    device (the DiT's non-block params, the text encoder's final norm, the whole VAE: its encoder too, which the
+    decode does not take), held throughout, and the largest of the three programs' temporaries and outputs (less
+    what they alias). The programs run one after another on the GPU's stream, so their temporaries are not live at
+    once; the non-weight inputs (the prompt's embeddings, the history window, the noise, a chunk's latents) are a
+    few MB and not counted."""
+    weights = (resident_weight_bytes(encode, umt5.is_hosted_leaf) + resident_weight_bytes(chunk, offload.is_block_leaf)
+               + resident_weight_bytes(decode, None))
+    return weights, max(device_bytes(p) - p.argument_bytes for p in (encode, chunk, decode))
 
 
 def pipeline_row(cap_gb: int, weight_dtype: str, encode: gpu_plan.Plan, chunk: gpu_plan.Plan,
                  decode: gpu_plan.Plan) -> list[Any]:
-    """The whole offloaded pipeline on one card: every component's weights that stay on the device (the DiT's
-    non-block params, the text encoder's final norm, the VAE) held throughout, plus the largest of the three
-    programs' device memory beyond its own resident weights (its temporaries, outputs and other inputs). The
-    programs run one after another on the GPU's stream, so their temporaries are not live at once."""
-    weights = [resident_weight_bytes(encode, umt5.is_hosted_leaf), resident_weight_bytes(chunk, offload.is_block_leaf),
-               resident_weight_bytes(decode, None)]
-    rest = max(device_bytes(p) - w for p, w in zip((encode, chunk, decode), weights))
-    peak = sum(weights) + rest
+    weights, rest = pipeline_peak(encode, chunk, decode)
+    peak = reporting.gib(weights + rest)
     return [f"{cap_gb} GB ({USABLE_GIB[cap_gb]} GiB usable)", weight_dtype,
-            *(reporting.gib(device_bytes(p)) for p in (encode, chunk, decode)), reporting.gib(sum(weights)),
-            reporting.gib(rest), reporting.gib(peak), "yes" if reporting.gib(peak) <= USABLE_GIB[cap_gb] else "NO"]
+            *(reporting.gib(device_bytes(p)) for p in (encode, chunk, decode)), reporting.gib(weights),
+            reporting.gib(rest), peak, "yes" if peak <= USABLE_GIB[cap_gb] else "NO"]
 
 
 RSS_HEADERS = ["weights", "layers held", "bytes held GiB", "RSS GiB (measured)", "peak RSS GiB (measured, build)",
@@ -405,10 +411,10 @@ def main(argv: list[str] | None = None) -> dict:
             f"batch 1, as the distilled model runs no CFG).\n\n" + reporting.markdown_table(HEADERS, rows))
     if pipeline:
         body += ("\nThe whole offloaded pipeline (PLANNED): the weights that stay on the device (the DiT's non-block "
-                 "params, the text encoder's final norm, the float32 VAE) held throughout, plus the largest program's "
-                 "device memory beyond its own resident weights (temporaries, outputs, other inputs). The programs run "
-                 "one after another, so their temporaries are not live at once; the arrays kept between them (the "
-                 "prompt's embeddings, the history window, a chunk's latents) are a few MB.\n\n"
+                 "params, the text encoder's final norm, the whole float32 VAE, its encoder included) held throughout, "
+                 "plus the largest program's temporaries and outputs. The programs run one after another, so their "
+                 "temporaries are not live at once; the non-weight inputs (the prompt's embeddings, the history "
+                 "window, the noise, a chunk's latents) are a few MB and not counted.\n\n"
                  + reporting.markdown_table(PIPELINE_HEADERS, pipeline))
     if rss:
         body += ("\nHost RAM, MEASURED on this machine's CPU (23 GB of RAM, so fewer than 40 layers held): the RSS "
