@@ -125,9 +125,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"the weights' dtype; fp8: the DiT's block linears as float8 with per-channel scales "
                              f"(FP8 GEMMs), the rest bf16; {both('weight_dtype')}")
     parser.add_argument("--offload", choices=("blocks",),
-                        help="blocks: keep the DiT's blocks (99%% of its weights) in pinned host memory and stream "
-                             "each layer to the device while the one before it runs (a 12 GB card for the 14B; "
-                             "docs/generation.md)")
+                        help="blocks: keep the DiT's blocks (99%% of its weights) and the text encoder's layers and "
+                             "embedding in pinned host memory and stream each layer to the device while the one before "
+                             "it runs (a 12 GB card for the 14B; docs/generation.md)")
     parser.add_argument("--attention", choices=("auto", *IMPLS), default="auto",
                         help="the DiT's attention backend; auto: cudnn on a GPU in bf16/fp16, else xla")
     parser.add_argument("--no_compilation_cache", action="store_true", help="do not use the persistent XLA cache")

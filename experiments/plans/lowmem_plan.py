@@ -324,7 +324,7 @@ def encode_row(plan: gpu_plan.Plan, cap_gb: int, layers: int, tokens: int) -> li
     return _row(plan, cap_gb, unstacked, copies, encode_pcie_bytes(plan, layers, tokens))
 
 
-PIPELINE_HEADERS = ["card", "DiT weights", "text encoding GiB", "chunk GiB", "VAE decode GiB",
+PIPELINE_HEADERS = ["card", "DiT weights", "VAE", "text encoding GiB", "chunk GiB", "VAE decode GiB",
                     "weights on the device GiB", "largest temporaries + outputs GiB", "peak GiB", "fits card"]
 
 
@@ -344,7 +344,8 @@ def pipeline_row(cap_gb: int, weight_dtype: str, encode: gpu_plan.Plan, chunk: g
                  decode: gpu_plan.Plan) -> list[Any]:
     weights, rest = pipeline_peak(encode, chunk, decode)
     peak = reporting.gib(weights + rest)
-    return [f"{cap_gb} GB ({USABLE_GIB[cap_gb]} GiB usable)", weight_dtype,
+    vae = {jnp.dtype(leaf.dtype).name for leaf in jax.tree.leaves(decode.weights)}
+    return [f"{cap_gb} GB ({USABLE_GIB[cap_gb]} GiB usable)", weight_dtype, "/".join(sorted(vae)),
             *(reporting.gib(device_bytes(p)) for p in (encode, chunk, decode)), reporting.gib(weights),
             reporting.gib(rest), peak, "yes" if peak <= USABLE_GIB[cap_gb] else "NO"]
 
@@ -377,6 +378,8 @@ def main(argv: list[str] | None = None) -> dict:
                              "unhidden)")
     parser.add_argument("--rss_layers", type=int, nargs="*", default=[4, 8],
                         help="layer counts the host-RAM processes hold, besides 0 (none: skip the measurement)")
+    parser.add_argument("--vae_dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"],
+                        help="the VAE decodes planned (from_pretrained's default vae_dtype is float32)")
     parser.add_argument("--chunk_only", action="store_true",
                         help="plan the chunk alone, not the text encoding and VAE decode of the whole pipeline")
     args = parser.parse_args(argv)
@@ -386,17 +389,19 @@ def main(argv: list[str] | None = None) -> dict:
     rows, pipeline = [], []
     for cap in args.caps:
         if not args.chunk_only:
-            encode, decode = encode_plan(text_cfg, size.text_tokens, cap), decode_plan(size, cap)
-            rows += [encode_row(encode, cap, text_cfg.num_layers, size.text_tokens), _row(decode, cap, None, [], 0)]
-            print(reporting.markdown_table(HEADERS, rows[-2:]), flush=True)
+            encode = encode_plan(text_cfg, size.text_tokens, cap)
+            decodes = {d: decode_plan(size, cap, jnp.dtype(d)) for d in args.vae_dtypes}
+            rows += [encode_row(encode, cap, text_cfg.num_layers, size.text_tokens),
+                     *(_row(d, cap, None, [], 0) for d in decodes.values())]
+            print(reporting.markdown_table(HEADERS, rows[-1 - len(decodes):]), flush=True)
         for weight_dtype in args.dtypes:
             for offloaded in (True, False) if args.resident else (True,):
                 plan = chunk_plan(size, weight_dtype, offloaded, cap)
                 rows.append(plan_row(plan, cap, layers))
                 print(reporting.markdown_table(HEADERS, rows[-1:]), flush=True)
                 if offloaded and not args.chunk_only:
-                    pipeline.append(pipeline_row(cap, weight_dtype, encode, plan, decode))
-                    print(reporting.markdown_table(PIPELINE_HEADERS, pipeline[-1:]), flush=True)
+                    pipeline += [pipeline_row(cap, weight_dtype, encode, plan, decode) for decode in decodes.values()]
+                    print(reporting.markdown_table(PIPELINE_HEADERS, pipeline[-len(decodes):]), flush=True)
     if args.default_limit:
         rows.append(plan_row(chunk_plan(size, args.dtypes[0], True, args.caps[-1], True), args.caps[-1], layers))
     rss = rss_rows(tuple(args.dtypes), tuple(args.rss_layers), 40) if args.rss_layers else []
@@ -411,7 +416,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"batch 1, as the distilled model runs no CFG).\n\n" + reporting.markdown_table(HEADERS, rows))
     if pipeline:
         body += ("\nThe whole offloaded pipeline (PLANNED): the weights that stay on the device (the DiT's non-block "
-                 "params, the text encoder's final norm, the whole float32 VAE, its encoder included) held throughout, "
+                 "params, the text encoder's final norm, the whole VAE, its encoder included) held throughout, "
                  "plus the largest program's temporaries and outputs. The programs run one after another, so their "
                  "temporaries are not live at once; the non-weight inputs (the prompt's embeddings, the history "
                  "window, the noise, a chunk's latents) are a few MB and not counted.\n\n"

@@ -8,7 +8,9 @@ dependency, so XLA issues the copy asynchronously and the GPU's copy engine move
 while the SMs run layer i (the compiled H100 plan shows an async dynamic slice from host memory inside the
 while loop's body; experiments/plans/lowmem_plan.py; the chunk program compiles with
 ``sampling.chunk.STREAMED_COMPILER_OPTIONS`` so that all of a layer's copies may run beside its compute). The
-device then holds two layers of weights, not 40.
+device then holds two layers of weights, not 40. The text encoder is offloaded the same way (its 24 layers
+streamed by :func:`scan_streamed`, its token embedding read a row per token by :func:`take_rows`;
+``helios_jax.models.umt5``); which leaves a model keeps on the host is its ``Hosted`` predicate.
 
 Written by hand because flax's ``nn.scan`` slices the stacked params for the layer it runs and has no hook to
 fetch the next layer ahead of it (nor does ``lax.scan``); jax gives the pieces
