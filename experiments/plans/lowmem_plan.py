@@ -5,7 +5,9 @@
 
 The pipeline's distilled chunk (2+2+2, 6 DiT forwards) with the DiT's blocks in pinned host memory, streamed a
 layer ahead (``helios_jax.models.offload``), compiled deviceless for an H100 whose target config says 24 GB or
-12 GB of device memory (XLA's scheduler keeps its plan under the device's size), beside the resident chunk. The
+12 GB of device memory (XLA's scheduler keeps its plan under the device's size), beside the resident chunk; and the
+rest of the offloaded pipeline under the same caps: umt5-xxl's encoding of one prompt (its embedding and layers in
+host memory) and the VAE decode in float32 and bf16, with the whole pipeline's peak (:func:`pipeline_peak`). The
 devices of ``jax.experimental.topologies`` have no host memory space (jax drops ``memory_kind`` on them), so the
 program is lowered for CUDA on this machine's CPU device, which has one, and the module compiled by the H100
 topology's compile-only client (:func:`compile_for`; jax's private ``compiler`` module, as ``Lowered.compile``
