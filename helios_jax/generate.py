@@ -127,7 +127,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--offload", choices=("blocks",),
                         help="blocks: keep the DiT's blocks (99%% of its weights) and the text encoder's layers and "
                              "embedding in pinned host memory and stream each layer to the device while the one before "
-                             "it runs (a 12 GB card for the 14B; docs/generation.md)")
+                             "it runs (the 14B pipeline on a 24 GB card; 12 GB needs the bf16 VAE, which only the Python "
+                             "API sets yet: docs/generation.md)")
     parser.add_argument("--attention", choices=("auto", *IMPLS), default="auto",
                         help="the DiT's attention backend; auto: cudnn on a GPU in bf16/fp16, else xla")
     parser.add_argument("--no_compilation_cache", action="store_true", help="do not use the persistent XLA cache")
