@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helios_jax import demo
+from helios_jax import cli, demo, generate
 from helios_jax.config import TransformerConfig, UMT5Config
 from helios_jax.models import offload, umt5
 from helios_jax.models.transformer import HeliosTransformer, init_params, text_kv
@@ -109,3 +109,19 @@ def test_the_pipeline_loads_the_blocks_into_pinned_host_memory():
     assert {leaf.sharding.memory_kind for name in ("block", "embed_tokens") for leaf in jax.tree.leaves(encoder[name])
             } == {"pinned_host"}
     assert pipe.prompt_encoder.offload and pipe.prompt_encoder._encode.args[0].offload
+
+
+def test_generate_passes_offload_and_the_vae_dtype(tmp_path, monkeypatch):
+    """``generate --offload blocks --vae_dtype bf16`` (the 12 GB card's settings) reaches from_pretrained as such."""
+    class Loaded(Exception):
+        pass
+
+    def from_pretrained(folder, **kwargs):
+        raise Loaded(kwargs)
+
+    monkeypatch.setattr(HeliosPipeline, "from_pretrained", from_pretrained)
+    args = cli.parser().parse_args(["generate", "--output", str(tmp_path / "v.mp4"), "--offload", "blocks",
+                                    "--vae_dtype", "bf16"])
+    with pytest.raises(Loaded) as loaded:
+        generate.run(args)
+    assert loaded.value.args[0]["offload"] == "blocks" and loaded.value.args[0]["vae_dtype"] == jnp.bfloat16
