@@ -125,9 +125,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"the weights' dtype; fp8: the DiT's block linears as float8 with per-channel scales "
                              f"(FP8 GEMMs), the rest bf16; {both('weight_dtype')}")
     parser.add_argument("--offload", choices=("blocks",),
-                        help="blocks: keep the DiT's blocks (99%% of its weights) in pinned host memory and stream "
-                             "each layer to the device while the one before it runs (a 12 GB card for the 14B; "
+                        help="blocks: keep the DiT's blocks (99%% of its weights) and the text encoder's layers and "
+                             "embedding in pinned host memory and stream each layer to the device while the one before "
+                             "it runs (the 14B pipeline on a 24 GB card, on 12 GB with --vae_dtype bf16; "
                              "docs/generation.md)")
+    parser.add_argument("--vae_dtype", choices=("fp32", "bf16"), default="fp32",
+                        help="the VAE's dtype (the official inference's fp32); bf16 halves its decode's memory (with "
+                             "--offload blocks, the 14B pipeline on a 12 GB card)")
     parser.add_argument("--attention", choices=("auto", *IMPLS), default="auto",
                         help="the DiT's attention backend; auto: cudnn on a GPU in bf16/fp16, else xla")
     parser.add_argument("--no_compilation_cache", action="store_true", help="do not use the persistent XLA cache")
@@ -398,7 +402,8 @@ def run(args: argparse.Namespace) -> int:
     pipe = HeliosPipeline.from_pretrained(job.checkpoint, dtype=job.dtype, attention_impl=job.attention,
                                           compilation_cache=not args.no_compilation_cache,
                                           lora=args.lora, lora_scale=args.lora_scale, mesh=mesh,
-                                          weight_dtype=job.weight_dtype, offload=args.offload)
+                                          weight_dtype=job.weight_dtype, offload=args.offload,
+                                          vae_dtype=DTYPES[args.vae_dtype])
     if job.step_cache is not None or job.calibration_output is not None:
         pipe.step_cache = step_cache.StepCache(job.step_cache, args.cache_threshold, args.cache_max_skips)
     total = pipe.num_output_frames(request.num_frames, request.num_latent_frames_per_chunk)

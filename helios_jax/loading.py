@@ -55,6 +55,7 @@ class Component:
     module: ModuleType  # provides param_shapes(cfg) and keymap(cfg)
     keeps_fp32: Callable[[Any], KeepFp32]  # dtype -> which params stay float32
     weights_name: str  # the safetensors file stem save_pretrained uses
+    hosted: offload_lib.Hosted | None = None  # the leaves offload="blocks" keeps in host memory (None: cannot offload)
 
     def read_config(self, path: str | os.PathLike) -> Any:
         """The validated config of a component folder, diffusers' config.json or the one ``save_params``
@@ -104,12 +105,13 @@ class Component:
         (the transformer only) stores the block linears as fp8 (``helios_jax.models.fp8``), leaf by leaf
         as they load; saved params that are fp8 already load as they are, whatever ``quantize`` says.
         ``mesh`` places every leaf split by the component's sharding table as it is read (``parallel.TABLES``),
-        so a model larger than one device's memory loads onto the mesh. ``offload="blocks"`` (the transformer
-        only) puts every leaf under ``blocks`` in pinned host memory as it is read (``helios_jax.models.offload``):
-        the device holds the rest and, while loading, one stacked leaf (quantized there when asked)."""
+        so a model larger than one device's memory loads onto the mesh. ``offload="blocks"`` (the transformer and
+        the text encoder) puts every ``hosted`` leaf (the DiT's blocks; UMT5's layers and token embedding) in pinned
+        host memory as it is read (``helios_jax.models.offload``): the device holds the rest and, while loading, one
+        stacked leaf (quantized there when asked)."""
         folder = os.fspath(path)
         check_quantize(self.folder, quantize)
-        check_offload(self.folder, offload)
+        check_offload(self, offload)
         config = self.read_config(folder) if config is None else config
         policy = dtype_policy(dtype, self.keeps_fp32(dtype))
 
@@ -123,12 +125,12 @@ class Component:
                                       f"they load only from safetensors: convert it to fp8 first (helios-jax convert "
                                       f"SRC DST --dtype fp8) or drop the offload")
             where = placement(shapes)
-            params = restore_params(folder, policy, offload_lib.host_blocks(shapes, where) if offload else where)
+            params = restore_params(folder, policy, offload_lib.host_blocks(shapes, where, self.hosted) if offload else where)
             return config, fp8.quantize_params(params) if quantize and not fp8.is_fp8(params) else params
         shapes, keymap = self.module.param_shapes(config), self.module.keymap(config)
         finish = fp8.quantize_leaf if quantize else None
         if offload:
-            finish = offload_lib.leaf_to_host(finish)
+            finish = offload_lib.leaf_to_host(finish, self.hosted)
         return config, load_params(folder, shapes, keymap, policy, desc=self.folder, finish=finish,
                                    shardings=placement(shapes))
 
@@ -152,10 +154,11 @@ def check_quantize(component: str, quantize: str | None) -> None:
         )
 
 
-def check_offload(component: str, offload: str | None) -> None:
-    """``offload`` is None or "blocks", and only the transformer has blocks to offload."""
-    if offload_lib.check_mode(offload) and component != "transformer":
-        raise CheckpointError(f"offload = {offload!r} applies to the transformer's blocks only, not the {component}")
+def check_offload(component: Component, offload: str | None) -> None:
+    """``offload`` is None or "blocks", and only the transformer and the text encoder have layers to offload."""
+    if offload_lib.check_mode(offload) and component.hosted is None:
+        raise CheckpointError(f"offload = {offload!r} applies to the transformer's and the text encoder's layers "
+                              f"only, not the {component.folder}")
 
 
 def holds_fp8(folder: str | os.PathLike) -> bool:
@@ -180,9 +183,9 @@ COMPONENTS: dict[str, Component] = {
     c.folder: c
     for c in (
         Component("transformer", "HeliosTransformer3DModel", TransformerConfig, transformer,
-                  lambda dtype: _transformer_fp32, "diffusion_pytorch_model"),
+                  lambda dtype: _transformer_fp32, "diffusion_pytorch_model", offload_lib.is_block_leaf),
         Component("vae", "AutoencoderKLWan", VAEConfig, vae, lambda dtype: vae.keeps_fp32, "diffusion_pytorch_model"),
-        Component("text_encoder", "UMT5EncoderModel", UMT5Config, umt5, umt5.keeps_fp32, "model"),
+        Component("text_encoder", "UMT5EncoderModel", UMT5Config, umt5, umt5.keeps_fp32, "model", umt5.is_hosted_leaf),
     )
 }
 

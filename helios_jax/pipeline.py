@@ -156,7 +156,8 @@ class HeliosPipeline:
         self.offload = offload_lib.check_mode(offload)
         self.transformer_config, self.transformer_params = transformer
         self.vae_config, self.vae_params = vae
-        self.prompt_encoder = prompt_encoder
+        # Offloaded, the text encoder's weights stay off the device too (its embedding and layers streamed).
+        self.prompt_encoder = prompt_encoder.offloaded() if offload and prompt_encoder is not None else prompt_encoder
         self.scheduler_config = read_scheduler_config(scheduler_config)
         self.spec = spec
         if self.transformer_config.in_channels != self.vae_config.z_dim:
@@ -217,7 +218,8 @@ class HeliosPipeline:
         runs them as FP8 GEMMs (``helios_jax.models.fp8``; the rest of the DiT stays in ``dtype``); a
         checkpoint converted to fp8 (``helios-jax convert --dtype fp8``) runs so whatever this says.
         ``offload="blocks"`` keeps the DiT's blocks (99% of its weights) in pinned host memory and streams each
-        layer to the device while the one before it computes (``helios_jax.models.offload``; docs/generation.md)."""
+        layer to the device while the one before it computes (``helios_jax.models.offload``; docs/generation.md);
+        the text encoder's token embedding and layers likewise, so the device holds neither."""
         offload_lib.check_mode(offload)
         folder = hub.resolve(folder, revision=revision, local_files_only=local_files_only)
         configs = read_checkpoint_configs(folder)  # every config checked before the first weight is read
@@ -246,11 +248,11 @@ class HeliosPipeline:
             transformer = (transformer[0], apply_loaded(transformer[1], loaded, lora_scale))
             if quantize:
                 transformer = (transformer[0], fp8.quantize_params(transformer[1]))
-        text_config, text_params = load("text_encoder", dtype)
+        text_config, text_params = load("text_encoder", dtype, offload=offload)
         return cls(
             transformer,
             load("vae", vae_dtype),
-            PromptEncoder(text_config, text_params, configs.tokenizer),
+            PromptEncoder(text_config, text_params, configs.tokenizer, offload=offload is not None),
             configs.scheduler,
             configs.spec,
             attention_impl=attention_impl,

@@ -24,7 +24,8 @@ from helios_jax.checkpoint import PipelineError
 from helios_jax.compilation import note_first_run
 from helios_jax.config import UMT5Config
 from helios_jax.loading import load_text_encoder
-from helios_jax.models.umt5 import UMT5Encoder
+from helios_jax.models import offload as offload_lib
+from helios_jax.models.umt5 import UMT5Encoder, is_hosted_leaf
 from helios_jax.tokenizer import PromptTokenizer, clean_prompt
 
 # The official inference's negative prompt: the default of generation, ODE-pair recording and the
@@ -58,18 +59,37 @@ def _encode(model: UMT5Encoder, params: Any, ids: jax.Array, mask: jax.Array) ->
     return jnp.where(mask[..., None] > 0, hidden, jnp.zeros((), hidden.dtype))
 
 
+def lower_encode(model: UMT5Encoder, params: Any, ids: jax.ShapeDtypeStruct,
+                 lowering_platforms: tuple[str, ...] | None = None) -> jax.stages.Lowered:
+    """The encoding program of token ids shaped as ``ids`` lowered, not run (params and ids may be shape structs
+    placed anywhere, host memory included): its plan read before, or without, a device. ``lowering_platforms``
+    as ``sampling.lower_denoise_chunk``'s."""
+    return _encode.trace(model, params, ids, ids).lower(lowering_platforms=lowering_platforms)
+
+
 class PromptEncoder:
     """The UMT5 encoder and its tokenizer: prompts in, (batch, max_sequence_length, d_model) embeddings out.
 
     ``PromptEncoder.from_pretrained(ckpt)`` reads ``ckpt/text_encoder`` and ``ckpt/tokenizer``. The
-    encoder runs jit-compiled, once per (batch, length) shape and process.
+    encoder runs jit-compiled, once per (batch, length) shape and process. ``offload``: its token embedding
+    and layers live in pinned host memory (moved there if they are not), streamed to the device as it runs
+    (``UMT5Encoder(offload=True)``; ``HeliosPipeline(offload="blocks")``).
     """
 
-    def __init__(self, config: UMT5Config, params: Any, tokenizer: PromptTokenizer, *, attention_impl: str = "xla"):
+    def __init__(self, config: UMT5Config, params: Any, tokenizer: PromptTokenizer, *, attention_impl: str = "xla",
+                 offload: bool = False):
         self.config = config
-        self.params = params
+        self.params = offload_lib.to_host(params, is_hosted_leaf) if offload else params
         self.tokenizer = tokenizer
-        self._encode = functools.partial(_encode, UMT5Encoder(config, attention_impl))
+        self.offload = offload
+        self._encode = functools.partial(_encode, UMT5Encoder(config, attention_impl, offload=offload))
+
+    def offloaded(self) -> "PromptEncoder":
+        """This encoder with its embedding and layers in pinned host memory (itself if they are already)."""
+        if self.offload:
+            return self
+        model = self._encode.args[0]
+        return PromptEncoder(self.config, self.params, self.tokenizer, attention_impl=model.attention_impl, offload=True)
 
     @classmethod
     def from_pretrained(

@@ -1,5 +1,6 @@
 """Block offloading (``helios_jax.models.offload``): the blocks' params in pinned host memory, streamed to the
-device a layer ahead, give the resident model's numbers.
+device a layer ahead, give the resident model's numbers; so do the text encoder's (its layers streamed, its token
+embedding looked up row by row from host memory).
 
 On the CPU, jax's device has the memory kinds ``device`` and ``pinned_host`` as a GPU does, so the program that
 streams the layers runs here for real. The resident forward (nn.scan over the stacked params) is the reference,
@@ -15,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helios_jax import demo
-from helios_jax.config import TransformerConfig
-from helios_jax.models import offload
+from helios_jax import cli, demo, generate
+from helios_jax.config import TransformerConfig, UMT5Config
+from helios_jax.models import offload, umt5
 from helios_jax.models.transformer import HeliosTransformer, init_params, text_kv
 from helios_jax.pipeline import HeliosPipeline
 
@@ -73,6 +74,22 @@ def test_streamed_blocks_give_the_resident_forward(params):
         _close(_forward(offload.to_host(params), inputs, streamed=True, with_text_kv=with_text_kv), reference)
 
 
+@pytest.mark.parametrize("model_type", ["umt5", "t5"])
+def test_streamed_text_encoder_gives_the_resident_one(model_type):
+    """UMT5 (a bias table per layer, streamed with its layer) and T5 (one table, kept on the device): three distinct
+    layers, a padded prompt, the same tolerances."""
+    cfg = UMT5Config(vocab_size=40, d_model=16, d_kv=8, d_ff=24, num_layers=3, num_heads=2, model_type=model_type)
+    params = jax.jit(umt5.init_params, static_argnums=0)(cfg, jax.random.key(2))
+    ids = jax.random.randint(jax.random.key(3), (2, 7), 0, cfg.vocab_size)
+    mask = jnp.array([[1] * 7, [1] * 4 + [0] * 3])
+    reference = jax.jit(umt5.UMT5Encoder(cfg).apply)({"params": params}, ids, mask)
+    hosted = offload.to_host(params, umt5.is_hosted_leaf)
+    kinds = {path: leaf.sharding.memory_kind for path, leaf in jax.tree_util.tree_leaves_with_path(hosted)}
+    assert {kind for path, kind in kinds.items() if path[1].key in ("block", "embed_tokens")} == {"pinned_host"}
+    assert {kind for path, kind in kinds.items() if path[1].key not in ("block", "embed_tokens")} == {"device"}
+    _close(jax.jit(umt5.UMT5Encoder(cfg, offload=True).apply)({"params": hosted}, ids, mask), reference)
+
+
 def test_offload_mode_is_checked():
     with pytest.raises(ValueError, match="offload = 'layers'"):
         offload.check_mode("layers")
@@ -88,3 +105,23 @@ def test_the_pipeline_loads_the_blocks_into_pinned_host_memory():
     assert kinds.pop("blocks") == {"pinned_host"}
     assert set().union(*kinds.values()) == {"device"}
     assert pipe._model_fn.model.offload and pipe._context_fn.offload
+    encoder = pipe.prompt_encoder.params["encoder"]
+    assert {leaf.sharding.memory_kind for name in ("block", "embed_tokens") for leaf in jax.tree.leaves(encoder[name])
+            } == {"pinned_host"}
+    assert pipe.prompt_encoder.offload and pipe.prompt_encoder._encode.args[0].offload
+
+
+def test_generate_passes_offload_and_the_vae_dtype(tmp_path, monkeypatch):
+    """``generate --offload blocks --vae_dtype bf16`` (the 12 GB card's settings) reaches from_pretrained as such."""
+    class Loaded(Exception):
+        pass
+
+    def from_pretrained(folder, **kwargs):
+        raise Loaded(kwargs)
+
+    monkeypatch.setattr(HeliosPipeline, "from_pretrained", from_pretrained)
+    args = cli.parser().parse_args(["generate", "--output", str(tmp_path / "v.mp4"), "--offload", "blocks",
+                                    "--vae_dtype", "bf16"])
+    with pytest.raises(Loaded) as loaded:
+        generate.run(args)
+    assert loaded.value.args[0]["offload"] == "blocks" and loaded.value.args[0]["vae_dtype"] == jnp.bfloat16

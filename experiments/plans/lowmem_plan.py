@@ -5,7 +5,9 @@
 
 The pipeline's distilled chunk (2+2+2, 6 DiT forwards) with the DiT's blocks in pinned host memory, streamed a
 layer ahead (``helios_jax.models.offload``), compiled deviceless for an H100 whose target config says 24 GB or
-12 GB of device memory (XLA's scheduler keeps its plan under the device's size), beside the resident chunk. The
+12 GB of device memory (XLA's scheduler keeps its plan under the device's size), beside the resident chunk; and the
+rest of the offloaded pipeline under the same caps: umt5-xxl's encoding of one prompt (its embedding and layers in
+host memory) and the VAE decode in float32 and bf16, with the whole pipeline's peak (:func:`pipeline_peak`). The
 devices of ``jax.experimental.topologies`` have no host memory space (jax drops ``memory_kind`` on them), so the
 program is lowered for CUDA on this machine's CPU device, which has one, and the module compiled by the H100
 topology's compile-only client (:func:`compile_for`; jax's private ``compiler`` module, as ``Lowered.compile``
@@ -52,15 +54,20 @@ from experiments.model_inputs import abstract_params
 from experiments.plans import gpu_plan
 from experiments.plans.fp8_plan import dit_params
 from helios_jax import demo
-from helios_jax.models import offload, vae as vae_lib
+from helios_jax.config import UMT5Config
+from helios_jax.models import offload, umt5, vae as vae_lib
 from helios_jax.models.attention import default_impl
 from helios_jax.pipeline import HeliosPipeline
+from helios_jax.prompts import lower_encode
 from helios_jax.sampling.chunk import STREAMED_COMPILER_OPTIONS
 
 CAPS_GB = (24, 12)
 USABLE_GIB = {24: 22.0, 12: 10.7}  # what a card of that many GB leaves after the CUDA context and allocator slack
 PCIE_BANDWIDTHS = {"PCIe 4 x16": 25e9, "PCIe 5 x16": 50e9}  # effective bytes/s assumed (of 32 and 64 GB/s peak)
 FORWARDS_2_2_2 = 6
+# The text encoder the plans run: umt5-xxl (its config.json's shapes), or a toy one with --tiny.
+UMT5_XXL = UMT5Config(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64)
+TINY_TEXT = UMT5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4)
 GEMM = re.compile(r"__cublas|__cudnn\$fmha|gemm_fusion|triton_gemm")  # a GEMM or attention launch in the HLO
 ATTENTION = "__cudnn$fmha"
 
@@ -126,6 +133,28 @@ def chunk_plan(size: gpu_plan.Size, weight_dtype: str, offloaded: bool, cap_gb: 
     return compile_for(capped_h100(cap_gb), lowered, name, pipe.transformer_params, options)
 
 
+def encode_plan(text_cfg: UMT5Config, tokens: int, cap_gb: int) -> gpu_plan.Plan:
+    """The offloaded pipeline's text encoding of one prompt (the distilled model runs no CFG: batch 1) for the H100
+    capped at ``cap_gb``, compiled as ``PromptEncoder`` compiles it (bf16, XLA's attention, its default options):
+    the embedding and the layers in host memory, lowered for CUDA on the CPU device as the chunk is."""
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    shapes = abstract_params(umt5.param_shapes(text_cfg), jnp.bfloat16, keep_fp32=False)
+    where = offload.host_blocks(shapes, jax.tree.map(lambda _: cpu, shapes), umt5.is_hosted_leaf)
+    params = jax.tree.map(lambda x, w: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=w), shapes, where)
+    model = umt5.UMT5Encoder(text_cfg, "xla", offload=True)  # what PromptEncoder(offload=True) runs
+    lowered = lower_encode(model, params, jax.ShapeDtypeStruct((1, tokens), jnp.int32, sharding=cpu), ("cuda",))
+    return compile_for(capped_h100(cap_gb), lowered, f"text encoding, bf16, offloaded, {cap_gb} GB", params)
+
+
+def decode_plan(size: gpu_plan.Size, cap_gb: int, vae_dtype: Any = jnp.float32) -> gpu_plan.Plan:
+    """The chunk's VAE decode (``pipe.lower_decode``; the VAE stays on the device, in float32 as from_pretrained
+    loads it) for the H100 capped at ``cap_gb``."""
+    pipe = gpu_plan.abstract_pipeline(size.cfg, size.vae, dict(demo.SCHEDULER), gpu_plan.DISTILLED, vae_dtype=vae_dtype)
+    lowered = pipe.lower_decode(height=size.height, width=size.width, latent_frames=size.latent_frames,
+                                sharding=jax.sharding.SingleDeviceSharding(capped_h100(cap_gb)))
+    return gpu_plan.compile_plan(f"VAE decode, {jnp.dtype(vae_dtype).name}, {cap_gb} GB", lowered, pipe.vae_params)
+
+
 # --- reading the plan ---------------------------------------------------------------------------------------
 
 
@@ -184,10 +213,12 @@ def layer_loops(hlo: str) -> dict[str, list[dict[str, Any]]]:
     return loops
 
 
-def resident_stacks(plan: gpu_plan.Plan) -> list[str]:
-    """HLO values in device memory with a whole stacked block weight's shape (all layers): there should be none."""
+def resident_stacks(plan: gpu_plan.Plan, hosted: offload.Hosted = offload.is_block_leaf, min_ndim: int = 3
+                    ) -> list[str]:
+    """HLO values in device memory with a whole hosted weight's shape (a stack of all layers, the text encoder's
+    embedding table): there should be none."""
     shapes = {tuple(leaf.shape) for path, leaf in traverse_util.flatten_dict(plan.weights).items()
-              if offload.is_block_leaf(path) and leaf.ndim >= 3}
+              if hosted(path) and leaf.ndim >= min_ndim}
     found = []
     for shape in shapes:
         pattern = re.compile(r"\[" + ",".join(map(str, shape)) + r"\]\{[\d,]*\}")
@@ -208,6 +239,25 @@ def pcie_bytes_per_chunk(plan: gpu_plan.Plan, layers: int, forwards: int = FORWA
     text = min((b for b in others.values() if b < block), default=0)
     # Each loop copies the following layer, the last one twice; the first layer's copy is made before the loop.
     return block, text, (layers + 1) * (forwards * block + text)
+
+
+def encode_pcie_bytes(plan: gpu_plan.Plan, layers: int, tokens: int) -> int:
+    """Bytes over PCIe per prompt: the layer loop's copies (the computation with GEMMs) (layers + 1) times, and the
+    embedding loop's (the computation with one copy and no GEMM) once per token."""
+    per: dict[str, list[dict[str, Any]]] = {}
+    for copy in host_copies(plan.hlo):
+        per.setdefault(copy["computation"], []).append(copy)
+    gemms = {name for name, lines in computations(plan.hlo).items() if any(GEMM.search(x) for x in lines)}
+    layer = sum(c["bytes"] for name, copies in per.items() if name in gemms for c in copies)
+    row = max((copies[0]["bytes"] for name, copies in per.items() if name not in gemms and len(copies) == 1),
+              default=0)
+    return (layers + 1) * layer + tokens * row
+
+
+def resident_weight_bytes(plan: gpu_plan.Plan, hosted: offload.Hosted | None) -> int:
+    """The bytes of the program's weights that stay on the device (all of them when nothing is hosted)."""
+    return sum(math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize
+               for path, leaf in traverse_util.flatten_dict(plan.weights).items() if hosted is None or not hosted(path))
 
 
 # --- host RAM, measured -----------------------------------------------------------------------------------------
@@ -249,17 +299,57 @@ def measure_host_rss(layers: int, weight_dtype: str) -> dict[str, int]:
 # --- report -------------------------------------------------------------------------------------------------------
 
 HEADERS = ["program", "compile s", "device GiB", "fits card", "host args GiB", "no stack resident",
-           "copies overlapped", "PCIe GB / chunk", *(f"{k} ms / chunk" for k in PCIE_BANDWIDTHS)]
+           "copies overlapped", "PCIe GB / run", *(f"{k} ms / run" for k in PCIE_BANDWIDTHS)]
 
 
 def plan_row(plan: gpu_plan.Plan, cap_gb: int, layers: int) -> list[Any]:
+    """A chunk program's row (a run: one chunk)."""
     copies = [c for loop in layer_loops(plan.hlo).values() for c in loop]
     _, _, pcie = pcie_bytes_per_chunk(plan, layers)
+    return _row(plan, cap_gb, not resident_stacks(plan), copies, pcie)
+
+
+def _row(plan: gpu_plan.Plan, cap_gb: int, unstacked: bool | None, copies: list[dict[str, Any]], pcie: int
+         ) -> list[Any]:
     fits = reporting.gib(device_bytes(plan)) <= USABLE_GIB[cap_gb]
     return [plan.name, plan.compile_s, reporting.gib(device_bytes(plan)), "yes" if fits else "NO",
-            reporting.gib(host_argument_bytes(plan)), "yes" if not resident_stacks(plan) else "NO",
-            f"{sum(c['overlapped'] for c in copies)}/{len(copies)}", pcie / 1e9,
+            reporting.gib(host_argument_bytes(plan)), "-" if unstacked is None else "yes" if unstacked else "NO",
+            f"{sum(c['overlapped'] for c in copies)}/{len(copies)}" if copies else "-", pcie / 1e9,
             *(1e3 * pcie / bw for bw in PCIE_BANDWIDTHS.values())]
+
+
+def encode_row(plan: gpu_plan.Plan, cap_gb: int, layers: int, tokens: int) -> list[Any]:
+    """The text encoding's row (a run: one prompt); its overlap counts the layer loop's copies."""
+    gemms = {name for name, lines in computations(plan.hlo).items() if any(GEMM.search(x) for x in lines)}
+    copies = [c for c in host_copies(plan.hlo) if c["computation"] in gemms]
+    unstacked = not resident_stacks(plan, umt5.is_hosted_leaf, 2)
+    return _row(plan, cap_gb, unstacked, copies, encode_pcie_bytes(plan, layers, tokens))
+
+
+PIPELINE_HEADERS = ["card", "DiT weights", "VAE", "text encoding GiB", "chunk GiB", "VAE decode GiB",
+                    "weights on the device GiB", "largest temporaries + outputs GiB", "peak GiB", "fits card"]
+
+
+def pipeline_peak(encode: gpu_plan.Plan, chunk: gpu_plan.Plan, decode: gpu_plan.Plan) -> tuple[int, int]:
+    """The whole offloaded pipeline's device memory as (weights, rest): every component's weights that stay on the
+    device (the DiT's non-block params, the text encoder's final norm, the whole VAE: its encoder too, which the
+    decode does not take), held throughout, and the largest of the three programs' temporaries and outputs (less
+    what they alias). The programs run one after another on the GPU's stream, so their temporaries are not live at
+    once; the non-weight inputs (the prompt's embeddings, the history window, the noise, a chunk's latents) are a
+    few MB and not counted."""
+    weights = (resident_weight_bytes(encode, umt5.is_hosted_leaf) + resident_weight_bytes(chunk, offload.is_block_leaf)
+               + resident_weight_bytes(decode, None))
+    return weights, max(device_bytes(p) - p.argument_bytes for p in (encode, chunk, decode))
+
+
+def pipeline_row(cap_gb: int, weight_dtype: str, encode: gpu_plan.Plan, chunk: gpu_plan.Plan,
+                 decode: gpu_plan.Plan) -> list[Any]:
+    weights, rest = pipeline_peak(encode, chunk, decode)
+    peak = reporting.gib(weights + rest)
+    vae = {jnp.dtype(leaf.dtype).name for leaf in jax.tree.leaves(decode.weights)}
+    return [f"{cap_gb} GB ({USABLE_GIB[cap_gb]} GiB usable)", weight_dtype, "/".join(sorted(vae)),
+            *(reporting.gib(device_bytes(p)) for p in (encode, chunk, decode)), reporting.gib(weights),
+            reporting.gib(rest), peak, "yes" if peak <= USABLE_GIB[cap_gb] else "NO"]
 
 
 RSS_HEADERS = ["weights", "layers held", "bytes held GiB", "RSS GiB (measured)", "peak RSS GiB (measured, build)",
@@ -290,16 +380,30 @@ def main(argv: list[str] | None = None) -> dict:
                              "unhidden)")
     parser.add_argument("--rss_layers", type=int, nargs="*", default=[4, 8],
                         help="layer counts the host-RAM processes hold, besides 0 (none: skip the measurement)")
+    parser.add_argument("--vae_dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"],
+                        help="the VAE decodes planned (from_pretrained's default vae_dtype is float32)")
+    parser.add_argument("--chunk_only", action="store_true",
+                        help="plan the chunk alone, not the text encoding and VAE decode of the whole pipeline")
     args = parser.parse_args(argv)
     size = gpu_plan.plan_size(args)
     layers = size.cfg.num_layers
-    rows = []
+    text_cfg = TINY_TEXT if args.tiny else UMT5_XXL
+    rows, pipeline = [], []
     for cap in args.caps:
+        if not args.chunk_only:
+            encode = encode_plan(text_cfg, size.text_tokens, cap)
+            decodes = {d: decode_plan(size, cap, jnp.dtype(d)) for d in args.vae_dtypes}
+            rows += [encode_row(encode, cap, text_cfg.num_layers, size.text_tokens),
+                     *(_row(d, cap, None, [], 0) for d in decodes.values())]
+            print(reporting.markdown_table(HEADERS, rows[-1 - len(decodes):]), flush=True)
         for weight_dtype in args.dtypes:
             for offloaded in (True, False) if args.resident else (True,):
                 plan = chunk_plan(size, weight_dtype, offloaded, cap)
                 rows.append(plan_row(plan, cap, layers))
                 print(reporting.markdown_table(HEADERS, rows[-1:]), flush=True)
+                if offloaded and not args.chunk_only:
+                    pipeline += [pipeline_row(cap, weight_dtype, encode, plan, decode) for decode in decodes.values()]
+                    print(reporting.markdown_table(PIPELINE_HEADERS, pipeline[-len(decodes):]), flush=True)
     if args.default_limit:
         rows.append(plan_row(chunk_plan(size, args.dtypes[0], True, args.caps[-1], True), args.caps[-1], layers))
     rss = rss_rows(tuple(args.dtypes), tuple(args.rss_layers), 40) if args.rss_layers else []
@@ -310,14 +414,22 @@ def main(argv: list[str] | None = None) -> dict:
             f"config is capped at {', '.join(f'{c} GB' for c in args.caps)} (compiled deviceless; nothing ran on a "
             f"GPU). PCIe times are bytes / assumed effective bandwidth "
             f"({', '.join(f'{k}: {v / 1e9:.0f} GB/s' for k, v in PCIE_BANDWIDTHS.items())}), a lower bound of the "
-            f"chunk's time when the copies are the bottleneck.\n\n" + reporting.markdown_table(HEADERS, rows))
+            f"chunk's time when the copies are the bottleneck (a run: one chunk; for the text encoding, one prompt, "
+            f"batch 1, as the distilled model runs no CFG).\n\n" + reporting.markdown_table(HEADERS, rows))
+    if pipeline:
+        body += ("\nThe whole offloaded pipeline (PLANNED): the weights that stay on the device (the DiT's non-block "
+                 "params, the text encoder's final norm, the whole VAE, its encoder included) held throughout, "
+                 "plus the largest program's temporaries and outputs. The programs run one after another, so their "
+                 "temporaries are not live at once; the non-weight inputs (the prompt's embeddings, the history "
+                 "window, the noise, a chunk's latents) are a few MB and not counted.\n\n"
+                 + reporting.markdown_table(PIPELINE_HEADERS, pipeline))
     if rss:
         body += ("\nHost RAM, MEASURED on this machine's CPU (23 GB of RAM, so fewer than 40 layers held): the RSS "
                  "(VmRSS, and the peak VmHWM of the build) of a fresh process holding the 14B DiT's non-block params "
                  "and that many layers of its blocks in pinned host memory, built leaf by leaf.\n\n"
                  + reporting.markdown_table(RSS_HEADERS, rss))
-    return reporting.report("lowmem_plan", env, body, {"env": env, "headers": HEADERS, "rows": rows, "rss": rss},
-                            args)
+    return reporting.report("lowmem_plan", env, body, {"env": env, "headers": HEADERS, "rows": rows, "rss": rss,
+                                                       "pipeline_headers": PIPELINE_HEADERS, "pipeline": pipeline}, args)
 
 
 if __name__ == "__main__":

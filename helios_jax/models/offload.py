@@ -8,7 +8,9 @@ dependency, so XLA issues the copy asynchronously and the GPU's copy engine move
 while the SMs run layer i (the compiled H100 plan shows an async dynamic slice from host memory inside the
 while loop's body; experiments/plans/lowmem_plan.py; the chunk program compiles with
 ``sampling.chunk.STREAMED_COMPILER_OPTIONS`` so that all of a layer's copies may run beside its compute). The
-device then holds two layers of weights, not 40.
+device then holds two layers of weights, not 40. The text encoder is offloaded the same way (its 24 layers
+streamed by :func:`scan_streamed`, its token embedding read a row per token by :func:`take_rows`;
+``helios_jax.models.umt5``); which leaves a model keeps on the host is its ``Hosted`` predicate.
 
 Written by hand because flax's ``nn.scan`` slices the stacked params for the layer it runs and has no hook to
 fetch the next layer ahead of it (nor does ``lax.scan``); jax gives the pieces
@@ -42,32 +44,37 @@ def host_sharding(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
 
 
 def is_block_leaf(path: Path) -> bool:
+    """The DiT's hosted leaves: its stacked blocks."""
     return bool(path) and path[0] == BLOCKS
 
 
-def to_host(params: Any) -> Any:
-    """``params`` with every leaf under ``blocks`` moved to pinned host memory (the rest stays where it is)."""
-    return jax.device_put(params, host_blocks(params, jax.tree.map(lambda leaf: leaf.sharding, params)))
+Hosted = Callable[[Path], bool]  # which leaves of a model's params tree live in host memory when offloaded
 
 
-def host_blocks(shapes: Any, shardings: Any | None = None) -> Any:
+def to_host(params: Any, hosted: Hosted = is_block_leaf) -> Any:
+    """``params`` with every ``hosted`` leaf (default: the DiT's blocks) moved to pinned host memory (the rest
+    stays where it is)."""
+    return jax.device_put(params, host_blocks(params, jax.tree.map(lambda leaf: leaf.sharding, params), hosted))
+
+
+def host_blocks(shapes: Any, shardings: Any | None = None, hosted: Hosted = is_block_leaf) -> Any:
     """Where a params tree of ``shapes`` goes (to load, restore, place or lower it): ``shardings`` (default: the
-    first device), with the ``blocks`` leaves in pinned host memory."""
+    first device), with the ``hosted`` leaves (default: the DiT's blocks) in pinned host memory."""
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: device, shapes) if shardings is None else shardings
 
     def place(path: tuple[Any, ...], sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
-        return host_sharding(sharding) if is_block_leaf(tuple(getattr(k, "key", k) for k in path)) else sharding
+        return host_sharding(sharding) if hosted(tuple(getattr(k, "key", k) for k in path)) else sharding
     return jax.tree_util.tree_map_with_path(place, shardings)
 
 
-def leaf_to_host(finish: Callable[[Path, jax.Array], dict[Path, jax.Array]] | None
+def leaf_to_host(finish: Callable[[Path, jax.Array], dict[Path, jax.Array]] | None, hosted: Hosted = is_block_leaf
                  ) -> Callable[[Path, jax.Array], dict[Path, jax.Array]]:
-    """A loader's per-leaf ``finish`` (``convert.strict.load_params``) that then moves block leaves to pinned
-    host memory, so the device holds one stacked leaf of the blocks at a time while a model loads."""
+    """A loader's per-leaf ``finish`` (``convert.strict.load_params``) that then moves the ``hosted`` leaves to
+    pinned host memory, so the device holds one stacked leaf of them at a time while a model loads."""
     def done(path: Path, leaf: jax.Array) -> dict[Path, jax.Array]:
         out = {path: leaf} if finish is None else finish(path, leaf)
-        return {p: jax.device_put(v, host_sharding(v.sharding)) if is_block_leaf(p) else v for p, v in out.items()}
+        return {p: jax.device_put(v, host_sharding(v.sharding)) if hosted(p) else v for p, v in out.items()}
     return done
 
 
@@ -75,6 +82,15 @@ def _fetch(stacked: Any, index: jax.Array) -> Any:
     """Layer ``index`` of the stacked params, copied to device memory (inside jit)."""
     return jax.tree.map(lambda a: jax.device_put(jax.lax.dynamic_index_in_dim(a, index, keepdims=False),
                                                  jax.memory.Space.Device), stacked)
+
+
+def take_rows(table: Any, ids: jax.Array) -> jax.Array:
+    """``table[ids]`` for a (rows, width) ``table`` in host memory, each row copied to the device alone (inside
+    jit): a token embedding looked up without the table on the device. A loop of dynamic slices, because a gather
+    out of host memory is not among the host-memory ops XLA:GPU lowers (a dynamic slice and a copy are)."""
+    rows = jax.lax.map(lambda i: jax.device_put(jax.lax.dynamic_index_in_dim(table, i, keepdims=False),
+                                                jax.memory.Space.Device), ids.reshape(-1))
+    return rows.reshape(*ids.shape, table.shape[-1])
 
 
 def scan_streamed(step: Callable[[Any, Any, jax.Array], Any], carry: Any, stacked: Any, length: int) -> Any:

@@ -28,6 +28,7 @@ from helios_jax.config import UMT5Config
 from helios_jax.convert.keymap import KeyMap
 from helios_jax.models.attention import attention
 from helios_jax.models.layers import gelu_tanh
+from helios_jax.models.offload import scan_streamed, take_rows
 
 _F32 = jnp.float32
 _HALF = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
@@ -170,11 +171,18 @@ class UMT5Stack(nn.Module):
     config: UMT5Config
     impl: str
     remat: bool
+    offload: bool = False
 
     @nn.compact
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
         cfg = self.config
-        x = nn.Embed(cfg.vocab_size, cfg.d_model, name="embed_tokens")(input_ids)
+        streamed = self.offload and not self.is_initializing()
+        if streamed:
+            if self.remat:
+                raise ValueError("UMT5Encoder: offload is for inference; it cannot be combined with remat")
+            x = take_rows(self.variables["params"]["embed_tokens"]["embedding"], input_ids)
+        else:
+            x = nn.Embed(cfg.vocab_size, cfg.d_model, name="embed_tokens")(input_ids)
         if x.dtype == jnp.float16:
             # Loaded in float16, the reference keeps ``wo`` in float32, which turns the residual stream float32
             # from the first feed-forward on (and its float16 overflow clamps idle). A scan carries one dtype,
@@ -186,6 +194,11 @@ class UMT5Stack(nn.Module):
         )
         position = relative_bias(cfg, buckets) if cfg.shared_relative_bias else buckets
         mask = attention_mask.astype(bool)[:, None, None, :]  # keys only: padded queries still attend
+        if streamed:
+            layer = UMT5Block(cfg, self.impl, parent=None)
+            x = scan_streamed(lambda x, params, _: layer.apply({"params": params}, x, position, mask)[0], x,
+                              self.variables["params"]["block"], cfg.num_layers)
+            return T5LayerNorm(cfg.layer_norm_epsilon, name="final_layer_norm")(x)
         block = nn.remat(UMT5Block) if self.remat else UMT5Block
         layers = nn.scan(
             block,
@@ -202,12 +215,15 @@ class UMT5Encoder(nn.Module):
     """``UMT5EncoderModel``: token ids (B, L) and a 0/1 attention mask (B, L) -> last hidden state.
 
     ``attention_impl`` picks the attention backend (see ``helios_jax.models.attention``); ``remat``
-    recomputes each layer's activations in the backward pass (for training).
+    recomputes each layer's activations in the backward pass (for training). ``offload`` (inference): the
+    token embedding and the stacked layers are in host memory (:func:`is_hosted_leaf`,
+    ``helios_jax.models.offload``): the embedding's rows are fetched per token, the layers a layer ahead.
     """
 
     config: UMT5Config
     attention_impl: str = "xla"
     remat: bool = False
+    offload: bool = False
 
     @nn.compact
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
@@ -219,7 +235,14 @@ class UMT5Encoder(nn.Module):
             raise ValueError(
                 f"UMT5Encoder: attention_mask {attention_mask.shape} must have the shape of input_ids {input_ids.shape}"
             )
-        return UMT5Stack(self.config, self.attention_impl, self.remat, name="encoder")(input_ids, attention_mask)
+        return UMT5Stack(self.config, self.attention_impl, self.remat, self.offload, name="encoder")(
+            input_ids, attention_mask)
+
+
+def is_hosted_leaf(path: tuple[str, ...]) -> bool:
+    """The leaves offloading keeps in host memory: the token embedding (umt5-xxl: 1.05B of its 5.7B weights) and
+    the stacked layers; the final norm (and T5's one bias table) stay on the device."""
+    return tuple(path[:2]) in (("encoder", "block"), ("encoder", "embed_tokens"))
 
 
 def keymap(cfg: UMT5Config) -> KeyMap:
