@@ -441,6 +441,7 @@ class HeliosTransformer(nn.Module):
             (x, features), _ = blocks((x, features), context, modulation_history, modulation, rope, lora_scale,
                                       jnp.arange(cfg.num_layers), text_kv)
         elif edges:
+            features = None
             kv = [None] * 3 if text_kv is None else [
                 (text_kv.key[0], text_kv.value[0]), TextKV(text_kv.key[1:-1], text_kv.value[1:-1]),
                 (text_kv.key[-1], text_kv.value[-1])]
