@@ -103,23 +103,10 @@ class Dense(nn.Dense):
     ``y = x W + b + scale * (x A) B`` without forming ``W + A B``; the sum is cast back to the base output's
     dtype as PEFT does. Without a ``lora`` collection this is exactly ``nn.Dense``. Params with an
     ``fp8_kernel`` in place of the kernel run as an fp8 GEMM (``helios_jax.models.fp8``).
-
-    ``add_bias=False`` leaves the bias out of ``y`` (the params tree keeps it, in ``variables["params"]["bias"]``),
-    for a caller that adds it where it costs no pass of its own over the output.
     """
 
     @nn.compact
-    def __call__(self, inputs: jax.Array, lora_scale: float | jax.Array | None = None,
-                 add_bias: bool = True) -> jax.Array:
-        if fp8.is_quantized(self):
-            y = fp8.dense(self, inputs, self.use_bias and add_bias)
-        elif add_bias or not self.use_bias:
-            y = super().__call__(inputs)
-        else:  # kernel then bias, nn.Dense's order, so that init draws the same params
-            kernel = self.param("kernel", self.kernel_init, (inputs.shape[-1], self.features), self.param_dtype)
-            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-            y = nn.Dense(self.features, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                         precision=self.precision).apply({"params": {"kernel": kernel}}, inputs)
+    def __call__(self, inputs: jax.Array, lora_scale: float | jax.Array | None = None) -> jax.Array:
+        y = fp8.dense(self, inputs, self.use_bias) if fp8.is_quantized(self) else super().__call__(inputs)
         delta = lora_delta(self, inputs, lora_scale, lambda x, a: jnp.einsum("...i,ir->...r", x, a))
         return y if delta is None else (y + delta).astype(y.dtype)
-

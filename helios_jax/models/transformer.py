@@ -115,31 +115,18 @@ class Attention(nn.Module):
         segment_ids: jax.Array | None = None,
         kv: tuple[jax.Array, jax.Array] | None = None,
     ) -> jax.Array:
-        """``kv``: this layer's keys and values, already projected (cross-attention with ``text_kv``).
-
-        Self-attention leaves ``to_v``'s bias out of the values and adds it after ``to_out_0`` as one vector,
-        ``to_out_0(b_v)`` without its bias: every softmax row sums to one, so ``attention(q, k, v + b_v) =
-        attention(q, k, v) + b_v``, and ``to_out_0`` is affine. In the H100 plan the bias add was a pass of its
-        own over the (tokens, dim) values (cuDNN attention reads them; nothing fuses it), while the vector is
-        added inside the gated residual's fusion. The values are rounded before the bias instead of after."""
+        """``kv``: this layer's keys and values, already projected (cross-attention with ``text_kv``)."""
         cfg = self.config
         dim, heads = cfg.inner_dim, cfg.num_attention_heads
         q = RMSNorm(cfg.eps, name="norm_q")(Dense(dim, name="to_q")(x, lora_scale))
         q = q.reshape(*q.shape[:2], heads, -1)
-        fold = kv is None and not self.cross
-        k, v = key_value(cfg, x if context is None else context, lora_scale, not fold) if kv is None else kv
+        k, v = key_value(cfg, x if context is None else context, lora_scale) if kv is None else kv
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if not self.cross and cfg.is_amplify_history:
             k = self._amplify_history_keys(k, history_len)
         out = attention(q, k, v, impl=self.impl, mask=mask, segment_ids=segment_ids, cross=self.cross)
-        to_out = Dense(dim, name="to_out_0")
-        y = to_out(out.reshape(*out.shape[:2], dim), lora_scale)
-        if not fold:
-            return y
-        value_bias = self.variables["params"]["to_v"]["bias"].reshape(1, 1, dim).astype(out.dtype)
-        carried = to_out(value_bias, lora_scale, add_bias=False)
-        return (y.astype(_F32) + carried.astype(_F32)).astype(y.dtype)
+        return Dense(dim, name="to_out_0")(out.reshape(*out.shape[:2], dim), lora_scale)
 
     def _amplify_history_keys(self, k: jax.Array, history_len: int) -> jax.Array:
         """Scale the history keys by ``1 + sigmoid(s) * (max - 1)``, per head or one scalar.
@@ -157,16 +144,14 @@ class Attention(nn.Module):
         return (k.astype(_F32) * per_token[None, :, :, None]).astype(k.dtype)
 
 
-def key_value(cfg: TransformerConfig, source: jax.Array, lora_scale: LoraScale = None,
-              value_bias: bool = True) -> tuple[jax.Array, jax.Array]:
-    """Keys (``to_k``, ``norm_k``) and values (``to_v``; without its bias if not ``value_bias``) of ``source``,
-    split into heads (B, S, heads, head_dim).
+def key_value(cfg: TransformerConfig, source: jax.Array, lora_scale: LoraScale = None) -> tuple[jax.Array, jax.Array]:
+    """Keys (``to_k``, ``norm_k``) and values (``to_v``) of ``source``, split into heads (B, S, heads, head_dim).
 
     Called inside a compact method: the layers are children of the calling module (``Attention`` or
     ``TextKeyValue``), so both have the same params."""
     heads = cfg.num_attention_heads
     k = RMSNorm(cfg.eps, name="norm_k")(Dense(cfg.inner_dim, name="to_k")(source, lora_scale))
-    v = Dense(cfg.inner_dim, name="to_v")(source, lora_scale, add_bias=value_bias)
+    v = Dense(cfg.inner_dim, name="to_v")(source, lora_scale)
     return k.reshape(*k.shape[:2], heads, -1), v.reshape(*v.shape[:2], heads, -1)
 
 
