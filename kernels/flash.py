@@ -35,6 +35,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from helios_jax.kernels.checks import check_dtypes, check_qkv
+
 HEAD_DIMS = (64, 128)
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 _LOG2_E = math.log2(math.e)
@@ -120,19 +122,11 @@ def forward_only(call, name: str):
 
 def _check(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
     """One clear error for arrays the kernel cannot take, before anything is traced into it."""
-    if q.ndim != 4 or k.shape != v.shape or k.ndim != 4 or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
-        raise ValueError(
-            f"flash_attention wants q (B, Tq, N, H) and k, v (B, Tk, N, H) with the same B, N, H; "
-            f"got q {q.shape}, k {k.shape}, v {v.shape}"
-        )
+    check_qkv("flash_attention", q, k, v)
     if q.shape[-1] not in HEAD_DIMS:
         raise ValueError(f"flash_attention supports head_dim in {HEAD_DIMS}; got {q.shape[-1]} "
                          f"(use attention impl 'xla' or 'cudnn' for other head sizes)")
-    if not q.dtype == k.dtype == v.dtype or q.dtype not in DTYPES:
-        raise ValueError(f"flash_attention wants q, k, v of one dtype among bfloat16, float16, float32; "
-                         f"got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.shape[1] == 0 or k.shape[1] == 0:
-        raise ValueError(f"flash_attention needs at least one query and one key; got Tq={q.shape[1]}, Tk={k.shape[1]}")
+    check_dtypes("flash_attention", q, k, v, DTYPES)
 
 
 def _tile(size: int, length: int) -> int:

@@ -44,6 +44,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from helios_jax.kernels.checks import check_qkv
 from helios_jax.kernels.flash import forward_only
 
 DTYPES = (jnp.bfloat16, jnp.float16)
@@ -136,16 +137,11 @@ def unsupported(head_dim: int, dtype) -> str | None:
 
 def check(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
     """One clear error for arrays the kernel cannot take, before anything is traced into it."""
-    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
-        raise ValueError(f"mosaic_attention wants q (B, Tq, N, H) and k, v (B, Tk, N, H) with the same B, N, H; "
-                         f"got q {q.shape}, k {k.shape}, v {v.shape}")
+    check_qkv("mosaic_attention", q, k, v)
     if not q.dtype == k.dtype == v.dtype:
         raise ValueError(f"mosaic_attention wants q, k, v of one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     if why := unsupported(q.shape[-1], q.dtype):
         raise ValueError(f"mosaic_attention: {why} (use attention impl 'xla' or 'cudnn')")
-    if q.shape[1] == 0 or k.shape[1] == 0:
-        raise ValueError(f"mosaic_attention needs at least one query and one key; got Tq={q.shape[1]}, "
-                         f"Tk={k.shape[1]}")
 
 
 def padded_lengths(q_len: int, kv_len: int, config: MosaicConfig) -> tuple[int, int]:

@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from helios_jax.kernels.checks import check_dtypes, check_qkv
+
 if TYPE_CHECKING:
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
@@ -188,14 +190,8 @@ def splash_attention(
 def _check(q: jax.Array, k: jax.Array, v: jax.Array, q_ids: jax.Array | None, kv_ids: jax.Array | None,
            key_mask: jax.Array | None) -> None:
     """One clear error for arrays the kernel cannot take, before anything is traced into it."""
-    if q.ndim != 4 or k.shape != v.shape or k.ndim != 4 or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
-        raise ValueError(f"splash_attention wants q (B, Tq, N, H) and k, v (B, Tk, N, H) with the same B, N, H; "
-                         f"got q {q.shape}, k {k.shape}, v {v.shape}")
-    if not q.dtype == k.dtype == v.dtype or q.dtype not in DTYPES:
-        raise ValueError(f"splash_attention wants q, k, v of one dtype among bfloat16, float16, float32; "
-                         f"got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.shape[1] == 0 or k.shape[1] == 0:
-        raise ValueError(f"splash_attention needs at least one query and one key; got Tq={q.shape[1]}, Tk={k.shape[1]}")
+    check_qkv("splash_attention", q, k, v)
+    check_dtypes("splash_attention", q, k, v, DTYPES)
     if (q_ids is None) != (kv_ids is None):
         raise ValueError("splash_attention: give both q_segment_ids and kv_segment_ids, or neither")
     batch = q.shape[0]
