@@ -100,15 +100,27 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _live_device_bytes() -> tuple[int, int]:
+    arrays = jax.live_arrays()
+    return len(arrays), sum(a.nbytes for a in arrays)
+
+
 def test_memory_stays_flat_over_1440_frames(pipe):
-    rss = []
+    """The history is a fixed-size buffer: after the first chunks, the live device arrays (count and bytes)
+    never grow, exactly. Resident memory is checked only against a gross leak: the allocator and the other
+    tests of an xdist worker move it by tens of MiB (28 MiB seen on CI), so a tight bound on it is flaky."""
+    live, rss = [], []
     total = 0
     for chunk in pipe.stream(**SMALL, num_frames=1440, seed=1):
         total += chunk.shape[1]
+        live.append(_live_device_bytes())
         rss.append(_rss_bytes())
     assert total == pipe.num_output_frames(1440) == 1449  # 44 chunks of 33 = 1452, trimmed to 4k + 1
+    counts, sizes = zip(*live[10:])
+    assert max(counts) <= counts[0] and max(sizes) <= sizes[0], f"live device arrays grew after chunk 11: {live}"
+    # A host leak of the decoded float32 video alone would be 44 x 33 x 64 x 64 x 3 x 4 bytes = 68 MiB.
     grown = (max(rss[10:]) - rss[10]) / 2**20
-    assert grown < 24, f"resident memory grew by {grown:.1f} MiB between chunk 11 and chunk {len(rss)}"
+    assert grown < 64, f"resident memory grew by {grown:.1f} MiB between chunk 11 and chunk {len(rss)}"
 
 
 @pytest.mark.parametrize("settings,message", [
