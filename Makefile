@@ -76,29 +76,36 @@ test: install-test lint
 check: install-test lint
 	$(PYTEST) $(PYTEST_ARGS) @tests/check.txt
 
+# A plan tier compiles the port's programs for a backend this machine does not have, with that backend's compiler in a
+# venv of its own (runtime install, no torch; the compiler's wheels from their lock, exact versions, --no-deps), after a
+# disk check, so that a short disk is one clear message. No pip cache (--no-cache-dir). The recipe, once for both tiers:
+# $(1) the tier (its make target and, with `_`, its pytest marker), $(2) its venv, $(3) its lock, $(4) the GB of disk it
+# needs, $(5) environment for its tests, $(6) its test files.
+define PLAN_TIER
+$(1)-room:
+	@free=$$$$(df -Pk . | awk 'NR==2 {print int($$$$4 / 1048576)}'); if [ $$$$free -lt $(4) ]; then \
+	  echo "$(1): $$$$free GB of disk free here, its venv needs $(4) GB" >&2; exit 1; fi
+
+$(2)/.installed: pyproject.toml $$(LOCK) $(3)
+	@$$(MAKE) -s $(1)-room
+	rm -rf $(2)
+	$$(PYTHON) -m venv $(2)
+	$(2)/bin/python -m pip install -q --no-cache-dir --upgrade pip
+	@start=$$$$(date +%s); \
+	$(2)/bin/python -m pip install -q --no-cache-dir -c $$(LOCK) -e . pytest && \
+	$(2)/bin/python -m pip install -q --no-cache-dir --no-deps -r $(3) && \
+	echo "installed the $(1) tier from $(3) in $$$$(( $$$$(date +%s) - start )) s ($$$$(du -sh $(2) | cut -f1))"
+	touch $$@
+
+$(1): $(2)/.installed
+	HELIOS_TEST_XLA_FLAGS= JAX_PLATFORMS=cpu $(5) $(2)/bin/python -m pytest -m $(subst -,_,$(1)) $(6) $$(PYTEST_ARGS)
+endef
+
 # The H100 plans compiled on this CPU (no GPU): jax's CUDA plugin of the locked jax and the nvidia-* wheels the
-# compiler uses (locks/gpu-plan.txt, exact versions, --no-deps: 2.9 GB installed) in a venv of its own, because on a
-# machine without a GPU the plugin makes every jax start-up try cuInit and print its failure (~3 s): the main venv,
-# which runs the CLI and the demo, stays clean. Runtime install only (no torch): the tier compiles the port's own
-# programs. No pip cache (--no-cache-dir), and a disk check first, so that a short disk is one clear message.
-GPU_PLAN_DISK_GB := 4
-gpu-plan-room:
-	@free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); if [ $$free -lt $(GPU_PLAN_DISK_GB) ]; then \
-	  echo "gpu-plan: $$free GB of disk free here, its venv needs $(GPU_PLAN_DISK_GB) GB" >&2; exit 1; fi
-
-$(GPU_VENV)/.installed: pyproject.toml $(LOCK) $(GPU_LOCK)
-	@$(MAKE) -s gpu-plan-room
-	rm -rf $(GPU_VENV)
-	$(PYTHON) -m venv $(GPU_VENV)
-	$(GPU_BIN)/python -m pip install -q --no-cache-dir --upgrade pip
-	@start=$$(date +%s); \
-	$(GPU_BIN)/python -m pip install -q --no-cache-dir -c $(LOCK) -e . pytest && \
-	$(GPU_BIN)/python -m pip install -q --no-cache-dir --no-deps -r $(GPU_LOCK) && \
-	echo "installed the gpu-plan tier from $(GPU_LOCK) in $$(( $$(date +%s) - start )) s ($$(du -sh $(GPU_VENV) | cut -f1))"
-	touch $@
-
-gpu-plan: $(GPU_VENV)/.installed
-	HELIOS_TEST_XLA_FLAGS= JAX_PLATFORMS=cpu $(GPU_BIN)/python -m pytest -m gpu_plan $(GPU_TESTS) $(PYTEST_ARGS)
+# compiler uses (locks/gpu-plan.txt: 2.9 GB installed) in a venv of its own, because on a machine without a GPU the
+# plugin makes every jax start-up try cuInit and print its failure (~3 s): the main venv, which runs the CLI and the
+# demo, stays clean.
+$(eval $(call PLAN_TIER,gpu-plan,$(GPU_VENV),$(GPU_LOCK),4,,$(GPU_TESTS)))
 
 # `helios-jax serve` (docs/serving.md) with the embedded nano model at http://127.0.0.1:8000/ (SERVE_ARGS: its flags).
 serve: install
@@ -119,24 +126,7 @@ browser-test: $(VENV)/.installed-browser
 # The TPU plans compiled on this CPU (no TPU): libtpu of the locked jax (locks/tpu-plan.txt, exact versions, --no-deps:
 # 1.6 GB installed with the runtime) in a venv of its own, as the gpu-plan tier and for the same reason (libtpu looks for
 # a TPU as jax starts). Its topologies give v5e, v6e and v5p devices; experiments/plans/tpu_plan.py, docs/tpu.md.
-TPU_PLAN_DISK_GB := 3
-tpu-plan-room:
-	@free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); if [ $$free -lt $(TPU_PLAN_DISK_GB) ]; then \
-	  echo "tpu-plan: $$free GB of disk free here, its venv needs $(TPU_PLAN_DISK_GB) GB" >&2; exit 1; fi
-
-$(TPU_VENV)/.installed: pyproject.toml $(LOCK) $(TPU_LOCK)
-	@$(MAKE) -s tpu-plan-room
-	rm -rf $(TPU_VENV)
-	$(PYTHON) -m venv $(TPU_VENV)
-	$(TPU_BIN)/python -m pip install -q --no-cache-dir --upgrade pip
-	@start=$$(date +%s); \
-	$(TPU_BIN)/python -m pip install -q --no-cache-dir -c $(LOCK) -e . pytest && \
-	$(TPU_BIN)/python -m pip install -q --no-cache-dir --no-deps -r $(TPU_LOCK) && \
-	echo "installed the tpu-plan tier from $(TPU_LOCK) in $$(( $$(date +%s) - start )) s ($$(du -sh $(TPU_VENV) | cut -f1))"
-	touch $@
-
-tpu-plan: $(TPU_VENV)/.installed
-	HELIOS_TEST_XLA_FLAGS= JAX_PLATFORMS=cpu TPU_SKIP_MDS_QUERY=1 $(TPU_BIN)/python -m pytest -m tpu_plan $(TPU_TESTS) $(PYTEST_ARGS)
+$(eval $(call PLAN_TIER,tpu-plan,$(TPU_VENV),$(TPU_LOCK),3,TPU_SKIP_MDS_QUERY=1,$(TPU_TESTS)))
 
 # Not in CI: the newest releases the ranges in pyproject.toml allow, in a separate venv, to find drift early.
 test-latest:
