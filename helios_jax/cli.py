@@ -201,7 +201,8 @@ def parser() -> Parser:
     conv.add_argument("--to", choices=("orbax", "safetensors"), default="orbax", help="the format to write")
     conv.add_argument("--dtype", choices=generate.WEIGHT_DTYPES,
                       help="cast the weights (default: keep); fp8: the transformer's block linears as float8 with "
-                           "per-channel scales, the rest bf16 (orbax only)")
+                           "per-channel scales, the rest bf16; fp8-edges: fp8 but the first and last blocks, kept "
+                           "bf16 (both orbax only, loaded back in their layout)")
     conv.add_argument("--merge_lora", metavar="LORA_DIR",
                       help="fuse this LoRA (diffusers' pytorch_lora_weights.safetensors) into the transformer")
     ver = command("verify", "parity of every component against the installed PyTorch reference")

@@ -26,7 +26,7 @@ def convert_checkpoint(source: str, destination: str, to: str, dtype: str | None
     diffusers safetensors; ``merge_lora`` fuses a LoRA folder into the transformer (as the official merge tool
     does). Returns what was written, in words. Every check runs before the first weight is read; the destination
     appears complete or not at all (a staging folder, renamed), and never replaces anything."""
-    quantize = fp8.FP8 if dtype == fp8.FP8 else None
+    quantize = dtype if dtype in fp8.STORAGES else None
     jax_dtype = DTYPES[dtype] if dtype and not quantize else None
     if os.path.lexists(destination):
         raise FileExistsError(f"{os.path.abspath(destination)} already exists; choose a new folder or remove it first")
@@ -37,13 +37,14 @@ def convert_checkpoint(source: str, destination: str, to: str, dtype: str | None
     transformer_folder = os.path.join(source, "transformer") if pipeline else source
     stored_fp8 = holds_fp8(transformer_folder)
     if (quantize or stored_fp8) and to != "orbax":
-        what = "--dtype fp8 writes" if quantize else f"{transformer_folder} holds fp8 weights, which convert to"
+        what = f"--dtype {quantize} writes" if quantize else f"{transformer_folder} holds fp8 weights, which convert to"
         raise PipelineError(f"{what} orbax params only (diffusers has no fp8 Helios format): drop --to safetensors"
                             + ("" if quantize else ", or export the 16-bit checkpoint it was converted from"))
     if merge_lora:
         check_lora_base(transformer_folder)
-    if quantize and not pipeline:
-        check_quantize(component_of(source).folder, quantize)
+    if quantize:
+        component = "transformer" if pipeline else component_of(source).folder
+        check_quantize(component, quantize, COMPONENTS[component].read_config(transformer_folder))
     lora = _read_lora(transformer_folder, merge_lora) if merge_lora else None
     if pipeline:
         PipelineSpec.read(source)
@@ -64,7 +65,7 @@ def convert_checkpoint(source: str, destination: str, to: str, dtype: str | None
             raise
     else:
         _convert_component(source, destination, to, jax_dtype, lora, quantize)
-    return f"{destination} ({to}{', LoRA fused' if lora else ''}{', fp8 transformer' if quantize else ''})"
+    return f"{destination} ({to}{', LoRA fused' if lora else ''}{f', {quantize} transformer' if quantize else ''})"
 
 
 def _read_lora(transformer_folder: str, path: str):
@@ -86,7 +87,7 @@ def _convert_component(source: str, destination: str, to: str, dtype, lora=None,
     if fuse:
         params = apply_loaded(params, lora)
         if quantize:
-            params = fp8.quantize_params(params)
+            params = fp8.quantize_params(params, quantize == fp8.FP8_EDGES)
     if to == "orbax":
         save_params(destination, params, config=component.config_json(config))
     else:

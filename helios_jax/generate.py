@@ -30,7 +30,7 @@ from helios_jax import hub, parallel, step_cache
 from helios_jax.checkpoint import PipelineError, read_checkpoint_configs
 from helios_jax.diskspace import check_free
 from helios_jax.history import num_chunks
-from helios_jax.loading import DTYPES
+from helios_jax.loading import DTYPES, check_quantize
 from helios_jax.models import fp8
 from helios_jax.models.attention import IMPLS
 from helios_jax.nano import models as nano
@@ -41,8 +41,9 @@ from helios_jax.training.completeness import lora_folder_problem
 from helios_jax.video import Mp4Writer, check_writable, contact_sheet, fit_image, fit_video, write_png
 
 logger = logging.getLogger(__name__)
-# fp8: the DiT's block linears in float8_e4m3fn (helios_jax.models.fp8), everything else in bf16.
-WEIGHT_DTYPES = (*DTYPES, fp8.FP8)
+# fp8: the DiT's block linears in float8_e4m3fn (helios_jax.models.fp8), everything else in bf16;
+# fp8-edges: the same but the first and last blocks, kept bf16.
+WEIGHT_DTYPES = (*DTYPES, *fp8.STORAGES)
 DEFAULT_PROMPT = (
     "A dynamic time-lapse video showing the rapidly moving scenery from the window of a speeding train. The camera "
     "captures various elements such as lush green fields, towering trees, quaint countryside houses, and distant "
@@ -123,7 +124,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fps", type=int, default=24, help=f"frame rate of the mp4 (1 to {MAX_FPS})")
     parser.add_argument("--weight_dtype", choices=WEIGHT_DTYPES,
                         help=f"the weights' dtype; fp8: the DiT's block linears as float8 with per-channel scales "
-                             f"(FP8 GEMMs), the rest bf16; {both('weight_dtype')}")
+                             f"(FP8 GEMMs), the rest bf16; fp8-edges: fp8 but the first and last blocks, kept bf16 "
+                             f"(less error, 0.65 GiB more at 14B; not with --offload); {both('weight_dtype')}")
     parser.add_argument("--offload", choices=("blocks",),
                         help="blocks: keep the DiT's blocks (99%% of its weights) and the text encoder's layers and "
                              "embedding in pinned host memory and stream each layer to the device while the one before "
@@ -240,7 +242,7 @@ class Job:
     sheet: str
     checkpoint: str
     dtype: Any
-    weight_dtype: str | None  # "fp8" or None (weights in dtype)
+    weight_dtype: str | None  # one of fp8.STORAGES, or None (weights in dtype)
     attention: str | None
     request: Request
     mesh_sizes: dict[str, int] | None
@@ -361,6 +363,8 @@ def prepare(args: argparse.Namespace) -> Job:
         raise PipelineError(f"--revision {args.revision} is a revision of a --checkpoint hub id: give --checkpoint")
     checkpoint = hub.resolve(args.checkpoint, revision=args.revision) if args.checkpoint else nano.CHECKPOINT
     configs = read_checkpoint_configs(checkpoint)  # every config of the folder; no weight
+    if settings["weight_dtype"] in fp8.STORAGES:
+        check_quantize("transformer", settings["weight_dtype"], configs.transformer, args.offload)
     request_args = dict(
         height=settings["height"], width=settings["width"], num_frames=args.num_frames,
         num_inference_steps=args.num_inference_steps, guidance_scale=settings["guidance_scale"],
@@ -379,10 +383,10 @@ def prepare(args: argparse.Namespace) -> Job:
                                                                     request.num_latent_frames_per_chunk),
                           inputs["interpolation_chunks"])
     calibration, calibration_output = _step_cache_flags(args, output, request, configs.spec.pyramid)
-    quantized = settings["weight_dtype"] == fp8.FP8
+    quantized = settings["weight_dtype"] in fp8.STORAGES
     return Job(output=output, sheet=sheet, checkpoint=checkpoint,
                dtype=jnp.bfloat16 if quantized else DTYPES[settings["weight_dtype"]],
-               weight_dtype=fp8.FP8 if quantized else None,
+               weight_dtype=settings["weight_dtype"] if quantized else None,
                attention=None if args.attention == "auto" else args.attention, request=request, mesh_sizes=mesh_sizes,
                pipeline_args={**inputs, **request_args, "negative_prompt": args.negative_prompt, "seed": args.seed},
                step_cache=calibration, calibration_output=calibration_output)

@@ -8,6 +8,7 @@ Every component goes through the same strict converter (``helios_jax.convert``);
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from types import ModuleType
 from typing import Any, Callable
@@ -103,16 +104,18 @@ class Component:
         reference keeps in float32 are float32. ``config``, if given, is the folder's config already read
         (``read_config``), so a pipeline can check every config before its first weight. ``quantize="fp8"``
         (the transformer only) stores the block linears as fp8 (``helios_jax.models.fp8``), leaf by leaf
-        as they load; saved params that are fp8 already load as they are, whatever ``quantize`` says.
+        as they load, and ``"fp8-edges"`` all but the first and last blocks'; saved params that are fp8 already
+        load in their saved layout, whatever ``quantize`` says, except that all-fp8 blocks cannot give "fp8-edges".
         ``mesh`` places every leaf split by the component's sharding table as it is read (``parallel.TABLES``),
         so a model larger than one device's memory loads onto the mesh. ``offload="blocks"`` (the transformer and
         the text encoder) puts every ``hosted`` leaf (the DiT's blocks; UMT5's layers and token embedding) in pinned
         host memory as it is read (``helios_jax.models.offload``): the device holds the rest and, while loading, one
         stacked leaf (quantized there when asked)."""
         folder = os.fspath(path)
-        check_quantize(self.folder, quantize)
         check_offload(self, offload)
         config = self.read_config(folder) if config is None else config
+        check_quantize(self.folder, quantize, config, offload)
+        edges = quantize == fp8.FP8_EDGES
         policy = dtype_policy(dtype, self.keeps_fp32(dtype))
 
         def placement(shapes: Params) -> Params | None:
@@ -120,15 +123,17 @@ class Component:
 
         if is_saved_params(folder):
             shapes = saved_shapes(folder)
+            if self.folder == "transformer":
+                check_saved_storage(folder, shapes, config, quantize, offload)
             if offload and quantize and not fp8.is_fp8(shapes):
                 raise CheckpointError(f"{folder}: its saved params are 16-bit, and offloaded blocks are quantized as "
                                       f"they load only from safetensors: convert it to fp8 first (helios-jax convert "
                                       f"SRC DST --dtype fp8) or drop the offload")
             where = placement(shapes)
             params = restore_params(folder, policy, offload_lib.host_blocks(shapes, where, self.hosted) if offload else where)
-            return config, fp8.quantize_params(params) if quantize and not fp8.is_fp8(params) else params
+            return config, fp8.quantize_params(params, edges) if quantize and not fp8.is_fp8(params) else params
         shapes, keymap = self.module.param_shapes(config), self.module.keymap(config)
-        finish = fp8.quantize_leaf if quantize else None
+        finish = functools.partial(fp8.quantize_leaf, bf16_edges=edges) if quantize else None
         if offload:
             finish = offload_lib.leaf_to_host(finish, self.hosted)
         return config, load_params(folder, shapes, keymap, policy, desc=self.folder, finish=finish,
@@ -141,17 +146,46 @@ class Component:
         return {**marker, **to_dict(config)}
 
 
-def check_quantize(component: str, quantize: str | None) -> None:
-    """fp8 is a storage of the DiT's block linears only: one clear error for anything else."""
+def check_quantize(component: str, quantize: str | None, config: Any | None = None, offload: str | None = None
+                   ) -> None:
+    """fp8 is a storage of the DiT's block linears only, named by one of ``fp8.STORAGES``; "fp8-edges" needs a
+    middle between its first and last blocks (``config``'s layers, when given) and cannot be offloaded (offload
+    streams one block stack): one clear error for anything else, before any weight is read."""
     if quantize is None:
         return
-    if quantize != fp8.FP8:
-        raise CheckpointError(f"quantize = {quantize!r} is not supported: the one quantized storage is {fp8.FP8!r}")
+    if quantize not in fp8.STORAGES:
+        raise CheckpointError(f"quantize = {quantize!r} is not supported: the quantized storages are "
+                              f"{', '.join(map(repr, fp8.STORAGES))}")
     if component != "transformer":
         raise CheckpointError(
             f"fp8 weights are for the transformer only, not the {component}: its layers stay 16- or 32-bit "
             "(give the VAE and text encoder bf16, fp16 or fp32, or convert the transformer/ folder alone to fp8)"
         )
+    if quantize == fp8.FP8_EDGES and offload:
+        raise CheckpointError(f"{fp8.FP8_EDGES!r} keeps the first and last blocks apart from the block stack that "
+                              f"offload = {offload!r} streams: use {fp8.FP8!r} with the offload, or drop the offload")
+    if quantize == fp8.FP8_EDGES and config is not None and config.num_layers < 3:
+        raise CheckpointError(f"{fp8.FP8_EDGES!r} keeps the first and last blocks 16-bit, which needs at least 3 "
+                              f"blocks; this transformer has {config.num_layers}: use {fp8.FP8!r}")
+
+
+def check_saved_storage(folder: str, shapes: Params, config: TransformerConfig, quantize: str | None,
+                        offload: str | None) -> None:
+    """A saved transformer's block layout (``fp8.layout_problem``) and what was asked of it: one clear error for an
+    inconsistent layout, for "fp8-edges" asked of all-fp8 blocks (their 16-bit edges are gone) and for offloading
+    the split edges. Read from the shapes, before any weight."""
+    if problem := fp8.layout_problem(shapes, config.num_layers):
+        raise CheckpointError(f"{folder}: its saved params are not a Helios transformer's layout: {problem}; "
+                              "convert it again from the diffusers checkpoint")
+    stored = fp8.storage_of(shapes)
+    if stored == fp8.FP8 and quantize == fp8.FP8_EDGES:
+        raise CheckpointError(f"{folder} holds every block in fp8, so its first and last blocks cannot load 16-bit "
+                              f"({fp8.FP8_EDGES!r}): ask for {fp8.FP8!r}, or convert the 16-bit checkpoint with "
+                              f"--dtype {fp8.FP8_EDGES}")
+    if stored == fp8.FP8_EDGES and offload:
+        raise CheckpointError(f"{folder} holds the {fp8.FP8_EDGES!r} layout, whose first and last blocks are apart "
+                              f"from the block stack that offload = {offload!r} streams: convert the 16-bit "
+                              f"checkpoint with --dtype {fp8.FP8} to offload it, or drop the offload")
 
 
 def check_offload(component: Component, offload: str | None) -> None:

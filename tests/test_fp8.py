@@ -27,7 +27,7 @@ from test_transformer import make_inputs
 
 from helios_jax import cli, conversion, demo, generate
 from helios_jax.config import TransformerConfig
-from helios_jax.convert import CheckpointError, is_saved_params
+from helios_jax.convert import CheckpointError, is_saved_params, save_params
 from helios_jax.loading import COMPONENTS
 from helios_jax.models import fp8, transformer as transformer_lib
 from helios_jax.models.transformer import HeliosTransformer
@@ -121,6 +121,9 @@ def test_convert_to_fp8_and_load_it_back(checkpoint, tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["vae", "--dtype", "fp8"], "fp8 weights are for the transformer only, not the vae"),
+    (["vae", "--dtype", "fp8-edges"], "fp8 weights are for the transformer only, not the vae"),
+    (["transformer", "--dtype", "fp8-edges"], "needs at least 3 blocks; this transformer has 2: use 'fp8'"),
+    (["transformer", "--dtype", "fp8-edges", "--to", "safetensors"], "--dtype fp8-edges writes orbax params only"),
     (["text_encoder", "--dtype", "fp8"], "fp8 weights are for the transformer only, not the text_encoder"),
     (["transformer", "--dtype", "fp8", "--to", "safetensors"], "--dtype fp8 writes orbax params only"),
 ])
@@ -187,17 +190,42 @@ def test_a_lora_is_fused_into_the_16_bit_kernels_before_they_are_quantized(setup
 EDGES = dataclasses.replace(TINY, num_layers=4)
 
 
-def test_first_and_last_blocks_in_bf16_are_closer_to_float32_than_all_fp8(checkpoint):
-    """fp8 with the first and last blocks kept 16-bit (``bf16_edges``, SGLang's choice), on a 4-block model (the
-    tiny checkpoint's two blocks twice: no init to compile): its velocity against float32 must be closer than
-    all-fp8's and within DIT_BOUND; the text K/V path gives the same velocity as the plain one (bound 2e-2 of
-    bf16 rounding: the two programs round differently)."""
+@pytest.fixture(scope="module")
+def edges_checkpoint(checkpoint, tmp_path_factory):
+    """A 4-block pipeline folder: the tiny checkpoint's two blocks twice (its VAE, text encoder, tokenizer and
+    scheduler copied), so that the first and last blocks have a middle between them; no init to compile."""
     _, two = transformer(checkpoint, jnp.float32)
-    exact = {**two, "blocks": jax.tree.map(lambda a: jnp.concatenate([a, a]), two["blocks"])}
-    bf16 = traverse_util.unflatten_dict({
-        path: leaf if transformer_lib.keeps_fp32(path) else leaf.astype(jnp.bfloat16)
-        for path, leaf in traverse_util.flatten_dict(exact).items()})
-    all_fp8, edges = fp8.quantize_params(bf16), fp8.quantize_params(bf16, bf16_edges=True)
+    four = {**two, "blocks": jax.tree.map(lambda a: jnp.concatenate([a, a]), two["blocks"])}
+    return demo.write_checkpoint(
+        tmp_path_factory.mktemp("fp8-edges") / "ckpt", {"transformer": (EDGES, four)},
+        copies={name: os.path.join(checkpoint, name) for name in ("vae", "text_encoder")},
+        pieces=demo.word_pieces(demo.WORDS), scheduler=demo.SCHEDULER, model_index=demo.MODEL_INDEX)
+
+
+@pytest.fixture(scope="module")
+def edges_params(edges_checkpoint):
+    """The 4-block DiT in float32 and in bf16 (the reference's float32 modules stay float32), and the bf16 one
+    quantized by hand with ``bf16_edges``: what every way of asking for "fp8-edges" must give, exactly."""
+    _, exact = transformer(edges_checkpoint, jnp.float32)
+    _, bf16 = transformer(edges_checkpoint, jnp.bfloat16)
+    return exact, bf16, fp8.quantize_params(bf16, bf16_edges=True)
+
+
+def assert_same_params(got, want) -> None:
+    """Exact equality: the same paths, dtypes and values."""
+    flat_g, flat_w = traverse_util.flatten_dict(got), traverse_util.flatten_dict(want)
+    assert sorted(flat_g) == sorted(flat_w)
+    for path, leaf in flat_w.items():
+        assert flat_g[path].dtype == leaf.dtype, path
+        np.testing.assert_array_equal(np.asarray(flat_g[path], np.float32), np.asarray(leaf, np.float32), str(path))
+
+
+def test_first_and_last_blocks_in_bf16_are_closer_to_float32_than_all_fp8(edges_params):
+    """fp8 with the first and last blocks kept 16-bit (``bf16_edges``, SGLang's choice), on the 4-block model: its
+    velocity against float32 must be closer than all-fp8's and within DIT_BOUND; the text K/V path gives the same
+    velocity as the plain one (bound 2e-2 of bf16 rounding: the two programs round differently)."""
+    exact, bf16, edges = edges_params
+    all_fp8 = fp8.quantize_params(bf16)
     assert edges[fp8.FIRST_BLOCK]["attn1"]["to_q"]["kernel"].dtype == jnp.bfloat16
     assert edges["blocks"]["ffn"]["net_2"][fp8.KERNEL].shape[0] == EDGES.num_layers - 2
     rng = np.random.default_rng(1)
@@ -214,3 +242,69 @@ def test_first_and_last_blocks_in_bf16_are_closer_to_float32_than_all_fp8(checkp
     with_kv = jax.jit(lambda p, x, c: model.apply({"params": p}, x, jnp.asarray([600.0]), c,
                                                   text_kv=transformer_lib.text_kv(EDGES, {"params": p}, c)))
     assert rel_err(with_kv(edges, *low), run(edges, *low)) < 2e-2
+
+
+def test_weight_dtype_fp8_edges_is_quantize_params_by_hand(edges_checkpoint, edges_params):
+    """``from_pretrained(weight_dtype="fp8-edges")`` holds exactly the params of ``quantize_params(bf16_edges=True)``
+    on the bf16 DiT (so every output is the same); offloading that layout is one error, from the loader and from
+    the constructor alike, before any weight is read or moved."""
+    pipe = HeliosPipeline.from_pretrained(edges_checkpoint, weight_dtype=fp8.FP8_EDGES, compilation_cache=False)
+    assert_same_params(pipe.transformer_params, edges_params[2])
+    assert pipe.model_dtype == jnp.bfloat16
+    with pytest.raises(CheckpointError, match="keeps the first and last blocks apart from the block stack"):
+        HeliosPipeline.from_pretrained(edges_checkpoint, weight_dtype=fp8.FP8_EDGES, offload="blocks",
+                                       compilation_cache=False)
+    with pytest.raises(PipelineError, match="these transformer params keep their first and last blocks apart"):
+        HeliosPipeline((pipe.transformer_config, pipe.transformer_params), (pipe.vae_config, pipe.vae_params), None,
+                       pipe.scheduler_config, pipe.spec, offload="blocks")
+
+
+def test_convert_to_fp8_edges_and_load_it_back(edges_checkpoint, edges_params, tmp_path):
+    """``convert --dtype fp8-edges`` saves the split layout, and it loads back exactly, whatever is asked; all-fp8
+    saved blocks cannot give "fp8-edges", a saved split layout cannot be offloaded, and an inconsistent one is one
+    error: each before any weight is read."""
+    out = str(tmp_path / "edges")
+    assert cli.main(["convert", os.path.join(edges_checkpoint, "transformer"), out, "--dtype", fp8.FP8_EDGES]) == 0
+    load = COMPONENTS["transformer"].load
+    for quantize in (fp8.FP8, fp8.FP8_EDGES):  # saved fp8 loads in its saved layout, whatever is asked
+        assert_same_params(load(out, quantize=quantize)[1], edges_params[2])
+    with pytest.raises(CheckpointError, match="holds the 'fp8-edges' layout, whose first and last blocks are apart"):
+        load(out, offload="blocks")
+    config = COMPONENTS["transformer"].config_json(EDGES)
+    all_fp8 = str(tmp_path / "all-fp8")
+    save_params(all_fp8, fp8.quantize_params(edges_params[1]), config=config)
+    with pytest.raises(CheckpointError, match="holds every block in fp8, so its first and last blocks cannot"):
+        load(all_fp8, quantize=fp8.FP8_EDGES)
+    lopsided = str(tmp_path / "lopsided")
+    save_params(lopsided, {k: v for k, v in edges_params[2].items() if k != fp8.LAST_BLOCK}, config=config)
+    with pytest.raises(CheckpointError, match="not a Helios transformer's layout: it holds first_block without"):
+        load(lopsided)
+
+
+def test_inconsistent_saved_layouts_are_named():
+    """``fp8.layout_problem`` on shape trees (nothing allocated): the split layout of a config, and each way a
+    saved one can be wrong."""
+    from helios_jax.models.transformer import param_shapes
+
+    edges = fp8.quantized_shapes(param_shapes(EDGES), bf16_edges=True)
+    assert fp8.layout_problem(edges, EDGES.num_layers) is None
+    assert fp8.layout_problem(fp8.quantized_shapes(param_shapes(EDGES)), EDGES.num_layers) is None
+    assert "hold 4 layers and its config 5" in fp8.layout_problem(edges, 5)
+    fp8_first = {**edges, fp8.FIRST_BLOCK: fp8.quantized_shapes({"blocks": edges[fp8.FIRST_BLOCK]})["blocks"]}
+    assert "must be 16-bit and the blocks between them fp8" in fp8.layout_problem(fp8_first, EDGES.num_layers)
+    wrong = jax.ShapeDtypeStruct((3, 3), jnp.bfloat16)
+    odd_last = {**edges, fp8.LAST_BLOCK: {**edges[fp8.LAST_BLOCK], "scale_shift_table": wrong}}
+    assert "last_block's params are not those of one layer" in fp8.layout_problem(odd_last, EDGES.num_layers)
+
+
+def test_generate_flag_selects_fp8_edges_and_refuses_what_cannot_run(checkpoint, edges_checkpoint, tmp_path,
+                                                                     capsys):
+    flags = ["--output", str(tmp_path / "v.mp4"), "--weight_dtype", fp8.FP8_EDGES, "--height", "64", "--width", "64",
+             "--pyramid_num_inference_steps_list", "1", "1", "1"]
+    job = generate.prepare(cli.parser().parse_args(["generate", "--checkpoint", edges_checkpoint, *flags]))
+    assert job.weight_dtype == fp8.FP8_EDGES and job.dtype == jnp.bfloat16
+    for argv, message in ((["--checkpoint", edges_checkpoint, "--offload", "blocks"], "use 'fp8' with the offload"),
+                          (["--checkpoint", checkpoint], "needs at least 3 blocks; this transformer has 2")):
+        assert cli.main(["generate", *argv, *flags]) == 2
+        assert message in capsys.readouterr().err
+    assert not os.listdir(tmp_path)

@@ -17,6 +17,12 @@ attention stay in the 16-bit dtype (small, sensitive, or not a matmul over weigh
 ``bf16_edges=True`` keeps the first and the last block whole in the 16-bit dtype, as SGLang's FP8 does: the
 block stack splits into ``first_block`` (layer 0), ``blocks`` (the middle layers, fp8) and ``last_block``,
 because one stacked array holds one dtype; ``HeliosTransformer`` runs that layout when it finds ``first_block``.
+
+The user asks for a storage by one name, :data:`STORAGES`: ``"fp8"`` or ``"fp8-edges"`` (``weight_dtype=`` of
+``HeliosPipeline.from_pretrained``, ``generate --weight_dtype``, ``convert --dtype``). One value rather than a
+``bf16_edges`` flag beside ``"fp8"``: the edges are a layout of the fp8 weights, so a flag would mean nothing
+without fp8 (a combination to refuse), and a saved checkpoint's layout reads back as one of the same names
+(:func:`storage_of`).
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ import qwix
 from flax import traverse_util
 
 FP8 = "fp8"
+FP8_EDGES = "fp8-edges"  # fp8 with the first and last blocks kept 16-bit (bf16_edges)
+STORAGES = (FP8, FP8_EDGES)
 QTYPE = jnp.float8_e4m3fn
 KERNEL = "fp8_kernel"
 SCALE = "fp8_scale"
@@ -60,8 +68,53 @@ def quantize_kernel(kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
     return q.qvalue, q.scale[..., 0]
 
 
-def quantize_leaf(path: Path, leaf: jax.Array) -> dict[Path, jax.Array]:
-    """One loaded leaf as the leaves it becomes: a block linear's fp8 kernel and its scales, else itself."""
+def storage_of(params: Any) -> str | None:
+    """The storage a params (or shape) tree holds: :data:`FP8_EDGES` with ``first_block``, :data:`FP8` with fp8
+    kernels, else None (16-bit)."""
+    return FP8_EDGES if FIRST_BLOCK in params else FP8 if is_fp8(params) else None
+
+
+def check_storage(storage: str, num_layers: int) -> None:
+    """One clear error for a storage name that is not one, or edges kept apart from a stack too short to have a
+    middle; before any weight is read."""
+    if storage not in STORAGES:
+        raise ValueError(f"{storage!r} is not a quantized storage: give one of {', '.join(map(repr, STORAGES))}")
+    if storage == FP8_EDGES and num_layers < 3:
+        raise ValueError(f"{FP8_EDGES!r} keeps the first and last blocks 16-bit and needs at least 3 blocks; this "
+                         f"transformer has {num_layers}: use {FP8!r}")
+
+
+def layout_problem(shapes: Any, num_layers: int) -> str | None:
+    """What is wrong with a saved transformer's block layout, in words, or None: its layer count against the
+    config's, and for the split edges (:func:`split_edges`) both edges present, each a 16-bit block whose
+    quantized shapes are those of the fp8 stack's layers. Read from shapes, before any weight."""
+    first, last = FIRST_BLOCK in shapes, LAST_BLOCK in shapes
+    if first != last:
+        return (f"it holds {FIRST_BLOCK if first else LAST_BLOCK} without {LAST_BLOCK if first else FIRST_BLOCK} "
+                f"(the {FP8_EDGES} layout keeps both)")
+    stack = jax.tree.leaves(shapes["blocks"])[0].shape[0]
+    if stack + 2 * first != num_layers:
+        return f"its blocks hold {stack + 2 * first} layers and its config {num_layers}"
+    if not first:
+        return None
+    if not is_fp8(shapes["blocks"]) or is_fp8(shapes[FIRST_BLOCK]) or is_fp8(shapes[LAST_BLOCK]):
+        return f"its {FIRST_BLOCK} and {LAST_BLOCK} must be 16-bit and the blocks between them fp8 ({FP8_EDGES})"
+    layers = {path: spec.shape[1:] for path, spec in traverse_util.flatten_dict(shapes["blocks"]).items()}
+    for edge in (FIRST_BLOCK, LAST_BLOCK):
+        quantized = traverse_util.flatten_dict(quantized_shapes({"blocks": shapes[edge]})["blocks"])
+        if {path: tuple(spec.shape) for path, spec in quantized.items()} != layers:
+            return f"its {edge}'s params are not those of one layer of its fp8 blocks"
+    return None
+
+
+def quantize_leaf(path: Path, leaf: jax.Array, bf16_edges: bool = False) -> dict[Path, jax.Array]:
+    """One loaded leaf as the leaves it becomes: a block linear's fp8 kernel and its scales, else itself; with
+    ``bf16_edges`` a block leaf first splits into its first, middle and last layers (only the middle quantized)."""
+    if bf16_edges and path[0] == "blocks":
+        out: dict[Path, jax.Array] = {}
+        for part_path, part in traverse_util.flatten_dict(split_edges(traverse_util.unflatten_dict({path: leaf}))).items():
+            out.update(quantize_leaf(part_path, part))
+        return out
     if not is_quantized_kernel(path):
         return {path: leaf}
     kernel, scale = quantize_kernel(leaf)
@@ -71,11 +124,11 @@ def quantize_leaf(path: Path, leaf: jax.Array) -> dict[Path, jax.Array]:
 def quantize_params(params: Any, bf16_edges: bool = False) -> Any:
     """A transformer params tree with every block linear in fp8 (already quantized trees are refused); with
     ``bf16_edges`` the first and last blocks stay whole in their 16-bit dtype (:func:`split_edges`)."""
-    if is_fp8(params):
-        raise ValueError("quantize_params: these params are already fp8 (they hold fp8_kernel leaves)")
+    if is_fp8(params) or FIRST_BLOCK in params:
+        raise ValueError("quantize_params: these params are already fp8 (they hold fp8_kernel leaves or first_block)")
     out: dict[Path, jax.Array] = {}
-    for path, leaf in traverse_util.flatten_dict(split_edges(params) if bf16_edges else params).items():
-        out.update(quantize_leaf(path, leaf))
+    for path, leaf in traverse_util.flatten_dict(params).items():
+        out.update(quantize_leaf(path, leaf, bf16_edges))
     return traverse_util.unflatten_dict(out)
 
 
