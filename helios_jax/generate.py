@@ -23,14 +23,13 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from helios_jax import hub, parallel, step_cache
 from helios_jax.checkpoint import PipelineError, read_checkpoint_configs
 from helios_jax.diskspace import check_free
 from helios_jax.history import num_chunks
-from helios_jax.loading import DTYPES, check_quantize
+from helios_jax.loading import DTYPES, check_quantize, weight_settings
 from helios_jax.models import fp8
 from helios_jax.models.attention import IMPLS
 from helios_jax.nano import models as nano
@@ -383,10 +382,8 @@ def prepare(args: argparse.Namespace) -> Job:
                                                                     request.num_latent_frames_per_chunk),
                           inputs["interpolation_chunks"])
     calibration, calibration_output = _step_cache_flags(args, output, request, configs.spec.pyramid)
-    quantized = settings["weight_dtype"] in fp8.STORAGES
-    return Job(output=output, sheet=sheet, checkpoint=checkpoint,
-               dtype=jnp.bfloat16 if quantized else DTYPES[settings["weight_dtype"]],
-               weight_dtype=settings["weight_dtype"] if quantized else None,
+    dtype, weight_dtype = weight_settings(settings["weight_dtype"])
+    return Job(output=output, sheet=sheet, checkpoint=checkpoint, dtype=dtype, weight_dtype=weight_dtype,
                attention=None if args.attention == "auto" else args.attention, request=request, mesh_sizes=mesh_sizes,
                pipeline_args={**inputs, **request_args, "negative_prompt": args.negative_prompt, "seed": args.seed},
                step_cache=calibration, calibration_output=calibration_output)

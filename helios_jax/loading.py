@@ -146,6 +146,14 @@ class Component:
         return {**marker, **to_dict(config)}
 
 
+def weight_settings(name: str) -> tuple[Any, str | None]:
+    """``from_pretrained``'s ``(dtype, weight_dtype)`` for a weight name the CLI takes (``DTYPES`` or one of
+    ``fp8.STORAGES``): an fp8 storage computes in bf16. One mapping for every command that loads a pipeline."""
+    if name in fp8.STORAGES:
+        return jnp.bfloat16, name
+    return DTYPES[name], None
+
+
 def check_quantize(component: str, quantize: str | None, config: Any | None = None, offload: str | None = None
                    ) -> None:
     """fp8 is a storage of the DiT's block linears only, named by one of ``fp8.STORAGES``; "fp8-edges" needs a

@@ -30,6 +30,7 @@ from starlette.websockets import WebSocketDisconnect  # noqa: E402
 from helios_jax import cli, demo  # noqa: E402
 from helios_jax.checkpoint import PipelineError  # noqa: E402
 from helios_jax.config import TransformerConfig  # noqa: E402
+from helios_jax.convert import CheckpointError  # noqa: E402
 from helios_jax.pipeline import HeliosPipeline  # noqa: E402
 from helios_jax.serve import command  # noqa: E402
 from helios_jax.serve.app import Server, make_app  # noqa: E402
@@ -48,17 +49,21 @@ CODEC_ERROR = 32.0  # x264 at crf 18 on these random-weight 32x32 frames (noise:
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    """A one-layer, single-stage random-weight pipeline (one denoising step): the cheapest programs to compile."""
+def checkpoint(tmp_path_factory):
+    """A one-layer, single-stage random-weight checkpoint (one denoising step): the cheapest programs to compile."""
     transformer = TransformerConfig(num_attention_heads=2, attention_head_dim=8, in_channels=16, out_channels=16,
                                     text_dim=64, freq_dim=16, ffn_dim=32, num_layers=1, rope_dim=(4, 2, 2),
                                     is_amplify_history=True)
     scheduler = {"_class_name": "HeliosScheduler", "stages": 1, "stage_range": [0, 1], "gamma": 0.25, "shift": 3.0}
     index = {**demo.MODEL_INDEX, "_class_name": "HeliosPipeline", "is_distilled": False,
              "scheduler": ["diffusers", "HeliosScheduler"]}
-    folder = demo.build_demo_checkpoint(tmp_path_factory.mktemp("serve") / "ckpt", transformer=transformer,
-                                        scheduler=scheduler, model_index=index)
-    return HeliosPipeline.from_pretrained(folder, dtype=jnp.float32, compilation_cache=False)
+    return demo.build_demo_checkpoint(tmp_path_factory.mktemp("serve") / "ckpt", transformer=transformer,
+                                      scheduler=scheduler, model_index=index)
+
+
+@pytest.fixture(scope="module")
+def pipe(checkpoint):
+    return HeliosPipeline.from_pretrained(checkpoint, dtype=jnp.float32, compilation_cache=False)
 
 
 @pytest.fixture(scope="module")
@@ -283,7 +288,7 @@ def test_a_pause_past_its_limit_stops_the_generation_with_an_error(warmed, tmp_p
     assert messages[-1] == {"type": "done", "stopped": True}
 
 
-def test_token_on_every_request_and_connection(pipe, tmp_path):
+def test_token_on_every_request_and_connection(pipe, checkpoint, tmp_path):
     scheduler, app = _server(pipe, tmp_path, token=TOKEN)
     try:
         with TestClient(app) as client:
@@ -305,6 +310,12 @@ def test_token_on_every_request_and_connection(pipe, tmp_path):
     command.check_bind("127.0.0.1", 8000, None)
     assert cli.main(["serve", "--host", "0.0.0.0"]) == 2  # refused before any weight is read
     assert cli.main(["serve", "--height", "50"]) == 2  # the nano model's configs: a multiple of 64
+    # generate's weight dtypes, checked against the configs before any weight is read: fp8 with 16-bit edges needs
+    # a middle block between them, which this one-layer checkpoint lacks.
+    command.check_defaults(str(checkpoint), DEFAULTS, "fp8")
+    with pytest.raises(CheckpointError, match="needs at least 3 blocks; this transformer has 1"):
+        command.check_defaults(str(checkpoint), DEFAULTS, "fp8-edges")
+    assert cli.main(["serve", "--checkpoint", str(checkpoint), "--weight_dtype", "fp8-edges"]) == 2
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -74,16 +74,6 @@ def storage_of(params: Any) -> str | None:
     return FP8_EDGES if FIRST_BLOCK in params else FP8 if is_fp8(params) else None
 
 
-def check_storage(storage: str, num_layers: int) -> None:
-    """One clear error for a storage name that is not one, or edges kept apart from a stack too short to have a
-    middle; before any weight is read."""
-    if storage not in STORAGES:
-        raise ValueError(f"{storage!r} is not a quantized storage: give one of {', '.join(map(repr, STORAGES))}")
-    if storage == FP8_EDGES and num_layers < 3:
-        raise ValueError(f"{FP8_EDGES!r} keeps the first and last blocks 16-bit and needs at least 3 blocks; this "
-                         f"transformer has {num_layers}: use {FP8!r}")
-
-
 def layout_problem(shapes: Any, num_layers: int) -> str | None:
     """What is wrong with a saved transformer's block layout, in words, or None: its layer count against the
     config's, and for the split edges (:func:`split_edges`) both edges present, each a 16-bit block whose

@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from helios_jax.checkpoint import PipelineError
+from helios_jax.generate import WEIGHT_DTYPES
 
 logger = logging.getLogger(__name__)
 TOKEN_ENV = "HELIOS_JAX_SERVE_TOKEN"
@@ -33,8 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", help=f"a secret every request and connection must carry (default: {TOKEN_ENV})")
     parser.add_argument("--output_dir", default="outputs", help="the folder POST /v1/videos writes its mp4s to")
     parser.add_argument("--queue_size", type=int, default=4, help="generations that may wait besides the running one")
-    parser.add_argument("--weight_dtype", choices=("fp32", "bf16"), default=None,
-                        help="the DiT's and text encoder's dtype (default: fp32 for the embedded model, bf16 otherwise)")
+    parser.add_argument("--weight_dtype", choices=WEIGHT_DTYPES, default=None,
+                        help="the weights' dtype, as generate's (fp8 and fp8-edges: the DiT's block linears in float8; "
+                             "default: fp32 for the embedded model, bf16 otherwise)")
     parser.add_argument("--height", type=int, help="the default height, the warm-up's (default: generate's for the "
                                                     "model: 64 for the embedded one, 384 otherwise)")
     parser.add_argument("--width", type=int, help="the default width, the warm-up's (64 or 640, as --height)")
@@ -104,13 +106,16 @@ def warm_start(defaults: Any) -> Any:
                  width=defaults.width, guidance_scale=defaults.guidance_scale, steps=defaults.steps, transition_chunks=0)
 
 
-def check_defaults(checkpoint: str, defaults: Any) -> None:
-    """The served defaults against the checkpoint's configs and the protocol's limits, before any weight is read."""
+def check_defaults(checkpoint: str, defaults: Any, weight_dtype: str) -> None:
+    """The served defaults and weight dtype against the checkpoint's configs and the protocol's limits, before any
+    weight is read."""
     from helios_jax.checkpoint import read_checkpoint_configs
+    from helios_jax.loading import check_quantize, weight_settings
     from helios_jax.serve.protocol import Limits, ProtocolError, parse_start
     from helios_jax.serve.scheduler import pipeline_settings
 
     configs = read_checkpoint_configs(checkpoint)
+    check_quantize("transformer", weight_settings(weight_dtype)[1], configs.transformer)
     try:
         parse_start({"type": "start"}, defaults, Limits())
         pipeline_settings(configs.spec, configs.scheduler, warm_start(defaults), defaults)
@@ -133,8 +138,6 @@ def warm_up(scheduler: Any, defaults: Any) -> float:
 
 def run(args: argparse.Namespace) -> int:
     """Check the flags, load and warm up the pipeline, then serve until interrupted."""
-    import jax.numpy as jnp
-
     try:
         import starlette  # noqa: F401
         import uvicorn
@@ -143,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
                             "pip install 'helios-jax[serve]'") from None
 
     from helios_jax import hub
+    from helios_jax.loading import weight_settings
     from helios_jax.nano import models as nano
     from helios_jax.pipeline import HeliosPipeline
     from helios_jax.serve.app import Server, make_app
@@ -156,9 +160,10 @@ def run(args: argparse.Namespace) -> int:
         raise PipelineError(f"--queue_size {args.queue_size}: give 0 or more")
     checkpoint = hub.resolve(args.checkpoint) if args.checkpoint else nano.CHECKPOINT
     defaults = defaults_for(args)
-    check_defaults(checkpoint, defaults)
-    dtype = args.weight_dtype or ("fp32" if args.checkpoint is None else "bf16")
-    pipe = HeliosPipeline.from_pretrained(checkpoint, dtype=jnp.float32 if dtype == "fp32" else jnp.bfloat16)
+    weight_dtype = args.weight_dtype or ("fp32" if args.checkpoint is None else "bf16")
+    check_defaults(checkpoint, defaults, weight_dtype)
+    dtype, quantize = weight_settings(weight_dtype)
+    pipe = HeliosPipeline.from_pretrained(checkpoint, dtype=dtype, weight_dtype=quantize)
     limits = Limits()
     scheduler = Scheduler(pipe, args.queue_size, limits.max_pause_s)
     if not args.no_warmup:
