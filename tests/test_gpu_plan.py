@@ -107,3 +107,19 @@ def test_roofline_counts_every_step_of_the_chunk(tiny_kernels):
     expected = flop_counts.chunk_flops(size.cfg, size.work, (2, 2, 2), guided=False)
     assert roofline.matmul_flops(tiny_kernels["chunk"]) == pytest.approx(expected, rel=0.01)
     assert 0 < roofline.other_share(tiny_kernels["chunk"]) < 100
+
+
+def test_the_ffn_gelu_reaches_cublaslts_epilogue_only_in_the_gemms_dtype():
+    """experiments/plans/gelu_epilogue.py's finding on tiny shapes (docs/performance.md): with GEMMs on cuBLASLt,
+    XLA's GEMM rewriter fuses the bias and tanh GELU (BIAS_GELU) only when the GELU is written on the GEMM's bf16
+    output; the model's float32 GELU keeps a pass of its own, and on XLA's default Triton GEMMs neither form fuses.
+    If this fails, XLA changed: measure again and update the docs."""
+    from experiments.plans import gelu_epilogue
+
+    triton, cublaslt = gelu_epilogue.GEMM_PATHS
+    model, bf16, _ = gelu_epilogue.FORMS
+    row = {(form, path): gelu_epilogue.case_row(form, path, 256, 128, 64)[2:4]
+           for form, path in [(model, cublaslt), (bf16, cublaslt), (bf16, triton)]}
+    assert row[bf16, cublaslt] == ["epilogue BIAS_GELU", "none"]
+    assert row[model, cublaslt][0] == "epilogue BIAS" and row[model, cublaslt][1] != "none"
+    assert "tanh" not in row[bf16, triton][0] and row[bf16, triton][1] != "none"
