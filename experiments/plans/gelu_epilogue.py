@@ -51,6 +51,7 @@ def _first_gemm_f32_out(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
     return jax.nn.gelu(h, approximate=True).astype(x.dtype)
 
 
+# net_0 + bias + GELU three ways; each returns bf16, as net_2 takes it.
 FORMS = {
     "float32 (the model's gelu_tanh)": lambda x, w, b: _first_gemm(x, w, b, layers.gelu_tanh),
     "bf16, the GEMM's dtype": lambda x, w, b: _first_gemm(x, w, b, _gelu_bf16),
@@ -99,7 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
     env = gpu_plan.plan_environment()
     body = (f"The FFN alone ({tokens} tokens x {dim}, hidden {hidden}, bf16 weights), compiled for the H100: what "
             "net_0's GEMM takes of the bias and GELU, and the passes left between the two GEMMs (roofline lower "
-            "bounds per FFN call, and the passes' times the forward's blocks; plans, not measurements).\n\n" + reporting.markdown_table(HEADERS, rows))
+            "bounds per FFN call, and the passes' times the forward's blocks; plans, not measurements).\n\n"
+            + reporting.markdown_table(HEADERS, rows))
     return reporting.report("gelu_epilogue", env, body, {"env": env, "headers": HEADERS, "rows": rows}, args)
 
 
