@@ -4,6 +4,7 @@ Marked slow: each mesh compiles its own chunk program (a few minutes in all on 2
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -43,6 +44,11 @@ def test_ulysses_forward_is_all_to_all_without_gathering_activations(programs):
     assert rel <= TOLERANCE and max_abs <= 1e-5
     hlo = str(programs["forward/hlo"])
     assert len(collectives(hlo, "all-to-all")) >= 4  # q, k, v in and o out, inside the layer loop
+    # Inside the blocks, Ulysses' four and nothing else: the per-token modulation, once a concatenation at the
+    # history boundary, was resharded by 18 more all-to-alls per layer (transformer._per_token).
+    in_blocks = [line for line in hlo.splitlines() if re.search(r"= .*? all-to-all(-start)?\(", line)
+                 and "/blocks/" in line]
+    assert len(in_blocks) == 4 and all("/attn1/shard_map/all_to_all" in line for line in in_blocks), in_blocks
     # Activations are (1, 16 tokens, 64); only small tables and the model output (512 values) are gathered.
     gathered = [int(np.prod(s)) for op in collectives(hlo, "all-gather") for s in op]
     assert max(gathered, default=0) < 16 * 64, gathered
