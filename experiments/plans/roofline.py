@@ -7,7 +7,8 @@
 The programs are experiments/plans/gpu_plan.py's (deviceless, abstract inputs). Each kernel the program launches
 (a fusion, a custom call such as cuBLAS or cuDNN attention, an unfused copy) is one row with its FLOPs and the
 bytes it moves, times the trip count of every loop around it (the 40-layer scan, the step scans). FLOPs: the
-dots and convolutions in the kernel (2 x output elements x contraction), cuDNN attention analytically
+dots and convolutions in the kernel (2 x output elements x contraction; a convolution's taps on its padding not
+counted), cuDNN attention analytically
 (4 x B x heads x Tq x Tk x head_dim, which XLA's cost analysis does not report), one per output element for the
 rest. Bytes: every operand and the output once (an operand read only through a dynamic-slice counts the slice).
 Lower bound per kernel: max(FLOPs / 790 TFLOP/s, bytes / 3.35 TB/s), the H100's measured bf16 matmul rate and
