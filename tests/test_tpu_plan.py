@@ -17,7 +17,7 @@ import jax
 import pytest
 
 from experiments import flop_counts
-from experiments.plans import gpu_plan, mesh_plan, tpu_plan
+from experiments.plans import gpu_plan, mesh_plan, roofline, tpu_plan
 
 pytestmark = [pytest.mark.tpu_plan,
               pytest.mark.skipif(tpu_plan.libtpu_missing() is not None, reason=str(tpu_plan.libtpu_missing()))]
@@ -135,3 +135,26 @@ def test_the_14b_distilled_chunk_fits_four_v5e():
     assert plan.fits, plan.refused
     assert tpu_plan.SPLASH_CALL in plan.plans[0].custom_calls
     assert plan.argument_bytes + plan.temp_bytes < tpu_plan.CHIPS["v5e"].hbm_bytes
+
+
+def test_roofline_counts_no_flops_on_a_convolutions_padding():
+    """libtpu writes a dot as a convolution sliding over zero padding ((88, 512) x (512, 8 x 64): window 8, padding
+    7 each side of one position); the roofline counts the taps that meet real input only, so a toy program of that
+    dot and a 3x3 convolution padded by 1 on a 5x5 image counts exactly their FLOPs, worked out by hand here:
+    2 x 88 x 512 x 512, and 2 x (2 images x 128 out x 128 in) x 13 x 13 (per axis, 5 positions x 3 taps less the two
+    on the padding). Exact (integer counts). Also one strided axis by hand: 4 inputs, 3 taps, stride 2, padding 1 in
+    front: outputs at -1..1 and 1..3, 2 + 3 taps on the input."""
+    one = jax.sharding.SingleDeviceSharding(tpu_plan.devices("v5e", 1)[0])
+    args = [jax.ShapeDtypeStruct(s, jax.numpy.bfloat16, sharding=one)
+            for s in ((1, 88, 512), (512, 8, 64), (2, 5, 5, 128), (3, 3, 128, 128))]
+
+    def program(x, w, images, kernel):
+        return (jax.numpy.einsum("btd,dhk->bthk", x, w),
+                jax.lax.conv_general_dilated(images, kernel, (1, 1), ((1, 1), (1, 1)),
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC")))
+
+    hlo = jax.jit(program).lower(*args).compile().as_text()
+    assert re.search(r"convolution\(.*window=\{size=8 pad=7_7", hlo), "libtpu no longer writes this dot as a conv"
+    flops = roofline.matmul_flops(roofline.Module(hlo).kernels())
+    assert flops == 2 * 88 * 512 * 512 + 2 * (2 * 128 * 128) * 13 * 13
+    assert roofline.valid_taps(4, 3, 2, stride=2, low=1, lhs_dilate=1, rhs_dilate=1) == 5

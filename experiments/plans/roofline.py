@@ -7,7 +7,8 @@
 The programs are experiments/plans/gpu_plan.py's (deviceless, abstract inputs). Each kernel the program launches
 (a fusion, a custom call such as cuBLAS or cuDNN attention, an unfused copy) is one row with its FLOPs and the
 bytes it moves, times the trip count of every loop around it (the 40-layer scan, the step scans). FLOPs: the
-dots and convolutions in the kernel (2 x output elements x contraction), cuDNN attention analytically
+dots and convolutions in the kernel (2 x output elements x contraction; a convolution's taps on its padding not
+counted), cuDNN attention analytically
 (4 x B x heads x Tq x Tk x head_dim, which XLA's cost analysis does not report), one per output element for the
 rest. Bytes: every operand and the output once (an operand read only through a dynamic-slice counts the slice).
 Lower bound per kernel: max(FLOPs / 790 TFLOP/s, bytes / 3.35 TB/s), the H100's measured bf16 matmul rate and
@@ -202,10 +203,29 @@ class Module:
         return 0.0
 
     def _conv_flops(self, inst: Instruction) -> float:
-        out = math.prod(shapes(inst.shape)[0][1])
+        """2 x (batch x output features) x input features per group x the (output position, kernel tap) pairs that
+        land on a real input element, per spatial dimension (XLA's own cost analysis counts the same way). Taps on
+        the padding are no work: libtpu writes a dot as a convolution whose window slides over zero padding (a
+        (88, 512) x (512, 8 x 64) projection as window 8 over padding 7 on each side of one position), and counting
+        every tap made such a dot 8 times its FLOPs."""
+        lhs = shapes(self.shape[inst.operands[0]])[0][1]
         kernel = shapes(self.shape[inst.operands[1]])[0][1]
-        labels = re.search(r"dim_labels=\w+_(\w+)->", inst.attrs).group(1)
-        return 2 * out * math.prod(kernel) / kernel[labels.index("o")]
+        out = shapes(inst.shape)[0][1]
+        lhs_labels, kernel_labels, out_labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", inst.attrs).groups()
+        window = re.search(r"window=\{([^}]*)\}", inst.attrs)
+        fields = dict(f.split("=") for f in window.group(1).split()) if window else {}
+        spatial = [str(d) for d in range(len(lhs) - 2)]
+
+        def per_dim(key: str, default: str) -> list[str]:
+            return fields[key].split("x") if key in fields else [default] * len(spatial)
+
+        pairs = 1
+        for d, stride, pad, lhs_dilate, rhs_dilate in zip(spatial, per_dim("stride", "1"), per_dim("pad", "0_0"),
+                                                           per_dim("lhs_dilate", "1"), per_dim("rhs_dilate", "1")):
+            pairs *= valid_taps(lhs[lhs_labels.index(d)], kernel[kernel_labels.index(d)], out[out_labels.index(d)],
+                                int(stride), int(pad.split("_")[0]), int(lhs_dilate), int(rhs_dilate))
+        batch_features = math.prod(out) / math.prod(out[out_labels.index(d)] for d in spatial)
+        return 2 * batch_features * kernel[kernel_labels.index("i")] * pairs
 
     def _kernel(self, inst: Instruction, count: int) -> Kernel:
         out_bytes = nbytes(inst.shape)
@@ -238,6 +258,15 @@ class Module:
             return Kernel(kind, inst.name, elements, io, count)
         kind = "copies/transposes" if inst.opcode in COPIES else "norms/modulation/RoPE/elementwise"
         return Kernel(kind, inst.opcode, elements, io, count)
+
+
+def valid_taps(size: int, taps: int, positions: int, stride: int, low: int, lhs_dilate: int, rhs_dilate: int) -> int:
+    """Along one spatial dimension of a convolution: the (output position, kernel tap) pairs whose input position
+    is a real element of the (``lhs_dilate``-dilated, ``low``-padded) input, not padding or a dilation hole. A
+    kernel's reversal maps its taps onto the same positions, so it does not change the count."""
+    last = (size - 1) * lhs_dilate
+    return sum(1 for o in range(positions) for k in range(taps)
+               if 0 <= (p := o * stride - low + k * rhs_dilate) <= last and p % lhs_dilate == 0)
 
 
 def summary(kernels: list[Kernel]) -> dict[str, dict[str, float]]:
