@@ -8,7 +8,9 @@ Each trained VAE is then scored on the same held-out 9-frame windows (a seed the
   of frame 0 (the causal VAE's image path) and of frames 1-8, and over the object's pixels alone;
 * the object's colour error: the mean over object pixels of the decoded colour's distance to the true colour
   (0-255 RGB units), which is what the world's colour metric reads;
-* the encoder's mean log-variance (how far the KL let it shrink its noise).
+* the encoder's mean log-variance (how far the KL let it shrink its noise);
+* a linear probe of the object's colour from the latent mean, of the trained encoder and of the random init
+  train_vae starts from (does training put the colour into the latents, or take it out?).
 
     python -m experiments.studies.vae_plateau [--world DIR] [--vae RUN/vae-decoder/vae] [--steps 250]
         [--runs recipe,rate-5e-4] [--results]
@@ -94,6 +96,7 @@ def score(folder: str, video, clips) -> dict[str, float]:
 
     from helios_jax.loading import load_vae
     from helios_jax.models import vae as vae_lib
+    from helios_jax.training.autoencoder import initial_params
 
     cfg, params = load_vae(folder)
     model = vae_lib.WanVAE(cfg)
@@ -111,11 +114,12 @@ def score(folder: str, video, clips) -> dict[str, float]:
     sq = np.square(mean_frames - video)
     colour = np.linalg.norm(np.moveaxis(mean_frames - video, 1, -1), axis=-1)[obj] * 127.5
     probe, constant = colour_probe(model, params, clips)
+    at_init, _ = colour_probe(model, initial_params(cfg, None, 0), clips)  # train_vae's init (seed 0)
     return {"psnr mean": psnr(sq), "psnr sample": psnr(np.square(sample_frames - video)),
             "psnr frame 0": psnr(sq[:, :, 0]), "psnr frames 1-8": psnr(sq[:, :, 1:]),
             "psnr object": psnr(np.moveaxis(sq, 1, -1)[obj]), "object colour error": float(np.mean(colour)),
             "logvar": float(np.mean(np.asarray(posterior.logvar))), "colour probe error": probe,
-            "mean-colour error": constant}
+            "colour probe at init": at_init, "mean-colour error": constant}
 
 
 def training_psnr(metrics: str, last: int = 50) -> float:
