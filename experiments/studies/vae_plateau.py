@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
             result[name] = {**dataclasses.asdict(run), "steps": steps, "seconds": seconds, **scores}
             rows.append([name, run.frames, run.batch, f"{run.rate:g}", steps, seconds, *scores.values()])
             print(rows[-1], flush=True)
-    headers = ["run", "frames", "batch", "rate", "steps", "CPU s", *scores]
+    headers = ["run", "frames", "batch", "rate", "steps", "train_vae wall s", *scores]
     env = provenance.jax_environment("flax", "optax")
     config = (f"the nano VAE (nano/models.py VAE) trained by autoencoder.train_vae from seed 0 on "
               f"{args.world or f'a {WORLD_CLIPS}-clip world of {WORLD_FRAMES} frames (seed 0)'}; scored on "
