@@ -27,6 +27,12 @@ def report(script: str, env: dict[str, Any], body: str, result: dict[str, Any], 
     return result
 
 
+def load_note() -> str:
+    """How loaded this CPU was as a run ended, for a table of seconds measured on a machine others share."""
+    return (f"this CPU's load average at the end {os.getloadavg()[0]:.1f} (a shared machine: the seconds are "
+            "measurements under that load)")
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     def cell(value: Any) -> str:
         if isinstance(value, float):

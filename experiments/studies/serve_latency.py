@@ -195,8 +195,7 @@ def main() -> None:
             if mem:
                 body.append(f"\nServer RSS over {args.sessions} one-chunk sessions in a row:\n")
                 body.append(reporting.markdown_table(["sessions", "RSS, MiB"], mem))
-    body.append(f"\nMeasurements (not plans), {args.chunks}-chunk latency run per model, on this CPU with whatever "
-                f"else ran beside it (load average {os.getloadavg()[0]:.1f} at the end): seconds vary with the load. "
+    body.append(f"\nMeasurements (not plans), {args.chunks}-chunk latency run per model; {reporting.load_note()}. "
                 "The server's start-up includes loading the weights and the warm-up generation that compiles the "
                 "programs.\n")
     reporting.report("serve_latency: helios-jax serve from a client on localhost", env, "\n".join(body), result, args)

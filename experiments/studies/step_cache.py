@@ -114,8 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     config = (f"{args.prompts} held-out captions (one batch) x {args.chunks} chunks of 33 frames at "
               f"{world.WORLD.height}x{world.WORLD.width}, seed 0, float32, no CFG; calibrated on {args.prompts} other "
               f"captions x {args.chunks} chunks (seed 100); retain {step_cache.RETAIN:g} of each stage's steps; run "
-              f"{args.run}; this CPU's load average at the end {os.getloadavg()[0]:.1f} (a shared machine: the seconds "
-              f"are measurements under that load)\n\n")
+              f"{args.run}; {reporting.load_note()}\n\n")
     body = config + reporting.markdown_table(headers, rows)
     reporting.report("Step caching on the nano Base and Mid (experiments/studies/step_cache.py)", env, body, result, args)
 

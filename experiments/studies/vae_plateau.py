@@ -182,8 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     config = (f"the nano VAE (nano/models.py VAE) trained by autoencoder.train_vae from seed 0 on "
               f"{args.world or f'a {WORLD_CLIPS}-clip world of {WORLD_FRAMES} frames (seed 0)'}; scored on "
               f"{EVAL_WINDOWS} held-out 9-frame windows (seed {EVAL_SEED}); colour error in 0-255 RGB units over "
-              f"the object's pixels; this CPU's load average at the end {os.getloadavg()[0]:.1f} (a shared machine: "
-              f"the seconds are measurements under that load)\n\n")
+              f"the object's pixels; {reporting.load_note()}\n\n")
     body = config + reporting.markdown_table(headers, rows)
     reporting.report("Why the nano VAE plateaus (experiments/studies/vae_plateau.py)", env, body, result, args)
 
