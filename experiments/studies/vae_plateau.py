@@ -1,7 +1,8 @@
-"""Why the nano VAE plateaus at about 16 dB: short `train-vae` runs of the nano VAE, each scored the same way.
+"""Why the first nano VAE plateaued at about 16 dB: short `train-vae` runs of the nano VAE, each scored the same way.
 
 Every run is ``autoencoder.train_vae`` (the code `helios-jax train-vae` runs) from the same random init on the
-same world, with one setting changed from the recipe's (nano/recipe.py: 9-frame windows, batch 4, rate 2e-3).
+same world, with one setting changed from the first recipe's (9-frame windows, batch 4, rate 2e-3; this study is why
+nano/recipe.py now trains at 5e-4).
 Each trained VAE is then scored on the same held-out 9-frame windows (a seed the training never draws from):
 
 * PSNR of the posterior MEAN decoded and of a posterior SAMPLE decoded (does the sampling noise cost anything?),
@@ -12,8 +13,8 @@ Each trained VAE is then scored on the same held-out 9-frame windows (a seed the
 * a linear probe of the object's colour from the latent mean, of the trained encoder and of the random init
   train_vae starts from (does training put the colour into the latents, or take it out?).
 
-    python -m experiments.studies.vae_plateau [--world DIR] [--vae RUN/vae-decoder/vae] [--steps 250]
-        [--runs recipe,rate-5e-4] [--results]
+    python -m experiments.studies.vae_plateau [--world DIR] [--vae RUN/vae-run/vae] [--steps 250]
+        [--runs rate-2e-3,rate-5e-4] [--results]
 
 Without ``--world`` a small world is written to a temporary folder first (nano/world.py, seed 0).
 """
@@ -34,7 +35,7 @@ WORLD_CLIPS, WORLD_FRAMES = 64, 33  # the world written when none is given
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """One ``train_vae`` run: the recipe's settings unless changed."""
+    """One ``train_vae`` run: the first recipe's settings unless changed."""
 
     frames: int = 9
     batch: int = 4
@@ -42,7 +43,7 @@ class Run:
 
 
 RUNS = {
-    "recipe": Run(),
+    "rate-2e-3": Run(),
     "rate-5e-4": Run(rate=5e-4),
     "frames-1": Run(frames=1),
     "frames-1-rate-5e-4": Run(frames=1, rate=5e-4),
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=250, help="steps of each run")
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, of {', '.join(RUNS)}; '' for none")
     parser.add_argument("--vae", nargs="*", default=[], help="trained VAE folders scored first, as they are (e.g. "
-                        "a `make nano` run's vae-decoder/vae; its metrics.jsonl beside it gives the training PSNR)")
+                        "a `make nano` run's vae-run/vae; its metrics.jsonl beside it gives the training PSNR)")
     parser.add_argument("--results", nargs="?", const=paths.RESULTS, help="append the table to RESULTS.md")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args(argv)

@@ -1,7 +1,6 @@
 """`make nano`: the whole nano Helios trained from nothing by the project's own commands, one step after another.
 
-world -> `helios-jax train-vae` (the whole VAE, then its decoder alone: the encoder, so every latent, fixed) -> the
-base checkpoint -> `helios-jax offload` -> stage 1 (`stage_1_init` with the
+world -> `helios-jax train-vae` (the whole VAE from random weights) -> the base checkpoint -> `helios-jax offload` -> stage 1 (`stage_1_init` with the
 anti-drifting context) -> stage 2 (`stage_2_post`, the pyramid) -> `helios-jax offload-ode-pairs` from the stage-2
 teacher -> stage 3a (`stage_3_ode`) -> stage 3b (`stage_3_post`, DMD) -> the 2+2+2 student, shipped. Each training
 stage runs `helios-jax train` on the official YAML with a nano overlay (``helios_jax/nano/configs/``: sizes and
@@ -34,8 +33,9 @@ CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
 CLIPS, SECTIONS = 256, 8  # training clips of 8 sections of 33 frames (the official minimum is 121 frames)
 ODE_PROMPTS, ODE_SECTIONS = 64, 5  # the teacher's trajectories for stage 3a (5 sections: the official)
 WORLD_SEED = 0
-VAE_STEPS, VAE_BATCH, VAE_RATE = 500, 4, 2e-3  # windows of 9 frames: ~1 s a step here
-DECODER_STEPS = 1000  # then the decoder alone, the encoder (and so every latent) fixed
+# Windows of 9 frames, ~1.2 s a step here. 5e-4, not 2e-3, and no decoder-only phase: at 2e-3 the encoder drops the
+# object's colour early, and no decoder trained after it can bring it back (docs/nano.md, "Why the first VAE plateaued").
+VAE_STEPS, VAE_BATCH, VAE_RATE = 1500, 4, 5e-4
 EVAL_CAPTIONS, EVAL_CHUNKS = 4, 10
 CARD = """---
 library_name: helios-jax
@@ -46,8 +46,8 @@ tags: [video-generation, helios, toy-model]
 A Helios trained end to end by helios-jax's own commands (`make nano`, helios_jax/nano/recipe.py) on a synthetic
 world of one coloured shape moving at constant velocity and bouncing off the borders of a 64x64 frame
 (helios_jax/nano/world.py; docs/nano.md). It is the default model of `helios-jax generate` and `make demo`.
-It exists to check the paper's claims at toy scale and to be changed and retrained in an hour; it knows nothing
-outside its world.
+It exists to check the paper's claims at toy scale and to be changed and retrained in about 75 minutes; it knows
+nothing outside its world.
 
 - **Model:** the Helios DiT at 6 layers x 128 wide (4 heads), the multi-term memory, the 3-stage pyramid; a Wan VAE
   with base width 8 trained on the world; a frozen random 2-layer UMT5 with one token per caption word.
@@ -77,17 +77,19 @@ videos of each video's summary; drifts are the last chunk's): {seconds:.2f} CPU 
 {metrics}
 
 The wall times are those of the run that made this checkpoint, on two CPU cores shared with work beside it (the
-decoder fine-tune ran beside the offload and stage 1, a second stage-1 run for the claims study beside stages 2 to
-3a), so a run alone is shorter.
+claims study's second stage-1 run beside stage 1, its sampling beside stages 2 to 3b), so a run alone is shorter.
+The VAE trained alone.
 
 ## What it cannot do
 
-- **Colours.** Its VAE is the weak part: 500 steps of the whole VAE (then 1000 of the decoder alone, which gained
-  0.2 dB) leave it at about 16 dB. The world's own clips through it name the right object colour in about a third of
-  frames and the right background in about two thirds (the ceiling row of docs/nano.md's table); the model cannot
-  do better than that.
-- **Clean motion.** Objects appear (presence above 0.9) with the prompted shape about half the time, but they
-  jitter: they move several pixels a frame where the world moves about one, and the chunk joins are visible.
+- **Colours and shapes.** Its VAE passes them (1500 steps, about 23 dB: the world's own clips through it name the
+  right object colour in about two thirds of frames and the right shape in about three quarters, the ceiling row of
+  docs/nano.md's table), but the DiT has not learned them: the prompted colour shows in about one frame in seven,
+  the prompted shape in about two in five. Its stages are short (600 steps of stage 1, 200 of stage 2, 100 and 150
+  of stage 3), and they, not the VAE, are now the limit.
+- **Clean motion.** Objects appear in almost every frame and their colours and brightness hold over the video, but
+  they jitter: they move several pixels a frame where the world moves about one, not in the prompted direction,
+  and the chunk joins are visible.
 - **Anything outside its world:** other sizes than 64x64, more than one object, words outside its 24-word
   vocabulary (they tokenize, but mean nothing to it), guidance (there is no unconditional model), images or videos
   as input (it was trained text-to-video only).
@@ -178,11 +180,7 @@ def steps(run: str, quick: bool = False) -> list[Step]:
             "train-vae", p("world", "meta.json"), "--output", out, "--config", p("vae-config", "config.json"),
             "--steps", 2 if quick else VAE_STEPS, "--batch", VAE_BATCH, "--frames", 9, "--learning_rate", VAE_RATE,
             "--seed", WORLD_SEED), resumable=True),
-        Step("vae decoder", p("vae-decoder"), lambda out: _command(
-            "train-vae", p("world", "meta.json"), "--output", out, "--config", p("vae-run", "vae"), "--decoder_only",
-            "--steps", 2 if quick else DECODER_STEPS, "--batch", VAE_BATCH, "--frames", 9,
-            "--learning_rate", VAE_RATE, "--seed", WORLD_SEED), resumable=True),
-        Step("base", p("base"), lambda out: models.build_base(out, p("vae-decoder", "vae"))),
+        Step("base", p("base"), lambda out: models.build_base(out, p("vae-run", "vae"))),
         Step("offload", p("latents"), lambda out: _command(
             "offload", p("world", "meta.json"), "--checkpoint", p("base"), "--output", out, *size), resumable=True),
         Step("stage 1", p("stage_1"), lambda out: train(
