@@ -1,8 +1,9 @@
 """`make nano`: the whole nano Helios trained from nothing by the project's own commands, one step after another.
 
-world -> `helios-jax train-vae` (the whole VAE from random weights) -> the base checkpoint -> `helios-jax offload` -> stage 1 (`stage_1_init` with the
-anti-drifting context) -> stage 2 (`stage_2_post`, the pyramid) -> `helios-jax offload-ode-pairs` from the stage-2
-teacher -> stage 3a (`stage_3_ode`) -> stage 3b (`stage_3_post`, DMD) -> the 2+2+2 student, shipped. Each training
+world -> `helios-jax train-vae` (the whole VAE from random weights) -> the base checkpoint -> `helios-jax offload`
+-> stage 1 (`stage_1_init` with the anti-drifting context) -> stage 2 (`stage_2_post`, the pyramid) ->
+`helios-jax offload-ode-pairs` from the stage-2 teacher -> stage 3a (`stage_3_ode`) -> stage 3b (`stage_3_post`,
+DMD) -> the 2+2+2 student, shipped. Each training
 stage runs `helios-jax train` on the official YAML with a nano overlay (``helios_jax/nano/configs/``: sizes and
 lengths scaled down, the rest kept), and after it the LoRA is merged (`helios-jax convert --merge_lora`) into a
 pipeline folder in the layout of the published checkpoint of that stage (Helios-Base, -Mid, -Distilled).
