@@ -77,8 +77,9 @@ def word_pieces(words: tuple[str, ...]) -> list[tuple[str, float]]:
 TEXT_ENCODER = UMT5Config(vocab_size=len(word_pieces(WORDS)), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
 
 
-def write_tokenizer(folder: str, pieces: list[tuple[str, float]]) -> None:
-    """A T5-style Unigram tokenizer (``tokenizer.json`` + ``tokenizer_config.json``) over ``pieces``."""
+def write_tokenizer(folder: str, pieces: list[tuple[str, float]], model_max_length: int = 512) -> None:
+    """A T5-style Unigram tokenizer (``tokenizer.json`` + ``tokenizer_config.json``) over ``pieces``;
+    ``model_max_length`` is the text length the pipelines use by default (``PromptEncoder.max_sequence_length``)."""
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
     tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
@@ -88,7 +89,7 @@ def write_tokenizer(folder: str, pieces: list[tuple[str, float]]) -> None:
     tokenizer.save(os.path.join(folder, "tokenizer.json"))
     _write_json(os.path.join(folder, "tokenizer_config.json"), {
         "tokenizer_class": "T5Tokenizer", "extra_ids": 0, "eos_token": "</s>", "pad_token": "<pad>",
-        "unk_token": "<unk>", "model_max_length": 512,
+        "unk_token": "<unk>", "model_max_length": model_max_length,
     })
 
 
@@ -99,10 +100,11 @@ def _write_json(path: str, value: dict) -> None:
 
 def write_checkpoint(folder: str | os.PathLike, components: dict[str, tuple[Any, dict]], *,
                      pieces: list[tuple[str, float]], scheduler: dict, model_index: dict,
-                     copies: dict[str, str] | None = None) -> str:
+                     copies: dict[str, str] | None = None, text_tokens: int = 512) -> str:
     """Write a diffusers-layout pipeline folder to a new ``folder`` (staged, then renamed); returns its path.
     ``components`` maps a component name to its (config, float32 params); ``copies`` maps a component name to
-    an existing component folder copied as it is (a trained VAE).
+    an existing component folder copied as it is (a trained VAE); ``text_tokens`` is the tokenizer's
+    ``model_max_length``.
 
     The staging folder is private to this call, so two processes building the same folder at once (two
     ``make demo`` runs, or test workers) never write into each other's files: the first rename wins, and the
@@ -118,7 +120,7 @@ def write_checkpoint(folder: str | os.PathLike, components: dict[str, tuple[Any,
                                component.config_json(config), weights_name=component.weights_name)
         for name, source in (copies or {}).items():
             shutil.copytree(source, os.path.join(staging, name))
-        write_tokenizer(os.path.join(staging, "tokenizer"), pieces)
+        write_tokenizer(os.path.join(staging, "tokenizer"), pieces, text_tokens)
         os.makedirs(os.path.join(staging, "scheduler"))
         _write_json(os.path.join(staging, "scheduler", "scheduler_config.json"), scheduler)
         _write_json(os.path.join(staging, "model_index.json"), model_index)

@@ -329,7 +329,7 @@ class HeliosPipeline:
         sharded over the devices of ``jax.experimental.topologies``' 8-GPU host). ``lowering_platforms``: see
         ``sampling.lower_denoise_chunk`` (the offloaded program's plan for a GPU, lowered on this machine's devices).
         """
-        tokens = text_tokens or settings.get("max_sequence_length", Request.max_sequence_length)
+        tokens = text_tokens or settings.get("max_sequence_length", self.max_sequence_length)
         embeds = jax.ShapeDtypeStruct((batch, tokens, self.transformer_config.text_dim), self.model_dtype)
         request, layout = self._check(dict(settings), prompt_embeds=embeds)
         guidance = guidance_mode(request.guidance_scale, self.spec.pyramid and self.spec.is_cfg_zero_star)
@@ -546,12 +546,20 @@ class HeliosPipeline:
             raise PipelineError("this pipeline has no text encoder: pass prompt_embeds (and negative_prompt_embeds)")
         return self.prompt_encoder
 
+    @property
+    def max_sequence_length(self) -> int:
+        """The text length of a request that gives none: the text encoder's default (512, or the length the
+        tokenizer's ``model_max_length`` says its model was trained on)."""
+        encoder = self.prompt_encoder
+        return Request.max_sequence_length if encoder is None else encoder.max_sequence_length
+
     # ------------------------------------------------------------------------------------ validation
 
     def _check(self, settings: dict[str, Any], *, prompt=None, prompt_embeds=None, negative_prompt=None,
                negative_prompt_embeds=None, interactive_prompts=None, interpolation_chunks=0, image=None, video=None,
                seed=None, single=False) -> tuple[Request, HistoryLayout]:
         """Every user error, before any compute: one clear message naming the value and the rule."""
+        settings = {"max_sequence_length": self.max_sequence_length, **settings}
         request, layout = check_request(settings, pyramid=self.spec.pyramid, stages=self.scheduler_config.stages,
                                         scheduler_type=self.scheduler_config.scheduler_type)
         if image is not None and video is not None:

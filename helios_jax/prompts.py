@@ -37,7 +37,9 @@ DEFAULT_NEGATIVE_PROMPT = (
     "legs, many people in the background, walking backwards"
 )
 
-DEFAULT_MAX_SEQUENCE_LENGTH = 512  # the reference pipelines' ``__call__`` default
+# The reference pipelines' ``__call__`` default; a tokenizer whose ``model_max_length`` is shorter (the nano model's:
+# docs/nano.md) makes that the default instead, the length its model was trained on.
+DEFAULT_MAX_SEQUENCE_LENGTH = 512
 ENCODER_FOLDERS = ("text_encoder", "tokenizer")  # what from_pretrained reads of a checkpoint
 Prompts = str | Sequence[str]
 
@@ -103,18 +105,26 @@ class PromptEncoder:
         config, params = load_text_encoder(os.path.join(folder, "text_encoder"), dtype)
         return cls(config, params, tokenizer, attention_impl=attention_impl)
 
+    @property
+    def max_sequence_length(self) -> int:
+        """The default text length: 512 (the reference's), or the tokenizer's ``model_max_length`` if shorter."""
+        return min(DEFAULT_MAX_SEQUENCE_LENGTH, self.tokenizer.model_max_length or DEFAULT_MAX_SEQUENCE_LENGTH)
+
     def encode(
         self,
         prompt: Prompts,
         *,
         num_videos_per_prompt: int = 1,
-        max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
+        max_sequence_length: int | None = None,
         dtype: Any | None = None,
     ) -> jax.Array:
         """Embeddings of the prompts, each repeated ``num_videos_per_prompt`` times in a row:
         (len(prompts) * num_videos_per_prompt, max_sequence_length, d_model), in ``dtype`` (default: the
-        encoder's). The reference's ``_get_t5_prompt_embeds``."""
+        encoder's; ``max_sequence_length`` defaults to :attr:`max_sequence_length`). The reference's
+        ``_get_t5_prompt_embeds``."""
         prompts = _prompt_list(prompt, "prompt")
+        if max_sequence_length is None:
+            max_sequence_length = self.max_sequence_length
         for name, value in (("num_videos_per_prompt", num_videos_per_prompt), ("max_sequence_length", max_sequence_length)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} = {value!r} must be a positive integer")
@@ -133,7 +143,7 @@ class PromptEncoder:
         *,
         do_classifier_free_guidance: bool = True,
         num_videos_per_prompt: int = 1,
-        max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
+        max_sequence_length: int | None = None,
         dtype: Any | None = None,
     ) -> tuple[jax.Array, jax.Array | None]:
         """``(prompt_embeds, negative_prompt_embeds)`` as ``HeliosPipeline.encode_prompt`` returns them.
@@ -165,7 +175,7 @@ class PromptEncoder:
         num_chunks: int,
         *,
         interpolation_chunks: int = 0,
-        max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
+        max_sequence_length: int | None = None,
         dtype: Any | None = None,
     ) -> "PromptSchedule":
         """The per-chunk embeddings of an interactive prompt list (see :func:`plan_prompt_chunks`).

@@ -43,16 +43,18 @@ class TokenizerError(ConfigError):
 
 
 # tokenizer_config.json keys that the reference's T5Tokenizer keeps but that never change the ids or the mask
-# of an encoded prompt: decoding settings, length limits the pipelines override with max_length, special
-# tokens T5 never inserts, and bookkeeping transformers writes.
+# of an encoded prompt: decoding settings, special tokens T5 never inserts, and bookkeeping transformers writes.
 _SILENT_TOKENIZER_KEYS = (
     "add_bos_token", "add_eos_token", "added_tokens_decoder", "additional_special_tokens", "backend", "bos_token",
     "clean_up_tokenization_spaces", "cls_token", "extra_ids", "extra_special_tokens", "is_local",
-    "local_files_only", "mask_token", "model_input_names", "model_max_length", "name_or_path", "sep_token",
+    "local_files_only", "mask_token", "model_input_names", "name_or_path", "sep_token",
     "sp_model_kwargs", "spaces_between_special_tokens", "special_tokens_map_file", "tokenizer_class",
     "tokenizer_file", "unk_token", "vocab_file",
 )
-_READ_TOKENIZER_KEYS = ("eos_token", "pad_token", "padding_side", "truncation_side", "split_special_tokens")
+_READ_TOKENIZER_KEYS = ("eos_token", "pad_token", "padding_side", "truncation_side", "split_special_tokens",
+                        "model_max_length")
+# transformers writes 1e30 (VERY_LARGE_INTEGER) for "no limit", as the published Helios tokenizers do.
+_NO_LIMIT = 10**12
 TOKENIZER_CLASSES = ("T5Tokenizer", "T5TokenizerFast")
 
 
@@ -72,8 +74,10 @@ class PromptTokenizer:
     ``truncation=True`` does; the mask is 1 on the prompt's tokens and 0 on padding.
     """
 
-    def __init__(self, tokenizer: Tokenizer, eos_token: str = "</s>", pad_token: str = "<pad>"):
+    def __init__(self, tokenizer: Tokenizer, eos_token: str = "</s>", pad_token: str = "<pad>",
+                 model_max_length: int | None = None):
         self._tokenizer = tokenizer
+        self.model_max_length = model_max_length  # the most tokens the model was trained on (None: no limit)
         self.eos_id = self._id(eos_token, "eos_token")
         self.pad_id = self._id(pad_token, "pad_token")
         self.pad_token = pad_token
@@ -125,6 +129,7 @@ class PromptTokenizer:
             tokenizer,
             eos_token=_token_text(config.get("eos_token", "</s>"), "eos_token", config_file),
             pad_token=_token_text(config.get("pad_token", "<pad>"), "pad_token", config_file),
+            model_max_length=_model_max_length(config.get("model_max_length"), config_file),
         )
 
     def __call__(self, texts: Sequence[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -136,6 +141,16 @@ class PromptTokenizer:
         ids = np.array([e.ids for e in encodings], dtype=np.int32).reshape(len(encodings), max_length)
         mask = np.array([e.attention_mask for e in encodings], dtype=np.int32).reshape(len(encodings), max_length)
         return ids, mask
+
+
+def _model_max_length(value: Any, path: str) -> int | None:
+    """tokenizer_config.json's ``model_max_length``: a positive integer, or None for absent or transformers'
+    "no limit" (1e30)."""
+    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= _NO_LIMIT):
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise TokenizerError(f"{path}: model_max_length = {value!r} must be a positive integer")
+    return value
 
 
 def _precompiled_normalizer(spec: dict | None) -> normalizers.Normalizer | None:

@@ -66,6 +66,7 @@ def test_published_checkpoints_read_silently(tmp_path, name):
     assert configs.transformer.num_layers == 40 and configs.transformer.ffn_dim == 13824
     assert configs.text_encoder.d_model == 4096 and configs.text_encoder.vocab_size == 256384
     assert configs.vae.z_dim == 16 and configs.tokenizer.eos_id == 1
+    assert configs.tokenizer.model_max_length is None  # transformers' 1e30: the pipelines' 512 holds
 
 
 def test_the_three_checkpoints_run_as_published(tmp_path):
@@ -166,6 +167,7 @@ def test_known_no_op_keys_are_silent():
     ("scheduler", "scheduler_config.json", {"_class_name": "UniPCMultistepScheduler"}, r"_class_name"),
     ("tokenizer", "tokenizer_config.json", {"padding_side": "left"}, r"padding_side = 'left'"),
     ("tokenizer", "tokenizer_config.json", {"tokenizer_class": "LlamaTokenizer"}, r"tokenizer_class = 'LlamaTokenizer'"),
+    ("tokenizer", "tokenizer_config.json", {"model_max_length": 0}, r"model_max_length = 0 must be a positive integer"),
     (".", "model_index.json", {"is_distilled": "yes"}, r"is_distilled = 'yes' must be true or false"),
     (".", "model_index.json", {"is_distilled": False}, r"is_distilled = false with scheduler_type 'dmd'"),
     (".", "model_index.json", {"_class_name": "HeliosPipeline"}, r"HeliosPipeline with a scheduler of 3 stage"),

@@ -31,6 +31,7 @@ def test_the_checkpoint_is_a_small_distilled_diffusers_folder():
     assert total <= 25 * 2**20
     configs = read_checkpoint_configs(folder)
     assert configs.spec.pyramid and configs.spec.is_distilled and configs.transformer == models.TRANSFORMER
+    assert configs.tokenizer.model_max_length == models.TEXT_TOKENS  # the text length it was trained at
     with open(os.path.join(folder, "model_index.json")) as f:
         assert json.load(f)["_class_name"] == "HeliosPyramidPipeline"
     assert os.path.isfile(os.path.join(folder, "README.md"))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import sys
 
 import jax.numpy as jnp
@@ -128,6 +131,19 @@ def test_encode_prompt_matches_pipeline(checkpoint, encoder, prompt, negative, g
 def test_encode_dtype_and_default_length(encoder):
     embeds = encoder.encode(["the cat", "a dog"], dtype=jnp.bfloat16)
     assert embeds.shape == (2, 512, 32) and embeds.dtype == jnp.bfloat16
+
+
+def test_a_shorter_model_max_length_is_the_default_length(checkpoint, encoder, tmp_path):
+    """A tokenizer whose model_max_length is under 512 (the nano model's) sets the length a prompt is encoded to
+    when none is given: the same embeddings as asking for that length."""
+    folder = tmp_path / "tokenizer"
+    shutil.copytree(os.path.join(checkpoint[0], "tokenizer"), folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 8}))
+    short = hj.PromptEncoder(encoder.config, encoder.params, hj.PromptTokenizer.from_pretrained(folder))
+    assert (encoder.max_sequence_length, short.max_sequence_length) == (512, 8)
+    np.testing.assert_array_equal(np.asarray(short.encode("the cat")),
+                                  np.asarray(encoder.encode("the cat", max_sequence_length=8)))
 
 
 @pytest.mark.parametrize(

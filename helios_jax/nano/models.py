@@ -32,6 +32,10 @@ TRANSFORMER = TransformerConfig(
 )
 VAE = VAEConfig(base_dim=8, z_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1)
 PIECES = demo.word_pieces(world.VOCABULARY)
+# The text length it is trained and sampled at (its tokenizer's model_max_length): a caption is at most 13 tokens.
+# At the reference's 512, 500 zero-padded slots take nearly all of the cross-attention that the frozen norms of a
+# DiT trained from nothing leave it, and the caption barely reaches the video (docs/nano.md, "Text length").
+TEXT_TOKENS = 16
 TEXT_ENCODER = UMT5Config(vocab_size=len(PIECES), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
 
 _INDEX = {"_diffusers_version": "0.42.1", "is_cfg_zero_star": False,
@@ -66,4 +70,5 @@ def build_base(folder: str | os.PathLike, vae_folder: str) -> str:
     transformer = jax.tree.map(np.asarray, dit.init_params(TRANSFORMER, jax.random.key(SEED)))
     index, scheduler = PIPELINES["base"]
     return demo.write_checkpoint(folder, {"transformer": (TRANSFORMER, transformer), "text_encoder": (TEXT_ENCODER, text)},
-                                 pieces=PIECES, scheduler=scheduler, model_index=index, copies={"vae": vae_folder})
+                                 pieces=PIECES, scheduler=scheduler, model_index=index, copies={"vae": vae_folder},
+                                 text_tokens=TEXT_TOKENS)

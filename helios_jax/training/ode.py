@@ -65,7 +65,6 @@ from helios_jax.training.samples import HISTORY_SIZES, LATENT_WINDOW, history_in
 logger = logging.getLogger(__name__)
 FORMAT = "helios-jax ode-pairs 1"
 STUDENT_STEPS = (2, 2, 2)  # the distilled model's 2 + 2 + 2 steps (doubled for the first section)
-MAX_SEQUENCE_LENGTH = 512
 _INSERT_TOLERANCE = 1e-4  # a student timestep this close to a teacher one is not inserted (the official's)
 
 # ----------------------------------------------------------------------------- schedules
@@ -246,14 +245,13 @@ def offload_ode_pairs(teacher: str, prompts_path: str, output: str, *, sections:
     prompts = read_prompts(prompts_path)
     settings = dict(height=height, width=width, num_frames=count * video_frames_per_chunk(LATENT_WINDOW),
                     guidance_scale=guidance_scale, pyramid_num_inference_steps_list=(steps,) * scheduler.stages,
-                    is_amplify_first_chunk=True, max_sequence_length=MAX_SEQUENCE_LENGTH)
+                    is_amplify_first_chunk=True)
     check_request(settings, pyramid=True, stages=scheduler.stages, scheduler_type="unipc")
     if os.path.exists(output) and not os.path.isdir(output):
         raise DataError(f"output {output!r} exists and is not a folder")
 
     pipe = load_teacher(teacher, dtype, steps, student_steps)
-    negative = pipe.prompt_encoder.encode([negative_prompt or DEFAULT_NEGATIVE_PROMPT],
-                                          max_sequence_length=MAX_SEQUENCE_LENGTH, dtype=pipe.model_dtype)
+    negative = pipe.prompt_encoder.encode([negative_prompt or DEFAULT_NEGATIVE_PROMPT], dtype=pipe.model_dtype)
     os.makedirs(output, exist_ok=True)
     written = []
     for n, (index, prompt) in enumerate(prompts):
@@ -261,7 +259,7 @@ def offload_ode_pairs(teacher: str, prompts_path: str, output: str, *, sections:
         written.append(path)
         if os.path.exists(path):
             continue
-        embeds = pipe.prompt_encoder.encode([prompt], max_sequence_length=MAX_SEQUENCE_LENGTH, dtype=pipe.model_dtype)
+        embeds = pipe.prompt_encoder.encode([prompt], dtype=pipe.model_dtype)
         pipe.sampler.sections.clear()
         pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, seed=seed, output_type="latent", progress=False,
              **settings)

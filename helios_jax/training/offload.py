@@ -43,7 +43,6 @@ LENGTH_BUCKETS = (501, 481, 461, 441, 421, 401, 381, 361, 341, 321, 301, 281, 26
 RESOLUTION_BUCKETS = ((768, 320), (768, 384), (640, 384), (768, 512), (576, 448), (512, 512), (448, 576),
                       (512, 768), (384, 640), (384, 768), (320, 768))
 KNOWN_KEYS = {"path", "cut", "crop", "cap", "fps", "num_frames", "resolution"}
-MAX_SEQUENCE_LENGTH = 512
 ENCODERS = ("vae", "text_encoder", "tokenizer")  # the checkpoint folders offloading reads
 
 
@@ -209,10 +208,12 @@ def fit_frames(frames: np.ndarray, crop: Sequence[int], height: int, width: int)
     return np.asarray(resize_antialias(jnp.asarray(video), height, width))
 
 
-def _clip_bytes(clip: Clip, latent_channels: int, text_width: int, height: int, width: int, window: int) -> int:
-    """The size of one clip's file: float32 latents of every 33-frame chunk and its bf16 prompt embedding."""
+def _clip_bytes(clip: Clip, latent_channels: int, text_shape: tuple[int, int], height: int, width: int,
+                window: int) -> int:
+    """The size of one clip's file: float32 latents of every 33-frame chunk and its bf16 prompt embedding
+    (``text_shape``: its tokens and width)."""
     latent = latent_channels * LATENT_WINDOW * (height // 8) * (width // 8) * 4
-    return clip.frames // window * latent + MAX_SEQUENCE_LENGTH * text_width * 2
+    return clip.frames // window * latent + text_shape[0] * text_shape[1] * 2
 
 
 def offload(json_path: str, checkpoint: str, output: str, *, height: int = 384, width: int = 640, seed: int = 42,
@@ -239,7 +240,8 @@ def offload(json_path: str, checkpoint: str, output: str, *, height: int = 384, 
     vae_cfg, vae_params = load_vae(os.path.join(checkpoint, "vae"), jnp.float32)
     prompts = PromptEncoder.from_pretrained(checkpoint)
     window = video_frames_per_chunk(LATENT_WINDOW)
-    check_free(output, sum(_clip_bytes(clip, vae_cfg.z_dim, prompts.config.d_model, height, width, window)
+    text_shape = (prompts.max_sequence_length, prompts.config.d_model)
+    check_free(output, sum(_clip_bytes(clip, vae_cfg.z_dim, text_shape, height, width, window)
                            for clip in clips
                            if not os.path.exists(os.path.join(output, offload_name(clip.uttid, clip.frames, height,
                                                                                     width)))))
@@ -279,7 +281,7 @@ def _offload_clips(clips: list[Clip], output: str, vae_cfg, vae_params, prompts,
             frames = np.moveaxis(video[c * window:(c + 1) * window], 0, 1)[None]  # (1, 3, 33, H, W)
             latents.append(np.asarray(vae_lib.encode_sample(vae_cfg, vae_params, jnp.asarray(frames),
                                                               jax.random.fold_in(key, c)))[0])
-        embed = prompts.encode(clip.caption, max_sequence_length=MAX_SEQUENCE_LENGTH, dtype=jnp.bfloat16)
+        embed = prompts.encode(clip.caption, dtype=jnp.bfloat16)
         write_offload(path, np.stack(latents), np.asarray(embed[0]), clip.caption)
         if progress is not False:
             logger.info("offload %d/%d: %s", n + 1, len(clips), os.path.basename(path))
