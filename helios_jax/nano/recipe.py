@@ -47,11 +47,13 @@ tags: [video-generation, helios, toy-model]
 A Helios trained end to end by helios-jax's own commands (`make nano`, helios_jax/nano/recipe.py) on a synthetic
 world of one coloured shape moving at constant velocity and bouncing off the borders of a 64x64 frame
 (helios_jax/nano/world.py; docs/nano.md). It is the default model of `helios-jax generate` and `make demo`.
-It exists to check the paper's claims at toy scale and to be changed and retrained in about 75 minutes; it knows
+It exists to check the paper's claims at toy scale and to be changed and retrained in about 70 minutes; it knows
 nothing outside its world.
 
 - **Model:** the Helios DiT at 6 layers x 128 wide (4 heads), the multi-term memory, the 3-stage pyramid; a Wan VAE
-  with base width 8 trained on the world; a frozen random 2-layer UMT5 with one token per caption word.
+  with base width 8 trained on the world; a frozen random 2-layer UMT5 with one token per caption word, every
+  caption encoded to 16 tokens (the tokenizer's `model_max_length`: helios-jax reads it; with diffusers, pass
+  `max_sequence_length=16`).
 - **Data:** {clips} clips of {frames} frames (seed 0), one caption each ("a red circle moves right on a dark blue
   background"); {ode} more captions (seed 1) for stage 3a's ODE pairs.
 - **Recipe:** `helios-jax train-vae`, then stage 1 (`stage_1_init`: random drops, history corruption), stage 2
@@ -78,19 +80,20 @@ videos of each video's summary; drifts are the last chunk's): {seconds:.2f} CPU 
 {metrics}
 
 The wall times are those of the run that made this checkpoint, on two CPU cores shared with work beside it (the
-claims study's second stage-1 run beside stage 1, its sampling beside stages 2 to 3b), so a run alone is shorter.
-The VAE trained alone.
+claims study's second stage-1 run beside stage 1, its sampling beside stage 2, a DMD study beside stage 3b), so a
+run alone is shorter. The VAE trained alone, in the second `make nano` run: this run reused it (the same seed and
+recipe give the same file) and counts its time.
 
 ## What it cannot do
 
 - **Colours and shapes.** Its VAE passes them (1500 steps, about 23 dB: the world's own clips through it name the
   right object colour in about two thirds of frames and the right shape in about three quarters, the ceiling row of
-  docs/nano.md's table), but the DiT has not learned them: the prompted colour shows in about one frame in seven,
-  the prompted shape in about two in five. Its stages are short (600 steps of stage 1, 200 of stage 2, 100 and 150
-  of stage 3), and they, not the VAE, are now the limit.
-- **Clean motion.** Objects appear in almost every frame and their colours and brightness hold over the video, but
-  they jitter: they move several pixels a frame where the world moves about one, not in the prompted direction,
-  and the chunk joins are visible.
+  docs/nano.md's table), but the DiT has learned them only in part: the prompted colour shows in about a third of
+  frames and fades over a long video, the prompted shape in under half. Its DiT stages (2400, 500, 200 and 300
+  steps) are the limit, not the VAE.
+- **The prompted direction.** Objects appear in almost every frame and move at the world's speed, with a motion
+  error close to the VAE's own, but seldom in the direction the caption says (one of the four held-out videos
+  starts that way); after a prompt switch the colour follows and the shape does not.
 - **Anything outside its world:** other sizes than 64x64, more than one object, words outside its 24-word
   vocabulary (they tokenize, but mean nothing to it), guidance (there is no unconditional model), images or videos
   as input (it was trained text-to-video only).
