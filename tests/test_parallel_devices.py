@@ -15,6 +15,12 @@ from parallel_run import MESHES, WORKER, collectives, name, rel_err, run_worker,
 
 pytestmark = pytest.mark.slow
 TOLERANCE = 1e-5  # relative L2, float32; max-abs stated beside it
+# The trainables after 4 AdamW steps at 1e-3: an element whose gradient is near zero takes an update of m / sqrt(v),
+# a ratio of two tiny numbers, so the sharded gradient's float32 summation order can move it by a good part of one
+# step. Measured: 2.0e-5 at rel 1.3e-6 on an AVX-512 (Sapphire Rapids) CPU; under 1e-5 on the earlier machines. A
+# tenth of the largest step, 1e-4, would still fail a gradient that misses its all-reduce, which moves the update of
+# most elements by the order of the step itself (1e-3).
+TRAINED_MAX_ABS = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +123,7 @@ def test_trainer_on_a_mesh_matches_one_device_and_resumes_on_another_mesh(tmp_pa
         rel, _ = rel_err(runs[f"{label}/losses"], runs["one/losses"])
         assert rel <= TOLERANCE, (label, runs[f"{label}/losses"], runs["one/losses"])
         rel, max_abs = rel_err(runs[f"{label}/trainable"], runs["one/trainable"])
-        assert rel <= TOLERANCE and max_abs <= 1e-5, (label, rel, max_abs)
+        assert rel <= TOLERANCE and max_abs <= TRAINED_MAX_ABS, (label, rel, max_abs)
     assert list(runs["mesh/lora_A_spec"]) == ["None", "fsdp", "None"]  # (layers, in: embed over fsdp, rank)
     assert int(runs["mesh/lora_A_shards"]) == 4
     assert list(runs["resumed/lora_A_spec"]) == ["None", "fsdp", "None"]
