@@ -45,8 +45,9 @@ def pairs(captions: list[str]) -> dict[str, list[tuple[str, str]]]:
     return out
 
 
-def reach(folder: str, lengths: list[int], captions: list[str]) -> dict[tuple[int, str], float]:
-    """(text length, pair kind) -> the mean relative velocity change."""
+def reach(folder: str, lengths: list[int], captions: list[str]) -> tuple[int, dict[tuple[int, str], float]]:
+    """The length the folder's tokenizer says it was trained at, and (text length, pair kind) -> the mean relative
+    velocity change."""
     cfg, params = loading.load_transformer(f"{folder}/transformer", jnp.float32)
     encoder = PromptEncoder.from_pretrained(folder)
     model = HeliosTransformer(cfg)
@@ -75,7 +76,7 @@ def reach(folder: str, lengths: list[int], captions: list[str]) -> dict[tuple[in
                         va, vb = (forward(x, jnp.array([t]), e, hist) for e in (ea, eb))
                         changes.append(float(jnp.linalg.norm(va - vb) / jnp.linalg.norm(va)))
             table[(length, kind)] = float(np.mean(changes))
-    return table
+    return encoder.max_sequence_length, table
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -91,8 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     kinds = list(pairs(captions))
     rows, result = [], {}
     for folder in args.folders:
-        trained_at = PromptEncoder.from_pretrained(folder).max_sequence_length
-        table = reach(folder, args.lengths, captions)
+        trained_at, table = reach(folder, args.lengths, captions)
         result[folder] = {f"{length} {kind}": v for (length, kind), v in table.items()}
         for length in args.lengths:
             rows.append([folder, trained_at, length, *[table[(length, kind)] for kind in kinds]])

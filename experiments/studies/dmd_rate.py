@@ -27,12 +27,8 @@ def student(run: str, rate: str) -> str:
     if not os.path.isdir(folder):
         out = os.path.join(run, "dmd-rates", f"stage_3_post-{rate}")
         os.makedirs(os.path.dirname(out), exist_ok=True)
-        recipe.train("stage_3_post", "stage_3_post.yaml", out,
-                     **recipe.model_overrides(run, os.path.join(run, "ode-model")),
-                     **{"model_config.real_score_model_name_or_path": os.path.join(run, "stage1"),
-                        "data_config.gan_data_root": f"[{os.path.join(run, 'latents')}]",
-                        "training_config.learning_rate": rate,
-                        "training_config.critic_learning_rate": f"{float(rate) / 5:g}"})
+        recipe.train_stage_3b(run, out, **{"training_config.learning_rate": rate,
+                                           "training_config.critic_learning_rate": f"{float(rate) / 5:g}"})
         recipe.merge(os.path.join(run, "ode-model"), os.path.join(recipe.final_checkpoint(out), "model_ema"), folder,
                      "distilled")
     return folder

@@ -46,9 +46,8 @@ def ablation(run: str) -> str:
     if not os.path.isdir(folder):
         out = os.path.join(run, "ablation", "stage_1_plain")
         os.makedirs(os.path.dirname(out), exist_ok=True)
-        recipe.train("stage_1_init", "stage_1.yaml", out, **recipe.model_overrides(run, os.path.join(run, "base")),
-                     **{"data_config.instance_data_root": f"[{os.path.join(run, 'latents')}]",
-                        "training_config.is_random_drop": "false", "training_config.corrupt_history": "false"})
+        recipe.train_stage_1(run, out, **{"training_config.is_random_drop": "false",
+                                          "training_config.corrupt_history": "false"})
         recipe.merge(os.path.join(run, "base"), recipe.final_checkpoint(out), folder, "base")
     return folder
 

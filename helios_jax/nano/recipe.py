@@ -155,6 +155,21 @@ def model_overrides(run: str, transformer: str) -> dict[str, str]:
             "model_config.transformer_model_name_or_path": transformer, "model_config.subfolder": "transformer"}
 
 
+def train_stage_1(run: str, out: str, quick: bool = False, **overrides: str) -> None:
+    """Stage 1 of the run folder ``run`` into ``out``, from its base and latents; ``overrides``: keys changed
+    beyond the overlay (the claims study's run without the anti-drifting context)."""
+    train("stage_1_init", "stage_1.yaml", out, quick, **model_overrides(run, os.path.join(run, "base")),
+          **{"data_config.instance_data_root": f"[{os.path.join(run, 'latents')}]"}, **overrides)
+
+
+def train_stage_3b(run: str, out: str, quick: bool = False, **overrides: str) -> None:
+    """Stage 3b (DMD) of the run folder ``run`` into ``out``: its stage-3a student against its stage-1 model as the
+    real score; ``overrides``: keys changed beyond the overlay (the DMD study's learning rates)."""
+    train("stage_3_post", "stage_3_post.yaml", out, quick, **model_overrides(run, os.path.join(run, "ode-model")),
+          **{"model_config.real_score_model_name_or_path": os.path.join(run, "stage1"),
+             "data_config.gan_data_root": f"[{os.path.join(run, 'latents')}]"}, **overrides)
+
+
 def final_checkpoint(run_folder: str) -> str:
     """The newest ``checkpoint-N`` folder of a training run."""
     steps = [int(n.split("-")[1]) for n in os.listdir(run_folder) if n.startswith("checkpoint-") and n[11:].isdigit()]
@@ -187,9 +202,7 @@ def steps(run: str, quick: bool = False) -> list[Step]:
         Step("base", p("base"), lambda out: models.build_base(out, p("vae-run", "vae"))),
         Step("offload", p("latents"), lambda out: _command(
             "offload", p("world", "meta.json"), "--checkpoint", p("base"), "--output", out, *size), resumable=True),
-        Step("stage 1", p("stage_1"), lambda out: train(
-            "stage_1_init", "stage_1.yaml", out, quick, **model(p("base")),
-            **{"data_config.instance_data_root": f"[{p('latents')}]"}), resumable=True),
+        Step("stage 1", p("stage_1"), lambda out: train_stage_1(run, out, quick), resumable=True),
         Step("stage 1 model", p("stage1"), lambda out: merge(p("base"), final_checkpoint(p("stage_1")), out, "base")),
         Step("stage 2", p("stage_2"), lambda out: train(
             "stage_2_post", "stage_2.yaml", out, quick, **model(p("stage1")),
@@ -205,10 +218,7 @@ def steps(run: str, quick: bool = False) -> list[Step]:
             **{"data_config.ode_data_root": f"[{p('ode')}]"}), resumable=True),
         Step("stage 3a model", p("ode-model"), lambda out: merge(
             p("mid"), os.path.join(final_checkpoint(p("stage_3_ode")), "model_ema"), out, "distilled")),
-        Step("stage 3b", p("stage_3_post"), lambda out: train(
-            "stage_3_post", "stage_3_post.yaml", out, quick, **{**model(p("ode-model")),
-            **{"model_config.real_score_model_name_or_path": p("stage1"),
-               "data_config.gan_data_root": f"[{p('latents')}]"}}), resumable=True),
+        Step("stage 3b", p("stage_3_post"), lambda out: train_stage_3b(run, out, quick), resumable=True),
         Step("distilled", p("distilled"), lambda out: merge(
             p("ode-model"), os.path.join(final_checkpoint(p("stage_3_post")), "model_ema"), out, "distilled")),
         Step("evaluation", p("evaluation.json"), lambda out: evaluate_student(p("distilled"), out)),
