@@ -357,11 +357,15 @@ class HeliosPipeline:
 
     def lower_decode(self, *, batch: int = 1, height: int = 384, width: int = 640, latent_frames: int = 9,
                      output_type: str = "uint8", sharding: jax.sharding.Sharding | None = None) -> jax.stages.Lowered:
-        """The compiled decode ``stream`` runs after each chunk, lowered from abstract inputs (see lower_chunk)."""
+        """The compiled decode ``stream`` runs after each chunk, lowered from abstract inputs (see lower_chunk). On a
+        mesh (and no ``sharding``) it is the mesh's program, split by rows as ``decode`` runs it."""
         output_type = _output_type(output_type, tuple(self._decoders), "lower_decode")
         latents = (batch, self.vae_config.z_dim, latent_frames, height // VAE_SPATIAL_FACTOR, width // VAE_SPATIAL_FACTOR)
         args = (self.vae_params, jax.ShapeDtypeStruct(latents, jnp.float32))
-        return self._decoders[output_type].lower(*_abstract(args, sharding))
+        on_mesh = sharding is None and self.mesh is not None
+        with self._on_mesh() if on_mesh else contextlib.nullcontext():
+            return self._decoders[output_type].lower(*_abstract(args, parallel.replicated(self.mesh) if on_mesh
+                                                                else sharding))
 
     def num_output_frames(self, num_frames: int, num_latent_frames_per_chunk: int = 9) -> int:
         """How many frames a request for ``num_frames`` returns (whole chunks, trimmed to 4k + 1)."""

@@ -244,7 +244,8 @@ def discriminator_heads() -> dict[str, np.ndarray]:
 
 
 def vae_decode_programs() -> dict[str, np.ndarray]:
-    """The demo VAE's decode of 3 latent frames at 8x8 on one device and split by rows over context=4."""
+    """The demo VAE's decode of 3 latent frames at 8x8 on one device and split by rows over context=4 and over
+    tensor=4 (a tensor-parallel DiT's chips decode row bands too)."""
     import tempfile
 
     from helios_jax.loading import load_vae
@@ -255,12 +256,13 @@ def vae_decode_programs() -> dict[str, np.ndarray]:
     latents = np.random.default_rng(5).standard_normal((1, cfg.z_dim, 3, 8, 8)).astype(np.float32)
     decode = vae_lib.chunk_decoder(cfg, jnp.float32, "float")
     results = {"vae/one": np.asarray(decode(params, latents))}
-    mesh = mesh_of({"context": 4})
-    placed = parallel.to_mesh((params, latents), parallel.replicated(mesh))
-    with jax.set_mesh(mesh):
-        compiled = vae_lib.chunk_decoder(cfg, jnp.float32, "float").lower(*placed).compile()
-        results["vae/mesh"] = np.asarray(compiled(*placed))
-    results["vae/hlo"] = np.array(compiled.as_text())
+    for axis in ("context", "tensor"):
+        mesh = mesh_of({axis: 4})
+        placed = parallel.to_mesh((params, latents), parallel.replicated(mesh))
+        with jax.set_mesh(mesh):
+            compiled = vae_lib.chunk_decoder(cfg, jnp.float32, "float").lower(*placed).compile()
+            results[f"vae/{axis}"] = np.asarray(compiled(*placed))
+        results[f"vae/{axis}/hlo"] = np.array(compiled.as_text())
     results["vae/widest"] = np.array(cfg.base_dim * max(cfg.dim_mult))
     return results
 

@@ -130,7 +130,10 @@ class Decoder(nn.Module):
         dims = [cfg.decoder_dim * m for m in (cfg.dim_mult[-1], *cfg.dim_mult[::-1])]
         last = len(cfg.dim_mult) - 1
         x = causal_conv(dims[0], dtype=dtype, name="conv_in")(x)
-        x = MidBlock(dtype, name="mid_block")(x)
+        # Under a mesh the rows stay split at every stage (split_rows; unchanged without one): the mid block's
+        # attention gathers its keys at the latent resolution, and XLA would then run every later stage whole on
+        # each chip (a TPU v5e plan: 12.6 GiB a chip, split or not), so each stage's output restates the split.
+        x = split_rows(MidBlock(dtype, name="mid_block")(x), axis=2)
         for i, out_dim in enumerate(dims[1:]):
             up = i != last
             temporal = up and cfg.temporal_level(last - 1 - i)  # the encoder's levels, reversed
@@ -139,6 +142,7 @@ class Decoder(nn.Module):
             else:
                 mode = ("upsample3d" if temporal else "upsample2d") if up else None
                 x = UpBlock(out_dim, cfg.num_res_blocks + 1, mode, dtype, name=f"up_blocks_{i}")(x)
+            x = split_rows(x, axis=2)
         x = silu(RMSNorm(name="norm_out")(x))
         return causal_conv(cfg.out_channels, dtype=dtype, name="conv_out")(x)
 
@@ -322,7 +326,7 @@ def chunk_decoder(cfg: VAEConfig, dtype: Any = jnp.float32, output: str = "uint8
     float32 in [0, 1]. It compiles once per latent shape (9 frames for every Helios chunk), and once per
     process: decoders of the same ``(cfg, dtype, output)`` are equal and share it. Converting chunk by
     chunk equals the reference's conversion of the concatenated video, as it is elementwise. Under a
-    mesh with ``context > 1`` (``jax.set_mesh``) the decode is split by rows over ``context``
+    mesh with ``context`` or ``tensor`` > 1 (``jax.set_mesh``) the decode is split by rows over them
     (``parallel.context.split_rows``).
     """
     return ChunkDecoder(cfg, dtype, output)

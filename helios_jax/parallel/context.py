@@ -26,6 +26,7 @@ from helios_jax.parallel.mesh import check_mesh
 
 CONTEXT = "context"
 BATCH_AXES = ("data", "fsdp")
+ROW_AXES = (CONTEXT, "tensor")  # what an image's rows split over (split_rows)
 
 Attend = Callable[..., jax.Array]
 
@@ -53,16 +54,30 @@ def token_spec(mesh: AbstractMesh, batch: int) -> P:
     return P(batch_axes(mesh, batch), CONTEXT, None)
 
 
+def row_axes(mesh: AbstractMesh, rows: int) -> tuple[str, ...] | None:
+    """The model-parallel axes (``context``, then ``tensor``) whose sizes divide ``rows``: the chips a chunk's
+    DiT is spread over, which hold no batch of their own for the decode."""
+    sizes, chosen, count = dict(mesh.shape), [], 1
+    for name in ROW_AXES:
+        size = sizes.get(name, 1)
+        if size > 1 and rows % (count * size) == 0:
+            chosen.append(name)
+            count *= size
+    return tuple(chosen) or None
+
+
 def split_rows(x: jax.Array, axis: int) -> jax.Array:
-    """``x`` split along ``axis`` (an image's height) over ``context`` under an active context mesh whose size
-    divides it; unchanged otherwise. The VAE decode runs on such row bands: every convolution computes its
-    own rows and the compiler exchanges the halo rows with the neighbours (``collective-permute``), what the
-    official ``vae_parallel.py`` does by hand with overlapping tiles."""
-    mesh = active_mesh()
-    if mesh is None or x.shape[axis] % dict(mesh.shape)[CONTEXT]:
+    """``x`` split along ``axis`` (an image's height) over the active mesh's ``context`` and ``tensor`` axes
+    (those whose sizes divide it; ``row_axes``); unchanged without such a mesh. The VAE decode runs on such row
+    bands: every convolution computes its own rows and the compiler exchanges the halo rows with the neighbours
+    (``collective-permute``), what the official ``vae_parallel.py`` does by hand with overlapping tiles. On a
+    ``tensor`` mesh it is what keeps the decode beside the DiT's weights on a 16 GB TPU v5e (docs/tpu.md)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    rows = None if mesh.empty else row_axes(mesh, x.shape[axis])
+    if rows is None:
         return x
     spec: list = [None] * x.ndim
-    spec[0], spec[axis] = batch_axes(mesh, x.shape[0]), CONTEXT
+    spec[0], spec[axis] = batch_axes(mesh, x.shape[0]), rows
     return jax.lax.with_sharding_constraint(x, P(*spec))
 
 
