@@ -122,8 +122,7 @@ class DmdPlan:
 
     @property
     def peak_bytes(self) -> int:
-        """XLA's peak of the (per-device) executable; the arguments are live throughout, so it includes them."""
-        return self.plan.memory.peak_memory_in_bytes
+        return self.plan.peak_bytes
 
 
 def sizes_of(trees: DmdTrees) -> dict[str, int]:

@@ -130,6 +130,13 @@ class Plan:
         return self.memory.temp_size_in_bytes
 
     @property
+    def peak_bytes(self) -> int:
+        """XLA's peak of the executable's heap simulation, arguments included (they are live throughout): what a
+        chip must hold at once. It can be below arguments + temporaries, whose allocations need not all be live
+        together, and it is what libtpu holds against a TPU's HBM when it refuses a program."""
+        return self.memory.peak_memory_in_bytes
+
+    @property
     def output_bytes(self) -> int:
         return self.memory.output_size_in_bytes
 

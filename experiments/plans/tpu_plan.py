@@ -4,6 +4,7 @@
     .venv-tpu-plan/bin/python -m experiments.plans.tpu_plan          # every program and slice, to RESULTS.md
     .venv-tpu-plan/bin/python -m experiments.plans.tpu_plan --tiny   # the same programs at a toy size (seconds)
     .venv-tpu-plan/bin/python -m experiments.plans.tpu_plan --only v5e:4,v5p:8 --programs distilled
+    .venv-tpu-plan/bin/python -m experiments.plans.tpu_plan --only v5e:16 --programs dmd --mesh fsdp=8,context=2
 
 The devices are libtpu's (``jax.experimental.topologies.get_topology_desc("v5e:2x2", "tpu")``), so nothing is
 allocated and no TPU is needed; libtpu's compiler writes each chip's program and memory plan, and refuses one
@@ -11,7 +12,8 @@ that does not fit the chip's HBM (``RESOURCE_EXHAUSTED``): that refusal is the "
 programs are the project's own, on ``parallel.make_mesh`` over those devices, exactly as on GPUs (the same sharding
 tables, the attention ``default_impl`` picks for a TPU):
 
-* the distilled 2+2+2 chunk (``HeliosPipeline.lower_chunk``) and its VAE decode (``lower_decode``, bf16);
+* the distilled 2+2+2 chunk (``HeliosPipeline.lower_chunk``) and its VAE decode (``lower_decode``, bf16; on a
+  mesh split by rows over the chips, as ``stream`` runs it), and (``decode``) that decode alone on one chip;
 * the base chunk, 50 UniPC steps with CFG;
 * the stage-1 LoRA step (train_plan's: stage_1_init.yaml, LoRA r128 + the history patch convs, remat, AdamW);
 * the stage-3b DMD + GAN generator step (dmd_plan's: one shared base, both LoRAs, the heads, EMA).
@@ -42,6 +44,7 @@ import jax.numpy as jnp
 from experiments import provenance, reporting, workloads
 from experiments.plans import dmd_plan, gpu_plan, mesh_plan, roofline, train_plan
 from helios_jax import demo, parallel
+from helios_jax.pipeline import HeliosPipeline
 
 SPLASH_CALL = "tpu_custom_call"  # a Mosaic (Pallas TPU) kernel in the compiled HLO
 REALTIME_FPS = 24.0  # real time: 24 video frames a second
@@ -67,11 +70,11 @@ class Chip:
 # Google Cloud TPU documentation, the "system architecture" tables of each page (read 2026-12):
 CHIPS: dict[str, Chip] = {c.name: c for c in (
     Chip("v5e", "TPU v5 lite", 16e9, 197e12, 819e9, 400e9 / 2, "https://cloud.google.com/tpu/docs/v5e",
-         ((1, "1x1"), (4, "2x2"), (8, "2x4"))),
+         ((1, "1x1"), (4, "2x2"), (8, "2x4"), (16, "4x4"))),
     Chip("v6e", "TPU v6 lite", 32e9, 918e12, 1638e9, 800e9 / 2, "https://cloud.google.com/tpu/docs/v6e",
-         ((1, "1x1"), (4, "2x2"), (8, "2x4"))),
+         ((1, "1x1"), (4, "2x2"), (8, "2x4"), (16, "4x4"))),
     Chip("v5p", "TPU v5", 95e9, 459e12, 2765e9, 1200e9 / 2, "https://cloud.google.com/tpu/docs/v5p",
-         ((1, "1x1x1"), (4, "2x2x1"), (8, "2x2x2"))),
+         ((1, "1x1x1"), (4, "2x2x1"), (8, "2x2x2"), (16, "2x2x4"))),
 )}
 
 
@@ -118,23 +121,26 @@ def tpu_mesh(chip: str, **sizes: int) -> jax.sharding.Mesh:
 
 # --- the programs and their layouts -------------------------------------------------------------------------
 
-PROGRAMS = ("distilled", "base", "stage1", "dmd")
-TITLES = {"distilled": "distilled chunk 2+2+2", "base": "base chunk 50 steps CFG",
+PROGRAMS = ("distilled", "base", "decode", "stage1", "dmd")
+TITLES = {"distilled": "distilled chunk 2+2+2", "base": "base chunk 50 steps CFG", "decode": "VAE decode bf16",
           "stage1": "stage-1 LoRA step", "dmd": "stage-3b DMD generator step"}
 BASE_STEPS = 50
 # The mesh of each program on 4 and 8 chips (one chip: none). Generation splits the weights over ``tensor``
 # (heads and MLP; 40 heads divide by 4 and 8), since a replicated 14B bf16 DiT (28.7 GB) fits no v5e or v6e chip;
 # the base chunk puts CFG's pair on ``data`` and the rest on ``tensor``. Training splits weights, LoRA and AdamW
-# state over ``fsdp``, one sample per chip (as the H100 plans). ``COMPARE`` holds the context-parallel
-# alternatives of item 4 (Ulysses: 40 heads over 4 or 8).
+# state over ``fsdp``, one sample per chip (as the H100 plans); 16 chips only for training, whose DMD step fits no
+# 8 v5e (40 heads do not divide by 16). ``decode`` is the distilled chunk's decode alone, on one chip or split by
+# rows over the chunk's mesh: its peak beside the DiT's weights is what a chip must hold after the chunk. ``COMPARE`` holds the context-parallel alternatives of item 4 (Ulysses:
+# 40 heads over 4 or 8).
 LAYOUTS: dict[str, dict[int, dict[str, int]]] = {
     "distilled": {4: {"tensor": 4}, 8: {"tensor": 8}},
     "base": {4: {"data": 2, "tensor": 2}, 8: {"data": 2, "tensor": 4}},
-    "stage1": {4: {"fsdp": 4}, 8: {"fsdp": 8}},
-    "dmd": {4: {"fsdp": 4}, 8: {"fsdp": 8}},
+    "decode": {4: {"tensor": 4}, 8: {"tensor": 8}},
+    "stage1": {4: {"fsdp": 4}, 8: {"fsdp": 8}, 16: {"fsdp": 16}},
+    "dmd": {4: {"fsdp": 4}, 8: {"fsdp": 8}, 16: {"fsdp": 16}},
 }
 COMPARE: dict[int, dict[str, int]] = {4: {"context": 4}, 8: {"context": 8}}
-SLICES = (1, 4, 8)
+SLICES = (1, 4, 8, 16)
 
 
 @dataclasses.dataclass
@@ -161,6 +167,12 @@ class TpuPlan:
     @property
     def temp_bytes(self) -> int:
         return sum(p.temp_bytes for p in self.plans)
+
+    @property
+    def peak_bytes(self) -> int:
+        """The largest of its programs' peaks: the chunk and its decode run one after the other, each with the
+        arguments it names."""
+        return max(p.peak_bytes for p in self.plans)
 
     @functools.cached_property
     def ops(self) -> list[mesh_plan.Collective]:
@@ -210,42 +222,60 @@ def compiled(name: str, lower: Callable[[], jax.stages.Lowered], weights: Any = 
     return gpu_plan.compile_plan(name, lower(), weights)
 
 
-def generation_plans(program: str, size: gpu_plan.Size, chip: str, chips: int, mesh_sizes: dict[str, int],
-                     decode: bool = True) -> list[gpu_plan.Plan]:
-    """The distilled chunk and (``decode``) its bf16 decode, or the base chunk, on ``chips`` chips (mesh or one
-    device). On a mesh the decode is each chip's whole decode, as ``stream`` runs it."""
-    distilled = program == "distilled"
+def pipeline(program: str, size: gpu_plan.Size, chip: str,
+             mesh_sizes: dict[str, int]) -> tuple[HeliosPipeline, jax.sharding.Sharding | None]:
+    """The distilled or base pipeline of shape-only weights (bf16 VAE) on a mesh of ``chip`` chips, or on one chip
+    (``mesh_sizes`` empty), and the sharding its programs are lowered with (None: the mesh's own)."""
+    distilled = program != "base"
     spec = gpu_plan.DISTILLED if distilled else gpu_plan.BASE
     scheduler = dict(demo.SCHEDULER) if distilled else workloads.base_scheduler(1.0)
-    settings = (dict(guidance_scale=1.0, pyramid_num_inference_steps_list=[2, 2, 2]) if distilled
-                else dict(guidance_scale=5.0, num_inference_steps=BASE_STEPS))
     if mesh_sizes:
-        pipe = mesh_plan.mesh_pipeline(size.cfg, size.vae, scheduler, spec, tpu_mesh(chip, **mesh_sizes), platform="tpu",
-                                       vae_dtype=jnp.bfloat16)
-        sharding = None
-    else:
-        pipe = gpu_plan.abstract_pipeline(size.cfg, size.vae, scheduler, spec, vae_dtype=jnp.bfloat16, platform="tpu")
-        sharding = jax.sharding.SingleDeviceSharding(devices(chip, 1)[0])
+        return mesh_plan.mesh_pipeline(size.cfg, size.vae, scheduler, spec, tpu_mesh(chip, **mesh_sizes),
+                                       platform="tpu", vae_dtype=jnp.bfloat16), None
+    return (gpu_plan.abstract_pipeline(size.cfg, size.vae, scheduler, spec, vae_dtype=jnp.bfloat16, platform="tpu"),
+            jax.sharding.SingleDeviceSharding(devices(chip, 1)[0]))
+
+
+def generation_plans(program: str, size: gpu_plan.Size, chip: str, mesh_sizes: dict[str, int],
+                     decode: bool = True) -> list[gpu_plan.Plan]:
+    """The distilled chunk and (``decode``) its bf16 decode, or the base chunk, or (``"decode"``) the decode alone,
+    on a mesh or one chip. On a mesh the decode is split by rows over the chips, as ``stream`` runs it."""
+    pipe, sharding = pipeline(program, size, chip, mesh_sizes)
+    if program == "decode":
+        return [decode_plan(pipe, size, sharding)]
+    settings = (dict(guidance_scale=1.0, pyramid_num_inference_steps_list=[2, 2, 2]) if program == "distilled"
+                else dict(guidance_scale=5.0, num_inference_steps=BASE_STEPS))
     plans = [compiled(TITLES[program], lambda: pipe.lower_chunk(**size.settings(), **settings, sharding=sharding),
                       pipe.transformer_params)]
-    if distilled and decode:
-        decode_on = sharding or parallel.replicated(pipe.mesh)
-        plans.append(compiled("VAE decode bf16", lambda: pipe.lower_decode(
-            height=size.height, width=size.width, latent_frames=size.latent_frames, sharding=decode_on)))
+    if program == "distilled" and decode:
+        plans.append(decode_plan(pipe, size, sharding))
     return plans
+
+
+def decode_plan(pipe: HeliosPipeline, size: gpu_plan.Size, sharding: jax.sharding.Sharding | None) -> gpu_plan.Plan:
+    """The bf16 VAE decode of one chunk's latents: on one chip (``sharding``), or on the pipeline's mesh (None),
+    split by rows over its ``tensor`` or ``context`` chips as ``stream`` runs it."""
+    return compiled(TITLES["decode"], lambda: pipe.lower_decode(
+        height=size.height, width=size.width, latent_frames=size.latent_frames, sharding=sharding))
 
 
 def training_plan(program: str, size: gpu_plan.Size, chip: str, chips: int,
                   mesh_sizes: dict[str, int]) -> gpu_plan.Plan:
-    """The stage-1 step (train_plan) or the DMD generator step (dmd_plan), one sample per chip."""
+    """The stage-1 step (train_plan) or the DMD generator step (dmd_plan), one sample per ``data`` x ``fsdp``
+    group of chips (``samples``): one a chip on an fsdp mesh; a ``context`` group shares its sample's tokens."""
     mesh = tpu_mesh(chip, **mesh_sizes) if mesh_sizes else None
     one = jax.sharding.SingleDeviceSharding(devices(chip, 1)[0]) if mesh is None else None
     latent = (size.height // 8, size.width // 8)
     if program == "stage1":
-        case = dataclasses.replace(train_plan.CASES[0], batch=chips)
+        case = dataclasses.replace(train_plan.CASES[0], batch=samples(mesh_sizes))
         return train_plan.step_plan(case, size.cfg, one, latent, size.text_tokens, mesh=mesh, platform="tpu").plan
-    case = dmd_plan.DmdCase(TITLES[program], True, chips)
+    case = dmd_plan.DmdCase(TITLES[program], True, samples(mesh_sizes))
     return dmd_plan.dmd_plan(case, size, mesh=mesh, sharding=one, platform="tpu").plan
+
+
+def samples(mesh_sizes: dict[str, int]) -> int:
+    """A training step's samples on that mesh: one per ``data`` x ``fsdp`` group (one on one chip)."""
+    return mesh_sizes.get("data", 1) * mesh_sizes.get("fsdp", 1)
 
 
 def plan(program: str, size: gpu_plan.Size, chip: str, chips: int, mesh_sizes: dict[str, int] | None = None,
@@ -253,11 +283,13 @@ def plan(program: str, size: gpu_plan.Size, chip: str, chips: int, mesh_sizes: d
     """``program`` compiled for ``chips`` chips of ``chip`` on its layout (or ``mesh_sizes``); a refusal of the
     compiler for want of HBM is kept as the plan's ``refused``. ``decode``: the distilled chunk's decode too."""
     sizes = LAYOUTS[program].get(chips, {}) if mesh_sizes is None else mesh_sizes
+    if math.prod(sizes.values()) != chips:
+        raise SystemExit(f"{program} has no layout on {chips} chips (LAYOUTS: {sorted(LAYOUTS[program])})")
     start = time.perf_counter()
     training = program in ("stage1", "dmd")
     try:
         plans = ([training_plan(program, size, chip, chips, sizes)] if training
-                 else generation_plans(program, size, chip, chips, sizes, decode))
+                 else generation_plans(program, size, chip, sizes, decode))
         refused = None
     except Exception as error:  # the compiler's out-of-memory refusal is a result; anything else is a bug
         refused = out_of_memory(error)
@@ -265,7 +297,7 @@ def plan(program: str, size: gpu_plan.Size, chip: str, chips: int, mesh_sizes: d
             raise
         plans = []
     result = TpuPlan(program, CHIPS[chip], chips, sizes, plans, time.perf_counter() - start, refused,
-                     samples=chips if training else 0)
+                     samples=samples(sizes) if training else 0)
     print(f"{result.title} on {chip} x {chips} ({mesh_label(sizes)}): "
           f"{'fits' if result.fits else 'does not fit: ' + refused}, {result.compile_s:.0f} s", flush=True)
     return result
@@ -276,10 +308,12 @@ def mesh_label(sizes: dict[str, int]) -> str:
 
 
 def smallest_and_eight(program: str, size: gpu_plan.Size, chip: str, decode: bool = True) -> list[TpuPlan]:
-    """``program`` on the smallest slice of ``SLICES`` it fits on ``chip`` (the smaller ones tried first, their
-    refusals kept), and on 8 chips."""
+    """``program`` on the smallest slice of ``SLICES`` it has a layout for and fits on ``chip`` (the smaller ones
+    tried first, their refusals kept), and on 8 chips."""
     found = []
     for chips in SLICES:
+        if chips > 1 and chips not in LAYOUTS[program]:
+            continue
         found.append(plan(program, size, chip, chips, decode=decode))
         if found[-1].fits and chips < 8:
             found.append(plan(program, size, chip, 8, decode=decode))
@@ -292,7 +326,7 @@ def smallest_and_eight(program: str, size: gpu_plan.Size, chip: str, decode: boo
 # --- report -------------------------------------------------------------------------------------------------
 
 HEADERS = ["program", "slice", "mesh", "fits", "compile s", "arguments GiB/chip", "temporaries GiB/chip",
-           "collective GB/chip", "FLOPs ms", "HBM ms", "ICI ms", "roofline ms", "bound", "FPS or samples/s",
+           "peak GiB/chip", "collective GB/chip", "FLOPs ms", "HBM ms", "ICI ms", "roofline ms", "bound", "FPS or samples/s",
            "custom calls"]
 
 
@@ -307,7 +341,8 @@ def table_rows(plans: list[TpuPlan], frames: int) -> list[list[Any]]:
         t, sent = p.times(), sum(mesh_plan.sent_by_kind(p.ops).values())
         calls = sorted({c for q in p.plans for c in q.custom_calls})
         rows.append([p.title, where, mesh_label(p.mesh), "yes", p.compile_s,
-                     reporting.gib(p.argument_bytes), reporting.gib(p.temp_bytes), sent / 1e9, 1e3 * t["flops"],
+                     reporting.gib(p.argument_bytes), reporting.gib(p.temp_bytes), reporting.gib(p.peak_bytes),
+                     sent / 1e9, 1e3 * t["flops"],
                      1e3 * t["hbm"], 1e3 * t["ici"], 1e3 * t["total"], t["bound"], p.rate(frames),
                      ", ".join(calls) or "-"])
     return rows
@@ -335,6 +370,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--programs", default=",".join(PROGRAMS), help=f"which of {PROGRAMS} (comma-separated)")
     parser.add_argument("--chips", default=",".join(CHIPS), help=f"which of {tuple(CHIPS)} (comma-separated)")
     parser.add_argument("--only", default="", help="these slices instead of the smallest that fits and 8: v5e:4,v5p:8")
+    parser.add_argument("--mesh", default="", help="with --only: this mesh instead of LAYOUTS' (e.g. fsdp=8,context=2)")
     parser.add_argument("--compare", action="store_true", help="also the distilled chunk context-parallel (item 4)")
     parser.add_argument("--no-decode", action="store_true", help="the distilled chunk without its VAE decode, whose "
                         "TPU compile is the slowest of all (minutes of CPU at 384x640)")
@@ -343,12 +379,15 @@ def main(argv: list[str] | None = None) -> dict:
     if missing:
         raise SystemExit(missing)
     size = mesh_plan.TINY if args.tiny else gpu_plan.HELIOS_14B
+    if args.mesh and not args.only:
+        raise SystemExit("--mesh goes with --only (the slices it is for)")
+    mesh = parallel.parse_mesh(args.mesh) if args.mesh else None
     programs = [p for p in args.programs.split(",") if p]
     decode = not args.no_decode
     plans = []
     for program in programs:
         if args.only:
-            plans += [plan(program, size, chip, n, decode=decode) for chip, n in parse_only(args.only)]
+            plans += [plan(program, size, chip, n, mesh, decode) for chip, n in parse_only(args.only)]
         else:
             for chip in args.chips.split(","):
                 plans += smallest_and_eight(program, size, chip, decode)

@@ -92,8 +92,7 @@ class StepPlan:
 
     @property
     def peak_bytes(self) -> int:
-        """XLA's peak of the executable (arguments live throughout, so it includes them)."""
-        return self.plan.memory.peak_memory_in_bytes
+        return self.plan.peak_bytes
 
 
 def step_plan(case: StepCase, cfg: TransformerConfig, sharding: jax.sharding.Sharding | None,
