@@ -13,7 +13,8 @@ programs are the project's own, on ``parallel.make_mesh`` over those devices, ex
 tables, the attention ``default_impl`` picks for a TPU):
 
 * the distilled 2+2+2 chunk (``HeliosPipeline.lower_chunk``) and its VAE decode (``lower_decode``, bf16; on a
-  mesh split by rows over the chips, as ``stream`` runs it), and (``decode``) that decode alone on one chip;
+  mesh split by rows over the chips, as ``stream`` runs it), and (``decode``) that decode alone, whole on one chip
+  or split on the chunk's mesh;
 * the base chunk, 50 UniPC steps with CFG;
 * the stage-1 LoRA step (train_plan's: stage_1_init.yaml, LoRA r128 + the history patch convs, remat, AdamW);
 * the stage-3b DMD + GAN generator step (dmd_plan's: one shared base, both LoRAs, the heads, EMA).
@@ -130,8 +131,8 @@ BASE_STEPS = 50
 # the base chunk puts CFG's pair on ``data`` and the rest on ``tensor``. Training splits weights, LoRA and AdamW
 # state over ``fsdp``, one sample per chip (as the H100 plans); 16 chips only for training, whose DMD step fits no
 # 8 v5e (40 heads do not divide by 16). ``decode`` is the distilled chunk's decode alone, on one chip or split by
-# rows over the chunk's mesh: its peak beside the DiT's weights is what a chip must hold after the chunk. ``COMPARE`` holds the context-parallel alternatives of item 4 (Ulysses:
-# 40 heads over 4 or 8).
+# rows over the chunk's mesh: its peak beside the DiT's weights is what a chip must hold after the chunk.
+# ``COMPARE`` holds the context-parallel alternatives of item 4 (Ulysses: 40 heads over 4 or 8).
 LAYOUTS: dict[str, dict[int, dict[str, int]]] = {
     "distilled": {4: {"tensor": 4}, 8: {"tensor": 8}},
     "base": {4: {"data": 2, "tensor": 2}, 8: {"data": 2, "tensor": 4}},
